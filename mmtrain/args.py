@@ -1,0 +1,261 @@
+"""Typed arguments: the one source of truth for every flag.
+
+Each field carries its default and its help text; ``__post_init__`` checks what can be
+checked from the value alone, and :func:`validate_paths` checks what needs the disk.
+Both run before any weights load. The command line is generated from these classes by
+transformers' ``HfArgumentParser``; a YAML or JSON file given with ``--config`` supplies
+the same fields, and flags on the command line override it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+from mmtrain import presets
+
+PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
+
+
+class ConfigError(ValueError):
+    """A flag, file or value that cannot work; raised before anything heavy happens."""
+
+
+def _help(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class ModelArguments:
+    lm_model_name_or_path: str = field(
+        default="tiny-llama",
+        metadata=_help("Causal LM: a local Hugging Face folder or a preset (" + ", ".join(presets.preset_names("language")) + ")."),
+    )
+    vision_model_name_or_path: str = field(
+        default="tiny-clip",
+        metadata=_help("Vision encoder: a local CLIP/SigLIP folder or a preset (" + ", ".join(presets.preset_names("vision")) + ")."),
+    )
+    vis_proj: str = field(default="mlp", metadata=_help(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
+    vision_feature_layer: int = field(
+        default=-2, metadata=_help("Hidden layer of the vision encoder whose output is projected (-2: second to last, as LLaVA).")
+    )
+    vision_keep_cls: bool = field(default=False, metadata=_help("Keep the CLS token of CLIP towers (dropped by default)."))
+    perceiver_num_queries: int = field(default=64, metadata=_help("Learned queries of the perceiver projector (image tokens per image)."))
+    lang_lora_dim: int = field(default=0, metadata=_help("LoRA rank on the language model (0: no LoRA)."))
+    lang_lora_module_name: str = field(
+        default="model.layers.", metadata=_help("LoRA goes on every Linear of the LM whose name contains this scope.")
+    )
+    lang_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the LM (default: equal to the rank, scale 1)."))
+    lang_lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout on the LM."))
+    vis_lora_dim: int = field(default=0, metadata=_help("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
+    vis_lora_module_name: str = field(
+        default="encoder.layers.", metadata=_help("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
+    )
+    vis_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the vision encoder (default: the rank)."))
+    vis_lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout on the vision encoder."))
+    only_optimize_lora: bool = field(
+        default=False, metadata=_help("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")
+    )
+    train_full_embeddings: bool = field(
+        default=False, metadata=_help("Train the whole input-embedding table (default: only the new special tokens' rows).")
+    )
+    enable_mmca_attention: bool = field(default=False, metadata=_help("Multi-modal causal attention in the LM."))
+    attn_implementation: str = field(default="sdpa", metadata=_help("Attention kernel of the LM and vision encoder: sdpa or eager."))
+    preset_seed: int = field(default=0, metadata=_help("Seed of the random weights of preset models."))
+
+    def __post_init__(self):
+        if self.vis_proj not in PROJECTORS:
+            raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
+        for flag in ("lang_lora_dim", "vis_lora_dim"):
+            if getattr(self, flag) < 0:
+                raise ConfigError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        for flag in ("lang_lora_dropout", "vis_lora_dropout"):
+            if not 0.0 <= getattr(self, flag) < 1.0:
+                raise ConfigError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if self.perceiver_num_queries < 1:
+            raise ConfigError(f"--perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}")
+        if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
+            raise ConfigError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
+        if self.only_optimize_lora and self.train_full_embeddings:
+            raise ConfigError("--only_optimize_lora and --train_full_embeddings contradict each other; pick one")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: valid are sdpa, eager")
+
+
+@dataclass
+class DataArguments:
+    dataset_names: list[str] = field(
+        default_factory=lambda: ["synthetic"],
+        metadata=_help("Training data: JSON/JSONL files (LLaVA or messages format) or registered names (synthetic)."),
+    )
+    dataset_samples: list[str] = field(
+        default_factory=lambda: ["all"], metadata=_help("Samples taken from each dataset: a count or 'all', one per dataset.")
+    )
+    image_folder: list[str] = field(
+        default_factory=list, metadata=_help("Folder of the images: one for all datasets or one per dataset (default: the file's folder).")
+    )
+    data_path: str = field(default="data/generated", metadata=_help("Where generated datasets are written."))
+    eval_dataset_names: list[str] = field(default_factory=list, metadata=_help("Separate eval files (default: split off --eval_ratio)."))
+    eval_ratio: float = field(default=0.1, metadata=_help("Share of the training data held out for eval when no eval file is given."))
+    max_seq_len: int = field(default=2048, metadata=_help("Longest sample in tokens, image tokens counted."))
+    overlength_policy: Literal["drop", "truncate_turns"] = field(
+        default="drop", metadata=_help("What happens to longer samples: drop (counted) or truncate whole turns from the end.")
+    )
+    dataset_concatenate_samples: int = field(
+        default=1, metadata=_help("Join 1..N random samples into one multi-image conversation (1: off).")
+    )
+    max_num_image_per_sample: int = field(default=8, metadata=_help("Most images in one sample after concatenation."))
+    template: Literal["plain", "chat"] = field(
+        default="plain", metadata=_help("plain: '### Question:/### Answer:' template; chat: the tokenizer's chat template.")
+    )
+    system_prompt: str = field(default="", metadata=_help("Optional system prompt put before every conversation."))
+    on_bad_sample: Literal["error", "skip"] = field(
+        default="error", metadata=_help("A missing or corrupt image: stop (error) or skip the record and count it (skip).")
+    )
+    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    synthetic_num_samples: int = field(default=3000, metadata=_help("Size of the generated synthetic dataset."))
+
+    def __post_init__(self):
+        if self.max_seq_len < 8:
+            raise ConfigError(f"--max_seq_len must be >= 8, got {self.max_seq_len}")
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ConfigError(f"--eval_ratio must be in [0, 1), got {self.eval_ratio}")
+        if self.dataset_concatenate_samples < 1:
+            raise ConfigError(f"--dataset_concatenate_samples must be >= 1, got {self.dataset_concatenate_samples}")
+        if len(self.dataset_samples) not in (1, len(self.dataset_names)):
+            raise ConfigError(
+                f"--dataset_samples has {len(self.dataset_samples)} values for {len(self.dataset_names)} --dataset_names; give one or one each"
+            )
+        for value in self.dataset_samples:
+            if value != "all" and not (value.isdigit() and int(value) > 0):
+                raise ConfigError(f"--dataset_samples value {value!r} is neither 'all' nor a positive count")
+        if len(self.image_folder) not in (0, 1, len(self.dataset_names)):
+            raise ConfigError(
+                f"--image_folder has {len(self.image_folder)} values for {len(self.dataset_names)} --dataset_names; give none, one, or one each"
+            )
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/default", metadata=_help("Where checkpoints, exports and logs go."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help("Allow an output folder that holds a different run."))
+    per_device_train_batch_size: int = field(default=16, metadata=_help("Micro-batch per process."))
+    per_device_eval_batch_size: int = field(default=32, metadata=_help("Eval batch per process."))
+    learning_rate: float = field(default=2e-3, metadata=_help("Learning rate of the projector and LoRA."))
+    learning_rate_pretraining_components: Optional[float] = field(
+        default=None, metadata=_help("Learning rate of parameters with 'embed' in their name (default: --learning_rate).")
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("Weight decay (never on biases and norm weights)."))
+    num_train_epochs: int = field(default=3, metadata=_help("Epochs."))
+    max_steps: int = field(default=-1, metadata=_help("Stop after this many optimizer steps (-1: run all epochs)."))
+    gradient_accumulation_steps: Optional[int] = field(
+        default=None, metadata=_help("Micro-batches per optimizer step (default: the Accelerate/DeepSpeed config, else 1).")
+    )
+    max_grad_norm: Optional[float] = field(
+        default=None, metadata=_help("Gradient clipping (default: the DeepSpeed config's gradient_clipping, else 1.0).")
+    )
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=_help("Learning-rate schedule."))
+    num_warmup_steps: float = field(
+        default=0.05, metadata=_help("Warmup: a step count (> 1) or a ratio of all optimizer steps (<= 1; exactly 1 means all steps).")
+    )
+    seed: int = field(default=42, metadata=_help("Seed of data order, splits, sampling and initialisation."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute LM (and vision LoRA) activations in backward."))
+    enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
+    logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
+    eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
+    save_steps: int = field(default=0, metadata=_help("Also checkpoint every N optimizer steps (0: only at epoch ends)."))
+    save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept (the newest)."))
+    export_each_epoch: bool = field(default=True, metadata=_help("Write a Hugging Face-format export at each epoch end."))
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
+    eval_generate: int = field(default=64, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
+    max_new_tokens: int = field(default=16, metadata=_help("Generation length for --eval_generate."))
+
+    def __post_init__(self):
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):
+            if getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.learning_rate_pretraining_components is None:
+            self.learning_rate_pretraining_components = self.learning_rate
+        if self.num_warmup_steps < 0 or (self.num_warmup_steps > 1 and self.num_warmup_steps != int(self.num_warmup_steps)):
+            raise ConfigError(f"--num_warmup_steps must be a ratio in [0, 1] or a whole step count > 1, got {self.num_warmup_steps}")
+        if self.save_total_limit < 1:
+            raise ConfigError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
+
+
+def _file_to_argv(path: str) -> list[str]:
+    """Turn a YAML/JSON argument file into flags, naming the file and key on any error."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path) as f:
+        try:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: cannot parse: {e}") from None
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    known = {f.name: f for cls in ALL_ARGUMENTS for f in fields(cls)}
+    argv: list[str] = []
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value)]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif value is None:
+            continue
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Parse flags (and an optional ``--config FILE``), validated, paths included."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file path")
+        argv = _file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    parser = HfArgumentParser(ALL_ARGUMENTS)
+    try:
+        model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ConfigError:
+        raise
+    if rest:
+        raise ConfigError(f"unknown flags: {' '.join(rest)} (see --help)")
+    validate_paths(model_args)
+    return model_args, data_args, train_args
+
+
+def validate_paths(model_args: ModelArguments) -> None:
+    """Each model flag must name a preset or a folder holding a Hugging Face config."""
+    for flag, kind in (("lm_model_name_or_path", "language"), ("vision_model_name_or_path", "vision")):
+        value = getattr(model_args, flag)
+        if presets.is_preset(value):
+            if presets.PRESETS[value].kind != kind:
+                raise ConfigError(f"--{flag} {value!r} is a {presets.PRESETS[value].kind} preset; {kind} presets: {', '.join(presets.preset_names(kind))}")
+            continue
+        if not os.path.isdir(value):
+            raise ConfigError(
+                f"--{flag} {value!r} is neither a local folder nor a preset; presets: {', '.join(presets.preset_names(kind))}"
+            )
+        if not os.path.isfile(os.path.join(value, "config.json")):
+            raise ConfigError(f"--{flag} {value!r} is a folder without config.json, so not a Hugging Face model folder")

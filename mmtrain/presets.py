@@ -1,0 +1,227 @@
+"""Architecture presets: named model shapes that build locally with random weights.
+
+Where a model path is expected, a preset name builds the architecture from a config
+alone (no download). A preset is materialised as an ordinary Hugging Face folder
+(`config.json`, weights, tokenizer or image processor) by :func:`materialize_preset`,
+so presets and a user's checkpoint go through the very same ``from_pretrained`` code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    kind: str  # "vision" or "language"
+    build_config: Callable[[], PretrainedConfig]
+    description: str
+
+
+def _tiny_llama() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=PRESET_TOKENIZER_VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_qwen2() -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=PRESET_TOKENIZER_VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+
+
+def _llama_2(hidden: int, layers: int, heads: int, mlp: int) -> Callable[[], LlamaConfig]:
+    def build() -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=32000,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
+
+    return build
+
+
+def _tiny_clip() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        projection_dim=64,
+    )
+
+
+def _tiny_siglip() -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+    )
+
+
+def _clip(hidden: int, layers: int, heads: int, mlp: int, image: int, patch: int, proj: int):
+    def build() -> CLIPVisionConfig:
+        return CLIPVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            image_size=image,
+            patch_size=patch,
+            projection_dim=proj,
+            hidden_act="quick_gelu" if hidden == 1024 else "gelu",
+        )
+
+    return build
+
+
+# Size of the byte-level BPE vocabulary the presets' tokenizer is trained to.
+PRESET_TOKENIZER_VOCAB = 1024
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("tiny-llama", "language", _tiny_llama, "LlamaForCausalLM, 4 layers, hidden 128 (tests, CPU demo)"),
+        Preset("tiny-qwen2", "language", _tiny_qwen2, "Qwen2ForCausalLM, 4 layers, hidden 128 (tests)"),
+        Preset("llama-2-7b", "language", _llama_2(4096, 32, 32, 11008), "LLaMA-2-7B shape (6.74 B)"),
+        Preset("llama-2-13b", "language", _llama_2(5120, 40, 40, 13824), "LLaMA-2-13B shape (13.0 B)"),
+        Preset("tiny-clip", "vision", _tiny_clip, "CLIP vision tower, 3 layers, 64 px, patch 8 (tests, CPU demo)"),
+        Preset("tiny-siglip", "vision", _tiny_siglip, "SigLIP vision tower, 3 layers, 64 px, patch 8 (tests)"),
+        Preset(
+            "clip-vit-large-patch14-336",
+            "vision",
+            _clip(1024, 24, 16, 4096, 336, 14, 768),
+            "CLIP ViT-L/14 at 336 px, 576 patches (0.30 B)",
+        ),
+        Preset(
+            "clip-vit-bigG-14",
+            "vision",
+            _clip(1664, 48, 16, 8192, 224, 14, 1280),
+            "CLIP ViT-bigG/14 at 224 px, 256 patches (1.84 B)",
+        ),
+    ]
+}
+
+
+def preset_names(kind: str) -> list[str]:
+    return sorted(name for name, p in PRESETS.items() if p.kind == kind)
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    return PRESETS[name].build_config()
+
+
+# A small English corpus the presets' tokenizer is trained on. Byte-level BPE falls
+# back to bytes for anything else, so every string still tokenizes.
+_CORPUS_WORDS = (
+    "the a an is are what which how many where image images picture shape shapes color colour "
+    "red green blue yellow purple orange white black gray circle square triangle small large big "
+    "left right top bottom center middle one two three four five six zero more fewer same first second "
+    "there in on of and or to does do has have answer question yes no both neither count object objects "
+    "### Image Question Answer System User Assistant you are a helpful assistant that looks at images"
+)
+
+
+def build_preset_tokenizer():
+    """A deterministic byte-level BPE tokenizer for presets (no download needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=PRESET_TOKENIZER_VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [_CORPUS_WORDS] + [f"{w} " * 3 for w in _CORPUS_WORDS.split()]
+    lines += [f"{c}\n" for c in "0123456789?:.,!"]
+    tok.train_from_iterator(lines * 8, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=4096,
+    )
+
+
+def build_preset_image_processor(config: PretrainedConfig):
+    size = config.image_size
+    if isinstance(config, SiglipVisionConfig):
+        return SiglipImageProcessor(size={"height": size, "width": size})
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def materialize_preset(name: str, folder: str | os.PathLike, seed: int = 0) -> str:
+    """Write preset ``name`` with random weights to ``folder`` as a Hugging Face folder.
+
+    Returns the folder. Existing folders holding the same preset are reused.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+
+    folder = os.fspath(folder)
+    marker = os.path.join(folder, "mmtrain_preset.txt")
+    if os.path.exists(marker) and open(marker).read().strip() == f"{name} seed={seed}":
+        return folder
+    preset = PRESETS[name]
+    config = preset.build_config()
+    torch.manual_seed(seed)
+    if preset.kind == "language":
+        model = AutoModelForCausalLM.from_config(config)
+        build_preset_tokenizer().save_pretrained(folder)
+    else:
+        cls = SiglipVisionModel if isinstance(config, SiglipVisionConfig) else CLIPVisionModel
+        model = cls(config)
+        build_preset_image_processor(config).save_pretrained(folder)
+    model.save_pretrained(folder)
+    with open(marker, "w") as f:
+        f.write(f"{name} seed={seed}\n")
+    return folder
