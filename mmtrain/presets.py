@@ -12,15 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    PretrainedConfig,
-    Qwen2Config,
-    SiglipImageProcessor,
-    SiglipVisionConfig,
-)
+from transformers import CLIPVisionConfig, LlamaConfig, PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
 
 @dataclass(frozen=True)
@@ -193,6 +185,11 @@ def build_preset_tokenizer():
 
 
 def build_preset_image_processor(config: PretrainedConfig):
+    # The PIL-backed processors: torchvision, which the default backend wants, has no
+    # CPU build on every platform.
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+
     size = config.image_size
     if isinstance(config, SiglipVisionConfig):
         return SiglipImageProcessor(size={"height": size, "width": size})

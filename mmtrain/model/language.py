@@ -1,0 +1,108 @@
+"""The causal language model, its tokenizer, and trainable rows for the new tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from mmtrain import presets
+from mmtrain.args import ConfigError
+
+
+def load_language_config(name_or_path: str, flag: str = "--lm_model_name_or_path") -> PretrainedConfig:
+    """The LM's config; any architecture ``AutoModelForCausalLM`` knows is accepted."""
+    if presets.is_preset(name_or_path):
+        return presets.preset_config(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {name_or_path!r}: cannot read a Hugging Face config: {e}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(
+            f"{flag} {name_or_path!r} holds a {type(config).__name__}, which has no causal-LM class in transformers "
+            "(LLaMA, Qwen2, Mistral, ... are supported)"
+        )
+    return config
+
+
+def load_tokenizer(name_or_path: str):
+    if presets.is_preset(name_or_path):
+        return presets.build_preset_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--lm_model_name_or_path {name_or_path!r} has no loadable tokenizer: {e}") from None
+
+
+def build_language_model(model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None) -> nn.Module:
+    """Load the LM from its folder (or a preset with seeded random weights).
+
+    Under an active ZeRO-3 config (Accelerate sets one before we are called) both
+    paths construct the weights partitioned through ``deepspeed.zero.Init``.
+    """
+    name = model_args.lm_model_name_or_path
+    config = config or load_language_config(name)
+    if presets.is_preset(name):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_args.preset_seed)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=model_args.attn_implementation)
+
+
+def _is_partitioned(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+class NewTokenEmbedding(nn.Module):
+    """The LM's input embedding table, frozen, with separately trainable rows for new tokens.
+
+    Ids ``>= first_new_id`` read ``new_rows``; all others read the frozen ``base`` table.
+    Only ``new_rows`` gets gradients and optimizer state, so adding three tokens to a
+    32k x 4096 table trains 12k parameters instead of 131M.
+    """
+
+    def __init__(self, base: nn.Embedding, first_new_id: int, num_new: int, init_std: float):
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.num_new = num_new
+        rows = torch.empty(num_new, base.embedding_dim, dtype=base.weight.dtype, device=base.weight.device)
+        if rows.device.type != "meta":
+            init = self._rows_already_in_table(base, first_new_id, num_new)
+            if init is not None:
+                rows.copy_(init)
+            else:
+                rows.normal_(0.0, init_std)
+        self.new_rows = nn.Parameter(rows)
+
+    @staticmethod
+    def _rows_already_in_table(base: nn.Embedding, first: int, num: int) -> torch.Tensor | None:
+        """Rows for the new ids the table already holds (a reloaded export): start from them."""
+        if first + num > base.num_embeddings:
+            return None
+        weight = base.weight
+        if _is_partitioned(weight):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+                return weight.data[first : first + num].clone()
+        return weight.data[first : first + num].clone()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads ``embed_tokens.weight`` for dtype/device checks.
+        return self.base.weight
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.first_new_id
+        base_ids = input_ids.masked_fill(is_new, 0)
+        out = self.base(base_ids)
+        new_index = (input_ids - self.first_new_id).clamp(0, self.num_new - 1)
+        new = nn.functional.embedding(new_index, self.new_rows).to(out.dtype)
+        return torch.where(is_new[..., None], new, out)

@@ -1,0 +1,78 @@
+"""LoRA through peft, scoped the way DeepSpeed-VisualChat scopes it, and fusing into a copy.
+
+``--lang_lora_module_name model.layers.`` means: every ``nn.Linear`` whose qualified
+name contains ``model.layers.`` gets an adapter. We resolve that scope to an explicit
+list of module names and hand it to peft, so a scope that matches nothing fails at
+once and the log can say exactly which modules were adapted.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from mmtrain.args import ConfigError
+
+ADAPTER = "default"
+
+
+def lora_targets(module: nn.Module, scope: str) -> list[str]:
+    """Names of the Linear layers inside ``module`` whose name contains ``scope``."""
+    return [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and scope in name]
+
+
+def apply_lora(module: nn.Module, *, rank: int, scope: str, alpha: float | None, dropout: float, flag: str) -> list[str]:
+    """Inject LoRA adapters in place; returns the adapted module names.
+
+    Adapters start as an exact no-op (B = 0), so a freshly adapted model computes what
+    the base model computes.
+    """
+    targets = lora_targets(module, scope)
+    if not targets:
+        linears = sorted({n.rsplit(".", 1)[0] for n, m in module.named_modules() if isinstance(m, nn.Linear) and "." in n})
+        hint = ", ".join(linears[:6]) + (" ..." if len(linears) > 6 else "")
+        raise ConfigError(f"{flag} {scope!r} matches no Linear layer; Linear layers live under: {hint}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(alpha if alpha is not None else rank),
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    return targets
+
+
+def is_lora_parameter(name: str) -> bool:
+    return ".lora_" in name
+
+
+def lora_scalings(module: nn.Module, prefix: str = "") -> dict[str, float]:
+    """``{qualified name of each adapted layer: alpha / rank}``."""
+    return {
+        f"{prefix}{name}": sub.scaling[ADAPTER]
+        for name, sub in module.named_modules()
+        if isinstance(sub, LoraLayer) and ADAPTER in sub.scaling
+    }
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Fuse LoRA into a *copy*: ``W + scale * B @ A`` per adapted layer, adapters removed.
+
+    The training weights are never touched, so "fuse -> save -> unfuse" leaves them
+    bit-identical in any precision (fusing in place and subtracting again drifts in
+    bf16/fp16). The product is formed in fp32 and rounded once to the weight's dtype.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if is_lora_parameter(key):
+            continue
+        layer, sep, leaf = key.rpartition(".base_layer.")
+        if sep and layer in scalings and leaf == "weight":
+            a = state_dict[f"{layer}.lora_A.{ADAPTER}.weight"].float()
+            b = state_dict[f"{layer}.lora_B.{ADAPTER}.weight"].float()
+            value = (value.float() + scalings[layer] * (b @ a)).to(value.dtype)
+        merged[key.replace(".base_layer.", ".")] = value
+    return merged

@@ -1,0 +1,139 @@
+"""The vision-language model: vision encoder -> projector -> language model.
+
+The frozen vision encoder deliberately lives *outside* this module's parameters when it
+has no LoRA: it is then neither wrapped by DeepSpeed nor partitioned by ZeRO-3, runs
+under ``no_grad``, and a rank whose batch has no image simply skips it. That removes the
+ZeRO-3 hang of mixed text/image batches at the root instead of pushing dummy images
+through the encoder. With vision LoRA the encoder trains, so it is a registered
+submodule; a rank without images then runs it on an empty batch, which gathers (and
+releases) exactly the same parameters as its peers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmtrain.model.tokens import ImageTokens
+from mmtrain.model.vision import VisionEncoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor  # mean over label tokens of this batch (0 when it has none)
+    num_label_tokens: torch.Tensor  # for token-weighted averages across batches
+    logits: torch.Tensor | None = None  # only when asked: [B, L, vocab]
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(
+        self,
+        vision_encoder: VisionEncoder,
+        projector: nn.Module,
+        language_model: nn.Module,
+        image_tokens: ImageTokens,
+        *,
+        vision_trainable: bool,
+    ):
+        super().__init__()
+        self.projector = projector
+        self.language_model = language_model
+        self.image_tokens = image_tokens
+        self.vision_trainable = vision_trainable
+        if vision_trainable:
+            self.vision_encoder = vision_encoder
+        else:
+            # Not registered as a submodule, on purpose (see the module docstring).
+            self._frozen_vision = (vision_encoder,)
+
+    @property
+    def vision(self) -> VisionEncoder:
+        return self.vision_encoder if self.vision_trainable else self._frozen_vision[0]
+
+    def place_frozen_vision(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the unregistered frozen encoder; ``.to()`` on this module cannot see it."""
+        if not self.vision_trainable:
+            self._frozen_vision[0].to(device=device, dtype=dtype)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features ``[num_images, num_patches, vision_dim]`` (no graph when frozen)."""
+        vision = self.vision
+        dtype = next(vision.parameters()).dtype
+        if self.vision_trainable:
+            return vision(pixel_values.to(dtype))
+        if pixel_values.shape[0] == 0:
+            return pixel_values.new_zeros(0, vision.num_patches, vision.hidden_size, dtype=dtype)
+        with torch.no_grad():
+            return vision(pixel_values.to(dtype))
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with image k's projected features written on the k-th image span."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        projected = self.projector(image_features.to(self._projector_dtype()))
+        is_image = input_ids == self.image_tokens.image_id
+        expected = int(is_image.sum())
+        if expected != projected.shape[0] * projected.shape[1]:
+            raise ValueError(
+                f"batch has {expected} <image> token positions but {projected.shape[0]} images x "
+                f"{projected.shape[1]} tokens = {projected.shape[0] * projected.shape[1]} features"
+            )
+        # masked_scatter fills positions in row-major order: image k lands on span k.
+        embeds = embeds.masked_scatter(is_image[..., None], projected.to(embeds.dtype))
+        if projected.numel() == 0:
+            # Keep the projector in the graph with a zero contribution so every rank
+            # produces (zero) gradients for it; ZeRO's reductions then match across ranks.
+            embeds = embeds + 0.0 * projected.sum()
+        return embeds
+
+    def _projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,  # part of the batch contract; spans carry the order
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = False,
+        **lm_kwargs,
+    ) -> VLMOutput:
+        if image_features is None:
+            if pixel_values is None:
+                vision = self.vision
+                pixel_values = torch.zeros(0, 3, vision.image_size, vision.image_size, device=input_ids.device)
+            image_features = self.encode_images(pixel_values)
+        embeds = self.embed(input_ids, image_features)
+        body = self.language_model.get_decoder()
+        hidden = body(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **lm_kwargs
+        ).last_hidden_state
+        head = self.language_model.get_output_embeddings()
+        logits = head(hidden) if return_logits else None
+        if labels is None:
+            zero = hidden.new_zeros(())
+            return VLMOutput(loss=zero, num_label_tokens=zero, logits=logits)
+        loss, count = causal_lm_loss(hidden, labels, head)
+        return VLMOutput(loss=loss, num_label_tokens=count, logits=logits)
+
+
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy evaluated only where a label is set.
+
+    Prompt, image and padding positions never reach the output head, so no
+    ``[batch, seq, vocab]`` fp32 logits are formed for them; in a VLM batch most positions
+    are image or prompt tokens. Returns the mean loss and the number of label tokens.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    count = keep.sum()
+    picked = hidden[:, :-1][keep]
+    logits = head(picked).float()
+    loss_sum = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss_sum / count.clamp(min=1), count
