@@ -1,0 +1,230 @@
+"""From data flags to train and eval datasets: registry, selection, split, length policy.
+
+``build_datasets`` is the one call the trainer makes. In order:
+
+1. resolve ``--dataset_names`` (files, or registered names such as ``synthetic``);
+2. load and check every record of every file (no image is opened);
+3. take ``--dataset_samples`` from each file (a seeded subset) and split off eval
+   (``--eval_ratio`` per file, seeded, or the ``--eval_dataset_names`` files);
+4. tokenise the text once to measure each sample (image spans have a known length)
+   and apply ``--overlength_policy``;
+5. wrap the survivors in :class:`ConversationDataset` (train concatenated, eval not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from mmtrain.data.dataset import BadImageError, ConversationDataset, Entry, split_turns
+from mmtrain.data.formats import DataError, load_records
+from mmtrain.data.synthetic import generate_synthetic
+from mmtrain.data.template import check_template, encode_conversation
+from mmtrain.model.tokens import IMAGE_PLACEHOLDER
+
+# name -> function(data_args, seed) returning the path of a JSON file.
+DATASET_REGISTRY: dict[str, Callable] = {}
+
+
+def register_dataset(name: str, build: Callable) -> None:
+    """Make ``name`` usable in ``--dataset_names``; ``build(data_args, seed)`` returns a JSON path."""
+    DATASET_REGISTRY[name] = build
+
+
+def _synthetic(data_args, seed: int) -> str:
+    n = data_args.synthetic_num_samples
+    return generate_synthetic(os.path.join(data_args.data_path, f"synthetic-seed{seed}-n{n}"), n, seed)
+
+
+register_dataset("synthetic", _synthetic)
+
+
+def resolve_dataset(name: str, data_args, seed: int) -> str:
+    """A registered name's generated file, or ``name`` itself as a path."""
+    if name in DATASET_REGISTRY:
+        return DATASET_REGISTRY[name](data_args, seed)
+    if not os.path.isfile(name):
+        raise DataError(f"--dataset_names {name!r} is neither a file nor a registered dataset ({', '.join(sorted(DATASET_REGISTRY))})")
+    return name
+
+
+def _main_process_first(main_process_first):
+    """Accept ``accelerator.main_process_first`` (callable), its context manager, or None."""
+    if main_process_first is None:
+        return contextlib.nullcontext()
+    return main_process_first() if callable(main_process_first) else main_process_first
+
+
+@dataclass
+class DataBundle:
+    """What :func:`build_datasets` returns: the datasets, a report, and generation prompts."""
+
+    train: ConversationDataset
+    eval: ConversationDataset
+    static_report: dict = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def report(self) -> dict:
+        """Counts for the log; ``skipped_bad_samples`` is read live (it grows while training)."""
+        report = dict(self.static_report)
+        report["skipped_bad_samples"] = self.train.skipped_bad_samples + self.eval.skipped_bad_samples
+        return report
+
+    def generation_examples(self, n: int) -> list[dict]:
+        """Up to ``n`` eval examples as prompts with reference answers, the same ones every call.
+
+        Each is ``{"input_ids": prompt ids ending with the answer cue, "pixel_values":
+        [k, 3, H, W], "answer": str}``; examples with a bad image are passed over.
+        """
+        order = np.random.default_rng([self.seed, 7]).permutation(len(self.eval.entries))
+        examples = []
+        for e in order:
+            if len(examples) >= n:
+                break
+            try:
+                examples.append(self.eval.generation_example(int(e)))
+            except BadImageError:
+                continue
+        return examples
+
+
+def _select(n: int, spec: str, seed: int, source_index: int) -> tuple[np.ndarray, int]:
+    """Rows taken from a file of ``n`` records: all, or a seeded subset in file order."""
+    if spec == "all":
+        return np.arange(n), n
+    wanted = int(spec)
+    rows = np.random.default_rng([seed, source_index]).permutation(n)[: min(wanted, n)]
+    return np.sort(rows), wanted
+
+
+def _split(rows: np.ndarray, ratio: float, seed: int, source_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows): a seeded ``ratio`` of each file is held out (at least one row)."""
+    if ratio <= 0 or len(rows) < 2:
+        return rows, rows[:0]
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * ratio)))
+    shuffled = np.random.default_rng([seed, source_index, 1]).permutation(len(rows))
+    return np.sort(rows[shuffled[n_eval:]]), np.sort(rows[shuffled[:n_eval]])
+
+
+def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str) -> tuple[list[dict], list[Entry]]:
+    """Measure each record and apply the over-length policy; returns kept records and entries."""
+    kept, entries = [], []
+    for record in records:
+        encoded = encode_conversation(
+            record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt
+        )
+        pairs = len(encoded.turn_ends)
+        keep = pairs
+        if len(encoded.input_ids) > data_args.max_seq_len:
+            if data_args.overlength_policy == "truncate_turns":
+                keep = sum(1 for end in encoded.turn_ends if end <= data_args.max_seq_len)
+            else:
+                keep = 0
+            if keep == 0:
+                counts[f"dropped_overlength_{split}"] += 1
+                continue
+            counts[f"truncated_{split}"] += 1
+        length = encoded.turn_ends[keep - 1] if keep < pairs else len(encoded.input_ids)
+        _, body = split_turns(record["turns"])
+        num_images = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body[: 2 * keep])
+        counts[f"text_only_{split}"] += num_images == 0
+        counts[f"images_{split}"] += num_images
+        counts[f"tokens_{split}"] += length
+        counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], length)
+        entries.append(Entry(len(kept), keep, length, num_images, encoded.prefix_length))
+        kept.append(record)
+    return kept, entries
+
+
+def _table(records: list[dict]):
+    import datasets
+
+    if not records:
+        return []
+    return datasets.Dataset.from_list(records)
+
+
+def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None) -> DataBundle:
+    """Build train and eval datasets from ``data_args`` (see the module docstring).
+
+    ``tokenizer`` must already hold the image tokens (``add_image_tokens``), and
+    ``image_tokens`` is what that call returned. ``main_process_first`` (e.g.
+    ``accelerator.main_process_first``) lets one process generate registered datasets
+    while the others wait. Structural problems raise :class:`DataError` here, before training.
+    """
+    try:
+        check_template(tokenizer, data_args.template)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    with _main_process_first(main_process_first):
+        paths = [resolve_dataset(name, data_args, seed) for name in data_args.dataset_names]
+        eval_paths = [resolve_dataset(name, data_args, seed) for name in data_args.eval_dataset_names]
+
+    folders = list(data_args.image_folder)
+    counts = {
+        f"{key}_{split}": 0
+        for key in ("dropped_overlength", "truncated", "text_only", "images", "tokens", "longest_sample")
+        for split in ("train", "eval")
+    }
+    sources: dict[str, dict] = {}
+    train_records, eval_records = [], []
+    for i, path in enumerate(paths):
+        folder = folders[0] if len(folders) == 1 else (folders[i] if folders else None)
+        records = load_records(path, folder)
+        spec = data_args.dataset_samples[0] if len(data_args.dataset_samples) == 1 else data_args.dataset_samples[i]
+        rows, wanted = _select(len(records), spec, seed, i)
+        train_rows, eval_rows = _split(rows, 0.0 if eval_paths else data_args.eval_ratio, seed, i)
+        info = sources.setdefault(path, {"records": 0, "selected": 0, "train": 0, "eval": 0})
+        info["records"] += len(records)
+        info["selected"] += len(rows)
+        info["requested"] = info.get("requested", 0) + wanted
+        info["train"] += len(train_rows)
+        info["eval"] += len(eval_rows)
+        train_records += [records[r] for r in train_rows]
+        eval_records += [records[r] for r in eval_rows]
+    for path in eval_paths:
+        folder = folders[0] if len(folders) == 1 else None
+        records = load_records(path, folder)
+        info = sources.setdefault(path, {"records": 0, "selected": 0, "train": 0, "eval": 0})
+        info["records"] += len(records)
+        info["selected"] += len(records)
+        info["eval"] += len(records)
+        eval_records += records
+
+    train_records, train_entries = _fit(train_records, data_args, tokenizer, image_tokens, counts, "train")
+    eval_records, eval_entries = _fit(eval_records, data_args, tokenizer, image_tokens, counts, "eval")
+    if not train_entries:
+        raise DataError(f"no training samples left (dropped as longer than --max_seq_len {data_args.max_seq_len}: {counts['dropped_overlength_train']})")
+
+    common = dict(
+        template=data_args.template,
+        system_prompt=data_args.system_prompt,
+        max_seq_len=data_args.max_seq_len,
+        on_bad_sample=data_args.on_bad_sample,
+        max_images=data_args.max_num_image_per_sample,
+        seed=seed,
+    )
+    train = ConversationDataset(
+        _table(train_records), train_entries, tokenizer, image_tokens, image_processor,
+        concatenate=data_args.dataset_concatenate_samples, **common,
+    )
+    evaluation = ConversationDataset(_table(eval_records), eval_entries, tokenizer, image_tokens, image_processor, **common)
+
+    report = {
+        "sources": sources,
+        "train_samples": len(train_entries),
+        "eval_samples": len(eval_entries),
+        "train_items_per_epoch": len(train),
+        **counts,
+        "mean_length_train": counts["tokens_train"] / max(1, len(train_entries)),
+        "template": data_args.template,
+        "max_seq_len": data_args.max_seq_len,
+        "overlength_policy": data_args.overlength_policy,
+        "concatenate_samples": data_args.dataset_concatenate_samples,
+    }
+    return DataBundle(train=train, eval=evaluation, static_report=report, seed=seed)

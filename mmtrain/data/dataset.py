@@ -1,0 +1,240 @@
+"""The torch Dataset: canonical records in, token ids + labels + pixel values out.
+
+Records are held in an Arrow table (``datasets``); images stay on disk as paths and
+are decoded in ``__getitem__`` (so in DataLoader workers), never kept in memory.
+
+Each *entry* is a record plus how many of its question/answer pairs are kept (the
+over-length policy may drop trailing ones). With ``concatenate > 1`` each item joins
+1..N entries into one multi-image conversation, regrouped every epoch from
+``seed + epoch`` by :meth:`ConversationDataset.set_epoch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmtrain.data.formats import DataError
+from mmtrain.data.template import encode_conversation
+from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
+
+logger = logging.getLogger(__name__)
+
+# Upper bound of the extra tokens an image header costs when renumbering moves it to a
+# longer number ("### Image 1:" -> "### Image 12:"): keeps concatenation's length
+# estimate safe without re-tokenising anything.
+_RENUMBER_SLACK = 2
+
+
+class BadImageError(DataError):
+    """An image file that is missing or cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A record as it enters a sample: its row, the pairs kept, and its token/image counts."""
+
+    row: int
+    keep_pairs: int
+    length: int
+    num_images: int
+    prefix_length: int
+
+
+def split_turns(turns: list[dict]) -> tuple[dict | None, list[dict]]:
+    """(system turn or None, the user/assistant turns)."""
+    if turns and turns[0]["role"] == "system":
+        return turns[0], turns[1:]
+    return None, turns
+
+
+def load_images(images: list[tuple[str, str, int]], image_processor, empty_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Decode ``(path, source file, record index)`` images and preprocess them to ``[n, 3, H, W]``."""
+    if not images:
+        return torch.zeros((0, *empty_shape), dtype=torch.float32)
+    decoded = []
+    for path, source, index in images:
+        try:
+            with Image.open(path) as image:
+                decoded.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise BadImageError(f"{source}: record {index}: image file {path} not found") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise BadImageError(f"{source}: record {index}: image file {path} cannot be decoded: {err}") from None
+    return image_processor(images=decoded, return_tensors="pt")["pixel_values"].to(torch.float32)
+
+
+def image_shape(image_processor) -> tuple[int, int, int]:
+    """The [3, H, W] the processor produces (for the empty pixel tensor of text-only samples)."""
+    return tuple(image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[1:])
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Items ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n, 3, H, W]}``.
+
+    ``on_bad_sample="skip"`` replaces an item whose image is missing or corrupt with the
+    next readable one (deterministic) and counts it in :attr:`skipped_bad_samples`,
+    a counter shared with DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        records,
+        entries: list[Entry],
+        tokenizer,
+        image_tokens: ImageTokens,
+        image_processor,
+        *,
+        template: str = "plain",
+        system_prompt: str = "",
+        max_seq_len: int = 2048,
+        on_bad_sample: str = "error",
+        concatenate: int = 1,
+        max_images: int = 8,
+        seed: int = 0,
+    ):
+        self.records = records
+        self.entries = entries
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        self.image_processor = image_processor
+        self.template = template
+        self.system_prompt = system_prompt
+        self.max_seq_len = max_seq_len
+        self.on_bad_sample = on_bad_sample
+        self.concatenate = concatenate
+        self.max_images = max_images
+        self.seed = seed
+        self.epoch = 0
+        self._empty_shape = image_shape(image_processor)
+        self._skipped = multiprocessing.Value("q", 0)
+        self._groups: list[tuple[int, ...]] | None = None
+        if concatenate > 1:
+            self._groups = self._plan(0)
+            # A fixed length across epochs: samplers (DistributedSampler included) size
+            # themselves once; later epochs' plans are cut or wrapped to this length.
+            self._length = len(self._groups)
+        else:
+            self._length = len(entries)
+
+    # ----- grouping -------------------------------------------------------------------
+
+    def _plan(self, epoch: int) -> list[tuple[int, ...]]:
+        """Shuffle entries with ``seed + epoch`` and join runs of 1..N within the limits."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.entries))
+        groups, i = [], 0
+        while i < len(order):
+            target = int(rng.integers(1, self.concatenate + 1))
+            first = self.entries[order[i]]
+            group, length, images = [int(order[i])], first.length, first.num_images
+            i += 1
+            while len(group) < target and i < len(order):
+                e = self.entries[order[i]]
+                grown = length + e.length - e.prefix_length + _RENUMBER_SLACK * e.num_images
+                if images + e.num_images > self.max_images or grown > self.max_seq_len:
+                    break
+                group.append(int(order[i]))
+                length, images = grown, images + e.num_images
+                i += 1
+            groups.append(tuple(group))
+        return groups
+
+    def set_epoch(self, epoch: int) -> None:
+        """Regroup concatenated samples for ``epoch`` (deterministic; a no-op without concatenation)."""
+        self.epoch = epoch
+        if self.concatenate > 1:
+            groups = self._plan(epoch)
+            while len(groups) < self._length:
+                groups += groups[: self._length - len(groups)]
+            self._groups = groups[: self._length]
+
+    def group(self, i: int) -> tuple[int, ...]:
+        """Entry indices that make item ``i`` this epoch."""
+        return self._groups[i] if self._groups is not None else (i,)
+
+    # ----- items ----------------------------------------------------------------------
+
+    @property
+    def skipped_bad_samples(self) -> int:
+        return int(self._skipped.value)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def conversation(self, group: tuple[int, ...]) -> tuple[list[dict], list[tuple[str, str, int]]]:
+        """Turns and ``(image path, source, record index)`` of the entries in ``group``, joined in order."""
+        turns: list[dict] = []
+        images: list[tuple[str, str, int]] = []
+        for position, e in enumerate(group):
+            entry = self.entries[e]
+            record = self.records[entry.row]
+            system, body = split_turns(record["turns"])
+            body = body[: 2 * entry.keep_pairs]
+            if position == 0 and system is not None:
+                turns.append(system)  # a joined sample keeps the first record's system turn only
+            turns += body
+            used = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body)
+            images += [(path, record["source"], record["index"]) for path in record["images"][:used]]
+        return turns, images
+
+    def _encode(self, turns, add_generation_prompt=False):
+        return encode_conversation(
+            turns,
+            self.tokenizer,
+            self.image_tokens,
+            template=self.template,
+            system_prompt=self.system_prompt,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _item(self, group: tuple[int, ...]) -> dict:
+        turns, images = self.conversation(group)
+        encoded = self._encode(turns)
+        # The join was planned from a length bound; should a template still overshoot,
+        # drop joined entries from the end rather than exceed --max_seq_len.
+        while len(encoded.input_ids) > self.max_seq_len and len(group) > 1:
+            group = group[:-1]
+            turns, images = self.conversation(group)
+            encoded = self._encode(turns)
+        return {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "pixel_values": load_images(images, self.image_processor, self._empty_shape),
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        for step in range(len(self)):
+            j = (i + step) % len(self)
+            try:
+                return self._item(self.group(j))
+            except BadImageError as err:
+                if self.on_bad_sample != "skip":
+                    raise
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                    count = self._skipped.value
+                if count <= 10:
+                    logger.warning("skipping a bad sample (--on_bad_sample skip): %s", err)
+        raise DataError("every sample of the dataset has a missing or unreadable image")
+
+    def generation_example(self, e: int) -> dict:
+        """Entry ``e`` as a prompt for generation: the conversation up to its last question.
+
+        Returns ``{"input_ids": LongTensor (ending with the answer cue), "pixel_values",
+        "answer": the reference last answer, stripped}``; raises :class:`BadImageError`.
+        """
+        turns, images = self.conversation((e,))
+        encoded = self._encode(turns[:-1], add_generation_prompt=True)
+        return {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "pixel_values": load_images(images, self.image_processor, self._empty_shape),
+            "answer": turns[-1]["text"].strip(),
+        }

@@ -1,0 +1,193 @@
+"""Render a conversation with a prompt template, tokenise it, and mark what trains.
+
+The ``plain`` template (DeepSpeed-VisualChat's)::
+
+    <bos>{system}\\n\\n### Image 1:\\n<image span>\\n\\n### Question:\\n{q1}\\n\\n### Answer:\\n{a1}<eos>### Question:\\n{q2}...
+
+Image k is numbered across the whole sample and sits where its placeholder was
+(placeholders before any question text go before ``### Question:``). The ``chat``
+template uses the tokenizer's own ``apply_chat_template``.
+
+Text between placeholders is tokenised piece by piece and each placeholder becomes
+``ImageTokens.span()`` ids inserted directly, so the tokenizer never sees an image
+span as text and the number of image tokens is exact. Only answers and their
+end-of-turn token carry labels; everything else is -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
+
+IGNORE_INDEX = -100
+TEMPLATES = ("plain", "chat")
+
+
+@dataclass
+class EncodedConversation:
+    """Token ids and labels of one conversation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    # Sequence length right after each answer: where the sample may be cut when whole
+    # turns are dropped from the end (so a cut never falls inside an image span).
+    turn_ends: list[int] = field(default_factory=list)
+    # Tokens before the first question (bos, system prompt): paid once per sample,
+    # which is what concatenation saves when it joins samples.
+    prefix_length: int = 0
+
+
+class _Builder:
+    """Accumulates segments: untrained text is tokenised with placeholders turned into spans."""
+
+    def __init__(self, tokenizer, image_tokens: ImageTokens, literal_text: bool):
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        # User text is never allowed to smuggle in special tokens (an '</s>' typed in a
+        # question must not end the turn); chat templates emit special tokens as text, so
+        # their output must be parsed with them.
+        self.split_special = literal_text
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.num_images = 0
+
+    def tokens(self, ids: list[int], trained: bool) -> None:
+        self.ids += ids
+        self.labels += ids if trained else [IGNORE_INDEX] * len(ids)
+
+    def text(self, text: str, trained: bool = False) -> None:
+        if text:
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=self.split_special)["input_ids"]
+            self.tokens(ids, trained)
+
+    def image(self) -> None:
+        self.num_images += 1
+        self.tokens(self.image_tokens.span(), trained=False)
+
+    def text_with_images(self, text: str) -> None:
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        for k, piece in enumerate(pieces):
+            if k:
+                self.image()
+            self.text(piece)
+
+
+def _system_text(turns: list[dict], system_prompt: str) -> tuple[str, list[dict]]:
+    """A record's own system turn wins over ``--system_prompt``."""
+    if turns and turns[0]["role"] == "system":
+        return turns[0]["text"], turns[1:]
+    return system_prompt, turns
+
+
+def _encode_plain(builder: _Builder, turns: list[dict], system_prompt: str, add_generation_prompt: bool) -> EncodedConversation:
+    tok = builder.tokenizer
+    if tok.bos_token_id is not None:
+        builder.tokens([tok.bos_token_id], trained=False)
+    system, turns = _system_text(turns, system_prompt)
+    if system.strip():
+        builder.text(system.strip() + "\n\n")
+    prefix_length = len(builder.ids)
+    turn_ends = []
+    for turn in turns:
+        if turn["role"] == "user":
+            pieces = turn["text"].split(IMAGE_PLACEHOLDER)
+            # Placeholders with only whitespace before them are the turn's leading images.
+            lead = 0
+            while lead < len(pieces) - 1 and not pieces[lead].strip():
+                lead += 1
+            for _ in range(lead):
+                builder.text(f"### Image {builder.num_images + 1}:\n")
+                builder.image()
+                builder.text("\n\n")
+            rest = pieces[lead:]
+            builder.text("### Question:\n" + rest[0].lstrip() if len(rest) > 1 else "### Question:\n" + rest[0].strip())
+            for k, piece in enumerate(rest[1:], start=1):
+                builder.text(f"\n### Image {builder.num_images + 1}:\n")
+                builder.image()
+                builder.text("\n" + (piece.rstrip() if k == len(rest) - 1 else piece))
+            builder.text("\n\n### Answer:\n")
+        else:
+            # The answer is its own piece so the prompt tokenises identically at generation time.
+            builder.text(turn["text"].strip(), trained=True)
+            builder.tokens([tok.eos_token_id], trained=True)
+            turn_ends.append(len(builder.ids))
+    return EncodedConversation(builder.ids, builder.labels, builder.num_images, turn_ends, prefix_length)
+
+
+def _encode_chat(builder: _Builder, turns: list[dict], system_prompt: str, add_generation_prompt: bool) -> EncodedConversation:
+    tok = builder.tokenizer
+    system, turns = _system_text(turns, system_prompt)
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": t["role"], "content": t["text"]} for t in turns
+    ]
+
+    def render(msgs, generation_prompt):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    first = 1 if system.strip() else 0
+    done = ""  # text already turned into tokens
+    turn_ends = []
+    prefix_length = None
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; use --template plain")
+        if prefix_length is None:
+            system_only = render(messages[:first], False) if first else ""
+            prefix_length = len(tok(system_only, add_special_tokens=False)["input_ids"]) if system_only else 0
+        builder.text_with_images(prompt[len(done) :])
+        answer = full[len(prompt) :]
+        trailing = answer[len(answer.rstrip()) :]  # newline after the end-of-turn token: not trained
+        builder.text(answer.rstrip(), trained=True)
+        builder.text(trailing)
+        turn_ends.append(len(builder.ids))
+        done = full
+    if add_generation_prompt:
+        builder.text_with_images(render(messages, True)[len(done) :])
+    if tok.bos_token_id is not None and (not builder.ids or builder.ids[0] != tok.bos_token_id):
+        builder.ids.insert(0, tok.bos_token_id)
+        builder.labels.insert(0, IGNORE_INDEX)
+        turn_ends = [e + 1 for e in turn_ends]
+    return EncodedConversation(builder.ids, builder.labels, builder.num_images, turn_ends, prefix_length or 0)
+
+
+def encode_conversation(
+    turns: list[dict],
+    tokenizer,
+    image_tokens: ImageTokens,
+    template: str = "plain",
+    system_prompt: str = "",
+    add_generation_prompt: bool = False,
+) -> EncodedConversation:
+    """Token ids and labels for ``turns`` (canonical ``{"role", "text"}`` dicts, ``<image>`` marks).
+
+    With ``add_generation_prompt=True`` the last turn is a user question with no answer
+    yet and the ids end where the answer would start (``### Answer:\\n`` for ``plain``):
+    this is how generation builds prompts for new questions with the training template.
+    Every ``<image>`` becomes ``image_tokens.span()``; the caller supplies images in
+    placeholder order.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"--template {template!r}: valid are {', '.join(TEMPLATES)}")
+    if add_generation_prompt and (not turns or turns[-1]["role"] != "user"):
+        raise ValueError("add_generation_prompt needs a conversation that ends with a user question")
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--template chat: the tokenizer has no chat template; use --template plain")
+        return _encode_chat(_Builder(tokenizer, image_tokens, literal_text=False), turns, system_prompt, add_generation_prompt)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("--template plain needs a tokenizer with an eos token to end each answer")
+    return _encode_plain(_Builder(tokenizer, image_tokens, literal_text=True), turns, system_prompt, add_generation_prompt)
+
+
+def check_template(tokenizer, template: str) -> None:
+    """Fail early, naming the flag, when ``template`` cannot work with ``tokenizer``."""
+    if template not in TEMPLATES:
+        raise ValueError(f"--template {template!r}: valid are {', '.join(TEMPLATES)}")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--template chat: the tokenizer has no chat template; use --template plain")
