@@ -9,6 +9,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from mmtrain import presets
 from mmtrain.args import ConfigError
+from mmtrain.model.hf_loading import checked_from_pretrained
 
 
 def load_language_config(name_or_path: str, flag: str = "--lm_model_name_or_path") -> PretrainedConfig:
@@ -36,7 +37,9 @@ def load_tokenizer(name_or_path: str):
         raise ConfigError(f"--lm_model_name_or_path {name_or_path!r} has no loadable tokenizer: {e}") from None
 
 
-def build_language_model(model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None) -> nn.Module:
+def build_language_model(
+    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False
+) -> nn.Module:
     """Load the LM from its folder (or a preset with seeded random weights).
 
     Under an active ZeRO-3 config (Accelerate sets one before we are called) both
@@ -48,7 +51,14 @@ def build_language_model(model_args, *, dtype: torch.dtype, config: PretrainedCo
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_args.preset_seed)
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    return checked_from_pretrained(
+        AutoModelForCausalLM,
+        name,
+        flag="--lm_model_name_or_path",
+        strict_unexpected=strict,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:

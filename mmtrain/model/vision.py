@@ -18,6 +18,7 @@ from transformers import (
 
 from mmtrain import presets
 from mmtrain.args import ConfigError
+from mmtrain.model.hf_loading import checked_from_pretrained
 
 # Supported towers, detected by config class (never by the folder's name). A full
 # CLIP/SigLIP checkpoint (text + vision) works too: its vision half is taken.
@@ -91,7 +92,9 @@ def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"cannot find the encoder layers of {type(tower).__name__}")
 
 
-def build_vision_encoder(model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None) -> VisionEncoder:
+def build_vision_encoder(
+    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False
+) -> VisionEncoder:
     """Load the vision tower from its folder (or build a preset with seeded random weights)."""
     name = model_args.vision_model_name_or_path
     config = config or load_vision_config(name)
@@ -102,7 +105,14 @@ def build_vision_encoder(model_args, *, dtype: torch.dtype, config: PretrainedCo
             torch.manual_seed(model_args.preset_seed)
             tower = model_cls(config).to(dtype)
     else:
-        tower = model_cls.from_pretrained(name, dtype=dtype, attn_implementation=model_args.attn_implementation)
+        tower = checked_from_pretrained(
+            model_cls,
+            name,
+            flag="--vision_model_name_or_path",
+            strict_unexpected=strict,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
+        )
     return VisionEncoder(tower, model_args.vision_feature_layer, model_args.vision_keep_cls, has_cls)
 
 

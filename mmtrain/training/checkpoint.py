@@ -1,0 +1,189 @@
+"""Checkpoints that resume exactly and can never be mistaken for whole when they are not.
+
+A checkpoint is ``output_dir/checkpoints/step-XXXXXXXX/``: Accelerate's ``save_state``
+(the DeepSpeed engine's model and optimizer shards or the plain optimizer, the
+scheduler, and every process's python / numpy / torch / cuda RNG state) plus
+``trainer_state.json`` (epoch, position inside the epoch, step, best eval loss) and
+``manifest.json``. It is written under a ``.tmp`` name and renamed into place only when
+every rank has finished writing and the manifest is in it, so a kill at any moment
+leaves either the previous checkpoints or a ``.tmp`` folder that is ignored and removed.
+
+Only trainable parameters are stored: the frozen ones come from the source folders the
+manifest names. Resuming checks that the model flags match the manifest's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mmtrain.args import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    global_step: int = 0  # optimizer steps done
+    best_eval_loss: float | None = None
+    tokens_seen: int = 0
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINT_DIR)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _STEP_RE.match(n) and os.path.isfile(os.path.join(root, n, MANIFEST)))
+    return [os.path.join(root, n) for n in names]
+
+
+def resolve_resume(output_dir: str, resume: str | None) -> str | None:
+    """``latest`` -> the newest complete checkpoint (None if there is none); a path is checked."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isdir(resume):
+        raise ConfigError(f"--resume_from_checkpoint {resume!r}: no such folder")
+    if not os.path.isfile(os.path.join(resume, MANIFEST)):
+        raise ConfigError(
+            f"--resume_from_checkpoint {resume!r} has no {MANIFEST}: it is not a checkpoint, or it was cut off while "
+            f"being written; pick a complete one under {checkpoint_root(output_dir)}"
+        )
+    return resume
+
+
+def model_identity(model_args) -> dict:
+    """The flags that define which parameters exist and what they mean."""
+    keys = (
+        "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
+        "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
+        "only_optimize_lora", "train_full_embeddings", "preset_seed",
+    )
+    values = asdict(model_args)
+    return {k: values[k] for k in keys}
+
+
+def check_manifest(path: str, model_args, trainable_names: list[str]) -> dict:
+    with open(os.path.join(path, MANIFEST)) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"checkpoint {path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    ours = model_identity(model_args)
+    diffs = [f"--{k}: checkpoint {manifest['model'].get(k)!r}, now {v!r}" for k, v in ours.items() if manifest["model"].get(k) != v]
+    if diffs:
+        raise ConfigError(f"checkpoint {path} is from a different model: " + "; ".join(diffs))
+    if sorted(manifest["trainable_parameters"]) != sorted(trainable_names):
+        raise ConfigError(f"checkpoint {path}: its trainable parameters differ from this model's")
+    return manifest
+
+
+def _trainable_only(state_dict: dict, trainable: set[str]) -> dict:
+    return {k: v for k, v in state_dict.items() if k in trainable}
+
+
+class Checkpointer:
+    """Saves and restores training state through Accelerate, trainable parameters only."""
+
+    def __init__(self, accelerator, output_dir: str, model_args, trainable_names: list[str], keep: int):
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.model_args = model_args
+        self.trainable_names = trainable_names
+        self.keep = keep
+        self.is_deepspeed = accelerator.state.deepspeed_plugin is not None
+        if not self.is_deepspeed:
+            trainable = set(trainable_names)
+
+            def keep_trainable(models, weights, _dir):
+                # Without DeepSpeed, Accelerate would write the whole (mostly frozen) model.
+                for i, w in enumerate(weights):
+                    weights[i] = _trainable_only(w, trainable)
+
+            accelerator.register_save_state_pre_hook(keep_trainable)
+
+    def save(self, state: TrainerState) -> str:
+        acc = self.accelerator
+        root = checkpoint_root(self.output_dir)
+        final = os.path.join(root, f"step-{state.global_step:08d}")
+        tmp = final + ".tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp, exist_ok=True)
+        acc.wait_for_everyone()
+        if self.is_deepspeed:
+            acc.save_state(tmp, exclude_frozen_parameters=True)
+        else:
+            acc.save_state(tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                json.dump(asdict(state), f, indent=2)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "model": model_identity(self.model_args),
+                "trainable_parameters": self.trainable_names,
+                "stores": "trainable parameters only; frozen weights come from the source model folders",
+                "num_processes": acc.num_processes,
+                "zero_stage": int(acc.state.deepspeed_plugin.zero_stage) if self.is_deepspeed else None,
+            }
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.output_dir)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: str) -> TrainerState:
+        manifest = check_manifest(path, self.model_args, self.trainable_names)
+        acc = self.accelerator
+        if self.is_deepspeed and manifest.get("num_processes") != acc.num_processes:
+            raise ConfigError(
+                f"checkpoint {path} was written by {manifest.get('num_processes')} processes and this run has "
+                f"{acc.num_processes}; DeepSpeed's partitioned optimizer states resume on the same process count "
+                "(convert it with DeepSpeed's universal checkpoint tools to change it)"
+            )
+        try:
+            if self.is_deepspeed:
+                acc.load_state(path, load_module_strict=False)
+            else:
+                acc.load_state(path, strict=False)
+        except (RuntimeError, FileNotFoundError, KeyError, EOFError, ValueError) as e:
+            raise ConfigError(f"checkpoint {path} cannot be loaded (corrupt or incomplete?): {e}") from None
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            return TrainerState(**json.load(f))
+
+
+def remove_partial_checkpoints(output_dir: str) -> list[str]:
+    """Delete ``.tmp`` folders left by a run killed mid-save; returns what was removed."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    removed = [os.path.join(root, n) for n in os.listdir(root) if n.endswith(".tmp")]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

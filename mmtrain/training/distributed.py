@@ -1,0 +1,144 @@
+"""The Accelerator: DeepSpeed and precision from the Accelerate config, made before any weights load.
+
+Accelerate reads the YAML given to ``accelerate launch --config_file`` (or the one
+``accelerate config`` wrote). Creating the Accelerator first matters at ZeRO-3: it
+installs the DeepSpeed config transformers looks for, so ``from_pretrained`` builds the
+LM's weights already partitioned (``deepspeed.zero.Init``) instead of materialising a
+full copy on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from mmtrain.args import ConfigError, TrainArguments
+
+# ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed-VisualChat's
+# value): norms, biases and the new-token rows then cost no gather per step.
+PARAM_PERSISTENCE_THRESHOLD = 10_000
+
+
+def prepare_environment() -> None:
+    """Select DeepSpeed's CPU accelerator when there is no GPU (before deepspeed is imported)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def make_accelerator(train_args: TrainArguments):
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    kwargs_handlers = []
+    if not torch.cuda.is_available():
+        # DeepSpeed on CPU needs gloo; without it Accelerate counts one process and
+        # DeepSpeed's batch-size check fails.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=_gradient_accumulation(train_args),
+            log_with="tensorboard" if train_args.enable_tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=train_args.output_dir, logging_dir=os.path.join(train_args.output_dir, "tensorboard")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            kwargs_handlers=kwargs_handlers,
+            step_scheduler_with_optimizer=False,
+        )
+    except (ValueError, NotImplementedError) as e:
+        raise ConfigError(f"the Accelerate config cannot be used: {e}") from None
+    _complete_deepspeed_config(accelerator, train_args)
+    return accelerator
+
+
+def _gradient_accumulation(train_args: TrainArguments) -> int:
+    """The flag wins; else the config's value; a conflict between the two is an error."""
+    from_config = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if from_config and from_config.isdigit() and train_args.gradient_accumulation_steps is not None:
+        if int(from_config) != train_args.gradient_accumulation_steps:
+            raise ConfigError(
+                f"--gradient_accumulation_steps {train_args.gradient_accumulation_steps} disagrees with the Accelerate "
+                f"config's gradient_accumulation_steps {from_config}; set it in one place"
+            )
+    if train_args.gradient_accumulation_steps is not None:
+        return train_args.gradient_accumulation_steps
+    return int(from_config) if from_config and from_config.isdigit() else 1
+
+
+def deepspeed_plugin(accelerator):
+    return accelerator.state.deepspeed_plugin
+
+
+def zero_stage(accelerator) -> int:
+    plugin = deepspeed_plugin(accelerator)
+    return int(plugin.zero_stage) if plugin is not None else -1
+
+
+def _complete_deepspeed_config(accelerator, train_args: TrainArguments) -> None:
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    zero = config.setdefault("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
+    offload_param = (zero.get("offload_param") or {}).get("device", "none")
+    if offload_param not in (None, "none") and stage != 3:
+        raise ConfigError(
+            f"offload_param_device: {offload_param} needs zero_stage: 3 (the config says {stage}); "
+            "use offload_optimizer_device for stages 1-2"
+        )
+    if offload_opt not in (None, "none") and stage == 0:
+        raise ConfigError(f"offload_optimizer_device: {offload_opt} needs zero_stage >= 1 (the config says 0)")
+    clip = config.get("gradient_clipping", "auto")
+    if train_args.max_grad_norm is not None:
+        if clip not in ("auto", None) and float(clip) != train_args.max_grad_norm:
+            raise ConfigError(
+                f"--max_grad_norm {train_args.max_grad_norm} disagrees with the DeepSpeed config's gradient_clipping {clip}"
+            )
+        config["gradient_clipping"] = train_args.max_grad_norm
+    elif clip in ("auto", None):
+        config["gradient_clipping"] = 1.0
+    if stage == 3:
+        zero.setdefault("stage3_param_persistence_threshold", PARAM_PERSISTENCE_THRESHOLD)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if plugin.zero3_init_flag:
+            plugin.dschf = None
+            plugin.set_deepspeed_weakref()  # re-install so zero.Init sees the values above
+
+
+def max_grad_norm(accelerator, train_args: TrainArguments) -> float:
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is not None:
+        return float(plugin.deepspeed_config["gradient_clipping"])
+    return train_args.max_grad_norm if train_args.max_grad_norm is not None else 1.0
+
+
+def offloads_optimizer(accelerator) -> bool:
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return False
+    device = (plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def frozen_vision_context(accelerator):
+    """At ZeRO-3, load the frozen vision encoder without ``zero.Init`` (it stays whole, outside the engine)."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is not None and plugin.zero3_init_flag:
+        return plugin.zero3_init_context_manager(enable=False)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(accelerator, groups: list[dict], learning_rate: float):
+    """AdamW; DeepSpeed's CPU Adam when optimizer states are offloaded (its fast path)."""
+    if offloads_optimizer(accelerator):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=learning_rate, betas=(0.9, 0.95), adamw_mode=True)
+    fused = accelerator.device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), fused=fused)
