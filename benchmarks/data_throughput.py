@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     for r in runs:
         print(f"{r['num_workers']:>8} {r['samples_per_s']:>10} {r['images_per_s']:>10} {r['tokens_per_s']:>10} {r['first_batch_s']:>14}")
     result = {
-        "command": "python benchmarks/data_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(,
+        "command": ("python benchmarks/data_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
         "device": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
         "versions": versions(),
         "settings": vars(args) | {"output": os.path.relpath(args.output)},
