@@ -66,6 +66,10 @@ class ModelArguments:
         default=False, metadata=_help("Train the whole input-embedding table (default: only the new special tokens' rows).")
     )
     enable_mmca_attention: bool = field(default=False, metadata=_help("Multi-modal causal attention in the LM."))
+    mmca_image_attention: Literal["same_image", "self"] = field(
+        default="same_image",
+        metadata=_help("With MMCA, image tokens attend causally within their own image (same_image) or only to themselves (self)."),
+    )
     attn_implementation: str = field(default="sdpa", metadata=_help("Attention kernel of the LM and vision encoder: sdpa or eager."))
     preset_seed: int = field(default=0, metadata=_help("Seed of the random weights of preset models."))
 

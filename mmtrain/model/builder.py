@@ -11,6 +11,7 @@ from torch import nn
 from mmtrain.args import ModelArguments
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter
+from mmtrain.model.mmca import enable_mmca
 from mmtrain.model.projector import build_projector
 from mmtrain.model.tokens import ImageTokens, add_image_tokens
 from mmtrain.model.vision import build_vision_encoder, load_image_processor, load_vision_config
@@ -60,6 +61,8 @@ def build_model(
         with vision_ctx:
             vision = build_vision_encoder(model_args, dtype=dtype, config=vision_config)
         language_model = build_language_model(model_args, dtype=dtype, config=lm_config)
+        if model_args.enable_mmca_attention:
+            enable_mmca(language_model, model_args.mmca_image_attention)
         lm_dim = language_model.get_input_embeddings().embedding_dim
         projector = build_projector(
             model_args.vis_proj, vision.hidden_size, lm_dim, vision.num_patches, model_args.perceiver_num_queries

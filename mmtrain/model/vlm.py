@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
 from mmtrain.model.vision import VisionEncoder
 
@@ -111,6 +112,7 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
         body = self.language_model.get_decoder()
+        lm_kwargs = {**mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id), **lm_kwargs}
         hidden = body(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **lm_kwargs
         ).last_hidden_state
