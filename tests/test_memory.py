@@ -126,7 +126,7 @@ def test_deepspeed_estimator_overstates_model_states(ref7b):
         if setup.zero_stage == 0:
             assert est.deepspeed_model_states is None
         elif setup.offload == "none":
-            assert est.deepspeed_model_states > 3 * est.model_states, setup.name
+            assert est.deepspeed_model_states > 1.5 * est.model_states, setup.name
 
 
 def test_invalid_setups_are_refused():
