@@ -40,6 +40,7 @@ def build_model(
     trainable_dtype: torch.dtype | None = None,
     meta: bool = False,
     frozen_vision_context: contextlib.AbstractContextManager | None = None,
+    strict: bool = False,
 ) -> BuiltModel:
     """Build the model described by ``model_args``.
 
@@ -47,6 +48,7 @@ def build_model(
     memory, no weights read (what ``mmtrain.budget`` uses). ``frozen_vision_context``
     wraps the loading of a frozen vision encoder; at ZeRO-3 the trainer passes one that
     turns ``zero.Init`` off, so that encoder stays whole and outside the engine.
+    ``strict`` also rejects unexpected tensors in the folders (for reloading exports).
     """
     vision_config = load_vision_config(model_args.vision_model_name_or_path)
     lm_config = load_language_config(model_args.lm_model_name_or_path)
@@ -59,8 +61,8 @@ def build_model(
     image_processor = load_image_processor(model_args, vision_config)
     with device_ctx:
         with vision_ctx:
-            vision = build_vision_encoder(model_args, dtype=dtype, config=vision_config)
-        language_model = build_language_model(model_args, dtype=dtype, config=lm_config)
+            vision = build_vision_encoder(model_args, dtype=dtype, config=vision_config, strict=strict)
+        language_model = build_language_model(model_args, dtype=dtype, config=lm_config, strict=strict)
         if model_args.enable_mmca_attention:
             enable_mmca(language_model, model_args.mmca_image_attention)
         lm_dim = language_model.get_input_embeddings().embedding_dim

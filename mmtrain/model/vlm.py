@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
@@ -24,9 +25,11 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class VLMOutput:
-    loss: torch.Tensor  # mean over label tokens of this batch (0 when it has none)
-    num_label_tokens: torch.Tensor  # for token-weighted averages across batches
+class VLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None  # mean over label tokens of this batch (0 when it has none)
+    num_label_tokens: torch.Tensor | None = None  # for token-weighted averages across batches
+    loss_sum_per_sample: torch.Tensor | None = None  # [B] summed token losses (exact eval averages)
+    label_tokens_per_sample: torch.Tensor | None = None  # [B]
     logits: torch.Tensor | None = None  # only when asked: [B, L, vocab]
 
 
@@ -121,21 +124,24 @@ class VisionLanguageModel(nn.Module):
         if labels is None:
             zero = hidden.new_zeros(())
             return VLMOutput(loss=zero, num_label_tokens=zero, logits=logits)
-        loss, count = causal_lm_loss(hidden, labels, head)
-        return VLMOutput(loss=loss, num_label_tokens=count, logits=logits)
+        loss, count, per_sample, per_sample_count = causal_lm_loss(hidden, labels, head)
+        return VLMOutput(loss, count, per_sample, per_sample_count, logits)
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module):
     """Next-token cross-entropy evaluated only where a label is set.
 
     Prompt, image and padding positions never reach the output head, so no
     ``[batch, seq, vocab]`` fp32 logits are formed for them; in a VLM batch most positions
-    are image or prompt tokens. Returns the mean loss and the number of label tokens.
+    are image or prompt tokens. Returns the mean loss, the number of label tokens, and
+    per-sample loss sums and label counts.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     count = keep.sum()
     picked = hidden[:, :-1][keep]
     logits = head(picked).float()
-    loss_sum = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss_sum / count.clamp(min=1), count
+    token_losses = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    per_sample = torch.zeros(labels.shape[0], dtype=token_losses.dtype, device=token_losses.device).index_add(0, rows, token_losses.detach())
+    return token_losses.sum() / count.clamp(min=1), count, per_sample, keep.sum(dim=1)

@@ -32,7 +32,8 @@ def make_accelerator(train_args: TrainArguments):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     kwargs_handlers = []
-    if not torch.cuda.is_available():
+    launched = "LOCAL_RANK" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if launched and not torch.cuda.is_available():
         # DeepSpeed on CPU needs gloo; without it Accelerate counts one process and
         # DeepSpeed's batch-size check fails.
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -1,0 +1,209 @@
+"""The training loop: steps, logging, eval, checkpoints and epoch exports."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from mmtrain.model.pretrained import full_state_dict, save_pretrained
+from mmtrain.training import distributed
+from mmtrain.training.checkpoint import TrainerState
+from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
+
+logger = logging.getLogger("mmtrain")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is intact."""
+
+
+class Loop:
+    def __init__(self, accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state: TrainerState, model_args, train_args, total_steps: int):
+        self.acc = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.data = data
+        self.built = built
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.state = state
+        self.model_args = model_args
+        self.args = train_args
+        self.total_steps = total_steps
+        self.zero3 = distributed.zero_stage(accelerator) == 3
+        self.max_grad_norm = distributed.max_grad_norm(accelerator, train_args)
+        self.deepspeed = distributed.deepspeed_plugin(accelerator) is not None
+        self.generation_examples = data.generation_examples(train_args.eval_generate) if train_args.eval_generate else []
+        self.last_eval: dict = {}
+
+    # -- the loop -------------------------------------------------------------------
+    def fit(self) -> dict:
+        args, state = self.args, self.state
+        progress = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.acc.is_local_main_process, desc="train")
+        window = _Window()
+        while state.epoch < args.num_train_epochs and not self._done():
+            self._set_epoch(state.epoch)
+            loader = self.train_loader
+            if state.step_in_epoch:
+                loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
+            for batch in loader:
+                loss, tokens, samples = self._micro_step(batch)
+                state.step_in_epoch += 1
+                window.add(loss, tokens, samples)
+                if not self.acc.sync_gradients:
+                    continue
+                state.global_step += 1
+                state.tokens_seen += tokens
+                progress.update(1)
+                if state.global_step % args.logging_steps == 0:
+                    self._log_train(window)
+                if args.eval_steps and state.global_step % args.eval_steps == 0:
+                    self._evaluate()
+                if args.save_steps and state.global_step % args.save_steps == 0:
+                    self.checkpointer.save(state)
+                if self._done():
+                    break
+            epoch_finished = not self._done() or state.step_in_epoch >= len(self.train_loader)
+            if epoch_finished:
+                self._end_epoch()
+            else:
+                break
+        progress.close()
+        if self.state.step_in_epoch:  # stopped by --max_steps inside an epoch
+            self.checkpointer.save(state)
+        if not self.last_eval or self.last_eval.get("step") != state.global_step:
+            self._evaluate()
+        return {"global_step": state.global_step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+
+    def _done(self) -> bool:
+        return self.args.max_steps > 0 and self.state.global_step >= self.args.max_steps
+
+    def _set_epoch(self, epoch: int) -> None:
+        # Sampler order and sample concatenation both change each epoch, from the seed.
+        self.train_loader.set_epoch(epoch)
+        self.data.train.set_epoch(epoch)
+
+    def _micro_step(self, batch) -> tuple[float, int, int]:
+        with self.acc.accumulate(self.model):
+            out = self.model(**batch)
+            loss = out.loss
+            if not torch.isfinite(loss.detach()).all():
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); stopping. "
+                    f"The last good checkpoint under {self.args.output_dir}/checkpoints is intact."
+                )
+            self.acc.backward(loss)
+            if self.acc.sync_gradients and not self.deepspeed:
+                self._grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
+            self.optimizer.step()
+            if self.acc.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(batch["attention_mask"].sum())
+        return loss.detach().float().item(), tokens, batch["input_ids"].shape[0]
+
+    def _grad_norm_value(self) -> float | None:
+        if self.deepspeed:
+            norm = self.model.get_global_grad_norm()
+        else:
+            norm = getattr(self, "_grad_norm", None)
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def _log_train(self, window: "_Window") -> None:
+        loss, tokens, samples, seconds = window.drain()
+        # Every process saw its own tokens: report the global rates.
+        totals = self.acc.reduce(torch.tensor([tokens, samples], dtype=torch.float64, device=self.acc.device), "sum")
+        values = {
+            "loss": self.acc.reduce(torch.tensor(loss, device=self.acc.device), "mean").item(),
+            "tokens_per_s": totals[0].item() / seconds,
+            "samples_per_s": totals[1].item() / seconds,
+        }
+        norm = self._grad_norm_value()
+        if norm is not None:
+            values["grad_norm"] = norm
+        for group in self.optimizer.param_groups:
+            values[f"lr_{group.get('name', 'group')}"] = group["lr"]
+        self.metrics.log("train", self.state.global_step, self._epoch_progress(), values)
+
+    def _epoch_progress(self) -> float:
+        return self.state.epoch + self.state.step_in_epoch / max(len(self.train_loader), 1)
+
+    def _evaluate(self) -> dict:
+        result = evaluate_loss(self.acc, self.model, self.eval_loader)
+        if self.generation_examples:
+            gen = evaluate_generation(
+                self.acc, self.acc.unwrap_model(self.model), self.built.tokenizer, self.generation_examples,
+                batch_size=self.args.per_device_eval_batch_size, max_new_tokens=self.args.max_new_tokens, zero3=self.zero3,
+            )
+            samples = gen.pop("samples")
+            result.update(gen)
+            if self.acc.is_main_process and samples:
+                logger.info("eval answers: " + "; ".join(f"expected {s['expected']!r} got {s['generated']!r}" for s in samples))
+        self.metrics.log("eval", self.state.global_step, self._epoch_progress(), result)
+        if self.state.best_eval_loss is None or result["loss"] < self.state.best_eval_loss:
+            self.state.best_eval_loss = result["loss"]
+        self.last_eval = {**result, "step": self.state.global_step}
+        return result
+
+    def _end_epoch(self) -> None:
+        epoch = self.state.epoch
+        self._evaluate()
+        if self.args.export_each_epoch:
+            self.export(os.path.join(self.args.output_dir, f"epoch-{epoch}"))
+        self.state.epoch += 1
+        self.state.step_in_epoch = 0
+        self.checkpointer.save(self.state)
+
+    def export(self, folder: str) -> None:
+        """Fuse LoRA into a copy, save an HF-format folder (main process), training weights untouched."""
+        state = self.acc.get_state_dict(self.model)  # gathers ZeRO-3 partitions on the main process
+        if self.acc.is_main_process:
+            vlm = self.acc.unwrap_model(self.model)
+            if not vlm.vision_trainable:
+                state = {**state, **{f"vision_encoder.{k}": v for k, v in vlm.vision.state_dict().items()}}
+            save_pretrained(folder, state, vlm, self.built.tokenizer, self.built.image_processor, self.model_args)
+            logger.info(f"exported {folder}")
+        self.acc.wait_for_everyone()
+
+
+class _Window:
+    """Running sums between two log lines."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.samples = 0
+
+    def add(self, loss: float, tokens: int, samples: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.samples += samples
+
+    def drain(self) -> tuple[float, int, int, float]:
+        now = time.perf_counter()
+        out = (sum(self.losses) / max(len(self.losses), 1), self.tokens, self.samples, max(now - self.start, 1e-9))
+        self.__init__()
+        return out
+
+
+def print_final_report(result: dict) -> None:
+    lines = [f"training finished at step {result['global_step']}"]
+    if "eval_loss" in result:
+        lines.append(f"  eval loss {result['eval_loss']:.4f} (perplexity {result['eval_perplexity']:.3f}) over {result['eval_label_tokens']} answer tokens")
+    if "eval_exact_match" in result:
+        lines.append(
+            f"  eval exact match {100 * result['eval_exact_match']:.1f}% on {result['eval_questions']} held-out questions "
+            f"(majority-answer baseline {100 * result['eval_majority_baseline']:.1f}%)"
+        )
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,155 @@
+"""Set-up steps of a training run, each named for what it does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmtrain.args import ConfigError
+from mmtrain.budget import budget_from_counts, format_table
+from mmtrain.model.builder import BuiltModel, build_model, count_parameters
+from mmtrain.training import distributed
+from mmtrain.training.checkpoint import list_checkpoints, model_identity
+from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
+
+logger = logging.getLogger("mmtrain")
+
+RUN_CONFIG = "run_config.json"
+
+
+def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
+    """Refuse to mix two runs in one folder; record this run's flags."""
+    out = train_args.output_dir
+    path = os.path.join(out, RUN_CONFIG)
+    if os.path.isfile(path) and not train_args.overwrite_output_dir:
+        with open(path) as f:
+            previous = json.load(f)
+        if previous.get("model") != model_identity(model_args):
+            raise ConfigError(
+                f"--output_dir {out!r} holds a run of a different model; pick another --output_dir or pass --overwrite_output_dir"
+            )
+        if list_checkpoints(out) and train_args.resume_from_checkpoint is None:
+            raise ConfigError(
+                f"--output_dir {out!r} already holds checkpoints of this run; pass --resume_from_checkpoint latest to "
+                "continue it, or --overwrite_output_dir to start over"
+            )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if train_args.overwrite_output_dir and train_args.resume_from_checkpoint is None:
+            import shutil
+
+            for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+                target = os.path.join(out, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.remove(target)
+        os.makedirs(out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"model": model_identity(model_args), "model_args": asdict(model_args), "data_args": asdict(data_args), "train_args": asdict(train_args)}, f, indent=2)
+    accelerator.wait_for_everyone()
+
+
+def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
+    """Build the model in the dtypes training wants, and switch on checkpointing."""
+    compute = distributed.compute_dtype(accelerator)
+    deepspeed = distributed.deepspeed_plugin(accelerator) is not None
+    # DeepSpeed keeps its own fp32 master copy, so its module is all compute dtype. Plain
+    # mixed precision keeps trainable weights in fp32 and autocasts; frozen ones are
+    # stored in the compute dtype either way (half the memory, same numbers).
+    frozen_dtype = compute if (deepspeed or accelerator.device.type == "cuda") else torch.float32
+    trainable_dtype = compute if deepspeed else torch.float32
+    built = build_model(
+        model_args,
+        dtype=frozen_dtype,
+        trainable_dtype=trainable_dtype,
+        frozen_vision_context=distributed.frozen_vision_context(accelerator),
+    )
+    if train_args.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}  # reentrant checkpointing drops LoRA grads of frozen inputs
+        built.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if built.model.vision_trainable:
+            built.model.vision.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    built.model.language_model.config.use_cache = False
+    return built
+
+
+def log_components(accelerator, built: BuiltModel) -> None:
+    """Say what is frozen and what trains, with the budget's numbers."""
+    if not accelerator.is_main_process:
+        return
+    counts = count_parameters(built.model)
+    lines = ["model components:"]
+    for c in counts:
+        if c.total == 0:
+            continue
+        status = "trainable" if c.trainable == c.total else ("frozen" if c.trainable == 0 else "partly trainable")
+        lines.append(f"  {c.name:<22} {c.total:>14,} params  {status}" + (f" ({c.trainable:,} train)" if status == "partly trainable" else ""))
+    for where, targets in built.lora_targets.items():
+        kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        lines.append(f"  LoRA on {where}: {len(targets)} Linear layers ({', '.join(kinds)})")
+    if not built.model.vision_trainable:
+        lines.append("  vision encoder runs outside the optimizer/ZeRO engine, under no_grad")
+    lines.append(format_table(budget_from_counts(counts, _precision(accelerator))))
+    logger.info("\n".join(lines))
+
+
+def _precision(accelerator) -> str:
+    return {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
+
+
+def log_data_report(accelerator, report: dict) -> None:
+    if accelerator.is_main_process:
+        logger.info("data: " + json.dumps(report, default=str))
+
+
+def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collator,
+        num_workers=num_workers,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: int):
+    """AdamW over the four parameter groups, and the schedule over all optimizer steps."""
+    groups = param_groups(
+        model,
+        weight_decay=train_args.weight_decay,
+        learning_rate=train_args.learning_rate,
+        embed_learning_rate=train_args.learning_rate_pretraining_components,
+    )
+    optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
+    # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
+    per_process = math.ceil(batches_per_epoch / accelerator.num_processes)
+    steps_per_epoch = math.ceil(per_process / accelerator.gradient_accumulation_steps)
+    total = steps_per_epoch * train_args.num_train_epochs
+    if train_args.max_steps > 0:
+        total = min(total, train_args.max_steps)
+    if total < 1:
+        raise ConfigError("the training set yields no optimizer step; add data or lower --per_device_train_batch_size")
+    scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, train_args.num_warmup_steps, total)
+    if accelerator.is_main_process:
+        logger.info(
+            f"optimizer: {len(groups)} groups ({', '.join(g['name'] + ':' + str(len(g['params'])) for g in groups)}); "
+            f"{total} steps ({steps_per_epoch}/epoch), warmup {warmup_steps(train_args.num_warmup_steps, total)}, "
+            f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}"
+        )
+    return optimizer, scheduler, total
+
+
+def place_frozen_vision(accelerator, model) -> None:
+    """The frozen encoder is outside the engine: put it on this process's device ourselves."""
+    vlm = accelerator.unwrap_model(model)
+    vlm.place_frozen_vision(accelerator.device, distributed.compute_dtype(accelerator) if accelerator.device.type == "cuda" or distributed.deepspeed_plugin(accelerator) else torch.float32)
