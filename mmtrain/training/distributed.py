@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -25,6 +26,9 @@ def prepare_environment() -> None:
     """Select DeepSpeed's CPU accelerator when there is no GPU (before deepspeed is imported)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's ZeRO-3 calls a collective torch has renamed, once per gather: one
+    # warning per parameter per step would drown the log.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def make_accelerator(train_args: TrainArguments):
