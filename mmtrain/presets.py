@@ -187,8 +187,11 @@ def build_preset_tokenizer():
 def build_preset_image_processor(config: PretrainedConfig):
     # The PIL-backed processors: torchvision, which the default backend wants, has no
     # CPU build on every platform.
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:  # older transformers: the default classes are PIL-backed
+        from transformers import CLIPImageProcessor, SiglipImageProcessor
 
     size = config.image_size
     if isinstance(config, SiglipVisionConfig):
