@@ -12,7 +12,10 @@ gets this wrong: a fully masked row there gets a uniform softmax, so every text 
 before the first image (a system prompt) attends to all the *future* image tokens. Here
 the two terms are two calls of the fused SDPA kernel with two boolean masks; a row
 without a valid key is given one harmless key so the kernel stays finite (no NaN in
-forward or backward), and is then multiplied by zero.
+forward or backward), and is then multiplied by zero. Each call sees only the tokens it
+can involve: the text term gathers the text queries and keys, the image term the image
+keys, so MMCA scores about ``text^2 + tokens * image_tokens`` pairs rather than twice
+``tokens^2``.
 
 Which tokens are images: ``<image>`` tokens only. ``<im_start>`` and ``<im_end>`` are
 text: they are real tokens with trained embeddings, so a text query attends to them in
@@ -43,10 +46,15 @@ the last positions of the key axis, and ``mmca_image_mask`` may be the prompt's 
 only, since positions past its end (generated tokens) count as text. A new text token
 then attends to cached text keys and cached image keys in two separate softmaxes,
 exactly as in a forward over the whole sequence. Static caches (keys longer than the
-sequence seen so far) are not supported.
+sequence seen so far) are not supported. ``GenerationMixin.generate`` refuses keyword
+arguments the model does not declare, so MMCA decoding calls the model step by step
+with ``cache=`` (a greedy loop is a few lines); generating without the mask would
+silently fall back to plain causal attention.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -78,36 +86,6 @@ def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, k_len: int, d
     return attention_mask[..., :k_len]
 
 
-def mmca_masks(
-    allowed: torch.Tensor, is_image: torch.Tensor, q_len: int, image_attention: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The text-key and image-key masks ``[B, 1, Q, K]`` and their row multipliers ``[B, 1, Q, 1]``.
-
-    ``allowed`` is the model's mask; ``is_image`` flags the keys ``[B, K]``, the queries
-    being its last ``q_len`` positions. A row with no valid key gets key 0 unmasked so
-    SDPA stays finite; its multiplier is False, which zeroes the row's output.
-    """
-    k_len = is_image.shape[1]
-    key_image = is_image[:, None, None, :]
-    query_image = is_image[:, None, k_len - q_len :, None]
-    text_mask = allowed & ~key_image & ~query_image
-    if image_attention == "same_image":
-        index = image_index(is_image)
-        same_image = index[:, None, k_len - q_len :, None] == index[:, None, None, :]
-    else:
-        q_pos = torch.arange(k_len - q_len, k_len, device=is_image.device)
-        same_image = (q_pos[:, None] == torch.arange(k_len, device=is_image.device)[None, :])[None, None]
-    image_mask = allowed & key_image & (~query_image | same_image)
-
-    first_key = torch.zeros(k_len, dtype=torch.bool, device=is_image.device)
-    first_key[0] = True
-    text_rows = text_mask.any(dim=-1, keepdim=True)
-    image_rows = image_mask.any(dim=-1, keepdim=True)
-    text_mask = text_mask | (~text_rows & first_key)
-    image_mask = image_mask | (~image_rows & first_key)
-    return text_mask, image_mask, text_rows, image_rows
-
-
 def _image_flags(image_mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Image flags over the key axis: the given mask, padded with text (False) to ``k_len``."""
     if image_mask is None:
@@ -124,6 +102,102 @@ def _image_flags(image_mask: torch.Tensor | None, batch: int, k_len: int, device
     return image_mask
 
 
+@dataclass
+class _Plan:
+    """Everything about one forward's MMCA that does not depend on the layer.
+
+    ``*_index`` gathers a row's tokens of one kind, in order, padded (beyond the row's
+    own count) with tokens of the other kind. ``text_mask`` is None where the text term
+    is plain causal attention over the gathered text tokens, so SDPA can take its
+    ``is_causal`` kernels.
+    """
+
+    text_query_index: torch.Tensor  # [B, Nt_q] into the query axis
+    text_key_index: torch.Tensor  # [B, Nt_k] into the key axis
+    text_mask: torch.Tensor | None  # [B, 1, Nt_q, Nt_k]
+    text_rows: torch.Tensor  # [B, 1, Nt_q, 1] rows that have a valid key
+    image_key_index: torch.Tensor  # [B, Ni] into the key axis
+    image_mask: torch.Tensor  # [B, 1, Q, Ni]
+    image_rows: torch.Tensor  # [B, 1, Q, 1]
+    attention_mask: torch.Tensor | None  # the mask this plan was made for
+
+
+def _first(flags: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True positions of each row, in order, padded to ``count`` with the others."""
+    order = torch.sort((~flags).to(torch.int8), dim=1, stable=True).indices[:, :count]
+    valid = torch.arange(count, device=flags.device)[None, :] < flags.sum(dim=1, keepdim=True)
+    return order, valid
+
+
+def _with_one_key(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask with key 0 opened on rows that have no valid key, and which rows had one.
+
+    A fully masked row gives NaN or a uniform softmax depending on the SDPA backend; with
+    one key it stays finite in forward and backward, and its row is then zeroed.
+    """
+    rows = mask.any(dim=-1, keepdim=True)
+    if mask.shape[-1] == 0:
+        return mask, rows
+    first_key = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
+    first_key[0] = True
+    return mask | (~rows & first_key), rows
+
+
+def _plan(attention_mask, is_image: torch.Tensor, q_len: int, image_attention: str) -> _Plan:
+    batch, k_len = is_image.shape
+    device = is_image.device
+    allowed = _allowed_keys(attention_mask, q_len, k_len, device).expand(batch, 1, q_len, k_len)
+    is_text = ~is_image
+    query_text, query_image = is_text[:, k_len - q_len :], is_image[:, k_len - q_len :]
+    counts = torch.stack([query_text.sum(1), is_text.sum(1), is_image.sum(1)]).amax(dim=1).tolist()
+
+    q_index, q_valid = _first(query_text, counts[0])
+    k_index, k_valid = _first(is_text, counts[1])
+    text_mask = allowed.gather(2, q_index[:, None, :, None].expand(batch, 1, counts[0], k_len))
+    text_mask = text_mask.gather(3, k_index[:, None, None, :].expand(batch, 1, counts[0], counts[1]))
+    text_mask = text_mask & k_valid[:, None, None, :] & q_valid[:, None, :, None]
+    text_mask, text_rows = _with_one_key(text_mask)
+    if q_len == k_len and counts[0]:
+        # Among real text tokens, is the model's mask just causal (no padding, no packing)?
+        causal = torch.ones(counts[0], counts[0], dtype=torch.bool, device=device).tril()
+        pairs = q_valid[:, None, :, None] & k_valid[:, None, None, :]
+        if bool(((text_mask == causal) | ~pairs).all()):
+            text_mask = None
+
+    image_index_, image_valid = _first(is_image, counts[2])
+    image_mask = allowed.gather(3, image_index_[:, None, None, :].expand(batch, 1, q_len, counts[2]))
+    if image_attention == "same_image":
+        image_of = image_index(is_image)
+        own = image_of[:, k_len - q_len :, None] == image_of.gather(1, image_index_)[:, None, :]
+    else:
+        own = torch.arange(k_len - q_len, k_len, device=device)[None, :, None] == image_index_[:, None, :]
+    image_mask = image_mask & (image_valid[:, None, :] & (~query_image[:, :, None] | own))[:, None]
+    image_mask, image_rows = _with_one_key(image_mask)
+    return _Plan(q_index, k_index, text_mask, text_rows, image_index_, image_mask, image_rows, attention_mask)
+
+
+def _cached_plan(image_mask, attention_mask, is_image: torch.Tensor, q_len: int, image_attention: str) -> _Plan:
+    """The plan, kept on the image-mask tensor that every layer of one forward receives.
+
+    Making it reads token counts back from the device; that, and building the masks,
+    happens once per forward instead of once per layer.
+    """
+    if image_mask is None:
+        return _plan(attention_mask, is_image, q_len, image_attention)
+    if not hasattr(image_mask, "_mmca_plans"):
+        image_mask._mmca_plans = {}
+    key = (q_len, is_image.shape[1], str(is_image.device), image_attention, id(attention_mask))
+    plan = image_mask._mmca_plans.get(key)
+    if plan is None or plan.attention_mask is not attention_mask:
+        plan = image_mask._mmca_plans[key] = _plan(attention_mask, is_image, q_len, image_attention)
+    return plan
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, index[b]]`` for ``x`` of shape ``[B, H, T, D]``."""
+    return x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], index.shape[1], x.shape[3]))
+
+
 def _mmca_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -137,19 +211,44 @@ def _mmca_attention(
     mmca_image_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    batch, _, q_len, _ = query.shape
+    """Both MMCA terms, each computed only over the tokens it can involve.
+
+    The text term runs on the text queries and text keys alone (gathered), the image
+    term on all queries against the image keys alone.
+    """
+    batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     groups = getattr(module, "num_key_value_groups", 1)
-    key = repeat_kv(key, groups)
-    value = repeat_kv(value, groups)
-
-    allowed = _allowed_keys(attention_mask, q_len, k_len, query.device)
     is_image = _image_flags(mmca_image_mask, batch, k_len, query.device)
-    text_mask, image_mask, text_rows, image_rows = mmca_masks(allowed, is_image, q_len, image_attention)
+    plan = _cached_plan(mmca_image_mask, attention_mask, is_image, q_len, image_attention)
+    out = query.new_zeros(batch, heads, q_len, dim)
 
-    text_out = F.scaled_dot_product_attention(query, key, value, attn_mask=text_mask, dropout_p=dropout, scale=scaling)
-    image_out = F.scaled_dot_product_attention(query, key, value, attn_mask=image_mask, dropout_p=dropout, scale=scaling)
-    out = text_out * text_rows.to(query.dtype) + image_out * image_rows.to(query.dtype)
+    q_index, k_index = plan.text_query_index, plan.text_key_index
+    if q_index.shape[1] and k_index.shape[1]:
+        text = F.scaled_dot_product_attention(
+            _gather_tokens(query, q_index),
+            repeat_kv(_gather_tokens(key, k_index), groups),
+            repeat_kv(_gather_tokens(value, k_index), groups),
+            attn_mask=plan.text_mask,
+            is_causal=plan.text_mask is None,
+            dropout_p=dropout,
+            scale=scaling,
+        )
+        # Padding slots are zeroed; they point at image queries, which get no text term.
+        text = text * plan.text_rows.to(text.dtype)
+        out = out.scatter(2, q_index[:, None, :, None].expand_as(text), text)
+
+    k_index = plan.image_key_index
+    if k_index.shape[1]:
+        image = F.scaled_dot_product_attention(
+            query,
+            repeat_kv(_gather_tokens(key, k_index), groups),
+            repeat_kv(_gather_tokens(value, k_index), groups),
+            attn_mask=plan.image_mask,
+            dropout_p=dropout,
+            scale=scaling,
+        )
+        out = out + image * plan.image_rows.to(image.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
