@@ -110,10 +110,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.concatenate = concatenate
         self.max_images = max_images
         self.seed = seed
-        self.epoch = 0
         self._empty_shape = image_shape(image_processor)
+        # Shared with DataLoader workers: persistent workers keep their copy of the
+        # dataset, so they read the epoch from here and regroup themselves.
         self._skipped = multiprocessing.Value("q", 0)
+        self._epoch = multiprocessing.Value("q", 0)
         self._groups: list[tuple[int, ...]] | None = None
+        self._groups_epoch = 0
         if concatenate > 1:
             self._groups = self._plan(0)
             # A fixed length across epochs: samplers (DistributedSampler included) size
@@ -145,18 +148,32 @@ class ConversationDataset(torch.utils.data.Dataset):
             groups.append(tuple(group))
         return groups
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
     def set_epoch(self, epoch: int) -> None:
-        """Regroup concatenated samples for ``epoch`` (deterministic; a no-op without concatenation)."""
-        self.epoch = epoch
-        if self.concatenate > 1:
+        """Regroup concatenated samples for ``epoch`` (deterministic; a no-op without concatenation).
+
+        Call it before iterating the epoch; workers, persistent ones included, follow.
+        """
+        self._epoch.value = epoch
+        self._regroup()
+
+    def _regroup(self) -> None:
+        epoch = self.epoch
+        if self.concatenate > 1 and epoch != self._groups_epoch:
             groups = self._plan(epoch)
             while len(groups) < self._length:
                 groups += groups[: self._length - len(groups)]
-            self._groups = groups[: self._length]
+            self._groups, self._groups_epoch = groups[: self._length], epoch
 
     def group(self, i: int) -> tuple[int, ...]:
         """Entry indices that make item ``i`` this epoch."""
-        return self._groups[i] if self._groups is not None else (i,)
+        if self._groups is None:
+            return (i,)
+        self._regroup()
+        return self._groups[i]
 
     # ----- items ----------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ IMAGE_SIZE = 64
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-GENERATOR_VERSION = 1  # bump when the output changes, so old folders are not reused
+GENERATOR_VERSION = 2  # bump when the output changes, so old folders are not reused
 COMPLETE_MARKER = "COMPLETE"
 
 QUESTIONS = {
@@ -71,12 +71,13 @@ TEXT_FACTS = (
 )
 
 # Share of each sample kind; "multi_turn" asks two single-image questions about one shape.
+# Colour and position are read off almost any encoder; shape and count need more data.
 SAMPLE_MIX = (
-    ("color", 0.16),
-    ("shape", 0.16),
-    ("count", 0.16),
-    ("position_horizontal", 0.10),
-    ("position_vertical", 0.10),
+    ("color", 0.12),
+    ("shape", 0.20),  # the harder concepts get more examples
+    ("count", 0.20),
+    ("position_horizontal", 0.08),
+    ("position_vertical", 0.08),
     ("compare", 0.10),
     ("multi_turn", 0.14),
     ("text", 0.08),
@@ -111,7 +112,7 @@ def render_shapes(shapes: list[Shape], size: int = IMAGE_SIZE) -> Image.Image:
 
 def _single_shape(rng: random.Random, kind=None, color=None, horizontal=None, vertical=None) -> Shape:
     """One salient shape; a requested side puts its centre clearly in that half."""
-    size = rng.randint(22, 30)
+    size = rng.randint(26, 32)
     half = size // 2 + 1
 
     def coordinate(side):
@@ -125,12 +126,13 @@ def _single_shape(rng: random.Random, kind=None, color=None, horizontal=None, ve
 
 
 def _scattered_shapes(rng: random.Random, n: int, color=None) -> list[Shape]:
-    """``n`` (1..4) small shapes in distinct quadrants, so they never overlap and stay countable."""
+    """``n`` (1..4) alike shapes in distinct quadrants, so they never overlap and stay countable.
+
+    One kind and colour per image: counting blobs is what is asked, not telling them apart.
+    """
     cells = rng.sample([(16, 16), (48, 16), (16, 48), (48, 48)], n)
-    return [
-        Shape(rng.choice(SHAPES), color or rng.choice(list(COLORS)), x + rng.randint(-3, 3), y + rng.randint(-3, 3), rng.randint(14, 20))
-        for x, y in cells
-    ]
+    kind, color, size = rng.choice(SHAPES), color or rng.choice(list(COLORS)), rng.randint(18, 22)
+    return [Shape(kind, color, x + rng.randint(-2, 2), y + rng.randint(-2, 2), size) for x, y in cells]
 
 
 def _single_question(kind: str, rng: random.Random):
@@ -139,7 +141,9 @@ def _single_question(kind: str, rng: random.Random):
         shape = _single_shape(rng, color=rng.choice(list(COLORS)))
         return [[shape]], [(QUESTIONS[kind], shape.color, kind)]
     if kind == "shape":
-        shape = _single_shape(rng, kind=rng.choice(SHAPES))
+        # Bigger and near the centre: outlines are the hardest concept for a small encoder.
+        size = rng.randint(32, 40)
+        shape = Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), 32 + rng.randint(-6, 6), 32 + rng.randint(-6, 6), size)
         return [[shape]], [(QUESTIONS[kind], shape.kind, kind)]
     if kind == "count":
         n = rng.randint(1, 4)

@@ -181,3 +181,17 @@ def test_items_work_through_a_dataloader_with_workers(tmp_path, mk, build, token
     batches = list(loader)
     assert sum(int(b["image_counts"].sum()) for b in batches) == 4
     assert np.all([b["input_ids"].shape[0] == 4 for b in batches])
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path, mk, build, tokenizer):
+    records = [mk.llava(f"Question {i}?", f"a{i}") for i in range(12)]
+    bundle = build([mk.json(tmp_path / "d.json", records)], dataset_concatenate_samples=4)
+    train = bundle.train
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=len(train), num_workers=1, persistent_workers=True, collate_fn=Collator(tokenizer.pad_token_id)
+    )
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        (batch,) = list(loader)
+        local = Collator(tokenizer.pad_token_id)([train[i] for i in range(len(train))])
+        assert torch.equal(batch["input_ids"], local["input_ids"])

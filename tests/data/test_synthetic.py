@@ -83,3 +83,18 @@ def test_build_datasets_generates_synthetic(tmp_path, tokenizer, image_processor
     assert (len(bundle.train), len(bundle.eval)) == (30, 10)
     examples = bundle.generation_examples(4)
     assert len(examples) == 4 and all(tokenizer.decode(e["input_ids"]).endswith("### Answer:\n") for e in examples)
+
+
+def _generate(args):
+    folder, n = args
+    return generate_synthetic(folder, n, seed=3)
+
+
+def test_two_processes_generating_at_once(tmp_path):
+    import multiprocessing
+
+    folder = str(tmp_path / "race")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        paths = pool.map(_generate, [(folder, 30), (folder, 30)])
+    assert paths[0] == paths[1] and len(json.load(open(paths[0]))) == 30
+    assert os.listdir(tmp_path) == ["race"]  # the loser's temporary copy is gone
