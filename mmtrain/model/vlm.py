@@ -105,9 +105,17 @@ class VisionLanguageModel(nn.Module):
         image_features: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,  # part of the batch contract; spans carry the order
         position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         return_logits: bool = False,
         **lm_kwargs,
     ) -> VLMOutput:
+        if document_ids is not None:
+            # A packed batch (mmtrain.data.packing): the samples of a row are told apart
+            # by position_ids restarting at 0. transformers turns those restarts into a
+            # block-diagonal causal mask, but only when no 2D attention mask is given.
+            if position_ids is None:
+                raise ValueError("a packed batch (document_ids) needs position_ids restarting at 0 per sample")
+            attention_mask = None
         if image_features is None:
             if pixel_values is None:
                 vision = self.vision

@@ -1,0 +1,108 @@
+"""Padding-free packing: several samples share one row, each attending only to itself.
+
+:class:`PackingCollator` turns a batch of N samples into at most N rows of at most
+``max_seq_len`` tokens, placing the samples longest first into the first row with room
+(first-fit decreasing). The per-process micro-batch stays N *samples*; only the number
+of rows varies. Rows are right-padded to the longest row.
+
+What keeps the samples apart:
+
+* ``position_ids`` restart at 0 at each sample (rotary positions are those of the
+  sample on its own), and on the padding tail, which thereby forms its own block;
+* the model passes ``attention_mask=None`` with these ``position_ids`` to the decoder,
+  and transformers' mask builder (``masking_utils.find_packed_sequence_indices``)
+  turns every restart into a block boundary: a block-diagonal causal mask for SDPA,
+  eager and MMCA alike (a flex-attention ``BlockMask`` would skip the empty blocks);
+* the label on each sample's first token is dropped: that position would otherwise be
+  predicted from the previous sample's last token. In the padded batch no position
+  predicts it either, so both batches take loss on exactly the same tokens.
+
+``attention_mask`` keeps its contract meaning (1 on real tokens) so token counts are
+unchanged, and ``document_ids`` numbers the samples of a row 0, 1, ... (-1 on padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator
+from mmtrain.data.template import IGNORE_INDEX
+
+
+def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows of total length <= ``capacity`` (first-fit decreasing).
+
+    Samples keep their batch order inside a row; the rows are ordered by their first sample.
+    """
+    too_long = [n for n in lengths if n > capacity]
+    if too_long:
+        raise ValueError(f"a sample of {max(too_long)} tokens does not fit a packed row of {capacity} (--max_seq_len)")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    rows = [sorted(row) for row in rows]
+    return sorted(rows, key=lambda row: row[0])
+
+
+class PackingCollator(BatchCollator):
+    """Pack a batch's samples into rows of at most ``max_seq_len`` tokens (see the module docstring)."""
+
+    output_keys = BATCH_KEYS + OPTIONAL_KEYS
+
+    def __init__(self, pad_token_id: int, max_seq_len: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("PackingCollator needs a pad token id (the tokenizer has no pad token)")
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.pad_token_id = int(pad_token_id)
+        self.max_seq_len = int(max_seq_len)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        rows = first_fit_rows([len(item["input_ids"]) for item in items], self.max_seq_len)
+        length = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(rows), length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        document_ids = torch.full(shape, -1, dtype=torch.long)
+        pixel_values, image_counts = [], []
+        for r, row in enumerate(rows):
+            start = 0
+            for doc, i in enumerate(row):
+                item = items[i]
+                n = len(item["input_ids"])
+                end = start + n
+                input_ids[r, start:end] = item["input_ids"]
+                labels[r, start:end] = item["labels"]
+                labels[r, start] = IGNORE_INDEX  # never predicted from the previous sample
+                attention_mask[r, start:end] = 1
+                position_ids[r, start:end] = torch.arange(n)
+                document_ids[r, start:end] = doc
+                pixel_values.append(item["pixel_values"])
+                start = end
+            # The padding tail restarts its positions too: a block of its own.
+            position_ids[r, start:] = torch.arange(length - start)
+            image_counts.append(sum(items[i]["pixel_values"].shape[0] for i in row))
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixel_values, dim=0),
+            "image_counts": torch.tensor(image_counts, dtype=torch.long),
+            "position_ids": position_ids,
+            "document_ids": document_ids,
+        }
