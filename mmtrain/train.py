@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.init_trackers("mmtrain")
 
     metrics = MetricsLogger(accelerator, train_args.output_dir, train_args.enable_tensorboard)
-    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state, model_args, train_args, total_steps)
+    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state, model_args, data_args, train_args, total_steps)
     result = loop.fit()
 
     accelerator.end_training()

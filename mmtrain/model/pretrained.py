@@ -74,8 +74,15 @@ def save_pretrained(
     tokenizer,
     image_processor,
     model_args: ModelArguments,
+    *,
+    template: str = "plain",
+    system_prompt: str = "",
 ) -> None:
-    """Write an export from a full (gathered) state dict of ``model``; main process only."""
+    """Write an export from a full (gathered) state dict of ``model``; main process only.
+
+    ``template`` and ``system_prompt`` are recorded so generation renders prompts the
+    way training did.
+    """
     os.makedirs(folder, exist_ok=True)
     state = merge_lora_state_dict({k: v.detach().cpu() for k, v in state.items()}, lora_scalings(model))
     lm_tensors, vocab_rows = _language_model_tensors(state, model, len(tokenizer))
@@ -102,6 +109,8 @@ def save_pretrained(
         "vision_keep_cls": model_args.vision_keep_cls,
         "image_tokens_per_image": model.image_tokens.per_image,
         "original_vocab_size": model.image_tokens.original_vocab_size,
+        "template": template,
+        "system_prompt": system_prompt,
         "trained_from": {"lm": model_args.lm_model_name_or_path, "vision": model_args.vision_model_name_or_path},
     }
     with open(os.path.join(folder, EXPORT_CONFIG), "w") as f:
@@ -137,3 +146,10 @@ def load_pretrained(folder: str, *, dtype: torch.dtype = torch.float32, device: 
     built.model.place_frozen_vision(torch.device(device), dtype)
     built.model.eval()
     return built
+
+
+def prompt_format(folder: str) -> tuple[str, str]:
+    """(template, system prompt) an export was trained with."""
+    with open(os.path.join(folder, EXPORT_CONFIG)) as f:
+        config = json.load(f)
+    return config.get("template", "plain"), config.get("system_prompt", "")

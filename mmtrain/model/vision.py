@@ -59,6 +59,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.tower = tower
         self.feature_layer = feature_layer
+        self.has_cls = has_cls
         self.drop_cls = has_cls and not keep_cls
         config = tower.config
         layers = config.num_hidden_layers

@@ -23,7 +23,7 @@ class TrainingError(RuntimeError):
 
 
 class Loop:
-    def __init__(self, accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state: TrainerState, model_args, train_args, total_steps: int):
+    def __init__(self, accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state: TrainerState, model_args, data_args, train_args, total_steps: int):
         self.acc = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -36,6 +36,7 @@ class Loop:
         self.metrics = metrics
         self.state = state
         self.model_args = model_args
+        self.data_args = data_args
         self.args = train_args
         self.total_steps = total_steps
         self.zero3 = distributed.zero_stage(accelerator) == 3
@@ -171,7 +172,10 @@ class Loop:
             vlm = self.acc.unwrap_model(self.model)
             if not vlm.vision_trainable:
                 state = {**state, **{f"vision_encoder.{k}": v for k, v in vlm.vision.state_dict().items()}}
-            save_pretrained(folder, state, vlm, self.built.tokenizer, self.built.image_processor, self.model_args)
+            save_pretrained(
+                folder, state, vlm, self.built.tokenizer, self.built.image_processor, self.model_args,
+                template=self.data_args.template, system_prompt=self.data_args.system_prompt,
+            )
             logger.info(f"exported {folder}")
         self.acc.wait_for_everyone()
 
