@@ -1,0 +1,158 @@
+"""Exports: reloading gives the same logits; tampered exports fail; LLaVA export matches without mmtrain."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmtrain.args import ConfigError
+from mmtrain.model import build_model
+from mmtrain.model.pretrained import full_state_dict, load_pretrained, save_pretrained
+
+
+def _trained_model(tiny_args, **kw):
+    """A tiny model with non-trivial trainable weights, as if trained."""
+    args = tiny_args(lang_lora_dim=4, **kw)
+    built = build_model(args)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in built.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    built.model.eval()
+    return args, built
+
+
+def _inputs(built, images=2):
+    it = built.image_tokens
+    ids = [3]
+    for _ in range(images):
+        ids += it.span() + [7]
+    ids += [5, 6, 8, 9]
+    size = built.model.vision.image_size
+    torch.manual_seed(2)
+    return torch.tensor([ids]), torch.randn(images, 3, size, size)
+
+
+def _export(tmp_path, tiny_args, **kw):
+    args, built = _trained_model(tiny_args, **kw)
+    folder = tmp_path / "export"
+    save_pretrained(str(folder), full_state_dict(built.model), built.model, built.tokenizer, built.image_processor, args)
+    return folder, built
+
+
+def test_reloaded_export_gives_the_same_logits(tmp_path, tiny_args):
+    folder, built = _export(tmp_path, tiny_args)
+    ids, pixels = _inputs(built)
+    with torch.no_grad():
+        expected = built.model(ids, pixel_values=pixels, return_logits=True).logits
+        reloaded = load_pretrained(str(folder))
+        got = reloaded.model(ids, pixel_values=pixels, return_logits=True).logits
+    vocab = expected.shape[-1]
+    # LoRA is fused in the export: equal up to fp32 rounding of W + BA
+    torch.testing.assert_close(got[..., :vocab], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("piece", ["projector.safetensors", "language_model/model.safetensors"])
+def test_tampered_export_fails_to_load(tmp_path, tiny_args, piece):
+    folder, _ = _export(tmp_path, tiny_args)
+    path = folder / piece
+    tensors = load_file(path)
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, path)
+    with pytest.raises(ConfigError, match="missing|Missing"):
+        load_pretrained(str(folder))
+
+
+def test_unexpected_tensor_in_export_fails(tmp_path, tiny_args):
+    folder, _ = _export(tmp_path, tiny_args)
+    path = folder / "vision_encoder" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["extra.weight"] = torch.zeros(2)
+    save_file(tensors, path)
+    with pytest.raises(ConfigError, match="unexpected"):
+        load_pretrained(str(folder))
+
+
+def test_not_an_export_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not an mmtrain export"):
+        load_pretrained(str(tmp_path))
+
+
+LLAVA_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    folder, inputs, out = sys.argv[1:4]
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    AutoProcessor.from_pretrained(folder)
+    data = torch.load(inputs)
+    with torch.no_grad():
+        logits = model(input_ids=data["input_ids"], pixel_values=data["pixel_values"]).logits
+    assert not any(name.startswith("mmtrain") for name in sys.modules), "mmtrain was imported"
+    torch.save(logits, out)
+    """
+)
+
+
+def test_llava_export_matches_mmtrain_in_plain_transformers(tmp_path, tiny_args):
+    from mmtrain.export import export_llava
+
+    folder, built = _export(tmp_path, tiny_args)
+    llava_dir = tmp_path / "llava"
+    export_llava(str(folder), str(llava_dir))
+    reloaded = load_pretrained(str(folder))
+    ids, pixels = _inputs(built)
+    with torch.no_grad():
+        expected = reloaded.model(ids, pixel_values=pixels, return_logits=True).logits
+    torch.save({"input_ids": ids, "pixel_values": pixels}, tmp_path / "inputs.pt")
+    script = tmp_path / "check.py"
+    script.write_text(LLAVA_SCRIPT)
+    # run outside the repository so that mmtrain cannot be imported by accident
+    proc = subprocess.run(
+        [sys.executable, str(script), str(llava_dir), str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt")],
+        cwd=tmp_path, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")
+    vocab = built.image_tokens.original_vocab_size
+    torch.testing.assert_close(got[..., :vocab], expected[..., :vocab], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("proj", ["baseline", "vit", "perceiver"])
+def test_llava_export_refuses_projectors_without_an_exact_mapping(tmp_path, tiny_args, proj):
+    from mmtrain.export import export_llava
+
+    folder, _ = _export(tmp_path, tiny_args, vis_proj=proj)
+    with pytest.raises(ConfigError, match="no exact LLaVA equivalent"):
+        export_llava(str(folder), str(tmp_path / "llava"))
+
+
+def test_generate_with_one_and_two_images(tmp_path, tiny_args):
+    from PIL import Image
+
+    from mmtrain.generate import Chat, main
+    from mmtrain.model.generation import SamplingOptions
+
+    folder, _ = _export(tmp_path, tiny_args)
+    for k, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (64, 64), color).save(tmp_path / f"{k}.png")
+    chat = Chat(str(folder), options=SamplingOptions(max_new_tokens=5))
+    one = chat.ask("What color is it?", [str(tmp_path / "0.png")], keep=False)
+    two = chat.ask("<image>\n<image>\nWhich is red?", [str(tmp_path / "0.png"), str(tmp_path / "1.png")], keep=False)
+    assert isinstance(one, str) and isinstance(two, str)
+    # multi-turn: the first image's features are kept, the second turn adds one
+    chat.ask("What color is it?", [str(tmp_path / "0.png")])
+    chat.ask("And this one?", [str(tmp_path / "1.png")])
+    assert len(chat.features) == 2 and len(chat.turns) == 4
+    # greedy decoding is deterministic and the CLI prints the same answer
+    assert chat.ask("What color is it?", [str(tmp_path / "0.png")], keep=False) == one
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What color is it?", "images": [str(tmp_path / "0.png")]}) + "\n")
+    assert main(["--model", str(folder), "--prompts_file", str(prompts), "--max_new_tokens", "5"]) == 0
+    with pytest.raises(ConfigError, match="placeholders"):
+        chat.ask("<image>\nWhat?", [str(tmp_path / "0.png"), str(tmp_path / "1.png")])

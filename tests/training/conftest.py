@@ -1,0 +1,72 @@
+"""Run the real entry point (``accelerate launch mmtrain/train.py``) on tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "accelerate_configs"
+
+
+def common_flags(model_folders, data_path, **overrides) -> list[str]:
+    flags = {
+        "lm_model_name_or_path": model_folders["tiny-llama"],
+        "vision_model_name_or_path": model_folders["tiny-clip"],
+        "data_path": str(data_path),
+        "synthetic_num_samples": "96",
+        "per_device_train_batch_size": "4",
+        "per_device_eval_batch_size": "8",
+        "lang_lora_dim": "4",
+        "logging_steps": "1",
+        "eval_generate": "4",
+        "max_new_tokens": "4",
+        "num_train_epochs": "1",
+        "learning_rate": "1e-3",
+    }
+    flags.update({k: str(v) for k, v in overrides.items()})
+    argv = []
+    for k, v in flags.items():
+        argv += [f"--{k}"] + (v.split(" ") if k in ("dataset_names", "dataset_samples") else [v])
+    return argv
+
+
+def launch(flags: list[str], *, config: str | None = None, num_processes: int = 1, timeout: int = 600, check: bool = True, background: bool = False):
+    """``accelerate launch [--config_file] mmtrain/train.py FLAGS`` in a subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config:
+        cmd += ["--config_file", str(CONFIGS / config)]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
+    cmd += [str(REPO / "mmtrain" / "train.py"), *flags]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(output_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(output_dir) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
