@@ -1,0 +1,42 @@
+"""Every shipped Accelerate config loads, documents itself, and maps to what it says."""
+
+import re
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from .conftest import CONFIGS
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+EXPECTED = {
+    "single_process.yaml": ("NO", None, "none", "none"),
+    "zero0.yaml": ("DEEPSPEED", 0, "none", "none"),
+    "zero1.yaml": ("DEEPSPEED", 1, "none", "none"),
+    "zero2.yaml": ("DEEPSPEED", 2, "none", "none"),
+    "zero2_offload.yaml": ("DEEPSPEED", 2, "cpu", "none"),
+    "zero3.yaml": ("DEEPSPEED", 3, "none", "none"),
+    "zero3_offload.yaml": ("DEEPSPEED", 3, "cpu", "cpu"),
+}
+
+
+def test_every_promised_config_is_shipped():
+    assert set(SHIPPED) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_config_loads_and_says_what_it_is_for(name):
+    path = CONFIGS / name
+    config = load_config_from_file(str(path))
+    kind, stage, offload_opt, offload_param = EXPECTED[name]
+    assert str(config.distributed_type).split(".")[-1] == kind
+    if stage is not None:
+        ds = config.deepspeed_config
+        assert ds["zero_stage"] == stage
+        assert ds["offload_optimizer_device"] == offload_opt
+        assert ds["offload_param_device"] == offload_param
+        assert ds["gradient_clipping"] == 1.0
+        assert ds["zero3_init_flag"] == (stage == 3)
+    header = path.read_text().split("\n")
+    comments = [line for line in header if line.startswith("#")]
+    assert header[0].startswith("#") and len(comments) >= 2, "opens with a comment naming its use"
+    assert any(re.search(rf"accelerate launch --config_file accelerate_configs/{re.escape(name)} .*mmtrain/train.py", c) for c in comments)

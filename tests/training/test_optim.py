@@ -1,0 +1,78 @@
+"""The seed's four optimizer groups and the warmup/decay schedule."""
+
+import pytest
+import torch
+
+from mmtrain.model import build_model
+from mmtrain.training.optim import build_scheduler, param_group_names, param_groups, warmup_steps
+
+
+def test_groups_follow_the_seed_table(tiny_args):
+    model = build_model(tiny_args(lang_lora_dim=4, vis_proj="baseline", train_full_embeddings=True)).model
+    groups = param_groups(model, weight_decay=0.1, learning_rate=1e-3, embed_learning_rate=1e-5)
+    names = param_group_names(model, groups)
+    settings = {g["name"]: (g["weight_decay"], g["lr"]) for g in groups}
+    assert settings["decay"] == (0.1, 1e-3)
+    assert settings["no_decay"] == (0.0, 1e-3)
+    assert settings["embed_decay"] == (0.1, 1e-5)
+    # group 1: projector weights and LoRA matrices
+    assert "projector.proj.weight" in names["decay"]
+    assert "language_model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in names["decay"]
+    # group 2: biases and every norm weight (LayerNorm here; RMSNorm counts too, see below)
+    assert {"projector.proj.bias", "projector.norm.weight", "projector.norm.bias"} <= set(names["no_decay"])
+    # group 3: embedding tables (names with "embed") get the small rate
+    assert set(names["embed_decay"]) == {"language_model.model.embed_tokens.base.weight", "language_model.model.embed_tokens.new_rows"}
+    # every trainable parameter is in exactly one group, no frozen one in any
+    grouped = [n for ns in names.values() for n in ns]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable)
+
+
+def test_rmsnorm_weights_get_no_decay(tiny_args):
+    model = build_model(tiny_args(train_full_embeddings=True)).model
+    for p in model.language_model.model.norm.parameters():
+        p.requires_grad_(True)
+    names = param_group_names(model, param_groups(model, weight_decay=0.1, learning_rate=1.0, embed_learning_rate=1.0))
+    assert "language_model.model.norm.weight" in names["no_decay"]
+
+
+def test_embed_bias_would_go_to_group_four():
+    layer = torch.nn.Module()
+    layer.embed_proj = torch.nn.Linear(4, 4)
+    names = param_group_names(layer, param_groups(layer, weight_decay=0.1, learning_rate=1.0, embed_learning_rate=0.1))
+    assert names == {"embed_decay": ["embed_proj.weight"], "embed_no_decay": ["embed_proj.bias"]}
+
+
+@pytest.mark.parametrize("value,total,expected", [(0, 100, 0), (0.1, 100, 10), (0.05, 30, 2), (1, 100, 100), (1.0, 7, 7), (2, 100, 2), (40, 100, 40)])
+def test_warmup_is_a_ratio_up_to_one_and_a_count_above(value, total, expected):
+    assert warmup_steps(value, total) == expected
+
+
+def _lrs(kind, warmup, total):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, kind, warmup, total)
+    values = []
+    for _ in range(total):
+        values.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return values
+
+
+def test_cosine_schedule_at_warmup_boundaries():
+    lrs = _lrs("cosine", 4, 20)
+    assert lrs[0] == 0.0
+    assert lrs[2] == pytest.approx(0.5)
+    assert lrs[4] == pytest.approx(1.0)  # the peak is reached right after warmup
+    assert lrs[12] == pytest.approx(0.5)  # half way through the decay
+    assert lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_warmup_ratio_one_means_the_whole_run():
+    lrs = _lrs("cosine", 1.0, 10)
+    assert lrs == pytest.approx([i / 10 for i in range(10)])
+
+
+def test_linear_and_constant_schedules():
+    assert _lrs("linear", 2, 6) == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+    assert _lrs("constant", 2, 6) == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
