@@ -72,8 +72,23 @@ class ModelArguments:
     )
     attn_implementation: str = field(default="sdpa", metadata=_help("Attention kernel of the LM and vision encoder: sdpa or eager."))
     preset_seed: int = field(default=0, metadata=_help("Seed of the random weights of preset models."))
+    cache_vision_features: bool = field(
+        default=False,
+        metadata=_help("Encode each training image once and reuse its features every epoch (needs a frozen encoder: --vis_lora_dim 0)."),
+    )
+    vision_cache_dir: Optional[str] = field(
+        default=None,
+        metadata=_help("Keep --cache_vision_features on disk in this folder (relative: under --output_dir) instead of in memory."),
+    )
 
     def __post_init__(self):
+        if self.cache_vision_features and self.vis_lora_dim > 0:
+            raise ConfigError(
+                f"--cache_vision_features needs a frozen vision encoder, but --vis_lora_dim {self.vis_lora_dim} trains it "
+                "(its features change every step); drop one of the two"
+            )
+        if self.vision_cache_dir is not None and not self.cache_vision_features:
+            raise ConfigError("--vision_cache_dir is only used with --cache_vision_features; pass both or neither")
         if self.vis_proj not in PROJECTORS:
             raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
         for flag in ("lang_lora_dim", "vis_lora_dim"):
@@ -124,6 +139,13 @@ class DataArguments:
     )
     num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
     synthetic_num_samples: int = field(default=3000, metadata=_help("Size of the generated synthetic dataset."))
+    packing: bool = field(
+        default=False,
+        metadata=_help(
+            "Pack each training batch's samples into as few rows of --max_seq_len tokens as fit, instead of padding "
+            "(every sample still attends only to itself; the batch size still counts samples)."
+        ),
+    )
 
     def __post_init__(self):
         if self.max_seq_len < 8:
@@ -170,6 +192,16 @@ class TrainArguments:
     )
     seed: int = field(default=42, metadata=_help("Seed of data order, splits, sampling and initialisation."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute LM (and vision LoRA) activations in backward."))
+    gradient_checkpointing_layers: int = field(
+        default=0,
+        metadata=_help(
+            "Checkpoint only the first N decoder layers of the LM (turns checkpointing on; 0: every layer with "
+            "--gradient_checkpointing, none without)."
+        ),
+    )
+    torch_compile: bool = field(
+        default=False, metadata=_help("Compile each decoder layer of the LM with torch.compile (regional compilation).")
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
@@ -196,6 +228,8 @@ class TrainArguments:
             raise ConfigError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.gradient_checkpointing_layers < 0:
+            raise ConfigError(f"--gradient_checkpointing_layers must be >= 0, got {self.gradient_checkpointing_layers}")
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmtrain.data import Collator, build_datasets
     from mmtrain.model.builder import check_model_args
-    from mmtrain.training import distributed, setup
+    from mmtrain.training import distributed, setup, speedups
     from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
     from mmtrain.training.loop import Loop, print_final_report
     from mmtrain.training.metrics import MetricsLogger
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     setup.log_data_report(accelerator, data.report)
     collator = Collator(built.tokenizer.pad_token_id)
-    train_loader = setup.make_loader(data.train, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
+    train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
+    train_loader = setup.make_loader(data.train, train_collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
 
     optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, len(train_loader))

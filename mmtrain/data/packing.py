@@ -106,3 +106,11 @@ class PackingCollator(BatchCollator):
             "position_ids": position_ids,
             "document_ids": document_ids,
         }
+
+
+def samples_in(batch: dict) -> int:
+    """Samples in a batch: its rows, or with packing the packed samples of all rows."""
+    documents = batch.get("document_ids")
+    if documents is None:
+        return int(batch["input_ids"].shape[0])
+    return int((documents.amax(dim=1) + 1).sum())

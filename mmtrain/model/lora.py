@@ -76,3 +76,35 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[st
             value = (value.float() + scalings[layer] * (b @ a)).to(value.dtype)
         merged[key.replace(".base_layer.", ".")] = value
     return merged
+
+
+def lora_inputs_follow_autocast(module: nn.Module) -> int:
+    """Stop peft from upcasting LoRA inputs to the adapters' fp32 dtype while autocast is on; returns the layers changed.
+
+    Plain mixed precision keeps the trainable LoRA weights in fp32 and the frozen base in
+    bf16/fp16. peft's LoRA ``forward`` then casts each adapted layer's (half-precision)
+    input to fp32 before ``lora_A``, and autocast casts it straight back to half for the
+    product: two extra passes over the activation per adapted layer in forward and two
+    in backward, and ``lora_A`` saves its own copy of the input instead of sharing the
+    base layer's. Both casts are exact (half -> fp32 -> half), so skipping them while
+    autocast is on gives the same numbers. Without autocast (generation, fp32 runs) the
+    cast stays: it is what lets an fp32 adapter take a half-precision input.
+    Under DeepSpeed the whole module, adapters included, is in the compute dtype, so
+    there is no cast to skip.
+    """
+    changed = 0
+    for sub in module.modules():
+        if isinstance(sub, LoraLayer) and hasattr(sub, "_cast_input_dtype"):
+            sub._cast_input_dtype = _cast_unless_autocast(sub._cast_input_dtype)
+            changed += 1
+    return changed
+
+
+def _cast_unless_autocast(cast):
+    def cast_input(x, dtype):
+        if x is not None and torch.is_autocast_enabled(x.device.type):
+            return x
+        return cast(x, dtype)
+
+    cast_input.__wrapped__ = cast
+    return cast_input

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmtrain.model.pretrained import full_state_dict, save_pretrained
-from mmtrain.training import distributed
+from mmtrain.data.packing import samples_in
+from mmtrain.training import distributed, speedups
 from mmtrain.training.checkpoint import TrainerState
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
 
@@ -44,6 +45,7 @@ class Loop:
         self.deepspeed = distributed.deepspeed_plugin(accelerator) is not None
         self.generation_examples = data.generation_examples(train_args.eval_generate) if train_args.eval_generate else []
         self.last_eval: dict = {}
+        self.vision_cache = speedups.make_vision_cache(accelerator, model, model_args, train_args.output_dir)
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict:
@@ -93,6 +95,7 @@ class Loop:
         self.data.train.set_epoch(epoch)
 
     def _micro_step(self, batch) -> tuple[float, int, int]:
+        batch = speedups.encode_with_cache(self.vision_cache, batch)
         with self.acc.accumulate(self.model):
             out = self.model(**batch)
             loss = out.loss
@@ -109,7 +112,7 @@ class Loop:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         tokens = int(batch["attention_mask"].sum())
-        return loss.detach().float().item(), tokens, batch["input_ids"].shape[0]
+        return loss.detach().float().item(), tokens, samples_in(batch)
 
     def _grad_norm_value(self) -> float | None:
         if self.deepspeed:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from mmtrain.args import ConfigError
 from mmtrain.budget import budget_from_counts, format_table
 from mmtrain.model.builder import BuiltModel, build_model, count_parameters
-from mmtrain.training import distributed
+from mmtrain.training import distributed, speedups
 from mmtrain.training.checkpoint import list_checkpoints, model_identity
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
@@ -77,6 +77,7 @@ def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
         if built.model.vision_trainable:
             built.model.vision.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     built.model.language_model.config.use_cache = False
+    speedups.apply_model_speedups(accelerator, built, train_args)
     return built
 
 

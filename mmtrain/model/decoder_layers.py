@@ -1,0 +1,64 @@
+"""Per-decoder-layer switches of the language model: selective checkpointing and regional compilation.
+
+Both act on the repeated blocks of the LM (``model.layers``), one block at a time:
+
+* **selective activation checkpointing** recomputes only the first N blocks in
+  backward. Memory falls by about N/num_layers of the blocks' activations, while the
+  recomputation costs one extra forward of N blocks (about N/num_layers x 50% of a
+  step's FLOPs with a frozen base), so N is best the smallest that fits the batch;
+* **regional compilation** compiles each block with ``torch.compile`` rather than the
+  whole model: all blocks share one compiled graph (same code, weights are inputs), so
+  compilation costs one block's time, and the parts that trip the compiler (image
+  scatter, loss on label positions, MMCA's planning) stay eager around it.
+  ``nn.Module.compile`` compiles in place, so parameter names, checkpoints and exports
+  are those of the eager model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmtrain.args import ConfigError
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The LM's repeated decoder blocks (``model.layers`` of LLaMA, Qwen2, Mistral, ...)."""
+    layers = getattr(language_model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ConfigError(f"{type(language_model).__name__} has no list of decoder layers at model.layers")
+    return layers
+
+
+def checkpoint_first_layers(language_model: nn.Module, n: int) -> list[int]:
+    """Checkpoint decoder layers ``0..n-1`` only (0: none); returns their indices.
+
+    Uses transformers' own per-layer flag (``GradientCheckpointingLayer.gradient_checkpointing``)
+    after enabling checkpointing model-wide, non-reentrant (reentrant checkpointing drops
+    the LoRA gradients of blocks whose inputs do not require grad).
+    """
+    layers = decoder_layers(language_model)
+    if not 0 <= n <= len(layers):
+        raise ConfigError(f"--gradient_checkpointing_layers {n}: the language model has {len(layers)} decoder layers")
+    if n == 0:
+        return []
+    kwargs = {"use_reentrant": False}
+    if hasattr(language_model, "activation_checkpointing_enable"):  # the newer transformers name
+        language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for index, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ConfigError(f"--gradient_checkpointing_layers: {type(layer).__name__} has no per-layer checkpointing switch")
+        layer.gradient_checkpointing = index < n
+    return list(range(n))
+
+
+def compile_decoder_layers(language_model: nn.Module, **compile_kwargs) -> int:
+    """Compile every decoder layer in place (regional compilation); returns how many."""
+    if not hasattr(torch, "compile"):
+        raise ConfigError("--torch_compile: this torch has no torch.compile")
+    layers = decoder_layers(language_model)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)

@@ -1,0 +1,89 @@
+"""The speed flags, wired into training: each is one named step that the set-up or the loop calls.
+
+========================================  ==========  =========================================
+flag                                      default     what it changes
+========================================  ==========  =========================================
+``--packing``                             off         train collator packs samples into rows
+``--cache_vision_features``               off         loop swaps pixels for cached features
+``--vision_cache_dir``                    memory      where those features live
+``--gradient_checkpointing_layers N``     0           checkpoint only the first N LM layers
+``--torch_compile``                       off         compile each LM decoder layer
+(always, plain mixed precision)                       LoRA inputs stay in the autocast dtype
+========================================  ==========  =========================================
+
+Each keeps the loss of the plain path (tests/model/test_speed_features.py,
+tests/data/test_packing.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mmtrain.args import ConfigError
+from mmtrain.data.collator import BatchCollator, Collator
+from mmtrain.data.packing import PackingCollator
+from mmtrain.model.builder import BuiltModel
+from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers
+from mmtrain.model.lora import lora_inputs_follow_autocast
+from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
+from mmtrain.training import distributed
+
+logger = logging.getLogger("mmtrain")
+
+
+def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollator:
+    """Padding (default) or packing; with the vision cache, image digests are taken in the workers."""
+    pad = built.tokenizer.pad_token_id
+    if data_args.packing:
+        logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
+        collator = PackingCollator(pad, data_args.max_seq_len)
+    else:
+        collator = Collator(pad)
+    if model_args.cache_vision_features:
+        collator = ImageKeyCollator(collator)
+    return collator
+
+
+def apply_model_speedups(accelerator, built: BuiltModel, train_args) -> None:
+    """LoRA casts, selective checkpointing and regional compilation, before ``accelerator.prepare``."""
+    lm = built.model.language_model
+    if accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None:
+        lora_inputs_follow_autocast(built.model)
+    if train_args.gradient_checkpointing_layers:
+        layers = checkpoint_first_layers(lm, train_args.gradient_checkpointing_layers)
+        logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
+    if train_args.torch_compile:
+        if distributed.zero_stage(accelerator) == 3:
+            raise ConfigError(
+                "--torch_compile is supported with ZeRO stages 0-2; ZeRO-3 gathers parameters in hooks around each "
+                "layer, which the compiled layers would cut through. Drop --torch_compile or use stage 2"
+            )
+        count = compile_decoder_layers(lm)
+        logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")
+
+
+def make_vision_cache(accelerator, model, model_args, output_dir: str) -> VisionFeatureCache | None:
+    """The frozen vision feature cache the loop applies to each training batch, or None when off."""
+    if not model_args.cache_vision_features:
+        return None
+    vlm = accelerator.unwrap_model(model)
+    if vlm.vision_trainable:
+        raise ConfigError("--cache_vision_features needs a frozen vision encoder (--vis_lora_dim 0)")
+    directory = model_args.vision_cache_dir
+    if directory is not None and not os.path.isabs(directory):
+        directory = os.path.join(output_dir, directory)
+    identity = {
+        "vision_model_name_or_path": model_args.vision_model_name_or_path,
+        "vision_feature_layer": model_args.vision_feature_layer,
+        "vision_keep_cls": model_args.vision_keep_cls,
+        "preset_seed": model_args.preset_seed,
+        "dtype": str(next(vlm.vision.parameters()).dtype),
+    }
+    return VisionFeatureCache(vlm.encode_images, directory=directory, identity=identity)
+
+
+def encode_with_cache(cache: VisionFeatureCache | None, batch: dict) -> dict:
+    """The loop's hook: the batch as the model takes it, images encoded at most once per run."""
+    return batch if cache is None else cache.apply(batch)
+
