@@ -81,13 +81,18 @@ def model_identity(model_args) -> dict:
     return {k: values[k] for k in keys}
 
 
+def model_differences(recorded: dict, model_args) -> list[str]:
+    """Flags whose value differs from a recorded ``model_identity``, as readable lines."""
+    ours = model_identity(model_args)
+    return [f"--{k}: recorded {recorded.get(k)!r}, now {v!r}" for k, v in ours.items() if recorded.get(k) != v]
+
+
 def check_manifest(path: str, model_args, trainable_names: list[str]) -> dict:
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"checkpoint {path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    ours = model_identity(model_args)
-    diffs = [f"--{k}: checkpoint {manifest['model'].get(k)!r}, now {v!r}" for k, v in ours.items() if manifest["model"].get(k) != v]
+    diffs = model_differences(manifest["model"], model_args)
     if diffs:
         raise ConfigError(f"checkpoint {path} is from a different model: " + "; ".join(diffs))
     if sorted(manifest["trainable_parameters"]) != sorted(trainable_names):
@@ -168,7 +173,9 @@ class Checkpointer:
                 acc.load_state(path, load_module_strict=False)
             else:
                 acc.load_state(path, strict=False)
-        except (RuntimeError, FileNotFoundError, KeyError, EOFError, ValueError) as e:
+        except Exception as e:  # torch.load, safetensors and DeepSpeed each raise their own types
+            if isinstance(e, ConfigError):
+                raise
             raise ConfigError(f"checkpoint {path} cannot be loaded (corrupt or incomplete?): {e}") from None
         with open(os.path.join(path, TRAINER_STATE)) as f:
             return TrainerState(**json.load(f))

@@ -15,7 +15,7 @@ from mmtrain.args import ConfigError
 from mmtrain.budget import budget_from_counts, format_table
 from mmtrain.model.builder import BuiltModel, build_model, count_parameters
 from mmtrain.training import distributed, speedups
-from mmtrain.training.checkpoint import list_checkpoints, model_identity
+from mmtrain.training.checkpoint import list_checkpoints, model_differences, model_identity
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
 logger = logging.getLogger("mmtrain")
@@ -30,9 +30,11 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
     if os.path.isfile(path) and not train_args.overwrite_output_dir:
         with open(path) as f:
             previous = json.load(f)
-        if previous.get("model") != model_identity(model_args):
+        diffs = model_differences(previous.get("model", {}), model_args)
+        if diffs:
             raise ConfigError(
-                f"--output_dir {out!r} holds a run of a different model; pick another --output_dir or pass --overwrite_output_dir"
+                f"--output_dir {out!r} holds a run of a different model ({'; '.join(diffs)}); "
+                "pick another --output_dir or pass --overwrite_output_dir"
             )
         if list_checkpoints(out) and train_args.resume_from_checkpoint is None:
             raise ConfigError(

@@ -22,7 +22,7 @@ import os
 
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
-from mmtrain.data.packing import PackingCollator
+from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers
 from mmtrain.model.lora import lora_inputs_follow_autocast
@@ -36,6 +36,10 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
     """Padding (default) or packing; with the vision cache, image digests are taken in the workers."""
     pad = built.tokenizer.pad_token_id
     if data_args.packing:
+        try:
+            check_packed_attention(built.model.language_model.config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
         collator = PackingCollator(pad, data_args.max_seq_len)
     else:

@@ -1,0 +1,129 @@
+"""Bad input fails before training, says what to do, and loses nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmtrain.args import ConfigError, parse_args
+
+from .conftest import REPO, common_flags, launch
+
+
+def _train(flags, cwd=REPO):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "mmtrain.train", *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_unknown_flag_is_named():
+    with pytest.raises(ConfigError, match="unknown flags: --no_such_flag"):
+        parse_args(["--no_such_flag", "3"])
+
+
+def test_config_file_with_unknown_key_names_file_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-4\nlerning_rate: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'lerning_rate'"):
+        parse_args(["--config", str(path)])
+
+
+def test_config_file_values_are_used_and_flags_override(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"learning_rate": 1e-4, "lang_lora_dim": 8, "dataset_names": ["a.json", "b.json"]}))
+    model_args, data_args, train_args = parse_args(["--config", str(path), "--lang_lora_dim", "4"])
+    assert train_args.learning_rate == 1e-4 and model_args.lang_lora_dim == 4
+    assert data_args.dataset_names == ["a.json", "b.json"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lm_model_name_or_path", "llama-9b"], r"--lm_model_name_or_path 'llama-9b' is neither a local folder nor a preset; presets: "),
+        (["--vision_model_name_or_path", "tiny-llama"], r"--vision_model_name_or_path 'tiny-llama' is a language preset"),
+        (["--vis_proj", "qformer"], r"--vis_proj 'qformer' is not a projector; valid: baseline, mlp, vit, perceiver"),
+        (["--num_warmup_steps", "2.5"], r"--num_warmup_steps must be a ratio"),
+        (["--dataset_names", "a", "b", "--dataset_samples", "1", "2", "3"], r"--dataset_samples has 3 values for 2"),
+    ],
+)
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="without config.json"):
+        parse_args(["--lm_model_name_or_path", str(tmp_path)])
+
+
+def test_offload_on_a_stage_that_cannot_and_gradient_accumulation_conflict(tmp_path, model_folders, data_path):
+    bad = tmp_path / "bad_offload.yaml"
+    text = (REPO / "accelerate_configs" / "zero2.yaml").read_text().replace("offload_param_device: none", "offload_param_device: cpu")
+    bad.write_text(text)
+    proc = launch(common_flags(model_folders, data_path, output_dir=tmp_path / "o"), config=str(bad), check=False)
+    # the launcher reports any failure of the script as 1
+    assert proc.returncode != 0
+    assert "offload_param_device: cpu needs zero_stage: 3" in proc.stderr
+    proc = launch(common_flags(model_folders, data_path, output_dir=tmp_path / "o2", gradient_accumulation_steps=2), config="zero2.yaml", check=False)
+    assert proc.returncode != 0 and "--gradient_accumulation_steps 2 disagrees" in proc.stderr
+
+
+def test_yaml_that_is_not_an_accelerate_config(tmp_path, model_folders, data_path):
+    bad = tmp_path / "not_accelerate.yaml"
+    bad.write_text("learning_rate: 3\n")
+    proc = launch(common_flags(model_folders, data_path, output_dir=tmp_path / "o"), config=str(bad), check=False)
+    assert proc.returncode != 0
+    assert "distributed_type" in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_folders, data_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad") / "run"
+    proc = _train(common_flags(model_folders, data_path, output_dir=out, max_steps=3, save_steps=2, eval_generate=0))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_resume_from_a_different_model(finished_run, model_folders, data_path, tmp_path):
+    checkpoint = finished_run / "checkpoints" / "step-00000002"
+    proc = _train(common_flags(model_folders, data_path, output_dir=tmp_path / "new", lang_lora_dim=8, resume_from_checkpoint=checkpoint))
+    assert proc.returncode == 2
+    assert "different model" in proc.stderr and "--lang_lora_dim" in proc.stderr
+
+
+def test_output_folder_holding_another_run(finished_run, model_folders, data_path):
+    proc = _train(common_flags(model_folders, data_path, output_dir=finished_run, vis_proj="baseline"))
+    assert proc.returncode == 2 and "holds a run of a different model (--vis_proj: recorded 'mlp', now 'baseline')" in proc.stderr
+    proc = _train(common_flags(model_folders, data_path, output_dir=finished_run))
+    assert proc.returncode == 2 and "--resume_from_checkpoint latest" in proc.stderr
+
+
+def test_half_written_checkpoint_is_refused(finished_run, model_folders, data_path, tmp_path):
+    import shutil
+
+    broken = tmp_path / "step-00000002"
+    shutil.copytree(finished_run / "checkpoints" / "step-00000002", broken)
+    (broken / "manifest.json").unlink()
+    proc = _train(common_flags(model_folders, data_path, output_dir=finished_run, resume_from_checkpoint=str(broken)))
+    assert proc.returncode == 2 and "cut off while being written" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_refused(finished_run, model_folders, data_path, tmp_path):
+    import shutil
+
+    broken = tmp_path / "step-00000002"
+    shutil.copytree(finished_run / "checkpoints" / "step-00000002", broken)
+    (broken / "optimizer.bin").write_bytes(b"not a checkpoint")
+    proc = _train(common_flags(model_folders, data_path, output_dir=finished_run, resume_from_checkpoint=str(broken)))
+    assert proc.returncode == 2 and "cannot be loaded" in proc.stderr
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(model_folders, data_path, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(common_flags(model_folders, data_path, output_dir=out, max_steps=30, save_steps=1, learning_rate=1e30, eval_generate=0, max_grad_norm=1e30))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "loss is nan at step" in proc.stderr or "loss is inf at step" in proc.stderr
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints and all((c / "manifest.json").exists() for c in checkpoints)
