@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of mmtrain, in parts that each fit a 10-minute command.
+#
+#   bash benchmarks/gpu_suite.sh env bench mmca        # from the repository root
+#   bash benchmarks/gpu_suite.sh memory:0-7
+#   bash benchmarks/gpu_suite.sh memory:8-15
+#
+# Parts (run in the order given):
+#   env            versions, nvidia-smi, DeepSpeed's view of the machine
+#   bench          python -m mmtrain.bench: ref-7b, ZeRO-2, micro-batch 4, beside the plain loop
+#   bench-mb       the same at micro-batches 2 and 8, and ZeRO-0 / no DeepSpeed at 4 (no plain loop)
+#   speed          the speed flags that exist in mmtrain/args.py: packing vs padding on the same
+#                  samples, the vision-feature cache over two epochs, torch.compile, all together
+#   mmca           benchmarks/mmca_step_time.py with its ref-7b options
+#   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
+#
+# When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
+# put first on PYTHONPATH. Results go to $OUT (default outputs/gpu_suite,
+# which git ignores); copy the ones to keep into benchmarks/results/.
+#
+# SMOKE=1 runs every part on the tiny presets (a CPU dry run of the suite itself).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_suite}
+mkdir -p "$OUT"
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+    BENCH=(--lm tiny-llama --vision tiny-clip --steps 2 --warmup 1 --text_tokens 16 48 --plain_batches 2)
+    MMCA=(--preset tiny-llama --seq 256 --image_tokens 64 --dtype fp32 --device cpu --warmup 1 --repeats 2)
+    MEM=(--smoke)
+else
+    BENCH=()
+    MMCA=(--preset llama-2-7b --layers 4 --seq 2048 --image_tokens 576 --dtype bf16 --device cuda)
+    MEM=()
+fi
+
+missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic') if u.find_spec(m) is None))")
+if [ -n "$missing" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+    echo "installing the carried wheels (missing: $missing)"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+# DeepSpeed's op builder cannot parse arch lists such as "9.0a"; it compiles CPU Adam on first use.
+export TORCH_CUDA_ARCH_LIST=${MMTRAIN_CUDA_ARCH:-9.0}
+export DS_BUILD_OPS=0
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+PY=python3
+
+TAG=$($PY -c "
+import re, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+for short in ('h100', 'h200', 'a100'):
+    if short in name.lower():
+        print(short); break
+else:
+    print(re.sub('[^a-z0-9]+', '_', name.lower()).strip('_'))
+")
+
+has_flag() { grep -q "^    $1: " mmtrain/args.py; }
+
+run() {  # run a command, say how long it took and how it ended
+    echo "+ $*"
+    local start=$SECONDS
+    "$@"
+    local rc=$?
+    echo "= rc $rc in $((SECONDS - start)) s: $*"
+    return $rc
+}
+
+part_env() {
+    $PY - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+for name in ("transformers", "peft", "accelerate", "deepspeed", "pydantic", "datasets"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as e:
+        print(name, "MISSING", type(e).__name__, e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(torch.cuda.get_device_name(), f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
+EOF
+    nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv || true
+    echo "flags in mmtrain/args.py:"; for f in packing cache_vision_features torch_compile gradient_checkpointing_layers; do has_flag $f && echo "  --$f"; done
+}
+
+part_bench() {
+    run $PY -m mmtrain.bench "${BENCH[@]}" --out "$OUT/bench_${TAG}.json"
+}
+
+part_bench_mb() {
+    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --micro_batch 8 --profile off --out "$OUT/bench_${TAG}_mb8.json"
+    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --micro_batch 2 --profile off --out "$OUT/bench_${TAG}_mb2.json"
+    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --zero_stage 0 --profile off --out "$OUT/bench_${TAG}_zero0.json"
+    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --zero_stage none --profile off --out "$OUT/bench_${TAG}_nods.json"
+}
+
+part_speed() {
+    local any=0
+    if has_flag packing; then
+        any=1
+        # Packed on the same samples as the padded `bench` part (same seed), at its micro-batch of 4 samples and at 6.
+        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --packing --out "$OUT/speed_${TAG}_packed_mb4.json"
+        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --micro_batch 6 --packing --out "$OUT/speed_${TAG}_packed_mb6.json"
+    fi
+    if has_flag cache_vision_features; then
+        any=1
+        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_nocache_2ep.json"
+        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --cache_vision_features --out "$OUT/speed_${TAG}_cache_2ep.json"
+    fi
+    if has_flag torch_compile; then
+        any=1
+        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 --torch_compile --out "$OUT/speed_${TAG}_compile.json"
+        has_flag packing && has_flag cache_vision_features && run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 \
+            --torch_compile --packing --cache_vision_features --epochs 2 --out "$OUT/speed_${TAG}_all_2ep.json"
+    fi
+    [ $any = 1 ] || echo "no speed flags in mmtrain/args.py yet"
+}
+
+part_mmca() {
+    run $PY benchmarks/mmca_step_time.py "${MMCA[@]}" --output "$OUT/mmca_step_time_${TAG}.json"
+}
+
+part_memory() {
+    local rows=${1:-all}
+    run $PY benchmarks/memory_validation.py "${MEM[@]}" --rows "$rows" --out "$OUT/memory_${TAG}_rows_${rows//,/_}.json"
+}
+
+[ $# -gt 0 ] || set -- env bench mmca
+status=0
+for part in "$@"; do
+    echo "=== $part ($(date -u +%H:%M:%S))"
+    case $part in
+        env) part_env ;;
+        bench) part_bench ;;
+        bench-mb) part_bench_mb ;;
+        speed) part_speed ;;
+        mmca) part_mmca ;;
+        memory) part_memory all ;;
+        memory:*) part_memory "${part#memory:}" ;;
+        *) echo "unknown part: $part"; status=2; continue ;;
+    esac
+    rc=$?
+    [ $rc = 0 ] || status=$rc
+done
+echo "=== done ($(date -u +%H:%M:%S)), status $status; files in $OUT:"
+ls -la "$OUT"
+exit $status

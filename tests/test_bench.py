@@ -1,0 +1,123 @@
+"""The benchmark runs end to end on CPU with the tiny presets, and its pieces count right.
+
+The smoke test starts ``python -m mmtrain.bench`` in a subprocess, as a user would: the
+real training path (Accelerate + DeepSpeed ZeRO-2 on CPU) and the plain transformers +
+peft loop, then checks the JSON it writes. The first DeepSpeed run on a machine compiles
+its CPU communication op once (cached under ~/.cache/torch_extensions).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmtrain import bench, memory
+from mmtrain.model.tokens import ImageTokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _positive(d: dict, *keys: str) -> None:
+    for key in keys:
+        assert isinstance(d[key], (int, float)) and d[key] > 0, (key, d.get(key))
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "mmtrain.bench",
+        "--lm", "tiny-llama", "--vision", "tiny-clip",
+        "--steps", "2", "--warmup", "1", "--micro_batch", "2",
+        "--text_tokens", "16", "48", "--plain_batches", "2",
+        "--out", str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+
+    for key in ("device", "versions", "git", "command", "flags", "lm", "flops_convention", "mmtrain", "plain", "ratio_tokens_per_s"):
+        assert key in result, key
+    for lib in ("torch", "transformers", "peft", "accelerate", "deepspeed"):
+        assert result["versions"][lib][0].isdigit(), (lib, result["versions"][lib])
+    assert result["command"].startswith("python -m mmtrain.bench --lm tiny-llama")
+
+    mm, plain = result["mmtrain"], result["plain"]
+    _positive(mm, "tokens_per_s", "samples_per_s", "mfu", "tflops_per_s", "seconds", "step_s_median")
+    _positive(plain, "tokens_per_s", "samples_per_s", "mfu", "seconds")
+    assert result["ratio_tokens_per_s"] > 0
+    assert mm["steps"] == 2 and mm["samples"] == 4 and mm["zero_stage"] == 2
+    assert plain["micro_batch"] == 2
+    # Both systems ran the same samples: the same token count, and every one counted by the loop.
+    assert mm["tokens"] == plain["tokens"] == mm["tokens_counted_by_loop"]
+    assert mm["trainable_params"] > 0 and mm["parameter_counts"]["LM LoRA"]["trainable"] > 0
+
+
+def test_samples_follow_the_layout():
+    tokens = ImageTokens(image_id=11, start_id=10, end_id=12, per_image=5, original_vocab_size=10)
+    data = bench.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)
+    for i in range(len(data)):
+        item = data[i]
+        text = data.text[i]
+        assert 4 <= text <= 9
+        assert len(item["input_ids"]) == data.length(i) == tokens.span_length + text
+        assert item["input_ids"][0] == 0 and item["input_ids"][1:8].tolist() == tokens.span()
+        assert int((item["labels"] != -100).sum()) == int(0.25 * text)
+        assert item["input_ids"][8:].max() < tokens.original_vocab_size
+        assert item["pixel_values"].shape == (1, 3, 8, 8)
+    again = bench.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)
+    assert torch.equal(again[2]["input_ids"], data[2]["input_ids"])
+    assert torch.equal(again[2]["pixel_values"], data[2]["pixel_values"])
+
+
+def test_flops_follow_the_convention():
+    shape = {"params": 1000, "hidden": 8, "layers": 2}
+    assert bench.sample_flops([10], shape) == 4 * 1000 * 10 + 4 * 10 * 10 * 8 * 2
+    f = bench.figures(2.0, [10, 30], shape, peak_tflops=1e-9)
+    assert f["tokens"] == 40 and f["tokens_per_s"] == 20 and f["samples_per_s"] == 1
+    assert f["mfu"] == pytest.approx(bench.sample_flops([10, 30], shape) / 2.0 / 1e3)
+    assert f["mfu_attention_6"] > f["mfu"]
+
+
+def test_accelerate_environment_matches_the_configs():
+    opts, rest = bench.parse_options(["--zero_stage", "3", "--offload", "optimizer+params", "--packing"])
+    env = bench.accelerate_environment(opts)
+    assert rest == ["--packing"]
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    assert env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] == "cpu" and env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
+    opts, _ = bench.parse_options(["--zero_stage", "none"])
+    assert bench.accelerate_environment(opts)["ACCELERATE_USE_DEEPSPEED"] == "false"
+    with pytest.raises(SystemExit):
+        bench.parse_options(["--zero_stage", "2", "--offload", "optimizer+params"])
+
+
+def _validation_module():
+    spec = importlib.util.spec_from_file_location("memory_validation", os.path.join(ROOT, "benchmarks", "memory_validation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_validation_rows_and_combine(tmp_path):
+    mv = _validation_module()
+    assert mv.parse_rows("0-2,5", 16) == [0, 1, 2, 5] and mv.parse_rows("all", 3) == [0, 1, 2]
+    rows = []
+    for s in memory.validation_rows()[:2]:
+        rows.append({
+            "stage": s.zero_stage, "offload": s.offload, "micro_batch": s.micro_batch, "seq_len": s.seq_len,
+            "gradient_checkpointing": s.gradient_checkpointing, "num_gpus": 1, "measured_peak_bytes": 10 * 2**30,
+            "predicted_peak_bytes": 11 * 2**30, "device": "test", "versions": {"torch": torch.__version__}, "command": "x",
+        })
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(rows[1:]))
+    b.write_text(json.dumps(rows[:1]))
+    out = tmp_path / "memory.json"
+    merged = mv.combine([str(a), str(b)], str(out))
+    assert [r["gradient_checkpointing"] for r in merged] == [False, True]  # validation_rows() order
+    assert memory.load_measurements(str(out)) == merged
+    assert "within" in mv.summarise(merged)
