@@ -114,3 +114,46 @@ def samples_in(batch: dict) -> int:
     if documents is None:
         return int(batch["input_ids"].shape[0])
     return int((documents.amax(dim=1) + 1).sum())
+
+
+def check_packed_attention(config) -> None:
+    """Raise unless transformers' mask builder keeps packed samples apart for this LM's attention.
+
+    Packing relies on ``create_causal_mask`` reading restarts of ``position_ids`` as
+    sample boundaries when no 2D mask is given. A transformers release or an attention
+    implementation that does not would silently let samples attend to each other, so the
+    trainer asks the mask builder itself, with two samples of 3 and 2 tokens, before
+    training.
+    """
+    import inspect
+
+    import transformers
+    from transformers.masking_utils import create_causal_mask
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1]])
+    offered = {
+        "config": config,
+        "inputs_embeds": torch.zeros(1, 5, 1),
+        "input_embeds": torch.zeros(1, 5, 1),
+        "attention_mask": None,
+        "cache": None,
+        "past_key_values": None,
+        "cache_position": torch.arange(5),
+        "position_ids": position_ids,
+    }
+    params = inspect.signature(create_causal_mask).parameters
+    mask = create_causal_mask(**{k: v for k, v in offered.items() if k in params})
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return  # a flex-attention BlockMask: built from the same packed-sequence function
+    implementation = getattr(config, "_attn_implementation", None)
+    if mask is None:
+        allowed = None
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        allowed = allowed.reshape(-1, 5, 5)[0]
+    if allowed is None or bool(allowed[3, 2]) or bool(allowed[4, 0]) or not bool(allowed[4, 3]):
+        raise ValueError(
+            f"--packing: transformers {transformers.__version__} with attention {implementation!r} does not turn "
+            "position_ids restarting at 0 into a per-sample mask, so packed samples would attend to each other; "
+            "train without --packing or with another attention implementation"
+        )

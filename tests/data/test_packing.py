@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from mmtrain.data import Collator
-from mmtrain.data.packing import PackingCollator, first_fit_rows
+from mmtrain.data.packing import PackingCollator, check_packed_attention, first_fit_rows
 from mmtrain.data.template import IGNORE_INDEX
 from mmtrain.model import build_model
 from mmtrain.model.builder import named_parameters_all
@@ -156,3 +156,19 @@ def test_packed_batch_without_positions_is_refused(tiny_args):
     packed = PackingCollator(built.tokenizer.pad_token_id, 256)(_items(built, [(0, 4), (0, 4)]))
     with pytest.raises(ValueError, match="position_ids"):
         built.model(**{**packed, "position_ids": None})
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "mmca"])
+def test_mask_builder_keeps_packed_samples_apart(tiny_args, attention):
+    kwargs = {"enable_mmca_attention": True} if attention == "mmca" else {"attn_implementation": attention}
+    built = build_model(tiny_args(**kwargs))
+    check_packed_attention(built.model.language_model.config)  # raises if samples could see each other
+
+
+def test_mask_builder_check_fails_loudly_when_packing_is_not_honoured(tiny_args, monkeypatch):
+    import transformers.masking_utils as masking
+
+    built = build_model(tiny_args())
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match="--packing"):
+        check_packed_attention(built.model.language_model.config)
