@@ -47,17 +47,17 @@ class ModelArguments:
     )
     vision_keep_cls: bool = field(default=False, metadata=_help("Keep the CLS token of CLIP towers (dropped by default)."))
     perceiver_num_queries: int = field(default=64, metadata=_help("Learned queries of the perceiver projector (image tokens per image)."))
-    lang_lora_dim: int = field(default=0, metadata=_help("LoRA rank on the language model (0: no LoRA)."))
+    lang_lora_dim: int = field(default=16, metadata=_help("LoRA rank on the language model (0: no LoRA)."))
     lang_lora_module_name: str = field(
         default="model.layers.", metadata=_help("LoRA goes on every Linear of the LM whose name contains this scope.")
     )
-    lang_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the LM (default: equal to the rank, scale 1)."))
+    lang_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the LM (default: 4 x the rank, scale 4)."))
     lang_lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout on the LM."))
     vis_lora_dim: int = field(default=0, metadata=_help("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
     vis_lora_module_name: str = field(
         default="encoder.layers.", metadata=_help("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
     )
-    vis_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the vision encoder (default: the rank)."))
+    vis_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
     vis_lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout on the vision encoder."))
     only_optimize_lora: bool = field(
         default=False, metadata=_help("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")
@@ -178,7 +178,7 @@ class TrainArguments:
         default=None, metadata=_help("Learning rate of parameters with 'embed' in their name (default: --learning_rate).")
     )
     weight_decay: float = field(default=0.0, metadata=_help("Weight decay (never on biases and norm weights)."))
-    num_train_epochs: int = field(default=3, metadata=_help("Epochs."))
+    num_train_epochs: int = field(default=10, metadata=_help("Epochs."))
     max_steps: int = field(default=-1, metadata=_help("Stop after this many optimizer steps (-1: run all epochs)."))
     gradient_accumulation_steps: Optional[int] = field(
         default=None, metadata=_help("Micro-batches per optimizer step (default: the Accelerate/DeepSpeed config, else 1).")
@@ -209,7 +209,7 @@ class TrainArguments:
     save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept (the newest)."))
     export_each_epoch: bool = field(default=True, metadata=_help("Write a Hugging Face-format export at each epoch end."))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
-    eval_generate: int = field(default=64, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
+    eval_generate: int = field(default=256, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
     max_new_tokens: int = field(default=16, metadata=_help("Generation length for --eval_generate."))
 
     def __post_init__(self):

@@ -16,6 +16,9 @@ from torch import nn
 from mmtrain.args import ConfigError
 
 ADAPTER = "default"
+# Default alpha = 4 x rank (scale 4): adapters on a frozen model learn markedly faster
+# than at scale 1 for the same learning rate (measured on the embedded default).
+DEFAULT_ALPHA_PER_RANK = 4
 
 
 def lora_targets(module: nn.Module, scope: str) -> list[str]:
@@ -36,7 +39,7 @@ def apply_lora(module: nn.Module, *, rank: int, scope: str, alpha: float | None,
         raise ConfigError(f"{flag} {scope!r} matches no Linear layer; Linear layers live under: {hint}")
     config = LoraConfig(
         r=rank,
-        lora_alpha=float(alpha if alpha is not None else rank),
+        lora_alpha=float(alpha if alpha is not None else DEFAULT_ALPHA_PER_RANK * rank),
         lora_dropout=dropout,
         target_modules=targets,
         bias="none",

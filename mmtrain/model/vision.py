@@ -71,9 +71,10 @@ class VisionEncoder(nn.Module):
         # last hidden state gives the same features.
         keep = feature_layer if feature_layer >= 0 else layers + 1 + feature_layer
         layer_list = _encoder_layers(tower)
-        if keep < len(layer_list):
-            del layer_list[keep:]
-            config.num_hidden_layers = keep
+        # (reading the embeddings, layer 0, keeps one layer: a tower with none returns no hidden states)
+        if max(keep, 1) < len(layer_list):
+            del layer_list[max(keep, 1) :]
+            config.num_hidden_layers = max(keep, 1)
         self.feature_layer = -1 if keep > 0 else 0
         self.hidden_size = config.hidden_size
         self.num_patches = (config.image_size // config.patch_size) ** 2 + (1 if has_cls and keep_cls else 0)
