@@ -1,0 +1,16 @@
+"""mmtrain: train vision-language models from a frozen vision encoder and a frozen causal LM.
+
+The package reads as the architecture: ``model/`` (vision encoder -> projector ->
+language model), ``data/`` (records -> template -> dataset -> collator), ``training/``
+(accelerator, loop, checkpoints), and the commands ``train``, ``budget``, ``memory``,
+``generate``, ``export`` and ``bench``.
+"""
+
+__version__ = "0.1.0"
+
+
+def load_pretrained(path: str, **kwargs):
+    """Load an export (``OUTPUT/epoch-N``) for inference; see :func:`mmtrain.model.pretrained.load_pretrained`."""
+    from mmtrain.model.pretrained import load_pretrained as _load
+
+    return _load(path, **kwargs)
