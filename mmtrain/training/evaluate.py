@@ -65,6 +65,17 @@ def evaluate_generation(accelerator, model, tokenizer, examples: list[dict], *, 
             if len(samples) < 4:
                 samples.append({"expected": e["answer"], "generated": answer})
     model.train()
-    answers = Counter(normalize_answer(e["answer"]) for e in examples)
-    majority = answers.most_common(1)[0][1] / len(examples)
-    return {"exact_match": correct / len(examples), "majority_baseline": majority, "questions": len(examples), "samples": samples}
+    return {"exact_match": correct / len(examples), "majority_baseline": majority_baseline(examples), "questions": len(examples), "samples": samples}
+
+
+def majority_baseline(examples: list[dict]) -> float:
+    """Accuracy of the best blind guess: the most frequent answer *for each question text*.
+
+    Prompts that differ only in their images tokenise identically (image spans are the
+    same ids), so grouping by prompt ids groups by question; a model that ignores the
+    image can do no better than this.
+    """
+    groups: dict[tuple, Counter] = {}
+    for e in examples:
+        groups.setdefault(tuple(e["input_ids"].tolist()), Counter())[normalize_answer(e["answer"])] += 1
+    return sum(c.most_common(1)[0][1] for c in groups.values()) / len(examples)

@@ -211,6 +211,6 @@ def print_final_report(result: dict) -> None:
     if "eval_exact_match" in result:
         lines.append(
             f"  eval exact match {100 * result['eval_exact_match']:.1f}% on {result['eval_questions']} held-out questions "
-            f"(majority-answer baseline {100 * result['eval_majority_baseline']:.1f}%)"
+            f"(majority-answer baseline {100 * result['eval_majority_baseline']:.1f}%: the most frequent answer to each question)"
         )
     print("\n".join(lines), flush=True)

@@ -1,0 +1,32 @@
+"""The embedded default: no flags, tiny presets, the generated dataset, CPU; it must learn."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_default_run_learns_to_see(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # no flags at all: run from an empty folder, as a new user would from a checkout
+    proc = subprocess.run([sys.executable, "-m", "mmtrain.train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = re.search(r"eval exact match ([\d.]+)% on (\d+) held-out questions \(majority-answer baseline ([\d.]+)%", proc.stdout)
+    assert found, proc.stdout[-2000:]
+    accuracy, questions, baseline = float(found[1]), int(found[2]), float(found[3])
+    print(f"default run: exact match {accuracy}% on {questions} questions, baseline {baseline}%")
+    assert questions >= 100
+    assert accuracy >= 90.0
+    assert accuracy - baseline >= 40
+    out = tmp_path / "outputs" / "default"
+    assert (out / "metrics.jsonl").is_file()
+    exports = sorted(out.glob("epoch-*"))
+    assert exports and (exports[-1] / "mmtrain_config.json").is_file()
+    # the run's data went under the ignored default folder, not anywhere else
+    assert (tmp_path / "data" / "generated").is_dir()
