@@ -38,9 +38,23 @@ Adam m and v)
   ``mmtrain.model.vlm``): it is replicated whole on every GPU at every stage, in the
   compute dtype, and runs under ``no_grad``.
 * Stage 3 leaves parameters below ``stage3_param_persistence_threshold`` elements whole
-  on every rank (norm weights, biases); everything else is partitioned. While a module
-  runs, its full parameters are gathered: we count the largest module plus one
-  prefetch bucket (``stage3_prefetch_bucket_size``), in the compute dtype.
+  on every rank (norm weights, biases); everything else (Ψ_p elements) is partitioned.
+  Gathered parameters stay resident up to the live-parameter limit M
+  (``stage3_max_live_parameters``, DeepSpeed's default 1e9; the trainer does not set it),
+  not just one module: w·min(Ψ_p, max(m, M + p)) bytes, with m the largest module and p
+  the largest partitioned parameter (the LM head for ref-7b: M + p = 1.13e9 elements,
+  2.1 GiB in bf16). Source: DeepSpeed 0.19.8,
+  ``runtime/zero/partitioned_param_coordinator.py``. ``fetch_sub_module`` gathers the
+  running module unconditionally, then prefetches the next parameters of the recorded
+  trace, whole parameters at a time, while the running total is below
+  ``min(M - available, stage3_prefetch_bucket_size)``; ``available`` counts every
+  gathered parameter (in flight, in use, or kept by ``stage3_max_reuse_distance``) and
+  drops only on release. The prefetch bucket is thus a per-call cap, not a separate
+  allowance: each hooked module (containers and parameter-less ones included) prefetches
+  again, so within the first decoder layer the gathered set reaches M and overshoots it by
+  at most the last parameter added. That happens while activations peak: the LM head,
+  the largest parameter, is prefetched at the end of forward and kept for backward.
+  With ``stage3_prefetch_bucket_size`` 0 only the running module is gathered (m).
 * Optimizer offload (ZeRO-Offload, Ren et al. 2021) moves the fp32 master weights, Adam
   moments and fp32 gradients of each rank's partition to host memory (16Ψ_t/N bytes);
   the GPU keeps only the reduce buckets. Parameter offload (ZeRO-Infinity, stage 3)
@@ -149,6 +163,7 @@ class MemorySetup:
     param_persistence_threshold: int = 10_000
     reduce_bucket_size: int = 500_000_000
     prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters (DeepSpeed's default)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -371,6 +386,22 @@ def _vision_trained_activation_bytes(facts: ModelFacts, images: int, w: int, che
     return images * facts.vision_layers * layer
 
 
+def stage3_gathered_parameters(facts: ModelFacts, setup: MemorySetup) -> int:
+    """Elements of partitioned parameters gathered whole on one GPU at once at stage 3.
+
+    ``min(Ψ_p, max(m, M + p))``: the prefetcher fills up to ``max_live_parameters`` (M)
+    and overshoots by at most one parameter (p, the largest); the running module (m) is
+    gathered whatever the limit. See the module docstring for DeepSpeed's logic.
+    """
+    partitioned = [n for n, _, e in facts.params if e and n >= setup.param_persistence_threshold]
+    if not partitioned:
+        return 0
+    live = facts.largest_module
+    if setup.prefetch_bucket_size > 0:
+        live = max(live, setup.max_live_parameters + max(partitioned))
+    return min(sum(partitioned), live)
+
+
 def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEstimate:
     """Predicted peak allocated bytes of one GPU for ``setup`` (see the module docstring)."""
     facts = model if isinstance(model, ModelFacts) else model_facts(model)
@@ -409,7 +440,7 @@ def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEs
     elif stage > 0 and psi_t:
         buffers = w * setup.reduce_bucket_size
     if stage == 3:
-        buffers += w * min(psi_f + psi_t, facts.largest_module + setup.prefetch_bucket_size)
+        buffers += w * stage3_gathered_parameters(facts, setup)
 
     # Activations of one micro-batch.
     b, s = setup.micro_batch, setup.seq_len
