@@ -133,6 +133,8 @@ def load_pretrained(folder: str, *, dtype: torch.dtype = torch.float32, device: 
         perceiver_num_queries=config["perceiver_num_queries"],
         vision_keep_cls=config["vision_keep_cls"],
         vision_feature_layer=-1,  # the export's encoder already ends at the layer we read
+        lang_lora_dim=0,  # LoRA is fused into the exported weights
+        vis_lora_dim=0,
     )
     built = build_model(args, dtype=dtype, strict=True)
     projector_path = os.path.join(folder, "projector.safetensors")

@@ -272,7 +272,7 @@ def vlm_batch(built, seed=0):
 def seeded_build(**kwargs):
     # The projector and the new-token rows draw from the global generator.
     torch.manual_seed(0)
-    return build_model(ModelArguments(lang_lora_dim=4, **kwargs))
+    return build_model(ModelArguments(lang_lora_dim=4, lang_lora_alpha=4, **kwargs))
 
 
 def test_flag_off_is_inert():

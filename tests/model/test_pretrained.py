@@ -52,6 +52,7 @@ def test_reloaded_export_gives_the_same_logits(tmp_path, tiny_args):
         expected = built.model(ids, pixel_values=pixels, return_logits=True).logits
         reloaded = load_pretrained(str(folder))
         got = reloaded.model(ids, pixel_values=pixels, return_logits=True).logits
+    assert not any(".lora_" in n for n, _ in reloaded.model.named_parameters()), "an export is loaded without adapters"
     vocab = expected.shape[-1]
     # LoRA is fused in the export: equal up to fp32 rounding of W + BA
     torch.testing.assert_close(got[..., :vocab], expected, rtol=1e-4, atol=1e-4)
