@@ -16,7 +16,7 @@ from mmtrain.model.pretrained import full_state_dict, load_pretrained, save_pret
 
 def _trained_model(tiny_args, **kw):
     """A tiny model with non-trivial trainable weights, as if trained."""
-    args = tiny_args(lang_lora_dim=4, **kw)
+    args = tiny_args(lang_lora_dim=4, lang_lora_alpha=4, **kw)
     built = build_model(args)
     torch.manual_seed(1)
     with torch.no_grad():
