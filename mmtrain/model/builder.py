@@ -61,8 +61,8 @@ def build_model(
     image_processor = load_image_processor(model_args, vision_config)
     with device_ctx:
         with vision_ctx:
-            vision = build_vision_encoder(model_args, dtype=dtype, config=vision_config, strict=strict)
-        language_model = build_language_model(model_args, dtype=dtype, config=lm_config, strict=strict)
+            vision = build_vision_encoder(model_args, dtype=dtype, config=vision_config, strict=strict, weights=not meta)
+        language_model = build_language_model(model_args, dtype=dtype, config=lm_config, strict=strict, weights=not meta)
         if model_args.enable_mmca_attention:
             enable_mmca(language_model, model_args.mmca_image_attention)
         lm_dim = language_model.get_input_embeddings().embedding_dim

@@ -38,7 +38,7 @@ def load_tokenizer(name_or_path: str):
 
 
 def build_language_model(
-    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False
+    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False, weights: bool = True
 ) -> nn.Module:
     """Load the LM from its folder (or a preset with seeded random weights).
 
@@ -47,7 +47,7 @@ def build_language_model(
     """
     name = model_args.lm_model_name_or_path
     config = config or load_language_config(name)
-    if presets.is_preset(name):
+    if presets.is_preset(name) or not weights:  # weights=False: shapes only (the meta device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_args.preset_seed)
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)

@@ -95,13 +95,13 @@ def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
 
 
 def build_vision_encoder(
-    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False
+    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False, weights: bool = True
 ) -> VisionEncoder:
     """Load the vision tower from its folder (or build a preset with seeded random weights)."""
     name = model_args.vision_model_name_or_path
     config = config or load_vision_config(name)
     model_cls, has_cls = _TOWERS[type(config)]
-    if presets.is_preset(name):
+    if presets.is_preset(name) or not weights:  # weights=False: shapes only (the meta device)
         config._attn_implementation = model_args.attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_args.preset_seed)

@@ -1,0 +1,76 @@
+"""The parameter budget: meta-device counts equal the real model's, and the 7B figures equal a hand count."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmtrain.args import ModelArguments
+from mmtrain.budget import model_budget
+from mmtrain.model import build_model, count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("proj", ["baseline", "mlp", "vit", "perceiver"])
+def test_meta_counts_equal_the_real_model(tiny_args, proj):
+    args = tiny_args(vis_proj=proj, lang_lora_dim=4, vis_lora_dim=2, train_full_embeddings=False)
+    real = {c.name: (c.total, c.trainable) for c in count_parameters(build_model(args).model)}
+    meta = {r.name: (r.total, r.trainable) for r in model_budget(args) if r.name != "total"}
+    assert meta == real
+    # and the real model's numbers are the real tensors' sizes
+    model = build_model(args).model
+    from mmtrain.model.builder import named_parameters_all
+
+    assert sum(p.numel() for _, p in named_parameters_all(model)) == sum(t for t, _ in real.values())
+    assert sum(p.numel() for _, p in named_parameters_all(model) if p.requires_grad) == sum(t for _, t in real.values())
+
+
+def _llama_layer(h, i):
+    return 4 * h * h + 3 * h * i + 2 * h  # q k v o, gate up down, two RMSNorms
+
+
+def _clip_layer(h, i):
+    return 4 * (h * h + h) + 2 * h * i + i + h + 2 * 2 * h  # attention with biases, MLP, two LayerNorms
+
+
+def test_7b_budget_matches_a_hand_count():
+    args = ModelArguments(
+        lm_model_name_or_path="llama-2-7b", vision_model_name_or_path="clip-vit-bigG-14", vis_proj="perceiver", lang_lora_dim=16
+    )
+    rows = {r.name: r for r in model_budget(args)}
+    h, i, layers, vocab = 4096, 11008, 32, 32000
+    assert rows["LM input embeddings"].total == vocab * h
+    assert rows["language model"].total == layers * _llama_layer(h, i) + h + vocab * h  # layers, final norm, head
+    assert rows["LM input embeddings"].total + rows["language model"].total == 6_738_415_616  # LLaMA-2-7B
+    per_layer_lora = 16 * (4 * (h + h) + 2 * (h + i) + (i + h))
+    assert rows["LM LoRA"].total == rows["LM LoRA"].trainable == layers * per_layer_lora == 39_976_960
+    assert rows["new token embeddings"].trainable == 3 * h
+    vh, vi, patches = 1664, 8192, 256
+    embeddings = 3 * 14 * 14 * vh + vh + (patches + 1) * vh  # patch conv (no bias), CLS, positions
+    kept_layers = 47  # the layer after the one read (-2) is not built
+    # + the pre- and post-LayerNorm (the post one is built, though features are read before it)
+    assert rows["vision encoder"].total == embeddings + 2 * 2 * vh + kept_layers * _clip_layer(vh, vi)
+    queries = 64
+    perceiver = vh * h + queries * h + 3 * 2 * h + (4 * h * h + 4 * h)  # kv proj, queries, 3 LayerNorms, attention
+    assert rows["projector"].total == rows["projector"].trainable == perceiver
+    assert rows["total"].trainable == rows["projector"].total + rows["LM LoRA"].total + 3 * h
+
+
+def test_budget_cli_is_quick_and_small():
+    cmd = [
+        sys.executable, "-m", "mmtrain.budget", "--lm_model_name_or_path", "llama-2-7b",
+        "--vision_model_name_or_path", "clip-vit-bigG-14", "--vis_proj", "perceiver", "--lang_lora_dim", "16", "--json",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(proc.stdout)["components"]}
+    assert rows["total"]["trainable"] == 114_216_960
+    assert rows["total"]["optimizer_bytes"] == 12 * 114_216_960
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_rss_gib < 2.0, f"budget used {peak_rss_gib:.2f} GiB"
