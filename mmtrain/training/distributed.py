@@ -95,6 +95,7 @@ def _complete_deepspeed_config(accelerator, train_args: TrainArguments) -> None:
         )
     if offload_opt not in (None, "none") and stage == 0:
         raise ConfigError(f"offload_optimizer_device: {offload_opt} needs zero_stage >= 1 (the config says 0)")
+    _check_batch_sizes(config, train_args, accelerator.num_processes)
     clip = config.get("gradient_clipping", "auto")
     if train_args.max_grad_norm is not None:
         if clip not in ("auto", None) and float(clip) != train_args.max_grad_norm:
@@ -110,6 +111,26 @@ def _complete_deepspeed_config(accelerator, train_args: TrainArguments) -> None:
         if plugin.zero3_init_flag:
             plugin.dschf = None
             plugin.set_deepspeed_weakref()  # re-install so zero.Init sees the values above
+
+
+def _check_batch_sizes(config: dict, train_args: TrainArguments, num_processes: int) -> None:
+    """A DeepSpeed config with fixed batch sizes must agree with the flags (DeepSpeed would fail later)."""
+    gas = config.get("gradient_accumulation_steps", "auto")
+    gas = train_args.gradient_accumulation_steps or (gas if isinstance(gas, int) else 1)
+    micro = config.get("train_micro_batch_size_per_gpu", "auto")
+    if isinstance(micro, int) and micro != train_args.per_device_train_batch_size:
+        raise ConfigError(
+            f"the DeepSpeed config's train_micro_batch_size_per_gpu {micro} differs from --per_device_train_batch_size "
+            f"{train_args.per_device_train_batch_size}; set it to \"auto\" or make them equal"
+        )
+    total = config.get("train_batch_size", "auto")
+    expected = train_args.per_device_train_batch_size * gas * num_processes
+    if isinstance(total, int) and total != expected:
+        raise ConfigError(
+            f"the DeepSpeed config's train_batch_size {total} is not --per_device_train_batch_size "
+            f"{train_args.per_device_train_batch_size} x gradient accumulation {gas} x {num_processes} processes = {expected}; "
+            'set it to "auto" or change the batch flags so that they divide it'
+        )
 
 
 def max_grad_norm(accelerator, train_args: TrainArguments) -> float:

@@ -69,6 +69,20 @@ def test_offload_on_a_stage_that_cannot_and_gradient_accumulation_conflict(tmp_p
     assert proc.returncode != 0 and "--gradient_accumulation_steps 2 disagrees" in proc.stderr
 
 
+def test_deepspeed_batch_size_that_does_not_divide(tmp_path, model_folders, data_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 7, "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds}\n  zero3_init_flag: false\n"
+        "num_machines: 1\nnum_processes: 1\nmachine_rank: 0\nuse_cpu: false\n"
+    )
+    proc = launch(common_flags(model_folders, data_path, output_dir=tmp_path / "o"), config=str(config), check=False)
+    assert proc.returncode != 0
+    assert "train_batch_size 7 is not --per_device_train_batch_size 4" in proc.stderr
+
+
 def test_yaml_that_is_not_an_accelerate_config(tmp_path, model_folders, data_path):
     bad = tmp_path / "not_accelerate.yaml"
     bad.write_text("learning_rate: 3\n")
