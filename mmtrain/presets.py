@@ -23,31 +23,24 @@ class Preset:
     description: str
 
 
+# The tiny language models share one shape so tests can swap the architecture alone.
+_TINY_LM_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+
+
 def _tiny_llama() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=PRESET_TOKENIZER_VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
+    return LlamaConfig(vocab_size=PRESET_TOKENIZER_VOCAB, rms_norm_eps=1e-5, **_TINY_LM_SHAPE)
 
 
 def _tiny_qwen2() -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=PRESET_TOKENIZER_VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
+    return Qwen2Config(vocab_size=PRESET_TOKENIZER_VOCAB, **_TINY_LM_SHAPE)
 
 
 def _llama_2(hidden: int, layers: int, heads: int, mlp: int) -> Callable[[], LlamaConfig]:
