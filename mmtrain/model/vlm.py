@@ -5,8 +5,8 @@ has no LoRA: it is then neither wrapped by DeepSpeed nor partitioned by ZeRO-3, 
 under ``no_grad``, and a rank whose batch has no image simply skips it. That removes the
 ZeRO-3 hang of mixed text/image batches at the root instead of pushing dummy images
 through the encoder. With vision LoRA the encoder trains, so it is a registered
-submodule; a rank without images then runs it on an empty batch, which gathers (and
-releases) exactly the same parameters as its peers.
+submodule; a rank without images then runs it on one blank image whose features are
+discarded, so it gathers (and releases) exactly the same parameters as its peers.
 """
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ class VisionLanguageModel(nn.Module):
         vision = self.vision
         dtype = next(vision.parameters()).dtype
         if self.vision_trainable:
+            if pixel_values.shape[0] == 0:
+                # The fallback for a trained (LoRA) encoder: its attention cannot run on an
+                # empty batch, and under ZeRO-3 every rank must run it. One blank image goes
+                # through and contributes exactly zero (its features are sliced away).
+                blank = pixel_values.new_zeros(1, 3, vision.image_size, vision.image_size, dtype=dtype)
+                features = vision(blank)
+                return features[:0] + 0.0 * features.sum()
             return vision(pixel_values.to(dtype))
         if pixel_values.shape[0] == 0:
             return pixel_values.new_zeros(0, vision.num_patches, vision.hidden_size, dtype=dtype)

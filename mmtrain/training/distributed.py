@@ -156,8 +156,23 @@ def frozen_vision_context(accelerator):
     """At ZeRO-3, load the frozen vision encoder without ``zero.Init`` (it stays whole, outside the engine)."""
     plugin = deepspeed_plugin(accelerator)
     if plugin is not None and plugin.zero3_init_flag:
-        return plugin.zero3_init_context_manager(enable=False)
+        return _without_zero3_init(plugin)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_zero3_init(plugin):
+    # transformers decides on zero.Init from the DeepSpeed config it was handed; Accelerate's
+    # own zero3_init_context_manager(enable=False) re-installs a stage-3 config, so
+    # from_pretrained would still partition. Remove the config for the duration instead.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.dschf = None
+        plugin.set_deepspeed_weakref()
 
 
 def make_optimizer(accelerator, groups: list[dict], learning_rate: float):

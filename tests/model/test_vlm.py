@@ -151,3 +151,13 @@ def test_cls_token_dropped_unless_kept(tiny_args):
     pixels = torch.randn(1, 3, drop.image_size, drop.image_size)
     assert drop(pixels).shape[1] == drop.num_patches
     assert keep(pixels).shape[1] == keep.num_patches
+
+
+def test_text_only_batch_with_vision_lora_runs_the_encoder_on_a_blank_image(tiny_args):
+    built = build_model(tiny_args(vis_lora_dim=2))
+    batch = _batch(built, n_images_per_row=(0, 0))
+    batch["pixel_values"] = batch["pixel_values"][:0]
+    out = built.model(**batch)
+    out.loss.backward()
+    lora = [p for n, p in built.model.named_parameters() if n.startswith("vision_encoder.") and ".lora_" in n]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora)
