@@ -103,15 +103,30 @@ def test_killed_and_resumed_run_is_bit_identical(full_runs, model_folders, data_
     assert last == STEPS
     for step in range(SAVE_EVERY + 1, STEPS + 1):
         assert resumed[step] == reference[step], f"step {step}: {resumed[step]} != {reference[step]}"
-    # final trainable weights (the last checkpoint's module state) are bit-identical
+    # final trainable state (weights, fp32 master copies, Adam moments of every rank's
+    # partition, as DeepSpeed saved them) is bit-identical
     name = f"step-{STEPS:08d}"
-    a = _trainable_state(reference_dir / "checkpoints" / name)
-    b = _trainable_state(out / "checkpoints" / name)
+    a = _checkpoint_tensors(reference_dir / "checkpoints" / name)
+    b = _checkpoint_tensors(out / "checkpoints" / name)
     assert a.keys() == b.keys() and a
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def _trainable_state(checkpoint: Path) -> dict:
-    state = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
+def _checkpoint_tensors(checkpoint: Path) -> dict:
+    """Every tensor in the DeepSpeed shards of a checkpoint, keyed by file and path inside it."""
+    found = {}
+
+    def walk(prefix, value):
+        if torch.is_tensor(value):
+            found[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+
+    for path in sorted((checkpoint / "pytorch_model").glob("*.pt")):
+        walk(path.name, torch.load(path, map_location="cpu", weights_only=False))
+    return found
