@@ -60,11 +60,11 @@ class Loop:
             for batch in loader:
                 loss, tokens, samples = self._micro_step(batch)
                 state.step_in_epoch += 1
+                state.tokens_seen += tokens
                 window.add(loss, tokens, samples)
                 if not self.acc.sync_gradients:
                     continue
                 state.global_step += 1
-                state.tokens_seen += tokens
                 progress.update(1)
                 if state.global_step % args.logging_steps == 0:
                     self._log_train(window)
@@ -80,7 +80,8 @@ class Loop:
             else:
                 break
         progress.close()
-        if self.state.step_in_epoch:  # stopped by --max_steps inside an epoch
+        saved_here = args.save_steps and state.global_step % args.save_steps == 0
+        if state.step_in_epoch and not saved_here:  # stopped by --max_steps inside an epoch
             self.checkpointer.save(state)
         if not self.last_eval or self.last_eval.get("step") != state.global_step:
             self._evaluate()
