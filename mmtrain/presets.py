@@ -60,27 +60,23 @@ def _llama_2(hidden: int, layers: int, heads: int, mlp: int) -> Callable[[], Lla
     return build
 
 
+# The tiny vision towers share one shape, like the tiny LMs.
+_TINY_VISION_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+)
+
+
 def _tiny_clip() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=8,
-        projection_dim=64,
-    )
+    return CLIPVisionConfig(projection_dim=64, **_TINY_VISION_SHAPE)
 
 
 def _tiny_siglip() -> SiglipVisionConfig:
-    return SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=8,
-    )
+    return SiglipVisionConfig(**_TINY_VISION_SHAPE)
 
 
 def _clip(hidden: int, layers: int, heads: int, mlp: int, image: int, patch: int, proj: int):

@@ -11,6 +11,7 @@ from mmtrain.data.packing import PackingCollator, check_packed_attention, first_
 from mmtrain.data.template import IGNORE_INDEX
 from mmtrain.model import build_model
 from mmtrain.model.builder import named_parameters_all
+from tests.adapters import randomise_lora
 
 
 def test_first_fit_rows_respects_capacity_and_keeps_every_sample():
@@ -91,14 +92,6 @@ def _packed_sample_sums(token, batch, order):
     return torch.stack([sums[i] for i in range(len(sums))])
 
 
-def _randomise_lora(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
-
-
 @pytest.mark.parametrize("mmca", [None, "same_image", "self"])
 def test_packed_equals_padded_losses_and_gradients(tiny_args, mmca):
     kwargs = {"lang_lora_dim": 4, "lang_lora_alpha": 4}  # scale 1, as the tolerances were set for
@@ -106,7 +99,7 @@ def test_packed_equals_padded_losses_and_gradients(tiny_args, mmca):
         kwargs.update(enable_mmca_attention=True, mmca_image_attention=mmca)
     built = build_model(tiny_args(**kwargs))
     model = built.model
-    _randomise_lora(model)
+    randomise_lora(model)
     items = _items(built, [(1, 9), (0, 12), (2, 4), (1, 30), (0, 3)])
     lengths = [len(i["input_ids"]) for i in items]
     capacity = max(lengths) + 20

@@ -13,6 +13,7 @@ from mmtrain.model.builder import named_parameters_all
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, decoder_layers
 from mmtrain.model.lora import lora_inputs_follow_autocast
 from mmtrain.model.vision_cache import IMAGE_KEYS, ImageKeyCollator, VisionFeatureCache
+from tests.adapters import randomise_lora
 
 
 def _items(built, n, seed=0, images=(1, 0, 2)):
@@ -34,14 +35,6 @@ def _items(built, n, seed=0, images=(1, 0, 2)):
             }
         )
     return items
-
-
-def _randomise_lora(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
 
 
 def _grads(model):
@@ -154,7 +147,7 @@ def test_lora_under_autocast_skips_the_fp32_round_trip_with_identical_numbers(ti
         torch.manual_seed(0)  # same projector, new-token rows and LoRA A in both builds
         built = build_model(tiny_args(lang_lora_dim=4), dtype=torch.bfloat16, trainable_dtype=torch.float32)
         model = built.model
-        _randomise_lora(model)
+        randomise_lora(model)
         if follow:
             assert lora_inputs_follow_autocast(model) > 0
         seen = _lora_inputs(model)
@@ -185,7 +178,7 @@ def _loss_and_grads(model, batch):
 def test_checkpointing_first_layers_recomputes_only_them_with_the_same_loss_and_grads(tiny_args):
     built = build_model(tiny_args(lang_lora_dim=4))
     model = built.model
-    _randomise_lora(model)
+    randomise_lora(model)
     model.train()
     batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
     loss_plain, grads_plain = _loss_and_grads(model, batch)
@@ -221,7 +214,7 @@ def _compile_works() -> str | None:
 def test_compiled_decoder_layers_give_the_eager_loss_and_grads(tiny_args):
     built = build_model(tiny_args(lang_lora_dim=4))
     model = built.model
-    _randomise_lora(model)
+    randomise_lora(model)
     batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
     loss_eager, grads_eager = _loss_and_grads(model, batch)
     names = [n for n, _ in model.named_parameters()]
