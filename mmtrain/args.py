@@ -202,6 +202,13 @@ class TrainArguments:
     torch_compile: bool = field(
         default=False, metadata=_help("Compile each decoder layer of the LM with torch.compile (regional compilation).")
     )
+    fused_lora: bool = field(
+        default=True,
+        metadata=_help(
+            "Run each LoRA layer as one node whose adds happen inside the matrix products (same numbers as peft's "
+            "forward; layers it does not cover, e.g. with LoRA dropout or at ZeRO-3, keep peft's)."
+        ),
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))

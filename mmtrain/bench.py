@@ -368,8 +368,10 @@ def profile_steps(step, batches, steps: int) -> dict:
 def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape: dict, peak_tflops: float, set_epoch=None) -> dict:
     """Warm up on ``warm_loader``, then time ``epochs`` passes over ``loader``.
 
-    ``step(batch)`` returns (loss, counted tokens, padded positions). ``lengths`` are the
-    per-sample lengths of one pass over ``loader``.
+    ``step(batch)`` returns (loss, counted tokens, padded positions), the first two
+    possibly device tensors that are read only after the timed region; step times are
+    therefore host-side times per step, the device being synchronised around the whole
+    region. ``lengths`` are the per-sample lengths of one pass over ``loader``.
     """
     peak_reset()
     static = memory_now().get("allocated_bytes")
@@ -403,6 +405,8 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
         per_epoch.append(figures(time.perf_counter() - start, lengths, shape, peak_tflops))
     seconds = time.perf_counter() - total_start
     out = figures(seconds, lengths * epochs, shape, peak_tflops)
+    losses = [float(loss) for loss in losses]
+    counted = int(counted)
     out.update(
         steps=len(step_times),
         warmup_steps=len(warm_losses),
@@ -466,7 +470,9 @@ def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach().float().item(), int(batch["attention_mask"].sum()), batch["input_ids"].numel()
+        # Device tensors, read after the timed region: a per-step .item() would make the
+        # host wait for the GPU every step (as mmtrain's loop avoids too).
+        return out.loss.detach(), batch["attention_mask"].sum(), batch["input_ids"].numel()
 
     for b in opts.plain_batches:
         steps = opts.plain_steps or max(1, math.ceil(timed_n / b))

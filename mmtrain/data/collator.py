@@ -13,10 +13,18 @@ key                 shape / dtype          meaning
 ``image_counts``    [B] long               images of each row; sums to N
 ==================  =====================  ===================================================
 
-A packing collator (several samples per row) would add ``position_ids`` [B, L]
-(restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
-sample a token belongs to, for a block-diagonal attention mask) and keep the keys
-above with the same meaning; :data:`OPTIONAL_KEYS` names them so consumers can check.
+Optional keys (:data:`OPTIONAL_KEYS`):
+
+* ``label_positions`` [K] long: the flat indices, in the ``[B, L - 1]`` grid of
+  next-token targets (``labels[:, 1:]``), of the K targets that are not -100. Both
+  collators here add it. It is computed on the CPU, so the model picks the positions
+  that reach the output head without reading a count back from the GPU (a boolean-mask
+  index would wait for the GPU to finish everything queued before it). Without it the
+  model derives the same positions from ``labels``.
+* A packing collator (several samples per row) adds ``position_ids`` [B, L]
+  (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
+  sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
+  above with the same meaning.
 """
 
 from __future__ import annotations
@@ -28,7 +36,12 @@ import torch
 from mmtrain.data.template import IGNORE_INDEX
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
-OPTIONAL_KEYS = ("position_ids", "document_ids")
+OPTIONAL_KEYS = ("label_positions", "position_ids", "document_ids")
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the set targets in ``labels[:, 1:]`` (see ``label_positions`` above)."""
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().flatten()
 
 
 class BatchCollator(ABC):
@@ -46,6 +59,8 @@ class Collator(BatchCollator):
     Text-only items (``pixel_values`` with 0 rows) mix freely with image items.
     ``pad_to_multiple_of`` rounds the padded length up (tensor-core friendly shapes).
     """
+
+    output_keys = BATCH_KEYS + ("label_positions",)
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
@@ -76,4 +91,5 @@ class Collator(BatchCollator):
             "labels": labels,
             "pixel_values": pixel_values,
             "image_counts": image_counts,
+            "label_positions": label_positions(labels),
         }

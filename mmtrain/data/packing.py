@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator
+from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
 from mmtrain.data.template import IGNORE_INDEX
 
 
@@ -105,17 +105,21 @@ class PackingCollator(BatchCollator):
             "labels": labels,
             "pixel_values": torch.cat(pixel_values, dim=0),
             "image_counts": torch.tensor(image_counts, dtype=torch.long),
+            "label_positions": label_positions(labels),
             "position_ids": position_ids,
             "document_ids": document_ids,
         }
 
 
-def samples_in(batch: dict) -> int:
-    """Samples in a batch: its rows, or with packing the packed samples of all rows."""
+def samples_in(batch: dict) -> int | torch.Tensor:
+    """Samples in a batch: its rows, or with packing the packed samples of all rows.
+
+    For a packed batch this is a 0-d tensor on the batch's device (not read back here).
+    """
     documents = batch.get("document_ids")
     if documents is None:
         return int(batch["input_ids"].shape[0])
-    return int((documents.amax(dim=1) + 1).sum())
+    return (documents.amax(dim=1) + 1).sum()
 
 
 def check_packed_attention(config) -> None:

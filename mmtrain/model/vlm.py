@@ -86,12 +86,18 @@ class VisionLanguageModel(nn.Module):
         embeds = self.language_model.get_input_embeddings()(input_ids)
         projected = self.projector(image_features.to(self._projector_dtype()))
         is_image = input_ids == self.image_tokens.image_id
-        expected = int(is_image.sum())
-        if expected != projected.shape[0] * projected.shape[1]:
-            raise ValueError(
-                f"batch has {expected} <image> token positions but {projected.shape[0]} images x "
-                f"{projected.shape[1]} tokens = {projected.shape[0] * projected.shape[1]} features"
-            )
+        features = projected.shape[0] * projected.shape[1]
+        if input_ids.device.type == "cpu" or not torch.is_grad_enabled():
+            expected = int(is_image.sum())
+            if expected != features:
+                raise ValueError(
+                    f"batch has {expected} <image> token positions but {projected.shape[0]} images x "
+                    f"{projected.shape[1]} tokens = {features} features"
+                )
+        else:
+            # Training on an accelerator: the same check without making the host wait
+            # for the device (the collator builds spans and images together).
+            torch._assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
         # masked_scatter fills positions in row-major order: image k lands on span k.
         embeds = embeds.masked_scatter(is_image[..., None], projected.to(embeds.dtype))
         if projected.numel() == 0:
@@ -113,6 +119,7 @@ class VisionLanguageModel(nn.Module):
         image_counts: torch.Tensor | None = None,  # part of the batch contract; spans carry the order
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        label_positions: torch.Tensor | None = None,
         return_logits: bool = False,
         **lm_kwargs,
     ) -> VLMOutput:
@@ -139,24 +146,31 @@ class VisionLanguageModel(nn.Module):
         if labels is None:
             zero = hidden.new_zeros(())
             return VLMOutput(loss=zero, num_label_tokens=zero, logits=logits)
-        loss, count, per_sample, per_sample_count = causal_lm_loss(hidden, labels, head)
+        loss, count, per_sample, per_sample_count = causal_lm_loss(hidden, labels, head, label_positions)
         return VLMOutput(loss, count, per_sample, per_sample_count, logits)
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module):
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, positions: torch.Tensor | None = None):
     """Next-token cross-entropy evaluated only where a label is set.
 
     Prompt, image and padding positions never reach the output head, so no
     ``[batch, seq, vocab]`` fp32 logits are formed for them; in a VLM batch most positions
-    are image or prompt tokens. Returns the mean loss, the number of label tokens, and
-    per-sample loss sums and label counts.
+    are image or prompt tokens. ``positions`` are the flat indices of the set targets in
+    ``labels[:, 1:]`` (the collators' ``label_positions``); given, nothing here waits for
+    the device. Returns the mean loss, the number of label tokens, and per-sample loss
+    sums and label counts.
     """
     targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    count = keep.sum()
-    picked = hidden[:, :-1][keep]
+    if positions is None:
+        positions = (targets != IGNORE_INDEX).flatten().nonzero().flatten()
+    positions = positions.to(hidden.device)
+    rows = torch.div(positions, targets.shape[1], rounding_mode="floor")
+    # Target (row, col) is predicted from hidden (row, col): in the unshifted [B, L] grid
+    # that is flat index position + row, which indexes a view of ``hidden`` (no copy).
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions + rows)
     logits = head(picked).float()
-    token_losses = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    per_sample = torch.zeros(labels.shape[0], dtype=token_losses.dtype, device=token_losses.device).index_add(0, rows, token_losses.detach())
-    return token_losses.sum() / count.clamp(min=1), count, per_sample, keep.sum(dim=1)
+    token_losses = nn.functional.cross_entropy(logits, targets.reshape(-1).index_select(0, positions), reduction="none")
+    per_sample = hidden.new_zeros(labels.shape[0], dtype=token_losses.dtype).index_add(0, rows, token_losses.detach())
+    per_sample_count = torch.zeros_like(per_sample, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
+    count = per_sample_count.sum()
+    return token_losses.sum() / count.clamp(min=1), count, per_sample, per_sample_count

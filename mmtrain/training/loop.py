@@ -46,32 +46,31 @@ class Loop:
         self.generation_examples = data.generation_examples(train_args.eval_generate) if train_args.eval_generate else []
         self.last_eval: dict = {}
         self.vision_cache = speedups.make_vision_cache(accelerator, model, model_args, train_args.output_dir)
+        self.pending: list[tuple] = []  # (step, loss, tokens, samples) not yet read back from the device
+        self.window = _Window()  # read-back values since the last log line
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict:
         args, state = self.args, self.state
         progress = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.acc.is_local_main_process, desc="train")
-        window = _Window()
         while state.epoch < args.num_train_epochs and not self._done():
             self._set_epoch(state.epoch)
             loader = self.train_loader
             if state.step_in_epoch:
                 loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
             for batch in loader:
-                loss, tokens, samples = self._micro_step(batch)
+                self.pending.append((state.global_step + 1, *self._micro_step(batch)))
                 state.step_in_epoch += 1
-                state.tokens_seen += tokens
-                window.add(loss, tokens, samples)
                 if not self.acc.sync_gradients:
                     continue
                 state.global_step += 1
                 progress.update(1)
                 if state.global_step % args.logging_steps == 0:
-                    self._log_train(window)
+                    self._log_train()
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
                     self._evaluate()
                 if args.save_steps and state.global_step % args.save_steps == 0:
-                    self.checkpointer.save(state)
+                    self._save()
                 if self._done():
                     break
             epoch_finished = not self._done() or state.step_in_epoch >= len(self.train_loader)
@@ -82,7 +81,7 @@ class Loop:
         progress.close()
         saved_here = args.save_steps and state.global_step % args.save_steps == 0
         if state.step_in_epoch and not saved_here:  # stopped by --max_steps inside an epoch
-            self.checkpointer.save(state)
+            self._save()
         if not self.last_eval or self.last_eval.get("step") != state.global_step:
             self._evaluate()
         return {"global_step": state.global_step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
@@ -95,16 +94,17 @@ class Loop:
         self.train_loader.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
 
-    def _micro_step(self, batch) -> tuple[float, int, int]:
+    def _micro_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """One forward/backward (and optimizer step at the accumulation boundary).
+
+        Returns the loss, the tokens and the samples as they are, device tensors included:
+        reading them here would make the host wait for the GPU every step. :meth:`_settle`
+        reads a whole window of them at once.
+        """
         batch = speedups.encode_with_cache(self.vision_cache, batch)
         with self.acc.accumulate(self.model):
             out = self.model(**batch)
             loss = out.loss
-            if not torch.isfinite(loss.detach()).all():
-                raise TrainingError(
-                    f"loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); stopping. "
-                    f"The last good checkpoint under {self.args.output_dir}/checkpoints is intact."
-                )
             self.acc.backward(loss)
             if self.acc.sync_gradients and not self.deepspeed:
                 self._grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
@@ -112,8 +112,30 @@ class Loop:
             if self.acc.sync_gradients:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(batch["attention_mask"].sum())
-        return loss.detach().float().item(), tokens, samples_in(batch)
+        return loss.detach(), batch["attention_mask"].sum(), samples_in(batch)
+
+    def _settle(self) -> None:
+        """Read back the steps run since the last call: stop on a non-finite loss, count tokens.
+
+        Called before every log line, eval and checkpoint, so a bad step is reported with
+        its number and never reaches a checkpoint; the checkpoints already written are
+        those of finite steps.
+        """
+        pending, self.pending = self.pending, []
+        for step, loss, tokens, samples in pending:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss} at step {step} (epoch {self.state.epoch}); stopping. "
+                    f"The last good checkpoint under {self.args.output_dir}/checkpoints is intact."
+                )
+            tokens, samples = int(tokens), int(samples)
+            self.state.tokens_seen += tokens
+            self.window.add(loss, tokens, samples)
+
+    def _save(self) -> None:
+        self._settle()
+        self.checkpointer.save(self.state)
 
     def _grad_norm_value(self) -> float | None:
         if self.deepspeed:
@@ -124,8 +146,9 @@ class Loop:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
-    def _log_train(self, window: "_Window") -> None:
-        loss, tokens, samples, seconds = window.drain()
+    def _log_train(self) -> None:
+        self._settle()
+        loss, tokens, samples, seconds = self.window.drain()
         # Every process saw its own tokens: report the global rates.
         totals = self.acc.reduce(torch.tensor([tokens, samples], dtype=torch.float64, device=self.acc.device), "sum")
         values = {
@@ -144,6 +167,7 @@ class Loop:
         return self.state.epoch + self.state.step_in_epoch / max(len(self.train_loader), 1)
 
     def _evaluate(self) -> dict:
+        self._settle()
         result = evaluate_loss(self.acc, self.model, self.eval_loader)
         if self.generation_examples:
             gen = evaluate_generation(
@@ -167,7 +191,7 @@ class Loop:
             self.export(os.path.join(self.args.output_dir, f"epoch-{epoch}"))
         self.state.epoch += 1
         self.state.step_in_epoch = 0
-        self.checkpointer.save(self.state)
+        self._save()
 
     def export(self, folder: str) -> None:
         """Fuse LoRA into a copy, save an HF-format folder (main process), training weights untouched."""

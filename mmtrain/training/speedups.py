@@ -8,6 +8,7 @@ flag                                      default     what it changes
 ``--vision_cache_dir``                    memory      where those features live
 ``--gradient_checkpointing_layers N``     0           checkpoint only the first N LM layers
 ``--torch_compile``                       off         compile each LM decoder layer
+``--fused_lora``                          on          LoRA's scale and adds inside the GEMMs
 (always, plain mixed precision)                       LoRA inputs stay in the autocast dtype
 ========================================  ==========  =========================================
 
@@ -25,6 +26,7 @@ from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers
+from mmtrain.model.fused_lora import fuse_lora_layers
 from mmtrain.model.lora import lora_inputs_follow_autocast
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
 from mmtrain.training import distributed
@@ -50,10 +52,14 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
 
 
 def apply_model_speedups(accelerator, built: BuiltModel, train_args) -> None:
-    """LoRA casts, selective checkpointing and regional compilation, before ``accelerator.prepare``."""
+    """LoRA casts and fusion, selective checkpointing and regional compilation, before ``accelerator.prepare``."""
     lm = built.model.language_model
     if accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None:
         lora_inputs_follow_autocast(built.model)
+    if train_args.fused_lora and distributed.zero_stage(accelerator) == 3:
+        logger.info("fused LoRA: not used at ZeRO-3 (partitioned weights are gathered around peft's own forward)")
+    elif train_args.fused_lora and (count := fuse_lora_layers(built.model)):
+        logger.info(f"fused LoRA: {count} adapted layers add their low-rank term inside the base matrix product")
     if train_args.gradient_checkpointing_layers:
         layers = checkpoint_first_layers(lm, train_args.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")

@@ -161,3 +161,30 @@ def test_text_only_batch_with_vision_lora_runs_the_encoder_on_a_blank_image(tiny
     out.loss.backward()
     lora = [p for n, p in built.model.named_parameters() if n.startswith("vision_encoder.") and ".lora_" in n]
     assert lora and all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora)
+
+
+def test_loss_from_collated_label_positions_equals_loss_from_labels(tiny_args):
+    """The collator's CPU-side ``label_positions`` pick exactly the targets ``labels`` set."""
+    from mmtrain.data.collator import label_positions
+    from mmtrain.model.vlm import causal_lm_loss
+
+    built = build_model(tiny_args())
+    batch = _batch(built, n_images_per_row=(1, 2, 0))
+    batch["labels"][2, :4] = batch["input_ids"][2, :4]  # a row labelled at its start, before its padding
+    positions = label_positions(batch["labels"])
+    targets = batch["labels"][:, 1:]
+    assert positions.tolist() == [i for i, t in enumerate(targets.flatten().tolist()) if t != IGNORE_INDEX]
+    with torch.no_grad():
+        hidden = built.model.language_model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+    head = built.model.language_model.get_output_embeddings()
+    given = causal_lm_loss(hidden, batch["labels"], head, positions)
+    derived = causal_lm_loss(hidden, batch["labels"], head)
+    # By hand: every (row, col) target predicted from hidden[row, col], the plain shifted loss.
+    logits = head(hidden[:, :-1]).float()
+    by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    keep = targets != IGNORE_INDEX
+    for a, b in zip(given, derived):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(given[0], by_hand[keep].mean())
+    torch.testing.assert_close(given[2], (by_hand * keep).sum(1))
+    assert given[3].tolist() == keep.sum(1).tolist() and int(given[1]) == int(keep.sum())

@@ -1,0 +1,117 @@
+"""LoRA's extra work folded into the base layer's matrix products (``--fused_lora``).
+
+peft computes an adapted Linear as ``base(x) + lora_B(lora_A(x)) * scale``: besides the
+two small rank-r products, that is one multiply and one add over the whole output in
+forward, and again a multiply and an add (the two paths' input gradients) in backward,
+each a separate pass over a ``[tokens, features]`` activation. With the base frozen and
+~224 adapted layers in a 7B model, those passes cost about as much time as the
+attention (see benchmarks/README.md).
+
+Here the same function is one autograd node whose adds happen inside the matrix
+products: the GEMM epilogue ``C = alpha * A @ B + beta * C`` (``addmm_``) adds the
+scaled low-rank term onto the base output, and in backward adds the low-rank input
+gradient onto the base one. The scale is applied to the rank-r intermediates, which are
+tiny. Numbers equal peft's up to rounding (one rounding instead of three).
+
+We keep peft for everything else (injection, naming, saving, merging): only the forward
+of plain adapters is replaced, per layer, and any layer state this does not cover
+(dropout, DoRA and other variants, several or disabled adapters, merged weights, a
+trainable base, ZeRO-3 partitioned weights, mixed dtypes outside autocast) falls back to
+peft's own forward, so the switch is always safe to leave on.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+from torch.nn import functional as F
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """``x @ W.T + b + scale * (x @ A.T) @ B.T`` with the frozen ``W``, ``b`` and trainable ``A``, ``B``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ lora_a.t()  # [tokens, r]
+        out = F.linear(x2, weight, bias)
+        out.addmm_(xa, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, xa, weight, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = (g @ lora_b).mul_(ctx.scale)  # [tokens, r], the scale folded in here
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            grad_x.addmm_(gb, lora_a)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = gb.t() @ x2
+        if ctx.needs_input_grad[4]:
+            grad_b = g.t() @ (xa * ctx.scale)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _fusable(layer: LoraLinear, x: torch.Tensor, adapter: str) -> bool:
+    if layer.disable_adapters or layer.merged or list(layer.active_adapters) != [adapter]:
+        return False
+    if adapter in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[adapter], nn.Identity):
+        return False
+    base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
+    if not isinstance(base, nn.Linear) or lora_a.bias is not None or lora_b.bias is not None:
+        return False
+    weight = base.weight
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or hasattr(weight, "ds_id"):
+        return False  # a trained base, or ZeRO-3 (weights gathered by hooks around base_layer's own forward)
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    return x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+
+
+def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapter = self._mmtrain_adapter
+    if args or kwargs or not _fusable(self, x, adapter):
+        return self._mmtrain_peft_forward(x, *args, **kwargs)
+    base = self.base_layer
+    tensors = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+    if torch.is_autocast_enabled(x.device.type):
+        # What autocast would do to each product, done once up front; casting back the
+        # adapters' gradients to their own dtype is autograd's job.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        tensors = tuple(t if t is None else t.to(dtype) for t in tensors)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LoraLinearFunction.apply(*tensors, self.scaling[adapter])
+    return _LoraLinearFunction.apply(*tensors, self.scaling[adapter])
+
+
+def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:
+    """Give every peft LoRA ``Linear`` inside ``module`` the fused forward; returns how many (idempotent)."""
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, LoraLinear) and adapter in sub.lora_A:
+            if not hasattr(sub, "_mmtrain_peft_forward"):
+                sub._mmtrain_peft_forward = sub.forward
+                sub._mmtrain_adapter = adapter
+                sub.forward = types.MethodType(_fused_forward, sub)
+            count += 1
+    return count
+
+
+def unfuse_lora_layers(module: nn.Module) -> int:
+    """Restore peft's own forward everywhere; returns how many layers changed."""
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "_mmtrain_peft_forward"):
+            sub.forward = sub._mmtrain_peft_forward
+            del sub._mmtrain_peft_forward, sub._mmtrain_adapter
+            count += 1
+    return count

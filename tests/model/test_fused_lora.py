@@ -1,0 +1,160 @@
+"""The fused LoRA forward against peft's own: same outputs and gradients, and a safe fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from mmtrain.data import Collator
+from mmtrain.model import build_model
+from mmtrain.model import fused_lora
+from mmtrain.model.decoder_layers import compile_decoder_layers
+from mmtrain.model.fused_lora import fuse_lora_layers, unfuse_lora_layers
+from tests.adapters import randomise_lora
+from tests.model.test_speed_features import _assert_same_grads, _compile_works, _grads, _items
+
+
+class _Block(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(24, 40, bias=bias)
+        self.out = nn.Linear(40, 16, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.proj(x)))
+
+
+def _adapted(bias=False, dropout=0.0, dtype=torch.float32, adapter_dtype=None, seed=0):
+    torch.manual_seed(seed)
+    block = _Block(bias)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["proj", "out"]), block)
+    block.to(dtype)
+    for name, param in block.named_parameters():
+        param.requires_grad_(".lora_" in name)
+        if ".lora_" in name:
+            with torch.no_grad():
+                param.copy_(0.3 * torch.randn(param.shape))
+            if adapter_dtype is not None:
+                param.data = param.data.to(adapter_dtype)
+    return block
+
+
+class _Calls:
+    """Counts calls of the fused autograd function."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        apply = fused_lora._LoraLinearFunction.apply
+
+        def counted(*args):
+            self.n += 1
+            return apply(*args)
+
+        monkeypatch.setattr(fused_lora._LoraLinearFunction, "apply", counted)
+
+
+def _run(block, x, autocast=False):
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = block(x)
+    (y.float() ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    for p in block.parameters():
+        p.grad = None
+    return y.detach(), x.grad, grads
+
+
+def _error(got, exact):
+    return (got.double() - exact).abs().max().item() / exact.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "dtype,bias,autocast",
+    [(torch.float32, False, False), (torch.float32, True, False), (torch.bfloat16, True, False), (torch.float32, False, True)],
+    ids=["fp32", "fp32-bias", "bf16", "autocast-bf16"],
+)
+def test_fused_equals_peft(monkeypatch, dtype, bias, autocast):
+    """Outputs and every gradient: fp32 equal peft's; in bf16 at least as close to an fp64 run as peft's."""
+    block = _adapted(bias=bias, dtype=dtype)
+    x = torch.randn(3, 7, 24, dtype=dtype)
+    exact = _run(_adapted(bias=bias, dtype=torch.float64), x.double())
+    peft_run = _run(block, x, autocast)
+    calls = _Calls(monkeypatch)
+    assert fuse_lora_layers(block) == 2
+    assert fuse_lora_layers(block) == 2  # idempotent: still one wrapper per layer
+    fused_run = _run(block, x, autocast)
+    assert calls.n == 2, "both layers must take the fused path"
+    assert fused_run[0].dtype == peft_run[0].dtype and fused_run[2].keys() == peft_run[2].keys() and len(fused_run[2]) == 4
+    for name in fused_run[2]:
+        assert fused_run[2][name].dtype == peft_run[2][name].dtype, name  # fp32 adapters under autocast keep fp32 grads
+    pairs = [("output", fused_run[0], peft_run[0], exact[0]), ("input grad", fused_run[1], peft_run[1], exact[1])]
+    pairs += [(name, fused_run[2][name], peft_run[2][name], exact[2][name]) for name in fused_run[2]]
+    low_precision = dtype == torch.bfloat16 or autocast
+    for name, fused, peft, ref in pairs:
+        if low_precision:
+            assert _error(fused, ref) <= 1.5 * _error(peft, ref) + 2e-3, name
+        else:
+            torch.testing.assert_close(fused, peft, rtol=1e-5, atol=1e-6, msg=name)
+    assert unfuse_lora_layers(block) == 2
+    _run(block, x, autocast)
+    assert calls.n == 2, "unfused layers are peft's again"
+
+
+def test_layers_it_does_not_cover_fall_back_to_peft(monkeypatch):
+    calls = _Calls(monkeypatch)
+    x = torch.randn(2, 5, 24)
+    with_dropout = _adapted(dropout=0.1)
+    fuse_lora_layers(with_dropout)
+    with_dropout(x)
+    mixed = _adapted(adapter_dtype=torch.float64)  # adapters in another dtype, no autocast
+    y_ref = mixed(x)
+    fuse_lora_layers(mixed)
+    torch.testing.assert_close(mixed(x), y_ref)
+    trained_base = _adapted()
+    trained_base.proj.base_layer.weight.requires_grad_(True)
+    fuse_lora_layers(trained_base)
+    trained_base(x)
+    assert calls.n == 1, "only trained_base.out is a plain adapter on a frozen base"
+    disabled = _adapted()
+    y_base = disabled.out.base_layer(torch.relu(disabled.proj.base_layer(x)))
+    fuse_lora_layers(disabled)
+    for layer in (disabled.proj, disabled.out):
+        layer.enable_adapters(False)
+    torch.testing.assert_close(disabled(x), y_base)
+    assert calls.n == 1
+
+
+def test_model_loss_and_grads_match_peft(tiny_args):
+    built = build_model(tiny_args(lang_lora_dim=4, vis_lora_dim=4))
+    model = built.model
+    randomise_lora(model)
+    batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
+    loss_ref = model(**batch).loss
+    loss_ref.backward()
+    grads_ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    assert fuse_lora_layers(model) > 0
+    loss = model(**batch).loss
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    _assert_same_grads(grads_ref, _grads(model), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
+def test_fused_lora_compiles(tiny_args):
+    built = build_model(tiny_args(lang_lora_dim=4))
+    model = built.model
+    randomise_lora(model)
+    batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
+    loss_ref = model(**batch).loss
+    loss_ref.backward()
+    grads_ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    fuse_lora_layers(model)
+    compile_decoder_layers(model.language_model)
+    loss = model(**batch).loss
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    _assert_same_grads(grads_ref, _grads(model), rtol=1e-4, atol=1e-5)
