@@ -12,6 +12,8 @@
 #   speed          the speed flags that exist in mmtrain/args.py: packing vs padding on the same
 #                  samples, the vision-feature cache over two epochs, torch.compile, all together
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
+#   seq2048        every sample 2048 tokens: beside the plain loop (profiled), then without fused
+#                  LoRA, with torch.compile, at ZeRO-0, and with MMCA on (its whole-step cost)
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
 #
 # When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
@@ -27,10 +29,12 @@ mkdir -p "$OUT"
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
     BENCH=(--lm tiny-llama --vision tiny-clip --steps 2 --warmup 1 --text_tokens 16 48 --plain_batches 2)
+    FULL=(--text_tokens 48 48)
     MMCA=(--preset tiny-llama --seq 256 --image_tokens 64 --dtype fp32 --device cpu --warmup 1 --repeats 2)
     MEM=(--smoke)
 else
     BENCH=()
+    FULL=(--text_tokens 1470 1470)
     MMCA=(--preset llama-2-7b --layers 4 --seq 2048 --image_tokens 576 --dtype bf16 --device cuda)
     MEM=()
 fi
@@ -120,6 +124,15 @@ part_speed() {
     [ $any = 1 ] || echo "no speed flags in mmtrain/args.py yet"
 }
 
+part_seq2048() {
+    local b=("${BENCH[@]}" "${FULL[@]}")
+    run $PY -m mmtrain.bench "${b[@]}" --profile on --out "$OUT/bench_${TAG}_seq2048.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --fused_lora false --out "$OUT/speed_${TAG}_seq2048_unfused.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --warmup 6 --torch_compile --out "$OUT/speed_${TAG}_seq2048_compile.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --zero_stage 0 --out "$OUT/speed_${TAG}_seq2048_zero0.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --enable_mmca_attention --out "$OUT/speed_${TAG}_seq2048_mmca.json"
+}
+
 part_mmca() {
     run $PY benchmarks/mmca_step_time.py "${MMCA[@]}" --output "$OUT/mmca_step_time_${TAG}.json"
 }
@@ -139,6 +152,7 @@ for part in "$@"; do
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;
         mmca) part_mmca ;;
+        seq2048) part_seq2048 ;;
         memory) part_memory all ;;
         memory:*) part_memory "${part#memory:}" ;;
         *) echo "unknown part: $part"; status=2; continue ;;
