@@ -12,8 +12,9 @@
 #   speed          the speed flags that exist in mmtrain/args.py: packing vs padding on the same
 #                  samples, the vision-feature cache over two epochs, torch.compile, all together
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
-#   seq2048        every sample 2048 tokens: beside the plain loop (profiled), then without fused
-#                  LoRA, with torch.compile, at ZeRO-0, and with MMCA on (its whole-step cost)
+#   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
+#                  eager (no compile) with and without fused LoRA, and eager with MMCA on
+#   variants       2048 tokens at ZeRO-0, at micro-batch 6, MMCA compiled; the mix over 2 epochs
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
 #
 # When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
@@ -117,9 +118,9 @@ part_speed() {
     fi
     if has_flag torch_compile; then
         any=1
-        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 --torch_compile --out "$OUT/speed_${TAG}_compile.json"
+        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 --torch_compile true --out "$OUT/speed_${TAG}_compile.json"
         has_flag packing && has_flag cache_vision_features && run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 \
-            --torch_compile --packing --cache_vision_features --epochs 2 --out "$OUT/speed_${TAG}_all_2ep.json"
+            --torch_compile true --packing --cache_vision_features --epochs 2 --out "$OUT/speed_${TAG}_all_2ep.json"
     fi
     [ $any = 1 ] || echo "no speed flags in mmtrain/args.py yet"
 }
@@ -127,10 +128,17 @@ part_speed() {
 part_seq2048() {
     local b=("${BENCH[@]}" "${FULL[@]}")
     run $PY -m mmtrain.bench "${b[@]}" --profile on --out "$OUT/bench_${TAG}_seq2048.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --fused_lora false --out "$OUT/speed_${TAG}_seq2048_unfused.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --warmup 6 --torch_compile --out "$OUT/speed_${TAG}_seq2048_compile.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --torch_compile false --out "$OUT/speed_${TAG}_seq2048_eager.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --torch_compile false --fused_lora false --out "$OUT/speed_${TAG}_seq2048_eager_unfused.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --torch_compile false --enable_mmca_attention --out "$OUT/speed_${TAG}_seq2048_eager_mmca.json"
+}
+
+part_variants() {
+    local b=("${BENCH[@]}" "${FULL[@]}")
     run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --zero_stage 0 --out "$OUT/speed_${TAG}_seq2048_zero0.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --enable_mmca_attention --out "$OUT/speed_${TAG}_seq2048_mmca.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --micro_batch 6 --out "$OUT/speed_${TAG}_seq2048_mb6.json"
+    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --enable_mmca_attention --torch_compile true --out "$OUT/speed_${TAG}_seq2048_mmca_compiled.json"
+    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_2ep.json"
 }
 
 part_mmca() {
@@ -153,6 +161,7 @@ for part in "$@"; do
         speed) part_speed ;;
         mmca) part_mmca ;;
         seq2048) part_seq2048 ;;
+        variants) part_variants ;;
         memory) part_memory all ;;
         memory:*) part_memory "${part#memory:}" ;;
         *) echo "unknown part: $part"; status=2; continue ;;

@@ -199,8 +199,12 @@ class TrainArguments:
             "--gradient_checkpointing, none without)."
         ),
     )
-    torch_compile: bool = field(
-        default=False, metadata=_help("Compile each decoder layer of the LM with torch.compile (regional compilation).")
+    torch_compile: Literal["auto", "true", "false"] = field(
+        default="auto",
+        metadata=_help(
+            "Compile each decoder layer of the LM with torch.compile (regional compilation). auto: on when "
+            "training on a CUDA GPU at ZeRO 0-2 without MMCA (+26%% tokens/s on ref-7b), off otherwise."
+        ),
     )
     fused_lora: bool = field(
         default=True,

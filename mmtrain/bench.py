@@ -104,7 +104,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[argparse.Namespace, li
     p.add_argument("--label_fraction", type=float, default=0.25, help="share of the text tokens that carry labels (at the end)")
     p.add_argument("--seq_len", type=int, default=2048, help="longest allowed sample (image span + text)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per epoch (the timed set holds steps x micro_batch samples)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, on other samples")
+    p.add_argument("--warmup", type=int, default=6, help="untimed steps first, on other samples (compilation and new shapes settle here)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the timed set (figures per epoch and overall)")
     p.add_argument("--plain", default="auto", choices=("auto", "skip"), help="run the plain transformers + peft loop (auto) or not")
     p.add_argument("--plain_batches", type=int, nargs="+", default=[4, 2, 1], help="plain loop micro-batches, first that fits wins")

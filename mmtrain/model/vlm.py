@@ -98,8 +98,15 @@ class VisionLanguageModel(nn.Module):
             # Training on an accelerator: the same check without making the host wait
             # for the device (the collator builds spans and images together).
             torch._assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
-        # masked_scatter fills positions in row-major order: image k lands on span k.
-        embeds = embeds.masked_scatter(is_image[..., None], projected.to(embeds.dtype))
+        # The n-th <image> position in row-major order takes feature row n, so image k
+        # lands on span k. This is masked_scatter's placement, written as a gather and a
+        # select: masked_scatter's backward (masked_select) reads a count back from the
+        # device, which would stall every training step.
+        flat = projected.reshape(-1, projected.shape[-1]).to(embeds.dtype)
+        if flat.shape[0]:
+            order = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view(is_image.shape)
+            placed = flat.index_select(0, order.flatten()).view_as(embeds)  # backward: index_add, no read-back
+            embeds = torch.where(is_image[..., None], placed, embeds)
         if projected.numel() == 0:
             # Keep the projector in the graph with a zero contribution so every rank
             # produces (zero) gradients for it; ZeRO's reductions then match across ranks.
