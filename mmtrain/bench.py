@@ -484,8 +484,13 @@ def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed
         warm_loader = torch.utils.data.DataLoader(warm, batch_size=b, collate_fn=collator, shuffle=False)
         try:
             result = timed_run(step, warm_loader, loader, [timed.length(i) for i in range(len(timed))], opts.epochs, shape, opts.peak_tflops)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            # Near the memory limit cuBLAS may fail to get its workspace and report
+            # CUBLAS_STATUS_EXECUTION_FAILED / ALLOC_FAILED instead of an out-of-memory error.
+            if not isinstance(err, torch.OutOfMemoryError) and "CUBLAS_STATUS" not in str(err):
+                raise
             info["out_of_memory_at"].append(b)
+            info.setdefault("out_of_memory_errors", []).append(f"{type(err).__name__}: {str(err)[:200]}")
             optimizer.zero_grad(set_to_none=True)
             free_memory()
             continue
