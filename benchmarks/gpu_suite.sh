@@ -14,7 +14,8 @@
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
-#   variants       2048 tokens at ZeRO-0, at micro-batch 6, MMCA compiled; the mix over 2 epochs
+#   variants       2048 tokens at micro-batch 6 beside the plain loop (profiled), at ZeRO-0, MMCA
+#                  compiled; the mix over 2 epochs
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
 #
 # When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
@@ -135,8 +136,8 @@ part_seq2048() {
 
 part_variants() {
     local b=("${BENCH[@]}" "${FULL[@]}")
+    run $PY -m mmtrain.bench "${b[@]}" --micro_batch 6 --profile on --out "$OUT/bench_${TAG}_seq2048_mb6.json"
     run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --zero_stage 0 --out "$OUT/speed_${TAG}_seq2048_zero0.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --micro_batch 6 --out "$OUT/speed_${TAG}_seq2048_mb6.json"
     run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --enable_mmca_attention --torch_compile true --out "$OUT/speed_${TAG}_seq2048_mmca_compiled.json"
     run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_2ep.json"
 }

@@ -106,7 +106,8 @@ def parse_options(argv: list[str] | None = None) -> tuple[argparse.Namespace, li
     p.add_argument("--steps", type=int, default=20, help="timed steps per epoch (the timed set holds steps x micro_batch samples)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first, on other samples (compilation and new shapes settle here)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the timed set (figures per epoch and overall)")
-    p.add_argument("--plain", default="auto", choices=("auto", "skip"), help="run the plain transformers + peft loop (auto) or not")
+    p.add_argument("--plain", default="auto", choices=("auto", "skip", "only"),
+                   help="run the plain transformers + peft loop (auto) or not; 'only': the plain loop alone, the result to --out")
     p.add_argument("--plain_batches", type=int, nargs="+", default=[4, 2, 1], help="plain loop micro-batches, first that fits wins")
     p.add_argument("--plain_steps", type=int, default=None, help="timed steps of the plain loop (default: as many samples as mmtrain)")
     p.add_argument("--profile", default="auto", choices=("auto", "on", "off"), help="profiler summary: auto = on a GPU when a target is missed")
@@ -695,13 +696,17 @@ def main(argv: list[str] | None = None) -> dict:
     timed_n = opts.steps * opts.micro_batch
 
     plain = None
-    if opts.plain == "auto":
+    if opts.plain == "only" or (opts.plain == "auto" and not cuda):
         plain = run_plain(opts, tokenizer, image_tokens, image_size, shape, timed_n)
         result["plain"] = _public(plain)
         if opts.profile == "on" and "_profile_step" in plain:
             result["plain"]["profile"] = _profile_or_error(*plain["_profile_step"], opts.profile_steps)
         plain.clear()  # the last references to the plain model: free it before mmtrain builds
         free_memory()
+        if opts.plain == "only":
+            return _write(result, opts.out, summary=f"plain loop: {result['plain'].get('tokens_per_s', 0):,.0f} tokens/s")
+    elif opts.plain == "auto":
+        plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
 
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, passthrough, tokenizer, image_tokens, image_size, shape, output_dir)
@@ -718,13 +723,53 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.profile == "on" or (opts.profile == "auto" and missed):
             result["mmtrain"]["profile"] = _profile_or_error(*mm["_profile_step"], opts.profile_steps)
 
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w") as f:
+    return _write(result, opts.out, summary_line(result))
+
+
+def _write(result: dict, out: str | None, summary: str) -> dict:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             json.dump(result, f, indent=2, default=str)
             f.write("\n")
-    print(summary_line(result), flush=True)
+    print(summary, flush=True)
     return result
+
+
+def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
+    """The plain loop's batch search on a GPU, one fresh process per micro-batch.
+
+    Running out of memory near the limit does not always raise a clean
+    ``OutOfMemoryError``: cuBLAS may fail with CUBLAS_STATUS_EXECUTION_FAILED and leave
+    the CUDA context unusable, which would then fail mmtrain's own run in the same
+    process. A child process per attempt keeps every failure contained.
+    """
+    base, i = [], 0
+    while i < len(raw):  # the parent's options without --out, --plain and --plain_batches
+        arg = raw[i]
+        name = arg.split("=", 1)[0]
+        i += 1
+        if name in ("--out", "--plain"):
+            i += 0 if "=" in arg else 1
+        elif name == "--plain_batches":
+            while "=" not in arg and i < len(raw) and not raw[i].startswith("--"):
+                i += 1
+        else:
+            base.append(arg)
+    failures = []
+    for b in batches:
+        with tempfile.TemporaryDirectory(prefix="mmtrain-bench-plain-") as tmp:
+            out = os.path.join(tmp, "plain.json")
+            cmd = [sys.executable, "-m", "mmtrain.bench", *base, "--plain", "only", "--plain_batches", str(b), "--out", out]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            plain = json.load(open(out))["plain"] if proc.returncode == 0 and os.path.exists(out) else None
+        if plain is not None and "tokens_per_s" in plain:
+            plain["out_of_memory_at"] = [f["micro_batch"] for f in failures]
+            plain["failed_attempts"] = failures
+            return plain
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        failures.append({"micro_batch": b, "returncode": proc.returncode, "error": tail[0][:300]})
+    return {"error": f"no micro-batch of {batches} ran", "failed_attempts": failures}
 
 
 def _profile_or_error(step, loader, steps: int) -> dict:

@@ -121,3 +121,18 @@ def test_memory_validation_rows_and_combine(tmp_path):
     assert [r["gradient_checkpointing"] for r in merged] == [False, True]  # validation_rows() order
     assert memory.load_measurements(str(out)) == merged
     assert "within" in mv.summarise(merged)
+
+
+def test_plain_loop_batch_search_runs_each_attempt_in_its_own_process(tmp_path, monkeypatch):
+    """The GPU path of the plain loop's batch search: a failing micro-batch is recorded, the next one runs.
+
+    Micro-batch 0 cannot run (the loader refuses it), standing in for an attempt that
+    dies; micro-batch 2 then runs in a fresh process and its figures come back.
+    """
+    monkeypatch.chdir(ROOT)
+    raw = ["--lm", "tiny-llama", "--vision", "tiny-clip", "--steps", "1", "--warmup", "0", "--text_tokens", "8", "16",
+           "--plain_batches", "4", "2", "--out", str(tmp_path / "unused.json")]
+    plain = bench.plain_in_subprocesses(raw, [0, 2])
+    assert plain["micro_batch"] == 2 and plain["tokens_per_s"] > 0
+    assert plain["out_of_memory_at"] == [0] and plain["failed_attempts"][0]["returncode"] != 0
+    assert not (tmp_path / "unused.json").exists()  # the children write only their own files
