@@ -147,7 +147,17 @@ class DataArguments:
         ),
     )
 
+    pad_to_multiple_of: int = field(
+        default=64,
+        metadata=_help(
+            "Round each padded batch's length up to a multiple of this (1: no rounding). Fewer distinct shapes: "
+            "kernels planned or compiled per shape are reused instead of rebuilt for every new length."
+        ),
+    )
+
     def __post_init__(self):
+        if self.pad_to_multiple_of < 1:
+            raise ConfigError(f"--pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.max_seq_len < 8:
             raise ConfigError(f"--max_seq_len must be >= 8, got {self.max_seq_len}")
         if not 0.0 <= self.eval_ratio < 1.0:
