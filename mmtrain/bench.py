@@ -437,7 +437,8 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
 # --------------------------------------------------------------------------------------
 
 
-def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed_n: int) -> dict:
+def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed_n: int, pad_to_multiple_of: int = 1) -> dict:
+    """The plain loop; its batches are padded like mmtrain's (``pad_to_multiple_of``), so both see the same shapes."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -456,8 +457,9 @@ def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of)
     info = {
+        "pad_to_multiple_of": pad_to_multiple_of,
         "model": f"AutoModelForCausalLM({opts.lm}) {opts.precision} sdpa + peft LoRA r={opts.lora_rank} all-linear, torch AdamW (fused on GPU), clip 1.0",
         "trainable_params": sum(p.numel() for p in params),
         "base_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
@@ -697,7 +699,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     plain = None
     if opts.plain == "only" or (opts.plain == "auto" and not cuda):
-        plain = run_plain(opts, tokenizer, image_tokens, image_size, shape, timed_n)
+        from mmtrain.args import parse_args
+
+        pad_multiple = parse_args(mmtrain_argv(opts, passthrough, "unused"))[1].pad_to_multiple_of
+        plain = run_plain(opts, tokenizer, image_tokens, image_size, shape, timed_n, pad_multiple)
         result["plain"] = _public(plain)
         if opts.profile == "on" and "_profile_step" in plain:
             result["plain"]["profile"] = _profile_or_error(*plain["_profile_step"], opts.profile_steps)
