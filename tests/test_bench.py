@@ -56,6 +56,10 @@ def test_bench_smoke_writes_figures(tmp_path):
     # Both systems ran the same samples: the same token count, and every one counted by the loop.
     assert mm["tokens"] == plain["tokens"] == mm["tokens_counted_by_loop"]
     assert mm["trainable_params"] > 0 and mm["parameter_counts"]["LM LoRA"]["trainable"] > 0
+    # The trainer's own DeepSpeed settings reached the engine: clipping, and the bf16
+    # per-tensor overflow scan off (the loop stops on a non-finite loss instead).
+    assert mm["deepspeed_config"]["gradient_clipping"] == 1.0
+    assert mm["deepspeed_config"]["bf16"] == {"enabled": True, "check_grad_overflow": False}
 
 
 def test_samples_follow_the_layout():
