@@ -9,7 +9,7 @@ flag                                      default     what it changes
 ``--vision_cache_dir``                    memory      where those features live
 ``--gradient_checkpointing_layers N``     0           checkpoint only the first N LM layers
 ``--torch_compile``                       auto        compile each LM decoder layer (auto: on
-                                                      for CUDA at ZeRO 0-2 without MMCA)
+                                                      for CUDA at ZeRO 0-2)
 ``--fused_lora``                          on          LoRA's scale and adds inside the GEMMs
 (always, plain mixed precision)                       LoRA inputs stay in the autocast dtype
 ========================================  ==========  =========================================
@@ -29,7 +29,6 @@ from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers
 from mmtrain.model.fused_lora import fuse_lora_layers
-from mmtrain.model.mmca import uses_mmca
 from mmtrain.model.lora import lora_inputs_follow_autocast
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
 from mmtrain.training import distributed
@@ -77,19 +76,15 @@ def apply_model_speedups(accelerator, built: BuiltModel, train_args) -> None:
 
 
 def should_compile(accelerator, built: BuiltModel, train_args) -> bool:
-    """``--torch_compile true/false`` as given; ``auto`` (default): on for CUDA training at ZeRO 0-2 without MMCA.
+    """``--torch_compile true/false`` as given; ``auto`` (default): on for CUDA training at ZeRO 0-2.
 
-    Compilation measured +26% tokens/s on ref-7b (benchmarks/README.md); on CPU it costs
-    more start-up than it returns on short runs, ZeRO-3 cannot take it, and MMCA reads
-    token counts back inside attention, which would split every compiled layer.
+    Compilation measured +16% (eager 10,700 -> 12,418) tokens/s on ref-7b at 2048 tokens,
+    +27% with MMCA (benchmarks/README.md); on CPU it costs more start-up than it returns
+    on short runs, and ZeRO-3 cannot take it.
     """
     if train_args.torch_compile != "auto":
         return train_args.torch_compile == "true"
-    auto = (
-        accelerator.device.type == "cuda"
-        and distributed.zero_stage(accelerator) != 3
-        and not uses_mmca(built.model.language_model)
-    )
+    auto = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
     if auto:
         logger.info("torch.compile: on by default for CUDA at ZeRO 0-2 (--torch_compile false turns it off)")
     return auto

@@ -158,3 +158,4 @@ def test_fused_lora_compiles(tiny_args):
     loss.backward()
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     _assert_same_grads(grads_ref, _grads(model), rtol=1e-4, atol=1e-5)
+

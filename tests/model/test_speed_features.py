@@ -223,3 +223,21 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_grads(tiny_args):
     loss_compiled, grads_compiled = _loss_and_grads(model, batch)
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
     _assert_same_grads(grads_eager, grads_compiled, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
+def test_compiled_layers_with_mmca_give_the_eager_loss_and_grads(tiny_args):
+    """MMCA inside compiled decoder layers (its plan reads counts back: a graph break) keeps the eager numbers."""
+    built = build_model(tiny_args(lang_lora_dim=4, enable_mmca_attention=True))
+    model = built.model
+    randomise_lora(model)
+    batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
+    loss_ref = model(**batch).loss
+    loss_ref.backward()
+    grads_ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    compile_decoder_layers(model.language_model)
+    loss = model(**batch).loss
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    _assert_same_grads(grads_ref, _grads(model), rtol=1e-4, atol=1e-5)
