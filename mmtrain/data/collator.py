@@ -21,6 +21,11 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   that reach the output head without reading a count back from the GPU (a boolean-mask
   index would wait for the GPU to finish everything queued before it). Without it the
   model derives the same positions from ``labels``.
+* ``right_padded`` (a Python ``True``, not a tensor): every row's padding comes after
+  all its real tokens. :class:`Collator` sets it. Under causal attention a real token
+  then never sees a padding key, so the model drops the padding mask and attention
+  keeps its causal kernel (the masked one computes every block of the square). Padding
+  positions carry no label, so what they compute is never used.
 * A packing collator (several samples per row) adds ``position_ids`` [B, L]
   (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
   sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
@@ -36,7 +41,7 @@ import torch
 from mmtrain.data.template import IGNORE_INDEX
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
-OPTIONAL_KEYS = ("label_positions", "position_ids", "document_ids")
+OPTIONAL_KEYS = ("label_positions", "right_padded", "position_ids", "document_ids")
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,7 @@ class Collator(BatchCollator):
     ``pad_to_multiple_of`` rounds the padded length up (tensor-core friendly shapes).
     """
 
-    output_keys = BATCH_KEYS + ("label_positions",)
+    output_keys = BATCH_KEYS + ("label_positions", "right_padded")
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
@@ -92,4 +97,5 @@ class Collator(BatchCollator):
             "pixel_values": pixel_values,
             "image_counts": image_counts,
             "label_positions": label_positions(labels),
+            "right_padded": True,
         }

@@ -127,6 +127,7 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         label_positions: torch.Tensor | None = None,
+        right_padded: bool = False,
         return_logits: bool = False,
         **lm_kwargs,
     ) -> VLMOutput:
@@ -136,6 +137,10 @@ class VisionLanguageModel(nn.Module):
             # block-diagonal causal mask, but only when no 2D attention mask is given.
             if position_ids is None:
                 raise ValueError("a packed batch (document_ids) needs position_ids restarting at 0 per sample")
+            attention_mask = None
+        elif right_padded and not return_logits:
+            # See the collator's batch contract: causal attention alone already keeps
+            # every real token off the padding, and SDPA keeps its causal kernel.
             attention_mask = None
         if image_features is None:
             if pixel_values is None:

@@ -188,3 +188,36 @@ def test_loss_from_collated_label_positions_equals_loss_from_labels(tiny_args):
     torch.testing.assert_close(given[0], by_hand[keep].mean())
     torch.testing.assert_close(given[2], (by_hand * keep).sum(1))
     assert given[3].tolist() == keep.sum(1).tolist() and int(given[1]) == int(keep.sum())
+
+
+@pytest.mark.parametrize("mmca", [False, True])
+def test_right_padded_batches_drop_the_padding_mask_with_the_same_loss(tiny_args, mmca):
+    """The collator's ``right_padded``: no padding mask, causal attention only; the same loss and gradients."""
+    from mmtrain.data import Collator
+    from tests.adapters import randomise_lora
+
+    built = build_model(tiny_args(lang_lora_dim=4, enable_mmca_attention=mmca))
+    model = built.model
+    randomise_lora(model)
+    batch = Collator(built.tokenizer.pad_token_id)(
+        [
+            {"input_ids": row[row != built.tokenizer.pad_token_id], "labels": lab[row != built.tokenizer.pad_token_id],
+             "pixel_values": pix}
+            for row, lab, pix in zip(*(_batch(built, n_images_per_row=(1, 0, 2), text=(5, 7, 9, 4, 6))[k] for k in ("input_ids", "labels")),
+                                     (torch.randn(n, 3, model.vision.image_size, model.vision.image_size) for n in (1, 0, 2)))
+        ]
+    )
+    assert batch["right_padded"] is True and bool((batch["attention_mask"] == 0).any()), "the batch must hold padding"
+    results = []
+    for right_padded in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(**{**batch, "right_padded": right_padded})
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in named_parameters_all(model) if p.grad is not None}
+        results.append((out.loss.detach(), out.loss_sum_per_sample, grads))
+    (loss_a, per_a, grads_a), (loss_b, per_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_b, per_a, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
