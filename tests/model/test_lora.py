@@ -88,10 +88,11 @@ def test_fused_weights_compute_what_the_adapted_model_computes(tiny_args):
     """A plain model loaded with the fused weights gives the adapted model's outputs."""
     built = build_model(tiny_args(lang_lora_dim=4))
     model = built.model
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n:
-                p.normal_(0, 0.5)
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     batch = _images_batch(built)
     with torch.no_grad():
         adapted = model(**batch, return_logits=True).logits
@@ -100,4 +101,5 @@ def test_fused_weights_compute_what_the_adapted_model_computes(tiny_args):
     plain.load_state_dict(merged, strict=True)
     with torch.no_grad():
         fused = plain(**batch, return_logits=True).logits
-    torch.testing.assert_close(fused, adapted, rtol=1e-4, atol=1e-4)
+    # fp32 rounding of (W + s·B·A)·x against W·x + s·B·(A·x): ~1e-4 of the logits' scale; a wrong merge is off by O(1)
+    torch.testing.assert_close(fused, adapted, rtol=1e-4, atol=1e-3 * float(adapted.abs().max()))
