@@ -7,13 +7,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from mmtrain.data import Collator
-from mmtrain.model import build_model
 from mmtrain.model import fused_lora
 from mmtrain.model.decoder_layers import compile_decoder_layers
 from mmtrain.model.fused_lora import fuse_lora_layers, unfuse_lora_layers
-from tests.adapters import randomise_lora
-from tests.model.test_speed_features import _assert_same_grads, _compile_works, _grads, _items
+from tests.model.test_speed_features import _compile_works, assert_change_keeps_loss_and_grads
 
 
 class _Block(nn.Module):
@@ -127,35 +124,16 @@ def test_layers_it_does_not_cover_fall_back_to_peft(monkeypatch):
 
 
 def test_model_loss_and_grads_match_peft(tiny_args):
-    built = build_model(tiny_args(lang_lora_dim=4, vis_lora_dim=4))
-    model = built.model
-    randomise_lora(model)
-    batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
-    loss_ref = model(**batch).loss
-    loss_ref.backward()
-    grads_ref = _grads(model)
-    model.zero_grad(set_to_none=True)
-    assert fuse_lora_layers(model) > 0
-    loss = model(**batch).loss
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    _assert_same_grads(grads_ref, _grads(model), rtol=1e-4, atol=1e-6)
+    def fuse(model):
+        assert fuse_lora_layers(model) > 0
+
+    assert_change_keeps_loss_and_grads(tiny_args, fuse, loss_tol=1e-6, grad_atol=1e-6, vis_lora_dim=4)
 
 
 @pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
 def test_fused_lora_compiles(tiny_args):
-    built = build_model(tiny_args(lang_lora_dim=4))
-    model = built.model
-    randomise_lora(model)
-    batch = Collator(built.tokenizer.pad_token_id)(_items(built, 3))
-    loss_ref = model(**batch).loss
-    loss_ref.backward()
-    grads_ref = _grads(model)
-    model.zero_grad(set_to_none=True)
-    fuse_lora_layers(model)
-    compile_decoder_layers(model.language_model)
-    loss = model(**batch).loss
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
-    _assert_same_grads(grads_ref, _grads(model), rtol=1e-4, atol=1e-5)
+    def fuse_and_compile(model):
+        fuse_lora_layers(model)
+        compile_decoder_layers(model.language_model)
 
+    assert_change_keeps_loss_and_grads(tiny_args, fuse_and_compile)
