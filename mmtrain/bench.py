@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.plain == "only" or (opts.plain == "auto" and not cuda):
         from mmtrain.args import parse_args
 
-        pad_multiple = parse_args(mmtrain_argv(opts, passthrough, "unused"))[1].pad_to_multiple_of
+        pad_multiple = parse_args(mmtrain_argv(opts, passthrough, "unused"))[1].padding_multiple()
         plain = run_plain(opts, tokenizer, image_tokens, image_size, shape, timed_n, pad_multiple)
         result["plain"] = _public(plain)
         if opts.profile == "on" and "_profile_step" in plain:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         main_process_first=accelerator.main_process_first,
     )
     setup.log_data_report(accelerator, data.report)
-    collator = Collator(built.tokenizer.pad_token_id, data_args.pad_to_multiple_of)
+    collator = Collator(built.tokenizer.pad_token_id, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
     train_loader = setup.make_loader(data.train, train_collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)

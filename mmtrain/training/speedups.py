@@ -4,7 +4,7 @@
 flag                                      default     what it changes
 ========================================  ==========  =========================================
 ``--packing``                             off         train collator packs samples into rows
-``--pad_to_multiple_of``                  64          padded batch lengths rounded up (fewer shapes)
+``--pad_to_multiple_of``                  auto        padded lengths rounded up (64 on a GPU)
 ``--cache_vision_features``               off         loop swaps pixels for cached features
 ``--vision_cache_dir``                    memory      where those features live
 ``--gradient_checkpointing_layers N``     0           checkpoint only the first N LM layers
@@ -47,7 +47,7 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
         collator = PackingCollator(pad, data_args.max_seq_len)
     else:
-        collator = Collator(pad, data_args.pad_to_multiple_of)
+        collator = Collator(pad, data_args.padding_multiple())
     if model_args.cache_vision_features:
         collator = ImageKeyCollator(collator)
     return collator
