@@ -197,7 +197,7 @@ class TrainArguments:
         default=None, metadata=_help("Learning rate of parameters with 'embed' in their name (default: --learning_rate).")
     )
     weight_decay: float = field(default=0.0, metadata=_help("Weight decay (never on biases and norm weights)."))
-    num_train_epochs: int = field(default=10, metadata=_help("Epochs."))
+    num_train_epochs: int = field(default=12, metadata=_help("Epochs."))
     max_steps: int = field(default=-1, metadata=_help("Stop after this many optimizer steps (-1: run all epochs)."))
     gradient_accumulation_steps: Optional[int] = field(
         default=None, metadata=_help("Micro-batches per optimizer step (default: the Accelerate/DeepSpeed config, else 1).")
