@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from mmtrain.data.collator import label_positions
+from mmtrain.data.template import IGNORE_INDEX  # noqa: F401  (re-exported; one constant for data and model)
 from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
 from mmtrain.model.vision import VisionEncoder
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -174,7 +174,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     """
     targets = labels[:, 1:]
     if positions is None:
-        positions = (targets != IGNORE_INDEX).flatten().nonzero().flatten()
+        positions = label_positions(labels)
     positions = positions.to(hidden.device)
     rows = torch.div(positions, targets.shape[1], rounding_mode="floor")
     # Target (row, col) is predicted from hidden (row, col): in the unshifted [B, L] grid
