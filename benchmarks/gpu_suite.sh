@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of mmtrain, in parts that each fit a 10-minute command.
+# The GPU tier and the GPU benchmarks of mmtrain, in parts that each fit a 10-minute command.
 #
+#   bash benchmarks/gpu_suite.sh env tier              # the GPU test tier (tests/gpu)
 #   bash benchmarks/gpu_suite.sh env bench mmca        # from the repository root
 #   bash benchmarks/gpu_suite.sh memory:0-7
 #   bash benchmarks/gpu_suite.sh memory:8-15
 #
 # Parts (run in the order given):
 #   env            versions, nvidia-smi, DeepSpeed's view of the machine
+#   tier           pytest tests/gpu on this machine's GPUs: the one-GPU rows on a machine with
+#                  one, the two-GPU rows where there are two or more (TIER_ROWS=all runs both);
+#                  rows run TIER_JOBS at a time (pytest-xdist); the results JSON goes to
+#                  $OUT/gpu_tier_<N>gpu.json (copy it to benchmarks/results/)
 #   bench          python -m mmtrain.bench: ref-7b, ZeRO-2, micro-batch 4, beside the plain loop
 #   bench-mb       the same at micro-batches 2 and 8, and ZeRO-0 / no DeepSpeed at 4 (no plain loop)
 #   speed          the speed flags that exist in mmtrain/args.py: packing vs padding on the same
@@ -41,7 +46,7 @@ else
     MEM=()
 fi
 
-missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic') if u.find_spec(m) is None))")
+missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets') if u.find_spec(m) is None))")
 if [ -n "$missing" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     echo "installing the carried wheels (missing: $missing)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -53,6 +58,8 @@ fi
 export TORCH_CUDA_ARCH_LIST=${MMTRAIN_CUDA_ARCH:-9.0}
 export DS_BUILD_OPS=0
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# NVLink multicast stays off, also in processes that set up their own environment.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=python3
 
 TAG=$($PY -c "
@@ -91,6 +98,25 @@ if torch.cuda.is_available():
 EOF
     nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv || true
     echo "flags in mmtrain/args.py:"; for f in packing cache_vision_features torch_compile gradient_checkpointing_layers; do has_flag $f && echo "  --$f"; done
+}
+
+part_tier() {
+    local gpus rows jobs select
+    gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+    if [ "$gpus" = 0 ]; then
+        echo "no CUDA device on this machine: every GPU-tier row is skipped (nothing was tested on a GPU)"
+        $PY -m pytest -q -rs tests/gpu
+        return $?
+    fi
+    rows=${TIER_ROWS:-auto}
+    select=()
+    if [ "$rows" = auto ]; then
+        if [ "$gpus" -ge 2 ]; then select=(-k "not test_one_gpu"); else select=(-k "test_one_gpu"); fi
+    fi
+    jobs=${TIER_JOBS:-6}
+    local n=$gpus; [ "$n" -gt 2 ] && n=2
+    MMTRAIN_GPU_RESULTS="$OUT/gpu_tier_${n}gpu.json" MMTRAIN_GPU_COMMAND="bash benchmarks/gpu_suite.sh tier" \
+        run $PY -m pytest -q -rs -p xdist -n "$jobs" --dist load "${select[@]}" tests/gpu
 }
 
 part_bench() {
@@ -157,6 +183,7 @@ for part in "$@"; do
     echo "=== $part ($(date -u +%H:%M:%S))"
     case $part in
         env) part_env ;;
+        tier) part_tier ;;
         bench) part_bench ;;
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;

@@ -32,6 +32,7 @@ import sys
 
 import torch
 
+from mmtrain import compat
 from mmtrain.args import ConfigError
 from mmtrain.model.pretrained import EXPORT_CONFIG, load_pretrained
 
@@ -50,7 +51,7 @@ def export_llava(model_dir: str, out: str) -> str:
             f"(exportable: {', '.join(EXPORTABLE_PROJECTORS)}); see `python -m mmtrain.export --help`"
         )
     built = load_pretrained(model_dir)
-    if getattr(built.model.language_model.config, "_attn_implementation", "") in ("mmca", "mmca_self"):
+    if compat.attn_implementation(built.model.language_model.config) in ("mmca", "mmca_self"):
         raise ConfigError(f"--model {model_dir} was trained with MMCA attention, which LLaVA cannot run")
     vlm = built.model
     vision_config = vlm.vision.tower.config

@@ -27,6 +27,7 @@ import warnings
 
 import torch
 
+from mmtrain import compat
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
 from mmtrain.data.template import IGNORE_INDEX
 
@@ -134,7 +135,7 @@ def check_packed_attention(config) -> None:
     import inspect
 
     import transformers
-    from transformers.masking_utils import create_causal_mask
+    from mmtrain.compat import create_causal_mask
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1]])
     offered = {
@@ -155,7 +156,7 @@ def check_packed_attention(config) -> None:
         return
     if mask is not None and not isinstance(mask, torch.Tensor):
         return  # a flex-attention BlockMask: built from the same packed-sequence function
-    implementation = getattr(config, "_attn_implementation", None)
+    implementation = compat.attn_implementation(config)
     if mask is None:
         allowed = None
     else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmtrain import compat
 from mmtrain.args import ModelArguments
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter
@@ -41,6 +42,7 @@ def build_model(
     meta: bool = False,
     frozen_vision_context: contextlib.AbstractContextManager | None = None,
     strict: bool = False,
+    preset_device: torch.device | None = None,
 ) -> BuiltModel:
     """Build the model described by ``model_args``.
 
@@ -49,6 +51,8 @@ def build_model(
     wraps the loading of a frozen vision encoder; at ZeRO-3 the trainer passes one that
     turns ``zero.Init`` off, so that encoder stays whole and outside the engine.
     ``strict`` also rejects unexpected tensors in the folders (for reloading exports).
+    ``preset_device`` is where presets draw their random weights (the trainer passes
+    its GPU at ZeRO 0-2; at ZeRO-3 ``zero.Init`` places them).
     """
     vision_config = load_vision_config(model_args.vision_model_name_or_path)
     lm_config = load_language_config(model_args.lm_model_name_or_path)
@@ -61,8 +65,12 @@ def build_model(
     image_processor = load_image_processor(model_args, vision_config)
     with device_ctx:
         with vision_ctx:
-            vision = build_vision_encoder(model_args, dtype=dtype, config=vision_config, strict=strict, weights=not meta)
-        language_model = build_language_model(model_args, dtype=dtype, config=lm_config, strict=strict, weights=not meta)
+            vision = build_vision_encoder(
+                model_args, dtype=dtype, config=vision_config, strict=strict, weights=not meta, preset_device=preset_device
+            )
+        language_model = build_language_model(
+            model_args, dtype=dtype, config=lm_config, strict=strict, weights=not meta, preset_device=preset_device
+        )
         if model_args.enable_mmca_attention:
             enable_mmca(language_model, model_args.mmca_image_attention)
         lm_dim = language_model.get_input_embeddings().embedding_dim
@@ -169,7 +177,7 @@ def component_of(name: str) -> str:
 
 def numel(param: nn.Parameter) -> int:
     """Full element count, also for a ZeRO-3 partitioned parameter."""
-    return int(getattr(param, "ds_numel", param.numel()))
+    return compat.full_numel(param)
 
 
 @dataclass

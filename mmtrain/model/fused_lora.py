@@ -25,9 +25,10 @@ from __future__ import annotations
 import types
 
 import torch
-from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from torch.nn import functional as F
+
+from mmtrain import compat
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -61,43 +62,41 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-def _fusable(layer: LoraLinear, x: torch.Tensor, adapter: str) -> bool:
-    if layer.disable_adapters or layer.merged or list(layer.active_adapters) != [adapter]:
+def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
+    if not compat.lora_runs_one_plain_adapter(layer, adapter):
         return False
-    if adapter in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[adapter], nn.Identity):
-        return False
-    base, lora_a, lora_b = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
+    base, lora_a, lora_b, _ = compat.lora_parts(layer, adapter)
     if not isinstance(base, nn.Linear) or lora_a.bias is not None or lora_b.bias is not None:
         return False
     weight = base.weight
-    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or hasattr(weight, "ds_id"):
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or compat.is_zero3_partitioned(weight):
         return False  # a trained base, or ZeRO-3 (weights gathered by hooks around base_layer's own forward)
     if torch.is_autocast_enabled(x.device.type):
         return True
     return x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
 
 
-def _fused_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter = self._mmtrain_adapter
     if args or kwargs or not _fusable(self, x, adapter):
         return self._mmtrain_peft_forward(x, *args, **kwargs)
-    base = self.base_layer
-    tensors = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+    base, lora_a, lora_b, scale = compat.lora_parts(self, adapter)
+    tensors = (x, base.weight, base.bias, lora_a.weight, lora_b.weight)
     if torch.is_autocast_enabled(x.device.type):
         # What autocast would do to each product, done once up front; casting back the
         # adapters' gradients to their own dtype is autograd's job.
         dtype = torch.get_autocast_dtype(x.device.type)
         tensors = tuple(t if t is None else t.to(dtype) for t in tensors)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(*tensors, self.scaling[adapter])
-    return _LoraLinearFunction.apply(*tensors, self.scaling[adapter])
+            return _LoraLinearFunction.apply(*tensors, scale)
+    return _LoraLinearFunction.apply(*tensors, scale)
 
 
 def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:
     """Give every peft LoRA ``Linear`` inside ``module`` the fused forward; returns how many (idempotent)."""
     count = 0
     for sub in module.modules():
-        if isinstance(sub, LoraLinear) and adapter in sub.lora_A:
+        if compat.is_lora_linear(sub, adapter):
             if not hasattr(sub, "_mmtrain_peft_forward"):
                 sub._mmtrain_peft_forward = sub.forward
                 sub._mmtrain_adapter = adapter

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from mmtrain import presets
+from mmtrain import compat, presets
 from mmtrain.args import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
@@ -38,18 +37,25 @@ def load_tokenizer(name_or_path: str):
 
 
 def build_language_model(
-    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False, weights: bool = True
+    model_args,
+    *,
+    dtype: torch.dtype,
+    config: PretrainedConfig | None = None,
+    strict: bool = False,
+    weights: bool = True,
+    preset_device: torch.device | None = None,
 ) -> nn.Module:
     """Load the LM from its folder (or a preset with seeded random weights).
 
     Under an active ZeRO-3 config (Accelerate sets one before we are called) both
     paths construct the weights partitioned through ``deepspeed.zero.Init``.
+    ``preset_device`` is where a preset's random weights are drawn (see
+    :func:`mmtrain.presets.seeded_init`).
     """
     name = model_args.lm_model_name_or_path
     config = config or load_language_config(name)
     if presets.is_preset(name) or not weights:  # weights=False: shapes only (the meta device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_args.preset_seed)
+        with presets.seeded_init(model_args.preset_seed, preset_device if weights else None):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
     return checked_from_pretrained(
         AutoModelForCausalLM,
@@ -62,7 +68,7 @@ def build_language_model(
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:
-    return hasattr(param, "ds_id")
+    return compat.is_zero3_partitioned(param)
 
 
 class NewTokenEmbedding(nn.Module):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from mmtrain import compat
 from mmtrain.args import ConfigError
 
 ADAPTER = "default"
@@ -49,16 +49,17 @@ def apply_lora(module: nn.Module, *, rank: int, scope: str, alpha: float | None,
 
 
 def is_lora_parameter(name: str) -> bool:
-    return ".lora_" in name
+    return compat.LORA_NAME_MARK in name
 
 
 def lora_scalings(module: nn.Module, prefix: str = "") -> dict[str, float]:
     """``{qualified name of each adapted layer: alpha / rank}``."""
-    return {
-        f"{prefix}{name}": sub.scaling[ADAPTER]
-        for name, sub in module.named_modules()
-        if isinstance(sub, LoraLayer) and ADAPTER in sub.scaling
-    }
+    scalings = {}
+    for name, sub in module.named_modules():
+        scale = compat.lora_scaling(sub, ADAPTER)
+        if scale is not None:
+            scalings[f"{prefix}{name}"] = scale
+    return scalings
 
 
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -72,12 +73,12 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[st
     for key, value in state_dict.items():
         if is_lora_parameter(key):
             continue
-        layer, sep, leaf = key.rpartition(".base_layer.")
+        layer, sep, leaf = key.rpartition(compat.BASE_LAYER_MARK)
         if sep and layer in scalings and leaf == "weight":
-            a = state_dict[f"{layer}.lora_A.{ADAPTER}.weight"].float()
-            b = state_dict[f"{layer}.lora_B.{ADAPTER}.weight"].float()
+            a_name, b_name = compat.lora_weight_names(layer, ADAPTER)
+            a, b = state_dict[a_name].float(), state_dict[b_name].float()
             value = (value.float() + scalings[layer] * (b @ a)).to(value.dtype)
-        merged[key.replace(".base_layer.", ".")] = value
+        merged[key.replace(compat.BASE_LAYER_MARK, ".")] = value
     return merged
 
 
@@ -95,12 +96,7 @@ def lora_inputs_follow_autocast(module: nn.Module) -> int:
     Under DeepSpeed the whole module, adapters included, is in the compute dtype, so
     there is no cast to skip.
     """
-    changed = 0
-    for sub in module.modules():
-        if isinstance(sub, LoraLayer) and hasattr(sub, "_cast_input_dtype"):
-            sub._cast_input_dtype = _cast_unless_autocast(sub._cast_input_dtype)
-            changed += 1
-    return changed
+    return sum(compat.wrap_lora_input_cast(sub, _cast_unless_autocast) for sub in module.modules())
 
 
 def _cast_unless_autocast(cast):

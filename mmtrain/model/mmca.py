@@ -60,8 +60,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from mmtrain import compat
+from mmtrain.compat import repeat_kv
 
 IMAGE_MASK_KWARG = "mmca_image_mask"
 IMAGE_ATTENTION = ("same_image", "self")
@@ -176,6 +177,12 @@ def _plan(attention_mask, is_image: torch.Tensor, q_len: int, image_attention: s
     return _Plan(q_index, k_index, text_mask, text_rows, image_index_, image_mask, image_rows, attention_mask)
 
 
+# Always eager, also inside compiled decoder layers: the plan's sizes come from counting
+# tokens on the device. Traced, those counts became symbolic sizes without a source, and
+# torch.compile failed building its guards at the first batch of a new length
+# (tests/model/test_speed_features.py). Eager, the plan is made once per forward and the
+# compiled code around it sees its tensors as ordinary inputs.
+@torch.compiler.disable
 def _cached_plan(image_mask, attention_mask, is_image: torch.Tensor, q_len: int, image_attention: str) -> _Plan:
     """The plan, kept on the image-mask tensor that every layer of one forward receives.
 
@@ -268,8 +275,7 @@ def mmca_mask(*args, **kwargs) -> torch.Tensor:
     The attention function intersects this mask with the text/image masks, so it must
     exist even when it would be a plain causal mask.
     """
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    return compat.sdpa_mask_materialized(*args, **kwargs)
 
 
 def register_mmca() -> None:
@@ -277,7 +283,7 @@ def register_mmca() -> None:
     AttentionInterface.register(ATTENTION_NAMES["same_image"], mmca_attention_forward)
     AttentionInterface.register(ATTENTION_NAMES["self"], mmca_self_attention_forward)
     for name in ATTENTION_NAMES.values():
-        AttentionMaskInterface.register(name, mmca_mask)
+        compat.register_attention_mask(name, mmca_mask)
 
 
 def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") -> None:
@@ -287,7 +293,7 @@ def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") 
     register_mmca()
     name = ATTENTION_NAMES[image_attention]
     language_model.set_attn_implementation(name)
-    if language_model.config._attn_implementation != name:
+    if compat.attn_implementation(language_model.config) != name:
         raise ValueError(
             f"--enable_mmca_attention: {type(language_model).__name__} does not route attention through "
             "transformers' AttentionInterface, so MMCA cannot be plugged in (LLaMA, Qwen2, Mistral, ... can)"
@@ -296,7 +302,7 @@ def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") 
 
 def uses_mmca(language_model: nn.Module) -> bool:
     config = getattr(language_model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ATTENTION_NAMES.values()
+    return compat.attn_implementation(config) in ATTENTION_NAMES.values()
 
 
 def mmca_lm_kwargs(language_model: nn.Module, input_ids: torch.Tensor, image_id: int) -> dict[str, torch.Tensor]:

@@ -107,6 +107,10 @@ def save_pretrained(
         "vis_proj": model_args.vis_proj,
         "perceiver_num_queries": model_args.perceiver_num_queries,
         "vision_keep_cls": model_args.vision_keep_cls,
+        # The attention the LM was trained with changes what it computes, not its weights:
+        # an export that forgot it would load and answer with plain causal attention.
+        "enable_mmca_attention": model_args.enable_mmca_attention,
+        "mmca_image_attention": model_args.mmca_image_attention,
         "image_tokens_per_image": model.image_tokens.per_image,
         "original_vocab_size": model.image_tokens.original_vocab_size,
         "template": template,
@@ -132,6 +136,10 @@ def load_pretrained(folder: str, *, dtype: torch.dtype = torch.float32, device: 
         vis_proj=config["vis_proj"],
         perceiver_num_queries=config["perceiver_num_queries"],
         vision_keep_cls=config["vision_keep_cls"],
+        # Exports written before the attention was recorded carry no key: they were
+        # exported (and so reload) with plain causal attention.
+        enable_mmca_attention=bool(config.get("enable_mmca_attention", False)),
+        mmca_image_attention=config.get("mmca_image_attention", "same_image"),
         vision_feature_layer=-1,  # the export's encoder already ends at the layer we read
         lang_lora_dim=0,  # LoRA is fused into the exported weights
         vis_lora_dim=0,

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     CLIPConfig,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -95,17 +96,30 @@ def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
 
 
 def build_vision_encoder(
-    model_args, *, dtype: torch.dtype, config: PretrainedConfig | None = None, strict: bool = False, weights: bool = True
+    model_args,
+    *,
+    dtype: torch.dtype,
+    config: PretrainedConfig | None = None,
+    strict: bool = False,
+    weights: bool = True,
+    preset_device: torch.device | None = None,
 ) -> VisionEncoder:
-    """Load the vision tower from its folder (or build a preset with seeded random weights)."""
+    """Load the vision tower from its folder (or build a preset with seeded random weights).
+
+    A preset goes through ``AutoModel.from_config`` as the LM does, not the bare class:
+    that is the path on which transformers builds under ``deepspeed.zero.Init`` at
+    ZeRO-3, which partitions the weights and puts the buffers (CLIP's ``position_ids``)
+    on the GPU. A tower built outside it and handed to the ZeRO-3 engine (vision LoRA)
+    kept its buffers on the CPU.
+    """
     name = model_args.vision_model_name_or_path
     config = config or load_vision_config(name)
     model_cls, has_cls = _TOWERS[type(config)]
     if presets.is_preset(name) or not weights:  # weights=False: shapes only (the meta device)
-        config._attn_implementation = model_args.attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_args.preset_seed)
-            tower = model_cls(config).to(dtype)
+        with presets.seeded_init(model_args.preset_seed, preset_device if weights else None):
+            tower = AutoModel.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
+        if not isinstance(tower, model_cls):
+            raise ConfigError(f"{name!r}: transformers built a {type(tower).__name__}, expected {model_cls.__name__}")
     else:
         tower = checked_from_pretrained(
             model_cls,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from mmtrain import compat
 from mmtrain.data.collator import label_positions
 from mmtrain.data.template import IGNORE_INDEX  # noqa: F401  (re-exported; one constant for data and model)
 from mmtrain.model.mmca import mmca_lm_kwargs
@@ -97,7 +98,7 @@ class VisionLanguageModel(nn.Module):
         else:
             # Training on an accelerator: the same check without making the host wait
             # for the device (the collator builds spans and images together).
-            torch._assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
+            compat.assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
         # The n-th <image> position in row-major order takes feature row n, so image k
         # lands on span k. This is masked_scatter's placement, written as a gather and a
         # select: masked_scatter's backward (masked_select) reads a count back from the

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from mmtrain import compat
+
 
 def _no_decay(name: str, param: nn.Parameter, norm_params: set[int]) -> bool:
     """Biases and the weights of every normalisation layer are never decayed."""
@@ -24,7 +26,7 @@ def _normalization_parameters(model: nn.Module) -> set[int]:
     """
     ids: set[int] = set()
     for module in model.modules():
-        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, compat.BatchNormBase))
         if is_norm or "norm" in type(module).__name__.lower():
             ids.update(id(p) for p in module.parameters(recurse=False))
     return ids

@@ -67,11 +67,16 @@ def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
     # stored in the compute dtype either way (half the memory, same numbers).
     frozen_dtype = compute if (deepspeed or accelerator.device.type == "cuda") else torch.float32
     trainable_dtype = compute if deepspeed else torch.float32
+    # Presets draw their random weights where they will train: at ZeRO 0-2 on the GPU
+    # (seconds for 7B, where the launcher's one CPU thread per process took minutes);
+    # at ZeRO-3 zero.Init places them.
+    on_gpu = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
     built = build_model(
         model_args,
         dtype=frozen_dtype,
         trainable_dtype=trainable_dtype,
         frozen_vision_context=distributed.frozen_vision_context(accelerator),
+        preset_device=accelerator.device if on_gpu else None,
     )
     if train_args.gradient_checkpointing:
         kwargs = {"use_reentrant": False}  # reentrant checkpointing drops LoRA grads of frozen inputs
@@ -153,6 +158,30 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
 
 
 def place_frozen_vision(accelerator, model) -> None:
-    """The frozen encoder is outside the engine: put it on this process's device ourselves."""
+    """The frozen encoder is outside the engine: put it on this process's device ourselves.
+
+    At ZeRO-3 the engine moves parameters but not buffers: a module built outside
+    ``zero.Init`` (the projector's tables, any user module) would keep its buffers on
+    the CPU and fail at its first forward on a GPU. They are moved here too.
+    """
     vlm = accelerator.unwrap_model(model)
     vlm.place_frozen_vision(accelerator.device, distributed.compute_dtype(accelerator) if accelerator.device.type == "cuda" or distributed.deepspeed_plugin(accelerator) else torch.float32)
+    if distributed.zero_stage(accelerator) == 3:
+        moved = place_buffers(vlm, accelerator.device)
+        if moved:
+            logger.info(f"ZeRO-3: moved {len(moved)} buffers the engine left off {accelerator.device} ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''})")
+
+
+def place_buffers(module: torch.nn.Module, device: torch.device) -> list[str]:
+    """Move every buffer of ``module`` not on ``device`` there; returns their names.
+
+    Assigning a tensor to a buffer's name replaces the buffer and keeps whether it is
+    saved in the state dict.
+    """
+    moved = []
+    for prefix, owner in module.named_modules():
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != device:
+                setattr(owner, name, buffer.to(device))
+                moved.append(f"{prefix}.{name}" if prefix else name)
+    return moved

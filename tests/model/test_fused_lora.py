@@ -93,7 +93,9 @@ def test_fused_equals_peft(monkeypatch, dtype, bias, autocast):
         if low_precision:
             assert _error(fused, ref) <= 1.5 * _error(peft, ref) + 2e-3, name
         else:
-            torch.testing.assert_close(fused, peft, rtol=1e-5, atol=1e-6, msg=name)
+            # fp32: the same sums in another order (the low-rank term added inside the GEMM);
+            # one rounding step of an output near zero is ~1e-6, a wrong term is O(1e-2)
+            torch.testing.assert_close(fused, peft, rtol=1e-5, atol=3e-6, msg=name)
     assert unfuse_lora_layers(block) == 2
     _run(block, x, autocast)
     assert calls.n == 2, "unfused layers are peft's again"

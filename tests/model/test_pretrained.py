@@ -157,3 +157,33 @@ def test_generate_with_one_and_two_images(tmp_path, tiny_args):
     assert main(["--model", str(folder), "--prompts_file", str(prompts), "--max_new_tokens", "5"]) == 0
     with pytest.raises(ConfigError, match="placeholders"):
         chat.ask("<image>\nWhat?", [str(tmp_path / "0.png"), str(tmp_path / "1.png")])
+
+
+@pytest.mark.parametrize("image_attention", ["same_image", "self"])
+def test_mmca_export_reloads_with_mmca_and_the_same_logits(tmp_path, tiny_args, image_attention):
+    """What the LM was trained with travels in the export: MMCA is back on after loading."""
+    from mmtrain.export import export_llava
+    from mmtrain.model.mmca import ATTENTION_NAMES, uses_mmca
+
+    folder, built = _export(tmp_path, tiny_args, enable_mmca_attention=True, mmca_image_attention=image_attention)
+    reloaded = load_pretrained(str(folder))
+    assert uses_mmca(reloaded.model.language_model)
+    assert reloaded.model.language_model.config._attn_implementation == ATTENTION_NAMES[image_attention]
+    ids, pixels = _inputs(built)
+    with torch.no_grad():
+        expected = built.model(ids, pixel_values=pixels, return_logits=True).logits
+        got = reloaded.model(ids, pixel_values=pixels, return_logits=True).logits
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="MMCA"):
+        export_llava(str(folder), str(tmp_path / "llava"))
+
+
+def test_exports_without_a_recorded_attention_load_with_plain_attention(tmp_path, tiny_args):
+    from mmtrain.model.mmca import uses_mmca
+
+    folder, _ = _export(tmp_path, tiny_args)
+    config = json.loads((folder / "mmtrain_config.json").read_text())
+    for key in ("enable_mmca_attention", "mmca_image_attention"):
+        config.pop(key)
+    (folder / "mmtrain_config.json").write_text(json.dumps(config))
+    assert not uses_mmca(load_pretrained(str(folder)).model.language_model)

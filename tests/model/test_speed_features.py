@@ -242,3 +242,25 @@ def assert_change_keeps_loss_and_grads(tiny_args, change, *, loss_tol=1e-5, grad
 def test_compiled_layers_with_mmca_give_the_eager_loss_and_grads(tiny_args):
     """MMCA inside compiled decoder layers (its plan reads counts back: a graph break) keeps the eager numbers."""
     assert_change_keeps_loss_and_grads(tiny_args, lambda model: compile_decoder_layers(model.language_model), enable_mmca_attention=True)
+
+
+@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
+def test_compiled_mmca_layers_take_batches_of_new_lengths(tiny_args):
+    """Batches of four lengths through compiled MMCA layers, each giving the eager loss.
+
+    From the second new shape on, torch.compile traces with symbolic sizes; MMCA's plan,
+    whose sizes come from counting tokens, once made it build a guard on a size with no
+    source (``IndexError`` / "sources must not be empty") at the first batch of a new
+    length, which a one-shape test never saw.
+    """
+    built = build_model(tiny_args(lang_lora_dim=4, enable_mmca_attention=True))
+    model = built.model
+    randomise_lora(model)
+    collate = Collator(built.tokenizer.pad_token_id)
+    batches = [collate(_items(built, 3, seed=s, images=images)) for s, images in enumerate([(1, 0, 2), (0, 1, 0), (3, 0, 1), (0, 0, 0)])]
+    assert len({b["input_ids"].shape[1] for b in batches}) == 4
+    eager = [_loss_and_grads(model, b)[0] for b in batches]
+    compile_decoder_layers(model.language_model)
+    for batch, expected in zip(batches, eager):
+        loss, _ = _loss_and_grads(model, batch)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

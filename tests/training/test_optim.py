@@ -76,3 +76,20 @@ def test_warmup_ratio_one_means_the_whole_run():
 def test_linear_and_constant_schedules():
     assert _lrs("linear", 2, 6) == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
     assert _lrs("constant", 2, 6) == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_place_buffers_moves_every_buffer_left_behind_in_place():
+    """At ZeRO-3 the engine moves parameters, not buffers; the trainer moves those left behind."""
+    from mmtrain.training.setup import place_buffers
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    module.register_buffer("ids", torch.arange(3), persistent=False)
+    before = dict(module.named_buffers())
+    saved = set(module.state_dict())
+    moved = place_buffers(module, torch.device("meta"))
+    assert sorted(moved) == sorted(before)
+    after = dict(module.named_buffers())
+    assert after.keys() == before.keys() and all(b.device.type == "meta" for b in after.values())
+    assert set(module.state_dict()) == saved  # "ids" stays out of the state dict
+    assert place_buffers(module, torch.device("meta")) == []
+    assert next(module.parameters()).device.type == "cpu"

@@ -1,0 +1,311 @@
+"""Every use of a private or undocumented API of torch, transformers, peft, accelerate or DeepSpeed.
+
+Nothing else in mmtrain reaches past a library's public surface: when it must, it goes
+through a helper here, whose comment says why we need the private thing and what breaks
+if a release changes it. ``tests/test_compat.py`` checks each one against the installed
+releases (on CPU, without mocks), and the upper bounds in ``pyproject.toml`` name the
+newest releases those checks passed on. Raising a bound means running those tests first.
+
+Only torch is imported at module level. transformers and peft (peft imports accelerate)
+load on first use, and deepspeed only inside the functions that need it: its import is
+slow and must come after ``DS_ACCELERATOR`` is set
+(:func:`mmtrain.training.distributed.prepare_environment`), which happens after
+``mmtrain.training.distributed`` itself is imported. Library functions re-exported
+unchanged (``repeat_kv``, ``create_causal_mask``, DeepSpeed's estimators) are resolved
+lazily by the module ``__getattr__`` at the bottom, so an importer gets the library's
+own function, with no wrapper on a hot path.
+
+This module must not import ``mmtrain.args`` or ``mmtrain.data``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers.integrations.sdpa_attention import repeat_kv  # noqa: F401
+    from transformers.masking_utils import create_causal_mask  # noqa: F401
+
+
+# --- torch ------------------------------------------------------------------------------
+
+
+def assert_async(condition: torch.Tensor, message: str) -> None:
+    """Fail when the one-element ``condition`` is false, without the host waiting for the device.
+
+    ``torch._assert_async`` is the only check torch offers that does not copy the value
+    back to the host: on an accelerator the failure surfaces at a later kernel launch,
+    on CPU it raises ``RuntimeError(message)`` at once. ``assert`` and ``torch._check``
+    need a Python bool, i.e. a device sync per training step. If it disappeared,
+    ``VisionLanguageModel.embed`` could not check image spans against image features
+    during accelerator training without stalling every step.
+    """
+    torch._assert_async(condition, message)
+
+
+# The common base of BatchNorm1d/2d/3d, their Lazy variants and SyncBatchNorm; torch has
+# no public name for it. The optimizer's no-decay grouping tests for it; were it renamed,
+# mmtrain.training.optim would fail at its first call (AttributeError), not silently.
+BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+
+
+# --- transformers: attention implementation and masks ----------------------------------
+
+
+def attn_implementation(config) -> str | None:
+    """The attention implementation a transformers model actually dispatches to (None if unknown).
+
+    transformers keeps the resolved choice (after ``from_pretrained``'s checks and
+    ``set_attn_implementation``) only in the private ``config._attn_implementation``;
+    the public ``attn_implementation`` argument is consumed at load time. MMCA reads it
+    to know whether it is active (and so whether to pass the image-token mask), packing
+    to name the implementation in its error, export to refuse MMCA models. If the field
+    were renamed this would return None and MMCA would silently run as plain causal
+    attention, hence the test.
+    """
+    return getattr(config, "_attn_implementation", None)
+
+
+def sdpa_mask_materialized(*args, **kwargs) -> torch.Tensor:
+    """transformers' SDPA boolean mask ``[batch, 1, q, kv]`` (True: attend), always built, never None.
+
+    ``transformers.masking_utils.sdpa_mask`` returns None for a plain causal mask so that
+    SDPA can use ``is_causal``; ``allow_is_causal_skip=False`` (an undocumented keyword
+    of that internal builder) turns that off. MMCA intersects this mask with its
+    text/image masks, so it asks for it even when it is plain causal. ``sdpa_mask``
+    takes ``**kwargs``: were the keyword dropped or renamed, it would be swallowed
+    silently and MMCA would be handed None again.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_attention_mask(name: str, mask_function: Callable[..., torch.Tensor | None]) -> None:
+    """Make ``mask_function`` the mask builder of attention implementation ``name``.
+
+    ``AttentionMaskInterface`` lives in ``transformers.masking_utils`` and is described
+    only in the attention-interface guide; the keyword arguments it passes to the
+    function (``batch_size``, ``q_length``, ``kv_length``, ``attention_mask``,
+    ``allow_is_causal_skip``, ...) are those of the internal ``sdpa_mask``. Without a
+    registered builder, transformers has no mask for a custom attention (MMCA) and its
+    models fail in ``create_causal_mask``.
+    """
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionMaskInterface.register(name, mask_function)
+
+
+# --- peft: LoRA layer internals ---------------------------------------------------------
+#
+# Fused LoRA replaces the forward of peft's LoRA ``Linear`` and therefore reads the layer
+# state peft's own forward reads (the adapter dicts and the enabled/merged/active flags);
+# LoRA export merges from peft's state-dict names. None of this is documented API. A
+# renamed attribute raises AttributeError in the first forward; a changed *meaning*
+# (e.g. ``scaling`` no longer alpha / r, dropout no longer Identity when off) would make
+# fused LoRA compute something other than peft, which the tests compare.
+
+
+def lora_runs_one_plain_adapter(layer, adapter: str) -> bool:
+    """Whether peft's forward of ``layer`` adds exactly ``base(x) + scale * B(A(x))`` for ``adapter``.
+
+    That is: adapters enabled and not merged into the base weight, ``adapter`` the only
+    active one, no variant (DoRA, aLoRA, ...) and no dropout (peft puts ``nn.Identity``
+    there when ``lora_dropout`` is 0).
+    """
+    if layer.disable_adapters or layer.merged or list(layer.active_adapters) != [adapter]:
+        return False
+    return adapter not in getattr(layer, "lora_variant", {}) and isinstance(layer.lora_dropout[adapter], nn.Identity)
+
+
+def lora_parts(layer, adapter: str) -> tuple[nn.Module, nn.Module, nn.Module, float]:
+    """``(base layer, lora_A, lora_B, scale)`` of one adapter of a peft LoRA layer."""
+    return layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter], layer.scaling[adapter]
+
+
+def is_lora_linear(module: nn.Module, adapter: str) -> bool:
+    """Whether ``module`` is peft's LoRA ``Linear`` carrying ``adapter`` (what fused LoRA can replace).
+
+    ``peft.tuners.lora.Linear`` and ``LoraLayer`` (the base of every LoRA layer) are
+    exported by ``peft.tuners.lora`` but are not part of peft's documented API.
+    """
+    from peft.tuners.lora import Linear
+
+    return isinstance(module, Linear) and adapter in module.lora_A
+
+
+def lora_scaling(module: nn.Module, adapter: str) -> float | None:
+    """``alpha / r`` of ``adapter`` on a peft LoRA layer; None for any other module."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, LoraLayer) and adapter in module.scaling:
+        return module.scaling[adapter]
+    return None
+
+
+def wrap_lora_input_cast(module: nn.Module, wrap: Callable[[Callable], Callable]) -> bool:
+    """Replace a peft LoRA layer's input cast ``f`` by ``wrap(f)``; returns whether ``module`` had one.
+
+    peft's LoRA forward casts the layer input to the adapter dtype through the private
+    method ``_cast_input_dtype(x, dtype)``; replacing it on the instance is the only way
+    to skip that cast only while autocast is on (peft's public
+    ``peft.helpers.disable_input_dtype_casting`` turns it off with or without autocast,
+    and without autocast an fp32 adapter cannot take a half-precision input). If peft
+    stopped routing the cast through this method, the wrapper would be ignored:
+    mixed-precision runs would be slower, not wrong.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, LoraLayer) and hasattr(module, "_cast_input_dtype"):
+        module._cast_input_dtype = wrap(module._cast_input_dtype)
+        return True
+    return False
+
+
+# Names peft gives an adapted layer's tensors in a state dict:
+#   "{layer}.base_layer.weight", "{layer}.lora_A.{adapter}.weight", "{layer}.lora_B.{adapter}.weight".
+# Merging LoRA into an export finds the base weight and the adapters by these names; if
+# they changed, an export would silently keep the unmerged base weights.
+LORA_NAME_MARK = ".lora_"
+BASE_LAYER_MARK = ".base_layer."
+
+
+def lora_weight_names(layer: str, adapter: str) -> tuple[str, str]:
+    """State-dict names of ``(A, B)`` of ``adapter`` on the adapted layer named ``layer``."""
+    return f"{layer}.lora_A.{adapter}.weight", f"{layer}.lora_B.{adapter}.weight"
+
+
+# --- DeepSpeed: ZeRO-3 parameter attributes ---------------------------------------------
+#
+# ZeRO-3 (``deepspeed.zero.Init``) turns each parameter into a local shard, ``numel() ==
+# 0`` outside a gather, and records the full tensor's facts in ``ds_*`` attributes. They
+# are read by getattr because a plain parameter has none of them.
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partitioned parameter (gathered by DeepSpeed's hooks, not whole).
+
+    Every partitioned parameter carries ``ds_id``. Read by fused LoRA, which must fall
+    back to peft's forward there (the base weight is gathered around ``base_layer``'s
+    own forward), and by the new-token embedding, which must gather before reading
+    rows. Were it renamed, both would take a partitioned weight for a whole one.
+    """
+    return hasattr(param, "ds_id")
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Element count of the whole parameter, also when ZeRO-3 holds only a shard of it.
+
+    A partitioned parameter's ``numel()`` is its (empty) local view; ``ds_numel`` is the
+    full count. Were it renamed, parameter counts (logs, budgets) would read 0 at ZeRO-3.
+    """
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+# --- accelerate + transformers: the DeepSpeed config transformers sees ------------------
+#
+# ``from_pretrained`` builds weights under ``deepspeed.zero.Init`` when transformers holds
+# a ZeRO-3 config, which it keeps through a weak reference set by
+# ``transformers.integrations.deepspeed.set_hf_deepspeed_config``; accelerate's
+# ``DeepSpeedPlugin`` owns the referenced object as ``plugin.dschf`` and creates it in
+# ``set_deepspeed_weakref()``. Neither is documented.
+
+
+def zero3_init_enabled(plugin) -> bool:
+    """Whether models are built partitioned (``zero.Init``) under accelerate's DeepSpeed ``plugin``.
+
+    ``DeepSpeedPlugin.zero3_init_flag`` is documented as an input; we read it after the
+    plugin has resolved it, relying on it being True only at ZeRO stage 3 (accelerate
+    turns it off at other stages).
+    """
+    return bool(plugin.zero3_init_flag)
+
+
+def unset_hf_deepspeed_config() -> None:
+    """Drop the DeepSpeed config transformers holds, so ``is_deepspeed_zero3_enabled()`` is False.
+
+    A private helper of ``transformers.integrations.deepspeed`` (made for unit tests).
+    We use it to load the frozen vision encoder whole at ZeRO-3: accelerate's own
+    ``zero3_init_context_manager(enable=False)`` re-installs the stage-3 config, so
+    ``from_pretrained`` would still partition. If it stopped clearing the config, the
+    encoder would be partitioned outside the engine and never gathered.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config as unset
+
+    unset()
+
+
+def reinstall_hf_deepspeed_config(plugin) -> None:
+    """Hand transformers a fresh copy of ``plugin.deepspeed_config`` (what ``zero.Init`` will read).
+
+    Needed after we edit the config following the Accelerator's creation (the stage-3
+    persistence threshold), and to restore it after :func:`unset_hf_deepspeed_config`.
+    Dropping ``plugin.dschf`` first mirrors accelerate's own context manager; the new
+    object must stay referenced by the plugin or transformers' weak reference dies.
+    """
+    plugin.dschf = None
+    plugin.set_deepspeed_weakref()
+
+
+# --- lazily resolved re-exports -------------------------------------------------------
+
+
+def _repeat_kv():
+    # transformers' helper that expands grouped key/value heads to the query heads
+    # ([B, kv_heads, T, D] -> [B, kv_heads * n_rep, T, D], each head repeated n_rep times
+    # in place). Internal to its SDPA integration; MMCA uses it so that its attention
+    # treats grouped-query models exactly as transformers' own SDPA path does.
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return repeat_kv
+
+
+def _create_causal_mask():
+    # The mask builder every transformers decoder calls; internal, and its signature
+    # changes between releases (input_embeds -> inputs_embeds, past_key_values -> cache),
+    # which is why packing calls it with only the arguments its signature names. Packing
+    # asks it whether restarts of position_ids become per-sample masks.
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask
+
+
+def _estimate_zero2():
+    # DeepSpeed's memory estimator, the form taking a parameter count instead of a model
+    # (the documented ..._all_live variants need the model); returns (cpu_bytes, gpu_bytes).
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs
+
+
+def _estimate_zero3():
+    # As above for ZeRO-3, taking the largest layer's parameter count too; returns
+    # (cpu_bytes, gpu_bytes, largest_layer_bytes).
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    return estimate_zero3_model_states_mem_needs
+
+
+_LAZY = {
+    "repeat_kv": _repeat_kv,
+    "create_causal_mask": _create_causal_mask,
+    "estimate_zero2_model_states_mem_needs": _estimate_zero2,
+    "estimate_zero3_model_states_mem_needs": _estimate_zero3,
+}
+
+
+def __getattr__(name: str):
+    loader = _LAZY.get(name)
+    if loader is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = loader()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,381 @@
+"""Every shipped Accelerate config, and the features users combine, trained for real on GPUs.
+
+Each row launches ``accelerate launch mmtrain/train.py`` on the tiny presets (written as
+Hugging Face folders) over the generated data, whose samples have many lengths: padded
+to multiples of 8 they give compiled code several shapes to recompile for. A row asserts
+finite losses that fall; where marked, a run killed with SIGKILL after a checkpoint and
+resumed logs the same losses afterwards as the uninterrupted run; where marked, the
+epoch's export reloads through ``load_pretrained`` and gives the training run's eval
+loss (the training model's logits over every eval token), with MMCA still on if it was
+trained with it, and for the ``mlp`` projector the LLaVA export gives the same logits in
+plain transformers.
+
+Features are spread over configs pairwise rather than as a full product, so the tier
+fits one 10-minute run per machine. Two-GPU rows add ZeRO-3 with text-only batches on
+some ranks (200 steps, a hang fails the row) and one GPU against two at the same
+global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.conftest import common_flags, metrics, train_losses
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "accelerate_configs"
+DEVICE = "cuda"  # where the tier checks exports (rows train on every GPU the launch gets)
+ROW_TIMEOUT = 420  # seconds; a hung collective fails its row instead of the whole tier
+SAVE_AT = 12  # the step after which resume rows are killed
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    features: tuple[str, ...] = ()
+    flags: dict = field(default_factory=dict)
+    gpus: int = 1
+    mixed_precision: str | None = None  # the launcher's --mixed_precision (fp16 rows)
+    resume: bool = False
+    export: bool = True
+    llava: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.gpus}gpu-{self.config}" + "".join(f"+{f}" for f in self.features)
+
+
+FEATURES = {
+    "vision_lora": {"vis_lora_dim": 4},
+    "mmca_compiled": {"enable_mmca_attention": "true", "torch_compile": "true"},
+    "mmca_eager": {"enable_mmca_attention": "true", "torch_compile": "false"},
+    "compiled": {"torch_compile": "true"},
+    "packing": {"packing": "true"},
+    "vision_cache": {"cache_vision_features": "true"},
+    "grad_ckpt": {"gradient_checkpointing": "true"},
+    "grad_ckpt_layers": {"gradient_checkpointing_layers": "2"},
+    "grad_accum": {"gradient_accumulation_steps": "2"},
+    "concat": {"dataset_concatenate_samples": "2"},
+    "workers": {"num_workers": "2"},
+    "chat": {"template": "chat"},
+    "perceiver": {"vis_proj": "perceiver", "perceiver_num_queries": "8"},
+}
+
+
+def row(config: str, *features: str, **kw) -> Row:
+    flags = {}
+    for f in features:
+        if f != "fp16":
+            flags.update(FEATURES[f])
+    if "fp16" in features:
+        kw["mixed_precision"] = "fp16"
+    return Row(config, features, flags, **kw)
+
+
+# One GPU: every config, each feature at least twice, the bug cases of the GPU issue first.
+ONE_GPU = [
+    row("zero3", "vision_lora", resume=True),  # buffers left on the CPU by the ZeRO-3 engine
+    row("zero2", "mmca_compiled"),  # compile guards on MMCA's data-dependent shapes
+    row("zero2_offload", "mmca_compiled", "vision_lora"),  # MMCA recorded in the export
+    row("single_process", "compiled", "workers", llava=True, resume=True),
+    row("zero0", "mmca_eager", "packing", "chat"),
+    row("zero1", "grad_ckpt", "grad_accum"),
+    row("zero2", "vision_lora", "grad_ckpt_layers", "compiled", resume=True),
+    row("zero2", "packing", "concat", "workers"),
+    row("zero2", "vision_cache", "fp16"),
+    row("zero3", "mmca_eager", "packing", "perceiver"),
+    row("zero3_offload", "grad_ckpt", "vision_lora", "chat"),
+    row("zero0", "fp16", "grad_accum", "concat", llava=True),
+]
+
+# Two GPUs: every config on two processes.
+TWO_GPUS = [
+    row("single_process", "mmca_compiled", gpus=2),
+    row("zero0", "packing", "workers", gpus=2, resume=True),
+    row("zero1", "vision_lora", "grad_accum", gpus=2),
+    row("zero2", "vision_cache", "fp16", gpus=2),
+    row("zero2", "compiled", "grad_ckpt_layers", "concat", gpus=2),
+    row("zero2_offload", "mmca_compiled", "chat", gpus=2),
+    row("zero3", "vision_lora", "mmca_eager", gpus=2, resume=True),
+    row("zero3_offload", "packing", "grad_ckpt", "perceiver", gpus=2),
+]
+
+
+def _marks(r: Row):
+    return [pytest.mark.gpus(r.gpus)]
+
+
+def _params(rows):
+    return [pytest.param(r, id=r.name, marks=_marks(r)) for r in rows]
+
+
+# -- launching -----------------------------------------------------------------------
+def launch(flags, *, config, processes, out, mixed_precision=None, devices=None, background=False, timeout=ROW_TIMEOUT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml")]
+    cmd += ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
+    if mixed_precision:
+        cmd += ["--mixed_precision", mixed_precision]
+    cmd += [str(REPO / "mmtrain" / "train.py"), *flags]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    log = open(Path(out).parent / f"{Path(out).name}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if background:
+        return proc
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        raise AssertionError(f"no result within {timeout} s (a hang?):\n{_tail(out)}")
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed (exit {proc.returncode}):\n{_tail(out)}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended on its own meanwhile
+        pass
+    proc.wait()
+
+
+def _tail(out, lines: int = 60) -> str:
+    log = Path(out).parent / f"{Path(out).name}.log"
+    text = log.read_text() if log.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def row_flags(model_folders, data_path, out, r: Row, **extra) -> list[str]:
+    base = dict(
+        output_dir=out,
+        synthetic_num_samples=160,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        pad_to_multiple_of=8,  # several padded lengths per epoch: compiled code must recompile
+        eval_generate=8,
+        save_steps=SAVE_AT,
+        save_total_limit=4,
+        num_train_epochs=1,
+    )
+    base.update(r.flags)
+    base.update(extra)
+    return common_flags(model_folders, data_path, **base)
+
+
+# -- checks ----------------------------------------------------------------------------
+def assert_trained(out) -> dict[int, float]:
+    losses = train_losses(out)
+    assert losses, f"no training losses logged:\n{_tail(out)}"
+    values = [losses[s] for s in sorted(losses)]
+    assert all(v == v and abs(v) != float("inf") for v in values), f"non-finite loss: {values}"
+    k = max(2, len(values) // 5)
+    first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+    assert last < 0.9 * first, f"the loss did not fall: first {k} mean {first:.3f}, last {k} mean {last:.3f}"
+    return losses
+
+
+def assert_resume_matches(model_folders, data_path, tmp_path, r: Row, reference: dict[int, float]) -> None:
+    out = tmp_path / "resumed"
+    proc = launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision, background=True)
+    target = out / "checkpoints" / f"step-{SAVE_AT:08d}" / "manifest.json"
+    deadline = time.time() + ROW_TIMEOUT
+    while not target.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before checkpoint {SAVE_AT}:\n{_tail(out)}")
+        if time.time() > deadline:
+            _kill(proc)
+            raise AssertionError(f"no checkpoint {SAVE_AT} within {ROW_TIMEOUT} s:\n{_tail(out)}")
+        time.sleep(0.05)
+    _kill(proc)  # SIGKILL, no chance to clean up
+    launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint="latest"), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
+    resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
+    assert max(resumed) == max(reference), (max(resumed), max(reference))
+    # GPU kernels with atomics (index_add's backward) are not bit-reproducible run to
+    # run, so "the same" is bf16-close; a wrong data position or lost optimizer state
+    # moves a tiny model's per-batch loss by far more.
+    for step in range(SAVE_AT + 1, min(SAVE_AT + 11, max(reference) + 1)):
+        assert resumed[step] == pytest.approx(reference[step], rel=2e-2, abs=2e-2), f"step {step}: resumed {resumed[step]} vs {reference[step]}"
+
+
+def assert_export_reproduces_training(out, r: Row) -> Path:
+    """The epoch export, reloaded, gives the eval loss the training model logged at that step."""
+    from mmtrain.args import DataArguments
+    from mmtrain.data import Collator, build_datasets
+    from mmtrain.model.mmca import uses_mmca
+    from mmtrain.model.pretrained import load_pretrained
+
+    folder = out / "epoch-0"
+    assert (folder / "mmtrain_config.json").is_file(), f"no export at {folder}"
+    run = json.loads((out / "run_config.json").read_text())
+    evals = [m for m in metrics(out) if m["split"] == "eval"]
+    logged = evals[-1]["loss"]
+    built = load_pretrained(str(folder), dtype=torch.float32, device=DEVICE)
+    mmca = r.flags.get("enable_mmca_attention") == "true"
+    assert uses_mmca(built.model.language_model) == mmca, f"export reloaded with MMCA {'off' if mmca else 'on'}"
+    data_args = DataArguments(**run["data_args"])
+    data = build_datasets(data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=run["train_args"]["seed"])
+    collate = Collator(built.tokenizer.pad_token_id, 8)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data.eval), 8):
+            batch = collate([data.eval[i] for i in range(start, min(start + 8, len(data.eval)))])
+            batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+            o = built.model(**batch)
+            total += float(o.loss_sum_per_sample.double().sum())
+            tokens += int(o.label_tokens_per_sample.sum())
+    assert tokens == evals[-1]["label_tokens"], (tokens, evals[-1]["label_tokens"])
+    # training evaluated in bf16/fp16 with LoRA unfused; the export is fp32 with LoRA fused
+    assert total / tokens == pytest.approx(logged, rel=2e-2), f"export eval loss {total / tokens:.4f} vs training {logged:.4f}"
+    return folder
+
+
+LLAVA_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForImageTextToText
+    folder, inputs, out = sys.argv[1:4]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    data = torch.load(inputs)
+    with torch.no_grad():
+        logits = model(input_ids=data["input_ids"].to(device), pixel_values=data["pixel_values"].to(device)).logits
+    assert not any(name.startswith("mmtrain") for name in sys.modules), "mmtrain was imported"
+    torch.save(logits.cpu(), out)
+    """
+)
+
+
+def assert_llava_export_matches(folder: Path, tmp_path: Path) -> None:
+    from mmtrain.model.pretrained import load_pretrained
+
+    llava = tmp_path / "llava"
+    proc = subprocess.run([sys.executable, "-m", "mmtrain.export", "--model", str(folder), "--format", "llava", "--out", str(llava)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = load_pretrained(str(folder), dtype=torch.float32, device=DEVICE)
+    ids = [3, *built.image_tokens.span(), 7, 5, 6, 8, 9]
+    size = built.model.vision.image_size
+    torch.manual_seed(0)
+    ids, pixels = torch.tensor([ids]), torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = built.model(ids.to(DEVICE), pixel_values=pixels.to(DEVICE), return_logits=True).logits.cpu()
+    torch.save({"input_ids": ids, "pixel_values": pixels}, tmp_path / "inputs.pt")
+    (tmp_path / "llava_check.py").write_text(LLAVA_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "llava_check.py"), str(llava), str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt")], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")
+    vocab = built.image_tokens.original_vocab_size
+    torch.testing.assert_close(got[..., :vocab], expected[..., :vocab], rtol=1e-3, atol=1e-3)
+
+
+# -- the rows --------------------------------------------------------------------------
+def _run_row(r: Row, model_folders, data_path, tmp_path, record) -> None:
+    record(r)
+    out = tmp_path / "run"
+    launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
+    losses = assert_trained(out)
+    if r.export:
+        folder = assert_export_reproduces_training(out, r)
+        if r.llava:
+            assert_llava_export_matches(folder, tmp_path)
+    if r.resume:
+        assert_resume_matches(model_folders, data_path, tmp_path, r, losses)
+
+
+@pytest.fixture
+def record(request):
+    def _record(r: Row, **extra):
+        request.node.user_properties.append(("row", {"config": r.config, "features": list(r.features) + ([f"mixed_precision={r.mixed_precision}"] if r.mixed_precision else []), "gpus": r.gpus, "resume": r.resume, "export": r.export, "llava": r.llava, **extra}))
+
+    return _record
+
+
+@pytest.mark.parametrize("r", _params(ONE_GPU))
+def test_one_gpu(r, model_folders, data_path, tmp_path, record):
+    _run_row(r, model_folders, data_path, tmp_path, record)
+
+
+@pytest.mark.parametrize("r", _params(TWO_GPUS))
+def test_two_gpus(r, model_folders, data_path, tmp_path, record):
+    _run_row(r, model_folders, data_path, tmp_path, record)
+
+
+def _mixed_dataset(folder: Path, n: int = 420) -> Path:
+    """Alternating image and text-only samples: at batch 1, ranks often differ in modality."""
+    from PIL import Image
+
+    colors = {"red": (220, 40, 40), "blue": (40, 40, 220), "green": (40, 200, 40)}
+    for name, rgb in colors.items():
+        Image.new("RGB", (64, 64), rgb).save(folder / f"{name}.png")
+    records = []
+    for i in range(n):
+        name = list(colors)[i % 3]
+        if i % 2:
+            records.append({"conversations": [{"from": "human", "value": "What number comes after one?"}, {"from": "gpt", "value": "two"}]})
+        else:
+            records.append({"image": f"{name}.png", "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": name}]})
+    path = folder / "mixed.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.gpus(2)
+@pytest.mark.parametrize("vision_lora", [False, True], ids=["frozen_vision", "vision_lora"])
+def test_zero3_mixed_modality_200_steps_and_one_gpu_equivalence(vision_lora, model_folders, data_path, tmp_path, record):
+    """ZeRO-3, batch 1, text-only batches on some ranks: 200 steps, no hang; the first 20
+    losses equal one GPU's at the same global batch (one process, accumulation 2)."""
+    r = Row("zero3", ("mixed_modality_200_steps",) + (("vision_lora",) if vision_lora else ()), gpus=2, export=False)
+    record(r)
+    dataset = _mixed_dataset(tmp_path)
+    extra = dict(dataset_names=str(dataset), per_device_train_batch_size=1, max_steps=200, eval_ratio=0.05, eval_generate=0, save_steps=0, export_each_epoch="false", lr_scheduler_type="constant")
+    if vision_lora:
+        extra["vis_lora_dim"] = 4
+    two = tmp_path / "two"
+    launch(common_flags(model_folders, data_path, output_dir=two, **extra), config="zero3", processes=2, out=two)
+    losses2 = train_losses(two)
+    assert max(losses2) == 200
+    one = tmp_path / "one"
+    launch(common_flags(model_folders, data_path, output_dir=one, **{**extra, "max_steps": 20, "gradient_accumulation_steps": 2}), config="zero3", processes=1, out=one, devices="0")
+    losses1 = train_losses(one)
+    for step in range(1, 21):
+        assert losses1[step] == pytest.approx(losses2[step], rel=2e-2, abs=2e-2), f"step {step}: one GPU {losses1[step]} vs two {losses2[step]}"
+
+
+@pytest.mark.gpus(2)
+def test_7b_preset_starts_in_seconds_at_zero2(tmp_path, data_path, record):
+    """ref-7b's presets at ZeRO-2 on two processes: the build used to take minutes on the CPU."""
+    r = Row("zero2", ("llama-2-7b+clip-vit-large-patch14-336 presets", "startup"), gpus=2, export=False)
+    out = tmp_path / "run"
+    flags = common_flags(
+        {"tiny-llama": "llama-2-7b", "tiny-clip": "clip-vit-large-patch14-336"}, data_path, output_dir=out,
+        synthetic_num_samples=160, per_device_train_batch_size=2, lang_lora_dim=16, max_steps=3, eval_generate=0,
+        export_each_epoch="false", logging_steps=1,
+    )
+    start = time.time()
+    launch(flags, config="zero2", processes=2, out=out)
+    seconds = time.time() - start
+    record(r, wall_seconds=round(seconds, 1))
+    assert max(train_losses(out)) == 3
+    assert seconds < 240, f"3 steps of the 7B presets took {seconds:.0f} s from launch"

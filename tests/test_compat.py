@@ -1,0 +1,354 @@
+"""Each private API mmtrain relies on (mmtrain/compat.py), checked against the installed releases.
+
+One test per use, on CPU, against the real libraries. A failure names the library, its
+installed version and what changed: update the helper in mmtrain/compat.py (and its
+call sites) before raising that library's upper bound in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmtrain import compat
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def pinned(library: str, what: str):
+    """Turn any error inside into one failure naming the library, its version and the private API."""
+    try:
+        yield
+    except Exception as e:  # AttributeError, TypeError, KeyError, AssertionError: all mean the same here
+        pytest.fail(
+            f"{library} {version(library)}: {what} is not what mmtrain/compat.py relies on "
+            f"({type(e).__name__}: {e}); adapt mmtrain/compat.py before allowing this release",
+            pytrace=True,
+        )
+
+
+# --- torch ------------------------------------------------------------------------------
+
+
+def test_torch_assert_async_raises_on_a_false_cpu_tensor():
+    with pinned("torch", "torch._assert_async(tensor, message)"):
+        compat.assert_async(torch.tensor(3) == 3, "must not raise")
+        with pytest.raises(RuntimeError, match="spans and features differ"):
+            compat.assert_async(torch.tensor(3) == 4, "spans and features differ")
+
+
+def test_torch_batchnorm_base_covers_every_batch_norm():
+    with pinned("torch", "torch.nn.modules.batchnorm._BatchNorm"):
+        for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d):
+            assert issubclass(cls, compat.BatchNormBase), cls.__name__
+        assert not issubclass(nn.LayerNorm, compat.BatchNormBase)
+
+
+# --- transformers -------------------------------------------------------------------------
+
+
+def _tiny_llama_config(attn_implementation: str = "sdpa"):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation=attn_implementation,
+    )
+
+
+def test_transformers_config_attn_implementation_is_what_models_dispatch_to():
+    from transformers import AutoModelForCausalLM
+
+    with pinned("transformers", "config._attn_implementation"):
+        model = AutoModelForCausalLM.from_config(_tiny_llama_config(), attn_implementation="eager")
+        assert compat.attn_implementation(model.config) == "eager"
+        model.set_attn_implementation("sdpa")
+        assert compat.attn_implementation(model.config) == "sdpa"
+        assert compat.attn_implementation(_tiny_llama_config("mmtrain_compat_probe")) == "mmtrain_compat_probe"
+        assert compat.attn_implementation(object()) is None
+
+
+def test_transformers_sdpa_mask_takes_allow_is_causal_skip():
+    from transformers.masking_utils import sdpa_mask
+
+    with pinned("transformers", "transformers.masking_utils.sdpa_mask(..., allow_is_causal_skip=)"):
+        assert "allow_is_causal_skip" in inspect.signature(sdpa_mask).parameters
+        causal = torch.ones(4, 4, dtype=torch.bool).tril()
+        mask = compat.sdpa_mask_materialized(batch_size=1, q_length=4, kv_length=4, allow_is_causal_skip=True)
+        assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == (1, 1, 4, 4)
+        assert torch.equal(mask[0, 0], causal), "True must mean 'may attend', causally"
+        padded = compat.sdpa_mask_materialized(batch_size=1, q_length=4, kv_length=4, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+        assert torch.equal(padded[0, 0], causal & torch.tensor([False, True, True, True])), "padding must close its key"
+
+
+def test_transformers_mask_interface_dispatches_to_a_registered_builder():
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    seen = {}
+
+    def probe(*args, **kwargs):
+        seen.update(kwargs)
+        return compat.sdpa_mask_materialized(*args, **kwargs)
+
+    with pinned("transformers", "AttentionMaskInterface.register and create_causal_mask's dispatch"):
+        compat.register_attention_mask("mmtrain_compat_probe", probe)
+        config = _tiny_llama_config("mmtrain_compat_probe")
+        offered = {
+            "config": config, "inputs_embeds": torch.zeros(2, 3, 16), "input_embeds": torch.zeros(2, 3, 16),
+            "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]), "cache": DynamicCache(), "past_key_values": DynamicCache(),
+            "cache_position": torch.arange(3), "position_ids": torch.arange(3)[None].expand(2, 3),
+        }
+        params = inspect.signature(create_causal_mask).parameters
+        mask = create_causal_mask(**{k: v for k, v in offered.items() if k in params})
+        assert {"batch_size", "q_length", "kv_length", "attention_mask"} <= seen.keys(), sorted(seen)
+        assert mask.shape == (2, 1, 3, 3) and not bool(mask[1, 0, 2, 0]) and bool(mask[0, 0, 2, 0])
+
+
+def test_transformers_repeat_kv_repeats_each_kv_head_in_place():
+    with pinned("transformers", "transformers.integrations.sdpa_attention.repeat_kv"):
+        kv = torch.randn(2, 3, 5, 4)
+        assert torch.equal(compat.repeat_kv(kv, 2), kv.repeat_interleave(2, dim=1))
+        assert compat.repeat_kv(kv, 1) is kv
+
+
+def test_transformers_create_causal_mask_splits_packed_samples():
+    from mmtrain.data.packing import check_packed_attention
+
+    with pinned("transformers", "transformers.masking_utils.create_causal_mask with restarting position_ids"):
+        assert compat.create_causal_mask.__module__ == "transformers.masking_utils"
+        for name in ("sdpa", "eager"):
+            check_packed_attention(_tiny_llama_config(name))  # raises ValueError when samples would see each other
+
+
+# --- peft ---------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 5)
+        self.other = nn.Linear(5, 5)
+
+
+def _adapted(**config):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    block = _Block()
+    options = dict(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["proj"])
+    inject_adapter_in_model(LoraConfig(**{**options, **config}), block)
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if ".lora_" in name:
+                param.normal_()
+    return block
+
+
+def test_peft_lora_layer_exposes_the_adapter_state_fused_lora_reads():
+    with pinned("peft", "LoRA Linear's adapter dicts and flags"):
+        from peft.tuners.lora import Linear, LoraLayer
+
+        layer = _adapted().proj
+        assert isinstance(layer, Linear) and isinstance(layer, LoraLayer)
+        assert not compat.is_lora_linear(layer.base_layer, "default")
+        assert compat.is_lora_linear(layer, "default") and not compat.is_lora_linear(layer, "other")
+        assert compat.lora_runs_one_plain_adapter(layer, "default")
+        base, lora_a, lora_b, scale = compat.lora_parts(layer, "default")
+        assert isinstance(base, nn.Linear) and (lora_a.in_features, lora_a.out_features, lora_b.out_features) == (6, 2, 5)
+        assert scale == 3.0, "scaling must be lora_alpha / r"
+        x = torch.randn(4, 6)
+        assert torch.allclose(layer(x), base(x) + scale * lora_b(lora_a(x)), atol=1e-6), "peft's forward is not base + scale * B(A(x))"
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_peft_lora_flags_say_when_the_forward_is_not_one_plain_adapter():
+    with pinned("peft", "LoRA layer flags (disable_adapters, merged, active_adapters, lora_variant, lora_dropout)"):
+        x = torch.randn(4, 6)
+        layer = _adapted().proj
+        layer.enable_adapters(False)
+        assert not compat.lora_runs_one_plain_adapter(layer, "default"), "disabled adapters"
+        layer.enable_adapters(True)
+        layer.merge()
+        assert not compat.lora_runs_one_plain_adapter(layer, "default"), "merged weights"
+        layer.unmerge()
+        assert compat.lora_runs_one_plain_adapter(layer, "default")
+        assert not compat.lora_runs_one_plain_adapter(_adapted(lora_dropout=0.1).proj, "default"), "dropout"
+        dora = _adapted(use_dora=True).proj
+        assert not compat.lora_runs_one_plain_adapter(dora, "default"), "a variant (DoRA)"
+        base, lora_a, lora_b, scale = compat.lora_parts(dora, "default")
+        assert not torch.allclose(dora(x), base(x) + scale * lora_b(lora_a(x)), atol=1e-4), "DoRA must differ from plain LoRA"
+        from peft import LoraConfig, inject_adapter_in_model
+
+        block = _adapted()
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["proj"]), block, adapter_name="second")
+        block.proj.set_adapter(["default", "second"])
+        assert not compat.lora_runs_one_plain_adapter(block.proj, "default"), "several active adapters"
+        block.proj.set_adapter("default")
+        assert compat.lora_runs_one_plain_adapter(block.proj, "default")
+
+
+def test_peft_lora_scaling_is_alpha_over_rank():
+    with pinned("peft", "LoraLayer.scaling"):
+        block = _adapted(r=4, lora_alpha=2)
+        assert compat.lora_scaling(block.proj, "default") == 0.5
+        assert compat.lora_scaling(block.proj, "other") is None
+        assert compat.lora_scaling(block.other, "default") is None
+
+
+def test_peft_lora_input_cast_goes_through_the_instance_method():
+    with pinned("peft", "LoraLayer._cast_input_dtype"):
+        layer = _adapted().proj
+        layer.base_layer.to(torch.bfloat16)  # frozen base in half precision, adapters in fp32
+        calls = []
+
+        def record(cast):
+            def cast_input(x, dtype):
+                calls.append((x.dtype, dtype))
+                return cast(x, dtype)
+
+            return cast_input
+
+        assert compat.wrap_lora_input_cast(layer, record)
+        assert not compat.wrap_lora_input_cast(_Block().proj, record)
+        out = layer(torch.randn(3, 6, dtype=torch.bfloat16))
+        assert (torch.bfloat16, torch.float32) in calls, f"peft did not cast its input through _cast_input_dtype: {calls}"
+        assert out.dtype == torch.bfloat16
+
+
+def test_peft_state_dict_names_are_what_the_merge_reads():
+    with pinned("peft", "LoRA state-dict names (base_layer, lora_A/lora_B.<adapter>)"):
+        state = _adapted().state_dict()
+        a_name, b_name = compat.lora_weight_names("proj", "default")
+        assert {"proj" + compat.BASE_LAYER_MARK + "weight", a_name, b_name} <= state.keys(), sorted(state)
+        assert {k for k in state if compat.LORA_NAME_MARK in k} == {a_name, b_name}, sorted(state)
+
+
+# --- accelerate + transformers: the ZeRO-3 config transformers holds -----------------------
+
+
+def _plugin(stage: int):
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage}}
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=True)
+
+
+def test_accelerate_zero3_init_flag_is_true_only_at_stage_3():
+    with pinned("accelerate", "DeepSpeedPlugin.zero3_init_flag after construction"):
+        assert compat.zero3_init_enabled(_plugin(3))
+        with pytest.warns(UserWarning):
+            stage2 = _plugin(2)
+        assert not compat.zero3_init_enabled(stage2)
+
+
+def test_transformers_unset_and_accelerate_reinstall_of_the_deepspeed_config():
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    plugin = _plugin(3)
+    try:
+        with pinned("accelerate", "DeepSpeedPlugin.set_deepspeed_weakref / dschf"):
+            compat.reinstall_hf_deepspeed_config(plugin)
+            assert is_deepspeed_zero3_enabled(), "set_deepspeed_weakref did not hand transformers the stage-3 config"
+        with pinned("transformers", "transformers.integrations.deepspeed.unset_hf_deepspeed_config"):
+            compat.unset_hf_deepspeed_config()
+            assert not is_deepspeed_zero3_enabled(), "unset_hf_deepspeed_config left ZeRO-3 on"
+        with pinned("accelerate", "DeepSpeedPlugin.set_deepspeed_weakref / dschf"):
+            plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 1234
+            compat.reinstall_hf_deepspeed_config(plugin)
+            assert is_deepspeed_zero3_enabled()
+            assert deepspeed_config()["zero_optimization"]["stage3_param_persistence_threshold"] == 1234, "edits made later are not seen"
+            plugin.dschf = None
+            gc.collect()
+            assert not is_deepspeed_zero3_enabled(), "plugin.dschf no longer owns the object transformers refers to"
+    finally:
+        compat.unset_hf_deepspeed_config()
+
+
+# --- DeepSpeed ------------------------------------------------------------------------------
+
+_ZERO3_PARAM = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import deepspeed
+    from mmtrain import compat
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+        layer = torch.nn.Linear(6, 5)
+    plain = torch.nn.Parameter(torch.zeros(5, 6))
+    weight = layer.weight
+    print("RESULT " + json.dumps({
+        "partitioned": compat.is_zero3_partitioned(weight),
+        "plain_partitioned": compat.is_zero3_partitioned(plain),
+        "full_numel": compat.full_numel(weight),
+        "local_numel": weight.numel(),
+        "plain_numel": compat.full_numel(plain),
+    }))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deepspeed_zero3_parameters_carry_ds_id_and_ds_numel():
+    # A one-process gloo group in a child process: the test session's own state stays untouched.
+    env = {
+        **os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
+    run = subprocess.run([sys.executable, "-c", _ZERO3_PARAM], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    with pinned("deepspeed", "ZeRO-3 parameter attributes ds_id / ds_numel"):
+        assert run.returncode == 0 and lines, f"building a ZeRO-3 parameter failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+        got = json.loads(lines[-1][len("RESULT "):])
+        assert got["partitioned"] and not got["plain_partitioned"], got
+        assert got["full_numel"] == 30 and got["local_numel"] == 0 and got["plain_numel"] == 30, got
+
+
+def test_deepspeed_memory_estimators_take_counts():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as mmtrain.training.distributed.prepare_environment
+    with contextlib.redirect_stdout(sys.stderr), pinned("deepspeed", "estimate_zero{2,3}_model_states_mem_needs"):
+        cpu, gpu = compat.estimate_zero2_model_states_mem_needs(
+            10**6, num_gpus_per_node=2, num_nodes=1, cpu_offload=False
+        )
+        assert gpu > 0 and cpu > 0
+        cpu, gpu, largest = compat.estimate_zero3_model_states_mem_needs(
+            10**6, 10**4, num_gpus_per_node=2, num_nodes=1, cpu_offload=True, cpu_offload_params=False
+        )
+        assert gpu > largest > 0 and cpu > 0
+        _, gpu_on_four, _ = compat.estimate_zero3_model_states_mem_needs(
+            10**6, 10**4, num_gpus_per_node=4, num_nodes=1, cpu_offload=True, cpu_offload_params=False
+        )
+        assert gpu_on_four < gpu, "more GPUs must mean fewer bytes per GPU"
+
+
+def test_compat_imports_no_deepspeed_accelerate_or_mmtrain_args():
+    code = (
+        "import sys, mmtrain.compat; "
+        "bad = [m for m in ('deepspeed', 'accelerate', 'peft', 'mmtrain.args', 'mmtrain.data') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"importing mmtrain.compat pulled in {run.stdout.strip()} {run.stderr[-2000:]}"
