@@ -112,3 +112,9 @@ def environment() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         smi = ""
     return {"gpus": gpus, "nvidia_smi": smi, "cpu_count": os.cpu_count(), "versions": versions}
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory):
+    """Where each pytest process writes the generated dataset (once per process)."""
+    return tmp_path_factory.mktemp("data")
