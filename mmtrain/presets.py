@@ -182,13 +182,28 @@ def build_preset_tokenizer():
     lines = [_CORPUS_WORDS] + [f"{w} " * 3 for w in _CORPUS_WORDS.split()]
     lines += [f"{c}\n" for c in "0123456789?:.,!"]
     tok.train_from_iterator(lines * 8, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         model_max_length=4096,
     )
+    tokenizer.chat_template = PRESET_CHAT_TEMPLATE
+    return tokenizer
+
+
+# A chat template for the presets' tokenizer, so ``--template chat`` runs on them as on a
+# real chat model: role headers in words the tokenizer knows, each assistant turn closed
+# by the end-of-sequence token (which training then teaches the model to emit).
+PRESET_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first %}<s>{% endif %}"
+    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
 
 
 def build_preset_image_processor(config: PretrainedConfig):

@@ -65,7 +65,11 @@ def test_offload_on_a_stage_that_cannot_and_gradient_accumulation_conflict(tmp_p
     # the launcher reports any failure of the script as 1
     assert proc.returncode != 0
     assert "offload_param_device: cpu needs zero_stage: 3" in proc.stderr
-    proc = launch(common_flags(model_folders, data_path, output_dir=tmp_path / "o2", gradient_accumulation_steps=2), config="zero2.yaml", check=False)
+    # The shipped configs leave accumulation to the flag; a config that fixes it and a
+    # flag that says otherwise is a conflict.
+    fixed = tmp_path / "fixed_accumulation.yaml"
+    fixed.write_text((REPO / "accelerate_configs" / "zero2.yaml").read_text().replace("deepspeed_config:\n", "deepspeed_config:\n  gradient_accumulation_steps: 1\n"))
+    proc = launch(common_flags(model_folders, data_path, output_dir=tmp_path / "o2", gradient_accumulation_steps=2), config=str(fixed), check=False)
     assert proc.returncode != 0 and "--gradient_accumulation_steps 2 disagrees" in proc.stderr
 
 
