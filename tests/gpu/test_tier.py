@@ -351,7 +351,8 @@ def test_zero3_mixed_modality_200_steps_and_one_gpu_equivalence(vision_lora, mod
     r = Row("zero3", ("mixed_modality_200_steps",) + (("vision_lora",) if vision_lora else ()), gpus=2, export=False)
     record(r)
     dataset = _mixed_dataset(tmp_path)
-    extra = dict(dataset_names=str(dataset), per_device_train_batch_size=1, max_steps=200, eval_ratio=0.05, eval_generate=0, save_steps=0, export_each_epoch="false", lr_scheduler_type="constant")
+    extra = dict(dataset_names=str(dataset), per_device_train_batch_size=1, max_steps=200, eval_ratio=0.05, eval_generate=0, save_steps=0, export_each_epoch="false", lr_scheduler_type="constant",
+                 num_warmup_steps=5)  # a count: a warmup ratio would differ between the 200- and the 20-step run
     if vision_lora:
         extra["vis_lora_dim"] = 4
     two = tmp_path / "two"
