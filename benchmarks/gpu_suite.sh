@@ -12,7 +12,7 @@
 #                  one, the two-GPU rows where there are two or more (TIER_ROWS=all runs both);
 #                  rows run TIER_JOBS at a time (pytest-xdist); the results JSON goes to
 #                  $OUT/gpu_tier_<N>gpu.json (copy it to benchmarks/results/)
-#   bench          python -m mmtrain.bench: ref-7b, ZeRO-2, micro-batch 4, beside the plain loop
+#   bench          python benchmarks/bench.py: ref-7b, ZeRO-2, micro-batch 4, beside the plain loop
 #   bench-mb       the same at micro-batches 2 and 8, and ZeRO-0 / no DeepSpeed at 4 (no plain loop)
 #   speed          the speed flags that exist in mmtrain/args.py: packing vs padding on the same
 #                  samples, the vision-feature cache over two epochs, torch.compile, all together
@@ -120,14 +120,14 @@ part_tier() {
 }
 
 part_bench() {
-    run $PY -m mmtrain.bench "${BENCH[@]}" --out "$OUT/bench_${TAG}.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --out "$OUT/bench_${TAG}.json"
 }
 
 part_bench_mb() {
-    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --micro_batch 8 --profile off --out "$OUT/bench_${TAG}_mb8.json"
-    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --micro_batch 2 --profile off --out "$OUT/bench_${TAG}_mb2.json"
-    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --zero_stage 0 --profile off --out "$OUT/bench_${TAG}_zero0.json"
-    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --zero_stage none --profile off --out "$OUT/bench_${TAG}_nods.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --micro_batch 8 --profile off --out "$OUT/bench_${TAG}_mb8.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --micro_batch 2 --profile off --out "$OUT/bench_${TAG}_mb2.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --zero_stage 0 --profile off --out "$OUT/bench_${TAG}_zero0.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --zero_stage none --profile off --out "$OUT/bench_${TAG}_nods.json"
 }
 
 part_speed() {
@@ -135,18 +135,18 @@ part_speed() {
     if has_flag packing; then
         any=1
         # Packed on the same samples as the padded `bench` part (same seed), at its micro-batch of 4 samples and at 6.
-        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --packing --out "$OUT/speed_${TAG}_packed_mb4.json"
-        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --micro_batch 6 --packing --out "$OUT/speed_${TAG}_packed_mb6.json"
+        run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --packing --out "$OUT/speed_${TAG}_packed_mb4.json"
+        run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --micro_batch 6 --packing --out "$OUT/speed_${TAG}_packed_mb6.json"
     fi
     if has_flag cache_vision_features; then
         any=1
-        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_nocache_2ep.json"
-        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --cache_vision_features --out "$OUT/speed_${TAG}_cache_2ep.json"
+        run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_nocache_2ep.json"
+        run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --epochs 2 --cache_vision_features --out "$OUT/speed_${TAG}_cache_2ep.json"
     fi
     if has_flag torch_compile; then
         any=1
-        run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 --torch_compile true --out "$OUT/speed_${TAG}_compile.json"
-        has_flag packing && has_flag cache_vision_features && run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --warmup 6 \
+        run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --warmup 6 --torch_compile true --out "$OUT/speed_${TAG}_compile.json"
+        has_flag packing && has_flag cache_vision_features && run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --warmup 6 \
             --torch_compile true --packing --cache_vision_features --epochs 2 --out "$OUT/speed_${TAG}_all_2ep.json"
     fi
     [ $any = 1 ] || echo "no speed flags in mmtrain/args.py yet"
@@ -154,18 +154,18 @@ part_speed() {
 
 part_seq2048() {
     local b=("${BENCH[@]}" "${FULL[@]}")
-    run $PY -m mmtrain.bench "${b[@]}" --profile on --out "$OUT/bench_${TAG}_seq2048.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --torch_compile false --out "$OUT/speed_${TAG}_seq2048_eager.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --torch_compile false --fused_lora false --out "$OUT/speed_${TAG}_seq2048_eager_unfused.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --torch_compile false --enable_mmca_attention --out "$OUT/speed_${TAG}_seq2048_eager_mmca.json"
+    run $PY benchmarks/bench.py "${b[@]}" --profile on --out "$OUT/bench_${TAG}_seq2048.json"
+    run $PY benchmarks/bench.py "${b[@]}" --plain skip --profile off --torch_compile false --out "$OUT/speed_${TAG}_seq2048_eager.json"
+    run $PY benchmarks/bench.py "${b[@]}" --plain skip --profile off --torch_compile false --fused_lora false --out "$OUT/speed_${TAG}_seq2048_eager_unfused.json"
+    run $PY benchmarks/bench.py "${b[@]}" --plain skip --profile off --torch_compile false --enable_mmca_attention --out "$OUT/speed_${TAG}_seq2048_eager_mmca.json"
 }
 
 part_variants() {
     local b=("${BENCH[@]}" "${FULL[@]}")
-    run $PY -m mmtrain.bench "${b[@]}" --micro_batch 6 --profile on --out "$OUT/bench_${TAG}_seq2048_mb6.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --zero_stage 0 --out "$OUT/speed_${TAG}_seq2048_zero0.json"
-    run $PY -m mmtrain.bench "${b[@]}" --plain skip --profile off --enable_mmca_attention --torch_compile true --out "$OUT/speed_${TAG}_seq2048_mmca_compiled.json"
-    run $PY -m mmtrain.bench "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_2ep.json"
+    run $PY benchmarks/bench.py "${b[@]}" --micro_batch 6 --profile on --out "$OUT/bench_${TAG}_seq2048_mb6.json"
+    run $PY benchmarks/bench.py "${b[@]}" --plain skip --profile off --zero_stage 0 --out "$OUT/speed_${TAG}_seq2048_zero0.json"
+    run $PY benchmarks/bench.py "${b[@]}" --plain skip --profile off --enable_mmca_attention --torch_compile true --out "$OUT/speed_${TAG}_seq2048_mmca_compiled.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_2ep.json"
 }
 
 part_mmca() {

@@ -1,13 +1,13 @@
 """Measured peak GPU memory of real training steps beside ``mmtrain.memory.estimate``.
 
-For each ref-7b setup of ``mmtrain.memory.validation_rows()`` (ZeRO 0, 2, 2 + optimizer
+For each ref-7b setup of :func:`validation_rows` (ZeRO 0, 2, 2 + optimizer
 offload, 3 + parameter and optimizer offload; micro-batch 1 and 4; with and without
 gradient checkpointing; 2048-token samples of one image and 1470 text tokens, bf16) this
-runs ``python -m mmtrain.bench`` in a fresh process (the DeepSpeed config is per process):
+runs ``python benchmarks/bench.py`` in a fresh process (the DeepSpeed config is per process):
 the trainer's own path, Accelerate + the DeepSpeed engine, for ``--steps`` optimizer steps
 with no untimed warm-up, and reads ``torch.cuda.max_memory_allocated()`` over all of them,
 the first step included. Each row is compared with the estimate (target: within 10%) and
-written in the schema of ``mmtrain.memory.MEASUREMENT_FIELDS``, plus the split that says
+written in the schema of :data:`MEASUREMENT_FIELDS`, plus the split that says
 which term is off: *static* (allocated before the first step: weights, gradients'
 partitions, optimizer states, buffers) and *transient* (peak minus static: activations,
 logits, the vision pass, the optimizer step), measured and predicted.
@@ -20,6 +20,9 @@ logits, the vision pass, the optimizer step), measured and predicted.
 
 Rows are written to ``--out`` after each setup, so a cut-off run keeps what it measured.
 A setup that fails (out of memory, a crash) is listed in ``<out stem>_failed.json``.
+
+The measurement file's schema, its reader (:func:`load_measurements`) and the comparison
+with the predictions (:func:`compare`) live here too; notebook 02 plots the file.
 """
 
 from __future__ import annotations
@@ -43,6 +46,96 @@ from mmtrain.args import ModelArguments  # noqa: E402
 TOLERANCE = 0.10
 SMOKE_MODEL = ("tiny-llama", "tiny-clip")
 SMOKE_SEQ = 256
+
+
+# --------------------------------------------------------------------------------------
+# The measurement file: benchmarks/results/memory_h100.json
+# --------------------------------------------------------------------------------------
+
+MEASUREMENT_FIELDS = {
+    "stage": int,  # ZeRO stage 0-3
+    "offload": str,  # none | optimizer | optimizer+params
+    "micro_batch": int,
+    "seq_len": int,
+    "gradient_checkpointing": bool,
+    "num_gpus": int,
+    "measured_peak_bytes": int,  # torch.cuda.max_memory_allocated over the measured steps
+    "predicted_peak_bytes": int,  # estimate(...).total when measured
+    "device": str,  # torch.cuda.get_device_name()
+    "versions": dict,  # {"torch": ..., "transformers": ..., "deepspeed": ..., "mmtrain": ...}
+    "command": str,  # the exact command that produced the row
+}
+"""The measurement file is a JSON list of objects with exactly these keys (extra keys are
+allowed and kept, e.g. ``workload``, ``precision``, ``images_per_sample``, ``notes``)."""
+
+MEASUREMENTS_PATH = "benchmarks/results/memory_h100.json"
+
+
+def validation_rows() -> list[memory.MemorySetup]:
+    """The ref-7b setups to measure on one H100, in this order (16 runs, 2048 tokens, bf16)."""
+    rows = []
+    for stage, offload in ((0, "none"), (2, "none"), (2, "optimizer"), (3, "optimizer+params")):
+        for micro_batch in (1, 4):
+            for ckpt in (False, True):
+                rows.append(
+                    memory.MemorySetup(
+                        zero_stage=stage,
+                        offload=offload,
+                        num_gpus=1,
+                        micro_batch=micro_batch,
+                        seq_len=2048,
+                        precision="bf16",
+                        gradient_checkpointing=ckpt,
+                    )
+                )
+    return rows
+
+
+def setup_from_row(row: dict) -> memory.MemorySetup:
+    """The :class:`~mmtrain.memory.MemorySetup` a measurement row describes."""
+    extra = {k: row[k] for k in ("precision", "images_per_sample", "label_fraction") if k in row}
+    return memory.MemorySetup(
+        zero_stage=row["stage"],
+        offload=row["offload"],
+        num_gpus=row["num_gpus"],
+        micro_batch=row["micro_batch"],
+        seq_len=row["seq_len"],
+        gradient_checkpointing=row["gradient_checkpointing"],
+        **extra,
+    )
+
+
+def load_measurements(path: str = MEASUREMENTS_PATH) -> list[dict]:
+    """Read and check a measurement file (schema: :data:`MEASUREMENT_FIELDS`)."""
+    with open(path) as f:
+        rows = json.load(f)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    for k, row in enumerate(rows):
+        missing = [key for key in MEASUREMENT_FIELDS if key not in row]
+        if missing:
+            raise ValueError(f"{path}: row {k} lacks {', '.join(missing)}")
+        for key, kind in MEASUREMENT_FIELDS.items():
+            ok = isinstance(row[key], kind) and not (kind is int and isinstance(row[key], bool))
+            if not ok:
+                raise ValueError(f"{path}: row {k} field {key!r} should be {kind.__name__}, got {row[key]!r}")
+        if row["offload"] not in memory.OFFLOADS:
+            raise ValueError(f"{path}: row {k} offload {row['offload']!r} is not one of {', '.join(memory.OFFLOADS)}")
+    return rows
+
+
+def compare(rows: list[dict], tolerance: float = TOLERANCE) -> list[dict]:
+    """Each row with ``ratio`` = measured / predicted and ``within`` = |ratio - 1| <= tolerance."""
+    out = []
+    for row in rows:
+        ratio = row["measured_peak_bytes"] / max(row["predicted_peak_bytes"], 1)
+        out.append({**row, "ratio": ratio, "within": abs(ratio - 1) <= tolerance})
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------
 
 
 def parse_rows(spec: str, n: int) -> list[int]:
@@ -70,7 +163,7 @@ def model_args(smoke: bool) -> ModelArguments:
 
 
 def setups(smoke: bool) -> list[memory.MemorySetup]:
-    rows = memory.validation_rows()
+    rows = validation_rows()
     if smoke:
         rows = [replace(r, seq_len=SMOKE_SEQ) for r in rows]
     return rows
@@ -78,16 +171,16 @@ def setups(smoke: bool) -> list[memory.MemorySetup]:
 
 def bench_command(args: ModelArguments, setup: memory.MemorySetup, text: int, steps: int) -> list[str]:
     cmd = [
-        "python", "-m", "mmtrain.bench",
-        "--lm", args.lm_model_name_or_path,
-        "--vision", args.vision_model_name_or_path,
-        "--projector", args.vis_proj,
-        "--lora_rank", str(args.lang_lora_dim),
-        "--lora_scope", args.lang_lora_module_name,
+        "python", "benchmarks/bench.py",
+        "--lm_model_name_or_path", args.lm_model_name_or_path,
+        "--vision_model_name_or_path", args.vision_model_name_or_path,
+        "--vis_proj", args.vis_proj,
+        "--lang_lora_dim", str(args.lang_lora_dim),
+        "--lang_lora_module_name", args.lang_lora_module_name,
         "--zero_stage", str(setup.zero_stage),
         "--offload", setup.offload,
-        "--micro_batch", str(setup.micro_batch),
-        "--seq_len", str(setup.seq_len),
+        "--per_device_train_batch_size", str(setup.micro_batch),
+        "--max_seq_len", str(setup.seq_len),
         "--text_tokens", str(text), str(text),
         "--label_fraction", str(setup.label_fraction),
         "--precision", setup.precision,
@@ -171,7 +264,7 @@ def summarise(rows: list[dict]) -> str:
         ms, mt = r.get("measured_static_bytes"), r.get("measured_transient_bytes")
         static = f"{r['predicted_static_bytes'] / gib:.1f}/{ms / gib:.1f}" if ms is not None else "-"
         transient = f"{r['predicted_transient_bytes'] / gib:.1f}/{mt / gib:.1f}" if mt is not None else "-"
-        name = r.get("name") or memory.setup_from_row(r).name
+        name = r.get("name") or setup_from_row(r).name
         lines.append(
             f"{name:<24}{r['micro_batch']:>3}{r['predicted_peak_bytes'] / gib:>11.2f}{r['measured_peak_bytes'] / gib:>10.2f}"
             f"{ratio:>7.3f}  {static:>13}  {transient:>15}  {'yes' if abs(ratio - 1) <= TOLERANCE else 'NO'}"
@@ -190,14 +283,14 @@ def write(path: str, rows: list[dict]) -> None:
 
 def combine(paths: list[str], out: str) -> list[dict]:
     """Merge row files (later files win for the same setup), ordered as ``validation_rows()``."""
-    order = {(s.zero_stage, s.offload, s.micro_batch, s.gradient_checkpointing): i for i, s in enumerate(memory.validation_rows())}
+    order = {(s.zero_stage, s.offload, s.micro_batch, s.gradient_checkpointing): i for i, s in enumerate(validation_rows())}
     merged: dict[tuple, dict] = {}
     for path in paths:
-        for row in memory.load_measurements(path):
+        for row in load_measurements(path):
             merged[(row["stage"], row["offload"], row["micro_batch"], row["gradient_checkpointing"])] = row
     rows = sorted(merged.values(), key=lambda r: order.get((r["stage"], r["offload"], r["micro_batch"], r["gradient_checkpointing"]), 99))
     write(out, rows)
-    memory.load_measurements(out)  # the file the project reads must pass its own check
+    load_measurements(out)  # the file the project reads must pass its own check
     return rows
 
 
@@ -245,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[row {i}] predicted {result['predicted_peak_bytes'] / gib:.2f} GiB, measured {result['measured_peak_bytes'] / gib:.2f} GiB"
               + (f", ratio {result['ratio']:.3f}" if result["ratio"] else "") + f" ({result['wall_s']:.0f} s)", flush=True)
     if rows:
-        memory.load_measurements(opts.out)
+        load_measurements(opts.out)
         print(summarise(rows))
     print(f"{len(rows)} measured, {len(failed)} failed -> {opts.out}")
     return 1 if failed else 0

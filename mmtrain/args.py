@@ -20,11 +20,8 @@ from transformers import HfArgumentParser
 
 from mmtrain import presets
 
-PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
-
-
-class ConfigError(ValueError):
-    """A flag, file or value that cannot work; raised before anything heavy happens."""
+from mmtrain.model.config import PROJECTORS, VLMConfig  # noqa: F401  (PROJECTORS: re-exported for callers)
+from mmtrain.model.errors import ConfigError  # one error class for flags and model settings
 
 
 def _help(text: str, **kw) -> dict:
@@ -32,46 +29,9 @@ def _help(text: str, **kw) -> dict:
 
 
 @dataclass
-class ModelArguments:
-    lm_model_name_or_path: str = field(
-        default="tiny-llama",
-        metadata=_help("Causal LM: a local Hugging Face folder or a preset (" + ", ".join(presets.preset_names("language")) + ")."),
-    )
-    vision_model_name_or_path: str = field(
-        default="tiny-clip",
-        metadata=_help("Vision encoder: a local CLIP/SigLIP folder or a preset (" + ", ".join(presets.preset_names("vision")) + ")."),
-    )
-    vis_proj: str = field(default="mlp", metadata=_help(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
-    vision_feature_layer: int = field(
-        default=-2, metadata=_help("Hidden layer of the vision encoder whose output is projected (-2: second to last, as LLaVA).")
-    )
-    vision_keep_cls: bool = field(default=False, metadata=_help("Keep the CLS token of CLIP towers (dropped by default)."))
-    perceiver_num_queries: int = field(default=64, metadata=_help("Learned queries of the perceiver projector (image tokens per image)."))
-    lang_lora_dim: int = field(default=16, metadata=_help("LoRA rank on the language model (0: no LoRA)."))
-    lang_lora_module_name: str = field(
-        default="model.layers.", metadata=_help("LoRA goes on every Linear of the LM whose name contains this scope.")
-    )
-    lang_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the LM (default: 4 x the rank, scale 4)."))
-    lang_lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout on the LM."))
-    vis_lora_dim: int = field(default=0, metadata=_help("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
-    vis_lora_module_name: str = field(
-        default="encoder.layers.", metadata=_help("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
-    )
-    vis_lora_alpha: Optional[float] = field(default=None, metadata=_help("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
-    vis_lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout on the vision encoder."))
-    only_optimize_lora: bool = field(
-        default=False, metadata=_help("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")
-    )
-    train_full_embeddings: bool = field(
-        default=False, metadata=_help("Train the whole input-embedding table (default: only the new special tokens' rows).")
-    )
-    enable_mmca_attention: bool = field(default=False, metadata=_help("Multi-modal causal attention in the LM."))
-    mmca_image_attention: Literal["same_image", "self"] = field(
-        default="same_image",
-        metadata=_help("With MMCA, image tokens attend causally within their own image (same_image) or only to themselves (self)."),
-    )
-    attn_implementation: str = field(default="sdpa", metadata=_help("Attention kernel of the LM and vision encoder: sdpa or eager."))
-    preset_seed: int = field(default=0, metadata=_help("Seed of the random weights of preset models."))
+class ModelArguments(VLMConfig):
+    """The model flags: every field of :class:`VLMConfig` (what the model is), plus how training feeds it."""
+
     cache_vision_features: bool = field(
         default=False,
         metadata=_help("Encode each training image once and reuse its features every epoch (needs a frozen encoder: --vis_lora_dim 0)."),
@@ -82,6 +42,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.cache_vision_features and self.vis_lora_dim > 0:
             raise ConfigError(
                 f"--cache_vision_features needs a frozen vision encoder, but --vis_lora_dim {self.vis_lora_dim} trains it "
@@ -89,22 +50,6 @@ class ModelArguments:
             )
         if self.vision_cache_dir is not None and not self.cache_vision_features:
             raise ConfigError("--vision_cache_dir is only used with --cache_vision_features; pass both or neither")
-        if self.vis_proj not in PROJECTORS:
-            raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
-        for flag in ("lang_lora_dim", "vis_lora_dim"):
-            if getattr(self, flag) < 0:
-                raise ConfigError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
-        for flag in ("lang_lora_dropout", "vis_lora_dropout"):
-            if not 0.0 <= getattr(self, flag) < 1.0:
-                raise ConfigError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
-        if self.perceiver_num_queries < 1:
-            raise ConfigError(f"--perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}")
-        if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
-            raise ConfigError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
-        if self.only_optimize_lora and self.train_full_embeddings:
-            raise ConfigError("--only_optimize_lora and --train_full_embeddings contradict each other; pick one")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: valid are sdpa, eager")
 
 
 @dataclass

@@ -25,16 +25,18 @@ expands ``<image>`` into one token per patch), in the training template, e.g.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from mmtrain import compat
 from mmtrain.args import ConfigError
-from mmtrain.model.pretrained import EXPORT_CONFIG, load_pretrained
+from mmtrain.cli import FlagParser
+from mmtrain.model.pretrained import export_config, load_pretrained
 
 EXPORTABLE_PROJECTORS = ("mlp",)
 
@@ -43,16 +45,18 @@ def export_llava(model_dir: str, out: str) -> str:
     """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA folder at ``out``."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    with open(os.path.join(model_dir, EXPORT_CONFIG)) as f:
-        manifest = json.load(f)
-    if manifest["vis_proj"] not in EXPORTABLE_PROJECTORS:
+    config, _ = export_config(model_dir)  # what the export is, read before any weights
+    if config.vis_proj not in EXPORTABLE_PROJECTORS:
         raise ConfigError(
-            f"--model {model_dir}: the {manifest['vis_proj']!r} projector has no exact LLaVA equivalent "
+            f"--model {model_dir}: the {config.vis_proj!r} projector has no exact LLaVA equivalent "
             f"(exportable: {', '.join(EXPORTABLE_PROJECTORS)}); see `python -m mmtrain.export --help`"
         )
+    if config.enable_mmca_attention:
+        raise ConfigError(
+            f"--model {model_dir} was trained with MMCA attention ({config.mmca_image_attention}), which LLaVA's "
+            "ordinary causal attention cannot run: the export would compute something else"
+        )
     built = load_pretrained(model_dir)
-    if compat.attn_implementation(built.model.language_model.config) in ("mmca", "mmca_self"):
-        raise ConfigError(f"--model {model_dir} was trained with MMCA attention, which LLaVA cannot run")
     vlm = built.model
     vision_config = vlm.vision.tower.config
     has_cls = vlm.vision.has_cls
@@ -89,12 +93,16 @@ def export_llava(model_dir: str, out: str) -> str:
     return out
 
 
+@dataclass
+class ExportArguments:
+    model: str = field(metadata={"help": "An mmtrain export folder (OUTPUT/epoch-N)."})
+    out: str = field(metadata={"help": "The folder to write."})
+    format: Literal["llava"] = field(default="llava", metadata={"help": "The model class to write: transformers' LLaVA."})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="an mmtrain export folder (OUTPUT/epoch-N)")
-    parser.add_argument("--format", choices=("llava",), default="llava")
-    parser.add_argument("--out", required=True, help="the folder to write")
-    args = parser.parse_args(argv)
+    parser = FlagParser(ExportArguments, prog="python -m mmtrain.export", description=__doc__.split("\n\n")[0], epilog=__doc__)
+    (args,) = parser.parse(argv)
     try:
         export_llava(args.model, args.out)
     except ConfigError as e:

@@ -14,14 +14,16 @@ conversation: earlier turns' images are encoded once and their features reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 from PIL import Image
 
 from mmtrain.args import ConfigError
+from mmtrain.cli import FlagParser
 from mmtrain.model.generation import SamplingOptions, generate
 from mmtrain.model.pretrained import load_pretrained, prompt_format
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER
@@ -113,29 +115,45 @@ def _read_prompts(path: str) -> list[dict]:
     return rows
 
 
+@dataclass
+class GenerateArguments:
+    model: str = field(metadata={"help": "An export folder (OUTPUT/epoch-N)."})
+    image: list[str] = field(
+        default_factory=list,
+        # extend: `--image a.png --image b.png` and `--image a.png b.png` both give two images
+        metadata={"help": "An image file; repeat the flag (or list several) for more images, in placeholder order.", "action": "extend"},
+    )
+    prompt: Optional[str] = field(default=None, metadata={"help": "The question."})
+    prompts_file: Optional[str] = field(
+        default=None, metadata={"help": 'JSONL of {"prompt": ..., "images": [...]}; answers one per line, as JSON.'}
+    )
+    interactive: bool = field(default=False, metadata={"help": "A multi-turn chat on the terminal."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per answer."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens reaching this probability."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens only (0: all)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
+    device: str = field(
+        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Where the model runs."}
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"help": "Dtype the export is loaded in."})
+
+    def __post_init__(self):
+        if sum(bool(x) for x in (self.prompt, self.prompts_file, self.interactive)) != 1:
+            raise ConfigError("give exactly one of --prompt, --prompts_file, --interactive")
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.top_k)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="an export folder (OUTPUT/epoch-N)")
-    parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
-    parser.add_argument("--prompt", help="the question")
-    parser.add_argument("--prompts_file", help="JSONL of {\"prompt\": ..., \"images\": [...]} (answers one per line, as JSON)")
-    parser.add_argument("--interactive", action="store_true", help="a multi-turn chat on the terminal")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    args = parser.parse_args(argv)
-    if sum(bool(x) for x in (args.prompt, args.prompts_file, args.interactive)) != 1:
-        parser.error("give exactly one of --prompt, --prompts_file, --interactive")
+    parser = FlagParser(GenerateArguments, prog="python -m mmtrain.generate", description=__doc__.splitlines()[0])
+    (args,) = parser.parse(argv)
     torch.manual_seed(args.seed)
-    options = SamplingOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.top_k)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
-        chat = Chat(args.model, device=args.device, dtype=dtype, options=options)
+        chat = Chat(args.model, device=args.device, dtype=dtype, options=args.sampling())
         if args.prompt:
             print(chat.ask(args.prompt, args.image, keep=False))
         elif args.prompts_file:

@@ -33,20 +33,21 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
 
     from mmtrain.data import Collator, build_datasets
-    from mmtrain.model.builder import check_model_args
+    from mmtrain.model.builder import check_model_config
     from mmtrain.training import distributed, setup, speedups
     from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
+    from mmtrain.training.engine_view import EngineView
     from mmtrain.training.loop import Loop, print_final_report
     from mmtrain.training.metrics import MetricsLogger
 
-    check_model_args(model_args)  # config files read and checked, still no weights
+    check_model_config(model_args)  # config files read and checked, still no weights
     accelerator = distributed.make_accelerator(train_args)
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
     set_seed(train_args.seed)
 
-    built = setup.build_for_training(accelerator, model_args, train_args)
-    model = built.model
+    built = setup.build_for_training(accelerator, model_args, train_args)  # the model config, made from the flags once
     setup.log_components(accelerator, built)
+    model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
     data = build_datasets(
         data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed,
@@ -60,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, len(train_loader))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
-    setup.place_frozen_vision(accelerator, model)
+    setup.place_outside_engine(accelerator, model)
 
     trainable_names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-    checkpointer = Checkpointer(accelerator, train_args.output_dir, model_args, trainable_names, train_args.save_total_limit)
+    checkpointer = Checkpointer(accelerator, train_args.output_dir, built.config, trainable_names, train_args.save_total_limit)
     if accelerator.is_main_process:
         for path in remove_partial_checkpoints(train_args.output_dir):
             logger.warning(f"removed a checkpoint cut off while being written: {path}")

@@ -1,12 +1,12 @@
-"""The benchmark runs end to end on CPU with the tiny presets, and its pieces count right.
+"""The benchmarks under benchmarks/ run end to end on CPU with the tiny presets, and their pieces count right.
 
-The smoke test starts ``python -m mmtrain.bench`` in a subprocess, as a user would: the
+The smoke test starts ``python benchmarks/bench.py`` in a subprocess, as a user would: the
 real training path (Accelerate + DeepSpeed ZeRO-2 on CPU) and the plain transformers +
 peft loop, then checks the JSON it writes. The first DeepSpeed run on a machine compiles
 its CPU communication op once (cached under ~/.cache/torch_extensions).
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -15,10 +15,24 @@ import sys
 import pytest
 import torch
 
-from mmtrain import bench, memory
+from mmtrain import memory
 from mmtrain.model.tokens import ImageTokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+
+def _benchmark(name: str):
+    """A module of benchmarks/, a folder of scripts (not a package) that import their siblings by name."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return importlib.import_module(name)
+
+
+bench = _benchmark("bench")
+flops = _benchmark("flops")
+mmtrain_run = _benchmark("mmtrain_run")
+workload = _benchmark("workload")
 
 
 def _positive(d: dict, *keys: str) -> None:
@@ -30,7 +44,7 @@ def _positive(d: dict, *keys: str) -> None:
 def test_bench_smoke_writes_figures(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
-        sys.executable, "-m", "mmtrain.bench",
+        sys.executable, "benchmarks/bench.py",
         "--lm", "tiny-llama", "--vision", "tiny-clip",
         "--steps", "2", "--warmup", "1", "--micro_batch", "2",
         "--text_tokens", "16", "48", "--plain_batches", "2",
@@ -45,7 +59,7 @@ def test_bench_smoke_writes_figures(tmp_path):
         assert key in result, key
     for lib in ("torch", "transformers", "peft", "accelerate", "deepspeed"):
         assert result["versions"][lib][0].isdigit(), (lib, result["versions"][lib])
-    assert result["command"].startswith("python -m mmtrain.bench --lm tiny-llama")
+    assert result["command"].startswith("python benchmarks/bench.py --lm tiny-llama")
 
     mm, plain = result["mmtrain"], result["plain"]
     _positive(mm, "tokens_per_s", "samples_per_s", "mfu", "tflops_per_s", "seconds", "step_s_median")
@@ -64,7 +78,7 @@ def test_bench_smoke_writes_figures(tmp_path):
 
 def test_samples_follow_the_layout():
     tokens = ImageTokens(image_id=11, start_id=10, end_id=12, per_image=5, original_vocab_size=10)
-    data = bench.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)
+    data = workload.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)
     for i in range(len(data)):
         item = data[i]
         text = data.text[i]
@@ -74,44 +88,37 @@ def test_samples_follow_the_layout():
         assert int((item["labels"] != -100).sum()) == int(0.25 * text)
         assert item["input_ids"][8:].max() < tokens.original_vocab_size
         assert item["pixel_values"].shape == (1, 3, 8, 8)
-    again = bench.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)
+    again = workload.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)
     assert torch.equal(again[2]["input_ids"], data[2]["input_ids"])
     assert torch.equal(again[2]["pixel_values"], data[2]["pixel_values"])
 
 
 def test_flops_follow_the_convention():
     shape = {"params": 1000, "hidden": 8, "layers": 2}
-    assert bench.sample_flops([10], shape) == 4 * 1000 * 10 + 4 * 10 * 10 * 8 * 2
-    f = bench.figures(2.0, [10, 30], shape, peak_tflops=1e-9)
+    assert flops.sample_flops([10], shape) == 4 * 1000 * 10 + 4 * 10 * 10 * 8 * 2
+    f = flops.figures(2.0, [10, 30], shape, peak_tflops=1e-9)
     assert f["tokens"] == 40 and f["tokens_per_s"] == 20 and f["samples_per_s"] == 1
-    assert f["mfu"] == pytest.approx(bench.sample_flops([10, 30], shape) / 2.0 / 1e3)
+    assert f["mfu"] == pytest.approx(flops.sample_flops([10, 30], shape) / 2.0 / 1e3)
     assert f["mfu_attention_6"] > f["mfu"]
 
 
 def test_accelerate_environment_matches_the_configs():
     opts, rest = bench.parse_options(["--zero_stage", "3", "--offload", "optimizer+params", "--packing"])
-    env = bench.accelerate_environment(opts)
+    env = mmtrain_run.accelerate_environment(opts)
     assert rest == ["--packing"]
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
     assert env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] == "cpu" and env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
     opts, _ = bench.parse_options(["--zero_stage", "none"])
-    assert bench.accelerate_environment(opts)["ACCELERATE_USE_DEEPSPEED"] == "false"
+    assert mmtrain_run.accelerate_environment(opts)["ACCELERATE_USE_DEEPSPEED"] == "false"
     with pytest.raises(SystemExit):
         bench.parse_options(["--zero_stage", "2", "--offload", "optimizer+params"])
 
 
-def _validation_module():
-    spec = importlib.util.spec_from_file_location("memory_validation", os.path.join(ROOT, "benchmarks", "memory_validation.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_memory_validation_rows_and_combine(tmp_path):
-    mv = _validation_module()
+    mv = _benchmark("memory_validation")
     assert mv.parse_rows("0-2,5", 16) == [0, 1, 2, 5] and mv.parse_rows("all", 3) == [0, 1, 2]
     rows = []
-    for s in memory.validation_rows()[:2]:
+    for s in mv.validation_rows()[:2]:
         rows.append({
             "stage": s.zero_stage, "offload": s.offload, "micro_batch": s.micro_batch, "seq_len": s.seq_len,
             "gradient_checkpointing": s.gradient_checkpointing, "num_gpus": 1, "measured_peak_bytes": 10 * 2**30,
@@ -123,8 +130,40 @@ def test_memory_validation_rows_and_combine(tmp_path):
     out = tmp_path / "memory.json"
     merged = mv.combine([str(a), str(b)], str(out))
     assert [r["gradient_checkpointing"] for r in merged] == [False, True]  # validation_rows() order
-    assert memory.load_measurements(str(out)) == merged
+    assert mv.load_measurements(str(out)) == merged
     assert "within" in mv.summarise(merged)
+
+
+def test_validation_rows_and_measurement_file(tmp_path):
+    mv = _benchmark("memory_validation")
+    rows = mv.validation_rows()
+    assert len(rows) == 16 and len({r.name + str(r.micro_batch) for r in rows}) == 16
+    assert {(r.zero_stage, r.offload) for r in rows} == {(0, "none"), (2, "none"), (2, "optimizer"), (3, "optimizer+params")}
+    facts = memory.model_facts(memory.ref_model_args("ref-7b"))
+    records = [
+        {
+            "stage": r.zero_stage,
+            "offload": r.offload,
+            "micro_batch": r.micro_batch,
+            "seq_len": r.seq_len,
+            "gradient_checkpointing": r.gradient_checkpointing,
+            "num_gpus": r.num_gpus,
+            "measured_peak_bytes": int(memory.estimate(facts, r).total * 1.05),
+            "predicted_peak_bytes": memory.estimate(facts, r).total,
+            "device": "NVIDIA H100 80GB HBM3",
+            "versions": {"torch": "x"},
+            "command": "python benchmarks/measure_memory.py",
+        }
+        for r in rows
+    ]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(records))
+    loaded = mv.load_measurements(str(path))
+    assert all(c["within"] and c["ratio"] == pytest.approx(1.05, rel=1e-6) for c in mv.compare(loaded))
+    del records[0]["device"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="device"):
+        mv.load_measurements(str(path))
 
 
 def test_plain_loop_batch_search_runs_each_attempt_in_its_own_process(tmp_path, monkeypatch):

@@ -11,14 +11,11 @@ from mmtrain.memory import (
     GiB,
     MemorySetup,
     all_setups,
-    compare,
     estimate,
-    load_measurements,
     model_facts,
     parse_bytes,
     recommend,
     ref_model_args,
-    validation_rows,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,37 +140,6 @@ def test_parse_bytes():
     assert parse_bytes("40GB") == 40 * 10**9
     assert parse_bytes("24G") == 24 * 2**30
     assert parse_bytes("1024") == 1024
-
-
-def test_validation_rows_and_measurement_file(tmp_path):
-    rows = validation_rows()
-    assert len(rows) == 16 and len({r.name + str(r.micro_batch) for r in rows}) == 16
-    assert {(r.zero_stage, r.offload) for r in rows} == {(0, "none"), (2, "none"), (2, "optimizer"), (3, "optimizer+params")}
-    facts = model_facts(ref_model_args("ref-7b"))
-    records = [
-        {
-            "stage": r.zero_stage,
-            "offload": r.offload,
-            "micro_batch": r.micro_batch,
-            "seq_len": r.seq_len,
-            "gradient_checkpointing": r.gradient_checkpointing,
-            "num_gpus": r.num_gpus,
-            "measured_peak_bytes": int(estimate(facts, r).total * 1.05),
-            "predicted_peak_bytes": estimate(facts, r).total,
-            "device": "NVIDIA H100 80GB HBM3",
-            "versions": {"torch": "x"},
-            "command": "python benchmarks/measure_memory.py",
-        }
-        for r in rows
-    ]
-    path = tmp_path / "m.json"
-    path.write_text(json.dumps(records))
-    loaded = load_measurements(str(path))
-    assert all(c["within"] and c["ratio"] == pytest.approx(1.05, rel=1e-6) for c in compare(loaded))
-    del records[0]["device"]
-    path.write_text(json.dumps(records))
-    with pytest.raises(ValueError, match="device"):
-        load_measurements(str(path))
 
 
 def test_cli_prints_a_table(capsys):

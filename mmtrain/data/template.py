@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmtrain.batch import IGNORE_INDEX
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
 
-IGNORE_INDEX = -100
 TEMPLATES = ("plain", "chat")
 
 

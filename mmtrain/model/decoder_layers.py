@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmtrain.args import ConfigError
+from mmtrain.model.errors import ConfigError
 
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:

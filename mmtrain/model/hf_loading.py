@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmtrain.args import ConfigError
+from mmtrain.model.errors import ConfigError
 
 
 def checked_from_pretrained(cls, path: str, *, flag: str, strict_unexpected: bool = False, **kwargs):

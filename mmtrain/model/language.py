@@ -7,7 +7,7 @@ from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from mmtrain import compat, presets
-from mmtrain.args import ConfigError
+from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from mmtrain import compat
-from mmtrain.args import ConfigError
+from mmtrain.model.errors import ConfigError
 
 ADAPTER = "default"
 # Default alpha = 4 x rank (scale 4): adapters on a frozen model learn markedly faster

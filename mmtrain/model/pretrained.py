@@ -2,7 +2,8 @@
 
 An export folder holds standard pieces, each loadable on its own::
 
-    mmtrain_config.json        what the pieces are and how they connect
+    mmtrain_config.json        the exported model's VLMConfig (what it is, MMCA included),
+                               the config it was trained with, image tokens, prompt format
     language_model/            AutoModelForCausalLM folder (LoRA fused, new token rows
                                written into the embedding table) + tokenizer
     vision_encoder/            CLIP/SigLIP vision folder (LoRA fused, cut at the layer
@@ -24,21 +25,16 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
 
-from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.model.builder import BuiltModel, build_model
+from mmtrain.model.config import VLMConfig
+from mmtrain.model.errors import ConfigError
 from mmtrain.model.lora import lora_scalings, merge_lora_state_dict
 from mmtrain.model.vlm import VisionLanguageModel
 
 EXPORT_CONFIG = "mmtrain_config.json"
-EXPORT_FORMAT = 1
-
-
-def full_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """The whole model's tensors with the frozen vision encoder's included (single process)."""
-    state = dict(model.state_dict())
-    if not model.vision_trainable:
-        state.update({f"vision_encoder.{k}": v for k, v in model.vision.state_dict().items()})
-    return state
+EXPORT_FORMAT = 2  # 1: before the model config was saved (still loads; see _legacy_config)
+LANGUAGE_DIR = "language_model"
+VISION_DIR = "vision_encoder"
 
 
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -73,20 +69,21 @@ def save_pretrained(
     model: VisionLanguageModel,
     tokenizer,
     image_processor,
-    model_args: ModelArguments,
+    config: VLMConfig,
     *,
     template: str = "plain",
     system_prompt: str = "",
 ) -> None:
     """Write an export from a full (gathered) state dict of ``model``; main process only.
 
-    ``template`` and ``system_prompt`` are recorded so generation renders prompts the
-    way training did.
+    ``config`` is the model's training config; the export records the exported model's
+    own config (LoRA fused, its folders) beside it. ``template`` and ``system_prompt``
+    are recorded so generation renders prompts the way training did.
     """
     os.makedirs(folder, exist_ok=True)
     state = merge_lora_state_dict({k: v.detach().cpu() for k, v in state.items()}, lora_scalings(model))
     lm_tensors, vocab_rows = _language_model_tensors(state, model, len(tokenizer))
-    lm_dir = os.path.join(folder, "language_model")
+    lm_dir = os.path.join(folder, LANGUAGE_DIR)
     lm_config = copy.deepcopy(model.language_model.config)
     lm_config.vocab_size = vocab_rows
     lm_config.save_pretrained(lm_dir)
@@ -95,65 +92,85 @@ def save_pretrained(
     save_torch_state_dict({k: v.contiguous() for k, v in lm_tensors.items()}, lm_dir)
     tokenizer.save_pretrained(lm_dir)
 
-    vision_dir = os.path.join(folder, "vision_encoder")
+    vision_dir = os.path.join(folder, VISION_DIR)
     vision = model.vision
     vision.tower.config.save_pretrained(vision_dir)
     save_torch_state_dict({k: v.contiguous() for k, v in _split(state, "vision_encoder.tower.").items()}, vision_dir)
     image_processor.save_pretrained(vision_dir)
 
     save_file({k: v.contiguous() for k, v in _split(state, "projector.").items()}, os.path.join(folder, "projector.safetensors"))
-    config = {
+    manifest = {
         "format_version": EXPORT_FORMAT,
-        "vis_proj": model_args.vis_proj,
-        "perceiver_num_queries": model_args.perceiver_num_queries,
-        "vision_keep_cls": model_args.vision_keep_cls,
-        # The attention the LM was trained with changes what it computes, not its weights:
-        # an export that forgot it would load and answer with plain causal attention.
-        "enable_mmca_attention": model_args.enable_mmca_attention,
-        "mmca_image_attention": model_args.mmca_image_attention,
+        # folder paths relative to the export, so it can be moved
+        "model": config.exported(LANGUAGE_DIR, VISION_DIR).to_dict(),
+        "trained_with": config.to_dict(),
         "image_tokens_per_image": model.image_tokens.per_image,
         "original_vocab_size": model.image_tokens.original_vocab_size,
         "template": template,
         "system_prompt": system_prompt,
-        "trained_from": {"lm": model_args.lm_model_name_or_path, "vision": model_args.vision_model_name_or_path},
     }
     with open(os.path.join(folder, EXPORT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(manifest, f, indent=2)
+
+
+def export_config(folder: str) -> tuple[VLMConfig, dict]:
+    """The exported model's config (folders resolved inside ``folder``) and the whole manifest."""
+    path = os.path.join(folder, EXPORT_CONFIG)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{folder!r} is not an mmtrain export: {EXPORT_CONFIG} is missing")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e})") from None
+    version = manifest.get("format_version")
+    if version == 1:
+        config = _legacy_config(manifest, path)
+    elif version == EXPORT_FORMAT:
+        config = VLMConfig.from_dict(manifest["model"], source=path)
+    else:
+        raise ConfigError(f"{path}: export format {version} is not one this mmtrain reads (1, {EXPORT_FORMAT})")
+    config.lm_model_name_or_path = os.path.join(folder, config.lm_model_name_or_path)
+    config.vision_model_name_or_path = os.path.join(folder, config.vision_model_name_or_path)
+    return config, manifest
+
+
+def _legacy_config(manifest: dict, path: str) -> VLMConfig:
+    """Exports written before the config was saved: their few keys, plain causal attention.
+
+    Such an export never recorded its attention; one trained with MMCA was exported (and
+    so reloads) without it, and should be exported again from its checkpoint.
+    """
+    try:
+        return VLMConfig(
+            lm_model_name_or_path=LANGUAGE_DIR,
+            vision_model_name_or_path=VISION_DIR,
+            vis_proj=manifest["vis_proj"],
+            perceiver_num_queries=manifest["perceiver_num_queries"],
+            vision_keep_cls=manifest["vision_keep_cls"],
+            vision_feature_layer=-1,
+            lang_lora_dim=0,
+            vis_lora_dim=0,
+        )
+    except KeyError as e:
+        raise ConfigError(f"{path}: format 1 export without {e}") from None
 
 
 def load_pretrained(folder: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BuiltModel:
-    """Load an export for inference; any missing or unexpected tensor is an error."""
-    config_path = os.path.join(folder, EXPORT_CONFIG)
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{folder!r} is not an mmtrain export: {EXPORT_CONFIG} is missing")
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("format_version") != EXPORT_FORMAT:
-        raise ConfigError(f"{config_path}: export format {config.get('format_version')} is not {EXPORT_FORMAT}")
-    args = ModelArguments(
-        lm_model_name_or_path=os.path.join(folder, "language_model"),
-        vision_model_name_or_path=os.path.join(folder, "vision_encoder"),
-        vis_proj=config["vis_proj"],
-        perceiver_num_queries=config["perceiver_num_queries"],
-        vision_keep_cls=config["vision_keep_cls"],
-        # Exports written before the attention was recorded carry no key: they were
-        # exported (and so reload) with plain causal attention.
-        enable_mmca_attention=bool(config.get("enable_mmca_attention", False)),
-        mmca_image_attention=config.get("mmca_image_attention", "same_image"),
-        vision_feature_layer=-1,  # the export's encoder already ends at the layer we read
-        lang_lora_dim=0,  # LoRA is fused into the exported weights
-        vis_lora_dim=0,
-    )
-    built = build_model(args, dtype=dtype, strict=True)
+    """Load an export for inference from its config alone; any missing or unexpected tensor is an error."""
+    config, manifest = export_config(folder)
+    built = build_model(config, dtype=dtype, strict=True)
     projector_path = os.path.join(folder, "projector.safetensors")
     try:
         built.model.projector.load_state_dict(load_file(projector_path), strict=True)
     except (RuntimeError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"{projector_path}: {e}") from None
-    if built.image_tokens.per_image != config["image_tokens_per_image"]:
-        raise ConfigError(f"{config_path}: {config['image_tokens_per_image']} image tokens recorded, model gives {built.image_tokens.per_image}")
-    built.model.to(device)
-    built.model.place_frozen_vision(torch.device(device), dtype)
+    if built.image_tokens.per_image != manifest["image_tokens_per_image"]:
+        raise ConfigError(
+            f"{os.path.join(folder, EXPORT_CONFIG)}: {manifest['image_tokens_per_image']} image tokens recorded, "
+            f"model gives {built.image_tokens.per_image}"
+        )
+    built.model.to(device=device, dtype=dtype)
     built.model.eval()
     return built
 

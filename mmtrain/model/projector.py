@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from mmtrain.args import PROJECTORS, ConfigError
+from mmtrain.model.config import PROJECTORS
+from mmtrain.model.errors import ConfigError
 
 
 class BaselineProjector(nn.Module):

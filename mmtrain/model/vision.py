@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from mmtrain import presets
-from mmtrain.args import ConfigError
+from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
 # Supported towers, detected by config class (never by the folder's name). A full

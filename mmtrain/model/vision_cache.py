@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from mmtrain.data.collator import BatchCollator
+from mmtrain.batch import BatchCollator
 
 IMAGE_KEYS = "image_keys"
 

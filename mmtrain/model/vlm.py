@@ -1,12 +1,15 @@
 """The vision-language model: vision encoder -> projector -> language model.
 
-The frozen vision encoder deliberately lives *outside* this module's parameters when it
-has no LoRA: it is then neither wrapped by DeepSpeed nor partitioned by ZeRO-3, runs
-under ``no_grad``, and a rank whose batch has no image simply skips it. That removes the
-ZeRO-3 hang of mixed text/image batches at the root instead of pushing dummy images
-through the encoder. With vision LoRA the encoder trains, so it is a registered
-submodule; a rank without images then runs it on one blank image whose features are
-discarded, so it gathers (and releases) exactly the same parameters as its peers.
+Every part is a registered submodule, the frozen vision encoder included, so ``.to()``,
+``.eval()``, ``state_dict()`` and ``named_parameters()`` see the whole model. What the
+DeepSpeed engine sees is decided elsewhere, in one place
+(:class:`mmtrain.training.engine_view.EngineView`): a frozen encoder stays outside it,
+is never partitioned by ZeRO-3, runs under ``no_grad``, and a rank whose batch has no
+image skips it. That removes the ZeRO-3 hang of mixed text/image batches at the root
+instead of pushing dummy images through the encoder. With vision LoRA the encoder
+trains inside the engine; a rank without images then runs it on one blank image whose
+features are discarded, so it gathers (and releases) exactly the same parameters as its
+peers.
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from mmtrain import compat
-from mmtrain.data.collator import label_positions
-from mmtrain.data.template import IGNORE_INDEX  # noqa: F401  (re-exported; one constant for data and model)
+from mmtrain.batch import label_positions
 from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
 from mmtrain.model.vision import VisionEncoder
@@ -49,20 +51,11 @@ class VisionLanguageModel(nn.Module):
         self.language_model = language_model
         self.image_tokens = image_tokens
         self.vision_trainable = vision_trainable
-        if vision_trainable:
-            self.vision_encoder = vision_encoder
-        else:
-            # Not registered as a submodule, on purpose (see the module docstring).
-            self._frozen_vision = (vision_encoder,)
+        self.vision_encoder = vision_encoder
 
     @property
     def vision(self) -> VisionEncoder:
-        return self.vision_encoder if self.vision_trainable else self._frozen_vision[0]
-
-    def place_frozen_vision(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move the unregistered frozen encoder; ``.to()`` on this module cannot see it."""
-        if not self.vision_trainable:
-            self._frozen_vision[0].to(device=device, dtype=dtype)
+        return self.vision_encoder
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision features ``[num_images, num_patches, vision_dim]`` (no graph when frozen)."""
@@ -133,7 +126,7 @@ class VisionLanguageModel(nn.Module):
         **lm_kwargs,
     ) -> VLMOutput:
         if document_ids is not None:
-            # A packed batch (mmtrain.data.packing): the samples of a row are told apart
+            # A packed batch (see mmtrain.batch): the samples of a row are told apart
             # by position_ids restarting at 0. transformers turns those restarts into a
             # block-diagonal causal mask, but only when no 2D attention mask is given.
             if position_ids is None:

@@ -4,7 +4,7 @@ A checkpoint is ``output_dir/checkpoints/step-XXXXXXXX/``: Accelerate's ``save_s
 (the DeepSpeed engine's model and optimizer shards or the plain optimizer, the
 scheduler, and every process's python / numpy / torch / cuda RNG state) plus
 ``trainer_state.json`` (epoch, position inside the epoch, step, best eval loss) and
-``manifest.json``. It is written under a ``.tmp`` name and renamed into place only when
+``manifest.json`` (with the model's whole config). It is written under a ``.tmp`` name and renamed into place only when
 every rank has finished writing and the manifest is in it, so a kill at any moment
 leaves either the previous checkpoints or a ``.tmp`` folder that is ignored and removed.
 
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mmtrain.args import ConfigError
+from mmtrain.model.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -70,29 +70,16 @@ def resolve_resume(output_dir: str, resume: str | None) -> str | None:
     return resume
 
 
-def model_identity(model_args) -> dict:
-    """The flags that define which parameters exist and what they mean."""
-    keys = (
-        "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
-        "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
-        "only_optimize_lora", "train_full_embeddings", "preset_seed",
-    )
-    values = asdict(model_args)
-    return {k: values[k] for k in keys}
-
-
-def model_differences(recorded: dict, model_args) -> list[str]:
-    """Flags whose value differs from a recorded ``model_identity``, as readable lines."""
-    ours = model_identity(model_args)
-    return [f"--{k}: recorded {recorded.get(k)!r}, now {v!r}" for k, v in ours.items() if recorded.get(k) != v]
-
-
-def check_manifest(path: str, model_args, trainable_names: list[str]) -> dict:
-    with open(os.path.join(path, MANIFEST)) as f:
-        manifest = json.load(f)
+def check_manifest(path: str, config, trainable_names: list[str]) -> dict:
+    """The checkpoint's manifest, if it is of this model (``config``: its VLMConfig) with these trainable tensors."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"checkpoint {path}: {MANIFEST} is not valid JSON ({e}); it was cut off or damaged, resume from another") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"checkpoint {path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    diffs = model_differences(manifest["model"], model_args)
+    diffs = config.differences(manifest["model"])
     if diffs:
         raise ConfigError(f"checkpoint {path} is from a different model: " + "; ".join(diffs))
     if sorted(manifest["trainable_parameters"]) != sorted(trainable_names):
@@ -107,10 +94,10 @@ def _trainable_only(state_dict: dict, trainable: set[str]) -> dict:
 class Checkpointer:
     """Saves and restores training state through Accelerate, trainable parameters only."""
 
-    def __init__(self, accelerator, output_dir: str, model_args, trainable_names: list[str], keep: int):
+    def __init__(self, accelerator, output_dir: str, config, trainable_names: list[str], keep: int):
         self.accelerator = accelerator
         self.output_dir = output_dir
-        self.model_args = model_args
+        self.config = config  # the model's VLMConfig, saved with every checkpoint
         self.trainable_names = trainable_names
         self.keep = keep
         self.is_deepspeed = accelerator.state.deepspeed_plugin is not None
@@ -143,7 +130,8 @@ class Checkpointer:
                 json.dump(asdict(state), f, indent=2)
             manifest = {
                 "format_version": FORMAT_VERSION,
-                "model": model_identity(self.model_args),
+                "model": self.config.identity(),
+                "model_config": self.config.to_dict(),
                 "trainable_parameters": self.trainable_names,
                 "stores": "trainable parameters only; frozen weights come from the source model folders",
                 "num_processes": acc.num_processes,
@@ -160,7 +148,7 @@ class Checkpointer:
         return final
 
     def load(self, path: str) -> TrainerState:
-        manifest = check_manifest(path, self.model_args, self.trainable_names)
+        manifest = check_manifest(path, self.config, self.trainable_names)
         acc = self.accelerator
         if self.is_deepspeed and manifest.get("num_processes") != acc.num_processes:
             raise ConfigError(

@@ -10,10 +10,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mmtrain.model.pretrained import full_state_dict, save_pretrained
+from mmtrain.model.pretrained import save_pretrained
 from mmtrain.data.packing import samples_in
 from mmtrain.training import distributed, speedups
 from mmtrain.training.checkpoint import TrainerState
+from mmtrain.training.engine_view import unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
 
 logger = logging.getLogger("mmtrain")
@@ -59,7 +60,7 @@ class Loop:
             if state.step_in_epoch:
                 loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
             for batch in loader:
-                self.pending.append((state.global_step + 1, *self._micro_step(batch)))
+                self.pending.append((state.global_step + 1, *self.train_step(batch)))
                 state.step_in_epoch += 1
                 if not self.acc.sync_gradients:
                     continue
@@ -94,7 +95,7 @@ class Loop:
         self.train_loader.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
 
-    def _micro_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """One forward/backward (and optimizer step at the accumulation boundary).
 
         Returns the loss, the tokens and the samples as they are, device tensors included:
@@ -171,7 +172,7 @@ class Loop:
         result = evaluate_loss(self.acc, self.model, self.eval_loader)
         if self.generation_examples:
             gen = evaluate_generation(
-                self.acc, self.acc.unwrap_model(self.model), self.built.tokenizer, self.generation_examples,
+                self.acc, unwrap_vlm(self.acc, self.model), self.built.tokenizer, self.generation_examples,
                 batch_size=self.args.per_device_eval_batch_size, max_new_tokens=self.args.max_new_tokens, zero3=self.zero3,
             )
             samples = gen.pop("samples")
@@ -197,11 +198,9 @@ class Loop:
         """Fuse LoRA into a copy, save an HF-format folder (main process), training weights untouched."""
         state = self.acc.get_state_dict(self.model)  # gathers ZeRO-3 partitions on the main process
         if self.acc.is_main_process:
-            vlm = self.acc.unwrap_model(self.model)
-            if not vlm.vision_trainable:
-                state = {**state, **{f"vision_encoder.{k}": v for k, v in vlm.vision.state_dict().items()}}
+            view = self.acc.unwrap_model(self.model)
             save_pretrained(
-                folder, state, vlm, self.built.tokenizer, self.built.image_processor, self.model_args,
+                folder, view.full_state_dict(state), view.vlm, self.built.tokenizer, self.built.image_processor, self.built.config,
                 template=self.data_args.template, system_prompt=self.data_args.system_prompt,
             )
             logger.info(f"exported {folder}")

@@ -12,10 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError
-from mmtrain.budget import budget_from_counts, format_table
-from mmtrain.model.builder import BuiltModel, build_model, count_parameters
+from mmtrain.model.counting import budget_from_counts, format_table
+from mmtrain.model.builder import BuiltModel, build_model
+from mmtrain.model.counting import count_parameters
 from mmtrain.training import distributed, speedups
-from mmtrain.training.checkpoint import list_checkpoints, model_differences, model_identity
+from mmtrain.training.checkpoint import list_checkpoints
+from mmtrain.training.engine_view import EngineView
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
 logger = logging.getLogger("mmtrain")
@@ -30,7 +32,7 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
     if os.path.isfile(path) and not train_args.overwrite_output_dir:
         with open(path) as f:
             previous = json.load(f)
-        diffs = model_differences(previous.get("model", {}), model_args)
+        diffs = model_args.differences(previous.get("model", {}))
         if diffs:
             raise ConfigError(
                 f"--output_dir {out!r} holds a run of a different model ({'; '.join(diffs)}); "
@@ -54,12 +56,19 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
                     os.remove(target)
         os.makedirs(out, exist_ok=True)
         with open(path, "w") as f:
-            json.dump({"model": model_identity(model_args), "model_args": asdict(model_args), "data_args": asdict(data_args), "train_args": asdict(train_args)}, f, indent=2)
+            record = {
+                "model": model_args.identity(),
+                "model_config": model_args.model_config().to_dict(),
+                "model_args": asdict(model_args),
+                "data_args": asdict(data_args),
+                "train_args": asdict(train_args),
+            }
+            json.dump(record, f, indent=2)
     accelerator.wait_for_everyone()
 
 
 def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
-    """Build the model in the dtypes training wants, and switch on checkpointing."""
+    """Build the model from its config in the dtypes training wants, with this machine's speed options."""
     compute = distributed.compute_dtype(accelerator)
     deepspeed = distributed.deepspeed_plugin(accelerator) is not None
     # DeepSpeed keeps its own fp32 master copy, so its module is all compute dtype. Plain
@@ -72,19 +81,14 @@ def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
     # at ZeRO-3 zero.Init places them.
     on_gpu = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
     built = build_model(
-        model_args,
+        model_args.model_config(),
+        speed=speedups.speed_options(accelerator, train_args),
         dtype=frozen_dtype,
         trainable_dtype=trainable_dtype,
         frozen_vision_context=distributed.frozen_vision_context(accelerator),
         preset_device=accelerator.device if on_gpu else None,
     )
-    if train_args.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}  # reentrant checkpointing drops LoRA grads of frozen inputs
-        built.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if built.model.vision_trainable:
-            built.model.vision.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     built.model.language_model.config.use_cache = False
-    speedups.apply_model_speedups(accelerator, built, train_args)
     return built
 
 
@@ -157,17 +161,18 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
     return optimizer, scheduler, total
 
 
-def place_frozen_vision(accelerator, model) -> None:
-    """The frozen encoder is outside the engine: put it on this process's device ourselves.
+def place_outside_engine(accelerator, model) -> None:
+    """After ``prepare``: put the parts outside the engine (a frozen encoder) on this process's device.
 
     At ZeRO-3 the engine moves parameters but not buffers: a module built outside
     ``zero.Init`` (the projector's tables, any user module) would keep its buffers on
     the CPU and fail at its first forward on a GPU. They are moved here too.
     """
-    vlm = accelerator.unwrap_model(model)
-    vlm.place_frozen_vision(accelerator.device, distributed.compute_dtype(accelerator) if accelerator.device.type == "cuda" or distributed.deepspeed_plugin(accelerator) else torch.float32)
+    view: EngineView = accelerator.unwrap_model(model)
+    dtype = distributed.compute_dtype(accelerator) if accelerator.device.type == "cuda" or distributed.deepspeed_plugin(accelerator) else torch.float32
+    view.place_outside(accelerator.device, dtype)
     if distributed.zero_stage(accelerator) == 3:
-        moved = place_buffers(vlm, accelerator.device)
+        moved = place_buffers(view.vlm, accelerator.device)
         if moved:
             logger.info(f"ZeRO-3: moved {len(moved)} buffers the engine left off {accelerator.device} ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''})")
 

@@ -15,7 +15,8 @@ flag                                      default     what it changes
 ========================================  ==========  =========================================
 
 Each keeps the loss of the plain path (tests/model/test_speed_features.py,
-tests/data/test_packing.py).
+tests/data/test_packing.py). The model options are decided here (:func:`speed_options`)
+and applied by the model's builder.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
-from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers
-from mmtrain.model.fused_lora import fuse_lora_layers
-from mmtrain.model.lora import lora_inputs_follow_autocast
+from mmtrain.model.config import SpeedOptions
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
 from mmtrain.training import distributed
+from mmtrain.training.engine_view import unwrap_vlm
 
 logger = logging.getLogger("mmtrain")
 
@@ -53,26 +53,26 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
     return collator
 
 
-def apply_model_speedups(accelerator, built: BuiltModel, train_args) -> None:
-    """LoRA casts and fusion, selective checkpointing and regional compilation, before ``accelerator.prepare``."""
-    lm = built.model.language_model
-    if accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None:
-        lora_inputs_follow_autocast(built.model)
-    if train_args.fused_lora and distributed.zero_stage(accelerator) == 3:
+def speed_options(accelerator, train_args) -> SpeedOptions:
+    """What the builder switches on for this run, decided from the flags, the device and the ZeRO stage."""
+    zero3 = distributed.zero_stage(accelerator) == 3
+    fused = train_args.fused_lora and not zero3
+    if train_args.fused_lora and zero3:
         logger.info("fused LoRA: not used at ZeRO-3 (partitioned weights are gathered around peft's own forward)")
-    elif train_args.fused_lora and (count := fuse_lora_layers(built.model)):
-        logger.info(f"fused LoRA: {count} adapted layers add their low-rank term inside the base matrix product")
-    if train_args.gradient_checkpointing_layers:
-        layers = checkpoint_first_layers(lm, train_args.gradient_checkpointing_layers)
-        logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
-    if should_compile(accelerator, train_args):
-        if distributed.zero_stage(accelerator) == 3:
-            raise ConfigError(
-                "--torch_compile is supported with ZeRO stages 0-2; ZeRO-3 gathers parameters in hooks around each "
-                "layer, which the compiled layers would cut through. Drop --torch_compile or use stage 2"
-            )
-        count = compile_decoder_layers(lm)
-        logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")
+    compile_layers = should_compile(accelerator, train_args)
+    if compile_layers and zero3:
+        raise ConfigError(
+            "--torch_compile is supported with ZeRO stages 0-2; ZeRO-3 gathers parameters in hooks around each "
+            "layer, which the compiled layers would cut through. Drop --torch_compile or use stage 2"
+        )
+    plain_mixed_precision = accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None
+    return SpeedOptions(
+        fused_lora=fused,
+        compile_decoder_layers=compile_layers,
+        gradient_checkpointing=train_args.gradient_checkpointing,
+        gradient_checkpointing_layers=train_args.gradient_checkpointing_layers,
+        lora_inputs_follow_autocast=plain_mixed_precision,
+    )
 
 
 def should_compile(accelerator, train_args) -> bool:
@@ -94,7 +94,7 @@ def make_vision_cache(accelerator, model, model_args, output_dir: str) -> Vision
     """The frozen vision feature cache the loop applies to each training batch, or None when off."""
     if not model_args.cache_vision_features:
         return None
-    vlm = accelerator.unwrap_model(model)
+    vlm = unwrap_vlm(accelerator, model)
     if vlm.vision_trainable:
         raise ConfigError("--cache_vision_features needs a frozen vision encoder (--vis_lora_dim 0)")
     directory = model_args.vision_cache_dir

@@ -10,7 +10,6 @@ from mmtrain.data import Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention, first_fit_rows
 from mmtrain.data.template import IGNORE_INDEX
 from mmtrain.model import build_model
-from mmtrain.model.builder import named_parameters_all
 from tests.adapters import randomise_lora
 
 
@@ -113,7 +112,7 @@ def test_packed_equals_padded_losses_and_gradients(tiny_args, mmca):
         model.zero_grad(set_to_none=True)
         out = model(**batch)
         (out.loss * out.num_label_tokens).backward()  # summed loss: same scale in both layouts
-        grads = {n: p.grad.clone() for n, p in named_parameters_all(model) if p.requires_grad and p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         return out, grads
 
     out_pad, grads_pad = run(padded)

@@ -74,6 +74,7 @@ CHAT = (
 
 
 def test_chat_template_labels_and_images(tokenizer, image_tokens):
+    tokenizer.chat_template = None  # a tokenizer without one (the presets' has one)
     with pytest.raises(ValueError, match="--template"):
         encode_conversation(TURNS, tokenizer, image_tokens, template="chat")
     tokenizer.chat_template = CHAT

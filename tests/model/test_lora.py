@@ -6,7 +6,6 @@ import torch
 from mmtrain.args import ConfigError
 from mmtrain.model import build_model
 from mmtrain.model.lora import lora_scalings, merge_lora_state_dict
-from mmtrain.model.pretrained import full_state_dict
 
 
 def _images_batch(built, n=2):
@@ -69,9 +68,9 @@ def test_fuse_into_a_copy_leaves_training_weights_bit_identical(tiny_args, dtype
         for n, p in model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.5)
-    before = {k: v.clone() for k, v in full_state_dict(model).items()}
-    merged = merge_lora_state_dict(full_state_dict(model), lora_scalings(model))
-    after = full_state_dict(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merge_lora_state_dict(model.state_dict(), lora_scalings(model))
+    after = model.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), f"{key} changed"
     # merged weight = W + scale * B @ A (in fp32, rounded once)

@@ -11,12 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from mmtrain.args import ConfigError
 from mmtrain.model import build_model
-from mmtrain.model.pretrained import full_state_dict, load_pretrained, save_pretrained
+from mmtrain.model.pretrained import load_pretrained, save_pretrained
 
 
 def _trained_model(tiny_args, **kw):
     """A tiny model with non-trivial trainable weights, as if trained."""
     args = tiny_args(lang_lora_dim=4, lang_lora_alpha=4, **kw)
+    torch.manual_seed(0)  # projector and adapter initialisation draw from the global generator
     built = build_model(args)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -41,7 +42,7 @@ def _inputs(built, images=2):
 def _export(tmp_path, tiny_args, **kw):
     args, built = _trained_model(tiny_args, **kw)
     folder = tmp_path / "export"
-    save_pretrained(str(folder), full_state_dict(built.model), built.model, built.tokenizer, built.image_processor, args)
+    save_pretrained(str(folder), built.model.state_dict(), built.model, built.tokenizer, built.image_processor, args)
     return folder, built
 
 
@@ -133,30 +134,74 @@ def test_llava_export_refuses_projectors_without_an_exact_mapping(tmp_path, tiny
         export_llava(str(folder), str(tmp_path / "llava"))
 
 
-def test_generate_with_one_and_two_images(tmp_path, tiny_args):
+def _greedy_by_forward(chat, turns, images, max_new_tokens):
+    """Greedy decoding redone the slow way: a full forward per token, no KV cache, images from pixels."""
     from PIL import Image
 
-    from mmtrain.generate import Chat, main
+    built = chat.built
+    ids = torch.tensor([chat.encode_prompt(turns)])
+    pixels = built.image_processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(built.model(ids, pixel_values=pixels, return_logits=True).logits[0, -1].argmax())
+            if token == built.tokenizer.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return built.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generate_with_one_and_two_images(tmp_path, tiny_args, capsys):
+    from PIL import Image
+
+    from mmtrain.generate import Chat, main, with_placeholders
     from mmtrain.model.generation import SamplingOptions
 
+    # The projector and LoRA are drawn from the global generator: seeded, the model (and
+    # so its answers) is the same whichever tests ran before.
+    torch.manual_seed(0)
     folder, _ = _export(tmp_path, tiny_args)
-    for k, color in enumerate([(255, 0, 0), (0, 0, 255)]):
-        Image.new("RGB", (64, 64), color).save(tmp_path / f"{k}.png")
-    chat = Chat(str(folder), options=SamplingOptions(max_new_tokens=5))
-    one = chat.ask("What color is it?", [str(tmp_path / "0.png")], keep=False)
-    two = chat.ask("<image>\n<image>\nWhich is red?", [str(tmp_path / "0.png"), str(tmp_path / "1.png")], keep=False)
-    assert isinstance(one, str) and isinstance(two, str)
-    # multi-turn: the first image's features are kept, the second turn adds one
-    chat.ask("What color is it?", [str(tmp_path / "0.png")])
-    chat.ask("And this one?", [str(tmp_path / "1.png")])
+    red, blue = str(tmp_path / "red.png"), str(tmp_path / "blue.png")
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(red)
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(blue)
+    options = SamplingOptions(max_new_tokens=5)
+    chat = Chat(str(folder), options=options)
+
+    def user(prompt, images):
+        return {"role": "user", "text": with_placeholders(prompt, len(images))}
+
+    # The chat's answers (cached decoding, features encoded apart) are the greedy
+    # continuations of the model's own logits, with one image and with two.
+    one = chat.ask("What color is it?", [red], keep=False)
+    two = chat.ask("<image>\n<image>\nWhich is red?", [red, blue], keep=False)
+    assert one and two, "an empty answer would make the comparisons below vacuous"
+    assert one == _greedy_by_forward(chat, [user("What color is it?", [red])], [red], 5)
+    assert two == _greedy_by_forward(chat, [user("<image>\n<image>\nWhich is red?", [red, blue])], [red, blue], 5)
+    assert chat.turns == [] and chat.features == [], "keep=False leaves no history"
+    # greedy decoding is deterministic, also across loads of the export
+    assert Chat(str(folder), options=options).ask("What color is it?", [red], keep=False) == one
+
+    # multi-turn: the first image's features are kept, the second turn adds one, and
+    # the second answer is the greedy continuation of the whole conversation
+    first = chat.ask("What color is it?", [red])
+    assert first == one
+    second = chat.ask("And this one?", [blue])
     assert len(chat.features) == 2 and len(chat.turns) == 4
-    # greedy decoding is deterministic and the CLI prints the same answer
-    assert chat.ask("What color is it?", [str(tmp_path / "0.png")], keep=False) == one
+    assert chat.turns[1] == {"role": "assistant", "text": first} and chat.turns[3] == {"role": "assistant", "text": second}
+    history = [user("What color is it?", [red]), {"role": "assistant", "text": first}, user("And this one?", [blue])]
+    assert second == _greedy_by_forward(chat, history, [red, blue], 5)
+
+    # the CLI prints exactly what the chat answers: a JSON line per prompt, or the bare answer
+    capsys.readouterr()
     prompts = tmp_path / "q.jsonl"
-    prompts.write_text(json.dumps({"prompt": "What color is it?", "images": [str(tmp_path / "0.png")]}) + "\n")
-    assert main(["--model", str(folder), "--prompts_file", str(prompts), "--max_new_tokens", "5"]) == 0
+    prompts.write_text(json.dumps({"prompt": "What color is it?", "images": [red]}) + "\n")
+    assert main(["--model", str(folder), "--prompts_file", str(prompts), "--max_new_tokens", "5", "--device", "cpu"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [{"prompt": "What color is it?", "answer": one}]
+    assert main(["--model", str(folder), "--image", red, "--prompt", "What color is it?", "--max_new_tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == one + "\n"
     with pytest.raises(ConfigError, match="placeholders"):
-        chat.ask("<image>\nWhat?", [str(tmp_path / "0.png"), str(tmp_path / "1.png")])
+        chat.ask("<image>\nWhat?", [red, blue])
 
 
 @pytest.mark.parametrize("image_attention", ["same_image", "self"])
@@ -178,12 +223,29 @@ def test_mmca_export_reloads_with_mmca_and_the_same_logits(tmp_path, tiny_args, 
         export_llava(str(folder), str(tmp_path / "llava"))
 
 
-def test_exports_without_a_recorded_attention_load_with_plain_attention(tmp_path, tiny_args):
+def test_format_1_exports_still_load_with_plain_attention(tmp_path, tiny_args):
     from mmtrain.model.mmca import uses_mmca
 
-    folder, _ = _export(tmp_path, tiny_args)
-    config = json.loads((folder / "mmtrain_config.json").read_text())
-    for key in ("enable_mmca_attention", "mmca_image_attention"):
-        config.pop(key)
-    (folder / "mmtrain_config.json").write_text(json.dumps(config))
-    assert not uses_mmca(load_pretrained(str(folder)).model.language_model)
+    """An export written before the model config was saved (format 1) loads from its few keys."""
+    folder, built = _export(tmp_path, tiny_args)
+    manifest = json.loads((folder / "mmtrain_config.json").read_text())
+    model = manifest["model"]
+    legacy = {
+        "format_version": 1,
+        "vis_proj": model["vis_proj"],
+        "perceiver_num_queries": model["perceiver_num_queries"],
+        "vision_keep_cls": model["vision_keep_cls"],
+        "image_tokens_per_image": manifest["image_tokens_per_image"],
+        "original_vocab_size": manifest["original_vocab_size"],
+        "template": "plain",
+        "system_prompt": "",
+        "trained_from": {"lm": "x", "vision": "y"},
+    }
+    (folder / "mmtrain_config.json").write_text(json.dumps(legacy))
+    reloaded = load_pretrained(str(folder))
+    assert not uses_mmca(reloaded.model.language_model)
+    ids, pixels = _inputs(built)
+    with torch.no_grad():
+        expected = built.model(ids, pixel_values=pixels, return_logits=True).logits
+        got = reloaded.model(ids, pixel_values=pixels, return_logits=True).logits
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,6 @@ from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.data import Collator
 from mmtrain.data.template import IGNORE_INDEX
 from mmtrain.model import build_model
-from mmtrain.model.builder import named_parameters_all
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, decoder_layers
 from mmtrain.model.lora import lora_inputs_follow_autocast
 from mmtrain.model.vision_cache import IMAGE_KEYS, ImageKeyCollator, VisionFeatureCache
@@ -38,7 +37,7 @@ def _items(built, n, seed=0, images=(1, 0, 2)):
 
 
 def _grads(model):
-    return {n: p.grad.clone() for n, p in named_parameters_all(model) if p.requires_grad and p.grad is not None}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
 def _assert_same_grads(a, b, **tol):

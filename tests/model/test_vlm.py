@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mmtrain.model import build_model
-from mmtrain.model.builder import count_parameters, named_parameters_all
-from mmtrain.model.vlm import IGNORE_INDEX
+from mmtrain.model.builder import count_parameters
+from mmtrain.batch import IGNORE_INDEX
 
 
 def _batch(built, n_images_per_row=(1, 2), text=(5, 7, 9)):
@@ -66,7 +66,7 @@ def test_gradient_reaches_exactly_the_trainable_set(tiny_args):
     built = build_model(tiny_args(lang_lora_dim=4, vis_lora_dim=2))
     model = built.model
     model(**_batch(built)).loss.backward()
-    for name, param in named_parameters_all(model):
+    for name, param in model.named_parameters():
         if param.requires_grad:
             assert param.grad is not None, f"{name} trains but got no gradient"
             # LoRA's A matrices get exactly zero gradient at init (B starts at 0); all else moves.
@@ -74,7 +74,7 @@ def test_gradient_reaches_exactly_the_trainable_set(tiny_args):
                 assert param.grad.abs().sum() > 0, f"{name} trains but its gradient is zero"
         else:
             assert param.grad is None, f"{name} is frozen but got a gradient"
-    trainable = {n for n, p in named_parameters_all(model) if p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("projector.") for n in trainable)
     assert any(".lora_" in n and n.startswith("language_model.") for n in trainable)
     assert any(".lora_" in n and n.startswith("vision_encoder.") for n in trainable)
@@ -213,7 +213,7 @@ def test_right_padded_batches_drop_the_padding_mask_with_the_same_loss(tiny_args
         model.zero_grad(set_to_none=True)
         out = model(**{**batch, "right_padded": right_padded})
         out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in named_parameters_all(model) if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.loss.detach(), out.loss_sum_per_sample, grads))
     (loss_a, per_a, grads_a), (loss_b, per_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,7 @@
 """DeepSpeed for real, two processes on CPU: stage parity, mixed modality at ZeRO-3, exact resume."""
 
+import json
+import math
 import os
 import signal
 import time
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from .conftest import common_flags, launch, metrics, train_losses
 
@@ -60,11 +63,7 @@ def test_zero3_mixed_text_and_image_batches_with_vision_lora(model_folders, data
             records.append({"conversations": [{"from": "human", "value": "What number comes after one?"}, {"from": "gpt", "value": "two"}]})
         else:
             records.append({"image": "img.png", "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]})
-    from PIL import Image
-
     Image.new("RGB", (64, 64), (220, 40, 40)).save(tmp_path / "img.png")
-    import json
-
     (tmp_path / "mixed.json").write_text(json.dumps(records))
     out = tmp_path / "run"
     flags = common_flags(
@@ -73,7 +72,48 @@ def test_zero3_mixed_text_and_image_batches_with_vision_lora(model_folders, data
     )
     proc = launch(flags, config="zero3.yaml", num_processes=2, timeout=600)
     assert "training finished at step 10" in proc.stdout
-    assert (out / "epoch-0" / "vision_encoder").is_dir() or (out / "checkpoints").is_dir()
+
+    # 24 training samples over 2 ranks is 12 batches an epoch: step 10 stops inside the
+    # first epoch, so the run ends with a checkpoint (no epoch export).
+    manifest = json.loads((out / "checkpoints" / "step-00000010" / "manifest.json").read_text())
+    assert manifest["zero_stage"] == 3 and manifest["num_processes"] == 2
+    assert any(name.startswith("vision_encoder.") and "lora_" in name for name in manifest["trainable_parameters"])
+    logged = metrics(out)
+    train = [r for r in logged if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert all(math.isfinite(r["loss"]) for r in train)
+    evals = [r for r in logged if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [10] and math.isfinite(evals[0]["loss"]) and evals[0]["questions"] == 2
+
+    # Each logged step sums both ranks' tokens and samples (one each): their ratio gives
+    # the step's two sample lengths, which tell image samples from text-only ones.
+    text, image = _sample_lengths(model_folders, tmp_path / "mixed.json")
+    assert image > text
+    totals = [round(2 * r["tokens_per_s"] / r["samples_per_s"]) for r in train]
+    assert set(totals) <= {2 * text, text + image, 2 * image}, (totals, text, image)
+    assert text + image in totals, f"no step had an image batch on one rank and a text-only batch on the other: {totals}"
+    # a step of two image batches and one of two text-only batches: each rank ran both kinds
+    assert 2 * image in totals and 2 * text in totals, (totals, text, image)
+
+
+def _sample_lengths(model_folders, path) -> tuple[int, int]:
+    """Token lengths (image tokens included) of the text-only and of the image samples of ``path``."""
+    from mmtrain.args import DataArguments, ModelArguments
+    from mmtrain.data import build_datasets
+    from mmtrain.model import build_model
+
+    built = build_model(
+        ModelArguments(lm_model_name_or_path=model_folders["tiny-llama"], vision_model_name_or_path=model_folders["tiny-clip"])
+    )
+    data = build_datasets(
+        DataArguments(dataset_names=[str(path)], eval_ratio=0.25), built.tokenizer, built.image_processor, built.image_tokens
+    )
+    by_kind = {True: set(), False: set()}
+    for i in range(len(data.train)):
+        item = data.train[i]
+        by_kind[bool(item["pixel_values"].shape[0])].add(len(item["input_ids"]))
+    assert len(by_kind[False]) == 1 and len(by_kind[True]) == 1, by_kind
+    return by_kind[False].pop(), by_kind[True].pop()
 
 
 def _kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> None:
@@ -85,8 +125,18 @@ def _kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> 
         if time.time() > deadline:
             raise AssertionError("timed out waiting for the checkpoint")
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # a kill, not a polite stop
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a kill, not a polite stop
+    except ProcessLookupError:
+        pass  # the run ended on its own between the check and the kill
     proc.wait()
+    # A run that ended before the kill went on saving past this checkpoint, and
+    # --save_total_limit may have deleted it: the resume below would then test nothing.
+    if not target.exists():
+        raise AssertionError(
+            f"checkpoint {step} is gone after the kill (exit code {proc.returncode}): the run went on and rotated it out, "
+            f"leaving {sorted(p.name for p in target.parent.parent.iterdir())}"
+        )
 
 
 @pytest.mark.parametrize("config", ["zero0", "zero3"])

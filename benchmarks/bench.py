@@ -1,0 +1,400 @@
+"""Training throughput on one GPU: mmtrain's real training path beside a plain transformers + peft loop.
+
+    python benchmarks/bench.py --out benchmarks/results/bench_h100.json        # ref-7b, one GPU
+    python benchmarks/bench.py --lm tiny-llama --vision tiny-clip --steps 2    # CPU smoke test
+
+**The workload** (ref-7b by default): the ``llama-2-7b`` and ``clip-vit-large-patch14-336``
+presets with random weights, MLP projector, LoRA rank 16 on every Linear under
+``model.layers.``, the new image tokens' embedding rows trainable, bf16. Each synthetic
+sample (``workload.py``) is one image (576 image tokens between ``<im_start>`` and
+``<im_end>``) and a number of text tokens drawn uniformly from ``--text_tokens`` (64-1024,
+seeded); the last ``--label_fraction`` of the text carries labels (the answer). Images
+are random pixels.
+
+**mmtrain** (``mmtrain_run.py``) runs through the trainer's own code, single process:
+the Accelerator from ``distributed.make_accelerator`` with Accelerate's DeepSpeed plugin
+(configured through the same environment ``accelerate launch --config_file
+accelerate_configs/zeroN.yaml`` sets; ZeRO stage 2 unless ``--zero_stage``),
+``setup.build_for_training``, ``setup.make_loader`` with the trainer's training collator,
+``EngineView``, ``setup.make_optimizer_and_schedule``, ``accelerator.prepare``, and every
+step is ``Loop.train_step`` itself (forward, ``accelerator.backward``, DeepSpeed's step
+with clipping, scheduler).
+
+**The plain loop** (``plain_loop.py``) is what a user would write without mmtrain, on the
+same language model and the same samples, run first and then freed (on a GPU, one fresh
+process per micro-batch tried).
+
+**Figures** (``timing.py``): tokens/s counts every LM input token (image tokens
+included, padding excluded), over the timed steps only (after ``--warmup`` untimed
+steps), with ``torch.cuda.synchronize()`` around the timed region; data loading is inside
+it, as in training. Peak memory is ``torch.cuda.max_memory_allocated()`` from just before
+the first (warm-up) step to the end. FLOPs and MFU follow the convention in ``flops.py``
+(``--peak_tflops``, 989 for an H100 SXM).
+
+**Flags**: the bench's own, plus every model, data and training flag of ``mmtrain.train``,
+taken from the same dataclasses (``ModelArguments``, ``DataArguments``,
+``TrainArguments``), so speed options reach the same code the trainer runs. The bench's
+defaults differ from training's where its workload does (the ref-7b models, micro-batch
+4, seed 0), and it sets what makes a run that only trains (``--help`` lists them: a
+temporary ``--output_dir``, ``--max_steps`` of warm-up + timed steps, no eval or export).
+Its earlier short names stay as aliases: ``--lm``, ``--vision``, ``--projector``,
+``--lora_rank``, ``--lora_scope``, ``--micro_batch``, ``--seq_len``.
+
+Writes a JSON file (``--out``) with the device, versions, git commit, flags, command,
+both systems' figures and their ratio, and a profiler summary (top kernels grouped as
+attention, matrix products, loss, optimizer, copies, other, plus host gaps and data
+time) when asked for or when a target is missed on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _path in (HERE, ROOT):  # benchmarks/ is not a package: its modules, and this checkout's mmtrain
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+
+from flops import CONVENTION, PEAK_TFLOPS_H100, lm_shape  # noqa: E402
+from mmtrain.args import ConfigError, DataArguments, ModelArguments, TrainArguments, validate_paths  # noqa: E402
+from mmtrain.cli import FlagParser  # noqa: E402
+from mmtrain_run import run_mmtrain  # noqa: E402
+from plain_loop import run_plain  # noqa: E402
+from timing import free_memory, profile_or_error  # noqa: E402
+from workload import image_token_layout  # noqa: E402
+
+TARGET_TOKENS_PER_S = 16_000  # ref-7b, bf16, one H100 (issue: speed on one H100)
+TARGET_RATIO = 2.0  # over the plain loop measured in the same run
+REF_7B = ("llama-2-7b", "clip-vit-large-patch14-336")
+SCRIPT = "benchmarks/bench.py"
+
+# --------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------
+
+# Training flags the bench reads itself (the plain loop and the samples follow them too),
+# by the bench's names for them: the attribute names in the result's "flags", and aliases.
+SHARED = {
+    "lm": "lm_model_name_or_path",
+    "vision": "vision_model_name_or_path",
+    "projector": "vis_proj",
+    "lora_rank": "lang_lora_dim",
+    "lora_scope": "lang_lora_module_name",
+    "micro_batch": "per_device_train_batch_size",
+    "seq_len": "max_seq_len",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "seed": "seed",
+}
+# Where the bench's defaults differ from training's: the ref-7b workload.
+BENCH_DEFAULTS = {
+    "lm_model_name_or_path": REF_7B[0],
+    "vision_model_name_or_path": REF_7B[1],
+    "per_device_train_batch_size": 4,
+    "seed": 0,
+}
+# A run that only trains (no eval, no export, no log line inside the timed steps); given
+# before the flags passed on, as --output_dir and --max_steps are.
+RUN_SETTINGS = {
+    "gradient_accumulation_steps": 1,
+    "num_train_epochs": 1,
+    "overwrite_output_dir": True,
+    "eval_generate": 0,
+    "export_each_epoch": False,
+    "logging_steps": 10**9,
+}
+LIBRARY = ((ModelArguments, "model (mmtrain.train)"), (DataArguments, "data (mmtrain.train)"), (TrainArguments, "training (mmtrain.train)"))
+
+
+@dataclass
+class BenchArguments:
+    zero_stage: Literal["none", "0", "1", "2", "3"] = field(
+        default="2",
+        metadata={"help": "DeepSpeed ZeRO stage; none: Accelerate without DeepSpeed (accelerate_configs/single_process.yaml, bf16 autocast)."},
+    )
+    offload: Literal["none", "optimizer", "optimizer+params"] = field(
+        default="none", metadata={"help": "DeepSpeed offload: optimizer (stage 1-3), optimizer+params (stage 3)."}
+    )
+    precision: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "Compute dtype of both systems."})
+    text_tokens: list[int] = field(
+        default_factory=lambda: [64, 1024], metadata={"help": "Text tokens per sample, uniform between the two given (MIN MAX)."}
+    )
+    label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry labels (at the end)."})
+    steps: int = field(default=20, metadata={"help": "Timed steps per epoch (the timed set holds steps x micro-batch samples)."})
+    warmup: int = field(default=6, metadata={"help": "Untimed steps first, on other samples (compilation and new shapes settle here)."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the timed set (figures per epoch and overall)."})
+    plain: Literal["auto", "skip", "only"] = field(
+        default="auto",
+        metadata={"help": "Run the plain transformers + peft loop (auto) or not; only: the plain loop alone, the result to --out."},
+    )
+    plain_batches: list[int] = field(
+        default_factory=lambda: [4, 2, 1], metadata={"help": "Plain loop micro-batches, the first that fits wins."}
+    )
+    plain_steps: Optional[int] = field(
+        default=None, metadata={"help": "Timed steps of the plain loop (default: as many samples as mmtrain)."}
+    )
+    profile: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "Profiler summary: auto = on a GPU when a target is missed."}
+    )
+    profile_steps: int = field(default=3, metadata={"help": "Steps the profiler records."})
+    peak_tflops: float = field(default=PEAK_TFLOPS_H100, metadata={"help": "Dense bf16 peak the MFU is taken against."})
+    build_on_device: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "Materialise the random weights directly on the GPU (auto: on a GPU below ZeRO-3)."}
+    )
+    out: Optional[str] = field(default=None, metadata={"help": "JSON file to write."})
+
+    def __post_init__(self):
+        if len(self.text_tokens) != 2 or not 1 <= self.text_tokens[0] <= self.text_tokens[1]:
+            raise ConfigError(f"--text_tokens needs MIN MAX with 1 <= MIN <= MAX, got {' '.join(map(str, self.text_tokens))}")
+        if self.steps < 1 or self.warmup < 0 or self.epochs < 1:
+            raise ConfigError("--steps and --epochs must be >= 1, --warmup >= 0")
+        if self.offload != "none" and self.zero_stage in ("none", "0"):
+            raise ConfigError("--offload needs --zero_stage 1-3")
+        if self.offload == "optimizer+params" and self.zero_stage != "3":
+            raise ConfigError("--offload optimizer+params needs --zero_stage 3")
+
+
+def _as_bench_takes_it(cls, group: str, shared_only: bool) -> type:
+    """``cls``'s fields with the bench's defaults and short names; their types, help and checks stay the library's.
+
+    ``shared_only``: just the fields of :data:`SHARED`, in a class of their own (to tell
+    them apart from the flags passed on); otherwise a subclass of ``cls``.
+    """
+    hints = typing.get_type_hints(cls)
+    short = {name: alias for alias, name in SHARED.items() if alias != name}
+    wanted = set(SHARED.values()) if shared_only else set(BENCH_DEFAULTS) | set(short)  # a subclass inherits the rest
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.name not in wanted:
+            continue
+        metadata = {**f.metadata, "aliases": [f"--{short[f.name]}"]} if f.name in short else dict(f.metadata)
+        if f.name in BENCH_DEFAULTS:
+            spec = field(default=BENCH_DEFAULTS[f.name], metadata=metadata)
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory, metadata=metadata)
+        else:
+            spec = field(default=f.default, metadata=metadata)
+        specs.append((f.name, hints[f.name], spec))
+    bases = () if shared_only else (cls,)
+    return dataclasses.make_dataclass(f"Bench{cls.__name__}", specs, bases=bases, namespace={"_argument_group_name": group})
+
+
+def parse_options(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The bench's options (training flags it reads included, by its names) and the other training flags, as given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full = FlagParser(
+        (BenchArguments, *(_as_bench_takes_it(cls, group, False) for cls, group in LIBRARY)),
+        prog=f"python {SCRIPT}", description=__doc__.splitlines()[0],
+        epilog="Set by the bench: --output_dir (a temporary folder), --max_steps (warm-up + timed steps), "
+        + ", ".join(f"--{k} {v}" for k, v in RUN_SETTINGS.items()) + ".",
+    )
+    _, model_args, _, _ = full.parse(argv)  # every flag checked as training checks it, before anything runs
+    try:
+        validate_paths(model_args)
+    except ConfigError as e:
+        full.error(str(e))
+    own = FlagParser((BenchArguments, *(_as_bench_takes_it(cls, group, True) for cls, group in LIBRARY)))
+    bench, *shared, rest = own.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
+    values = {name: getattr(part, name) for part in shared for name in SHARED.values() if hasattr(part, name)}
+    opts = argparse.Namespace(**{alias: values[name] for alias, name in SHARED.items()}, **asdict(bench))
+    opts.zero_stage = None if opts.zero_stage == "none" else int(opts.zero_stage)
+    opts.text_tokens = tuple(opts.text_tokens)
+    return opts, rest
+
+
+def mmtrain_argv(opts, passthrough: list[str], output_dir: str) -> list[str]:
+    """The command line of ``mmtrain.train`` for this run: the bench's settings, then the flags passed on."""
+    values = {name: getattr(opts, alias) for alias, name in SHARED.items()}
+    values.update(RUN_SETTINGS, max_steps=opts.warmup + opts.steps * opts.epochs, output_dir=output_dir)
+    argv = []
+    for name, value in values.items():
+        argv += [f"--{name}", str(value)]
+    return argv + passthrough
+
+
+def training_arguments(opts, passthrough: list[str], output_dir: str):
+    """(model, data, train) arguments exactly as the trainer parses them for this run."""
+    from mmtrain.args import parse_args
+
+    return parse_args(mmtrain_argv(opts, passthrough, output_dir))
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "peft", "accelerate", "deepspeed"):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                module = __import__(name)
+            out[name] = module.__version__
+        except Exception as e:  # recorded, not fatal: the bench needs some of these anyway
+            out[name] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+def git_commit() -> dict:
+    info = {"commit": os.environ.get("MMTRAIN_GIT_COMMIT", "unknown"), "dirty": os.environ.get("MMTRAIN_GIT_DIRTY")}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        info["dirty"] = ",".join(line[3:] for line in status.splitlines()) or None
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def _public(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    opts, passthrough = parse_options(raw)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    model_args, data_args, _ = training_arguments(opts, passthrough, "unused")
+    tokenizer, image_tokens, image_size = image_token_layout(model_args)
+    longest = image_tokens.span_length + opts.text_tokens[1]
+    if longest > opts.seq_len:
+        raise SystemExit(f"samples reach {longest} tokens (image span {image_tokens.span_length} + text {opts.text_tokens[1]}) > --seq_len {opts.seq_len}")
+    shape = lm_shape(opts.lm)
+
+    result = {
+        "benchmark": SCRIPT,
+        "workload": "ref-7b" if (opts.lm, opts.vision) == REF_7B and opts.projector == "mlp" and opts.lora_rank == 16 else "custom",
+        "device": device_name(),
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "versions": versions(),
+        "git": git_commit(),
+        "command": " ".join(["python", SCRIPT, *raw]),
+        "flags": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()}, "mmtrain_passthrough": passthrough},
+        "lm": {**shape, "image_tokens_per_sample": image_tokens.span_length},
+        "flops_convention": CONVENTION,
+        "peak_tflops": opts.peak_tflops,
+        "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
+    }
+    timed_n = opts.steps * opts.micro_batch
+
+    plain = None
+    if opts.plain == "only" or (opts.plain == "auto" and not cuda):
+        plain = run_plain(opts, tokenizer, image_tokens, image_size, shape, timed_n, data_args.padding_multiple())
+        result["plain"] = _public(plain)
+        if opts.profile == "on" and "_profile_step" in plain:
+            result["plain"]["profile"] = profile_or_error(*plain["_profile_step"], opts.profile_steps)
+        plain.clear()  # the last references to the plain model: free it before mmtrain builds
+        free_memory()
+        if opts.plain == "only":
+            return _write(result, opts.out, summary=f"plain loop: {result['plain'].get('tokens_per_s', 0):,.0f} tokens/s")
+    elif opts.plain == "auto":
+        plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
+
+    with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
+        mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
+        result["mmtrain"] = _public(mm)
+        if plain is not None and "tokens_per_s" in result["plain"]:
+            result["ratio_tokens_per_s"] = mm["tokens_per_s"] / result["plain"]["tokens_per_s"]
+        missed = []
+        if result["workload"] == "ref-7b" and cuda:
+            if mm["tokens_per_s"] < TARGET_TOKENS_PER_S:
+                missed.append(f"tokens/s {mm['tokens_per_s']:.0f} < {TARGET_TOKENS_PER_S}")
+            if result.get("ratio_tokens_per_s") is not None and result["ratio_tokens_per_s"] < TARGET_RATIO:
+                missed.append(f"ratio {result['ratio_tokens_per_s']:.2f} < {TARGET_RATIO}")
+        result["targets"]["missed"] = missed
+        if opts.profile == "on" or (opts.profile == "auto" and missed):
+            result["mmtrain"]["profile"] = profile_or_error(*mm["_profile_step"], opts.profile_steps)
+
+    return _write(result, opts.out, summary_line(result))
+
+
+def _write(result: dict, out: str | None, summary: str) -> dict:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+            f.write("\n")
+    print(summary, flush=True)
+    return result
+
+
+def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
+    """The plain loop's batch search on a GPU, one fresh process per micro-batch.
+
+    Running out of memory near the limit does not always raise a clean
+    ``OutOfMemoryError``: cuBLAS may fail with CUBLAS_STATUS_EXECUTION_FAILED and leave
+    the CUDA context unusable, which would then fail mmtrain's own run in the same
+    process. A child process per attempt keeps every failure contained.
+    """
+    base, i = [], 0
+    while i < len(raw):  # the parent's options without --out, --plain and --plain_batches
+        arg = raw[i]
+        name = arg.split("=", 1)[0]
+        i += 1
+        if name in ("--out", "--plain"):
+            i += 0 if "=" in arg else 1
+        elif name == "--plain_batches":
+            while "=" not in arg and i < len(raw) and not raw[i].startswith("--"):
+                i += 1
+        else:
+            base.append(arg)
+    failures = []
+    for b in batches:
+        with tempfile.TemporaryDirectory(prefix="mmtrain-bench-plain-") as tmp:
+            out = os.path.join(tmp, "plain.json")
+            cmd = [sys.executable, os.path.join(HERE, "bench.py"), *base, "--plain", "only", "--plain_batches", str(b), "--out", out]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            plain = json.load(open(out))["plain"] if proc.returncode == 0 and os.path.exists(out) else None
+        if plain is not None and "tokens_per_s" in plain:
+            plain["out_of_memory_at"] = [f["micro_batch"] for f in failures]
+            plain["failed_attempts"] = failures
+            return plain
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        failures.append({"micro_batch": b, "returncode": proc.returncode, "error": tail[0][:300]})
+    return {"error": f"no micro-batch of {batches} ran", "failed_attempts": failures}
+
+
+def summary_line(result: dict) -> str:
+    mm = result["mmtrain"]
+    parts = [f"{result['device']}: mmtrain {mm['tokens_per_s']:,.0f} tokens/s, {mm['samples_per_s']:.2f} samples/s, MFU {100 * mm['mfu']:.1f}%"]
+    if "peak_allocated_gib" in mm:
+        parts.append(f"peak {mm['peak_allocated_gib']:.1f} GiB")
+    plain = result.get("plain")
+    if plain and "tokens_per_s" in plain:
+        parts.append(f"plain (micro-batch {plain['micro_batch']}) {plain['tokens_per_s']:,.0f} tokens/s, MFU {100 * plain['mfu']:.1f}%"
+                     + (f", peak {plain['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in plain else ""))
+        parts.append(f"ratio {result['ratio_tokens_per_s']:.2f}x")
+    elif plain:
+        parts.append(f"plain: {plain.get('error')}")
+    if result["targets"].get("missed"):
+        parts.append("missed: " + "; ".join(result["targets"]["missed"]))
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()

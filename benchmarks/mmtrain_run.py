@@ -1,0 +1,124 @@
+"""mmtrain's side of the throughput bench: a training run set up by the trainer's own code, timed step by step.
+
+Single process: the Accelerator from ``distributed.make_accelerator`` with Accelerate's
+DeepSpeed plugin, configured through the environment ``accelerate launch --config_file
+accelerate_configs/zeroN.yaml`` sets; then what ``mmtrain.train`` does (build, loaders
+with the training collator, ``EngineView``, optimizer and schedule, ``prepare``), and
+each timed step is ``Loop.train_step`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import asdict
+
+from timing import timed_run
+from workload import SyntheticSamples
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_environment(opts) -> dict:
+    """What ``accelerate launch --config_file accelerate_configs/zeroN[_offload].yaml`` puts in the environment."""
+    if opts.zero_stage is None:  # single_process.yaml with bf16: plain mixed precision, one process
+        return {"ACCELERATE_MIXED_PRECISION": "bf16" if opts.precision == "bf16" else "no", "ACCELERATE_USE_DEEPSPEED": "false"}
+    opt_dev = "cpu" if opts.offload in ("optimizer", "optimizer+params") else "none"
+    par_dev = "cpu" if opts.offload == "optimizer+params" else "none"
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_MIXED_PRECISION": "bf16" if opts.precision == "bf16" else "no",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(opts.zero_stage),
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+        "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": opt_dev,
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": par_dev,
+        "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(opts.zero_stage == 3).lower(),
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": str(opts.zero_stage == 3).lower(),
+        "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,offload_optimizer_device,offload_param_device,gradient_accumulation_steps,"
+        "gradient_clipping,zero3_init_flag,zero3_save_16bit_model,mixed_precision",
+    }
+    dist = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for k, v in dist.items():
+        env.setdefault(k, os.environ.get(k, v))
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT", str(_free_port()))
+    return env
+
+
+def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens, image_size: int, shape: dict) -> dict:
+    """``opts.steps`` timed steps of ``Loop.train_step``, set up as ``mmtrain.train`` sets up a run of these arguments."""
+    from mmtrain.training.distributed import prepare_environment
+
+    prepare_environment()
+    os.environ.update(accelerate_environment(opts))
+
+    from accelerate.utils import set_seed
+
+    from mmtrain.model.builder import check_model_config
+    from mmtrain.model.counting import count_parameters
+    from mmtrain.training import distributed, setup, speedups
+    from mmtrain.training.checkpoint import TrainerState
+    from mmtrain.training.engine_view import EngineView
+    from mmtrain.training.loop import Loop
+
+    check_model_config(model_args)
+    accelerator = distributed.make_accelerator(train_args)
+    set_seed(train_args.seed)
+    on_device = opts.build_on_device == "on" or (
+        opts.build_on_device == "auto" and accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
+    )
+    build_start = time.perf_counter()
+    with (accelerator.device if on_device else contextlib.nullcontext()):
+        built = setup.build_for_training(accelerator, model_args, train_args)
+    if built.image_tokens != image_tokens:
+        raise RuntimeError(f"image token layout differs from the model's: {built.image_tokens} vs {image_tokens}")
+    counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(built.model)}
+
+    n_timed = opts.steps * opts.micro_batch
+    timed = SyntheticSamples(n_timed, image_tokens, opts.text_tokens, opts.label_fraction, image_size, tokenizer.bos_token_id, opts.seed)
+    warm = SyntheticSamples(opts.warmup * opts.micro_batch, image_tokens, opts.text_tokens, opts.label_fraction, image_size,
+                            tokenizer.bos_token_id, opts.seed + 7919)
+    collator = speedups.make_train_collator(built, model_args, data_args)
+    loader = setup.make_loader(timed, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
+    warm_loader = setup.make_loader(warm, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
+    model = EngineView(built.model)
+    optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, len(loader))
+    model, optimizer, warm_loader, loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, loader, scheduler)
+    setup.place_outside_engine(accelerator, model)
+    ready_s = time.perf_counter() - build_start
+    # No eval, checkpoints or metrics: the bench calls train_step alone.
+    loop = Loop(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader, eval_loader=None,
+        data=None, built=built, checkpointer=None, metrics=None, state=TrainerState(), model_args=model_args,
+        data_args=data_args, train_args=train_args, total_steps=total_steps,
+    )
+
+    def step(batch):
+        loss, tokens, _ = loop.train_step(batch)
+        return loss, tokens, batch["input_ids"].numel()
+
+    result = timed_run(step, warm_loader, loader, [timed.length(i) for i in range(n_timed)], opts.epochs, shape,
+                       opts.peak_tflops, set_epoch=getattr(loader, "set_epoch", None))
+    plugin = distributed.deepspeed_plugin(accelerator)
+    result.update(
+        mmtrain_args={"model": asdict(model_args), "data": asdict(data_args), "train": asdict(train_args)},
+        collator=type(collator).__name__,
+        micro_batch=opts.micro_batch,
+        zero_stage=opts.zero_stage,
+        offload=opts.offload,
+        gradient_checkpointing=train_args.gradient_checkpointing,
+        deepspeed_config=dict(plugin.deepspeed_config) if plugin else None,
+        parameter_counts=counts,
+        trainable_params=sum(c["trainable"] for c in counts.values()),
+        build_and_prepare_s=ready_s,
+        weights_built_on_device=on_device,
+    )
+    result["_profile_step"] = (step, loader)
+    result["_keep"] = (accelerator, model, optimizer, loop)
+    return result

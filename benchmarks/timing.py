@@ -1,0 +1,197 @@
+"""Timing shared by both systems of the throughput bench: warm-up, timed epochs, memory readings, a profiler summary.
+
+A system is a ``step(batch)`` function returning (loss, counted tokens, padded
+positions), the first two possibly device tensors: they are read only after the timed
+region, so the host never waits for the device inside it.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+from flops import figures
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_now() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    return {"allocated_bytes": torch.cuda.memory_allocated(), "peak_allocated_bytes": torch.cuda.max_memory_allocated()}
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------
+# Timed epochs
+# --------------------------------------------------------------------------------------
+
+
+def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape: dict, peak_tflops: float, set_epoch=None) -> dict:
+    """Warm up on ``warm_loader``, then time ``epochs`` passes over ``loader``.
+
+    ``step(batch)`` returns (loss, counted tokens, padded positions), the first two
+    possibly device tensors that are read only after the timed region; step times are
+    therefore host-side times per step, the device being synchronised around the whole
+    region. ``lengths`` are the per-sample lengths of one pass over ``loader``.
+    """
+    peak_reset()
+    static = memory_now().get("allocated_bytes")
+    warm_losses = [step(batch)[0] for batch in warm_loader]
+    sync()
+    warm_peak = memory_now().get("peak_allocated_bytes")
+    per_epoch, step_times, losses, data_s = [], [], [], 0.0
+    counted = padded = 0
+    total_start = time.perf_counter()
+    for epoch in range(epochs):
+        if set_epoch is not None:
+            set_epoch(epoch)
+        sync()
+        start = time.perf_counter()
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            loss, tokens, positions = step(batch)
+            t2 = time.perf_counter()
+            data_s += t1 - t0
+            step_times.append(t2 - t0)
+            losses.append(loss)
+            counted += tokens
+            padded += positions
+        sync()
+        per_epoch.append(figures(time.perf_counter() - start, lengths, shape, peak_tflops))
+    seconds = time.perf_counter() - total_start
+    out = figures(seconds, lengths * epochs, shape, peak_tflops)
+    losses = [float(loss) for loss in losses]
+    counted = int(counted)
+    out.update(
+        steps=len(step_times),
+        warmup_steps=len(warm_losses),
+        step_s_median=statistics.median(step_times),
+        step_s_mean=statistics.fmean(step_times),
+        data_wait_s=data_s,
+        tokens_counted_by_loop=counted,
+        padded_positions=padded,
+        padding_fraction=1 - counted / padded if padded else 0.0,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        per_epoch=per_epoch if epochs > 1 else None,
+    )
+    if torch.cuda.is_available():
+        out.update(
+            peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+            peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+            warmup_peak_allocated_bytes=warm_peak,
+            static_allocated_bytes=static,
+            peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Profiler summary
+# --------------------------------------------------------------------------------------
+
+
+_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_mha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "matmul", "splitk", "gemv")),
+    ("loss", ("cross_entropy", "log_softmax", "softmax", "nll_loss")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "_amp_", "clip", "norm_kernel")),
+    ("copies", ("memcpy", "memset", "copy_", "cat", "index")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_steps(step, batches, steps: int) -> dict:
+    """Profile ``steps`` calls of ``step(batch)``: device time by kernel group, host gaps, top ops."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    it = iter(batches)
+    sync()
+    wall = time.perf_counter()
+    data_s = 0.0
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            t = time.perf_counter()
+            with record_function("data"):
+                batch = next(it)
+            data_s += time.perf_counter() - t
+            step(batch)
+        sync()
+    wall = time.perf_counter() - wall
+    events = prof.key_averages()
+    device_events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+
+    def dev_time(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    by_cat: dict[str, float] = {}
+    for e in device_events:
+        by_cat[_category(e.key)] = by_cat.get(_category(e.key), 0.0) + dev_time(e) / 1e6
+    busy = sum(by_cat.values())
+    top = sorted(device_events, key=dev_time, reverse=True)[:25]
+    cpu_top = sorted(events, key=lambda e: float(getattr(e, "cpu_time_total", 0.0)), reverse=True)[:15]
+    summary = {
+        "steps": steps,
+        "wall_s": wall,
+        "device_busy_s": busy,
+        "host_gaps_s": max(wall - busy, 0.0),
+        "data_s": data_s,
+        "device_s_by_group": {k: round(v, 6) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "device_share_by_group": {k: round(v / busy, 4) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])} if busy else {},
+        "top_kernels": [
+            {"name": e.key[:160], "group": _category(e.key), "calls": int(e.count), "device_ms": round(dev_time(e) / 1e3, 3)} for e in top
+        ],
+        "top_host_ops": [
+            {"name": e.key[:160], "calls": int(e.count), "cpu_total_ms": round(float(e.cpu_time_total) / 1e3, 3)} for e in cpu_top
+        ],
+    }
+    sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    try:
+        summary["table"] = events.table(sort_by=sort_key, row_limit=25, max_name_column_width=60)
+    except Exception as e:  # the table is a convenience; the numbers above are the record
+        summary["table"] = f"unavailable: {e}"
+    return summary
+
+
+def profile_or_error(step, loader, steps: int) -> dict:
+    """:func:`profile_steps` over the first ``steps`` batches of ``loader``; a failure is recorded, not raised."""
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == steps:
+            break
+    try:
+        return profile_steps(step, batches, len(batches))
+    except Exception as e:  # a profiler failure must not lose the measurement
+        return {"error": f"{type(e).__name__}: {e}"}

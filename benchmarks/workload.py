@@ -1,0 +1,68 @@
+"""The bench's synthetic samples: one image and a seeded number of text tokens each.
+
+Both systems of the throughput bench train on these, so they see the same token counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SyntheticSamples(torch.utils.data.Dataset):
+    """Items in the trainer's dataset contract (``input_ids``, ``labels``, ``pixel_values``).
+
+    Sample ``i``: ``<bos>`` ``<im_start>`` image tokens ``<im_end>`` text..., ``T_i - 1``
+    random text ids after the ``<bos>`` (``T_i`` uniform in ``text_tokens``); labels on
+    the last ``floor(label_fraction * T_i)`` tokens. Everything follows from ``seed``.
+    """
+
+    def __init__(self, n: int, image_tokens, text_tokens: tuple[int, int], label_fraction: float, image_size: int,
+                 bos_id: int, seed: int, with_pixels: bool = True):
+        self.n = n
+        self.tokens = image_tokens
+        self.label_fraction = label_fraction
+        self.image_size = image_size
+        self.bos_id = bos_id
+        self.seed = seed
+        self.with_pixels = with_pixels
+        g = torch.Generator().manual_seed(seed)
+        lo, hi = text_tokens
+        self.text = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def length(self, i: int) -> int:
+        return self.tokens.span_length + self.text[i]
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
+        t = self.text[i]
+        text = torch.randint(3, self.tokens.original_vocab_size, (t - 1,), generator=g)
+        ids = torch.cat([torch.tensor([self.bos_id]), torch.tensor(self.tokens.span()), text])
+        labels = torch.full_like(ids, -100)
+        k = int(self.label_fraction * t)
+        if k:
+            labels[-k:] = ids[-k:]
+        if self.with_pixels:
+            pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=g)
+        else:
+            pixels = torch.zeros(0, 3, self.image_size, self.image_size)
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+
+
+def image_token_layout(model_args):
+    """(tokenizer, ImageTokens, image size) exactly as the model builder will make them for ``model_args``."""
+    from mmtrain.model.language import load_tokenizer
+    from mmtrain.model.tokens import add_image_tokens
+    from mmtrain.model.vision import load_vision_config
+
+    vconfig = load_vision_config(model_args.vision_model_name_or_path)
+    if model_args.vis_proj == "perceiver":
+        per_image = model_args.perceiver_num_queries
+    else:
+        per_image = (vconfig.image_size // vconfig.patch_size) ** 2
+    tokenizer = load_tokenizer(model_args.lm_model_name_or_path)
+    return tokenizer, add_image_tokens(tokenizer, per_image), vconfig.image_size

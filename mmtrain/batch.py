@@ -1,0 +1,59 @@
+"""The batch contract between data and model: what a batch holds and means.
+
+Both sides import it from here (``mmtrain.data`` builds batches, ``mmtrain.model``
+consumes them); neither imports the other for it.
+
+==================  =====================  ===================================================
+key                 shape / dtype          meaning
+==================  =====================  ===================================================
+``input_ids``       [B, L] long            token ids, right-padded with the pad id
+``attention_mask``  [B, L] long            1 on real tokens, 0 on padding
+``labels``          [B, L] long            target ids; -100 where no loss is taken
+``pixel_values``    [N, 3, H, W] float     every image of the batch, sample by sample, in
+                                           placeholder order; N may be 0
+``image_counts``    [B] long               images of each row; sums to N
+==================  =====================  ===================================================
+
+Optional keys (:data:`OPTIONAL_KEYS`):
+
+* ``label_positions`` [K] long: the flat indices, in the ``[B, L - 1]`` grid of
+  next-token targets (``labels[:, 1:]``), of the K targets that are not -100. The
+  collators of ``mmtrain.data`` add it. It is computed on the CPU, so the model picks the positions
+  that reach the output head without reading a count back from the GPU (a boolean-mask
+  index would wait for the GPU to finish everything queued before it). Without it the
+  model derives the same positions from ``labels``.
+* ``right_padded`` (a Python ``True``, not a tensor): every row's padding comes after
+  all its real tokens. :class:`Collator` sets it. Under causal attention a real token
+  then never sees a padding key, so the model drops the padding mask and attention
+  keeps its causal kernel (the masked one computes every block of the square). Padding
+  positions carry no label, so what they compute is never used.
+* A packing collator (several samples per row) adds ``position_ids`` [B, L]
+  (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
+  sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
+  above with the same meaning.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch's cross-entropy skips)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
+OPTIONAL_KEYS = ("label_positions", "right_padded", "position_ids", "document_ids")
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the set targets in ``labels[:, 1:]`` (see ``label_positions`` above)."""
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().flatten()
+
+
+class BatchCollator(ABC):
+    """A callable from a list of dataset items to a batch dict following the contract above."""
+
+    output_keys: tuple[str, ...] = BATCH_KEYS
+
+    @abstractmethod
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]: ...

@@ -1,0 +1,5 @@
+import sys
+
+from mmtrain.memory.cli import main
+
+sys.exit(main())

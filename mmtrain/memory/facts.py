@@ -1,0 +1,194 @@
+"""What one training configuration is, and what the model is: the inputs of every estimate.
+
+:class:`MemorySetup` is one rank's configuration (ZeRO stage, offload, GPUs, micro-batch,
+sequence length, precision, checkpointing); :class:`ModelFacts` holds the counts and
+shapes of a model, read from the very model the trainer builds, on the meta device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mmtrain.args import ConfigError, ModelArguments
+
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
+GiB = 2**30
+
+LORA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def in_gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+@dataclass(frozen=True)
+class MemorySetup:
+    """One training configuration of one rank."""
+
+    zero_stage: int = 0
+    offload: str = "none"  # none | optimizer | optimizer+params (stage 3 only)
+    num_gpus: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    images_per_sample: int = 1
+    label_fraction: float = 0.25  # share of the text tokens that carry a label (answers)
+    param_persistence_threshold: int = 10_000
+    reduce_bucket_size: int = 500_000_000
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters (DeepSpeed's default)
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ConfigError("offload needs ZeRO stage 1-3")
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ConfigError("parameter offload needs ZeRO stage 3")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("num_gpus", "micro_batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            raise ConfigError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
+
+    @property
+    def name(self) -> str:
+        off = {"none": "", "optimizer": "+off-opt", "optimizer+params": "+off-opt+par"}[self.offload]
+        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Everything the memory model needs to know about a model, read from one meta build."""
+
+    params: tuple[tuple[int, bool, bool], ...]  # (numel, trainable, inside the engine) per parameter
+    largest_module: int  # most direct parameters of one engine module
+    counts: dict  # component -> {"total", "trainable"} (count_parameters)
+    hidden: int
+    layers: int
+    heads: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    lora_rank: int
+    lora_dropout: float
+    lora_per_layer: dict  # kind -> adapted layers / layers
+    lora_linears: int  # adapted Linear layers in the LM
+    projector: str
+    image_tokens: int  # LM positions of one image's features
+    patches: int  # vision features fed to the projector
+    perceiver_queries: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int  # layers actually run (after the read-out layer)
+    vision_tokens: int  # tokens inside the tower (CLS included)
+    vision_trainable: bool
+    vision_lora_rank: int
+    image_size: int
+
+    def total(self, trainable: bool | None = None, engine: bool | None = None) -> int:
+        return sum(
+            n for n, t, e in self.params if (trainable is None or t == trainable) and (engine is None or e == engine)
+        )
+
+    def persistent(self, threshold: int, trainable: bool) -> int:
+        """Engine parameters small enough to stay whole at stage 3."""
+        return sum(n for n, t, e in self.params if e and t == trainable and n < threshold)
+
+
+def _key(model_args: ModelArguments) -> tuple:
+    return tuple(sorted(asdict(model_args).items()))
+
+
+_FACTS_CACHE: dict[tuple, ModelFacts] = {}
+
+
+def model_facts(model_args: ModelArguments) -> ModelFacts:
+    """Counts and shapes of ``model_args``'s model, from a meta-device build (cached)."""
+    key = _key(model_args)
+    if key in _FACTS_CACHE:
+        return _FACTS_CACHE[key]
+    from mmtrain.model.builder import build_model
+    from mmtrain.model.counting import count_parameters, numel
+
+    built = build_model(model_args, meta=True)
+    model = built.model
+
+    def in_engine(name: str) -> bool:
+        # A frozen vision encoder is kept out of the DeepSpeed engine (mmtrain.training.engine_view).
+        return model.vision_trainable or not name.startswith("vision_encoder.")
+
+    params = tuple((numel(p), bool(p.requires_grad), in_engine(name)) for name, p in model.named_parameters())
+    largest = max(
+        sum(numel(p) for p in m.parameters(recurse=False)) for name, m in model.named_modules() if in_engine(name + ".")
+    )
+    counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(model)}
+
+    lm_config = model.language_model.config
+    hidden = lm_config.hidden_size
+    heads = lm_config.num_attention_heads
+    head_dim = getattr(lm_config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(lm_config, "num_key_value_heads", None) or heads
+    layers = lm_config.num_hidden_layers
+    targets = built.lora_targets.get("language_model", [])
+    per_kind = {k: sum(1 for t in targets if t.rsplit(".", 1)[-1] == k) / layers for k in LORA_KINDS}
+
+    vision = model.vision
+    vconfig = vision.tower.config
+    has_cls = type(vconfig).__name__.startswith("CLIP")
+    grid = (vconfig.image_size // vconfig.patch_size) ** 2
+    projector = model.projector
+    facts = ModelFacts(
+        params=params,
+        largest_module=largest,
+        counts=counts,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_dim=kv_heads * head_dim,
+        intermediate=lm_config.intermediate_size,
+        vocab=model.language_model.get_output_embeddings().weight.shape[0],
+        lora_rank=model_args.lang_lora_dim,
+        lora_dropout=model_args.lang_lora_dropout,
+        lora_per_layer=per_kind,
+        lora_linears=len(targets),
+        projector=model_args.vis_proj,
+        image_tokens=built.image_tokens.per_image,
+        patches=vision.num_patches,
+        perceiver_queries=getattr(projector, "num_tokens", 0),
+        vision_hidden=vconfig.hidden_size,
+        vision_intermediate=vconfig.intermediate_size,
+        vision_layers=vconfig.num_hidden_layers,
+        vision_tokens=grid + (1 if has_cls else 0),
+        vision_trainable=model.vision_trainable,
+        vision_lora_rank=model_args.vis_lora_dim,
+        image_size=vconfig.image_size,
+    )
+    _FACTS_CACHE[key] = facts
+    return facts
+
+
+
+def ref_model_args(workload: str = "ref-7b") -> ModelArguments:
+    """The model of a reference workload (see the project's workload definitions)."""
+    if workload == "ref-7b":
+        return ModelArguments(
+            lm_model_name_or_path="llama-2-7b",
+            vision_model_name_or_path="clip-vit-large-patch14-336",
+            vis_proj="mlp",
+            lang_lora_dim=16,
+        )
+    if workload == "ref-13b":
+        return ModelArguments(
+            lm_model_name_or_path="llama-2-13b",
+            vision_model_name_or_path="clip-vit-bigG-14",
+            vis_proj="perceiver",
+            lang_lora_dim=16,
+        )
+    raise ConfigError(f"unknown workload {workload!r}; known: ref-7b, ref-13b")

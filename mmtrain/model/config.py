@@ -1,0 +1,158 @@
+"""What the vision-language model *is*: one typed, serialisable description.
+
+``VLMConfig`` names the two towers, how the vision features are read and projected, the
+LoRA adapters, the attention kind (MMCA included) and what trains. It is made once from
+the command line (``mmtrain.args.ModelArguments`` extends it with the training-only
+flags), saved with every checkpoint and export, and it is the only thing
+:func:`mmtrain.model.build_model` and :func:`mmtrain.model.load_pretrained` read. An
+export's config describes the exported model itself (its own folders, LoRA fused, the
+vision tower already cut at the layer read), so loading it needs no flags.
+
+How to *run* the model (fused LoRA, regional compilation, activation checkpointing)
+depends on the machine and the ZeRO stage, not on what the model is: those are
+:class:`SpeedOptions`, given to the builder beside the config and never saved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, Optional
+
+from mmtrain import presets
+from mmtrain.model.errors import ConfigError
+
+PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
+ATTENTION_KERNELS = ("sdpa", "eager")
+CONFIG_VERSION = 1
+
+
+def _doc(text: str, **kw) -> dict:
+    # the field's documentation; the command line shows it as the flag's help
+    return {"help": text, **kw}
+
+
+@dataclass
+class VLMConfig:
+    lm_model_name_or_path: str = field(
+        default="tiny-llama",
+        metadata=_doc("Causal LM: a local Hugging Face folder or a preset (" + ", ".join(presets.preset_names("language")) + ")."),
+    )
+    vision_model_name_or_path: str = field(
+        default="tiny-clip",
+        metadata=_doc("Vision encoder: a local CLIP/SigLIP folder or a preset (" + ", ".join(presets.preset_names("vision")) + ")."),
+    )
+    vis_proj: str = field(default="mlp", metadata=_doc(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
+    vision_feature_layer: int = field(
+        default=-2, metadata=_doc("Hidden layer of the vision encoder whose output is projected (-2: second to last, as LLaVA).")
+    )
+    vision_keep_cls: bool = field(default=False, metadata=_doc("Keep the CLS token of CLIP towers (dropped by default)."))
+    perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
+    lang_lora_dim: int = field(default=16, metadata=_doc("LoRA rank on the language model (0: no LoRA)."))
+    lang_lora_module_name: str = field(
+        default="model.layers.", metadata=_doc("LoRA goes on every Linear of the LM whose name contains this scope.")
+    )
+    lang_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the LM (default: 4 x the rank, scale 4)."))
+    lang_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the LM."))
+    vis_lora_dim: int = field(default=0, metadata=_doc("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
+    vis_lora_module_name: str = field(
+        default="encoder.layers.", metadata=_doc("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
+    )
+    vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
+    vis_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the vision encoder."))
+    only_optimize_lora: bool = field(
+        default=False, metadata=_doc("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")
+    )
+    train_full_embeddings: bool = field(
+        default=False, metadata=_doc("Train the whole input-embedding table (default: only the new special tokens' rows).")
+    )
+    enable_mmca_attention: bool = field(default=False, metadata=_doc("Multi-modal causal attention in the LM."))
+    mmca_image_attention: Literal["same_image", "self"] = field(
+        default="same_image",
+        metadata=_doc("With MMCA, image tokens attend causally within their own image (same_image) or only to themselves (self)."),
+    )
+    attn_implementation: str = field(default="sdpa", metadata=_doc("Attention kernel of the LM and vision encoder: sdpa or eager."))
+    preset_seed: int = field(default=0, metadata=_doc("Seed of the random weights of preset models."))
+
+    def __post_init__(self):
+        if self.vis_proj not in PROJECTORS:
+            raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
+        for name in ("lang_lora_dim", "vis_lora_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lang_lora_dropout", "vis_lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.perceiver_num_queries < 1:
+            raise ConfigError(f"--perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}")
+        if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
+            raise ConfigError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
+        if self.only_optimize_lora and self.train_full_embeddings:
+            raise ConfigError("--only_optimize_lora and --train_full_embeddings contradict each other; pick one")
+        if self.attn_implementation not in ATTENTION_KERNELS:
+            raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: valid are {', '.join(ATTENTION_KERNELS)}")
+
+    @property
+    def vision_trainable(self) -> bool:
+        """The vision encoder trains (has LoRA); otherwise it is frozen and runs under no_grad."""
+        return self.vis_lora_dim > 0
+
+    def model_config(self) -> "VLMConfig":
+        """This description alone, as a plain ``VLMConfig`` (drops any fields a subclass adds)."""
+        return VLMConfig(**{f.name: getattr(self, f.name) for f in fields(VLMConfig)})
+
+    def to_dict(self) -> dict:
+        return {"config_version": CONFIG_VERSION, **asdict(self.model_config())}
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "the model config") -> "VLMConfig":
+        """Strict: an unknown key or another version is an error naming ``source``."""
+        values = dict(values)
+        version = values.pop("config_version", None)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"{source}: model config version {version} is not {CONFIG_VERSION}")
+        known = {f.name for f in fields(VLMConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model config keys {', '.join(unknown)}")
+        return VLMConfig(**values)
+
+    def identity(self) -> dict:
+        """The settings that decide which parameters exist and what they mean (resume checks these)."""
+        keys = (
+            "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
+            "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
+            "only_optimize_lora", "train_full_embeddings", "preset_seed",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    def differences(self, recorded: dict) -> list[str]:
+        """Settings whose value differs from a recorded :meth:`identity`, as readable lines."""
+        return [f"--{k}: recorded {recorded.get(k)!r}, now {v!r}" for k, v in self.identity().items() if recorded.get(k) != v]
+
+    def exported(self, language_model: str, vision_encoder: str) -> "VLMConfig":
+        """The config of this model's export: its own folders, LoRA fused, the tower ending at the layer read."""
+        values = asdict(self.model_config())
+        values.update(
+            lm_model_name_or_path=language_model,
+            vision_model_name_or_path=vision_encoder,
+            vision_feature_layer=-1,
+            lang_lora_dim=0,
+            vis_lora_dim=0,
+            only_optimize_lora=False,
+        )
+        return VLMConfig(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class SpeedOptions:
+    """How the builder runs the model on this machine; results equal the plain path's (tests/model)."""
+
+    fused_lora: bool = False  # LoRA's low-rank term added inside the base GEMMs (not at ZeRO-3)
+    compile_decoder_layers: bool = False  # regional torch.compile of each LM decoder layer
+    gradient_checkpointing: bool = False  # recompute LM (and vision LoRA) activations in backward
+    gradient_checkpointing_layers: int = 0  # or only the first N LM decoder layers
+    lora_inputs_follow_autocast: bool = False  # plain mixed precision: LoRA inputs stay in the autocast dtype

@@ -1,0 +1,190 @@
+"""Checkpoints: which folders count, how a resume is resolved, and what a manifest must match.
+
+The DeepSpeed side (killed and resumed runs, bit for bit) is in test_distributed.py;
+here one process saves and loads through a real Accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmtrain.args import ConfigError, ModelArguments
+from mmtrain.training.checkpoint import (
+    FORMAT_VERSION,
+    Checkpointer,
+    TrainerState,
+    check_manifest,
+    list_checkpoints,
+    remove_partial_checkpoints,
+    resolve_resume,
+)
+
+TRAINABLE = ["projector.0.weight", "projector.0.bias"]
+
+
+def _checkpoint(output_dir, name, manifest=True):
+    folder = output_dir / "checkpoints" / name
+    folder.mkdir(parents=True)
+    if manifest:
+        (folder / "manifest.json").write_text("{}")
+    return folder
+
+
+def _manifest(folder, model_args, **overrides):
+    manifest = {"format_version": FORMAT_VERSION, "model": model_args.identity(), "trainable_parameters": TRAINABLE}
+    manifest.update(overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_list_checkpoints_gives_complete_ones_oldest_first(tmp_path):
+    assert list_checkpoints(str(tmp_path)) == []  # no checkpoints folder yet
+    for name in ("step-00000100", "step-00000002", "step-00000010"):
+        _checkpoint(tmp_path, name)
+    _checkpoint(tmp_path, "step-00000050", manifest=False)  # cut off before its manifest
+    _checkpoint(tmp_path, "step-00000070.tmp")  # still being written
+    _checkpoint(tmp_path, "step-12")  # not a name the trainer writes
+    _checkpoint(tmp_path, "best")
+    found = list_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in found] == ["step-00000002", "step-00000010", "step-00000100"]
+    assert all(os.path.dirname(p) == str(tmp_path / "checkpoints") for p in found)
+
+
+def test_resolve_resume_latest_path_and_missing(tmp_path):
+    out = str(tmp_path)
+    assert resolve_resume(out, None) is None
+    assert resolve_resume(out, "latest") is None  # a fresh run: nothing to resume
+    _checkpoint(tmp_path, "step-00000003")
+    newest = _checkpoint(tmp_path, "step-00000006")
+    _checkpoint(tmp_path, "step-00000009.tmp")
+    assert resolve_resume(out, "latest") == str(newest)
+    assert resolve_resume(out, str(newest)) == str(newest)
+    with pytest.raises(ConfigError, match="no such folder") as missing:
+        resolve_resume(out, str(tmp_path / "checkpoints" / "step-00000099"))
+    assert "step-00000099" in str(missing.value)
+    cut_off = _checkpoint(tmp_path, "step-00000012", manifest=False)
+    with pytest.raises(ConfigError, match="has no manifest.json") as partial:
+        resolve_resume(out, str(cut_off))
+    # the message points at where the complete checkpoints are
+    assert str(tmp_path / "checkpoints") in str(partial.value).split("pick a complete one under")[-1]
+
+
+def test_remove_partial_checkpoints_removes_tmp_folders_only(tmp_path):
+    assert remove_partial_checkpoints(str(tmp_path)) == []
+    complete = _checkpoint(tmp_path, "step-00000003")
+    no_manifest = _checkpoint(tmp_path, "step-00000006", manifest=False)
+    partial = _checkpoint(tmp_path, "step-00000009.tmp")
+    (partial / "optimizer.bin").write_bytes(b"half")
+    removed = remove_partial_checkpoints(str(tmp_path))
+    assert removed == [str(partial)]
+    assert not partial.exists()
+    assert complete.is_dir() and no_manifest.is_dir()
+    assert remove_partial_checkpoints(str(tmp_path)) == []
+
+
+def test_check_manifest_accepts_its_own_model_and_names_what_differs(tmp_path):
+    args = ModelArguments(vis_proj="mlp", lang_lora_dim=8)
+    path = _manifest(tmp_path / "ok", args)
+    assert check_manifest(path, args, list(reversed(TRAINABLE)))["trainable_parameters"] == TRAINABLE  # order-free
+    # settings that change neither which parameters exist nor what they mean may change
+    assert check_manifest(path, ModelArguments(vis_proj="mlp", lang_lora_dim=8, attn_implementation="eager"), TRAINABLE)
+    with pytest.raises(ConfigError, match=r"different model: --vis_proj: recorded 'mlp', now 'vit'$"):
+        check_manifest(path, ModelArguments(vis_proj="vit", lang_lora_dim=8), TRAINABLE)
+    with pytest.raises(ConfigError, match=r"--lang_lora_dim: recorded 8, now 4; --vis_lora_dim: recorded 0, now 2$"):
+        check_manifest(path, ModelArguments(vis_proj="mlp", lang_lora_dim=4, vis_lora_dim=2), TRAINABLE)
+    with pytest.raises(ConfigError, match="trainable parameters differ"):
+        check_manifest(path, args, TRAINABLE + ["projector.2.weight"])
+
+
+def test_check_manifest_refuses_other_formats_and_older_records(tmp_path):
+    args = ModelArguments()
+    newer = _manifest(tmp_path / "newer", args, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(ConfigError, match=f"format {FORMAT_VERSION + 1} is not {FORMAT_VERSION}"):
+        check_manifest(newer, args, TRAINABLE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="format None"):
+        check_manifest(str(empty), args, TRAINABLE)
+    # a setting the record lacks counts as different, not as equal
+    record = args.identity()
+    del record["preset_seed"]
+    older = _manifest(tmp_path / "older", args, model=record)
+    with pytest.raises(ConfigError, match="--preset_seed: recorded None, now 0"):
+        check_manifest(older, args, TRAINABLE)
+
+
+def test_half_written_manifest_is_a_clear_error(tmp_path):
+    args = ModelArguments()
+    path = _manifest(tmp_path / "cut", args)
+    text = (tmp_path / "cut" / "manifest.json").read_text()
+    (tmp_path / "cut" / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ConfigError, match="cut"):
+        check_manifest(path, args, TRAINABLE)
+
+
+@pytest.fixture
+def accelerator():
+    """A single-process CPU Accelerator; its process-wide state is reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_checkpointer_saves_trainable_weights_rotates_and_restores(tmp_path, tiny_args, accelerator):
+    from mmtrain.model import build_model
+
+    args = tiny_args(lang_lora_dim=4)
+    model = build_model(args).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=2)
+
+    def step():
+        loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for global_step in (1, 2, 3):
+        step()
+        saved = checkpointer.save(TrainerState(epoch=0, step_in_epoch=global_step, global_step=global_step, tokens_seen=10 * global_step))
+        assert saved == str(tmp_path / "checkpoints" / f"step-{global_step:08d}")
+    # the newest two are kept, whole; no folder is left half-written
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-00000002", "step-00000003"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000002", "step-00000003"]
+    manifest = check_manifest(str(tmp_path / "checkpoints" / "step-00000003"), args, trainable)
+    assert manifest["num_processes"] == 1 and manifest["zero_stage"] is None
+    # frozen weights come from the source folders: only the trainable ones are written
+    weights = load_file(tmp_path / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert sorted(weights) == sorted(trainable)
+
+    def weights():
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    saved_weights = weights()
+    step()  # move on past the checkpoint, then go back to it
+    next_weights = weights()
+    assert any(not torch.equal(next_weights[n], saved_weights[n]) for n in trainable)
+    state = checkpointer.load(str(tmp_path / "checkpoints" / "step-00000003"))
+    assert state == TrainerState(epoch=0, step_in_epoch=3, global_step=3, tokens_seen=30)
+    for name, value in weights().items():
+        assert torch.equal(value, saved_weights[name]), name
+    # the optimizer's moments came back too: the same step lands on the same weights
+    step()
+    for name, value in weights().items():
+        assert torch.equal(value, next_weights[name]), name
+
+    other = Checkpointer(accelerator, str(tmp_path), tiny_args(lang_lora_dim=8), trainable, keep=2)
+    with pytest.raises(ConfigError, match="--lang_lora_dim: recorded 4, now 8"):
+        other.load(str(tmp_path / "checkpoints" / "step-00000003"))

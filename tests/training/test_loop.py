@@ -1,0 +1,109 @@
+"""The training loop, run in-process on the tiny models: what it logs, evaluates, checkpoints and exports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmtrain.training.loop import print_final_report
+
+from .conftest import common_flags, metrics, train_losses
+
+# 48 generated samples: 43 train after the 10% eval split, 11 batches of 4 an epoch.
+SAMPLES = 48
+# A constant rate: a run's schedule would otherwise depend on its length, and runs of
+# different lengths could not be compared step by step.
+SCHEDULE = dict(synthetic_num_samples=SAMPLES, lr_scheduler_type="constant", num_warmup_steps=0)
+
+
+@pytest.fixture
+def train(monkeypatch, model_folders, data_path):
+    """train(output_dir, **flags) -> the result dict of ``mmtrain.train.main`` in this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from mmtrain.train import main
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what main sets on CPU; undone after the test
+
+    def run(out, **flags):
+        try:
+            return main(common_flags(model_folders, data_path, output_dir=out, **SCHEDULE, **flags))
+        finally:
+            # the Accelerator's state is process-wide: leave none behind for the next run
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+    return run
+
+
+def test_an_epoch_logs_every_step_evaluates_checkpoints_and_exports(train, tmp_path, capsys):
+    from mmtrain.model.pretrained import load_pretrained
+
+    out = tmp_path / "run"
+    result = train(out)
+    steps = result["global_step"]
+    assert steps == 11 and result["epoch"] == 1
+
+    records = metrics(out)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train_records)
+    assert train_records[-1]["epoch"] == 1.0
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in train_records)
+    # the end of the epoch is evaluated once, and the result is the last eval
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [steps]
+    assert math.isfinite(evals[0]["loss"]) and evals[0]["questions"] == 4
+    assert result["eval_loss"] == evals[0]["loss"] and result["eval_exact_match"] == evals[0]["exact_match"]
+
+    # the checkpoint at the epoch end resumes at the start of the next epoch
+    checkpoint = out / "checkpoints" / f"step-{steps:08d}"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, steps)
+    assert state["best_eval_loss"] == evals[0]["loss"]
+    assert (checkpoint / "manifest.json").is_file()
+
+    export = out / "epoch-0"
+    assert (export / "mmtrain_config.json").is_file() and (export / "projector.safetensors").is_file()
+    assert (export / "language_model" / "config.json").is_file() and (export / "vision_encoder" / "config.json").is_file()
+    load_pretrained(str(export))  # strict: every tensor present, none unexpected
+
+    report = capsys.readouterr().out
+    assert f"training finished at step {steps}\n  eval loss {evals[0]['loss']:.4f}" in report
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_line(train, tmp_path):
+    train(tmp_path / "every", logging_steps=1, max_steps=7)
+    every = train_losses(tmp_path / "every")
+    third = train(tmp_path / "third", logging_steps=3, max_steps=7)
+    assert third["global_step"] == 7
+    logged = train_losses(tmp_path / "third")
+    assert sorted(logged) == [3, 6]  # step 7 is past the last full window: not logged
+    assert logged[3] == pytest.approx((every[1] + every[2] + every[3]) / 3, rel=1e-5)
+    assert logged[6] == pytest.approx((every[4] + every[5] + every[6]) / 3, rel=1e-5)
+
+    # --max_steps stopped it inside the epoch: a checkpoint there, an eval, no export
+    state = json.loads((tmp_path / "third" / "checkpoints" / "step-00000007" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 7, 7)
+    assert [r["step"] for r in metrics(tmp_path / "third") if r["split"] == "eval"] == [7]
+    assert not (tmp_path / "third" / "epoch-0").exists()
+
+
+def test_final_report_without_and_with_eval(capsys):
+    print_final_report({"global_step": 12, "epoch": 1})
+    assert capsys.readouterr().out == "training finished at step 12\n"
+    print_final_report(
+        {
+            "global_step": 5, "epoch": 0, "eval_loss": 1.234567, "eval_perplexity": 3.43675, "eval_label_tokens": 40,
+            "eval_exact_match": 0.5, "eval_majority_baseline": 0.25, "eval_questions": 8,
+        }
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        "training finished at step 5",
+        "  eval loss 1.2346 (perplexity 3.437) over 40 answer tokens",
+        "  eval exact match 50.0% on 8 held-out questions (majority-answer baseline 25.0%: the most frequent answer to each question)",
+    ]
