@@ -11,7 +11,7 @@ from torch import nn
 
 from mmtrain.model.config import SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
-from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers
+from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, enable_checkpointing
 from mmtrain.model.fused_lora import fuse_lora_layers
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
@@ -125,10 +125,9 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
     if speed.fused_lora and (count := fuse_lora_layers(model)):
         logger.info(f"fused LoRA: {count} adapted layers add their low-rank term inside the base matrix product")
     if speed.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}  # reentrant checkpointing drops LoRA grads of frozen inputs
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(lm)
         if model.vision_trainable:
-            model.vision.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enable_checkpointing(model.vision.tower)
     if speed.gradient_checkpointing_layers:
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")

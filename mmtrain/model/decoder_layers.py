@@ -30,6 +30,19 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing on every layer of a transformers model, non-reentrant.
+
+    Reentrant checkpointing drops the LoRA gradients of blocks whose inputs do not
+    require grad. transformers 5 renamed the switch; both names are accepted.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def checkpoint_first_layers(language_model: nn.Module, n: int) -> list[int]:
     """Checkpoint decoder layers ``0..n-1`` only (0: none); returns their indices.
 
@@ -42,11 +55,7 @@ def checkpoint_first_layers(language_model: nn.Module, n: int) -> list[int]:
         raise ConfigError(f"--gradient_checkpointing_layers {n}: the language model has {len(layers)} decoder layers")
     if n == 0:
         return []
-    kwargs = {"use_reentrant": False}
-    if hasattr(language_model, "activation_checkpointing_enable"):  # the newer transformers name
-        language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(language_model)
     for index, layer in enumerate(layers):
         if not hasattr(layer, "gradient_checkpointing"):
             raise ConfigError(f"--gradient_checkpointing_layers: {type(layer).__name__} has no per-layer checkpointing switch")
