@@ -18,32 +18,240 @@ biases):
 Models trained with MMCA attention export their weights, but LLaVA runs ordinary
 causal attention, so the exported model would not compute what was trained: refused.
 
-Prompts: write each image as ``<im_start><image><im_end>`` in the text (the processor
-expands ``<image>`` into one token per patch), in the training template, e.g.
-``### Image 1:\\n<im_start><image><im_end>\\n\\n### Question:\\nWhat color is the shape?\\n\\n### Answer:\\n``.
+Prompts: the folder's chat template renders the prompt format the model was trained
+with (the ``template`` and ``system_prompt`` recorded in the export): the bos token where
+training put one, each image as ``<im_start><image><im_end>`` (the processor expands
+``<image>`` into one token per patch), and the ``plain`` template's ``### Image k:``,
+``### Question:`` and ``### Answer:`` headers, or, for ``--template chat``, the
+tokenizer's own chat template. So in plain transformers::
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    model.generate(**inputs)
+
+gives the tokens ``python -m mmtrain.generate --image IMAGE --prompt "What color is the shape?"``
+gives (greedy, 64 new tokens by default; the generation config stops at the
+tokenizer's eos). A content list is read as mmtrain reads such records (a newline
+between an image and its neighbours); a content string is taken as it is, ``<image>``
+where each image goes. The export checks that these prompts tokenise to the ids
+training would have made and warns where a tokenizer makes them differ.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from mmtrain import compat
 from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
-from mmtrain.model.pretrained import export_config, load_pretrained
+from mmtrain.data.template import encode_conversation
+from mmtrain.generate import GenerateArguments
+from mmtrain.model.pretrained import export_config, load_pretrained, prompt_format, special_token_ids
+from mmtrain.model.tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN
 
 EXPORTABLE_PROJECTORS = ("mlp",)
+# What mmtrain.generate does unless told otherwise, so that a bare generate() agrees.
+GENERATION_DEFAULTS = dict(do_sample=False, max_new_tokens=GenerateArguments.max_new_tokens)
+IMAGE_MARKUP = IMAGE_START + IMAGE_TOKEN + IMAGE_END
+
+
+def _literal(text: str) -> str:
+    """``text`` as a Jinja string literal (JSON's escapes are Python's, which Jinja reads)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+# A message's content as training saw it: text with a placeholder per image. A list of
+# {"type": "image"} / {"type": "text"} parts (what transformers' processors take) is
+# flattened as mmtrain.data.formats flattens such records, a newline between an image and
+# what is next to it; so images before a question render as mmtrain.generate puts them.
+# A string (placeholders included) is taken as it is.
+_CONTENT_MACRO = (
+    "{%- macro mm_text(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}"
+    "{%- set flat = namespace(text='') -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] in ('image', 'image_url') -%}{%- set piece = __PLACEHOLDER__ -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set piece = part['text'] -%}"
+    "{%- else -%}{{- raise_exception('unknown content part type ' ~ part['type'] ~ ' (valid: text, image)') -}}"
+    "{%- endif -%}"
+    "{%- if flat.text and not flat.text.endswith('\\n') and (piece == __PLACEHOLDER__ or flat.text.endswith(__PLACEHOLDER__)) -%}"
+    "{%- set flat.text = flat.text ~ '\\n' -%}"
+    "{%- endif -%}"
+    "{%- set flat.text = flat.text ~ piece -%}"
+    "{%- endfor -%}"
+    "{{- flat.text -}}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+# A record's own system turn wins over the recorded system prompt, as in training.
+_SYSTEM = (
+    "{%- set system = __SYSTEM__ -%}"
+    "{%- set turns = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = mm_text(messages[0]['content']) -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- endif -%}"
+)
+
+# mmtrain.data.template's plain format, step for step (_encode_plain): leading images get
+# their own "### Image k:" blocks before the question, later ones are set inside it, and
+# every user turn ends with the answer header whether or not a generation prompt is asked.
+_PLAIN_TEMPLATE = (
+    _CONTENT_MACRO
+    + _SYSTEM
+    + "{%- set ns = namespace(images=0, lead=0, leading=true) -%}"
+    "{{- __BOS__ -}}"
+    "{%- if system.strip() -%}{{- system.strip() ~ '\\n\\n' -}}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- set pieces = mm_text(message['content']).split(__PLACEHOLDER__) -%}"
+    "{%- set ns.lead = 0 -%}{%- set ns.leading = true -%}"
+    "{%- for piece in pieces[:-1] -%}"
+    "{%- if ns.leading and not piece.strip() -%}{%- set ns.lead = ns.lead + 1 -%}"
+    "{%- else -%}{%- set ns.leading = false -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for _ in range(ns.lead) -%}"
+    "{%- set ns.images = ns.images + 1 -%}"
+    "{{- '### Image ' ~ ns.images ~ ':\\n' ~ __IMAGE__ ~ '\\n\\n' -}}"
+    "{%- endfor -%}"
+    "{%- set rest = pieces[ns.lead:] -%}"
+    "{{- '### Question:\\n' ~ (rest[0].lstrip() if rest | length > 1 else rest[0].strip()) -}}"
+    "{%- for piece in rest[1:] -%}"
+    "{%- set ns.images = ns.images + 1 -%}"
+    "{{- '\\n### Image ' ~ ns.images ~ ':\\n' ~ __IMAGE__ ~ '\\n' ~ (piece.rstrip() if loop.last else piece) -}}"
+    "{%- endfor -%}"
+    "{{- '\\n\\n### Answer:\\n' -}}"
+    "{%- else -%}"
+    "{{- mm_text(message['content']).strip() ~ __EOS__ -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# --template chat: the tokenizer's own template renders the conversation with string
+# contents (as _encode_chat gives it), then placeholders become image markup and the bos
+# token goes in front if the template did not write it. The empty expressions keep
+# trim_blocks/lstrip_blocks from eating whitespace at the edges of the embedded template.
+_CHAT_WRAPPER = (
+    _CONTENT_MACRO
+    + _SYSTEM
+    + "{%- set ns = namespace(turns=[]) -%}"
+    "{%- if system.strip() -%}{%- set ns.turns = [{'role': 'system', 'content': system}] -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- set ns.turns = ns.turns + [{'role': message['role'], 'content': mm_text(message['content'])}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.turns -%}"
+    "{% set rendered %}{{ '' }}__TEMPLATE__{{ '' }}{% endset %}"
+    "{%- set rendered = rendered.replace(__PLACEHOLDER__, __IMAGE__) -%}"
+    "__OUTPUT__"
+)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` puts the bos token in front by itself."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("a")["input_ids"][:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def chat_template_for(tokenizer, template: str, system_prompt: str) -> str:
+    """A chat template rendering the prompts ``encode_conversation`` makes for ``template``.
+
+    Rendered text goes through ``processor(text=...)``, which tokenises it with the
+    tokenizer's own special tokens; training put bos in front of every sample. So bos is
+    written by the template exactly when the tokenizer does not add it itself, and both
+    ``processor(text=apply_chat_template(...))`` and ``apply_chat_template(tokenize=True)``
+    (which skips special tokens when the text starts with bos) get one bos.
+    """
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
+    adds_bos = tokenizer_adds_bos(tokenizer)
+    values = {
+        "__SYSTEM__": _literal(system_prompt),
+        "__PLACEHOLDER__": _literal(IMAGE_PLACEHOLDER),
+        "__IMAGE__": _literal(IMAGE_MARKUP),
+    }
+    own = ""
+    if template == "plain":
+        text = _PLAIN_TEMPLATE
+        values.update({"__BOS__": _literal("" if adds_bos else bos), "__EOS__": _literal(tokenizer.eos_token)})
+    elif template == "chat":
+        own = tokenizer.chat_template
+        if isinstance(own, dict):
+            own = own.get("default")
+        if not own:
+            raise ConfigError("the export was trained with --template chat but its tokenizer has no chat template")
+        if not bos:
+            output = "{{- rendered -}}"
+        elif adds_bos:
+            output = "{{- rendered[" + str(len(bos)) + ":] if rendered.startswith(" + _literal(bos) + ") else rendered -}}"
+        else:
+            output = "{{- ('' if rendered.startswith(" + _literal(bos) + ") else " + _literal(bos) + ") ~ rendered -}}"
+        text = _CHAT_WRAPPER.replace("__OUTPUT__", output)
+    else:
+        raise ConfigError(f"the export records template {template!r}, which this mmtrain cannot render")
+    for key, value in values.items():
+        text = text.replace(key, value)
+    # last, so that nothing in the tokenizer's own template is taken for one of ours
+    return text.replace("__TEMPLATE__", own)
+
+
+# Conversations the export renders both ways and compares: one image, two, text only,
+# and a second turn after an answer.
+_CHECKED_CONVERSATIONS = {
+    "one image": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}],
+    "two images": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which one is red?"}]}
+    ],
+    "text only": [{"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"}]}],
+    "two turns": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Is it small?"}]},
+    ],
+}
+
+
+def _as_turns(messages: list[dict]) -> list[dict]:
+    """The same conversation as mmtrain's data reads it (placeholders in the text)."""
+    from mmtrain.data.formats import _message_text
+
+    return [{"role": m["role"], "text": _message_text(m["content"], "check", 0, t)} for t, m in enumerate(messages)]
+
+
+def check_prompts(folder: str, built, template: str, system_prompt: str) -> list[str]:
+    """Where the exported processor's prompts differ from training's ids (empty: nowhere)."""
+    from PIL import Image
+    from transformers import LlavaProcessor
+
+    processor = LlavaProcessor.from_pretrained(folder)
+    size = built.model.vision.image_size
+    problems = []
+    for name, messages in _CHECKED_CONVERSATIONS.items():
+        images = [Image.new("RGB", (size, size)) for m in messages for p in m["content"] if p["type"] == "image"]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        got = processor(images=images or None, text=prompt)["input_ids"][0]
+        expected = encode_conversation(
+            _as_turns(messages), built.tokenizer, built.image_tokens, template=template, system_prompt=system_prompt,
+            add_generation_prompt=True,
+        ).input_ids
+        if list(got) != expected:
+            at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            problems.append(f"{name}: token {at} is {list(got[at : at + 3])}, training has {expected[at : at + 3]}")
+    return problems
 
 
 def export_llava(model_dir: str, out: str) -> str:
     """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA folder at ``out``."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     config, _ = export_config(model_dir)  # what the export is, read before any weights
     if config.vis_proj not in EXPORTABLE_PROJECTORS:
@@ -56,14 +264,19 @@ def export_llava(model_dir: str, out: str) -> str:
             f"--model {model_dir} was trained with MMCA attention ({config.mmca_image_attention}), which LLaVA's "
             "ordinary causal attention cannot run: the export would compute something else"
         )
+    template, system_prompt = prompt_format(model_dir)
     built = load_pretrained(model_dir)
+    chat_template = chat_template_for(built.tokenizer, template, system_prompt)
     vlm = built.model
     vision_config = vlm.vision.tower.config
     has_cls = vlm.vision.has_cls
-    text_config = vlm.language_model.config
+    # From the tokenizer, not the LM config: exports written before their configs
+    # carried the tokenizer's ids export correctly too.
+    token_ids = special_token_ids(built.tokenizer)
+    text_config = {**vlm.language_model.config.to_dict(), **token_ids}
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
+        text_config=text_config,
         image_token_index=built.image_tokens.image_id,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,  # the exported encoder already ends at the layer mmtrain read
@@ -80,16 +293,31 @@ def export_llava(model_dir: str, out: str) -> str:
     body = {k.replace("embed_tokens.base.weight", "embed_tokens.weight"): v for k, v in body.items() if not k.endswith("new_rows")}
     llava.model.language_model.load_state_dict(body, strict=True)
     llava.lm_head.load_state_dict({"weight": lm_state["lm_head.weight"]}, strict=True)
+    llava.generation_config = GenerationConfig(**token_ids, **GENERATION_DEFAULTS)
     llava.save_pretrained(out)
+    # A copy: the checks below encode with the tokenizer's own template, as training did.
+    tokenizer = copy.deepcopy(built.tokenizer)
+    tokenizer.chat_template = chat_template
     processor = LlavaProcessor(
         image_processor=built.image_processor,
-        tokenizer=built.tokenizer,
+        tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        image_token="<image>",
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if has_cls else 0,
+        chat_template=chat_template,
     )
     processor.save_pretrained(out)
+    problems = check_prompts(out, built, template, system_prompt)
+    if problems:
+        # Training tokenised the prompt piece by piece around each image and header; a
+        # tokenizer that merges across those seams, or adds tokens of its own, gives other
+        # ids for the same text. The folder still works, but not token for token.
+        warnings.warn(
+            f"{out}: prompts from processor.apply_chat_template tokenise differently from training, so generate() "
+            "may not answer as mmtrain.generate does: " + "; ".join(problems),
+            stacklevel=2,
+        )
     return out
 
 

@@ -24,6 +24,13 @@ class Preset:
     description: str
 
 
+# The ids of the presets' tokenizer (see build_preset_tokenizer: its special tokens come
+# first). A config's own defaults (LLaMA's bos 1, eos 2) would name other tokens, and
+# everything that reads the config (``generate()``, an export) would stop at the wrong
+# one. No pad id: it would make the embedding zero that row at initialisation, changing
+# the preset's weights; padding is masked anyway, and exports record the pad id.
+_PRESET_TOKEN_IDS = dict(bos_token_id=0, eos_token_id=1)
+
 # The tiny language models share one shape so tests can swap the architecture alone.
 _TINY_LM_SHAPE = dict(
     hidden_size=128,
@@ -37,11 +44,11 @@ _TINY_LM_SHAPE = dict(
 
 
 def _tiny_llama() -> LlamaConfig:
-    return LlamaConfig(vocab_size=PRESET_TOKENIZER_VOCAB, rms_norm_eps=1e-5, **_TINY_LM_SHAPE)
+    return LlamaConfig(vocab_size=PRESET_TOKENIZER_VOCAB, rms_norm_eps=1e-5, **_TINY_LM_SHAPE, **_PRESET_TOKEN_IDS)
 
 
 def _tiny_qwen2() -> Qwen2Config:
-    return Qwen2Config(vocab_size=PRESET_TOKENIZER_VOCAB, **_TINY_LM_SHAPE)
+    return Qwen2Config(vocab_size=PRESET_TOKENIZER_VOCAB, **_TINY_LM_SHAPE, **_PRESET_TOKEN_IDS)
 
 
 def _llama_2(hidden: int, layers: int, heads: int, mlp: int) -> Callable[[], LlamaConfig]:
@@ -56,6 +63,7 @@ def _llama_2(hidden: int, layers: int, heads: int, mlp: int) -> Callable[[], Lla
             max_position_embeddings=4096,
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
+            **_PRESET_TOKEN_IDS,
         )
 
     return build
@@ -172,7 +180,7 @@ def build_preset_tokenizer():
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<pad>"]
+    specials = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: what _PRESET_TOKEN_IDS says
     trainer = trainers.BpeTrainer(
         vocab_size=PRESET_TOKENIZER_VOCAB,
         special_tokens=specials,

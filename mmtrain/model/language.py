@@ -74,7 +74,10 @@ def _is_partitioned(param: nn.Parameter) -> bool:
 class NewTokenEmbedding(nn.Module):
     """The LM's input embedding table, frozen, with separately trainable rows for new tokens.
 
-    Ids ``>= first_new_id`` read ``new_rows``; all others read the frozen ``base`` table.
+    Ids ``first_new_id .. first_new_id + num_new - 1`` read ``new_rows``; all others read
+    the frozen ``base`` table, including ids past the new ones (an LM's vocabulary is often
+    padded beyond its tokenizer's): the export keeps those rows as they are, so the model
+    reloaded from it reads what this one reads, should such an id ever be generated.
     Only ``new_rows`` gets gradients and optimizer state, so adding three tokens to a
     32k x 4096 table trains 12k parameters instead of 131M.
     """
@@ -116,7 +119,7 @@ class NewTokenEmbedding(nn.Module):
         return self.base.embedding_dim
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_new = input_ids >= self.first_new_id
+        is_new = (input_ids >= self.first_new_id) & (input_ids < self.first_new_id + self.num_new)
         base_ids = input_ids.masked_fill(is_new, 0)
         out = self.base(base_ids)
         new_index = (input_ids - self.first_new_id).clamp(0, self.num_new - 1)

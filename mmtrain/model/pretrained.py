@@ -5,7 +5,8 @@ An export folder holds standard pieces, each loadable on its own::
     mmtrain_config.json        the exported model's VLMConfig (what it is, MMCA included),
                                the config it was trained with, image tokens, prompt format
     language_model/            AutoModelForCausalLM folder (LoRA fused, new token rows
-                               written into the embedding table) + tokenizer
+                               written into the embedding table) + tokenizer; its config
+                               and generation config carry the tokenizer's bos/eos/pad ids
     vision_encoder/            CLIP/SigLIP vision folder (LoRA fused, cut at the layer
                                read) + image processor
     projector.safetensors      the projector's weights
@@ -24,6 +25,7 @@ import os
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
 
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.config import VLMConfig
@@ -63,6 +65,15 @@ def _language_model_tensors(state: dict, model: VisionLanguageModel, vocab_size:
     return lm, rows
 
 
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """bos/eos/pad ids as the tokenizer has them, under the names configs use."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def save_pretrained(
     folder: str,
     state: dict[str, torch.Tensor],
@@ -84,11 +95,18 @@ def save_pretrained(
     state = merge_lora_state_dict({k: v.detach().cpu() for k, v in state.items()}, lora_scalings(model))
     lm_tensors, vocab_rows = _language_model_tensors(state, model, len(tokenizer))
     lm_dir = os.path.join(folder, LANGUAGE_DIR)
+    token_ids = special_token_ids(tokenizer)
     lm_config = copy.deepcopy(model.language_model.config)
     lm_config.vocab_size = vocab_rows
+    # The LM's config may name other ids than the tokenizer trained with (LLaMA's
+    # defaults, a base model's config under a chat tokenizer): generate() would then
+    # never stop. The tokenizer is what training used, so its ids are the truth.
+    for key, value in token_ids.items():
+        setattr(lm_config, key, value)
     lm_config.save_pretrained(lm_dir)
-    if getattr(model.language_model, "generation_config", None) is not None:
-        model.language_model.generation_config.save_pretrained(lm_dir)
+    generation_config = copy.deepcopy(getattr(model.language_model, "generation_config", None)) or GenerationConfig()
+    generation_config.update(**token_ids)
+    generation_config.save_pretrained(lm_dir)
     save_torch_state_dict({k: v.contiguous() for k, v in lm_tensors.items()}, lm_dir)
     tokenizer.save_pretrained(lm_dir)
 

@@ -125,6 +125,229 @@ def test_llava_export_matches_mmtrain_in_plain_transformers(tmp_path, tiny_args)
     torch.testing.assert_close(got[..., :vocab], expected[..., :vocab], rtol=1e-4, atol=1e-4)
 
 
+def test_exports_carry_the_tokenizers_token_ids(tmp_path, tiny_args):
+    """Whatever the LM's config says (here LLaMA's defaults, bos 1 and eos 2, which are
+    `</s>` and `<pad>` in this tokenizer), the exports name the tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    from mmtrain.export import export_llava
+
+    args, built = _trained_model(tiny_args)
+    lm = built.model.language_model
+    lm.config.bos_token_id, lm.config.eos_token_id, lm.config.pad_token_id = 1, 2, None
+    lm.generation_config.bos_token_id, lm.generation_config.eos_token_id, lm.generation_config.pad_token_id = 1, 2, None
+    folder, llava = tmp_path / "export", tmp_path / "llava"
+    save_pretrained(str(folder), built.model.state_dict(), built.model, built.tokenizer, built.image_processor, args)
+    export_llava(str(folder), str(llava))
+
+    tok = built.tokenizer
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    assert ids == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    written = {
+        "language_model/config.json": json.loads((folder / "language_model" / "config.json").read_text()),
+        "language_model/generation_config.json": json.loads((folder / "language_model" / "generation_config.json").read_text()),
+        "llava config text_config": json.loads((llava / "config.json").read_text())["text_config"],
+        "llava generation_config.json": json.loads((llava / "generation_config.json").read_text()),
+    }
+    for name, data in written.items():
+        assert {k: data.get(k) for k in ids} == ids, name
+    exported = AutoTokenizer.from_pretrained(llava)
+    assert (exported.bos_token_id, exported.eos_token_id, exported.pad_token_id) == tuple(ids.values())
+    # a pad id in the config makes the embedding a padding one; loading keeps the exported row
+    reloaded = load_pretrained(str(folder))
+    rows = built.image_tokens.original_vocab_size  # past them: the new tokens' rows, written in
+    original = built.model.language_model.get_input_embeddings().base.weight[:rows]
+    assert torch.equal(reloaded.model.language_model.get_input_embeddings().base.weight[:rows], original)
+    assert original[tok.pad_token_id].abs().sum() > 0
+
+
+def test_llava_export_checks_its_prompts_against_training(tmp_path, tiny_args, monkeypatch):
+    """The export renders prompts through the saved processor and compares them with the
+    ids training made: silent when they agree, a warning naming the case when not."""
+    import warnings
+
+    from mmtrain import export
+
+    folder, _ = _export(tmp_path, tiny_args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export.export_llava(str(folder), str(tmp_path / "llava"))
+    assert not [w for w in caught if "tokenise differently" in str(w.message)]
+
+    right = export.chat_template_for
+    monkeypatch.setattr(export, "chat_template_for", lambda tok, template, system: right(tok, template, "Be brief."))
+    with pytest.warns(UserWarning, match="tokenise differently") as record:
+        export.export_llava(str(folder), str(tmp_path / "llava-wrong"))
+    message = str(record[0].message)
+    assert all(f"{case}: token 1 is" in message for case in ("one image", "two images", "text only", "two turns"))
+
+
+GENERATE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    llava_dir, lm_dir, cases_path, out = sys.argv[1:5]
+    with open(cases_path) as f:
+        cases = json.load(f)
+    results = {}
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    for name, case in cases["llava"].items():
+        prompt = processor.apply_chat_template(case["messages"], add_generation_prompt=True)
+        images = [Image.open(path).convert("RGB") for path in case["images"]]
+        inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        new = ids[0, inputs["input_ids"].shape[1]:].tolist()
+        text = processor.decode(new, skip_special_tokens=True).strip()
+        results[name] = {"prompt": inputs["input_ids"][0].tolist(), "ids": new, "text": text}
+    # mmtrain's own export: its language model folder alone, on a text-only prompt
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    prompt = torch.tensor([cases["lm_prompt"]])
+    with torch.no_grad():
+        ids = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    new = ids[0, prompt.shape[1]:].tolist()
+    results["language model"] = {"ids": new, "text": tokenizer.decode(new, skip_special_tokens=True).strip()}
+    assert not any(m == "mmtrain" or m.startswith("mmtrain.") for m in sys.modules), "mmtrain was imported"
+    with open(out, "w") as f:
+        json.dump(results, f)
+    """
+)
+
+# (question, image names): what mmtrain.generate is asked, and transformers with the
+# same images in front of the question.
+GENERATION_CASES = {
+    "one image": ("What color is the shape?", ["red"]),
+    "two images": ("Which one is red?", ["red", "blue"]),
+    "text only": ("How many shapes are there?", []),
+}
+
+
+def _greedy_ids(built, template, system_prompt, question, images, max_new_tokens=8):
+    """Greedy new ids of ``built`` for ``question``, prompted as mmtrain.generate prompts (eos dropped)."""
+    from PIL import Image
+
+    from mmtrain.data.template import encode_conversation
+    from mmtrain.generate import with_placeholders
+    from mmtrain.model.generation import SamplingOptions, generate
+
+    turns = [{"role": "user", "text": with_placeholders(question, len(images))}]
+    ids = encode_conversation(turns, built.tokenizer, built.image_tokens, template=template, system_prompt=system_prompt,
+                              add_generation_prompt=True).input_ids
+    size = built.model.vision.image_size
+    pixels = (built.image_processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
+              if images else torch.zeros(0, 3, size, size))
+    tok = built.tokenizer
+    return generate(built.model, [torch.tensor(ids)], [pixels], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                    options=SamplingOptions(max_new_tokens=max_new_tokens))[0]
+
+
+def _same_tokens(hf_ids, mmtrain_ids, tokenizer) -> bool:
+    """transformers' new ids (eos kept) are mmtrain's (eos and pads dropped); True when both stopped at eos."""
+    stopped = bool(hf_ids) and hf_ids[-1] == tokenizer.eos_token_id
+    body = hf_ids[:-1] if stopped else hf_ids
+    assert [t for t in body if t != tokenizer.pad_token_id] == mmtrain_ids, (hf_ids, mmtrain_ids)
+    return stopped
+
+
+@pytest.mark.parametrize(
+    ("template", "system_prompt"), [("plain", ""), ("chat", "You are a helpful assistant that looks at images.")]
+)
+def test_exports_generate_what_mmtrain_generates(tmp_path, tiny_args, template, system_prompt):
+    """transformers alone, from the LLaVA folder and from the export's LM folder, answers with
+    mmtrain.generate's tokens; and the reloaded export answers as the model in training did."""
+    from PIL import Image
+
+    from mmtrain.data.template import encode_conversation
+    from mmtrain.export import export_llava
+    from mmtrain.generate import Chat, with_placeholders
+    from mmtrain.model.generation import SamplingOptions
+
+    paths = {"red": str(tmp_path / "red.png"), "blue": str(tmp_path / "blue.png")}
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(paths["red"])
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(paths["blue"])
+    cases = {name: (q, [paths[i] for i in images]) for name, (q, images) in GENERATION_CASES.items()}
+
+    args, built = _trained_model(tiny_args)
+    tok = built.tokenizer
+    # A random model almost never emits eos. Swapping the output rows of eos and of a
+    # token in the text-only answer makes that answer stop there, as a trained model
+    # stops after its answer; every answer is the same up to that token. The token comes
+    # after some decodable text (many of the tiny LM's ids lie past its tokenizer's
+    # vocabulary and decode to '') and is missing from an image answer, which runs on.
+    before = {name: _greedy_ids(built, template, system_prompt, *case) for name, case in cases.items()}
+    text = before["text only"]
+    stop_at = next(
+        (t for k, t in enumerate(text) if k >= 2 and t not in text[:k] and t not in (tok.eos_token_id, tok.pad_token_id)
+         and (t not in before["one image"] or t not in before["two images"])
+         and tok.decode(text[:k], skip_special_tokens=True).strip()),
+        None,
+    )
+    assert stop_at is not None, f"no token to stop at in {before}: choose other questions"
+    head = built.model.language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[[tok.eos_token_id, stop_at]] = head[[stop_at, tok.eos_token_id]]
+    folder = tmp_path / "export"
+    save_pretrained(str(folder), built.model.state_dict(), built.model, tok, built.image_processor, args,
+                    template=template, system_prompt=system_prompt)
+    export_llava(str(folder), str(tmp_path / "llava"))
+
+    chat = Chat(str(folder), options=SamplingOptions(max_new_tokens=8))
+    reloaded = chat.built
+    expected = {}
+    for name, (question, images) in cases.items():
+        ids = _greedy_ids(reloaded, template, system_prompt, question, images)
+        in_training = _greedy_ids(built, template, system_prompt, question, images)
+        assert ids == in_training, f"{name}: the reloaded export answers otherwise than the model in training"
+        assert chat.ask(question, images, keep=False) == reloaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        expected[name] = ids
+
+    # transformers' conversation format; and a string content with its placeholder, as the issue's user wrote it
+    llava_cases = {
+        name: {"messages": [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": q}]}],
+               "images": images}
+        for name, (q, images) in cases.items()
+    }
+    llava_cases["placeholder in a string"] = {
+        "messages": [{"role": "user", "content": "<image>\nWhat color is the shape?"}], "images": [paths["red"]],
+    }
+    expected["placeholder in a string"] = expected["one image"]
+    text_only = [{"role": "user", "text": cases["text only"][0]}]
+    lm_prompt = encode_conversation(text_only, reloaded.tokenizer, reloaded.image_tokens, template=template,
+                                    system_prompt=system_prompt, add_generation_prompt=True).input_ids
+    (tmp_path / "cases.json").write_text(json.dumps({"llava": llava_cases, "lm_prompt": lm_prompt}))
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE_SCRIPT)
+    run_dir = tmp_path / "elsewhere"  # outside the repository: mmtrain cannot be imported by accident
+    run_dir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "llava"), str(folder / "language_model"), str(tmp_path / "cases.json"),
+         str(tmp_path / "generated.json")],
+        cwd=run_dir, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "generated.json").read_text())
+
+    stopped = {}
+    for name, ids in expected.items():
+        question, images = cases.get(name, cases["one image"])
+        user = {"role": "user", "text": with_placeholders(question, len(images))}
+        prompt = encode_conversation([user], reloaded.tokenizer, reloaded.image_tokens, template=template,
+                                     system_prompt=system_prompt, add_generation_prompt=True).input_ids
+        assert got[name]["prompt"] == prompt, f"{name}: the chat template's prompt is not the one training used"
+        stopped[name] = _same_tokens(got[name]["ids"], ids, reloaded.tokenizer)
+        assert got[name]["text"] == reloaded.tokenizer.decode(ids, skip_special_tokens=True).strip(), name
+    assert _same_tokens(got["language model"]["ids"], expected["text only"], reloaded.tokenizer)
+    # not vacuous: one answer ends at eos after some tokens, and another runs on
+    assert stopped["text only"] and len(expected["text only"]) >= 2 and got["text only"]["text"]
+    assert any(len(expected[n]) >= 4 and not stopped[n] for n in ("one image", "two images"))
+    assert expected["one image"] != expected["two images"]
+
+
 @pytest.mark.parametrize("proj", ["baseline", "vit", "perceiver"])
 def test_llava_export_refuses_projectors_without_an_exact_mapping(tmp_path, tiny_args, proj):
     from mmtrain.export import export_llava
