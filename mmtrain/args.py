@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 import yaml
-from transformers import HfArgumentParser
 
 from mmtrain import presets
+from mmtrain.cli import FlagParser
 
 from mmtrain.model.config import PROJECTORS, VLMConfig  # noqa: F401  (PROJECTORS: re-exported for callers)
 from mmtrain.model.errors import ConfigError  # one error class for flags and model settings
@@ -186,6 +186,13 @@ class TrainArguments:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
     eval_generate: int = field(default=256, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
     max_new_tokens: int = field(default=16, metadata=_help("Generation length for --eval_generate."))
+    verbose: bool = field(
+        default=False,
+        metadata=_help(
+            "Also show the libraries' own lines while checkpoints and exports are written (Accelerate's "
+            "'Saving current state' and one line per file, transformers' and huggingface_hub's); without it, one line each."
+        ),
+    )
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):
@@ -239,21 +246,44 @@ def _file_to_argv(path: str) -> list[str]:
     return argv
 
 
+DESCRIPTION = """Train a vision-language model.
+
+  accelerate launch [--config_file accelerate_configs/X.yaml] mmtrain/train.py [flags]
+  python -m mmtrain.train [flags]
+
+With no flags it trains the embedded default (the tiny presets on a generated dataset).
+"""
+
+
+def training_parser():
+    """The parser of training's flags: every field of :data:`ALL_ARGUMENTS`, and ``--config``."""
+    parser = FlagParser(ALL_ARGUMENTS, prog="python -m mmtrain.train", description=DESCRIPTION)
+    # Read by parse_args before the parser runs (the file's values come first, flags override
+    # them); declared here so that --help lists it.
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of flag values; flags given on the command line override it.")
+    return parser
+
+
+def _expand_config(argv: list[str]) -> list[str]:
+    """``--config FILE`` (or ``--config=FILE``) replaced by the file's flags, put first so that the command line wins."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            return _file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+        if arg.startswith("--config="):
+            return _file_to_argv(arg.split("=", 1)[1]) + argv[:i] + argv[i + 1 :]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """Parse flags (and an optional ``--config FILE``), validated, paths included."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a file path")
-        argv = _file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
-    parser = HfArgumentParser(ALL_ARGUMENTS)
-    try:
-        model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    except ConfigError:
-        raise
-    if rest:
-        raise ConfigError(f"unknown flags: {' '.join(rest)} (see --help)")
+    """Parse flags (and an optional ``--config FILE``), validated, paths included.
+
+    Every error, a mistyped value or an unknown flag included, is a :class:`ConfigError`
+    naming the flag; ``--help`` prints every flag and exits.
+    """
+    argv = _expand_config(list(sys.argv[1:] if argv is None else argv))
+    model_args, data_args, train_args = training_parser().parse_or_raise(argv)
     validate_paths(model_args)
     return model_args, data_args, train_args
 

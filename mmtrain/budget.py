@@ -16,16 +16,34 @@ These are the model states of a single replica, before ZeRO partitioning; see
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import asdict
-
-from transformers import HfArgumentParser
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from mmtrain.args import ConfigError, ModelArguments
+from mmtrain.cli import FlagParser
 from mmtrain.model.builder import build_model
 from mmtrain.model.counting import BYTES_PER_PARAM, ComponentBudget, budget_from_counts, count_parameters, format_table  # noqa: F401
+
+
+@dataclass
+class BudgetArguments:
+    """The budget's own flags, beside the model flags it shares with training."""
+
+    precision: Literal["bf16", "fp16", "fp32"] = field(
+        default="bf16", metadata={"help": "Compute dtype the bytes assume (fp32: 4 bytes a value, else 2)."}
+    )
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
+
+    def __post_init__(self):
+        if self.precision not in BYTES_PER_PARAM:
+            raise ConfigError(f"--precision {self.precision!r}: valid: {', '.join(sorted(BYTES_PER_PARAM))}")
+
+
+def budget_parser() -> FlagParser:
+    return FlagParser((ModelArguments, BudgetArguments), prog="python -m mmtrain.budget", description=__doc__)
+
 
 def model_budget(model_args: ModelArguments, precision: str = "bf16") -> list[ComponentBudget]:
     """The budget table for ``model_args``, from a meta-device build."""
@@ -34,16 +52,8 @@ def model_budget(model_args: ModelArguments, precision: str = "bf16") -> list[Co
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    extra.add_argument("--precision", choices=sorted(BYTES_PER_PARAM), default="bf16", help="compute dtype")
-    opts, rest = extra.parse_known_args(argv)
-    parser = HfArgumentParser(ModelArguments, description=__doc__.splitlines()[0])
     try:
-        (model_args, leftover) = parser.parse_args_into_dataclasses(rest, return_remaining_strings=True)
-        if leftover:
-            raise ConfigError(f"unknown flags: {' '.join(leftover)} (model flags, --json and --precision only)")
+        model_args, opts = budget_parser().parse_or_raise(argv)
         rows = model_budget(model_args, opts.precision)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,13 +5,14 @@ Prints the estimate at every rung of the ZeRO ladder and the fastest setup that 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from mmtrain.args import ConfigError, ModelArguments
+from mmtrain.cli import FlagParser
 from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, model_facts
 from mmtrain.memory.predict import MemoryEstimate, all_setups, estimate, recommend
 
@@ -56,35 +57,55 @@ def format_table(estimates: list[MemoryEstimate]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+@dataclass
+class MemoryArguments:
+    """The step the estimate is for, beside the model flags shared with training."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--num_gpus", type=int, default=1)
-    extra.add_argument("--micro_batch", type=int, default=1)
-    extra.add_argument("--seq_len", type=int, default=2048)
-    extra.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
-    extra.add_argument("--gradient_checkpointing", action="store_true")
-    extra.add_argument("--images_per_sample", type=int, default=1)
-    extra.add_argument("--label_fraction", type=float, default=0.25)
-    extra.add_argument("--gpu_memory", default="80GiB", help="memory of one GPU, e.g. 24GiB, 40GB, 80GiB")
-    extra.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    # One parser for both, so that --help lists every flag.
-    parser = HfArgumentParser(ModelArguments, prog="python -m mmtrain.memory", description=__doc__.splitlines()[0], parents=[extra])
-    try:
-        model_args, opts, leftover = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
-        if leftover:
-            raise ConfigError(f"unknown flags: {' '.join(leftover)}")
-        base = MemorySetup(
-            num_gpus=opts.num_gpus,
-            micro_batch=opts.micro_batch,
-            seq_len=opts.seq_len,
-            precision=opts.precision,
-            gradient_checkpointing=opts.gradient_checkpointing,
-            images_per_sample=opts.images_per_sample,
-            label_fraction=opts.label_fraction,
+    num_gpus: int = field(default=1, metadata={"help": "GPUs training runs on (ZeRO partitions over them)."})
+    micro_batch: int = field(default=1, metadata={"help": "Samples per GPU per forward/backward (--per_device_train_batch_size)."})
+    seq_len: int = field(default=2048, metadata={"help": "Tokens per sample, image tokens included."})
+    precision: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "Compute dtype."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the LM's activations in backward."})
+    images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
+    label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
+    gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: valid: {', '.join(sorted(PRECISIONS))}")
+        for name in ("num_gpus", "micro_batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.images_per_sample < 0:
+            raise ConfigError(f"--images_per_sample must be >= 0, got {self.images_per_sample}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            raise ConfigError(f"--label_fraction must be in [0, 1], got {self.label_fraction}")
+        try:
+            parse_bytes(self.gpu_memory)
+        except ConfigError as e:
+            raise ConfigError(f"--gpu_memory: {e}") from None
+
+    def setup(self) -> MemorySetup:
+        return MemorySetup(
+            num_gpus=self.num_gpus,
+            micro_batch=self.micro_batch,
+            seq_len=self.seq_len,
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+            images_per_sample=self.images_per_sample,
+            label_fraction=self.label_fraction,
         )
+
+
+def memory_parser() -> FlagParser:
+    return FlagParser((ModelArguments, MemoryArguments), prog="python -m mmtrain.memory", description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, opts = memory_parser().parse_or_raise(argv)
+        base = opts.setup()
         gpu_memory = parse_bytes(opts.gpu_memory)
         facts = model_facts(model_args)
         estimates = [estimate(facts, s) for s in all_setups(base)]

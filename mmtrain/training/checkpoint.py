@@ -14,7 +14,9 @@ manifest names. Resuming checks that the model flags match the manifest's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +40,10 @@ class TrainerState:
     global_step: int = 0  # optimizer steps done
     best_eval_loss: float | None = None
     tokens_seen: int = 0
+    # Records in metrics.jsonl when the checkpoint was written: a resumed run cuts the file
+    # back to them before it logs the steps after the checkpoint again. None: written
+    # before this field existed.
+    metrics_records: int | None = None
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -167,6 +173,51 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {path} cannot be loaded (corrupt or incomplete?): {e}") from None
         with open(os.path.join(path, TRAINER_STATE)) as f:
             return TrainerState(**json.load(f))
+
+
+# Libraries whose loggers narrate every file of a save at INFO level: Accelerate's "Saving
+# current state" / "Random states saved" / "Sampler state saved", huggingface_hub's "Model
+# weights successfully saved", DeepSpeed's and transformers' own.
+SAVE_CHATTER = ("accelerate", "DeepSpeed", "huggingface_hub", "transformers")
+
+
+def _chatty_loggers() -> list[logging.Logger]:
+    found = []
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger):
+            continue
+        for lib in SAVE_CHATTER:
+            # huggingface_hub names some loggers by their file's path (".../huggingface_hub/serialization/_torch.py").
+            if name == lib or name.startswith(lib + ".") or f"{os.sep}{lib}{os.sep}" in name:
+                found.append(lg)
+                break
+    return found
+
+
+@contextlib.contextmanager
+def quiet_save(verbose: bool = False):
+    """The libraries' per-file lines and progress bars held back while a checkpoint or export is written.
+
+    Their warnings and errors still show; ``verbose`` (``--verbose``) leaves everything as it is.
+    """
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    loggers = _chatty_loggers()
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards"
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def remove_partial_checkpoints(output_dir: str) -> list[str]:

@@ -9,11 +9,12 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmtrain.model.pretrained import save_pretrained
 from mmtrain.data.packing import samples_in
 from mmtrain.training import distributed, speedups
-from mmtrain.training.checkpoint import TrainerState
+from mmtrain.training.checkpoint import TrainerState, quiet_save
 from mmtrain.training.engine_view import unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
 
@@ -52,6 +53,22 @@ class Loop:
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict:
+        self._rewind_metrics()
+        # Log lines are written above the progress bar instead of onto the end of its line.
+        with logging_redirect_tqdm(tqdm_class=tqdm):
+            return self._fit()
+
+    def _rewind_metrics(self) -> None:
+        """metrics.jsonl as it was when the resumed checkpoint was written (empty for a fresh start)."""
+        state = self.state
+        resumed = state.global_step > 0
+        dropped = self.metrics.rewind(state.metrics_records if resumed else 0, state.global_step)
+        if dropped and resumed:
+            logger.info(f"metrics.jsonl: dropped {dropped} records written after the checkpoint of step {state.global_step}; they are logged again")
+        elif dropped:
+            logger.info(f"metrics.jsonl: dropped {dropped} records of an earlier start that left no checkpoint")
+
+    def _fit(self) -> dict:
         args, state = self.args, self.state
         progress = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.acc.is_local_main_process, desc="train")
         while state.epoch < args.num_train_epochs and not self._done():
@@ -70,8 +87,8 @@ class Loop:
                     self._log_train()
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
                     self._evaluate()
-                if args.save_steps and state.global_step % args.save_steps == 0:
-                    self._save()
+                if args.save_steps and state.global_step % args.save_steps == 0 and not self._done():
+                    self._save()  # the last step's checkpoint is written at the end, after its eval
                 if self._done():
                     break
             epoch_finished = not self._done() or state.step_in_epoch >= len(self.train_loader)
@@ -80,11 +97,12 @@ class Loop:
             else:
                 break
         progress.close()
-        saved_here = args.save_steps and state.global_step % args.save_steps == 0
-        if state.step_in_epoch and not saved_here:  # stopped by --max_steps inside an epoch
-            self._save()
         if not self.last_eval or self.last_eval.get("step") != state.global_step:
             self._evaluate()
+        if state.step_in_epoch:  # stopped by --max_steps inside an epoch
+            # After the eval, as at an epoch end: the checkpoint counts its record, so a run
+            # resumed from it (with a larger --max_steps, say) keeps that record.
+            self._save()
         return {"global_step": state.global_step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
 
     def _done(self) -> bool:
@@ -110,7 +128,9 @@ class Loop:
             if self.acc.sync_gradients and not self.deepspeed:
                 self._grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
             self.optimizer.step()
-            if self.acc.sync_gradients:
+            # A step skipped on an fp16 overflow (GradScaler, or DeepSpeed's loss scaler) does
+            # not advance the schedule: it follows the updates actually applied.
+            if self.acc.sync_gradients and not self.optimizer.step_was_skipped:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), batch["attention_mask"].sum(), samples_in(batch)
@@ -136,7 +156,11 @@ class Loop:
 
     def _save(self) -> None:
         self._settle()
-        self.checkpointer.save(self.state)
+        self.state.metrics_records = self.metrics.records
+        with quiet_save(self.args.verbose):
+            path = self.checkpointer.save(self.state)
+        if self.acc.is_main_process:
+            logger.info(f"checkpoint {path}")
 
     def _grad_norm_value(self) -> float | None:
         if self.deepspeed:
@@ -196,13 +220,15 @@ class Loop:
 
     def export(self, folder: str) -> None:
         """Fuse LoRA into a copy, save an HF-format folder (main process), training weights untouched."""
-        state = self.acc.get_state_dict(self.model)  # gathers ZeRO-3 partitions on the main process
+        with quiet_save(self.args.verbose):
+            state = self.acc.get_state_dict(self.model)  # gathers ZeRO-3 partitions on the main process
+            if self.acc.is_main_process:
+                view = self.acc.unwrap_model(self.model)
+                save_pretrained(
+                    folder, view.full_state_dict(state), view.vlm, self.built.tokenizer, self.built.image_processor, self.built.config,
+                    template=self.data_args.template, system_prompt=self.data_args.system_prompt,
+                )
         if self.acc.is_main_process:
-            view = self.acc.unwrap_model(self.model)
-            save_pretrained(
-                folder, view.full_state_dict(state), view.vlm, self.built.tokenizer, self.built.image_processor, self.built.config,
-                template=self.data_args.template, system_prompt=self.data_args.system_prompt,
-            )
             logger.info(f"exported {folder}")
         self.acc.wait_for_everyone()
 

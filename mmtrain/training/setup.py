@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 from dataclasses import asdict
 
 import torch
@@ -16,13 +18,43 @@ from mmtrain.model.counting import budget_from_counts, format_table
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import count_parameters
 from mmtrain.training import distributed, speedups
-from mmtrain.training.checkpoint import list_checkpoints
+from mmtrain.training.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from mmtrain.training.metrics import METRICS_FILE
 from mmtrain.training.engine_view import EngineView
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
 logger = logging.getLogger("mmtrain")
 
 RUN_CONFIG = "run_config.json"
+TENSORBOARD_DIR = "tensorboard"
+_EXPORT_RE = re.compile(r"^epoch-\d+$")
+
+
+def run_outputs(output_dir: str) -> list[str]:
+    """What a run wrote into ``output_dir``: checkpoints, ``epoch-N`` exports, metrics, TensorBoard logs, its flags.
+
+    Matched by name, so that files a user put there are never taken for the run's.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    known = {CHECKPOINT_DIR, METRICS_FILE, METRICS_FILE + ".tmp", TENSORBOARD_DIR, RUN_CONFIG}
+    found = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name in known or (_EXPORT_RE.match(name) and os.path.isdir(path)):
+            found.append(path)
+    return found
+
+
+def remove_run_outputs(output_dir: str) -> list[str]:
+    """Delete :func:`run_outputs` (``--overwrite_output_dir``): an old ``epoch-N`` left beside a new run could be loaded for it."""
+    removed = run_outputs(output_dir)
+    for path in removed:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
 
 
 def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
@@ -46,14 +78,9 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if train_args.overwrite_output_dir and train_args.resume_from_checkpoint is None:
-            import shutil
-
-            for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
-                target = os.path.join(out, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                elif os.path.exists(target):
-                    os.remove(target)
+            removed = remove_run_outputs(out)
+            if removed:
+                logger.info(f"--overwrite_output_dir: removed the earlier run's {', '.join(os.path.basename(p) for p in removed)} from {out}")
         os.makedirs(out, exist_ok=True)
         with open(path, "w") as f:
             record = {
@@ -143,6 +170,7 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
         embed_learning_rate=train_args.learning_rate_pretraining_components,
     )
     optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
+    keep_optimizer_through_prepare(accelerator, optimizer)
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
     per_process = math.ceil(batches_per_epoch / accelerator.num_processes)
     steps_per_epoch = math.ceil(per_process / accelerator.gradient_accumulation_steps)
@@ -159,6 +187,25 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
             f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}"
         )
     return optimizer, scheduler, total
+
+
+def keep_optimizer_through_prepare(accelerator, optimizer) -> None:
+    """Make ``accelerator.prepare`` hand DeepSpeed this optimizer, the one the schedule is built on.
+
+    With optimizer states offloaded, Accelerate replaces whatever optimizer it is given by
+    a new DeepSpeed CPU Adam over the same parameter groups, unless the DeepSpeed config
+    says ``zero_force_ds_cpu_optimizer: false``. The schedule would then drive an optimizer
+    that never steps: every rank warns that ``lr_scheduler.step()`` ran before
+    ``optimizer.step()``, and the rates reach the stepping optimizer only because the two
+    share their param_group dicts. The optimizer made here already is DeepSpeed's CPU
+    Adam, all that the setting asks for, so it is turned off and this one is used.
+    """
+    if not distributed.offloads_optimizer(accelerator):
+        return
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        distributed.deepspeed_plugin(accelerator).deepspeed_config["zero_force_ds_cpu_optimizer"] = False
 
 
 def place_outside_engine(accelerator, model) -> None:

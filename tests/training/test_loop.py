@@ -107,3 +107,32 @@ def test_final_report_without_and_with_eval(capsys):
         "  eval loss 1.2346 (perplexity 3.437) over 40 answer tokens",
         "  eval exact match 50.0% on 8 held-out questions (majority-answer baseline 25.0%: the most frequent answer to each question)",
     ]
+
+
+def test_overwrite_output_dir_removes_what_the_earlier_run_wrote_and_nothing_else(train, tmp_path):
+    out = tmp_path / "run"
+    train(out, enable_tensorboard="true")  # a whole epoch: checkpoints, epoch-0, metrics, tensorboard, run_config
+    assert (out / "epoch-0").is_dir() and (out / "tensorboard").is_dir() and (out / "run_config.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    (out / "epoch-notes").mkdir()
+    (out / "epoch-7.txt").write_text("mine too")
+
+    train(out, overwrite_output_dir="true", max_steps=3)
+    # the new run stopped inside its first epoch: an epoch-0 there would be the old model's
+    assert not (out / "epoch-0").exists() and not (out / "tensorboard").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    assert [(r["split"], r["step"]) for r in metrics(out)] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    assert json.loads((out / "run_config.json").read_text())["train_args"]["max_steps"] == 3
+    # what the run did not write stays
+    assert (out / "notes.txt").read_text() == "mine" and (out / "epoch-notes").is_dir() and (out / "epoch-7.txt").is_file()
+
+
+def test_a_fresh_start_replaces_the_records_of_a_start_that_left_no_checkpoint(train, tmp_path):
+    out = tmp_path / "run"
+    train(out, max_steps=2, save_steps=0)
+    # as if killed before its first checkpoint: the records stay, no checkpoint does
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    train(out, max_steps=3)
+    assert [(r["split"], r["step"]) for r in metrics(out)] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
