@@ -1,10 +1,13 @@
 """Time the embedded default run and record what it learned.
 
-    python benchmarks/default_run.py [--out benchmarks/results/default_run_cpu.json]
+    python benchmarks/default_run.py [--entry python|accelerate] [--out FILE]
 
-Runs ``python -m mmtrain.train`` with no flags in a fresh folder (as a new user would),
-then writes its wall time, peak memory, every eval record of ``metrics.jsonl`` and the
-final printed report, with the machine and versions, to a JSON file.
+Runs ``python -m mmtrain.train`` (or ``accelerate launch mmtrain/train.py``) with no
+flags in a fresh folder (as a new user would), then writes its wall time, peak memory,
+the start-up line that says how the process computes (device, precision, threads),
+the load average around the run (a busy machine slows it), every eval record of
+``metrics.jsonl`` and the final printed report, with the machine and versions, to a
+JSON file. The two entry points train identically; timing both back to back shows it.
 """
 
 from __future__ import annotations
@@ -21,17 +24,27 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {
+    "python": [sys.executable, "-m", "mmtrain.train"],
+    # accelerate's own command line, without a config: what a cluster user types
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", str(REPO / "mmtrain" / "train.py")],
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "default_run_cpu.json"))
+    parser.add_argument("--entry", choices=sorted(ENTRY_POINTS), default="python", help="how the run is started")
+    parser.add_argument("--out", help="default: benchmarks/results/default_run_cpu.json (_accelerate.json for --entry accelerate)")
     args = parser.parse_args()
+    suffix = "" if args.entry == "python" else f"_{args.entry}"
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"default_run_cpu{suffix}.json")
     with tempfile.TemporaryDirectory() as work:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+        load_before = os.getloadavg()
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "mmtrain.train"], cwd=work, env=env, capture_output=True, text=True)
+        proc = subprocess.run(ENTRY_POINTS[args.entry], cwd=work, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        load_after = os.getloadavg()
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             return proc.returncode
@@ -40,11 +53,15 @@ def main() -> int:
     import transformers
 
     report = proc.stdout[proc.stdout.index("training finished") :].strip()
+    process = [line.split("process: ", 1)[1] for line in proc.stderr.splitlines() if "process: " in line]
+    command = "python -m mmtrain.train" if args.entry == "python" else "accelerate launch mmtrain/train.py"
     result = {
-        "command": "python -m mmtrain.train  (no flags, run from an empty folder)",
+        "command": f"{command}  (no flags, run from an empty folder)",
+        "process": process[0] if process else None,
         "wall_seconds": round(seconds, 1),
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3),
-        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},  # the run's threads: "process"
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
         "final_report": report,

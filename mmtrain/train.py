@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     check_model_config(model_args)  # config files read and checked, still no weights
     accelerator = distributed.make_accelerator(train_args)
+    distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
+    distributed.log_process(accelerator)
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
     set_seed(train_args.seed)
 
