@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import common_flags, metrics, train_losses
+from tests.training.conftest import _free_port, common_flags, metrics, train_losses
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "accelerate_configs"
@@ -146,14 +146,6 @@ def launch(flags, *, config, processes, out, mixed_precision=None, devices=None,
     if proc.returncode != 0:
         raise AssertionError(f"training failed (exit {proc.returncode}):\n{_tail(out)}")
     return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill(proc) -> None:
