@@ -142,6 +142,13 @@ def _complete_deepspeed_config(accelerator, train_args: TrainArguments) -> None:
         )
     if offload_opt not in (None, "none") and stage == 0:
         raise ConfigError(f"offload_optimizer_device: {offload_opt} needs zero_stage >= 1 (the config says 0)")
+    if offload_opt not in (None, "none"):
+        # With optimizer states offloaded, Accelerate replaces whatever optimizer it is
+        # given by a new DeepSpeed CPU Adam unless this is false. The schedule would then
+        # drive an optimizer that never steps (every rank warned that lr_scheduler.step()
+        # ran before optimizer.step()). make_optimizer already builds DeepSpeed's CPU Adam
+        # in this case, all the setting asks for, so ours is kept.
+        config["zero_force_ds_cpu_optimizer"] = False
     _check_batch_sizes(config, train_args, accelerator.num_processes)
     clip = config.get("gradient_clipping", "auto")
     if train_args.max_grad_norm is not None:

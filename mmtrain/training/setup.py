@@ -14,13 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError
-from mmtrain.model.counting import budget_from_counts, format_table
 from mmtrain.model.builder import BuiltModel, build_model
-from mmtrain.model.counting import count_parameters
+from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
 from mmtrain.training import distributed, speedups
 from mmtrain.training.checkpoint import CHECKPOINT_DIR, list_checkpoints
-from mmtrain.training.metrics import METRICS_FILE
 from mmtrain.training.engine_view import EngineView
+from mmtrain.training.metrics import METRICS_FILE
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
 logger = logging.getLogger("mmtrain")
@@ -170,7 +169,6 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
         embed_learning_rate=train_args.learning_rate_pretraining_components,
     )
     optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
-    keep_optimizer_through_prepare(accelerator, optimizer)
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
     per_process = math.ceil(batches_per_epoch / accelerator.num_processes)
     steps_per_epoch = math.ceil(per_process / accelerator.gradient_accumulation_steps)
@@ -187,25 +185,6 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
             f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}"
         )
     return optimizer, scheduler, total
-
-
-def keep_optimizer_through_prepare(accelerator, optimizer) -> None:
-    """Make ``accelerator.prepare`` hand DeepSpeed this optimizer, the one the schedule is built on.
-
-    With optimizer states offloaded, Accelerate replaces whatever optimizer it is given by
-    a new DeepSpeed CPU Adam over the same parameter groups, unless the DeepSpeed config
-    says ``zero_force_ds_cpu_optimizer: false``. The schedule would then drive an optimizer
-    that never steps: every rank warns that ``lr_scheduler.step()`` ran before
-    ``optimizer.step()``, and the rates reach the stepping optimizer only because the two
-    share their param_group dicts. The optimizer made here already is DeepSpeed's CPU
-    Adam, all that the setting asks for, so it is turned off and this one is used.
-    """
-    if not distributed.offloads_optimizer(accelerator):
-        return
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    if isinstance(optimizer, DeepSpeedCPUAdam):
-        distributed.deepspeed_plugin(accelerator).deepspeed_config["zero_force_ds_cpu_optimizer"] = False
 
 
 def place_outside_engine(accelerator, model) -> None:
