@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --out benchmarks/results/bench_h100.json        # ref-7b, one GPU
     python benchmarks/bench.py --lm tiny-llama --vision tiny-clip --steps 2    # CPU smoke test
+    python benchmarks/bench.py --num_processes 1 2 --plain skip --out ...      # one and two GPUs: scaling
 
 **The workload** (ref-7b by default): the ``llama-2-7b`` and ``clip-vit-large-patch14-336``
 presets with random weights, MLP projector, LoRA rank 16 on every Linear under
@@ -39,6 +40,14 @@ defaults differ from training's where its workload does (the ref-7b models, micr
 temporary ``--output_dir``, ``--max_steps`` of warm-up + timed steps, no eval or export).
 Its earlier short names stay as aliases: ``--lm``, ``--vision``, ``--projector``,
 ``--lora_rank``, ``--lora_scope``, ``--micro_batch``, ``--seq_len``.
+
+**Several GPUs** (``--num_processes 1 2``): mmtrain runs once per count, each in a group of
+processes of its own started by ``torch.distributed.run`` (one GPU each; the same harness
+also runs under ``accelerate launch --num_processes N``). Each process runs ``--steps``
+timed steps on its own share of the samples; the result's ``scaling`` rows give tokens/s
+in total and per GPU, MFU per GPU, peak memory of every rank beside ``mmtrain.memory``'s
+prediction for that GPU count (batches of the longest sample), and the scaling
+efficiency (per-GPU tokens/s over the first count's).
 
 Writes a JSON file (``--out``) with the device, versions, git commit, flags, command,
 both systems' figures and their ratio, and a profiler summary (top kernels grouped as
@@ -154,6 +163,11 @@ class BenchArguments:
     build_on_device: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "Materialise the random weights directly on the GPU (auto: on a GPU below ZeRO-3)."}
     )
+    num_processes: list[int] = field(
+        default_factory=lambda: [1],
+        metadata={"help": "mmtrain on each of these process counts, one GPU each (e.g. 1 2): each count in processes of its own, "
+                  "started with torch.distributed.run; with more than one, scaling efficiency against the first."},
+    )
     out: Optional[str] = field(default=None, metadata={"help": "JSON file to write."})
 
     def __post_init__(self):
@@ -165,6 +179,8 @@ class BenchArguments:
             raise ConfigError("--offload needs --zero_stage 1-3")
         if self.offload == "optimizer+params" and self.zero_stage != "3":
             raise ConfigError("--offload optimizer+params needs --zero_stage 3")
+        if not self.num_processes or min(self.num_processes) < 1:
+            raise ConfigError(f"--num_processes needs counts >= 1, got {' '.join(map(str, self.num_processes))}")
 
 
 def _as_bench_takes_it(cls, group: str, shared_only: bool) -> type:
@@ -303,6 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
     timed_n = opts.steps * opts.micro_batch
 
     plain = None
+    worker = WORKER_ENV in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if worker:  # one process of a launched group: mmtrain only, never a group of its own
+        opts.plain = "skip"
+        opts.num_processes = [int(os.environ.get("WORLD_SIZE", "1"))]
     if opts.plain == "only" or (opts.plain == "auto" and not cuda):
         plain = run_plain(opts, tokenizer, image_tokens, image_size, shape, timed_n, data_args.padding_multiple())
         result["plain"] = _public(plain)
@@ -315,9 +335,26 @@ def main(argv: list[str] | None = None) -> dict:
     elif opts.plain == "auto":
         plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
 
+    if not worker and opts.num_processes != [1]:
+        runs = [launched_mmtrain(raw, n) for n in opts.num_processes]
+        result["scaling"] = scaling_table(runs, [memory_prediction(opts, model_args, n) for n in opts.num_processes])
+        result["mmtrain_by_processes"] = {str(r["num_processes"]): r for r in runs}
+        mm = runs[0]
+        result["mmtrain"] = mm
+        if plain is not None and "tokens_per_s" in result["plain"]:
+            result["ratio_tokens_per_s"] = mm["tokens_per_s"] / result["plain"]["tokens_per_s"]
+        result["targets"]["missed"] = []
+        return _write(result, opts.out, summary_line(result))
+
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
         result["mmtrain"] = _public(mm)
+        result["mmtrain"]["memory_prediction"] = memory_prediction(opts, model_args, mm["num_processes"])
+        if worker:
+            if opts.profile == "on":
+                result["mmtrain"]["profile"] = profile_or_error(*mm["_profile_step"], opts.profile_steps)
+            rank0 = int(os.environ.get("RANK", "0")) == 0
+            return _write(result, opts.out if rank0 else None, summary_line(result) if rank0 else "")
         if plain is not None and "tokens_per_s" in result["plain"]:
             result["ratio_tokens_per_s"] = mm["tokens_per_s"] / result["plain"]["tokens_per_s"]
         missed = []
@@ -343,6 +380,81 @@ def _write(result: dict, out: str | None, summary: str) -> dict:
     return result
 
 
+WORKER_ENV = "MMTRAIN_BENCH_WORKER"  # set for the processes of one launched count
+
+
+def _without(raw: list[str], names: tuple[str, ...]) -> list[str]:
+    """``raw`` without the options ``names`` and their values (one or several)."""
+    out, i = [], 0
+    while i < len(raw):
+        arg = raw[i]
+        i += 1
+        if arg.split("=", 1)[0] in names:
+            while "=" not in arg and i < len(raw) and not raw[i].startswith("--"):
+                i += 1
+        else:
+            out.append(arg)
+    return out
+
+
+def launched_mmtrain(raw: list[str], n: int) -> dict:
+    """mmtrain's figures on ``n`` processes (one GPU each), from a group started by ``torch.distributed.run``."""
+    base = _without(raw, ("--out", "--plain", "--plain_batches", "--num_processes"))
+    with tempfile.TemporaryDirectory(prefix="mmtrain-bench-group-") as tmp:
+        out = os.path.join(tmp, "group.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               os.path.join(HERE, "bench.py"), *base, "--plain", "skip", "--num_processes", str(n), "--out", out]
+        print(f"mmtrain on {n} process(es): {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env={**os.environ, WORKER_ENV: "1"}, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            return {"num_processes": n, "error": f"exit {proc.returncode}", "output_tail": tail}
+        with open(out) as f:
+            return json.load(f)["mmtrain"]
+
+
+def memory_prediction(opts, model_args, num_processes: int) -> dict:
+    """``mmtrain.memory``'s peak for this run's setup on ``num_processes`` GPUs, batches of the longest sample."""
+    try:
+        from mmtrain import memory
+
+        facts = memory.model_facts(model_args)
+        longest = facts.image_tokens + 2 + opts.text_tokens[1]
+        setup = memory.MemorySetup(
+            zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=opts.micro_batch,
+            seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
+            label_fraction=opts.label_fraction,
+        )
+        est = memory.estimate(facts, setup)
+        return {"setup": setup.name, "seq_len": longest, "num_gpus": num_processes, "peak_bytes": est.total, "peak_gib": est.total / 2**30}
+    except Exception as e:  # the figure is context; a failure must not lose the measurement
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def scaling_table(runs: list[dict], predictions: list[dict]) -> list[dict]:
+    """Per count: total and per-GPU tokens/s, MFU per GPU, peak memory per GPU beside the prediction, efficiency."""
+    first = runs[0].get("tokens_per_s_per_gpu")
+    rows = []
+    for run, pred in zip(runs, predictions):
+        if "error" in run:
+            rows.append({"num_processes": run["num_processes"], "error": run["error"]})
+            continue
+        peak = run.get("peak_allocated_bytes")
+        rows.append({
+            "num_processes": run["num_processes"],
+            "tokens_per_s": run["tokens_per_s"],
+            "tokens_per_s_per_gpu": run["tokens_per_s_per_gpu"],
+            "mfu_per_gpu": run["mfu"],
+            "scaling_efficiency": run["tokens_per_s_per_gpu"] / first if first else None,
+            "peak_allocated_gib_per_rank": run.get("peak_allocated_gib_per_rank", [run.get("peak_allocated_gib")]),
+            "predicted_peak_gib": pred.get("peak_gib"),
+            "measured_over_predicted": peak / pred["peak_bytes"] if peak and pred.get("peak_bytes") else None,
+            "loss_first": run.get("loss_first"),
+            "loss_last": run.get("loss_last"),
+        })
+    return rows
+
+
 def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
     """The plain loop's batch search on a GPU, one fresh process per micro-batch.
 
@@ -351,18 +463,7 @@ def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
     the CUDA context unusable, which would then fail mmtrain's own run in the same
     process. A child process per attempt keeps every failure contained.
     """
-    base, i = [], 0
-    while i < len(raw):  # the parent's options without --out, --plain and --plain_batches
-        arg = raw[i]
-        name = arg.split("=", 1)[0]
-        i += 1
-        if name in ("--out", "--plain"):
-            i += 0 if "=" in arg else 1
-        elif name == "--plain_batches":
-            while "=" not in arg and i < len(raw) and not raw[i].startswith("--"):
-                i += 1
-        else:
-            base.append(arg)
+    base = _without(raw, ("--out", "--plain", "--plain_batches", "--num_processes"))
     failures = []
     for b in batches:
         with tempfile.TemporaryDirectory(prefix="mmtrain-bench-plain-") as tmp:
@@ -381,7 +482,17 @@ def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
 
 def summary_line(result: dict) -> str:
     mm = result["mmtrain"]
+    if "error" in mm:
+        return f"{result['device']}: mmtrain failed: {mm['error']}\n{mm.get('output_tail', '')}"
     parts = [f"{result['device']}: mmtrain {mm['tokens_per_s']:,.0f} tokens/s, {mm['samples_per_s']:.2f} samples/s, MFU {100 * mm['mfu']:.1f}%"]
+    if mm.get("num_processes", 1) > 1:
+        parts[0] += f" ({mm['num_processes']} processes, {mm['tokens_per_s_per_gpu']:,.0f} per GPU)"
+    for row in result.get("scaling", [])[1:]:
+        if "error" in row:
+            parts.append(f"{row['num_processes']} processes: {row['error']}")
+        else:
+            parts.append(f"{row['num_processes']} processes: {row['tokens_per_s']:,.0f} tokens/s, {row['tokens_per_s_per_gpu']:,.0f} per GPU, "
+                         f"scaling {100 * row['scaling_efficiency']:.1f}%")
     if "peak_allocated_gib" in mm:
         parts.append(f"peak {mm['peak_allocated_gib']:.1f} GiB")
     plain = result.get("plain")

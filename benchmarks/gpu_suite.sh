@@ -21,6 +21,8 @@
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
 #   variants       2048 tokens at micro-batch 6 beside the plain loop (profiled), at ZeRO-0, MMCA
 #                  compiled; the mix over 2 epochs
+#   scaling:S:W    ZeRO stage S on one and on two GPUs (SCALE_COUNTS, default "1 2"), workload W: mix (one image +
+#                  64-1024 text tokens, micro-batch 8), seq2048 (micro-batch 6), ref13b (llama-2-13b + ViT-bigG, perceiver)
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
 #
 # When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
@@ -168,6 +170,18 @@ part_variants() {
     run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --epochs 2 --out "$OUT/speed_${TAG}_2ep.json"
 }
 
+part_scaling() {  # scaling:STAGE:WORKLOAD, e.g. scaling:2:mix — mmtrain on one and on two processes (one GPU each)
+    local stage=$1 workload=$2 b=("${BENCH[@]}")
+    case $workload in
+        mix) b+=(--micro_batch 8) ;;
+        seq2048) b+=("${FULL[@]}" --micro_batch 6) ;;
+        ref13b) b+=(--lm llama-2-13b --vision clip-vit-bigG-14 --projector perceiver --micro_batch 4) ;;
+        *) echo "unknown workload: $workload"; return 2 ;;
+    esac
+    run $PY benchmarks/bench.py "${b[@]}" --plain skip --profile off --zero_stage "$stage" --num_processes ${SCALE_COUNTS:-1 2} \
+        --out "$OUT/scaling_${TAG}_zero${stage}_${workload}.json"
+}
+
 part_mmca() {
     run $PY benchmarks/mmca_step_time.py "${MMCA[@]}" --output "$OUT/mmca_step_time_${TAG}.json"
 }
@@ -190,6 +204,7 @@ for part in "$@"; do
         mmca) part_mmca ;;
         seq2048) part_seq2048 ;;
         variants) part_variants ;;
+        scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;
         memory) part_memory all ;;
         memory:*) part_memory "${part#memory:}" ;;
         *) echo "unknown part: $part"; status=2; continue ;;

@@ -1,10 +1,13 @@
 """mmtrain's side of the throughput bench: a training run set up by the trainer's own code, timed step by step.
 
-Single process: the Accelerator from ``distributed.make_accelerator`` with Accelerate's
+One process, or each of N started by a launcher (``torch.distributed.run``, ``accelerate
+launch``): the Accelerator from ``distributed.make_accelerator`` with Accelerate's
 DeepSpeed plugin, configured through the environment ``accelerate launch --config_file
 accelerate_configs/zeroN.yaml`` sets; then what ``mmtrain.train`` does (build, loaders
-with the training collator, ``EngineView``, optimizer and schedule, ``prepare``), and
-each timed step is ``Loop.train_step`` itself.
+with the training collator, ``EngineView``, optimizer and schedule, ``prepare``, which
+shards the batches over the processes), and each timed step is ``Loop.train_step``
+itself. With N processes the sample sets are N times larger, so that every process
+runs ``--steps`` timed steps, and the figures are the group's (:func:`timing.across_ranks`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import socket
 import time
 from dataclasses import asdict
 
-from timing import timed_run
+from timing import across_ranks, timed_run
 from workload import SyntheticSamples
 
 
@@ -80,9 +83,10 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
         raise RuntimeError(f"image token layout differs from the model's: {built.image_tokens} vs {image_tokens}")
     counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(built.model)}
 
-    n_timed = opts.steps * opts.micro_batch
+    world = accelerator.num_processes
+    n_timed = opts.steps * opts.micro_batch * world
     timed = SyntheticSamples(n_timed, image_tokens, opts.text_tokens, opts.label_fraction, image_size, tokenizer.bos_token_id, opts.seed)
-    warm = SyntheticSamples(opts.warmup * opts.micro_batch, image_tokens, opts.text_tokens, opts.label_fraction, image_size,
+    warm = SyntheticSamples(opts.warmup * opts.micro_batch * world, image_tokens, opts.text_tokens, opts.label_fraction, image_size,
                             tokenizer.bos_token_id, opts.seed + 7919)
     collator = speedups.make_train_collator(built, model_args, data_args)
     loader = setup.make_loader(timed, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
@@ -103,8 +107,12 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
         loss, tokens, _ = loop.train_step(batch)
         return loss, tokens, batch["input_ids"].numel()
 
-    result = timed_run(step, warm_loader, loader, [timed.length(i) for i in range(n_timed)], opts.epochs, shape,
-                       opts.peak_tflops, set_epoch=getattr(loader, "set_epoch", None))
+    lengths = [timed.length(i) for i in range(n_timed)]
+    result = timed_run(step, warm_loader, loader, lengths, opts.epochs, shape, opts.peak_tflops, set_epoch=getattr(loader, "set_epoch", None))
+    if world > 1:
+        result = across_ranks(result, lengths, opts.epochs, shape, opts.peak_tflops)
+    else:
+        result.update(num_processes=1, tokens_per_s_per_gpu=result["tokens_per_s"])
     plugin = distributed.deepspeed_plugin(accelerator)
     result.update(
         mmtrain_args={"model": asdict(model_args), "data": asdict(data_args), "train": asdict(train_args)},

@@ -109,6 +109,44 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
     return out
 
 
+def across_ranks(result: dict, lengths: list[int], epochs: int, shape: dict, peak_tflops: float) -> dict:
+    """One rank's :func:`timed_run` result made the whole group's: every process passes its own.
+
+    ``lengths`` are the samples of one pass over all ranks together. The group's time is
+    the slowest rank's (the steps end in a collective, so the ranks differ by little);
+    tokens/s is the group's total, MFU is per GPU (the group's FLOP/s over ``ranks`` peaks).
+    Peak memory is listed per rank, in rank order.
+    """
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size()
+    mine = {k: result.get(k) for k in ("seconds", "peak_allocated_bytes", "peak_reserved_bytes", "tokens_counted_by_loop", "padded_positions", "step_s_median")}
+    every = [None] * ranks
+    dist.all_gather_object(every, mine)
+    seconds = max(r["seconds"] for r in every)
+    group = figures(seconds, lengths * epochs, shape, peak_tflops * ranks)
+    out = dict(result)
+    out.update(group)
+    out.update(
+        num_processes=ranks,
+        tokens_per_s_per_gpu=group["tokens_per_s"] / ranks,
+        seconds_per_rank=[r["seconds"] for r in every],
+        step_s_median_per_rank=[r["step_s_median"] for r in every],
+        tokens_counted_by_loop=sum(int(r["tokens_counted_by_loop"]) for r in every),
+        padded_positions=sum(int(r["padded_positions"]) for r in every),
+    )
+    out["padding_fraction"] = 1 - out["tokens_counted_by_loop"] / out["padded_positions"] if out["padded_positions"] else 0.0
+    if every[0]["peak_allocated_bytes"] is not None:
+        peaks = [r["peak_allocated_bytes"] for r in every]
+        out.update(
+            peak_allocated_bytes=max(peaks),
+            peak_allocated_gib=max(peaks) / 2**30,
+            peak_allocated_gib_per_rank=[p / 2**30 for p in peaks],
+            peak_reserved_bytes=max(r["peak_reserved_bytes"] for r in every),
+        )
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Profiler summary
 # --------------------------------------------------------------------------------------

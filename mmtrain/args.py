@@ -167,7 +167,7 @@ class TrainArguments:
         default="auto",
         metadata=_help(
             "Compile each decoder layer of the LM with torch.compile (regional compilation). auto: on when "
-            "training on a CUDA GPU at ZeRO 0-2 (+16%% tokens/s on ref-7b, +27%% with MMCA), off otherwise."
+            "training on a CUDA GPU (+16%% tokens/s on ref-7b, +27%% with MMCA), off otherwise."
         ),
     )
     fused_lora: bool = field(

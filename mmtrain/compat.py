@@ -197,6 +197,18 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def zero3_gathered(param: torch.Tensor) -> bool:
+    """Whether ``param`` holds its whole value now: not partitioned, or gathered by ZeRO-3 at this moment.
+
+    A partitioned parameter's local tensor is empty outside a gather and has its full
+    shape (``ds_shape``) inside one, e.g. within a decoder layer marked as a ZeRO-3 leaf
+    module, whose pre-forward hook gathers every weight of the layer at once. Read by
+    fused LoRA, which uses the base weight directly instead of calling ``base_layer``.
+    """
+    shape = getattr(param, "ds_shape", None)
+    return shape is None or param.shape == shape
+
+
 def full_numel(param: torch.Tensor) -> int:
     """Element count of the whole parameter, also when ZeRO-3 holds only a shard of it.
 

@@ -76,6 +76,30 @@ def test_bench_smoke_writes_figures(tmp_path):
     assert mm["deepspeed_config"]["bf16"] == {"enabled": True, "check_grad_overflow": False}
 
 
+@pytest.mark.slow
+def test_bench_on_one_and_two_processes_reports_scaling(tmp_path):
+    """``--num_processes 1 2``: each count a launched group of its own (two DeepSpeed processes over gloo here)."""
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "benchmarks/bench.py", "--lm", "tiny-llama", "--vision", "tiny-clip", "--steps", "2", "--warmup", "1",
+        "--micro_batch", "2", "--text_tokens", "16", "48", "--plain", "skip", "--num_processes", "1", "2", "--out", str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    one, two = result["scaling"]
+    assert (one["num_processes"], two["num_processes"]) == (1, 2) and one["scaling_efficiency"] == 1.0
+    _positive(two, "tokens_per_s", "tokens_per_s_per_gpu", "mfu_per_gpu", "scaling_efficiency", "predicted_peak_gib")
+    assert two["tokens_per_s_per_gpu"] == pytest.approx(two["tokens_per_s"] / 2)
+    group = result["mmtrain_by_processes"]["2"]
+    # Every process ran --steps timed steps on its own share: twice the samples, all of them counted.
+    assert group["samples"] == 2 * 2 * 2 and group["tokens"] == group["tokens_counted_by_loop"]
+    assert len(group["seconds_per_rank"]) == 2 and group["memory_prediction"]["num_gpus"] == 2
+    assert result["mmtrain"] == result["mmtrain_by_processes"]["1"] and result["mmtrain"]["samples"] == 2 * 2
+    assert "2 processes:" in proc.stdout
+
+
 def test_samples_follow_the_layout():
     tokens = ImageTokens(image_id=11, start_id=10, end_id=12, per_image=5, original_vocab_size=10)
     data = workload.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)

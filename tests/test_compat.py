@@ -293,7 +293,12 @@ _ZERO3_PARAM = textwrap.dedent(
         layer = torch.nn.Linear(6, 5)
     plain = torch.nn.Parameter(torch.zeros(5, 6))
     weight = layer.weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        gathered_inside = compat.zero3_gathered(weight)
     print("RESULT " + json.dumps({
+        "gathered": compat.zero3_gathered(weight),
+        "gathered_inside": gathered_inside,
+        "plain_gathered": compat.zero3_gathered(plain),
         "partitioned": compat.is_zero3_partitioned(weight),
         "plain_partitioned": compat.is_zero3_partitioned(plain),
         "full_numel": compat.full_numel(weight),
@@ -310,7 +315,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_deepspeed_zero3_parameters_carry_ds_id_and_ds_numel():
+def test_deepspeed_zero3_parameters_carry_ds_id_ds_numel_and_ds_shape():
     # A one-process gloo group in a child process: the test session's own state stays untouched.
     env = {
         **os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
@@ -324,6 +329,8 @@ def test_deepspeed_zero3_parameters_carry_ds_id_and_ds_numel():
         got = json.loads(lines[-1][len("RESULT "):])
         assert got["partitioned"] and not got["plain_partitioned"], got
         assert got["full_numel"] == 30 and got["local_numel"] == 0 and got["plain_numel"] == 30, got
+    with pinned("deepspeed", "ZeRO-3 parameter attribute ds_shape (whole inside a gather)"):
+        assert not got["gathered"] and got["gathered_inside"] and got["plain_gathered"], got
 
 
 def test_deepspeed_memory_estimators_take_counts():

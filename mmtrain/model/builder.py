@@ -132,7 +132,7 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
     if speed.compile_decoder_layers:
-        count = compile_decoder_layers(lm)
+        count = compile_decoder_layers(lm, hooks_outside=speed.compile_hooks_outside)
         logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")
 
 

@@ -151,8 +151,9 @@ class VLMConfig:
 class SpeedOptions:
     """How the builder runs the model on this machine; results equal the plain path's (tests/model)."""
 
-    fused_lora: bool = False  # LoRA's low-rank term added inside the base GEMMs (not at ZeRO-3)
+    fused_lora: bool = False  # LoRA's low-rank term added inside the base GEMMs
     compile_decoder_layers: bool = False  # regional torch.compile of each LM decoder layer
+    compile_hooks_outside: bool = False  # compile each layer's forward only (ZeRO-3: its gather hooks stay eager)
     gradient_checkpointing: bool = False  # recompute LM (and vision LoRA) activations in backward
     gradient_checkpointing_layers: int = 0  # or only the first N LM decoder layers
     lora_inputs_follow_autocast: bool = False  # plain mixed precision: LoRA inputs stay in the autocast dtype

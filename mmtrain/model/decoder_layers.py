@@ -63,11 +63,19 @@ def checkpoint_first_layers(language_model: nn.Module, n: int) -> list[int]:
     return list(range(n))
 
 
-def compile_decoder_layers(language_model: nn.Module, **compile_kwargs) -> int:
-    """Compile every decoder layer in place (regional compilation); returns how many."""
+def compile_decoder_layers(language_model: nn.Module, *, hooks_outside: bool = False, **compile_kwargs) -> int:
+    """Compile every decoder layer in place (regional compilation); returns how many.
+
+    ``hooks_outside``: compile only each layer's ``forward``, so that hooks registered on
+    the layer later (ZeRO-3's, which gather the layer's partitioned weights on entry and
+    release them on exit) run eagerly around the compiled code instead of inside it.
+    """
     if not hasattr(torch, "compile"):
         raise ConfigError("--torch_compile: this torch has no torch.compile")
     layers = decoder_layers(language_model)
     for layer in layers:
-        layer.compile(**compile_kwargs)
+        if hooks_outside:
+            layer.forward = torch.compile(layer.forward, **compile_kwargs)
+        else:
+            layer.compile(**compile_kwargs)
     return len(layers)

@@ -16,8 +16,10 @@ tiny. Numbers equal peft's up to rounding (one rounding instead of three).
 We keep peft for everything else (injection, naming, saving, merging): only the forward
 of plain adapters is replaced, per layer, and any layer state this does not cover
 (dropout, DoRA and other variants, several or disabled adapters, merged weights, a
-trainable base, ZeRO-3 partitioned weights, mixed dtypes outside autocast) falls back to
-peft's own forward, so the switch is always safe to leave on.
+trainable base, ZeRO-3 partitioned weights that are not gathered at this point, mixed dtypes
+outside autocast) falls back to peft's own forward, so the switch is always safe to leave on.
+At ZeRO-3 the trainer marks each LM decoder layer as a leaf module, so the whole layer's
+weights are gathered on entry and the fused forward applies there too.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
     if not isinstance(base, nn.Linear) or lora_a.bias is not None or lora_b.bias is not None:
         return False
     weight = base.weight
-    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or compat.is_zero3_partitioned(weight):
-        return False  # a trained base, or ZeRO-3 (weights gathered by hooks around base_layer's own forward)
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or not compat.zero3_gathered(weight):
+        return False  # a trained base, or a ZeRO-3 weight not gathered here (hooks gather it around base_layer's forward)
     if torch.is_autocast_enabled(x.device.type):
         return True
     return x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype

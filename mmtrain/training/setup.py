@@ -115,6 +115,7 @@ def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
         preset_device=accelerator.device if on_gpu else None,
     )
     built.model.language_model.config.use_cache = False
+    speedups.zero3_leaf_layers(accelerator, built)
     return built
 
 

@@ -9,7 +9,7 @@ flag                                      default     what it changes
 ``--vision_cache_dir``                    memory      where those features live
 ``--gradient_checkpointing_layers N``     0           checkpoint only the first N LM layers
 ``--torch_compile``                       auto        compile each LM decoder layer (auto: on
-                                                      for CUDA at ZeRO 0-2)
+                                                      for CUDA)
 ``--fused_lora``                          on          LoRA's scale and adds inside the GEMMs
 (always, plain mixed precision)                       LoRA inputs stay in the autocast dtype
 ========================================  ==========  =========================================
@@ -54,21 +54,18 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
 
 
 def speed_options(accelerator, train_args) -> SpeedOptions:
-    """What the builder switches on for this run, decided from the flags, the device and the ZeRO stage."""
+    """What the builder switches on for this run, decided from the flags, the device and the ZeRO stage.
+
+    At ZeRO-3 each LM decoder layer is a leaf module of the engine (:func:`zero3_leaf_layers`):
+    its weights are gathered once on entry, so fused LoRA reads them whole, and the
+    compiled code is each layer's ``forward`` with the gather hooks eager around it.
+    """
     zero3 = distributed.zero_stage(accelerator) == 3
-    fused = train_args.fused_lora and not zero3
-    if train_args.fused_lora and zero3:
-        logger.info("fused LoRA: not used at ZeRO-3 (partitioned weights are gathered around peft's own forward)")
-    compile_layers = should_compile(accelerator, train_args)
-    if compile_layers and zero3:
-        raise ConfigError(
-            "--torch_compile is supported with ZeRO stages 0-2; ZeRO-3 gathers parameters in hooks around each "
-            "layer, which the compiled layers would cut through. Drop --torch_compile or use stage 2"
-        )
     plain_mixed_precision = accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None
     return SpeedOptions(
-        fused_lora=fused,
-        compile_decoder_layers=compile_layers,
+        fused_lora=train_args.fused_lora,
+        compile_decoder_layers=should_compile(accelerator, train_args),
+        compile_hooks_outside=zero3,
         gradient_checkpointing=train_args.gradient_checkpointing,
         gradient_checkpointing_layers=train_args.gradient_checkpointing_layers,
         lora_inputs_follow_autocast=plain_mixed_precision,
@@ -76,18 +73,39 @@ def speed_options(accelerator, train_args) -> SpeedOptions:
 
 
 def should_compile(accelerator, train_args) -> bool:
-    """``--torch_compile true/false`` as given; ``auto`` (default): on for CUDA training at ZeRO 0-2.
+    """``--torch_compile true/false`` as given; ``auto`` (default): on for CUDA training.
 
     Compilation measured +16% (eager 10,700 -> 12,418) tokens/s on ref-7b at 2048 tokens,
     +27% with MMCA (benchmarks/README.md); on CPU it costs more start-up than it returns
-    on short runs, and ZeRO-3 cannot take it.
+    on short runs.
     """
     if train_args.torch_compile != "auto":
         return train_args.torch_compile == "true"
-    auto = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
+    auto = accelerator.device.type == "cuda"
     if auto:
-        logger.info("torch.compile: on by default for CUDA at ZeRO 0-2 (--torch_compile false turns it off)")
+        logger.info("torch.compile: on by default for CUDA (--torch_compile false turns it off)")
     return auto
+
+
+def zero3_leaf_layers(accelerator, built: BuiltModel) -> int:
+    """At ZeRO-3, make each LM decoder layer one unit of DeepSpeed's parameter gathering; returns how many.
+
+    DeepSpeed otherwise hooks every sub-module (about 20 per LLaMA layer with LoRA, each
+    gathering its own weight): with a layer as a leaf module (DeepSpeed's public
+    ``set_z3_leaf_modules``, made for this) one hook gathers the whole layer before its
+    forward and again before its backward. Must run before ``accelerator.prepare``.
+    """
+    if distributed.zero_stage(accelerator) != 3:
+        return 0
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from mmtrain.model.decoder_layers import decoder_layers
+
+    lm = built.model.language_model
+    layers = decoder_layers(lm)
+    set_z3_leaf_modules(lm, [type(layers[0])])
+    logger.info(f"ZeRO-3: {len(layers)} LM decoder layers each gathered whole ({type(layers[0]).__name__} as a leaf module)")
+    return len(layers)
 
 
 def make_vision_cache(accelerator, model, model_args, output_dir: str) -> VisionFeatureCache | None:
