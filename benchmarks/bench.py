@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     plain = None
     worker = WORKER_ENV in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if os.environ.get("MMTRAIN_BENCH_STACKS"):  # diagnose a slow start or a hang: every process's stack every N s
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["MMTRAIN_BENCH_STACKS"]), repeat=True)
     if worker:  # one process of a launched group: mmtrain only, never a group of its own
         opts.plain = "skip"
         opts.num_processes = [int(os.environ.get("WORLD_SIZE", "1"))]
@@ -405,10 +409,10 @@ def launched_mmtrain(raw: list[str], n: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                os.path.join(HERE, "bench.py"), *base, "--plain", "skip", "--num_processes", str(n), "--out", out]
         print(f"mmtrain on {n} process(es): {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd, env={**os.environ, WORKER_ENV: "1"}, capture_output=True, text=True)
+        # The group's output goes straight through: a slow build or a hang shows where it is.
+        proc = subprocess.run(cmd, env={**os.environ, WORKER_ENV: "1"})
         if proc.returncode != 0 or not os.path.exists(out):
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            return {"num_processes": n, "error": f"exit {proc.returncode}", "output_tail": tail}
+            return {"num_processes": n, "error": f"exit {proc.returncode} (its output is above)"}
         with open(out) as f:
             return json.load(f)["mmtrain"]
 
@@ -483,7 +487,7 @@ def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
 def summary_line(result: dict) -> str:
     mm = result["mmtrain"]
     if "error" in mm:
-        return f"{result['device']}: mmtrain failed: {mm['error']}\n{mm.get('output_tail', '')}"
+        return f"{result['device']}: mmtrain failed: {mm['error']}"
     parts = [f"{result['device']}: mmtrain {mm['tokens_per_s']:,.0f} tokens/s, {mm['samples_per_s']:.2f} samples/s, MFU {100 * mm['mfu']:.1f}%"]
     if mm.get("num_processes", 1) > 1:
         parts[0] += f" ({mm['num_processes']} processes, {mm['tokens_per_s_per_gpu']:,.0f} per GPU)"

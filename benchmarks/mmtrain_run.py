@@ -79,6 +79,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     build_start = time.perf_counter()
     with (accelerator.device if on_device else contextlib.nullcontext()):
         built = setup.build_for_training(accelerator, model_args, train_args)
+    if accelerator.is_main_process:
+        print(f"[bench] model built in {time.perf_counter() - build_start:.1f} s", flush=True)
     if built.image_tokens != image_tokens:
         raise RuntimeError(f"image token layout differs from the model's: {built.image_tokens} vs {image_tokens}")
     counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(built.model)}
@@ -96,6 +98,9 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     model, optimizer, warm_loader, loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, loader, scheduler)
     setup.place_outside_engine(accelerator, model)
     ready_s = time.perf_counter() - build_start
+    if accelerator.is_main_process:
+        print(f"[bench] {accelerator.num_processes} process(es), ZeRO {opts.zero_stage}: built and prepared in {ready_s:.1f} s "
+              f"(weights drawn on the GPU: {on_device})", flush=True)
     # No eval, checkpoints or metrics: the bench calls train_step alone.
     loop = Loop(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader, eval_loader=None,

@@ -8,6 +8,7 @@ region, so the host never waits for the device inside it.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 
@@ -53,8 +54,11 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
     """
     peak_reset()
     static = memory_now().get("allocated_bytes")
+    warm_start = time.perf_counter()
     warm_losses = [step(batch)[0] for batch in warm_loader]
     sync()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[bench] warm-up: {len(warm_losses)} steps in {time.perf_counter() - warm_start:.1f} s", flush=True)
     warm_peak = memory_now().get("peak_allocated_bytes")
     per_epoch, step_times, losses, data_s = [], [], [], 0.0
     counted = padded = 0
