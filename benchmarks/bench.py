@@ -340,8 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
         plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
 
     if not worker and opts.num_processes != [1]:
+        predictions = [memory_prediction(opts, model_args, n) for n in opts.num_processes]
         runs = [launched_mmtrain(raw, n) for n in opts.num_processes]
-        result["scaling"] = scaling_table(runs, [memory_prediction(opts, model_args, n) for n in opts.num_processes])
+        for run, prediction in zip(runs, predictions):
+            run["memory_prediction"] = prediction
+        result["scaling"] = scaling_table(runs, predictions)
         result["mmtrain_by_processes"] = {str(r["num_processes"]): r for r in runs}
         mm = runs[0]
         result["mmtrain"] = mm
@@ -350,10 +353,15 @@ def main(argv: list[str] | None = None) -> dict:
         result["targets"]["missed"] = []
         return _write(result, opts.out, summary_line(result))
 
+    # Before the run: the meta build it takes must not meet the run's DeepSpeed state (at
+    # ZeRO-3, zero.Init would partition it, one process at a time). A launched group's
+    # parent predicts for it.
+    prediction = None if worker else memory_prediction(opts, model_args, 1)
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
         result["mmtrain"] = _public(mm)
-        result["mmtrain"]["memory_prediction"] = memory_prediction(opts, model_args, mm["num_processes"])
+        if prediction is not None:
+            result["mmtrain"]["memory_prediction"] = prediction
         if worker:
             if opts.profile == "on":
                 result["mmtrain"]["profile"] = profile_or_error(*mm["_profile_step"], opts.profile_steps)
