@@ -82,7 +82,7 @@ class Loop:
             loader = self.train_loader
             if state.step_in_epoch:
                 loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
-            for batch in self._micro_batches(loader):
+            for batch in self.micro_batches(loader):
                 self.pending.append((state.global_step + 1, *self.train_step(batch)))
                 state.step_in_epoch += 1
                 if not self.acc.sync_gradients:
@@ -119,7 +119,7 @@ class Loop:
         self.train_loader.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
 
-    def _micro_batches(self, loader):
+    def micro_batches(self, loader):
         """The loader's batches; token-weighted, a step's are read ahead to count their answer tokens first."""
         if not self.token_weighted:
             yield from loader
@@ -131,7 +131,7 @@ class Loop:
                 yield batch
 
     def _accumulate(self):
-        """``accelerator.accumulate``, or with the step boundary already set by :meth:`_micro_batches`."""
+        """``accelerator.accumulate``, or with the step boundary already set by :meth:`micro_batches`."""
         if not self.token_weighted:
             return self.acc.accumulate(self.model)
         return contextlib.nullcontext() if self.acc.sync_gradients else self.acc.no_sync(self.model)
