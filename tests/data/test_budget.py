@@ -95,3 +95,28 @@ def test_samples_over_either_budget_are_dropped_or_truncated_and_counted(build, 
     assert report["longest_sample_train"] <= 100
     sampler = TokenBudgetBatchSampler(data.train, 100, 2, seed=0)
     assert sorted(i for b in sampler for i in b) == list(range(len(data.train)))  # no crash mid-epoch
+
+
+def test_flex_attention_on_a_budget_row_gives_sdpa_losses(tiny_args):
+    """The kernel a budget uses on CUDA: transformers' flex attention with the document mask it builds from positions.
+
+    CPU flex attention has no backward, so the forward is compared (the GPU tier trains with it).
+    """
+    import torch
+
+    from mmtrain.data.packing import PackingCollator
+    from mmtrain.model import build_model
+    from tests.adapters import randomise_lora
+    from tests.data.test_packing import _items
+
+    built = build_model(tiny_args(lang_lora_dim=4))
+    randomise_lora(built.model)
+    items = _items(built, [(1, 9), (0, 12), (2, 4), (1, 30), (0, 3)])
+    row = PackingCollator(built.tokenizer.pad_token_id, 512)(items)
+    assert row["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        sdpa = built.model(**row)
+        built.model.language_model.set_attn_implementation("flex_attention")
+        flex = built.model(**row)
+    torch.testing.assert_close(flex.loss_sum_per_sample, sdpa.loss_sum_per_sample, rtol=1e-5, atol=1e-5)
+    assert int(flex.num_label_tokens) == int(sdpa.num_label_tokens) > 0

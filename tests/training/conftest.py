@@ -28,6 +28,8 @@ def common_flags(model_folders, data_path, **overrides) -> list[str]:
         "learning_rate": "1e-3",
     }
     flags.update({k: str(v) for k, v in overrides.items()})
+    if "max_tokens_per_batch" in flags:  # a token budget replaces the sample count (both are refused)
+        del flags["per_device_train_batch_size"]
     argv = []
     for k, v in flags.items():
         argv += [f"--{k}"] + (v.split(" ") if k in ("dataset_names", "dataset_samples") else [v])

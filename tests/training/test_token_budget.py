@@ -20,13 +20,6 @@ pytestmark = pytest.mark.slow
 FP32 = ("--mixed_precision", "no")  # the equality below is to fp32 rounding
 
 
-def _budget_flags(model_folders, data_path, **overrides) -> list[str]:
-    """``common_flags`` without its --per_device_train_batch_size, which a budget replaces."""
-    flags = common_flags(model_folders, data_path, **overrides)
-    i = flags.index("--per_device_train_batch_size")
-    return flags[:i] + flags[i + 2 :]
-
-
 def _plan(model_folders, data_path, num_samples: int, budget: int):
     """The training set and the micro-batches of epoch 0, as the run will make them (seed 42)."""
     from mmtrain.args import DataArguments, ModelArguments
@@ -56,7 +49,7 @@ def test_budgeted_accumulated_step_on_two_processes_equals_one_padded_batch(mode
     common = dict(synthetic_num_samples=48, max_steps=1, eval_generate=0, export_each_epoch="false", enable_mmca_attention="true")
     budgeted = tmp_path / "budget"
     launch(
-        _budget_flags(model_folders, data_path, output_dir=budgeted, max_tokens_per_batch=budget, gradient_accumulation_steps=len(plan) // 2, **common),
+        common_flags(model_folders, data_path, output_dir=budgeted, max_tokens_per_batch=budget, gradient_accumulation_steps=len(plan) // 2, **common),
         config="zero2.yaml", num_processes=2, launcher_flags=FP32,
     )
     padded = tmp_path / "padded"
@@ -76,7 +69,7 @@ def test_budgeted_accumulated_step_on_two_processes_equals_one_padded_batch(mode
 
 def test_killed_mid_epoch_and_resumed_budget_run_gives_the_same_losses(model_folders, data_path, tmp_path):
     def flags(out, **extra):
-        return _budget_flags(
+        return common_flags(
             model_folders, data_path, output_dir=out, synthetic_num_samples=48, max_tokens_per_batch=400, gradient_accumulation_steps=2,
             num_train_epochs=2, max_steps=8, save_steps=3, eval_generate=0, export_each_epoch="false", **extra,
         )
