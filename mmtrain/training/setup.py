@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError
-from mmtrain.data.budget import TokenBudgetBatchSampler
+from mmtrain.data.token_budget import TokenBudgetBatchSampler
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
 from mmtrain.training import distributed, speedups

@@ -6,7 +6,7 @@ flag                                      default     what it changes
 ``--packing``                             off         train collator packs samples into rows
 ``--max_tokens_per_batch N``              off         micro-batches of whole samples within N
                                                       tokens, packed into one row (see
-                                                      mmtrain/data/budget.py)
+                                                      mmtrain/data/token_budget.py)
 ``--pad_to_multiple_of``                  auto        padded lengths rounded up (64 on a GPU)
 ``--cache_vision_features``               off         loop swaps pixels for cached features
 ``--vision_cache_dir``                    memory      where those features live

@@ -24,7 +24,7 @@ def _plan(model_folders, data_path, num_samples: int, budget: int):
     """The training set and the micro-batches of epoch 0, as the run will make them (seed 42)."""
     from mmtrain.args import DataArguments, ModelArguments
     from mmtrain.data import build_datasets
-    from mmtrain.data.budget import TokenBudgetBatchSampler
+    from mmtrain.data.token_budget import TokenBudgetBatchSampler
     from mmtrain.model import build_model
 
     built = build_model(ModelArguments(lm_model_name_or_path=model_folders["tiny-llama"], vision_model_name_or_path=model_folders["tiny-clip"]))

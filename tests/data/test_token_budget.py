@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmtrain.data.budget import TokenBudgetBatchSampler, plan_batches
+from mmtrain.data.token_budget import TokenBudgetBatchSampler, plan_batches
 
 from .conftest import llava, save_solid, write_json
 
