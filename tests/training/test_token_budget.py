@@ -20,29 +20,28 @@ pytestmark = pytest.mark.slow
 FP32 = ("--mixed_precision", "no")  # the equality below is to fp32 rounding
 
 
-def _plan(model_folders, data_path, num_samples: int, budget: int):
-    """The training set and the micro-batches of epoch 0, as the run will make them (seed 42)."""
+def _budget_with_an_even_plan(model_folders, data_path, num_samples: int):
+    """A budget whose epoch 0 is an even number (>= 6) of micro-batches, the training set and that plan (seed 42)."""
     from mmtrain.args import DataArguments, ModelArguments
     from mmtrain.data import build_datasets
     from mmtrain.data.token_budget import TokenBudgetBatchSampler
     from mmtrain.model import build_model
 
     built = build_model(ModelArguments(lm_model_name_or_path=model_folders["tiny-llama"], vision_model_name_or_path=model_folders["tiny-clip"]))
-    args = DataArguments(data_path=str(data_path), synthetic_num_samples=num_samples, max_tokens_per_batch=budget)
-    data = build_datasets(args, built.tokenizer, built.image_processor, built.image_tokens, seed=42)
-    return data.train, TokenBudgetBatchSampler(data.train, budget, None, seed=42).plan(0)
+    for budget in range(700, 1400, 20):
+        args = DataArguments(data_path=str(data_path), synthetic_num_samples=num_samples, max_tokens_per_batch=budget)
+        train = build_datasets(args, built.tokenizer, built.image_processor, built.image_tokens, seed=42).train
+        plan = TokenBudgetBatchSampler(train, budget, None, seed=42).plan(0)
+        if len(plan) % 2 == 0 and len(plan) >= 6:
+            return budget, train, plan
+    pytest.fail("no budget gives an even number of micro-batches")
 
 
 def test_budgeted_accumulated_step_on_two_processes_equals_one_padded_batch(model_folders, data_path, tmp_path):
-    # A budget whose epoch is an even number of micro-batches: both processes then take
-    # half of them in one optimizer step (gradient accumulation over all of a process's
-    # micro-batches), and no sample is repeated to even the processes out.
-    for budget in range(700, 1400, 20):
-        train, plan = _plan(model_folders, data_path, 48, budget)
-        if len(plan) % 2 == 0 and len(plan) >= 6:
-            break
-    else:
-        pytest.fail("no budget gives an even number of micro-batches")
+    # Both processes take half of an even number of micro-batches in one optimizer step
+    # (gradient accumulation over all of a process's micro-batches), and no sample is
+    # repeated to even the processes out.
+    budget, train, plan = _budget_with_an_even_plan(model_folders, data_path, 48)
     label_counts = {sum(int((train[i]["labels"][1:] != -100).sum()) for i in batch) for batch in plan}
     assert len(label_counts) > 1  # micro-batches differ in answer tokens: a mean of means would differ
 
