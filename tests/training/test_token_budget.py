@@ -58,12 +58,12 @@ def test_budgeted_accumulated_step_on_two_processes_equals_one_padded_batch(mode
     (step_p,) = [r for r in metrics(padded) if r["split"] == "train"]
     assert step_b["samples_per_step"] == step_p["samples_per_step"] == len(train)
     assert step_b["tokens_per_step"] == step_p["tokens_per_step"]
-    assert step_b["loss"] == pytest.approx(step_p["loss"], rel=1e-5)
-    assert step_b["grad_norm"] == pytest.approx(step_p["grad_norm"], rel=1e-4)
+    assert step_b["loss"] == pytest.approx(step_p["loss"], rel=1e-6)
+    assert step_b["grad_norm"] == pytest.approx(step_p["grad_norm"], rel=1e-6)  # a mean of means: 2e-3 off
     # the same update: the model after the step scores the held-out answers alike
     (eval_b,) = [r for r in metrics(budgeted) if r["split"] == "eval"]
     (eval_p,) = [r for r in metrics(padded) if r["split"] == "eval"]
-    assert eval_b["loss"] == pytest.approx(eval_p["loss"], rel=1e-4)
+    assert eval_b["loss"] == pytest.approx(eval_p["loss"], rel=1e-6)
 
 
 def test_killed_mid_epoch_and_resumed_budget_run_gives_the_same_losses(model_folders, data_path, tmp_path):
