@@ -95,7 +95,11 @@ def packed_attention(accelerator, data_args) -> str | None:
     """
     if data_args is None or not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
         return None
-    return "flex_attention"
+    # For measuring the choice (benchmarks/gpu_suite.sh budget): "sdpa" keeps the materialised mask.
+    kernel = os.environ.get("MMTRAIN_PACKED_ATTENTION", "flex_attention")
+    if kernel not in ("flex_attention", "sdpa"):
+        raise ConfigError(f"MMTRAIN_PACKED_ATTENTION={kernel!r}: valid are flex_attention, sdpa")
+    return None if kernel == "sdpa" else kernel
 
 
 def should_compile(accelerator, train_args) -> bool:
