@@ -98,7 +98,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     )
     build_start = time.perf_counter()
     with (accelerator.device if on_device else contextlib.nullcontext()):
-        built = setup.build_for_training(accelerator, model_args, train_args)
+        built = setup.build_for_training(accelerator, model_args, train_args, data_args)
     if built.image_tokens != image_tokens:
         raise RuntimeError(f"image token layout differs from the model's: {built.image_tokens} vs {image_tokens}")
     counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(built.model)}

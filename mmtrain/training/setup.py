@@ -94,7 +94,7 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
     accelerator.wait_for_everyone()
 
 
-def build_for_training(accelerator, model_args, train_args, data_args=None) -> BuiltModel:
+def build_for_training(accelerator, model_args, train_args, data_args) -> BuiltModel:
     """Build the model from its config in the dtypes training wants, with this machine's speed options."""
     compute = distributed.compute_dtype(accelerator)
     deepspeed = distributed.deepspeed_plugin(accelerator) is not None

@@ -61,7 +61,7 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
     return collator
 
 
-def speed_options(accelerator, train_args, data_args=None) -> SpeedOptions:
+def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
     """What the builder switches on for this run, decided from the flags, the device and the ZeRO stage."""
     zero3 = distributed.zero_stage(accelerator) == 3
     fused = train_args.fused_lora and not zero3
@@ -93,7 +93,7 @@ def packed_attention(accelerator, data_args) -> str | None:
     attention work). On CPU flex attention needs a compiler toolchain and runs slower
     than SDPA, so CPU runs keep SDPA's mask, which gives the same numbers.
     """
-    if data_args is None or not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
+    if not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
         return None
     # For measuring the choice (benchmarks/gpu_suite.sh budget): "sdpa" keeps the materialised mask.
     kernel = os.environ.get("MMTRAIN_PACKED_ATTENTION", "flex_attention")

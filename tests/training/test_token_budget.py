@@ -108,3 +108,23 @@ def test_budget_and_batch_size_in_a_config_file_are_refused_too(tmp_path):
     path.write_text("per_device_train_batch_size: 8\nmax_tokens_per_batch: 4096\n")
     with pytest.raises(ConfigError, match="drop --per_device_train_batch_size"):
         parse_args(["--config", str(path)])
+
+
+def test_packed_rows_take_flex_attention_on_cuda_only(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmtrain.args import DataArguments
+    from mmtrain.training.speedups import packed_attention
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    budget = DataArguments(max_tokens_per_batch=4096)
+    assert packed_attention(cuda, budget) == "flex_attention"
+    assert packed_attention(cpu, budget) is None  # SDPA's mask: flex attention has no CPU backward
+    assert packed_attention(cuda, DataArguments()) is None  # padded batches keep SDPA's causal kernel
+    monkeypatch.setenv("MMTRAIN_PACKED_ATTENTION", "sdpa")
+    assert packed_attention(cuda, budget) is None
+    monkeypatch.setenv("MMTRAIN_PACKED_ATTENTION", "flash")
+    with pytest.raises(ConfigError, match="MMTRAIN_PACKED_ATTENTION='flash'"):
+        packed_attention(cuda, budget)
