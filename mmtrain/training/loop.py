@@ -139,9 +139,11 @@ class Loop:
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """One forward/backward (and optimizer step at the accumulation boundary).
 
-        Returns the loss, the tokens and the samples as they are, device tensors included:
-        reading them here would make the host wait for the GPU every step. :meth:`_settle`
-        reads a whole window of them at once.
+        Returns the batch's mean loss, its answer tokens, its tokens and its samples as they
+        are, device tensors included: reading them here would make the host wait for the
+        GPU every step. :meth:`_settle` reads a whole window of them at once. Under a token
+        budget the loss that is backpropagated is the batch's share of the step's token
+        mean (:meth:`micro_batches` has counted the step's answer tokens first).
         """
         batch = speedups.encode_with_cache(self.vision_cache, batch)
         with self._accumulate():
