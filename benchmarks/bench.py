@@ -3,6 +3,7 @@
     python benchmarks/bench.py --out benchmarks/results/bench_h100.json        # ref-7b, one GPU
     python benchmarks/bench.py --lm tiny-llama --vision tiny-clip --steps 2    # CPU smoke test
     python benchmarks/bench.py --num_processes 1 2 --plain skip --out ...      # one and two GPUs: scaling
+    python benchmarks/bench.py --max_tokens_per_batch 16384 --out ...         # micro-batches by token budget
 
 **The workload** (ref-7b by default): the ``llama-2-7b`` and ``clip-vit-large-patch14-336``
 presets with random weights, MLP projector, LoRA rank 16 on every Linear under
@@ -29,8 +30,15 @@ process per micro-batch tried).
 included, padding excluded), over the timed steps only (after ``--warmup`` untimed
 steps), with ``torch.cuda.synchronize()`` around the timed region; data loading is inside
 it, as in training. Peak memory is ``torch.cuda.max_memory_allocated()`` from just before
-the first (warm-up) step to the end. FLOPs and MFU follow the convention in ``flops.py``
-(``--peak_tflops``, 989 for an H100 SXM).
+the first (warm-up) step to the end. FLOPs and MFU follow the convention in ``flops.py``,
+against the device's dense bf16 peak from its table (H100 SXM 989, H200 989, A100 312
+TFLOP/s; ``--peak_tflops`` overrides it; no MFU on a device outside the table).
+
+**Token budget**: ``--max_tokens_per_batch N`` (with ``--max_images_per_batch``) runs
+mmtrain's budget path instead of ``--micro_batch`` samples: the timed set then holds about
+``--steps`` budgets of samples, planned into micro-batches by the trainer's own sampler
+and stepped through the loop's own token-weighted grouping. The plain loop trains on the
+same samples, padded, at the largest of ``--plain_batches`` that fits.
 
 **Flags**: the bench's own, plus every model, data and training flag of ``mmtrain.train``,
 taken from the same dataclasses (``ModelArguments``, ``DataArguments``,
@@ -78,10 +86,10 @@ for _path in (HERE, ROOT):  # benchmarks/ is not a package: its modules, and thi
 
 import torch  # noqa: E402
 
-from flops import CONVENTION, PEAK_TFLOPS_H100, lm_shape  # noqa: E402
+from flops import CONVENTION, dense_bf16_peak, lm_shape  # noqa: E402
 from mmtrain.args import ConfigError, DataArguments, ModelArguments, TrainArguments, validate_paths  # noqa: E402
 from mmtrain.cli import FlagParser  # noqa: E402
-from mmtrain_run import run_mmtrain  # noqa: E402
+from mmtrain_run import run_mmtrain, timed_samples  # noqa: E402
 from plain_loop import run_plain  # noqa: E402
 from timing import free_memory, profile_or_error  # noqa: E402
 from workload import image_token_layout  # noqa: E402
@@ -150,7 +158,7 @@ class BenchArguments:
         metadata={"help": "Run the plain transformers + peft loop (auto) or not; only: the plain loop alone, the result to --out."},
     )
     plain_batches: list[int] = field(
-        default_factory=lambda: [4, 2, 1], metadata={"help": "Plain loop micro-batches, the first that fits wins."}
+        default_factory=lambda: [8, 6, 4, 2, 1], metadata={"help": "Plain loop micro-batches, the first that fits wins."}
     )
     plain_steps: Optional[int] = field(
         default=None, metadata={"help": "Timed steps of the plain loop (default: as many samples as mmtrain)."}
@@ -159,7 +167,9 @@ class BenchArguments:
         default="auto", metadata={"help": "Profiler summary: auto = on a GPU when a target is missed."}
     )
     profile_steps: int = field(default=3, metadata={"help": "Steps the profiler records."})
-    peak_tflops: float = field(default=PEAK_TFLOPS_H100, metadata={"help": "Dense bf16 peak the MFU is taken against."})
+    peak_tflops: Optional[float] = field(
+        default=None, metadata={"help": "Dense bf16 peak (TFLOP/s) the MFU is taken against (default: the device's, from flops.PEAK_TFLOPS)."}
+    )
     build_on_device: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "Materialise the random weights directly on the GPU (auto: on a GPU below ZeRO-3)."}
     )
@@ -226,14 +236,23 @@ def parse_options(argv: list[str] | None = None) -> tuple[argparse.Namespace, li
     bench, *shared, rest = own.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
     values = {name: getattr(part, name) for part in shared for name in SHARED.values() if hasattr(part, name)}
     opts = argparse.Namespace(**{alias: values[name] for alias, name in SHARED.items()}, **asdict(bench))
+    if token_budget(rest) and any(a.split("=", 1)[0] in ("--micro_batch", "--per_device_train_batch_size") for a in argv):
+        full.error("--max_tokens_per_batch sizes mmtrain's micro-batches by tokens and would win over --micro_batch; drop --micro_batch")
     opts.zero_stage = None if opts.zero_stage == "none" else int(opts.zero_stage)
     opts.text_tokens = tuple(opts.text_tokens)
     return opts, rest
 
 
+def token_budget(argv: list[str]) -> bool:
+    """Whether ``--max_tokens_per_batch`` is among the flags (the micro-batch is then a budget, not samples)."""
+    return any(a == "--max_tokens_per_batch" or a.startswith("--max_tokens_per_batch=") for a in argv)
+
+
 def mmtrain_argv(opts, passthrough: list[str], output_dir: str) -> list[str]:
     """The command line of ``mmtrain.train`` for this run: the bench's settings, then the flags passed on."""
     values = {name: getattr(opts, alias) for alias, name in SHARED.items()}
+    if token_budget(passthrough):
+        del values["per_device_train_batch_size"]  # the budget sizes each micro-batch
     values.update(RUN_SETTINGS, max_steps=opts.warmup + opts.steps * opts.epochs, output_dir=output_dir)
     argv = []
     for name, value in values.items():
@@ -257,6 +276,17 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine() or "cpu"
+
+
+def resolve_peak(opts, device: str) -> str:
+    """Set ``opts.peak_tflops`` to the device's dense bf16 peak unless given; returns where the value came from."""
+    if opts.peak_tflops is not None:
+        return "--peak_tflops"
+    found = dense_bf16_peak(device) if torch.cuda.is_available() else None
+    if found is None:
+        return f"none: {device!r} is not in flops.PEAK_TFLOPS (pass --peak_tflops for an MFU)"
+    opts.peak_tflops = found[0]
+    return f"flops.PEAK_TFLOPS[{found[1]!r}]"
 
 
 def versions() -> dict:
@@ -301,11 +331,13 @@ def main(argv: list[str] | None = None) -> dict:
     if longest > opts.seq_len:
         raise SystemExit(f"samples reach {longest} tokens (image span {image_tokens.span_length} + text {opts.text_tokens[1]}) > --seq_len {opts.seq_len}")
     shape = lm_shape(opts.lm)
+    device = device_name()
+    peak_source = resolve_peak(opts, device)
 
     result = {
         "benchmark": SCRIPT,
         "workload": "ref-7b" if (opts.lm, opts.vision) == REF_7B and opts.projector == "mlp" and opts.lora_rank == 16 else "custom",
-        "device": device_name(),
+        "device": device,
         "device_count": torch.cuda.device_count() if cuda else 0,
         "versions": versions(),
         "git": git_commit(),
@@ -314,9 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
         "lm": {**shape, "image_tokens_per_sample": image_tokens.span_length},
         "flops_convention": CONVENTION,
         "peak_tflops": opts.peak_tflops,
+        "peak_tflops_source": peak_source,
+        "max_tokens_per_batch": data_args.max_tokens_per_batch,
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
-    timed_n = opts.steps * opts.micro_batch
+    timed_n = timed_samples(opts, data_args, image_tokens.span_length)
 
     plain = None
     worker = WORKER_ENV in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -496,7 +530,9 @@ def summary_line(result: dict) -> str:
     mm = result["mmtrain"]
     if "error" in mm:
         return f"{result['device']}: mmtrain failed: {mm['error']}"
-    parts = [f"{result['device']}: mmtrain {mm['tokens_per_s']:,.0f} tokens/s, {mm['samples_per_s']:.2f} samples/s, MFU {100 * mm['mfu']:.1f}%"]
+    parts = [f"{result['device']}: mmtrain {mm['tokens_per_s']:,.0f} tokens/s, {mm['samples_per_s']:.2f} samples/s, MFU {_percent(mm['mfu'])}"]
+    if result.get("max_tokens_per_batch"):
+        parts[0] += f" (budget {result['max_tokens_per_batch']} tokens, {mm['samples'] / max(mm['steps'], 1):.1f} samples per micro-batch)"
     if mm.get("num_processes", 1) > 1:
         parts[0] += f" ({mm['num_processes']} processes, {mm['tokens_per_s_per_gpu']:,.0f} per GPU)"
     for row in result.get("scaling", [])[1:]:
@@ -509,7 +545,7 @@ def summary_line(result: dict) -> str:
         parts.append(f"peak {mm['peak_allocated_gib']:.1f} GiB")
     plain = result.get("plain")
     if plain and "tokens_per_s" in plain:
-        parts.append(f"plain (micro-batch {plain['micro_batch']}) {plain['tokens_per_s']:,.0f} tokens/s, MFU {100 * plain['mfu']:.1f}%"
+        parts.append(f"plain (micro-batch {plain['micro_batch']}) {plain['tokens_per_s']:,.0f} tokens/s, MFU {_percent(plain['mfu'])}"
                      + (f", peak {plain['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in plain else ""))
         parts.append(f"ratio {result['ratio_tokens_per_s']:.2f}x")
     elif plain:
@@ -517,6 +553,10 @@ def summary_line(result: dict) -> str:
     if result["targets"].get("missed"):
         parts.append("missed: " + "; ".join(result["targets"]["missed"]))
     return " | ".join(parts)
+
+
+def _percent(mfu: float | None) -> str:
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
 if __name__ == "__main__":

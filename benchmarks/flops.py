@@ -8,8 +8,10 @@ layers): the two s×s products of a layer (QKᵀ and PV), 2·s²·h each over th
 square, counted once. A causal kernel does half of that forward, and its backward
 (gradients of Q, K and V through both products) twice its forward, so a causal forward +
 backward count is 3 × 2·s²·h·L = ``6·s²·h·L``; MFU under that count is reported beside as
-``mfu_attention_6``. MFU is achieved FLOP/s over a dense bf16 peak (989 TFLOP/s for an
-H100 SXM). mmtrain runs the LM head at label positions only, yet is credited 4N per token
+``mfu_attention_6``. MFU is achieved FLOP/s over the device's dense bf16 peak
+(:data:`PEAK_TFLOPS`, by device name; the bench's ``--peak_tflops`` overrides it). Packed
+rows (``--packing``, ``--max_tokens_per_batch``) are counted per sample as well: their
+attention never crosses samples. mmtrain runs the LM head at label positions only, yet is credited 4N per token
 like the plain loop.
 """
 
@@ -18,6 +20,24 @@ from __future__ import annotations
 import torch
 
 PEAK_TFLOPS_H100 = 989.0
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched
+# in order against torch.cuda.get_device_name(): the PCIe and NVL H100s come before "H100".
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", PEAK_TFLOPS_H100),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def dense_bf16_peak(device_name: str) -> tuple[float, str] | None:
+    """(peak TFLOP/s, the table entry that matched) for a device name, or None for a device not in the table."""
+    for key, peak in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak, key
+    return None
 
 CONVENTION = (
     "per sample of s LM input tokens: 4*N*s + 4*s^2*h*L (N base LM parameters incl. frozen and embeddings, "
@@ -43,10 +63,13 @@ def sample_flops(lengths: list[int], shape: dict, attention_coeff: float = 4.0) 
     return sum(4.0 * n * s + attention_coeff * s * s * h * layers for s in lengths)
 
 
-def figures(seconds: float, lengths: list[int], shape: dict, peak_tflops: float) -> dict:
-    """Throughput and MFU of ``lengths`` (tokens of each sample) trained in ``seconds``."""
+def figures(seconds: float, lengths: list[int], shape: dict, peak_tflops: float | None) -> dict:
+    """Throughput and MFU of ``lengths`` (tokens of each sample) trained in ``seconds`` (MFU None without a peak)."""
     tokens = sum(lengths)
     flops = sample_flops(lengths, shape)
+    if not peak_tflops:
+        return {"seconds": seconds, "samples": len(lengths), "tokens": tokens, "tokens_per_s": tokens / seconds,
+                "samples_per_s": len(lengths) / seconds, "tflops_per_s": flops / seconds / 1e12, "mfu": None, "mfu_attention_6": None}
     return {
         "seconds": seconds,
         "samples": len(lengths),

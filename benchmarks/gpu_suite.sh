@@ -16,6 +16,9 @@
 #   bench-mb       the same at micro-batches 2 and 8, and ZeRO-0 / no DeepSpeed at 4 (no plain loop)
 #   speed          the speed flags that exist in mmtrain/args.py: packing vs padding on the same
 #                  samples, the vision-feature cache over two epochs, torch.compile, all together
+#   budget         micro-batches by token budget (--max_tokens_per_batch, BUDGET_TOKENS, default
+#                  16384) beside the plain loop's batch search; with MMCA; and the same budget
+#                  with the packed rows under SDPA's materialised mask instead of flex attention
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
@@ -154,6 +157,17 @@ part_speed() {
     [ $any = 1 ] || echo "no speed flags in mmtrain/args.py yet"
 }
 
+part_budget() {
+    has_flag max_tokens_per_batch || { echo "no --max_tokens_per_batch in mmtrain/args.py"; return 0; }
+    local t=${BUDGET_TOKENS:-16384}
+    [ "$SMOKE" = 1 ] && t=512
+    run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --out "$OUT/budget_${TAG}_${t}.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --max_tokens_per_batch "$t" --enable_mmca_attention \
+        --out "$OUT/budget_${TAG}_${t}_mmca.json"
+    MMTRAIN_PACKED_ATTENTION=sdpa run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile on --max_tokens_per_batch "$t" \
+        --out "$OUT/budget_${TAG}_${t}_sdpa.json"
+}
+
 part_seq2048() {
     local b=("${BENCH[@]}" "${FULL[@]}")
     run $PY benchmarks/bench.py "${b[@]}" --profile on --out "$OUT/bench_${TAG}_seq2048.json"
@@ -202,6 +216,7 @@ for part in "$@"; do
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;
         mmca) part_mmca ;;
+        budget) part_budget ;;
         seq2048) part_seq2048 ;;
         variants) part_variants ;;
         scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;

@@ -13,6 +13,7 @@ runs ``--steps`` timed steps, and the figures are the group's (:func:`timing.acr
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -54,6 +55,28 @@ def accelerate_environment(opts) -> dict:
     return env
 
 
+def timed_samples(opts, data_args, image_span: int, steps: int | None = None) -> int:
+    """Samples in the timed set: ``steps`` micro-batches of ``--micro_batch``, or about ``steps`` token budgets of mean-length samples."""
+    steps = opts.steps if steps is None else steps
+    if not data_args.max_tokens_per_batch:
+        return steps * opts.micro_batch
+    mean_length = image_span + sum(opts.text_tokens) / 2
+    return max(1, math.ceil(steps * data_args.max_tokens_per_batch / mean_length))
+
+
+class _LoopSteps:
+    """A loader as the training loop steps through it (a token budget's steps counted ahead), still sized."""
+
+    def __init__(self, loop, loader):
+        self.loop, self.loader = loop, loader
+
+    def __iter__(self):
+        return iter(self.loop.micro_batches(self.loader))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens, image_size: int, shape: dict) -> dict:
     """``opts.steps`` timed steps of ``Loop.train_step``, set up as ``mmtrain.train`` sets up a run of these arguments."""
     from mmtrain.training.distributed import prepare_environment
@@ -78,7 +101,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     )
     build_start = time.perf_counter()
     with (accelerator.device if on_device else contextlib.nullcontext()):
-        built = setup.build_for_training(accelerator, model_args, train_args)
+        built = setup.build_for_training(accelerator, model_args, train_args, data_args)
     if accelerator.is_main_process:
         print(f"[bench] model built in {time.perf_counter() - build_start:.1f} s", flush=True)
     if built.image_tokens != image_tokens:
@@ -86,15 +109,19 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(built.model)}
 
     world = accelerator.num_processes
-    n_timed = opts.steps * opts.micro_batch * world
+    n_timed = timed_samples(opts, data_args, image_tokens.span_length) * world
     timed = SyntheticSamples(n_timed, image_tokens, opts.text_tokens, opts.label_fraction, image_size, tokenizer.bos_token_id, opts.seed)
-    warm = SyntheticSamples(opts.warmup * opts.micro_batch * world, image_tokens, opts.text_tokens, opts.label_fraction, image_size,
-                            tokenizer.bos_token_id, opts.seed + 7919)
+    warm = SyntheticSamples(timed_samples(opts, data_args, image_tokens.span_length, opts.warmup) * world, image_tokens, opts.text_tokens,
+                            opts.label_fraction, image_size, tokenizer.bos_token_id, opts.seed + 7919)
     collator = speedups.make_train_collator(built, model_args, data_args)
-    loader = setup.make_loader(timed, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
-    warm_loader = setup.make_loader(warm, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
+    if data_args.max_tokens_per_batch:  # the trainer's own budget sampler (seeded shuffle, as in training)
+        loader = setup.make_train_loader(accelerator, timed, collator, data_args, train_args)
+        warm_loader = setup.make_train_loader(accelerator, warm, collator, data_args, train_args)
+    else:
+        loader = setup.make_loader(timed, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
+        warm_loader = setup.make_loader(warm, collator, opts.micro_batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
     model = EngineView(built.model)
-    optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, len(loader))
+    optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, setup.batches_per_epoch(loader, opts.epochs))
     model, optimizer, warm_loader, loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, loader, scheduler)
     setup.place_outside_engine(accelerator, model)
     ready_s = time.perf_counter() - build_start
@@ -109,11 +136,12 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     )
 
     def step(batch):
-        loss, tokens, _ = loop.train_step(batch)
+        loss, _, tokens, _ = loop.train_step(batch)
         return loss, tokens, batch["input_ids"].numel()
 
     lengths = [timed.length(i) for i in range(n_timed)]
-    result = timed_run(step, warm_loader, loader, lengths, opts.epochs, shape, opts.peak_tflops, set_epoch=getattr(loader, "set_epoch", None))
+    result = timed_run(step, _LoopSteps(loop, warm_loader), _LoopSteps(loop, loader), lengths, opts.epochs, shape, opts.peak_tflops,
+                       set_epoch=getattr(loader, "set_epoch", None))
     if world > 1:
         result = across_ranks(result, lengths, opts.epochs, shape, opts.peak_tflops)
     else:
@@ -122,7 +150,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     result.update(
         mmtrain_args={"model": asdict(model_args), "data": asdict(data_args), "train": asdict(train_args)},
         collator=type(collator).__name__,
-        micro_batch=opts.micro_batch,
+        micro_batch=None if data_args.max_tokens_per_batch else opts.micro_batch,
+        max_tokens_per_batch=data_args.max_tokens_per_batch,
         zero_stage=opts.zero_stage,
         offload=opts.offload,
         gradient_checkpointing=train_args.gradient_checkpointing,

@@ -113,7 +113,7 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
     return out
 
 
-def across_ranks(result: dict, lengths: list[int], epochs: int, shape: dict, peak_tflops: float) -> dict:
+def across_ranks(result: dict, lengths: list[int], epochs: int, shape: dict, peak_tflops: float | None) -> dict:
     """One rank's :func:`timed_run` result made the whole group's: every process passes its own.
 
     ``lengths`` are the samples of one pass over all ranks together. The group's time is
@@ -128,7 +128,7 @@ def across_ranks(result: dict, lengths: list[int], epochs: int, shape: dict, pea
     every = [None] * ranks
     dist.all_gather_object(every, mine)
     seconds = max(r["seconds"] for r in every)
-    group = figures(seconds, lengths * epochs, shape, peak_tflops * ranks)
+    group = figures(seconds, lengths * epochs, shape, peak_tflops * ranks if peak_tflops else None)
     out = dict(result)
     out.update(group)
     out.update(

@@ -28,12 +28,20 @@ class SyntheticSamples(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         lo, hi = text_tokens
         self.text = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+        self.epoch = 0
 
     def __len__(self) -> int:
         return self.n
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # the samples are the same every epoch; a token budget's plan reads it
+
     def length(self, i: int) -> int:
         return self.tokens.span_length + self.text[i]
+
+    def item_sizes(self) -> list[tuple[int, int]]:
+        """``(tokens, images)`` of every sample, as a token-budget sampler plans from them."""
+        return [(self.length(i), int(self.with_pixels)) for i in range(self.n)]
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:

@@ -91,6 +91,19 @@ class DataArguments:
             "(every sample still attends only to itself; the batch size still counts samples)."
         ),
     )
+    max_tokens_per_batch: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Token budget of each training micro-batch, per process, image tokens counted: as many whole samples as "
+            "fit, packed into one row, each attending only to itself (replaces --per_device_train_batch_size; the "
+            "loss is then weighted by answer tokens across micro-batches, accumulation steps and processes). "
+            "Longer samples follow --overlength_policy."
+        ),
+    )
+    max_images_per_batch: Optional[int] = field(
+        default=None,
+        metadata=_help("With --max_tokens_per_batch: most images in one micro-batch (the vision encoder's batch); samples with more follow --overlength_policy."),
+    )
 
     pad_to_multiple_of: int = field(
         default=0,
@@ -117,10 +130,27 @@ class DataArguments:
         for value in self.dataset_samples:
             if value != "all" and not (value.isdigit() and int(value) > 0):
                 raise ConfigError(f"--dataset_samples value {value!r} is neither 'all' nor a positive count")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 8:
+            raise ConfigError(f"--max_tokens_per_batch must be >= 8, got {self.max_tokens_per_batch}")
+        if self.max_images_per_batch is not None:
+            if self.max_tokens_per_batch is None:
+                raise ConfigError("--max_images_per_batch is a limit of --max_tokens_per_batch batches; pass both or neither")
+            if self.max_images_per_batch < 1:
+                raise ConfigError(f"--max_images_per_batch must be >= 1, got {self.max_images_per_batch}")
+        if self.max_tokens_per_batch is not None and self.packing:
+            raise ConfigError("--max_tokens_per_batch already packs each micro-batch into one row; drop --packing")
         if len(self.image_folder) not in (0, 1, len(self.dataset_names)):
             raise ConfigError(
                 f"--image_folder has {len(self.image_folder)} values for {len(self.dataset_names)} --dataset_names; give none, one, or one each"
             )
+
+    def longest_sample(self) -> int:
+        """The longest sample kept, image tokens counted: --max_seq_len, or the token budget if that is smaller."""
+        return min(self.max_seq_len, self.max_tokens_per_batch or self.max_seq_len)
+
+    def most_images(self) -> int:
+        """The most images one sample may keep: --max_num_image_per_sample, or the image budget if that is smaller."""
+        return min(self.max_num_image_per_sample, self.max_images_per_batch or self.max_num_image_per_sample)
 
     def padding_multiple(self) -> int:
         """``--pad_to_multiple_of`` resolved: 0 means 64 where a GPU trains, 1 (no rounding) on CPU."""
@@ -285,7 +315,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     argv = _expand_config(list(sys.argv[1:] if argv is None else argv))
     model_args, data_args, train_args = training_parser().parse_or_raise(argv)
     validate_paths(model_args)
+    check_batch_size_flags(argv, data_args)
     return model_args, data_args, train_args
+
+
+def check_batch_size_flags(argv: list[str], data_args: DataArguments) -> None:
+    """A micro-batch is sized by samples or by tokens, not both: refuse the two flags together."""
+    flag = "--per_device_train_batch_size"
+    if data_args.max_tokens_per_batch is not None and any(a == flag or a.startswith(flag + "=") for a in argv):
+        raise ConfigError(
+            f"--max_tokens_per_batch {data_args.max_tokens_per_batch} sizes each micro-batch by tokens and would win over "
+            f"{flag}, which sizes it by samples; drop {flag}"
+        )
 
 
 def validate_paths(model_args: ModelArguments) -> None:

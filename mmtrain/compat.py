@@ -263,6 +263,24 @@ def reinstall_hf_deepspeed_config(plugin) -> None:
     plugin.set_deepspeed_weakref()
 
 
+# --- accelerate ---------------------------------------------------------------------------
+
+
+def set_sync_gradients(accelerator, sync: bool) -> None:
+    """Say whether the coming backward ends an optimizer step, as ``accelerator.accumulate`` would.
+
+    The token-weighted loss reads a whole step's micro-batches before running the first
+    (it needs their label count). ``accumulate`` decides the boundary from a step counter
+    and from the loader having yielded its last batch, which the read-ahead reaches too
+    early. Accelerate keeps the flag only behind the private
+    ``GradientState._set_sync_gradients``; everything downstream reads it: the wrapped
+    optimizer and schedule step only when it is set, and under DeepSpeed the engine's
+    accumulation boundary and ``step`` follow it. Were it renamed this raises
+    AttributeError at the first step, hence the test.
+    """
+    accelerator.gradient_state._set_sync_gradients(sync)
+
+
 # --- lazily resolved re-exports -------------------------------------------------------
 
 

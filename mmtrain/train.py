@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
     set_seed(train_args.seed)
 
-    built = setup.build_for_training(accelerator, model_args, train_args)  # the model config, made from the flags once
+    built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     setup.log_data_report(accelerator, data.report)
     collator = Collator(built.tokenizer.pad_token_id, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
-    train_loader = setup.make_loader(data.train, train_collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
+    train_loader = setup.make_train_loader(accelerator, data.train, train_collator, data_args, train_args)  # samples or a token budget
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
 
-    optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, len(train_loader))
+    optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, setup.batches_per_epoch(train_loader, train_args.num_train_epochs))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
     setup.place_outside_engine(accelerator, model)
 

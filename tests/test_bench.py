@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mmtrain import memory
+from mmtrain.args import ConfigError
 from mmtrain.model.tokens import ImageTokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +63,11 @@ def test_bench_smoke_writes_figures(tmp_path):
     assert result["command"].startswith("python benchmarks/bench.py --lm tiny-llama")
 
     mm, plain = result["mmtrain"], result["plain"]
-    _positive(mm, "tokens_per_s", "samples_per_s", "mfu", "tflops_per_s", "seconds", "step_s_median")
-    _positive(plain, "tokens_per_s", "samples_per_s", "mfu", "seconds")
+    _positive(mm, "tokens_per_s", "samples_per_s", "tflops_per_s", "seconds", "step_s_median")
+    _positive(plain, "tokens_per_s", "samples_per_s", "seconds")
+    # a CPU has no dense bf16 peak in the table: no MFU rather than one against a GPU's peak
+    assert mm["mfu"] is None and plain["mfu"] is None and result["peak_tflops"] is None
+    assert result["peak_tflops_source"].startswith("none: ")
     assert result["ratio_tokens_per_s"] > 0
     assert mm["steps"] == 2 and mm["samples"] == 4 and mm["zero_stage"] == 2
     assert plain["micro_batch"] == 2
@@ -82,7 +86,7 @@ def test_bench_on_one_and_two_processes_reports_scaling(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable, "benchmarks/bench.py", "--lm", "tiny-llama", "--vision", "tiny-clip", "--steps", "2", "--warmup", "1",
-        "--micro_batch", "2", "--text_tokens", "16", "48", "--plain", "skip", "--num_processes", "1", "2", "--out", str(out),
+        "--micro_batch", "2", "--text_tokens", "16", "48", "--plain", "skip", "--num_processes", "1", "2", "--peak_tflops", "0.5", "--out", str(out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -98,6 +102,50 @@ def test_bench_on_one_and_two_processes_reports_scaling(tmp_path):
     assert len(group["seconds_per_rank"]) == 2 and group["memory_prediction"]["num_gpus"] == 2
     assert result["mmtrain"] == result["mmtrain_by_processes"]["1"] and result["mmtrain"]["samples"] == 2 * 2
     assert "2 processes:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_runs_the_token_budget_path(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "benchmarks/bench.py", "--lm", "tiny-llama", "--vision", "tiny-clip",
+        "--steps", "3", "--warmup", "1", "--text_tokens", "16", "48", "--plain", "skip",
+        "--max_tokens_per_batch", "512", "--peak_tflops", "0.5", "--out", str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    mm = result["mmtrain"]
+    assert result["max_tokens_per_batch"] == mm["max_tokens_per_batch"] == 512 and mm["micro_batch"] is None
+    assert mm["collator"] == "PackingCollator" and mm["mmtrain_args"]["train"]["per_device_train_batch_size"] == 16
+    # several whole samples per micro-batch, each micro-batch within the budget, every token counted
+    assert mm["samples"] > 2 * mm["steps"] and mm["tokens"] <= 512 * mm["steps"]
+    assert mm["tokens"] == mm["tokens_counted_by_loop"]
+    assert result["peak_tflops"] == 0.5 and result["peak_tflops_source"] == "--peak_tflops" and mm["mfu"] > 0
+    assert "budget 512 tokens" in proc.stdout
+
+
+def test_peak_table_names_the_devices_and_the_batch_search_reaches_eight():
+    assert flops.dense_bf16_peak("NVIDIA H100 80GB HBM3") == (989.0, "H100")
+    assert flops.dense_bf16_peak("NVIDIA H200") == (989.0, "H200")
+    assert flops.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == (312.0, "A100")
+    assert flops.dense_bf16_peak("NVIDIA H100 PCIe")[0] == 756.0
+    assert flops.dense_bf16_peak("AMD EPYC 9654") is None
+    assert flops.figures(1.0, [10], {"params": 1, "hidden": 1, "layers": 1}, None)["mfu"] is None
+    opts, _ = bench.parse_options([])
+    assert opts.plain_batches == [8, 6, 4, 2, 1] and opts.peak_tflops is None
+
+
+def test_token_budget_replaces_the_micro_batch():
+    opts, rest = bench.parse_options(["--lm", "tiny-llama", "--vision", "tiny-clip", "--max_tokens_per_batch", "4096"])
+    argv = bench.mmtrain_argv(opts, rest, "out")
+    assert "--per_device_train_batch_size" not in argv and argv[-2:] == ["--max_tokens_per_batch", "4096"]
+    _, data_args, _ = bench.training_arguments(opts, rest, "out")
+    # about --steps budgets of mean-length samples (an image span and the mean text length)
+    assert mmtrain_run.timed_samples(opts, data_args, 10) == -(-opts.steps * 4096 // (10 + sum(opts.text_tokens) / 2))
+    with pytest.raises(ConfigError, match="would win over --micro_batch; drop --micro_batch"):
+        bench.parse_options(["--micro_batch", "2", "--max_tokens_per_batch", "4096"])
 
 
 def test_samples_follow_the_layout():

@@ -351,6 +351,34 @@ def test_deepspeed_memory_estimators_take_counts():
         assert gpu_on_four < gpu, "more GPUs must mean fewer bytes per GPU"
 
 
+def test_accelerate_sync_gradients_flag_decides_whether_the_prepared_optimizer_steps():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        with pinned("accelerate", "GradientState._set_sync_gradients read by the prepared optimizer and schedule"):
+            accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+            model = nn.Linear(2, 1)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+            before = model.weight.detach().clone()
+            model(torch.ones(1, 2)).sum().backward()
+            compat.set_sync_gradients(accelerator, False)
+            assert not accelerator.sync_gradients
+            optimizer.step()
+            scheduler.step()
+            assert torch.equal(model.weight, before) and optimizer.param_groups[0]["lr"] == 1.0
+            compat.set_sync_gradients(accelerator, True)
+            assert accelerator.sync_gradients
+            optimizer.step()
+            scheduler.step()
+            assert not torch.equal(model.weight, before) and optimizer.param_groups[0]["lr"] < 1.0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_compat_imports_no_deepspeed_accelerate_or_mmtrain_args():
     code = (
         "import sys, mmtrain.compat; "

@@ -112,17 +112,30 @@ def _split(rows: np.ndarray, ratio: float, seed: int, source_index: int) -> tupl
 
 
 def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str) -> tuple[list[dict], list[Entry]]:
-    """Measure each record and apply the over-length policy; returns kept records and entries."""
+    """Measure each record and apply the over-length policy; returns kept records and entries.
+
+    A sample is over-long when it has more tokens than :meth:`DataArguments.longest_sample`
+    (``--max_seq_len``, or a smaller ``--max_tokens_per_batch``) or, under an image budget,
+    more images than ``--max_images_per_batch``: a micro-batch could never hold it.
+    """
+    limit = data_args.longest_sample()
+    image_limit = data_args.max_images_per_batch
     kept, entries = [], []
     for record in records:
         encoded = encode_conversation(
             record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt
         )
+        _, body = split_turns(record["turns"])
+        images_after = _images_after_each_pair(body)
         pairs = len(encoded.turn_ends)
         keep = pairs
-        if len(encoded.input_ids) > data_args.max_seq_len:
+        too_many_images = image_limit is not None and encoded.num_images > image_limit
+        if len(encoded.input_ids) > limit or too_many_images:
             if data_args.overlength_policy == "truncate_turns":
-                keep = sum(1 for end in encoded.turn_ends if end <= data_args.max_seq_len)
+                keep = sum(
+                    1 for end, images in zip(encoded.turn_ends, images_after)
+                    if end <= limit and (image_limit is None or images <= image_limit)
+                )
             else:
                 keep = 0
             if keep == 0:
@@ -130,7 +143,6 @@ def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, 
                 continue
             counts[f"truncated_{split}"] += 1
         length = encoded.turn_ends[keep - 1] if keep < pairs else len(encoded.input_ids)
-        _, body = split_turns(record["turns"])
         num_images = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body[: 2 * keep])
         counts[f"text_only_{split}"] += num_images == 0
         counts[f"images_{split}"] += num_images
@@ -139,6 +151,16 @@ def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, 
         entries.append(Entry(len(kept), keep, length, num_images, encoded.prefix_length))
         kept.append(record)
     return kept, entries
+
+
+def _images_after_each_pair(body: list[dict]) -> list[int]:
+    """Images used up to the end of each question/answer pair of a conversation's turns."""
+    totals, seen = [], 0
+    for i, turn in enumerate(body):
+        seen += turn["text"].count(IMAGE_PLACEHOLDER)
+        if i % 2 == 1:
+            totals.append(seen)
+    return totals
 
 
 def _table(records: list[dict]):
@@ -199,14 +221,17 @@ def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: in
     train_records, train_entries = _fit(train_records, data_args, tokenizer, image_tokens, counts, "train")
     eval_records, eval_entries = _fit(eval_records, data_args, tokenizer, image_tokens, counts, "eval")
     if not train_entries:
-        raise DataError(f"no training samples left (dropped as longer than --max_seq_len {data_args.max_seq_len}: {counts['dropped_overlength_train']})")
+        raise DataError(
+            f"no training samples left (dropped as longer than {data_args.longest_sample()} tokens, --max_seq_len or "
+            f"--max_tokens_per_batch, or with more images than --max_images_per_batch: {counts['dropped_overlength_train']})"
+        )
 
     common = dict(
         template=data_args.template,
         system_prompt=data_args.system_prompt,
-        max_seq_len=data_args.max_seq_len,
+        max_seq_len=data_args.longest_sample(),
         on_bad_sample=data_args.on_bad_sample,
-        max_images=data_args.max_num_image_per_sample,
+        max_images=data_args.most_images(),
         seed=seed,
     )
     train = ConversationDataset(
@@ -224,6 +249,7 @@ def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: in
         "mean_length_train": counts["tokens_train"] / max(1, len(train_entries)),
         "template": data_args.template,
         "max_seq_len": data_args.max_seq_len,
+        "longest_sample_kept": data_args.longest_sample(),
         "overlength_policy": data_args.overlength_policy,
         "concatenate_samples": data_args.dataset_concatenate_samples,
     }

@@ -175,6 +175,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._regroup()
         return self._groups[i]
 
+    def item_sizes(self) -> list[tuple[int, int]]:
+        """``(tokens, images)`` of every item this epoch, without encoding anything.
+
+        A joined item's tokens are the bound its plan was made with (never fewer than
+        the encoded item has), so a batch planned from them always fits.
+        """
+        sizes = []
+        for i in range(len(self)):
+            entries = [self.entries[e] for e in self.group(i)]
+            tokens = entries[0].length + sum(e.length - e.prefix_length + _RENUMBER_SLACK * e.num_images for e in entries[1:])
+            sizes.append((tokens, sum(e.num_images for e in entries)))
+        return sizes
+
     # ----- items ----------------------------------------------------------------------
 
     @property

@@ -152,7 +152,7 @@ def check_packed_attention(config) -> None:
     try:
         mask = create_causal_mask(**{k: v for k, v in offered.items() if k in params})
     except TypeError as err:  # a mask-builder signature this check does not know: say so, do not block
-        warnings.warn(f"--packing: could not ask transformers' mask builder about packed samples ({err})", stacklevel=2)
+        warnings.warn(f"--packing / --max_tokens_per_batch: could not ask transformers' mask builder about packed samples ({err})", stacklevel=2)
         return
     if mask is not None and not isinstance(mask, torch.Tensor):
         return  # a flex-attention BlockMask: built from the same packed-sequence function
@@ -164,7 +164,7 @@ def check_packed_attention(config) -> None:
         allowed = allowed.reshape(-1, 5, 5)[0]
     if allowed is None or bool(allowed[3, 2]) or bool(allowed[4, 0]) or not bool(allowed[4, 3]):
         raise ValueError(
-            f"--packing: transformers {transformers.__version__} with attention {implementation!r} does not turn "
+            f"--packing / --max_tokens_per_batch: transformers {transformers.__version__} with attention {implementation!r} does not turn "
             "position_ids restarting at 0 into a per-sample mask, so packed samples would attend to each other; "
-            "train without --packing or with another attention implementation"
+            "train without packed rows or with another attention implementation"
         )

@@ -157,3 +157,4 @@ class SpeedOptions:
     gradient_checkpointing: bool = False  # recompute LM (and vision LoRA) activations in backward
     gradient_checkpointing_layers: int = 0  # or only the first N LM decoder layers
     lora_inputs_follow_autocast: bool = False  # plain mixed precision: LoRA inputs stay in the autocast dtype
+    packed_attention: str | None = None  # LM kernel for packed rows ("flex_attention": skips the masked blocks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -11,9 +12,10 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mmtrain import compat
 from mmtrain.model.pretrained import save_pretrained
 from mmtrain.data.packing import samples_in
-from mmtrain.training import distributed, speedups
+from mmtrain.training import distributed, speedups, weighting
 from mmtrain.training.checkpoint import TrainerState, quiet_save
 from mmtrain.training.engine_view import unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
@@ -48,7 +50,11 @@ class Loop:
         self.generation_examples = data.generation_examples(train_args.eval_generate) if train_args.eval_generate else []
         self.last_eval: dict = {}
         self.vision_cache = speedups.make_vision_cache(accelerator, model, model_args, train_args.output_dir)
-        self.pending: list[tuple] = []  # (step, loss, tokens, samples) not yet read back from the device
+        # A token budget's micro-batches hold different numbers of answer tokens: the loss
+        # is then one mean over the step's answer tokens (mmtrain/training/weighting.py).
+        self.token_weighted = bool(data_args.max_tokens_per_batch)
+        self.step_tokens: torch.Tensor | None = None  # the current step's answer tokens, all processes
+        self.pending: list[tuple] = []  # (step, loss, label tokens, tokens, samples) not yet read back from the device
         self.window = _Window()  # read-back values since the last log line
 
     # -- the loop -------------------------------------------------------------------
@@ -76,7 +82,7 @@ class Loop:
             loader = self.train_loader
             if state.step_in_epoch:
                 loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
-            for batch in loader:
+            for batch in self.micro_batches(loader):
                 self.pending.append((state.global_step + 1, *self.train_step(batch)))
                 state.step_in_epoch += 1
                 if not self.acc.sync_gradients:
@@ -113,17 +119,38 @@ class Loop:
         self.train_loader.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
 
-    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+    def micro_batches(self, loader):
+        """The loader's batches; token-weighted, a step's are read ahead to count their answer tokens first."""
+        if not self.token_weighted:
+            yield from loader
+            return
+        for group in weighting.step_groups(loader, self.acc.gradient_accumulation_steps):
+            self.step_tokens = weighting.step_label_tokens(self.acc, group)
+            for i, batch in enumerate(group):
+                compat.set_sync_gradients(self.acc, i == len(group) - 1)
+                yield batch
+
+    def _accumulate(self):
+        """``accelerator.accumulate``, or with the step boundary already set by :meth:`micro_batches`."""
+        if not self.token_weighted:
+            return self.acc.accumulate(self.model)
+        return contextlib.nullcontext() if self.acc.sync_gradients else self.acc.no_sync(self.model)
+
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """One forward/backward (and optimizer step at the accumulation boundary).
 
-        Returns the loss, the tokens and the samples as they are, device tensors included:
-        reading them here would make the host wait for the GPU every step. :meth:`_settle`
-        reads a whole window of them at once.
+        Returns the batch's mean loss, its answer tokens, its tokens and its samples as they
+        are, device tensors included: reading them here would make the host wait for the
+        GPU every step. :meth:`_settle` reads a whole window of them at once. Under a token
+        budget the loss that is backpropagated is the batch's share of the step's token
+        mean (:meth:`micro_batches` has counted the step's answer tokens first).
         """
         batch = speedups.encode_with_cache(self.vision_cache, batch)
-        with self.acc.accumulate(self.model):
+        with self._accumulate():
             out = self.model(**batch)
             loss = out.loss
+            if self.token_weighted:
+                loss = weighting.weighted_loss(loss, out.num_label_tokens, self.step_tokens, self.acc)
             self.acc.backward(loss)
             if self.acc.sync_gradients and not self.deepspeed:
                 self._grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
@@ -133,7 +160,7 @@ class Loop:
             if self.acc.sync_gradients and not self.optimizer.step_was_skipped:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), batch["attention_mask"].sum(), samples_in(batch)
+        return out.loss.detach(), out.num_label_tokens.detach(), batch["attention_mask"].sum(), samples_in(batch)
 
     def _settle(self) -> None:
         """Read back the steps run since the last call: stop on a non-finite loss, count tokens.
@@ -143,7 +170,7 @@ class Loop:
         those of finite steps.
         """
         pending, self.pending = self.pending, []
-        for step, loss, tokens, samples in pending:
+        for step, loss, label_tokens, tokens, samples in pending:
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TrainingError(
@@ -152,7 +179,8 @@ class Loop:
                 )
             tokens, samples = int(tokens), int(samples)
             self.state.tokens_seen += tokens
-            self.window.add(loss, tokens, samples)
+            # token-weighted: the logged loss is the window's mean over answer tokens too
+            self.window.add(step, loss, float(label_tokens) if self.token_weighted else 1.0, tokens, samples)
 
     def _save(self) -> None:
         self._settle()
@@ -173,13 +201,15 @@ class Loop:
 
     def _log_train(self) -> None:
         self._settle()
-        loss, tokens, samples, seconds = self.window.drain()
-        # Every process saw its own tokens: report the global rates.
-        totals = self.acc.reduce(torch.tensor([tokens, samples], dtype=torch.float64, device=self.acc.device), "sum")
+        loss_sum, weight, tokens, samples, steps, seconds = self.window.drain()
+        # Every process saw its own tokens: report the global rates and per-step sizes.
+        totals = self.acc.reduce(torch.tensor([tokens, samples, loss_sum, weight], dtype=torch.float64, device=self.acc.device), "sum")
         values = {
-            "loss": self.acc.reduce(torch.tensor(loss, device=self.acc.device), "mean").item(),
+            "loss": totals[2].item() / max(totals[3].item(), 1e-12),
             "tokens_per_s": totals[0].item() / seconds,
             "samples_per_s": totals[1].item() / seconds,
+            "tokens_per_step": totals[0].item() / max(steps, 1),
+            "samples_per_step": totals[1].item() / max(steps, 1),
         }
         norm = self._grad_norm_value()
         if norm is not None:
@@ -238,18 +268,23 @@ class _Window:
 
     def __init__(self):
         self.start = time.perf_counter()
-        self.losses: list[float] = []
+        self.loss_sum = 0.0  # losses times their weights
+        self.weight = 0.0
         self.tokens = 0
         self.samples = 0
+        self.steps: set[int] = set()
 
-    def add(self, loss: float, tokens: int, samples: int) -> None:
-        self.losses.append(loss)
+    def add(self, step: int, loss: float, weight: float, tokens: int, samples: int) -> None:
+        self.loss_sum += loss * weight
+        self.weight += weight
         self.tokens += tokens
         self.samples += samples
+        self.steps.add(step)
 
-    def drain(self) -> tuple[float, int, int, float]:
+    def drain(self) -> tuple[float, float, int, int, int, float]:
+        """(weighted loss sum, weight, tokens, samples, optimizer steps, seconds) since the last drain."""
         now = time.perf_counter()
-        out = (sum(self.losses) / max(len(self.losses), 1), self.tokens, self.samples, max(now - self.start, 1e-9))
+        out = (self.loss_sum, self.weight, self.tokens, self.samples, len(self.steps), max(now - self.start, 1e-9))
         self.__init__()
         return out
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError
+from mmtrain.data.token_budget import TokenBudgetBatchSampler
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
 from mmtrain.training import distributed, speedups
@@ -93,7 +94,7 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
     accelerator.wait_for_everyone()
 
 
-def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
+def build_for_training(accelerator, model_args, train_args, data_args) -> BuiltModel:
     """Build the model from its config in the dtypes training wants, with this machine's speed options."""
     compute = distributed.compute_dtype(accelerator)
     deepspeed = distributed.deepspeed_plugin(accelerator) is not None
@@ -108,7 +109,7 @@ def build_for_training(accelerator, model_args, train_args) -> BuiltModel:
     on_gpu = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
     built = build_model(
         model_args.model_config(),
-        speed=speedups.speed_options(accelerator, train_args),
+        speed=speedups.speed_options(accelerator, train_args, data_args),
         dtype=frozen_dtype,
         trainable_dtype=trainable_dtype,
         frozen_vision_context=distributed.frozen_vision_context(accelerator),
@@ -161,7 +162,30 @@ def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle
     )
 
 
-def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: int):
+def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> DataLoader:
+    """The shuffled training loader: ``--per_device_train_batch_size`` samples, or a token budget's micro-batches."""
+    if not data_args.max_tokens_per_batch:
+        return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
+    plugin = distributed.deepspeed_plugin(accelerator)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        # DeepSpeed wants a fixed micro-batch size, which it uses only to report throughput
+        # and check train_batch_size: a budget's micro-batch is one packed row.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    sampler = TokenBudgetBatchSampler(dataset, data_args.max_tokens_per_batch, data_args.max_images_per_batch, train_args.seed)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers, persistent_workers=data_args.num_workers > 0
+    )
+
+
+def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int]:
+    """Micro-batches of each epoch before sharding: a token budget plans a different number every epoch."""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, TokenBudgetBatchSampler):
+        return [len(sampler.plan(epoch)) for epoch in range(epochs)]
+    return [len(loader)] * epochs
+
+
+def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: list[int]):
     """AdamW over the four parameter groups, and the schedule over all optimizer steps."""
     groups = param_groups(
         model,
@@ -171,9 +195,9 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
     )
     optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
-    per_process = math.ceil(batches_per_epoch / accelerator.num_processes)
-    steps_per_epoch = math.ceil(per_process / accelerator.gradient_accumulation_steps)
-    total = steps_per_epoch * train_args.num_train_epochs
+    per_epoch = [math.ceil(math.ceil(n / accelerator.num_processes) / accelerator.gradient_accumulation_steps) for n in batches_per_epoch]
+    total = sum(per_epoch)
+    steps_per_epoch = per_epoch[0] if len(set(per_epoch)) == 1 else f"{min(per_epoch)}-{max(per_epoch)}"
     if train_args.max_steps > 0:
         total = min(total, train_args.max_steps)
     if total < 1:

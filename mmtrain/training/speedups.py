@@ -4,6 +4,9 @@
 flag                                      default     what it changes
 ========================================  ==========  =========================================
 ``--packing``                             off         train collator packs samples into rows
+``--max_tokens_per_batch N``              off         micro-batches of whole samples within N
+                                                      tokens, packed into one row (see
+                                                      mmtrain/data/token_budget.py)
 ``--pad_to_multiple_of``                  auto        padded lengths rounded up (64 on a GPU)
 ``--cache_vision_features``               off         loop swaps pixels for cached features
 ``--vision_cache_dir``                    memory      where those features live
@@ -39,11 +42,16 @@ logger = logging.getLogger("mmtrain")
 def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollator:
     """Padding (default) or packing; with the vision cache, image digests are taken in the workers."""
     pad = built.tokenizer.pad_token_id
-    if data_args.packing:
+    if data_args.packing or data_args.max_tokens_per_batch:
         try:
             check_packed_attention(built.model.language_model.config)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if data_args.max_tokens_per_batch:
+        images = f", at most {data_args.max_images_per_batch} images" if data_args.max_images_per_batch else ""
+        logger.info(f"token budget: each micro-batch packs whole samples into one row of up to {data_args.max_tokens_per_batch} tokens{images}")
+        collator = PackingCollator(pad, data_args.max_tokens_per_batch, data_args.padding_multiple())
+    elif data_args.packing:
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
         collator = PackingCollator(pad, data_args.max_seq_len)
     else:
@@ -53,7 +61,7 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
     return collator
 
 
-def speed_options(accelerator, train_args) -> SpeedOptions:
+def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
     """What the builder switches on for this run, decided from the flags, the device and the ZeRO stage.
 
     At ZeRO-3 each LM decoder layer is a leaf module of the engine (:func:`zero3_leaf_layers`):
@@ -69,7 +77,26 @@ def speed_options(accelerator, train_args) -> SpeedOptions:
         gradient_checkpointing=train_args.gradient_checkpointing,
         gradient_checkpointing_layers=train_args.gradient_checkpointing_layers,
         lora_inputs_follow_autocast=plain_mixed_precision,
+        packed_attention=packed_attention(accelerator, data_args),
     )
+
+
+def packed_attention(accelerator, data_args) -> str | None:
+    """The LM kernel for token-budget rows: flex attention on CUDA, the configured one elsewhere.
+
+    A budget row holds many samples; SDPA would take them under a materialised
+    ``[1, 1, N, N]`` mask and compute every block of the square, flex attention's
+    document mask skips the blocks between samples (about N / sample length times less
+    attention work). On CPU flex attention needs a compiler toolchain and runs slower
+    than SDPA, so CPU runs keep SDPA's mask, which gives the same numbers.
+    """
+    if not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
+        return None
+    # For measuring the choice (benchmarks/gpu_suite.sh budget): "sdpa" keeps the materialised mask.
+    kernel = os.environ.get("MMTRAIN_PACKED_ATTENTION", "flex_attention")
+    if kernel not in ("flex_attention", "sdpa"):
+        raise ConfigError(f"MMTRAIN_PACKED_ATTENTION={kernel!r}: valid are flex_attention, sdpa")
+    return None if kernel == "sdpa" else kernel
 
 
 def should_compile(accelerator, train_args) -> bool:

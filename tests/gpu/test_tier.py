@@ -62,6 +62,8 @@ FEATURES = {
     "mmca_eager": {"enable_mmca_attention": "true", "torch_compile": "false"},
     "compiled": {"torch_compile": "true"},
     "packing": {"packing": "true"},
+    "budget": {"max_tokens_per_batch": "512"},  # micro-batches of whole samples within 512 tokens, one row each
+    "image_budget": {"max_images_per_batch": "3"},
     "vision_cache": {"cache_vision_features": "true"},
     "grad_ckpt": {"gradient_checkpointing": "true"},
     "grad_ckpt_layers": {"gradient_checkpointing_layers": "2"},
@@ -99,6 +101,9 @@ ONE_GPU = [
     row("zero3", "mmca_eager", "packing", "perceiver"),
     row("zero3_offload", "grad_ckpt", "vision_lora", "chat"),
     row("zero0", "fp16", "grad_accum", "concat", llava=True),
+    row("zero2", "budget", resume=True),  # flex attention over packed rows, compiled
+    row("zero2", "budget", "mmca_compiled", "image_budget"),
+    row("zero3", "budget", "grad_accum", "concat"),
 ]
 
 # Two GPUs: every config on two processes.
@@ -111,6 +116,7 @@ TWO_GPUS = [
     row("zero2_offload", "mmca_compiled", "chat", gpus=2),
     row("zero3", "vision_lora", "mmca_eager", "presets", gpus=2, resume=True),
     row("zero3_offload", "packing", "grad_ckpt", "perceiver", gpus=2),
+    row("zero3", "budget", "mmca_eager", "grad_accum", gpus=2, resume=True),  # the token-weighted loss across ranks
 ]
 
 

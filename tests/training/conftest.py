@@ -28,19 +28,21 @@ def common_flags(model_folders, data_path, **overrides) -> list[str]:
         "learning_rate": "1e-3",
     }
     flags.update({k: str(v) for k, v in overrides.items()})
+    if "max_tokens_per_batch" in flags:  # a token budget replaces the sample count (both are refused)
+        del flags["per_device_train_batch_size"]
     argv = []
     for k, v in flags.items():
         argv += [f"--{k}"] + (v.split(" ") if k in ("dataset_names", "dataset_samples") else [v])
     return argv
 
 
-def launch(flags: list[str], *, config: str | None = None, num_processes: int = 1, timeout: int = 600, check: bool = True, background: bool = False):
-    """``accelerate launch [--config_file] mmtrain/train.py FLAGS`` in a subprocess."""
+def launch(flags: list[str], *, config: str | None = None, num_processes: int = 1, timeout: int = 600, check: bool = True, background: bool = False, launcher_flags: tuple[str, ...] = ()):
+    """``accelerate launch [--config_file] [LAUNCHER_FLAGS] mmtrain/train.py FLAGS`` in a subprocess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config:
         cmd += ["--config_file", str(CONFIGS / config)]
-    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(_free_port()), *launcher_flags]
     cmd += [str(REPO / "mmtrain" / "train.py"), *flags]
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
