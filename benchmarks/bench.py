@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    model_args, data_args, _ = training_arguments(opts, passthrough, "unused")
+    model_args, data_args, train_args = training_arguments(opts, passthrough, "unused")
+    compiled = train_args.torch_compile == "true" or (train_args.torch_compile == "auto" and cuda)  # as speedups.should_compile
     tokenizer, image_tokens, image_size = image_token_layout(model_args)
     longest = image_tokens.span_length + opts.text_tokens[1]
     if longest > opts.seq_len:
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
 
     if not worker and opts.num_processes != [1]:
-        predictions = [memory_prediction(opts, model_args, n) for n in opts.num_processes]
+        predictions = [memory_prediction(opts, model_args, n, compiled) for n in opts.num_processes]
         runs = [launched_mmtrain(raw, n) for n in opts.num_processes]
         for run, prediction in zip(runs, predictions):
             run["memory_prediction"] = prediction
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Before the run: the meta build it takes must not meet the run's DeepSpeed state (at
     # ZeRO-3, zero.Init would partition it, one process at a time). A launched group's
     # parent predicts for it.
-    prediction = None if worker else memory_prediction(opts, model_args, 1)
+    prediction = None if worker else memory_prediction(opts, model_args, 1, compiled)
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
         result["mmtrain"] = _public(mm)
@@ -459,7 +460,7 @@ def launched_mmtrain(raw: list[str], n: int) -> dict:
             return json.load(f)["mmtrain"]
 
 
-def memory_prediction(opts, model_args, num_processes: int) -> dict:
+def memory_prediction(opts, model_args, num_processes: int, compiled: bool = False) -> dict:
     """``mmtrain.memory``'s peak for this run's setup on ``num_processes`` GPUs, batches of the longest sample."""
     try:
         from mmtrain import memory
@@ -469,7 +470,7 @@ def memory_prediction(opts, model_args, num_processes: int) -> dict:
         setup = memory.MemorySetup(
             zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=opts.micro_batch,
             seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
-            label_fraction=opts.label_fraction,
+            label_fraction=opts.label_fraction, compiled=compiled,
         )
         est = memory.estimate(facts, setup)
         return {"setup": setup.name, "seq_len": longest, "num_gpus": num_processes, "peak_bytes": est.total, "peak_gib": est.total / 2**30}

@@ -66,6 +66,9 @@ class MemoryArguments:
     seq_len: int = field(default=2048, metadata={"help": "Tokens per sample, image tokens included."})
     precision: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "Compute dtype."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the LM's activations in backward."})
+    compiled: bool = field(
+        default=False, metadata={"help": "LM decoder layers compiled, as training does on a GPU (--torch_compile auto): fewer activations kept."}
+    )
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
@@ -93,6 +96,7 @@ class MemoryArguments:
             seq_len=self.seq_len,
             precision=self.precision,
             gradient_checkpointing=self.gradient_checkpointing,
+            compiled=self.compiled,
             images_per_sample=self.images_per_sample,
             label_fraction=self.label_fraction,
         )

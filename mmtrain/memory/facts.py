@@ -39,6 +39,7 @@ class MemorySetup:
     reduce_bucket_size: int = 500_000_000
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters (DeepSpeed's default)
+    compiled: bool = False  # LM decoder layers compiled (--torch_compile; on by default on a GPU)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -60,7 +61,7 @@ class MemorySetup:
     @property
     def name(self) -> str:
         off = {"none": "", "optimizer": "+off-opt", "optimizer+params": "+off-opt+par"}[self.offload]
-        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "")
+        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "") + ("+compiled" if self.compiled else "")
 
 
 @dataclass(frozen=True)

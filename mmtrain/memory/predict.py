@@ -70,14 +70,22 @@ def _text_tokens(facts: ModelFacts, setup: MemorySetup) -> int:
     return max(setup.seq_len - setup.images_per_sample * (facts.image_tokens + 2), 0)
 
 
-def lm_layer_activation_bytes(facts: ModelFacts, tokens: int, w: int) -> int:
-    """Bytes one decoder layer keeps for backward over ``tokens`` positions (no checkpointing)."""
+def lm_layer_activation_bytes(facts: ModelFacts, tokens: int, w: int, compiled: bool = False) -> int:
+    """Bytes one decoder layer keeps for backward over ``tokens`` positions (no checkpointing).
+
+    ``compiled``: the layer runs compiled, which keeps each norm's input in the compute
+    dtype and recomputes the SiLU output (the package docstring).
+    """
     h, hkv, i, r, a = facts.hidden, facts.kv_dim, facts.intermediate, facts.lora_rank, facts.heads
     lora = facts.lora_per_layer
     half = w / 2  # the counts below are in 16-bit bytes; fp32 doubles them
-    norm_inputs = 2 * 4 * h  # RMSNorm keeps its input in fp32, whatever the compute dtype
+    if compiled:
+        norm_inputs = 2 * max(w, 2) * h  # kept in the compute dtype, the fp32 upcast recomputed
+        mlp = 4 * i * half  # gate and up; SiLU recomputed from the gate
+    else:
+        norm_inputs = 2 * 4 * h  # RMSNorm keeps its input in fp32, whatever the compute dtype
+        mlp = 6 * i * half
     sdpa = (2 * h + 4 * hkv + 2 * h) * half + 4 * a
-    mlp = 6 * i * half
     attn_in = 2 * h * half * max(lora["q_proj"], lora["k_proj"], lora["v_proj"])
     mlp_in = 2 * h * half * max(lora["gate_proj"], lora["up_proj"])
     down_in = 2 * i * half * lora["down_proj"]
@@ -178,7 +186,7 @@ def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEs
     tokens = b * s
     images = b * setup.images_per_sample
     h, i = facts.hidden, facts.intermediate
-    layer = lm_layer_activation_bytes(facts, tokens, w)
+    layer = lm_layer_activation_bytes(facts, tokens, w, setup.compiled)
     if setup.gradient_checkpointing:
         lm = facts.layers * tokens * h * w + layer
     else:
