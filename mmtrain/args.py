@@ -186,6 +186,13 @@ class TrainArguments:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
     eval_generate: int = field(default=256, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
     max_new_tokens: int = field(default=16, metadata=_help("Generation length for --eval_generate."))
+    record_samples: bool = field(
+        default=False,
+        metadata=_help(
+            "Write the dataset indices of every training micro-batch to output_dir/samples/rank-N.jsonl "
+            "(epoch, step, indices): which samples each process saw, e.g. across a resume."
+        ),
+    )
     verbose: bool = field(
         default=False,
         metadata=_help(
