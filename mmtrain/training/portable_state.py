@@ -14,10 +14,14 @@ bf16), optimizer offload included. Where they have nothing to say (no DeepSpeed,
 DeepSpeed optimizer that keeps no separate master copy) the parameter is its own master
 and the optimizer's state for it is whole on every process.
 
-We chose this over DeepSpeed's universal checkpoint: that needs an offline conversion
-(``ds_to_universal``) of the partitioned files after the run, a config switch to load
-them, and only covers DeepSpeed runs, while checkpoints here save trainable parameters only
-(``exclude_frozen_parameters``) and the plain single-process path has no DeepSpeed files.
+We chose this over DeepSpeed's universal checkpoint. That needs an offline conversion of
+the partitioned files (``python -m deepspeed.checkpoint.ds_to_universal``) and a config
+switch to load them, covers DeepSpeed runs only (the single-process path writes no
+DeepSpeed files), and does not take our checkpoints: run on a ZeRO-2 checkpoint of the
+tiny presets written through Accelerate (DeepSpeed 0.19.8), the conversion stops with
+"Required universal_checkpoint_info state is missing in checkpoint", a record that
+Megatron-style trainers pass to ``save_checkpoint`` themselves and Accelerate's
+``save_state`` does not.
 """
 
 from __future__ import annotations
