@@ -319,6 +319,37 @@ def create_adam_state(optimizer, step: int) -> None:
             state["step"] = torch.tensor(float(step), dtype=scalar, device=p.device if on_device else "cpu")
 
 
+def fp32_masters(optimizer) -> dict[int, tuple[torch.Tensor, int]]:
+    """Where DeepSpeed's ZeRO-0 mixed-precision optimizers keep each parameter's fp32 master.
+
+    ``{id(param): (tensor the base optimizer steps, offset of the parameter in it)}``.
+    At ZeRO 0 with bf16 or fp16, DeepSpeed wraps the optimizer in ``FP16_Optimizer``
+    (fused: one flat fp32 copy per group, ``fp32_groups_flat``, the parameters
+    ``fp16_groups[i]`` laid out in order without padding) or ``FP16_UnfusedOptimizer``
+    (one fp32 copy per parameter, ``fp32_groups``). Neither links parameters to their
+    masters for ``safe_get_full_fp32_param``, which returns None there. Empty for any
+    other optimizer. Were the attributes renamed, a resume on another count would read
+    the compute-dtype weights and no moments; the compat test compares the masters with
+    the weights to catch that.
+    """
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "fp16_groups"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is None:
+        return {}
+    found = {}
+    if hasattr(wrapper, "fp32_groups_flat"):
+        for group, flat in zip(wrapper.fp16_groups, wrapper.fp32_groups_flat):
+            offset = 0
+            for p in group:
+                found[id(p)] = (flat, offset)
+                offset += p.numel()
+    elif hasattr(wrapper, "fp32_groups"):
+        for group, masters in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            found.update({id(p): (m, 0) for p, m in zip(group, masters)})
+    return found
+
+
 def link_zero_optimizer_state(optimizer) -> None:
     """Point a ZeRO 1/2 or bf16 optimizer's per-parameter views at the base optimizer's state.
 

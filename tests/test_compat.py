@@ -397,7 +397,7 @@ _ZERO2_LINK = textwrap.dedent(
     deepspeed.init_distributed(dist_backend="gloo")
     config = {"train_batch_size": 1, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
 
-    def engine():
+    def engine(config=config):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters()), "weight_decay": 0.0}]
@@ -423,7 +423,21 @@ _ZERO2_LINK = textwrap.dedent(
     for p, m in zip(fresh.module.parameters(), moments):
         safe_set_full_optimizer_state(p, m, "exp_avg")
     back = [safe_get_full_optimizer_state(p, "exp_avg") for p in fresh.module.parameters()]
+    # ZeRO 0 with bf16: masters apart from the weights, which are their bf16 copies
+    zero0, zero0_opt = engine({**config, "zero_optimization": {"stage": 0}})
+    eng_loss = zero0(torch.randn(1, 4, dtype=torch.bfloat16)).float().sum()
+    zero0.backward(eng_loss)
+    zero0.step()
+    masters = compat.fp32_masters(zero0_opt)
+    zero0_params = list(zero0.module.parameters())
+    def master(p):
+        held, offset = masters[id(p)]
+        return held.view(-1).narrow(0, offset, p.numel()).view(p.shape)
     print("RESULT " + json.dumps({
+        "zero0_masters": len(masters) == len(zero0_params) and all(
+            torch.equal(master(p).to(p.dtype), p.data) and master(p).dtype == torch.float32 for p in zero0_params
+        ),
+        "zero2_has_no_separate_masters": compat.fp32_masters(opt) == {},
         "base_is_torch": type(compat.base_optimizer(opt)) is torch.optim.AdamW,
         "second_group_linked_by_deepspeed": second_group_linked,
         "moments_nonzero": all(bool(m.abs().sum() > 0) for m in moments),
@@ -435,7 +449,7 @@ _ZERO2_LINK = textwrap.dedent(
 )
 
 
-def test_deepspeed_zero2_optimizer_state_is_reachable_for_every_group_after_linking():
+def test_deepspeed_optimizer_state_and_fp32_masters_are_where_compat_finds_them():
     env = {
         **os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
@@ -443,8 +457,9 @@ def test_deepspeed_zero2_optimizer_state_is_reachable_for_every_group_after_link
     }
     run = subprocess.run([sys.executable, "-c", _ZERO2_LINK], env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    with pinned("deepspeed", "ZeRO-2's base optimizer (.optimizer) and _lazy_init_hp_params_optimizer_state"):
+    with pinned("deepspeed", "the base optimizer (.optimizer), ZeRO-2's _lazy_init_hp_params_optimizer_state, ZeRO-0's fp16_groups / fp32_groups_flat"):
         assert run.returncode == 0 and lines, f"the ZeRO-2 engine failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
         got = json.loads(lines[-1][len("RESULT "):])
         assert got["base_is_torch"] and got["moments_nonzero"] and got["round_trip"], got
         assert got["fresh_step"] == 7 and got["trained_step"] == 1, got
+        assert got["zero0_masters"] and got["zero2_has_no_separate_masters"], got

@@ -61,16 +61,14 @@ def gather(model, optimizer, deepspeed: bool) -> tuple[dict[str, torch.Tensor], 
     ds = _deepspeed_helpers(deepspeed)
     if ds is not None:
         compat.link_zero_optimizer_state(optimizer)
-    base = compat.base_optimizer(optimizer)
+    masters = compat.fp32_masters(optimizer)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(model):
         value = ds.safe_get_full_fp32_param(p) if ds else None
         if value is not None:
             moments = {k: ds.safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         else:
-            value = p.detach()
-            state = base.state.get(p, {})
-            moments = {k: state.get(k) for k in MOMENTS}
+            value, moments = _local_master(p, optimizer, masters)
         tensors[f"param/{name}"] = value.detach().float().cpu().contiguous()
         for k, m in moments.items():
             if m is None:  # no optimizer step yet
@@ -111,7 +109,7 @@ def load_into(model, optimizer, tensors: dict[str, torch.Tensor], step: int, dee
     ds = _deepspeed_helpers(deepspeed)
     compat.create_adam_state(optimizer, step)
     compat.link_zero_optimizer_state(optimizer)
-    base = compat.base_optimizer(optimizer)
+    masters = compat.fp32_masters(optimizer)
     for name, p in params:
         value = tensors[f"param/{name}"]
         if ds is not None and ds.safe_get_full_fp32_param(p) is not None:
@@ -119,10 +117,32 @@ def load_into(model, optimizer, tensors: dict[str, torch.Tensor], step: int, dee
             for k in MOMENTS:
                 ds.safe_set_full_optimizer_state(p, tensors[f"{k}/{name}"], k)
         else:
-            for k in MOMENTS:
-                base.state[p][k].copy_(tensors[f"{k}/{name}"].view_as(base.state[p][k]))
+            master, moments = _local_master(p, optimizer, masters)
+            if master is not p:
+                master.copy_(value.view_as(master))
+            for k, m in moments.items():
+                m.copy_(tensors[f"{k}/{name}"].view_as(m))
         with _whole(p, ds):
             p.data.copy_(value.view(p.shape).to(p.dtype))
+
+
+def _local_master(p, optimizer, masters) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """``p``'s fp32 master and Adam moments, as views into what the optimizer steps, where each process holds them whole.
+
+    That is: no DeepSpeed (the parameter is its own master), or DeepSpeed at ZeRO 0 with a
+    mixed-precision wrapper that keeps masters apart (:func:`mmtrain.compat.fp32_masters`).
+    """
+    base = compat.base_optimizer(optimizer)
+    if id(p) not in masters:
+        state = base.state.get(p, {})
+        return p.detach(), {k: state.get(k) for k in MOMENTS}
+    held, offset = masters[id(p)]
+    state = base.state.get(held, {})
+
+    def view(t):
+        return None if t is None else t.view(-1).narrow(0, offset, p.numel()).view(p.shape)
+
+    return view(held.detach()), {k: view(state.get(k)) for k in MOMENTS}
 
 
 def _whole(p, ds):
