@@ -118,8 +118,7 @@ def load_into(model, optimizer, tensors: dict[str, torch.Tensor], step: int, dee
                 ds.safe_set_full_optimizer_state(p, tensors[f"{k}/{name}"], k)
         else:
             master, moments = _local_master(p, optimizer, masters)
-            if master is not p:
-                master.copy_(value.view_as(master))
+            master.copy_(value.view_as(master))  # a view: into the parameter itself, or its flat fp32 master
             for k, m in moments.items():
                 m.copy_(tensors[f"{k}/{name}"].view_as(m))
         with _whole(p, ds):
