@@ -34,6 +34,8 @@ divide ``s x P x B``. That always holds when the samples per optimizer step are 
 as the checkpoint's (2 processes x accumulation 1 after 1 process x accumulation 2); a
 resume whose position cannot be mapped exactly is refused, naming the flags. The step
 count continues from the checkpoint's; the schedule's length is that of the new flags.
+(As in any run, when the epoch's sample count is not a multiple of ``P' x B'``,
+Accelerate fills the last round of batches with samples from the epoch's start.)
 """
 
 from __future__ import annotations
