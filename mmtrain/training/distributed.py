@@ -59,6 +59,11 @@ def make_accelerator(train_args: TrainArguments):
     return accelerator
 
 
+# How long the processes of a run wait for each other to compare their flags, right after
+# they have all joined the process group (seconds; they arrive within a few).
+FLAG_CHECK_TIMEOUT_S = 300
+
+
 def check_same_flags(accelerator, *flag_groups) -> None:
     """Every process was started with the same flags and Accelerate settings; else all stop, naming the first difference.
 
@@ -68,12 +73,15 @@ def check_same_flags(accelerator, *flag_groups) -> None:
     waiting forever for each other in a collective. Right after the process group forms,
     every process therefore shares its parsed flags (one ``all_gather_object``, which each
     process reaches at the same point) and every process compares them all, so each raises
-    the same error instead of leaving the others waiting.
+    the same error instead of leaving the others waiting. The exchange runs in a gloo group
+    of its own with a short timeout: objects travel on the CPU whatever the backend of the
+    run, and a process that never arrives ends the wait with an error, not a hang.
     """
     if accelerator.num_processes == 1:
         return
     import socket
     from dataclasses import asdict
+    from datetime import timedelta
 
     import torch.distributed as dist
 
@@ -86,7 +94,14 @@ def check_same_flags(accelerator, *flag_groups) -> None:
     })
     mine = {"host": socket.gethostname(), "flags": json.dumps(flags, sort_keys=True, default=str)}
     everyone: list = [None] * accelerator.num_processes
-    dist.all_gather_object(everyone, mine)
+    try:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=FLAG_CHECK_TIMEOUT_S))
+        dist.all_gather_object(everyone, mine, group=group)
+    except RuntimeError as e:  # gloo's timeout, or a peer that went away
+        raise ConfigError(
+            f"the processes could not compare their flags within {FLAG_CHECK_TIMEOUT_S} s ({e}); a machine stopped at start-up: see its log"
+        ) from None
+    dist.destroy_process_group(group)
     first = json.loads(everyone[0]["flags"])
     for rank, other in enumerate(everyone[1:], start=1):
         theirs = json.loads(other["flags"])
