@@ -90,7 +90,6 @@ def check_same_flags(accelerator, *flag_groups) -> None:
         "the Accelerate config's distributed_type": str(accelerator.distributed_type),
         "the Accelerate config's mixed_precision": accelerator.mixed_precision,
         "the Accelerate config's zero_stage": zero_stage(accelerator),
-        "the number of processes": accelerator.num_processes,
     })
     mine = {"host": socket.gethostname(), "flags": json.dumps(flags, sort_keys=True, default=str)}
     everyone: list = [None] * accelerator.num_processes
