@@ -152,6 +152,13 @@ class DataArguments:
         """The most images one sample may keep: --max_num_image_per_sample, or the image budget if that is smaller."""
         return min(self.max_num_image_per_sample, self.max_images_per_batch or self.max_num_image_per_sample)
 
+    def token_budget(self) -> str | None:
+        """The token budget's flags as one string (a checkpoint records it), or None when batches count samples."""
+        if not self.max_tokens_per_batch:
+            return None
+        images = f" --max_images_per_batch {self.max_images_per_batch}" if self.max_images_per_batch else ""
+        return f"--max_tokens_per_batch {self.max_tokens_per_batch}{images}"
+
     def padding_multiple(self) -> int:
         """``--pad_to_multiple_of`` resolved: 0 means 64 where a GPU trains, 1 (no rounding) on CPU."""
         if self.pad_to_multiple_of:
@@ -216,6 +223,13 @@ class TrainArguments:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
     eval_generate: int = field(default=256, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
     max_new_tokens: int = field(default=16, metadata=_help("Generation length for --eval_generate."))
+    record_samples: bool = field(
+        default=False,
+        metadata=_help(
+            "Write the dataset indices of every training micro-batch to output_dir/samples/rank-N.jsonl "
+            "(epoch, step, indices): which samples each process saw, e.g. across a resume."
+        ),
+    )
     verbose: bool = field(
         default=False,
         metadata=_help(

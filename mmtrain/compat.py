@@ -281,6 +281,127 @@ def set_sync_gradients(accelerator, sync: bool) -> None:
     accelerator.gradient_state._set_sync_gradients(sync)
 
 
+# --- optimizer state behind Accelerate's and DeepSpeed's wrappers ---------------------
+#
+# A resume on another process count writes each trainable parameter's Adam moments and
+# step back into a freshly built engine. DeepSpeed's public setters
+# (``deepspeed.utils.safe_set_full_optimizer_state``) write into state that must already
+# exist, and ZeRO 1/2 and the bf16 optimizer create it at their first step. The helpers
+# below create it as that first step would.
+
+
+def base_optimizer(optimizer):
+    """The optimizer that holds the Adam state: torch's AdamW or DeepSpeed's CPU Adam.
+
+    Accelerate's ``AcceleratedOptimizer`` keeps what it wraps as ``.optimizer``; under
+    DeepSpeed that is the ZeRO (or bf16) optimizer, which keeps the base optimizer as
+    ``.optimizer`` too; the base optimizer has no such attribute. Were either renamed, this
+    would return a wrapper and :func:`create_adam_state` would raise on its missing state.
+    """
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _ds_cpu_adam(optimizer) -> bool:
+    return type(optimizer).__name__ == "DeepSpeedCPUAdam"
+
+
+def adam_step_count(optimizer) -> int | None:
+    """The steps the base optimizer has applied (None before its first): every parameter's state counts the same."""
+    for state in base_optimizer(optimizer).state.values():
+        if "step" in state:
+            step = state["step"]
+            return int(step.item() if torch.is_tensor(step) else step)
+    return None
+
+
+def create_adam_state(optimizer, step: int) -> None:
+    """Give every parameter of the base optimizer the state its first step would create, at ``step``.
+
+    Zero moments; ``step`` as the optimizer keeps it: a 0-d float tensor for torch's Adam
+    family (on the CPU unless ``fused``/``capturable``, as ``torch.optim.adam`` lays it
+    out), a Python int for DeepSpeed's CPU Adam. State that exists keeps its moments and
+    gets the step. Under a ZeRO 1/2 or bf16 optimizer, the wrapper must then be linked to
+    the new state (:func:`link_zero_optimizer_state`).
+    """
+    base = base_optimizer(optimizer)
+    cpu_adam = _ds_cpu_adam(base)
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+    tensors = {id(p): p for g in base.param_groups for p in g["params"]}
+    # ZeRO-3 empties the base optimizer's groups between steps and keeps the fp32
+    # partitions it steps (the keys of the base state) in ``fp32_partitioned_groups_flat``.
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is not None:
+        tensors.update({id(p): p for p in wrapper.fp32_partitioned_groups_flat})
+    for p in tensors.values():
+        state = base.state[p]
+        if "exp_avg" not in state:
+            dtype = torch.float32 if cpu_adam else p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if cpu_adam:
+            state["step"] = int(step)
+        else:
+            state["step"] = torch.tensor(float(step), dtype=scalar, device=p.device if on_device else "cpu")
+
+
+def fp32_masters(optimizer) -> dict[int, tuple[torch.Tensor, int]]:
+    """Where DeepSpeed's ZeRO-0 mixed-precision optimizers keep each parameter's fp32 master.
+
+    ``{id(param): (tensor the base optimizer steps, offset of the parameter in it)}``.
+    At ZeRO 0 with bf16 or fp16, DeepSpeed wraps the optimizer in ``FP16_Optimizer``
+    (fused: one flat fp32 copy per group, ``fp32_groups_flat``, the parameters
+    ``fp16_groups[i]`` laid out in order without padding) or ``FP16_UnfusedOptimizer``
+    (one fp32 copy per parameter, ``fp32_groups``). Neither links parameters to their
+    masters for ``safe_get_full_fp32_param``, which returns None there. Empty for any
+    other optimizer. Were the attributes renamed, a resume on another count would read
+    the compute-dtype weights and no moments; the compat test compares the masters with
+    the weights to catch that.
+    """
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "fp16_groups"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is None:
+        return {}
+    found = {}
+    if hasattr(wrapper, "fp32_groups_flat"):
+        for group, flat in zip(wrapper.fp16_groups, wrapper.fp32_groups_flat):
+            offset = 0
+            for p in group:
+                found[id(p)] = (flat, offset)
+                offset += p.numel()
+    elif hasattr(wrapper, "fp32_groups"):
+        for group, masters in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            found.update({id(p): (m, 0) for p, m in zip(group, masters)})
+    return found
+
+
+def link_zero_optimizer_state(optimizer) -> None:
+    """Point a ZeRO 1/2 or bf16 optimizer's per-parameter views at the base optimizer's state.
+
+    ``_lazy_init_hp_params_optimizer_state`` is what those optimizers run after their
+    first step, once (the ``_hp_optimizer_states_linked`` flag keeps it from running
+    again); DeepSpeed's ``safe_get/set_full_optimizer_state`` read and write through the
+    views it makes. DeepSpeed 0.19 runs it after stepping the *first* parameter group, when
+    the other groups have no state yet, so their parameters get no views and
+    ``safe_get_full_optimizer_state`` raises "exp_avg not found" for them. Clearing the
+    flag and linking again once every group has state makes the views for all; it only
+    creates views, so training is unchanged. ZeRO-3 reads the base state directly and has
+    no such method. Were either name changed, the getters would raise as above; the
+    compat test catches that first.
+    """
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is not None:
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
 # --- lazily resolved re-exports -------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmtrain.data import Collator, build_datasets
     from mmtrain.model.builder import check_model_config
-    from mmtrain.training import distributed, setup, speedups
+    from mmtrain.training import distributed, sample_record, setup, speedups
     from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
     from mmtrain.training.engine_view import EngineView
     from mmtrain.training.loop import Loop, print_final_report
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     check_model_config(model_args)  # config files read and checked, still no weights
     accelerator = distributed.make_accelerator(train_args)
+    distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
     distributed.log_process(accelerator)
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup.log_data_report(accelerator, data.report)
     collator = Collator(built.tokenizer.pad_token_id, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
-    train_loader = setup.make_train_loader(accelerator, data.train, train_collator, data_args, train_args)  # samples or a token budget
+    train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples)
+    train_loader = setup.make_train_loader(accelerator, train_set, train_collator, data_args, train_args)  # samples or a token budget
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
 
     optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, setup.batches_per_epoch(train_loader, train_args.num_train_epochs))
@@ -66,7 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     setup.place_outside_engine(accelerator, model)
 
     trainable_names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-    checkpointer = Checkpointer(accelerator, train_args.output_dir, built.config, trainable_names, train_args.save_total_limit)
+    checkpointer = Checkpointer(
+        accelerator, train_args.output_dir, built.config, trainable_names, train_args.save_total_limit,
+        model=model, optimizer=optimizer, scheduler=scheduler, per_device_train_batch_size=train_args.per_device_train_batch_size, seed=train_args.seed,
+        token_budget=data_args.token_budget(),
+    )
     if accelerator.is_main_process:
         for path in remove_partial_checkpoints(train_args.output_dir):
             logger.warning(f"removed a checkpoint cut off while being written: {path}")

@@ -387,3 +387,114 @@ def test_compat_imports_no_deepspeed_accelerate_or_mmtrain_args():
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"importing mmtrain.compat pulled in {run.stdout.strip()} {run.stderr[-2000:]}"
+
+
+# --- optimizer state behind the wrappers ------------------------------------------------------
+
+
+def _two_group_adam(**kwargs):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters()), "weight_decay": 0.0}]
+    return model, torch.optim.AdamW(groups, lr=1e-2, **kwargs)
+
+
+def test_torch_adam_state_is_what_create_adam_state_makes():
+    with pinned("torch", "AdamW's per-parameter state (step, exp_avg, exp_avg_sq)"):
+        model, stepped = _two_group_adam()
+        model(torch.randn(5, 4)).sum().backward()
+        stepped.step()
+        _, made = _two_group_adam()
+        compat.create_adam_state(made, 1)
+        assert compat.base_optimizer(made) is made and compat.adam_step_count(made) == compat.adam_step_count(stepped) == 1
+        real = list(stepped.state.values())
+        ours = [made.state[p] for g in made.param_groups for p in g["params"]]
+        assert len(real) == len(ours) == 4
+        for a, b in zip(real, ours):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert (a[key].dtype, a[key].device, a[key].shape) == (b[key].dtype, b[key].device, b[key].shape), key
+            assert not b["exp_avg"].any() and float(b["step"]) == 1.0
+        # the state made by hand is one torch's own step accepts and counts on from
+        ours[0]["exp_avg"].add_(1.0)
+        made.param_groups[0]["params"][0].grad = torch.zeros(3, 4)
+        made.step()
+        assert compat.adam_step_count(made) == 2
+
+
+_ZERO2_LINK = textwrap.dedent(
+    """
+    import json
+    import torch
+    import deepspeed
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+    from mmtrain import compat
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_batch_size": 1, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+
+    def engine(config=config):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters()), "weight_decay": 0.0}]
+        eng, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=config)
+        return eng, opt
+
+    eng, opt = engine()
+    loss = eng(torch.randn(1, 4, dtype=torch.bfloat16)).float().sum()
+    eng.backward(loss)
+    eng.step()
+    params = list(eng.module.parameters())
+    try:
+        safe_get_full_optimizer_state(params[-1], "exp_avg")
+        second_group_linked = True
+    except ValueError:
+        second_group_linked = False
+    compat.link_zero_optimizer_state(opt)
+    moments = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
+
+    fresh, fresh_opt = engine()  # before any step: no optimizer state at all
+    compat.create_adam_state(fresh_opt, 7)
+    compat.link_zero_optimizer_state(fresh_opt)
+    for p, m in zip(fresh.module.parameters(), moments):
+        safe_set_full_optimizer_state(p, m, "exp_avg")
+    back = [safe_get_full_optimizer_state(p, "exp_avg") for p in fresh.module.parameters()]
+    # ZeRO 0 with bf16: masters apart from the weights, which are their bf16 copies
+    zero0, zero0_opt = engine({**config, "zero_optimization": {"stage": 0}})
+    eng_loss = zero0(torch.randn(1, 4, dtype=torch.bfloat16)).float().sum()
+    zero0.backward(eng_loss)
+    zero0.step()
+    masters = compat.fp32_masters(zero0_opt)
+    zero0_params = list(zero0.module.parameters())
+    def master(p):
+        held, offset = masters[id(p)]
+        return held.view(-1).narrow(0, offset, p.numel()).view(p.shape)
+    print("RESULT " + json.dumps({
+        "zero0_masters": len(masters) == len(zero0_params) and all(
+            torch.equal(master(p).to(p.dtype), p.data) and master(p).dtype == torch.float32 for p in zero0_params
+        ),
+        "zero2_has_no_separate_masters": compat.fp32_masters(opt) == {},
+        "base_is_torch": type(compat.base_optimizer(opt)) is torch.optim.AdamW,
+        "second_group_linked_by_deepspeed": second_group_linked,
+        "moments_nonzero": all(bool(m.abs().sum() > 0) for m in moments),
+        "round_trip": all(torch.equal(a, b) for a, b in zip(moments, back)),
+        "fresh_step": compat.adam_step_count(fresh_opt),
+        "trained_step": compat.adam_step_count(opt),
+    }))
+    """
+)
+
+
+def test_deepspeed_optimizer_state_and_fp32_masters_are_where_compat_finds_them():
+    env = {
+        **os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
+    run = subprocess.run([sys.executable, "-c", _ZERO2_LINK], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    with pinned("deepspeed", "the base optimizer (.optimizer), ZeRO-2's _lazy_init_hp_params_optimizer_state, ZeRO-0's fp16_groups / fp32_groups_flat"):
+        assert run.returncode == 0 and lines, f"the ZeRO-2 engine failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+        got = json.loads(lines[-1][len("RESULT "):])
+        assert got["base_is_torch"] and got["moments_nonzero"] and got["round_trip"], got
+        assert got["fresh_step"] == 7 and got["trained_step"] == 1, got
+        assert got["zero0_masters"] and got["zero2_has_no_separate_masters"], got

@@ -3,13 +3,42 @@
 A checkpoint is ``output_dir/checkpoints/step-XXXXXXXX/``: Accelerate's ``save_state``
 (the DeepSpeed engine's model and optimizer shards or the plain optimizer, the
 scheduler, and every process's python / numpy / torch / cuda RNG state) plus
-``trainer_state.json`` (epoch, position inside the epoch, step, best eval loss) and
-``manifest.json`` (with the model's whole config). It is written under a ``.tmp`` name and renamed into place only when
-every rank has finished writing and the manifest is in it, so a kill at any moment
-leaves either the previous checkpoints or a ``.tmp`` folder that is ignored and removed.
+``trainer_state.json`` (epoch, position inside the epoch, step, best eval loss),
+``trainable_state.safetensors`` (the trainable state whole, see
+:mod:`mmtrain.training.portable_state`) and ``manifest.json`` (with the model's whole
+config, the process count and the batch layout). It is written under a ``.tmp`` name and
+renamed into place only when every rank has finished writing and the manifest is in it,
+so a kill at any moment leaves either the previous checkpoints or a ``.tmp`` folder that
+is ignored and removed.
 
 Only trainable parameters are stored: the frozen ones come from the source folders the
 manifest names. Resuming checks that the model flags match the manifest's.
+
+Resuming on the process count that wrote the checkpoint restores everything through
+Accelerate (bit for bit). On another count the engine is built as usual and then given
+the whole trainable state (fp32 masters, weights, Adam moments, step), the scheduler's
+state and the trainer state; the per-process RNG files cannot be matched to the new
+processes, so every process re-seeds from ``--seed``, the step and its rank (the run is
+reproducible, but its random streams, e.g. dropout masks, are not the uninterrupted
+run's; the data order does not depend on them).
+
+Where the epoch goes on: Accelerate's prepared loader (``use_seedable_sampler``) orders
+the epoch's samples by a permutation drawn from ``--seed`` and the epoch alone, cuts it
+into batches of ``--per_device_train_batch_size`` and deals them out in turn: global
+batch ``k`` goes to process ``k % P``. After ``s`` batches on each of ``P`` processes
+(``step_in_epoch``) the first ``s x P x B`` samples of the permutation are consumed, and
+only those. A run with ``P'`` processes, batch ``B'`` and accumulation ``A'`` carries
+over that sample count: it skips ``s' = s x P x B / (P' x B')`` batches on each process,
+which must be whole and fall on an optimizer-step boundary, i.e. ``P' x B' x A'`` must
+divide ``s x P x B``. That always holds when the samples per optimizer step are the same
+as the checkpoint's (2 processes x accumulation 1 after 1 process x accumulation 2); a
+resume whose position cannot be mapped exactly is refused, naming the flags. The step
+count continues from the checkpoint's; the schedule's length is that of the new flags.
+Under a token budget (``--max_tokens_per_batch``) the same rule holds with ``B = B' = 1``:
+the epoch's micro-batches are planned from the seed, the epoch and the budget alone and
+dealt out in the same way, so a resume on another count keeps the same budget flags.
+(As in any run, when the epoch's sample count is not a multiple of ``P' x B'``,
+Accelerate fills the last round of batches with samples from the epoch's start.)
 """
 
 from __future__ import annotations
@@ -25,6 +54,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mmtrain.model.errors import ConfigError
+from mmtrain.training import portable_state
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -93,6 +123,52 @@ def check_manifest(path: str, config, trainable_names: list[str]) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run cuts an epoch: processes x per-process micro-batch x accumulation steps."""
+
+    num_processes: int
+    per_device_train_batch_size: int  # 1 under a token budget: a micro-batch is one planned budget
+    gradient_accumulation_steps: int
+    # "--max_tokens_per_batch N --max_images_per_batch M" when micro-batches are planned by
+    # token budget: the plan is a function of the seed, the epoch and the budget only, so
+    # a resume on another process count maps it in micro-batches, with the same budget.
+    token_budget: str | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> BatchLayout | None:
+        try:
+            counts = {k: int(manifest[k]) for k in ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")}
+        except (KeyError, TypeError, ValueError):
+            return None  # written before the layout was recorded
+        return cls(**counts, token_budget=manifest.get("token_budget"))
+
+
+def map_position(step_in_epoch: int, saved: BatchLayout, now: BatchLayout, path: str, epoch: int) -> int:
+    """The batches each process of ``now`` skips to continue the epoch where ``saved`` left it (module docstring)."""
+    if saved == now or step_in_epoch == 0:
+        return step_in_epoch
+    if saved.token_budget != now.token_budget:
+        raise ConfigError(
+            f"checkpoint {path} was written with micro-batches of {saved.token_budget or '--per_device_train_batch_size samples'} "
+            f"and this run plans {now.token_budget or '--per_device_train_batch_size samples'}: the epoch's batches differ, so "
+            "where it stopped cannot be found again; resume with the checkpoint's batch flags"
+        )
+    consumed = step_in_epoch * saved.num_processes * saved.per_device_train_batch_size
+    per_batch_round = now.num_processes * now.per_device_train_batch_size
+    per_step = per_batch_round * now.gradient_accumulation_steps
+    if consumed % per_step:
+        raise ConfigError(
+            f"checkpoint {path} stopped {consumed} samples into epoch {epoch} ({step_in_epoch} batches of "
+            f"{saved.per_device_train_batch_size} on each of {saved.num_processes} processes), which is not a whole number of this "
+            f"run's optimizer steps of {per_step} samples (--per_device_train_batch_size {now.per_device_train_batch_size} x "
+            f"--gradient_accumulation_steps {now.gradient_accumulation_steps} x {now.num_processes} processes); pick values "
+            f"whose product divides {consumed}, e.g. the checkpoint's "
+            f"{saved.per_device_train_batch_size * saved.gradient_accumulation_steps * saved.num_processes} samples per step"
+        )
+    return consumed // per_batch_round
+
+
 def _trainable_only(state_dict: dict, trainable: set[str]) -> dict:
     return {k: v for k, v in state_dict.items() if k in trainable}
 
@@ -100,12 +176,24 @@ def _trainable_only(state_dict: dict, trainable: set[str]) -> dict:
 class Checkpointer:
     """Saves and restores training state through Accelerate, trainable parameters only."""
 
-    def __init__(self, accelerator, output_dir: str, config, trainable_names: list[str], keep: int):
+    def __init__(
+        self, accelerator, output_dir: str, config, trainable_names: list[str], keep: int, *,
+        model=None, optimizer=None, scheduler=None, per_device_train_batch_size: int | None = None, seed: int = 0,
+        token_budget: str | None = None,
+    ):
+        """``model``, ``optimizer``, ``scheduler``: the prepared ones; with them each checkpoint also
+        carries the portable trainable state and can be resumed on another process count."""
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.config = config  # the model's VLMConfig, saved with every checkpoint
         self.trainable_names = trainable_names
         self.keep = keep
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.seed = seed
+        self.layout = None
+        if per_device_train_batch_size is not None:
+            micro = 1 if token_budget else per_device_train_batch_size
+            self.layout = BatchLayout(accelerator.num_processes, micro, accelerator.gradient_accumulation_steps, token_budget)
         self.is_deepspeed = accelerator.state.deepspeed_plugin is not None
         if not self.is_deepspeed:
             trainable = set(trainable_names)
@@ -130,8 +218,11 @@ class Checkpointer:
             acc.save_state(tmp, exclude_frozen_parameters=True)
         else:
             acc.save_state(tmp)
+        portable = portable_state.gather(self.model, self.optimizer, self.is_deepspeed) if self.model is not None else None
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if portable is not None:
+                portable_state.save(os.path.join(tmp, portable_state.PORTABLE_STATE), *portable)
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
             manifest = {
@@ -142,6 +233,7 @@ class Checkpointer:
                 "stores": "trainable parameters only; frozen weights come from the source model folders",
                 "num_processes": acc.num_processes,
                 "zero_stage": int(acc.state.deepspeed_plugin.zero_stage) if self.is_deepspeed else None,
+                **(asdict(self.layout) if self.layout else {}),
             }
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(manifest, f, indent=2)
@@ -156,12 +248,20 @@ class Checkpointer:
     def load(self, path: str) -> TrainerState:
         manifest = check_manifest(path, self.config, self.trainable_names)
         acc = self.accelerator
-        if self.is_deepspeed and manifest.get("num_processes") != acc.num_processes:
-            raise ConfigError(
-                f"checkpoint {path} was written by {manifest.get('num_processes')} processes and this run has "
-                f"{acc.num_processes}; DeepSpeed's partitioned optimizer states resume on the same process count "
-                "(convert it with DeepSpeed's universal checkpoint tools to change it)"
-            )
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            state = TrainerState(**json.load(f))
+        saved = BatchLayout.from_manifest(manifest)
+        if manifest.get("num_processes") != acc.num_processes:
+            self._load_portable(path, manifest, saved, state)
+        else:
+            self._load_same_count(path)
+        if saved is not None and self.layout is not None:
+            state.step_in_epoch = map_position(state.step_in_epoch, saved, self.layout, path, state.epoch)
+        return state
+
+    def _load_same_count(self, path: str) -> None:
+        """Everything back through Accelerate: weights, optimizer shards, scheduler, each process's RNG."""
+        acc = self.accelerator
         try:
             if self.is_deepspeed:
                 acc.load_state(path, load_module_strict=False)
@@ -171,8 +271,46 @@ class Checkpointer:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"checkpoint {path} cannot be loaded (corrupt or incomplete?): {e}") from None
-        with open(os.path.join(path, TRAINER_STATE)) as f:
-            return TrainerState(**json.load(f))
+
+    def _load_portable(self, path: str, manifest: dict, saved: BatchLayout | None, state: TrainerState) -> None:
+        """A checkpoint of another process count: the whole trainable state into the engine built for this one."""
+        from accelerate.utils import SCHEDULER_NAME, set_seed
+
+        acc = self.accelerator
+        file = os.path.join(path, portable_state.PORTABLE_STATE)
+        written_by = f"checkpoint {path} was written by {manifest.get('num_processes')} processes and this run has {acc.num_processes}"
+        if not os.path.isfile(file) or saved is None:
+            found = sorted(os.listdir(path))
+            raise ConfigError(
+                f"{written_by}, and it holds no {portable_state.PORTABLE_STATE} with its batch layout (found: {', '.join(found)}): "
+                "it was written before checkpoints could change process count, or by another tool. Resume it with "
+                f"--num_processes {manifest.get('num_processes')}, or start a new run from an export (epoch-N)"
+            )
+        if self.model is None:
+            raise ConfigError(f"{written_by}; this Checkpointer was given no model to load it into")
+        # Checked before anything is loaded: a position that cannot be mapped stops here.
+        map_position(state.step_in_epoch, saved, self.layout or saved, path, state.epoch)
+        try:
+            tensors, step = portable_state.read(file)
+            scheduler_state = torch.load(os.path.join(path, f"{SCHEDULER_NAME}.bin"), weights_only=True)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"checkpoint {path} cannot be loaded (corrupt or incomplete?): {e}") from None
+        portable_state.load_into(self.model, self.optimizer, tensors, step, self.is_deepspeed, file)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(scheduler_state)
+            # The schedule's state holds the rate of the next step, but the optimizer keeps
+            # the fresh schedule's first one until the scheduler steps again.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+        # The saved per-process RNG streams belong to processes this run does not have.
+        set_seed(self.seed + state.global_step, device_specific=True)
+        if acc.is_main_process:
+            logging.getLogger("mmtrain").info(
+                f"{written_by}: loaded its whole trainable state ({len(self.trainable_names)} tensors, optimizer step {step}) "
+                f"and schedule; RNG re-seeded from --seed, step {state.global_step} and each process's rank"
+            )
 
 
 # Libraries whose loggers narrate every file of a save at INFO level: Accelerate's "Saving

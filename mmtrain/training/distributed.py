@@ -10,6 +10,7 @@ full copy on every rank.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -56,6 +57,59 @@ def make_accelerator(train_args: TrainArguments):
         raise ConfigError(f"the Accelerate config cannot be used: {e}") from None
     _complete_deepspeed_config(accelerator, train_args)
     return accelerator
+
+
+# How long the processes of a run wait for each other to compare their flags, right after
+# they have all joined the process group (seconds; they arrive within a few).
+FLAG_CHECK_TIMEOUT_S = 300
+
+
+def check_same_flags(accelerator, *flag_groups) -> None:
+    """Every process was started with the same flags and Accelerate settings; else all stop, naming the first difference.
+
+    Processes of one ``accelerate launch`` share a command line, but machines of a
+    multi-machine run are launched one by one, and a flag typed differently on one of them
+    (a batch size, a step count, a DeepSpeed stage) would surface much later as processes
+    waiting forever for each other in a collective. Right after the process group forms,
+    every process therefore shares its parsed flags (one ``all_gather_object``, which each
+    process reaches at the same point) and every process compares them all, so each raises
+    the same error instead of leaving the others waiting. The exchange runs in a gloo group
+    of its own with a short timeout: objects travel on the CPU whatever the backend of the
+    run, and a process that never arrives ends the wait with an error, not a hang.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import socket
+    from dataclasses import asdict
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    flags = {f"--{k}": v for group in flag_groups for k, v in asdict(group).items()}
+    flags.update({
+        "the Accelerate config's distributed_type": str(accelerator.distributed_type),
+        "the Accelerate config's mixed_precision": accelerator.mixed_precision,
+        "the Accelerate config's zero_stage": zero_stage(accelerator),
+    })
+    mine = {"host": socket.gethostname(), "flags": json.dumps(flags, sort_keys=True, default=str)}
+    everyone: list = [None] * accelerator.num_processes
+    try:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=FLAG_CHECK_TIMEOUT_S))
+        dist.all_gather_object(everyone, mine, group=group)
+    except RuntimeError as e:  # gloo's timeout, or a peer that went away
+        raise ConfigError(
+            f"the processes could not compare their flags within {FLAG_CHECK_TIMEOUT_S} s ({e}); a machine stopped at start-up: see its log"
+        ) from None
+    dist.destroy_process_group(group)
+    first = json.loads(everyone[0]["flags"])
+    for rank, other in enumerate(everyone[1:], start=1):
+        theirs = json.loads(other["flags"])
+        for name in sorted(set(first) | set(theirs)):
+            if first.get(name) != theirs.get(name):
+                raise ConfigError(
+                    f"process {rank} (host {other['host']}) was started with {name} {theirs.get(name)!r}, process 0 "
+                    f"(host {everyone[0]['host']}) with {first.get(name)!r}: launch every machine with the same flags and config"
+                )
 
 
 # Threads of a run that is one CPU process; unset: every core the process may run on.

@@ -19,6 +19,7 @@ from mmtrain.training import distributed, speedups, weighting
 from mmtrain.training.checkpoint import TrainerState, quiet_save
 from mmtrain.training.engine_view import unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
+from mmtrain.training.sample_record import SampleRecord
 
 logger = logging.getLogger("mmtrain")
 
@@ -56,10 +57,12 @@ class Loop:
         self.step_tokens: torch.Tensor | None = None  # the current step's answer tokens, all processes
         self.pending: list[tuple] = []  # (step, loss, label tokens, tokens, samples) not yet read back from the device
         self.window = _Window()  # read-back values since the last log line
+        self.sample_record = SampleRecord(accelerator, train_args.output_dir, train_args.record_samples)
 
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict:
         self._rewind_metrics()
+        self.sample_record.rewind(self.state.global_step)
         # Log lines are written above the progress bar instead of onto the end of its line.
         with logging_redirect_tqdm(tqdm_class=tqdm):
             return self._fit()
@@ -83,6 +86,7 @@ class Loop:
             if state.step_in_epoch:
                 loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
             for batch in self.micro_batches(loader):
+                self.sample_record.write(state.epoch, state.global_step + 1, batch)
                 self.pending.append((state.global_step + 1, *self.train_step(batch)))
                 state.step_in_epoch += 1
                 if not self.acc.sync_gradients:

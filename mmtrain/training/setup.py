@@ -21,6 +21,7 @@ from mmtrain.training import distributed, speedups
 from mmtrain.training.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from mmtrain.training.engine_view import EngineView
 from mmtrain.training.metrics import METRICS_FILE
+from mmtrain.training.sample_record import SAMPLES_DIR
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
 logger = logging.getLogger("mmtrain")
@@ -31,13 +32,13 @@ _EXPORT_RE = re.compile(r"^epoch-\d+$")
 
 
 def run_outputs(output_dir: str) -> list[str]:
-    """What a run wrote into ``output_dir``: checkpoints, ``epoch-N`` exports, metrics, TensorBoard logs, its flags.
+    """What a run wrote into ``output_dir``: checkpoints, ``epoch-N`` exports, metrics, TensorBoard logs, its flags, sample records.
 
     Matched by name, so that files a user put there are never taken for the run's.
     """
     if not os.path.isdir(output_dir):
         return []
-    known = {CHECKPOINT_DIR, METRICS_FILE, METRICS_FILE + ".tmp", TENSORBOARD_DIR, RUN_CONFIG}
+    known = {CHECKPOINT_DIR, METRICS_FILE, METRICS_FILE + ".tmp", TENSORBOARD_DIR, RUN_CONFIG, SAMPLES_DIR}
     found = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)

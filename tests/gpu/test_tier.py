@@ -365,6 +365,30 @@ def test_zero3_mixed_modality_200_steps_and_one_gpu_equivalence(vision_lora, mod
 
 
 @pytest.mark.gpus(2)
+@pytest.mark.parametrize("config, written_on, resumed_on", [("zero2", 2, 1), ("zero3", 1, 2)], ids=["zero2-2to1", "zero3-1to2"])
+def test_resume_on_another_gpu_count(config, written_on, resumed_on, model_folders, data_path, tmp_path, record):
+    """A checkpoint of 2 GPUs x accumulation 1 resumes on 1 GPU x accumulation 2 and back: the losses go on as the uninterrupted run's."""
+    r = Row(config, (f"resume {written_on}->{resumed_on} GPUs",), gpus=2, export=False)
+    record(r)
+
+    def accumulation(gpus):
+        return {"gradient_accumulation_steps": 2 // gpus}
+
+    extra = dict(synthetic_num_samples=160, eval_generate=0, save_steps=SAVE_AT, save_total_limit=4, export_each_epoch="false", record_samples="true")
+    first = tmp_path / "first"
+    launch(common_flags(model_folders, data_path, output_dir=first, **extra, **accumulation(written_on)), config=config,
+           processes=written_on, out=first, devices="0" if written_on == 1 else None)
+    checkpoint = first / "checkpoints" / f"step-{SAVE_AT:08d}"
+    resumed = tmp_path / "resumed"
+    launch(common_flags(model_folders, data_path, output_dir=resumed, resume_from_checkpoint=checkpoint, **extra, **accumulation(resumed_on)),
+           config=config, processes=resumed_on, out=resumed, devices="0" if resumed_on == 1 else None)
+    reference, got = train_losses(first), train_losses(resumed)
+    assert min(got) == SAVE_AT + 1 and max(got) == max(reference)
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], rel=2e-2, abs=2e-2), f"step {step}: resumed {got[step]} vs {reference[step]}"
+
+
+@pytest.mark.gpus(2)
 def test_7b_preset_starts_in_seconds_at_zero2(tmp_path, data_path, record):
     """ref-7b's presets at ZeRO-2 on two processes: the build used to take minutes on the CPU."""
     r = Row("zero2", ("llama-2-7b+clip-vit-large-patch14-336 presets", "startup"), gpus=2, export=False)

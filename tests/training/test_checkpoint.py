@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.training.checkpoint import (
     FORMAT_VERSION,
+    BatchLayout,
     Checkpointer,
     TrainerState,
     check_manifest,
     list_checkpoints,
+    map_position,
     remove_partial_checkpoints,
     resolve_resume,
 )
@@ -188,3 +190,77 @@ def test_checkpointer_saves_trainable_weights_rotates_and_restores(tmp_path, tin
     other = Checkpointer(accelerator, str(tmp_path), tiny_args(lang_lora_dim=8), trainable, keep=2)
     with pytest.raises(ConfigError, match="--lang_lora_dim: recorded 4, now 8"):
         other.load(str(tmp_path / "checkpoints" / "step-00000003"))
+
+
+def test_map_position_carries_samples_consumed_over_to_another_layout():
+    two = BatchLayout(num_processes=2, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    one = BatchLayout(num_processes=1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert map_position(6, two, two, "ck", 0) == 6  # the same layout: as written
+    assert map_position(6, two, one, "ck", 0) == 12  # 48 samples: 12 batches of 4 on one process
+    assert map_position(12, one, two, "ck", 0) == 6
+    assert map_position(0, two, BatchLayout(3, 5, 7), "ck", 0) == 0  # an epoch's start maps anywhere
+    # 48 samples = 3 steps of 16 (2 x 8 x 1): 3 batches of 8 on each of two processes
+    assert map_position(6, two, BatchLayout(2, 8, 1), "ck", 0) == 3
+    with pytest.raises(ConfigError) as refused:
+        map_position(6, two, BatchLayout(1, 4, 5), "ck", 2)  # 48 samples are not whole steps of 20
+    message = str(refused.value)
+    assert "48 samples into epoch 2" in message and "--per_device_train_batch_size 4" in message
+    assert "--gradient_accumulation_steps 5" in message and "1 processes" in message and "8 samples per step" in message
+
+
+def test_checkpoint_of_another_process_count_loads_its_portable_state(tmp_path, tiny_args, accelerator):
+    """Without DeepSpeed, a checkpoint recorded as two processes' loads through the portable state, as exactly."""
+    from mmtrain.model import build_model
+
+    args = tiny_args(lang_lora_dim=4)
+    model = build_model(args).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def step():
+        loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+    def weights():
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def checkpointer(batch):
+        return Checkpointer(
+            accelerator, str(tmp_path), args, trainable, keep=2, model=model, optimizer=optimizer, scheduler=scheduler,
+            per_device_train_batch_size=batch, seed=3,
+        )
+
+    step()
+    step()
+    path = checkpointer(4).save(TrainerState(epoch=0, step_in_epoch=4, global_step=2))
+    saved_weights, saved_lr = weights(), optimizer.param_groups[0]["lr"]
+    step()
+    expected_next = weights()
+    step()
+    # as if two processes of batch 2 had written it: the same 16 samples consumed
+    manifest_path = os.path.join(path, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    assert (manifest["num_processes"], manifest["per_device_train_batch_size"], manifest["gradient_accumulation_steps"]) == (1, 4, 1)
+    json.dump({**manifest, "num_processes": 2, "per_device_train_batch_size": 2}, open(manifest_path, "w"))
+    state = checkpointer(4).load(path)
+    assert state.step_in_epoch == 4 and state.global_step == 2
+    for name, value in weights().items():
+        assert torch.equal(value, saved_weights[name]), name
+    assert optimizer.param_groups[0]["lr"] == saved_lr  # the schedule's rate, not the fresh one's
+    step()  # moments and step count came back: the same step lands on the same weights
+    for name, value in weights().items():
+        assert torch.allclose(value, expected_next[name], rtol=0, atol=1e-7), name
+
+    # a position this run's batches cannot continue exactly, and a checkpoint without the portable state
+    with pytest.raises(ConfigError, match="--per_device_train_batch_size 3"):
+        checkpointer(3).load(path)
+    os.remove(os.path.join(path, "trainable_state.safetensors"))
+    with pytest.raises(ConfigError) as old:
+        checkpointer(4).load(path)
+    assert "written by 2 processes and this run has 1" in str(old.value) and "--num_processes 2" in str(old.value)
+    assert "trainable_state.safetensors" in str(old.value) and "optimizer.bin" in str(old.value)

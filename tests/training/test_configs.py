@@ -16,6 +16,7 @@ EXPECTED = {
     "zero2_offload.yaml": ("DEEPSPEED", 2, "cpu", "none"),
     "zero3.yaml": ("DEEPSPEED", 3, "none", "none"),
     "zero3_offload.yaml": ("DEEPSPEED", 3, "cpu", "cpu"),
+    "multi_machine_zero2.yaml": ("DEEPSPEED", 2, "none", "none"),
 }
 
 
@@ -40,3 +41,14 @@ def test_config_loads_and_says_what_it_is_for(name):
     comments = [line for line in header if line.startswith("#")]
     assert header[0].startswith("#") and len(comments) >= 2, "opens with a comment naming its use"
     assert any(re.search(rf"accelerate launch --config_file accelerate_configs/{re.escape(name)} .*mmtrain/train.py", c) for c in comments)
+
+
+def test_multi_machine_config_names_what_every_machine_needs():
+    """The launch settings a multi-machine run needs are all there (test_process_counts.py runs it as two machines)."""
+    config = load_config_from_file(str(CONFIGS / "multi_machine_zero2.yaml"))
+    assert config.num_machines == 2 and config.machine_rank == 0
+    assert config.main_process_ip and config.main_process_port and config.same_network
+    assert config.num_processes % config.num_machines == 0
+    assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+    header = (CONFIGS / "multi_machine_zero2.yaml").read_text()
+    assert "--machine_rank 0" in header and "--machine_rank 1" in header

@@ -111,15 +111,16 @@ def test_final_report_without_and_with_eval(capsys):
 
 def test_overwrite_output_dir_removes_what_the_earlier_run_wrote_and_nothing_else(train, tmp_path):
     out = tmp_path / "run"
-    train(out, enable_tensorboard="true")  # a whole epoch: checkpoints, epoch-0, metrics, tensorboard, run_config
+    train(out, enable_tensorboard="true", record_samples="true")  # a whole epoch: checkpoints, epoch-0, metrics, tensorboard, run_config, samples
     assert (out / "epoch-0").is_dir() and (out / "tensorboard").is_dir() and (out / "run_config.json").is_file()
+    assert (out / "samples" / "rank-0.jsonl").is_file()
     (out / "notes.txt").write_text("mine")
     (out / "epoch-notes").mkdir()
     (out / "epoch-7.txt").write_text("mine too")
 
     train(out, overwrite_output_dir="true", max_steps=3)
     # the new run stopped inside its first epoch: an epoch-0 there would be the old model's
-    assert not (out / "epoch-0").exists() and not (out / "tensorboard").exists()
+    assert not (out / "epoch-0").exists() and not (out / "tensorboard").exists() and not (out / "samples").exists()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
     assert [(r["split"], r["step"]) for r in metrics(out)] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
     assert json.loads((out / "run_config.json").read_text())["train_args"]["max_steps"] == 3
