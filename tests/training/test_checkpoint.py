@@ -208,6 +208,16 @@ def test_map_position_carries_samples_consumed_over_to_another_layout():
     assert "--gradient_accumulation_steps 5" in message and "1 processes" in message and "8 samples per step" in message
 
 
+def test_map_position_under_a_token_budget_counts_micro_batches():
+    budget = "--max_tokens_per_batch 512"
+    two = BatchLayout(2, 1, 1, budget)
+    assert map_position(6, two, BatchLayout(1, 1, 2, budget), "ck", 0) == 12  # 12 planned micro-batches consumed
+    with pytest.raises(ConfigError, match="--max_tokens_per_batch 512 and this run plans --max_tokens_per_batch 1024"):
+        map_position(6, two, BatchLayout(1, 1, 2, "--max_tokens_per_batch 1024"), "ck", 0)
+    with pytest.raises(ConfigError, match="this run plans --per_device_train_batch_size samples"):
+        map_position(6, two, BatchLayout(1, 4, 2), "ck", 0)
+
+
 def test_checkpoint_of_another_process_count_loads_its_portable_state(tmp_path, tiny_args, accelerator):
     """Without DeepSpeed, a checkpoint recorded as two processes' loads through the portable state, as exactly."""
     from mmtrain.model import build_model
