@@ -5,7 +5,8 @@ tiny presets on the generated shapes dataset, on CPU, in a few minutes, and prin
 held-out exact-match accuracy beside the majority-answer baseline.
 
 The story: parse and validate flags -> Accelerator (before any weights, so ZeRO-3
-partitions them as they load) -> model -> data -> optimizer and schedule -> prepare
+partitions them as they load) -> records read and image files checked -> model -> data
+-> optimizer and schedule -> prepare
 -> resume -> epochs of steps, with logging, eval, checkpoints and an HF-format export
 at each epoch end -> final report.
 """
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from accelerate.utils import set_seed
 
-    from mmtrain.data import Collator, build_datasets
+    from mmtrain.data import Collator, build_datasets, read_sources
     from mmtrain.model.builder import check_model_config
     from mmtrain.training import distributed, sample_record, setup, speedups
     from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
@@ -47,15 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
     distributed.log_process(accelerator)
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
     set_seed(train_args.seed)
+    # Every record read and every image file looked up before any weights load: a bad
+    # path stops the run now, not hours into an epoch.
+    sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first)
 
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
-    data = build_datasets(
-        data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed,
-        main_process_first=accelerator.main_process_first,
-    )
+    data = build_datasets(data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources)
     setup.log_data_report(accelerator, data.report)
     collator = Collator(built.tokenizer.pad_token_id, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests

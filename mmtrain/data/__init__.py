@@ -5,7 +5,7 @@
 datasets, ``collator`` makes batches, ``synthetic`` writes the default dataset.
 """
 
-from mmtrain.data.build import DataBundle, build_datasets, register_dataset
+from mmtrain.data.build import DataBundle, Sources, build_datasets, read_sources, register_dataset
 from mmtrain.data.collator import BATCH_KEYS, BatchCollator, Collator
 from mmtrain.data.dataset import ConversationDataset
 from mmtrain.data.formats import DataError, load_records
@@ -21,6 +21,8 @@ __all__ = [
     "EncodedConversation",
     "IGNORE_INDEX",
     "build_datasets",
+    "read_sources",
+    "Sources",
     "encode_conversation",
     "load_records",
     "register_dataset",

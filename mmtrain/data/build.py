@@ -1,20 +1,28 @@
 """From data flags to train and eval datasets: registry, selection, split, length policy.
 
-``build_datasets`` is the one call the trainer makes. In order:
+The trainer makes two calls. :func:`read_sources`, before any weights load:
 
 1. resolve ``--dataset_names`` (files, or registered names such as ``synthetic``);
 2. load and check every record of every file (no image is opened);
 3. take ``--dataset_samples`` from each file (a seeded subset) and split off eval
    (``--eval_ratio`` per file, seeded, or the ``--eval_dataset_names`` files);
-4. tokenise the text once to measure each sample (image spans have a known length)
+4. check that every image file of the records taken exists (one ``stat`` each, many at
+   once): under ``--on_bad_sample error`` a missing one stops the run here, naming the
+   first ones with their file and record; under ``skip`` their records are dropped and
+   counted. A file that exists but does not decode is still found when it is read.
+
+Then :func:`build_datasets`, once the tokenizer exists:
+
+5. tokenise the text once to measure each sample (image spans have a known length)
    and apply ``--overlength_policy``;
-5. wrap the survivors in :class:`ConversationDataset` (train concatenated, eval not).
+6. wrap the survivors in :class:`ConversationDataset` (train concatenated, eval not).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -171,30 +179,64 @@ def _table(records: list[dict]):
     return datasets.Dataset.from_list(records)
 
 
-def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None) -> DataBundle:
-    """Build train and eval datasets from ``data_args`` (see the module docstring).
+@dataclass
+class Sources:
+    """The records training and eval take, read and checked by :func:`read_sources` (no tokenizer needed)."""
 
-    ``tokenizer`` must already hold the image tokens (``add_image_tokens``), and
-    ``image_tokens`` is what that call returned. ``main_process_first`` (e.g.
-    ``accelerator.main_process_first``) lets one process generate registered datasets
-    while the others wait. Structural problems raise :class:`DataError` here, before training.
+    train: list[dict]
+    eval: list[dict]
+    report: dict  # per file: records, selected, requested, train, eval; and the missing-image counts
+
+
+# Records whose images are looked up at once; a stat is I/O-bound, so threads overlap
+# the waits (network file systems answer in milliseconds, local disks in microseconds).
+STAT_THREADS = 32
+MISSING_NAMED = 5  # missing files named in the error; the count covers them all
+
+
+def _missing_images(records: list[tuple[str, int, dict]]) -> list[tuple[str, int, str]]:
+    """(data file, record number, image path) of every image file that does not exist, in record order."""
+    paths = sorted({p for _, _, r in records for p in r["images"]})
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(STAT_THREADS, len(paths))) as pool:
+        exists = dict(zip(paths, pool.map(os.path.isfile, paths)))
+    return [(source, index, p) for source, index, r in records for p in r["images"] if not exists[p]]
+
+
+def _check_images(taken: list[tuple[str, int, dict]], on_bad_sample: str, counts: dict) -> set[int]:
+    """Positions in ``taken`` whose records name a missing image (``skip``), or a DataError (``error``)."""
+    missing = _missing_images(taken)
+    if not missing:
+        return set()
+    records = sorted({(source, index) for source, index, _ in missing})
+    if on_bad_sample == "error":
+        named = "; ".join(f"{source} record {index}: {path}" for source, index, path in missing[:MISSING_NAMED])
+        more = f" (and {len(missing) - MISSING_NAMED} more)" if len(missing) > MISSING_NAMED else ""
+        raise DataError(
+            f"{len(records)} record(s) name image files that do not exist ({len({p for _, _, p in missing})} file(s)): {named}{more}. "
+            "Fix the paths (relative ones are resolved against --image_folder, else the data file's folder), "
+            "or pass --on_bad_sample skip to leave those records out"
+        )
+    bad = set(records)
+    counts["missing_image_records"] = len(records)
+    counts["missing_image_files"] = len({path for _, _, path in missing})
+    return {i for i, (source, index, _) in enumerate(taken) if (source, index) in bad}
+
+
+def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
+    """Steps 1-4 of the module docstring: every record read and checked, every image file looked up.
+
+    ``main_process_first`` (e.g. ``accelerator.main_process_first``) lets one process
+    generate registered datasets while the others wait. Problems raise :class:`DataError`.
     """
-    try:
-        check_template(tokenizer, data_args.template)
-    except ValueError as err:
-        raise DataError(str(err)) from None
     with _main_process_first(main_process_first):
         paths = [resolve_dataset(name, data_args, seed) for name in data_args.dataset_names]
         eval_paths = [resolve_dataset(name, data_args, seed) for name in data_args.eval_dataset_names]
 
     folders = list(data_args.image_folder)
-    counts = {
-        f"{key}_{split}": 0
-        for key in ("dropped_overlength", "truncated", "text_only", "images", "tokens", "longest_sample")
-        for split in ("train", "eval")
-    }
     sources: dict[str, dict] = {}
-    train_records, eval_records = [], []
+    train_taken, eval_taken = [], []  # (data file, record number, record)
     for i, path in enumerate(paths):
         folder = folders[0] if len(folders) == 1 else (folders[i] if folders else None)
         records = load_records(path, folder)
@@ -207,8 +249,8 @@ def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: in
         info["requested"] = info.get("requested", 0) + wanted
         info["train"] += len(train_rows)
         info["eval"] += len(eval_rows)
-        train_records += [records[r] for r in train_rows]
-        eval_records += [records[r] for r in eval_rows]
+        train_taken += [(path, int(r), records[r]) for r in train_rows]
+        eval_taken += [(path, int(r), records[r]) for r in eval_rows]
     for path in eval_paths:
         folder = folders[0] if len(folders) == 1 else None
         records = load_records(path, folder)
@@ -216,10 +258,38 @@ def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: in
         info["records"] += len(records)
         info["selected"] += len(records)
         info["eval"] += len(records)
-        eval_records += records
+        eval_taken += [(path, i, r) for i, r in enumerate(records)]
 
-    train_records, train_entries = _fit(train_records, data_args, tokenizer, image_tokens, counts, "train")
-    eval_records, eval_entries = _fit(eval_records, data_args, tokenizer, image_tokens, counts, "eval")
+    counts = {"missing_image_records": 0, "missing_image_files": 0}
+    bad = _check_images(train_taken + eval_taken, data_args.on_bad_sample, counts)
+    train = [r for i, (_, _, r) in enumerate(train_taken) if i not in bad]
+    evaluation = [r for i, (_, _, r) in enumerate(eval_taken, start=len(train_taken)) if i not in bad]
+    return Sources(train=train, eval=evaluation, report={"sources": sources, **counts})
+
+
+def build_datasets(
+    data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None, sources: Sources | None = None
+) -> DataBundle:
+    """Build train and eval datasets from ``data_args`` (see the module docstring).
+
+    ``sources``: what :func:`read_sources` returned for these flags (the trainer reads
+    them before the model loads); read here when not given. ``tokenizer`` must already
+    hold the image tokens (``add_image_tokens``), and ``image_tokens`` is what that call
+    returned. Structural problems raise :class:`DataError` here, before training.
+    """
+    try:
+        check_template(tokenizer, data_args.template)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if sources is None:
+        sources = read_sources(data_args, seed, main_process_first)
+    counts = {
+        f"{key}_{split}": 0
+        for key in ("dropped_overlength", "truncated", "text_only", "images", "tokens", "longest_sample")
+        for split in ("train", "eval")
+    }
+    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train")
+    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval")
     if not train_entries:
         raise DataError(
             f"no training samples left (dropped as longer than {data_args.longest_sample()} tokens, --max_seq_len or "
@@ -241,7 +311,7 @@ def build_datasets(data_args, tokenizer, image_processor, image_tokens, seed: in
     evaluation = ConversationDataset(_table(eval_records), eval_entries, tokenizer, image_tokens, image_processor, **common)
 
     report = {
-        "sources": sources,
+        **sources.report,
         "train_samples": len(train_entries),
         "eval_samples": len(eval_entries),
         "train_items_per_epoch": len(train),

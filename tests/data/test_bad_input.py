@@ -85,10 +85,26 @@ def bad_image_file(tmp_path, mk):
     return mk.json(tmp_path / "d.json", records)
 
 
-def test_bad_images_raise_naming_file_and_record(tmp_path, mk, build):
+def test_missing_images_stop_the_build_naming_file_and_record(tmp_path, mk, build):
     path = bad_image_file(tmp_path, mk)
-    bundle = build([path])  # found when read, not when loading
+    with pytest.raises(DataError, match=r"1 record\(s\) name image files that do not exist \(1 file\(s\)\): .*d.json record 1: .*missing.png") as err:
+        build([path])  # every path looked up when the records are read, before any sample is
+    assert "--on_bad_sample skip" in str(err.value)
+
+
+def test_many_missing_images_are_counted_and_the_first_named(tmp_path, mk, build):
+    mk.solid(tmp_path / "ok.png", (255, 0, 0))
+    records = [mk.llava("<image>\nQ?", "a", image=f"gone-{i}.png" if i % 2 else "ok.png") for i in range(20)]
+    with pytest.raises(DataError, match=r"10 record\(s\) name image files that do not exist \(10 file\(s\)\): .*record 1: .*gone-1.png.*\(and 5 more\)"):
+        build([mk.json(tmp_path / "d.json", records)])
+
+
+def test_unreadable_images_raise_when_read(tmp_path, mk, build):
+    path = bad_image_file(tmp_path, mk)
+    (tmp_path / "missing.png").write_bytes((tmp_path / "ok.png").read_bytes())  # exists at the check
+    bundle = build([path])
     bundle.train[0]
+    (tmp_path / "missing.png").unlink()  # gone by the time it is read
     with pytest.raises(DataError, match=r"d.json: record 1: image file .*missing.png not found"):
         bundle.train[1]
     with pytest.raises(DataError, match=r"d.json: record 3: image file .*corrupt.png cannot be decoded"):
@@ -98,7 +114,11 @@ def test_bad_images_raise_naming_file_and_record(tmp_path, mk, build):
 def test_bad_images_skipped_and_counted(tmp_path, mk, build, tokenizer):
     path = bad_image_file(tmp_path, mk)
     bundle = build([path], on_bad_sample="skip")
-    labels = [bundle.train[i]["labels"] for i in range(5)]
+    # The record with a missing file is left out when the records are read ...
+    assert bundle.report["missing_image_records"] == 1 and bundle.report["missing_image_files"] == 1
+    assert bundle.report["train_samples"] == 4
+    # ... the corrupt one is found when read, and the next readable record takes its place.
+    labels = [bundle.train[i]["labels"] for i in range(4)]
     answers = [tokenizer.decode(l[l != -100]) for l in labels]
-    assert answers == ["a0</s>", "a2</s>", "a2</s>", "a4</s>", "a4</s>"]  # the next readable record
-    assert bundle.report["skipped_bad_samples"] == 2  # one per replaced read
+    assert answers == ["a0</s>", "a2</s>", "a4</s>", "a4</s>"]
+    assert bundle.report["skipped_bad_samples"] == 1  # one per replaced read

@@ -57,6 +57,23 @@ def test_folder_that_is_not_a_model(tmp_path):
         parse_args(["--lm_model_name_or_path", str(tmp_path)])
 
 
+def test_missing_image_stops_the_run_before_any_weights_load(tmp_path, model_folders, data_path):
+    """The LM folder's weights are gone: a run that reached them would fail there, not on the image."""
+    import shutil
+
+    lm = tmp_path / "lm-without-weights"
+    shutil.copytree(model_folders["tiny-llama"], lm)
+    for weights in lm.glob("*.safetensors"):
+        weights.unlink()
+    records = [{"image": "nowhere.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(records * 4))
+    flags = common_flags(model_folders, data_path, output_dir=tmp_path / "o", lm_model_name_or_path=lm, dataset_names=tmp_path / "d.json")
+    proc = _train(flags)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "4 record(s) name image files that do not exist (1 file(s))" in proc.stderr and "d.json record 0:" in proc.stderr
+    assert "nowhere.png" in proc.stderr and "safetensors" not in proc.stderr
+
+
 def test_offload_on_a_stage_that_cannot_and_gradient_accumulation_conflict(tmp_path, model_folders, data_path):
     bad = tmp_path / "bad_offload.yaml"
     text = (REPO / "accelerate_configs" / "zero2.yaml").read_text().replace("offload_param_device: none", "offload_param_device: cpu")
