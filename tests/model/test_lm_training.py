@@ -117,3 +117,16 @@ def test_export_of_a_fully_trained_lm_holds_its_weights(tmp_path, tiny_args):
     new_rows = trained["model.embed_tokens.new_rows"]
     table[first : first + len(new_rows)] = new_rows
     torch.testing.assert_close(got["model.embed_tokens.base.weight"][: len(table)], table)
+
+    # transformers' own LLaVA written from that export holds the same full LM weights
+    from transformers import LlavaForConditionalGeneration
+
+    from mmtrain.export import export_llava
+
+    llava_dir = tmp_path / "llava"
+    export_llava(str(folder), str(llava_dir))
+    llava = LlavaForConditionalGeneration.from_pretrained(str(llava_dir)).state_dict()
+    torch.testing.assert_close(llava["lm_head.weight"], got["lm_head.weight"])
+    lm_keys = [k for k in llava if k.endswith("layers.3.self_attn.q_proj.weight") and "vision" not in k]
+    assert len(lm_keys) == 1
+    torch.testing.assert_close(llava[lm_keys[0]], trained["model.layers.3.self_attn.q_proj.weight"])
