@@ -27,6 +27,9 @@ PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
 LM_TRAINING = ("auto", "frozen", "lora", "full", "last_layers")
 ATTENTION_KERNELS = ("sdpa", "eager")
 CONFIG_VERSION = 1
+# Identity settings added after checkpoints recording an identity existed, with the value
+# every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
+ADDED_TO_IDENTITY = {"lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False}
 
 
 def _doc(text: str, **kw) -> dict:
@@ -180,16 +183,16 @@ class VLMConfig:
     def differences(self, recorded: dict) -> list[str]:
         """Settings whose value differs from a recorded :meth:`identity`, as readable lines.
 
-        A key the record lacks was added after it was written; the run then had that
-        setting's old behaviour, which is what :meth:`lm_mode` ``auto`` and the other
-        defaults reproduce, so only a value other than the default is a difference.
+        A setting the record lacks counts as different, except those added to the identity
+        after records were first written (:data:`ADDED_TO_IDENTITY`): an older record ran
+        with their value there.
         """
-        defaults = VLMConfig().identity()
-        return [
-            f"--{k}: recorded {recorded.get(k, defaults[k])!r}, now {v!r}"
-            for k, v in self.identity().items()
-            if recorded.get(k, defaults[k]) != v
-        ]
+        lines = []
+        for k, v in self.identity().items():
+            was = recorded.get(k, ADDED_TO_IDENTITY.get(k))
+            if was != v:
+                lines.append(f"--{k}: recorded {was!r}, now {v!r}")
+        return lines
 
     def exported(self, language_model: str, vision_encoder: str) -> "VLMConfig":
         """The config of this model's export: its own folders, LoRA fused, the tower ending at the layer read."""

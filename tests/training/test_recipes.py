@@ -108,14 +108,14 @@ def stages(data_path, tmp_path_factory):
     one, two = root / "stage1", root / "stage2"
     first = launch(
         ["--config", str(RECIPES / "tiny/stage1_pretrain.yaml"), "--output_dir", str(one), "--data_path", str(data_path)],
-        config="single_process.yaml",
+        config="single_process.yaml", timeout=1800,
     )
     second = launch(
         [
             "--config", str(RECIPES / "tiny/stage2_finetune.yaml"), "--output_dir", str(two), "--data_path", str(data_path),
             "--init_from", str(one / "epoch-0"),
         ],
-        config="single_process.yaml",
+        config="single_process.yaml", timeout=1800,
     )
     return {"one": one, "two": two, "log_one": first.stdout + first.stderr, "log_two": second.stdout + second.stderr}
 
@@ -191,7 +191,7 @@ def test_stage_2_whole_lm_at_zero3_with_offload_on_two_processes(stages, model_f
         model_folders, data_path, output_dir=out, lang_lora_dim=0, lm_training="full", init_from=stages["one"] / "epoch-0",
         eval_generate=0,
     )
-    proc = launch(flags, config="zero3_offload.yaml", num_processes=2)
+    proc = launch(flags, config="zero3_offload.yaml", num_processes=2, timeout=1800)
     log = proc.stdout + proc.stderr
     assert "(export): took projector: 4 tensors" in log and "language model: every weight trains" in log
     manifest = json.loads(next((out / "checkpoints").iterdir()).joinpath("manifest.json").read_text())
