@@ -215,3 +215,24 @@ def test_stage_2_whole_lm_at_zero3_with_offload_on_two_processes(stages, model_f
     load_parts(built.model, check_source(str(checkpoint), config, ["projector", "new_rows"]))
     for key, value in load_file(out / "epoch-0" / "projector.safetensors").items():
         torch.testing.assert_close(built.model.projector.state_dict()[key], value.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_init_from_a_checkpoint_with_its_adapters_is_the_exported_model(stages):
+    """Stage 2's last checkpoint, adapters included, in a fresh model computes what stage 2's export computes."""
+    from mmtrain.model import build_model
+    from mmtrain.model.pretrained import load_pretrained
+    from mmtrain.training.init_from import check_source, load_parts
+
+    from tests.model.test_pretrained import _inputs
+
+    model_args, _, _ = parse_args(["--config", str(RECIPES / "tiny/stage2_finetune.yaml")])
+    checkpoint = sorted((stages["two"] / "checkpoints").iterdir())[-1]
+    built = build_model(model_args)
+    lines = load_parts(built.model, check_source(str(checkpoint), model_args, ["projector", "new_rows", "lm_lora"]))
+    assert lines[-1].startswith("lm_lora: 56 tensors")  # A and B of 7 Linear layers in each of 4 decoder layers
+    exported = load_pretrained(str(stages["two"] / "epoch-0"))
+    ids, pixels = _inputs(built)
+    with torch.no_grad():
+        expected = exported.model(ids, pixel_values=pixels, return_logits=True).logits
+        got = built.model.eval()(ids, pixel_values=pixels, return_logits=True).logits
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected, rtol=1e-4, atol=1e-4)
