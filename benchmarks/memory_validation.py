@@ -23,6 +23,7 @@ ZeRO-3, each row one ``torchrun --nproc_per_node 2 benchmarks/bench.py`` (tokens
 both GPUs together, rank 0's peak memory)::
 
     python benchmarks/memory_validation.py --workload full-7b --out benchmarks/results/memory_full_7b_2gpu.json
+    python benchmarks/memory_validation.py --workload full-7b --smoke --rows 0 --out /tmp/rows.json   # CPU dry run, two processes
 
 Rows are written to ``--out`` after each setup, so a cut-off run keeps what it measured.
 A setup that fails (out of memory, a crash) is listed in ``<out stem>_failed.json``.
