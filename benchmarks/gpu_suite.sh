@@ -27,6 +27,8 @@
 #   scaling:S:W    ZeRO stage S on one and on two GPUs (SCALE_COUNTS, default "1 2"), workload W: mix (one image +
 #                  64-1024 text tokens, micro-batch 8), seq2048 (micro-batch 6), ref13b (llama-2-13b + ViT-bigG, perceiver)
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
+#   memory-full[:ROWS]  the same for 7B with the whole LM trained (LLaVA's stage 2), ZeRO-3 on
+#                  two GPUs through torchrun (rows 0-2; needs a machine with two GPUs)
 #
 # When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
 # put first on PYTHONPATH. Results go to $OUT (default outputs/gpu_suite,
@@ -205,6 +207,11 @@ part_memory() {
     run $PY benchmarks/memory_validation.py "${MEM[@]}" --rows "$rows" --out "$OUT/memory_${TAG}_rows_${rows//,/_}.json"
 }
 
+part_memory_full() {
+    local rows=${1:-all}
+    run $PY benchmarks/memory_validation.py "${MEM[@]}" --workload full-7b --rows "$rows" --out "$OUT/memory_full_7b_${TAG}_2gpu_rows_${rows//,/_}.json"
+}
+
 [ $# -gt 0 ] || set -- env bench mmca
 status=0
 for part in "$@"; do
@@ -222,6 +229,8 @@ for part in "$@"; do
         scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;
         memory) part_memory all ;;
         memory:*) part_memory "${part#memory:}" ;;
+        memory-full) part_memory_full all ;;
+        memory-full:*) part_memory_full "${part#memory-full:}" ;;
         *) echo "unknown part: $part"; status=2; continue ;;
     esac
     rc=$?
