@@ -10,7 +10,8 @@
 #   env            versions, nvidia-smi, DeepSpeed's view of the machine
 #   tier           pytest tests/gpu on this machine's GPUs: the one-GPU rows on a machine with
 #                  one, the two-GPU rows where there are two or more (TIER_ROWS=all runs both);
-#                  rows run TIER_JOBS at a time (pytest-xdist); the results JSON goes to
+#                  rows run TIER_JOBS at a time (pytest-xdist); TIER_K=EXPR selects rows (pytest -k);
+#                  TIER_TIMEOUT=S stops the rest after S seconds, keeping what finished; the results JSON goes to
 #                  $OUT/gpu_tier_<N>gpu.json (copy it to benchmarks/results/)
 #   bench          python benchmarks/bench.py: ref-7b, ZeRO-2, micro-batch 4, beside the plain loop
 #   bench-mb       the same at micro-batches 2 and 8, and ZeRO-0 / no DeepSpeed at 4 (no plain loop)
@@ -120,10 +121,15 @@ part_tier() {
     if [ "$rows" = auto ]; then
         if [ "$gpus" -ge 2 ]; then select=(-k "not test_one_gpu"); else select=(-k "test_one_gpu"); fi
     fi
+    [ -n "${TIER_K:-}" ] && select=(-k "$TIER_K")
     jobs=${TIER_JOBS:-6}
     local n=$gpus; [ "$n" -gt 2 ] && n=2
+    # TIER_TIMEOUT: stop the rows still running after that many seconds with SIGINT, so that
+    # pytest still writes the results of the rows that finished.
+    local limit=()
+    [ -n "${TIER_TIMEOUT:-}" ] && limit=(timeout -s INT "$TIER_TIMEOUT")
     MMTRAIN_GPU_RESULTS="$OUT/gpu_tier_${n}gpu.json" MMTRAIN_GPU_COMMAND="bash benchmarks/gpu_suite.sh tier" \
-        run $PY -m pytest -q -rs -p xdist -n "$jobs" --dist load "${select[@]}" tests/gpu
+        run "${limit[@]}" $PY -m pytest -q -rs -p xdist -n "$jobs" --dist load "${select[@]}" tests/gpu
 }
 
 part_bench() {
