@@ -49,6 +49,13 @@ class StreamLoader:
                     break
                 pairs.append(pair)
             counts = self.accelerator.gather(torch.tensor([len(pairs)], device=self.accelerator.device)).tolist()
+            if batches == 0 and self.stream.epoch == 0 and not resumed and min(counts) < self.batch_size:
+                # Every process sees the same counts, so all stop here together.
+                raise DataError(
+                    f"the training stream holds fewer samples than one global batch ({self.batch_size} on each of "
+                    f"{self.accelerator.num_processes} processes; their parts start with {counts}): add shards or lower "
+                    "--per_device_train_batch_size"
+                )
             if min(counts) == 0:
                 break
             batch = self.collator([item for _, item in pairs])
@@ -56,12 +63,6 @@ class StreamLoader:
                 batch[INDICES_KEY] = [sample_id for sample_id, _ in pairs]
             batches += 1
             yield send_to_device(batch, self.accelerator.device)
-        if batches == 0 and self.stream.epoch == 0 and not resumed:
-            raise DataError(
-                f"the training stream yielded fewer samples than one global batch ({self.batch_size} x "
-                f"{self.accelerator.num_processes} processes; samples per process: {counts}): add shards or lower "
-                "--per_device_train_batch_size"
-            )
         self.exhausted = True
         self.batches_last_epoch = batches
 

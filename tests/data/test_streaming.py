@@ -103,3 +103,14 @@ def test_skip_drops_the_rest_of_a_bad_shard_and_counts_it(tmp_path):
 def test_a_glob_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(DataError, match="matches no shard file"):
         shard_files([str(tmp_path / "none-*.jsonl")], [])
+
+
+def test_parquet_shards_stream_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for s in range(2):
+        rows = [{"conversations": [{"from": "human", "value": f"q {s} {i}"}, {"from": "gpt", "value": "a"}]} for i in range(5)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"part-{s}.parquet")
+    ids = _epoch(_stream(str(tmp_path / "part-*.parquet")), 0)
+    assert sorted(ids) == [f"part-{s}.parquet:{i}" for s in range(2) for i in range(5)]

@@ -37,7 +37,7 @@ def shards(tmp_path_factory) -> Path:
 def _flags(model_folders, shards: Path, out, **extra) -> list[str]:
     flags = common_flags(
         model_folders, shards, output_dir=out, max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=2,
-        eval_generate=0, record_samples="true", export_each_epoch="false", **extra,
+        eval_generate=0, record_samples="true", export_each_epoch="false", num_train_epochs=3, **extra,
     )
     return flags + ["--streaming", "--shuffle_buffer_size", "6", "--dataset_names", str(shards / "part-*.jsonl"),
                     "--eval_dataset_names", str(shards / "eval.jsonl")]
@@ -102,6 +102,14 @@ def test_eval_by_ratio_of_a_stream_is_refused(model_folders, shards):
         parse_args(argv)
 
 
+def test_a_stream_shorter_than_one_batch_stops_with_a_message(model_folders, tmp_path):
+    _text_shards(tmp_path / "tiny", records=3, shards=3)
+    proc = subprocess.run(_command(model_folders, tmp_path / "tiny", tmp_path / "out", per_device_train_batch_size=4),
+                          cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "fewer samples than one global batch (4 on each of 1 processes; their parts start with [3])" in proc.stderr
+
+
 def _text_shards(folder: Path, records: int, shards: int = 10) -> None:
     folder.mkdir()
     per_shard = records // shards
@@ -112,15 +120,21 @@ def _text_shards(folder: Path, records: int, shards: int = 10) -> None:
     (folder / "eval.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n")
 
 
-def _peak_rss_mib(model_folders, folder: Path, out: Path) -> float:
-    """Peak resident memory of one two-step streamed run, of that process alone (``wait4``)."""
-    cmd = [
-        sys.executable, "-m", "mmtrain.train", *common_flags(model_folders, folder, output_dir=out, max_steps=2, eval_generate=0,
-                                                             export_each_epoch="false", per_device_train_batch_size=2),
+_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _command(model_folders, folder: Path, out: Path, **extra) -> list[str]:
+    """``python -m mmtrain.train`` streaming ``folder``'s shards for two steps."""
+    flags = {"output_dir": out, "max_steps": 2, "eval_generate": 0, "export_each_epoch": "false", "per_device_train_batch_size": 2, **extra}
+    return [
+        sys.executable, "-m", "mmtrain.train", *common_flags(model_folders, folder, **flags),
         "--streaming", "--dataset_names", str(folder / "part-*.jsonl"), "--eval_dataset_names", str(folder / "eval.jsonl"),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _peak_rss_mib(model_folders, folder: Path, out: Path) -> float:
+    """Peak resident memory of one two-step streamed run, of that process alone (``wait4``)."""
+    proc = subprocess.Popen(_command(model_folders, folder, out), cwd=REPO, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, output[-4000:]
