@@ -37,7 +37,8 @@ def shards(tmp_path_factory) -> Path:
 def _flags(model_folders, shards: Path, out, **extra) -> list[str]:
     flags = common_flags(
         model_folders, shards, output_dir=out, max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=2,
-        eval_generate=0, record_samples="true", export_each_epoch="false", num_train_epochs=3, **extra,
+        eval_generate=0, record_samples="true", export_each_epoch="false", num_train_epochs=3,
+        save_total_limit=10, **extra,
     )
     return flags + ["--streaming", "--shuffle_buffer_size", "6", "--dataset_names", str(shards / "part-*.jsonl"),
                     "--eval_dataset_names", str(shards / "eval.jsonl")]
@@ -55,7 +56,11 @@ def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, sha
     out = tmp_path / "resumed"
     proc = launch(_flags(model_folders, shards, out), config="zero0.yaml", num_processes=num_processes, background=True)
     _kill_after_checkpoint(proc, out, SAVE_EVERY)
-    launch(_flags(model_folders, shards, out, resume_from_checkpoint="latest"), config="zero0.yaml", num_processes=num_processes)
+    # Named, not "latest": a fast run may pass the epoch's end before the kill lands, and
+    # a resume from there would not test the position inside an epoch.
+    checkpoint = out / "checkpoints" / f"step-{SAVE_EVERY:08d}"
+    proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint), config="zero0.yaml", num_processes=num_processes)
+    assert f"step-{SAVE_EVERY:08d}: epoch {0 if num_processes == 1 else 1}, step {SAVE_EVERY}" in proc.stdout + proc.stderr
 
     expected, resumed = train_losses(reference), train_losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
