@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(result: dict, out: str | None, summary: str) -> dict:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result  # under torchrun every rank measures; the first one writes
+    result["num_processes"] = int(os.environ.get("WORLD_SIZE", "1"))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

@@ -10,7 +10,8 @@
 #   env            versions, nvidia-smi, DeepSpeed's view of the machine
 #   tier           pytest tests/gpu on this machine's GPUs: the one-GPU rows on a machine with
 #                  one, the two-GPU rows where there are two or more (TIER_ROWS=all runs both);
-#                  rows run TIER_JOBS at a time (pytest-xdist); the results JSON goes to
+#                  rows run TIER_JOBS at a time (pytest-xdist); TIER_K=EXPR selects rows (pytest -k);
+#                  TIER_TIMEOUT=S stops the rest after S seconds, keeping what finished; the results JSON goes to
 #                  $OUT/gpu_tier_<N>gpu.json (copy it to benchmarks/results/)
 #   bench          python benchmarks/bench.py: ref-7b, ZeRO-2, micro-batch 4, beside the plain loop
 #   bench-mb       the same at micro-batches 2 and 8, and ZeRO-0 / no DeepSpeed at 4 (no plain loop)
@@ -27,6 +28,8 @@
 #   scaling:S:W    ZeRO stage S on one and on two GPUs (SCALE_COUNTS, default "1 2"), workload W: mix (one image +
 #                  64-1024 text tokens, micro-batch 8), seq2048 (micro-batch 6), ref13b (llama-2-13b + ViT-bigG, perceiver)
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
+#   memory-full[:ROWS]  the same for 7B with the whole LM trained (LLaVA's stage 2), ZeRO-3 on
+#                  two GPUs through torchrun (rows 0-2; needs a machine with two GPUs)
 #
 # When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
 # put first on PYTHONPATH. Results go to $OUT (default outputs/gpu_suite,
@@ -118,10 +121,15 @@ part_tier() {
     if [ "$rows" = auto ]; then
         if [ "$gpus" -ge 2 ]; then select=(-k "not test_one_gpu"); else select=(-k "test_one_gpu"); fi
     fi
+    [ -n "${TIER_K:-}" ] && select=(-k "$TIER_K")
     jobs=${TIER_JOBS:-6}
     local n=$gpus; [ "$n" -gt 2 ] && n=2
+    # TIER_TIMEOUT: stop the rows still running after that many seconds with SIGINT, so that
+    # pytest still writes the results of the rows that finished.
+    local limit=()
+    [ -n "${TIER_TIMEOUT:-}" ] && limit=(timeout -s INT "$TIER_TIMEOUT")
     MMTRAIN_GPU_RESULTS="$OUT/gpu_tier_${n}gpu.json" MMTRAIN_GPU_COMMAND="bash benchmarks/gpu_suite.sh tier" \
-        run $PY -m pytest -q -rs -p xdist -n "$jobs" --dist load "${select[@]}" tests/gpu
+        run "${limit[@]}" $PY -m pytest -q -rs -p xdist -n "$jobs" --dist load "${select[@]}" tests/gpu
 }
 
 part_bench() {
@@ -205,6 +213,11 @@ part_memory() {
     run $PY benchmarks/memory_validation.py "${MEM[@]}" --rows "$rows" --out "$OUT/memory_${TAG}_rows_${rows//,/_}.json"
 }
 
+part_memory_full() {
+    local rows=${1:-all}
+    run $PY benchmarks/memory_validation.py "${MEM[@]}" --workload full-7b --rows "$rows" --out "$OUT/memory_full_7b_${TAG}_2gpu_rows_${rows//,/_}.json"
+}
+
 [ $# -gt 0 ] || set -- env bench mmca
 status=0
 for part in "$@"; do
@@ -222,6 +235,8 @@ for part in "$@"; do
         scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;
         memory) part_memory all ;;
         memory:*) part_memory "${part#memory:}" ;;
+        memory-full) part_memory_full all ;;
+        memory-full:*) part_memory_full "${part#memory-full:}" ;;
         *) echo "unknown part: $part"; status=2; continue ;;
     esac
     rc=$?

@@ -18,6 +18,13 @@ logits, the vision pass, the optimizer step), measured and predicted.
     python benchmarks/memory_validation.py --list                                       # rows and predictions only
     python benchmarks/memory_validation.py --smoke --rows 0,8 --out /tmp/rows.json      # tiny presets, CPU dry run
 
+Full fine-tuning of the LM (LLaVA-1.5's stage 2: ``--lm_training full``) on two GPUs at
+ZeRO-3, each row one ``torchrun --nproc_per_node 2 benchmarks/bench.py`` (tokens/s of
+both GPUs together, rank 0's peak memory)::
+
+    python benchmarks/memory_validation.py --workload full-7b --out benchmarks/results/memory_full_7b_2gpu.json
+    python benchmarks/memory_validation.py --workload full-7b --smoke --rows 0 --out /tmp/rows.json   # CPU dry run, two processes
+
 Rows are written to ``--out`` after each setup, so a cut-off run keeps what it measured.
 A setup that fails (out of memory, a crash) is listed in ``<out stem>_failed.json``.
 
@@ -69,6 +76,7 @@ MEASUREMENT_FIELDS = {
 allowed and kept, e.g. ``workload``, ``precision``, ``images_per_sample``, ``notes``)."""
 
 MEASUREMENTS_PATH = "benchmarks/results/memory_h100.json"
+WORKLOADS = ("ref-7b", "full-7b")
 
 
 def validation_rows() -> list[memory.MemorySetup]:
@@ -88,6 +96,18 @@ def validation_rows() -> list[memory.MemorySetup]:
                         gradient_checkpointing=ckpt,
                     )
                 )
+    return rows
+
+
+def full_finetune_rows() -> list[memory.MemorySetup]:
+    """7B with every LM weight trained, on two GPUs at ZeRO-3 (with and without optimizer offload), 2048 tokens, bf16."""
+    rows = []
+    for offload, micro_batch in (("none", 4), ("none", 8), ("optimizer", 4)):
+        rows.append(
+            memory.MemorySetup(
+                zero_stage=3, offload=offload, num_gpus=2, micro_batch=micro_batch, seq_len=2048, precision="bf16", gradient_checkpointing=True
+            )
+        )
     return rows
 
 
@@ -155,15 +175,18 @@ def parse_rows(spec: str, n: int) -> list[int]:
     return out
 
 
-def model_args(smoke: bool) -> ModelArguments:
+def model_args(smoke: bool, workload: str = "ref-7b") -> ModelArguments:
+    full = dict(lang_lora_dim=0, lm_training="full") if workload == "full-7b" else dict(lang_lora_dim=16)
     if smoke:
         lm, vision = SMOKE_MODEL
-        return ModelArguments(lm_model_name_or_path=lm, vision_model_name_or_path=vision, vis_proj="mlp", lang_lora_dim=16)
+        return ModelArguments(lm_model_name_or_path=lm, vision_model_name_or_path=vision, vis_proj="mlp", **full)
+    if workload == "full-7b":
+        return replace(memory.ref_model_args("ref-7b"), **full)
     return memory.ref_model_args("ref-7b")
 
 
-def setups(smoke: bool) -> list[memory.MemorySetup]:
-    rows = validation_rows()
+def setups(smoke: bool, workload: str = "ref-7b") -> list[memory.MemorySetup]:
+    rows = full_finetune_rows() if workload == "full-7b" else validation_rows()
     if smoke:
         rows = [replace(r, seq_len=SMOKE_SEQ) for r in rows]
     return rows
@@ -177,6 +200,7 @@ def bench_command(args: ModelArguments, setup: memory.MemorySetup, text: int, st
         "--vis_proj", args.vis_proj,
         "--lang_lora_dim", str(args.lang_lora_dim),
         "--lang_lora_module_name", args.lang_lora_module_name,
+        "--lm_training", args.lm_training,
         "--zero_stage", str(setup.zero_stage),
         "--offload", setup.offload,
         "--per_device_train_batch_size", str(setup.micro_batch),
@@ -191,6 +215,9 @@ def bench_command(args: ModelArguments, setup: memory.MemorySetup, text: int, st
     ]
     if setup.gradient_checkpointing:
         cmd.append("--gradient_checkpointing")
+    if setup.num_gpus > 1:
+        # one process per GPU; the bench keeps torchrun's ranks and the first writes the result
+        cmd[:2] = ["torchrun", "--standalone", "--nproc_per_node", str(setup.num_gpus), "benchmarks/bench.py"]
     return cmd
 
 
@@ -204,7 +231,8 @@ def measure(index: int, args: ModelArguments, setup: memory.MemorySetup, facts, 
         print(f"[row {index}] {setup.name} micro-batch {setup.micro_batch}: {shown}", flush=True)
         start = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, *cmd[1:], "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            launcher = [sys.executable, "-m", "torch.distributed.run"] if cmd[0] == "torchrun" else [sys.executable]
+            proc = subprocess.run([*launcher, *cmd[1:], "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"index": index, "name": setup.name, "micro_batch": setup.micro_batch, "error": f"timed out after {timeout} s", "command": shown}
         seconds = time.perf_counter() - start
@@ -232,7 +260,7 @@ def measure(index: int, args: ModelArguments, setup: memory.MemorySetup, facts, 
                      "mmtrain": bench["git"]["commit"]},
         "command": shown,
         # extras
-        "workload": "smoke" if args.lm_model_name_or_path == SMOKE_MODEL[0] else "ref-7b",
+        "workload": ("smoke-" if args.lm_model_name_or_path == SMOKE_MODEL[0] else "") + ("full-7b" if args.lm_training == "full" else "ref-7b"),
         "name": setup.name,
         "precision": setup.precision,
         "images_per_sample": setup.images_per_sample,
@@ -248,6 +276,7 @@ def measure(index: int, args: ModelArguments, setup: memory.MemorySetup, facts, 
         "measured_peak_reserved_bytes": mm.get("peak_reserved_bytes"),
         "predicted": {k: v for k, v in est.as_dict().items() if k not in ("setup",)},
         "step_s_median": mm["step_s_median"],
+        "tokens_per_s": mm.get("tokens_per_s"),  # every process's tokens together
         "wall_s": seconds,
         "git_dirty": bench["git"].get("dirty"),
     }
@@ -303,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the rows and their predictions, measure nothing")
     p.add_argument("--smoke", action="store_true", help=f"tiny presets at {SMOKE_SEQ} tokens (a CPU dry run of this script)")
     p.add_argument("--combine", nargs="+", metavar="FILE", help="merge measured row files into --out and print the comparison")
+    p.add_argument("--workload", choices=WORKLOADS, default="ref-7b",
+                   help="ref-7b: LoRA rows on one GPU; full-7b: the whole LM trained, ZeRO-3 on two GPUs (torchrun)")
     opts = p.parse_args(argv)
 
     if opts.combine:
@@ -312,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{within}/{len(rows)} rows within {TOLERANCE:.0%} -> {opts.out}")
         return 0
 
-    args = model_args(opts.smoke)
+    args = model_args(opts.smoke, opts.workload)
     facts = memory.model_facts(args)
-    all_setups = setups(opts.smoke)
+    all_setups = setups(opts.smoke, opts.workload)
     chosen = parse_rows(opts.rows, len(all_setups))
     if opts.list:
         for i in chosen:

@@ -196,6 +196,11 @@ class DataArguments:
         return 64 if torch.cuda.is_available() else 1
 
 
+# Optimizer component -> the prefix of its --X_learning_rate / --X_weight_decay flags.
+COMPONENT_FLAGS = {"projector": "projector", "vision": "vision", "lm_lora": "lm_lora", "lm": "lm"}
+INIT_PARTS = ("projector", "new_rows", "lm_lora", "vision_lora")
+
+
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="outputs/default", metadata=_help("Where checkpoints, exports and logs go."))
@@ -207,6 +212,36 @@ class TrainArguments:
         default=None, metadata=_help("Learning rate of parameters with 'embed' in their name (default: --learning_rate).")
     )
     weight_decay: float = field(default=0.0, metadata=_help("Weight decay (never on biases and norm weights)."))
+    projector_learning_rate: Optional[float] = field(default=None, metadata=_help("Learning rate of the projector (default: --learning_rate)."))
+    projector_weight_decay: Optional[float] = field(default=None, metadata=_help("Weight decay of the projector (default: --weight_decay)."))
+    vision_learning_rate: Optional[float] = field(
+        default=None, metadata=_help("Learning rate of what trains in the vision encoder, its LoRA (default: --learning_rate).")
+    )
+    vision_weight_decay: Optional[float] = field(default=None, metadata=_help("Weight decay of the vision encoder's LoRA (default: --weight_decay)."))
+    lm_lora_learning_rate: Optional[float] = field(default=None, metadata=_help("Learning rate of the LM's LoRA (default: --learning_rate)."))
+    lm_lora_weight_decay: Optional[float] = field(default=None, metadata=_help("Weight decay of the LM's LoRA (default: --weight_decay)."))
+    lm_learning_rate: Optional[float] = field(
+        default=None,
+        metadata=_help("Learning rate of the LM's own weights with --lm_training full/last_layers, head included (default: --learning_rate)."),
+    )
+    lm_weight_decay: Optional[float] = field(default=None, metadata=_help("Weight decay of the LM's own weights (default: --weight_decay)."))
+    embedding_weight_decay: Optional[float] = field(
+        default=None, metadata=_help("Weight decay of the new token rows and the embedding table (default: --weight_decay).")
+    )
+    init_from: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Start from an earlier run's trained parts: an export (OUTPUT/epoch-N) or a checkpoint "
+            "(OUTPUT/checkpoints/step-N); data, schedule and optimizer start afresh. See --init_parts."
+        ),
+    )
+    init_parts: list[str] = field(
+        default_factory=lambda: ["projector", "new_rows"],
+        metadata=_help(
+            "What --init_from takes: projector, new_rows (the image tokens' embedding rows), lm_lora, vision_lora "
+            "(adapters: from a checkpoint; an export has them fused)."
+        ),
+    )
     num_train_epochs: int = field(default=12, metadata=_help("Epochs."))
     max_steps: int = field(default=-1, metadata=_help("Stop after this many optimizer steps (-1: run all epochs)."))
     gradient_accumulation_steps: Optional[int] = field(
@@ -274,6 +309,14 @@ class TrainArguments:
             raise ConfigError(f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for flag in COMPONENT_FLAGS:
+            for kind in ("learning_rate", "weight_decay"):
+                value = getattr(self, f"{flag}_{kind}")
+                if value is not None and (value < 0 or (kind == "learning_rate" and value == 0)):
+                    raise ConfigError(f"--{flag}_{kind} must be {'> 0' if kind == 'learning_rate' else '>= 0'}, got {value}")
+        unknown = sorted(set(self.init_parts) - set(INIT_PARTS))
+        if unknown:
+            raise ConfigError(f"--init_parts {' '.join(unknown)}: valid parts are {', '.join(INIT_PARTS)}")
         if self.learning_rate_pretraining_components is None:
             self.learning_rate_pretraining_components = self.learning_rate
         if self.num_warmup_steps < 0 or (self.num_warmup_steps > 1 and self.num_warmup_steps != int(self.num_warmup_steps)):
@@ -287,6 +330,16 @@ class TrainArguments:
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
+
+
+def component_settings(train_args: TrainArguments) -> dict[str, dict]:
+    """Per-component optimizer settings (``mmtrain.training.optim.param_groups``'s ``components``)."""
+    settings = {
+        name: {"lr": getattr(train_args, f"{flag}_learning_rate"), "weight_decay": getattr(train_args, f"{flag}_weight_decay")}
+        for name, flag in COMPONENT_FLAGS.items()
+    }
+    settings["embed"] = {"weight_decay": train_args.embedding_weight_decay}  # its rate: the seed's "embed" groups
+    return settings
 
 
 def _file_to_argv(path: str) -> list[str]:

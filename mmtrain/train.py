@@ -35,24 +35,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmtrain.data import Collator, build_datasets, read_sources
     from mmtrain.model.builder import check_model_config
-    from mmtrain.training import distributed, sample_record, setup, speedups
+    from mmtrain.training import distributed, init_from, sample_record, setup, speedups
     from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
     from mmtrain.training.engine_view import EngineView
     from mmtrain.training.loop import Loop, print_final_report
     from mmtrain.training.metrics import MetricsLogger
 
     check_model_config(model_args)  # config files read and checked, still no weights
+    init_source = init_from.check_source(train_args.init_from, model_args, train_args.init_parts) if train_args.init_from else None
     accelerator = distributed.make_accelerator(train_args)
     distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
     distributed.log_process(accelerator)
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
+    setup.warn_if_lm_will_not_fit(accelerator, model_args, data_args, train_args)  # mmtrain.memory's estimate, before weights
     set_seed(train_args.seed)
     # Every record read and every image file looked up before any weights load: a bad
     # path stops the run now, not hours into an epoch.
     sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first)
 
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
+    if init_source:
+        init_from.load_parts(built.model, init_source)  # an earlier run's trained parts, before the optimizer sees them
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 

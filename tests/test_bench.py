@@ -238,6 +238,21 @@ def test_validation_rows_and_measurement_file(tmp_path):
         mv.load_measurements(str(path))
 
 
+def test_full_finetune_rows_run_on_two_gpus_through_torchrun(tmp_path):
+    """The two-GPU measurement of 7B with the whole LM trained: its commands parse as the bench takes them."""
+    mv = _benchmark("memory_validation")
+    args = mv.model_args(False, "full-7b")
+    rows = mv.setups(False, "full-7b")
+    assert args.lm_mode == "full" and {(r.zero_stage, r.num_gpus) for r in rows} == {(3, 2)}
+    cmd = mv.bench_command(args, rows[0], 1470, 3)
+    assert cmd[:5] == ["torchrun", "--standalone", "--nproc_per_node", "2", "benchmarks/bench.py"]
+    opts, passthrough = bench.parse_options(cmd[5:])
+    model_args, _, _ = bench.training_arguments(opts, passthrough, str(tmp_path))
+    assert model_args.lm_mode == "full" and model_args.lang_lora_dim == 0 and opts.zero_stage == 3
+    facts = memory.model_facts(args)
+    assert memory.estimate(facts, rows[0]).optimizer_states == 12 * -(-facts.total(trainable=True) // 2)
+
+
 def test_plain_loop_batch_search_runs_each_attempt_in_its_own_process(tmp_path, monkeypatch):
     """The GPU path of the plain loop's batch search: a failing micro-batch is recorded, the next one runs.
 

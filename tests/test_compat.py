@@ -315,15 +315,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_deepspeed_zero3_parameters_carry_ds_id_ds_numel_and_ds_shape():
-    # A one-process gloo group in a child process: the test session's own state stays untouched.
+def _run_in_one_process_group(script: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``script`` in a child process of a one-process gloo group (the test session's own state stays
+    untouched); returns the run and its ``RESULT`` lines."""
     env = {
         **os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
-    run = subprocess.run([sys.executable, "-c", _ZERO3_PARAM], env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    return run, [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def test_deepspeed_zero3_parameters_carry_ds_id_ds_numel_and_ds_shape():
+    run, lines = _run_in_one_process_group(_ZERO3_PARAM)
     with pinned("deepspeed", "ZeRO-3 parameter attributes ds_id / ds_numel"):
         assert run.returncode == 0 and lines, f"building a ZeRO-3 parameter failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
         got = json.loads(lines[-1][len("RESULT "):])
@@ -485,13 +490,7 @@ _ZERO2_LINK = textwrap.dedent(
 
 
 def test_deepspeed_optimizer_state_and_fp32_masters_are_where_compat_finds_them():
-    env = {
-        **os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
-    run = subprocess.run([sys.executable, "-c", _ZERO2_LINK], env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    run, lines = _run_in_one_process_group(_ZERO2_LINK)
     with pinned("deepspeed", "the base optimizer (.optimizer), ZeRO-2's _lazy_init_hp_params_optimizer_state, ZeRO-0's fp16_groups / fp32_groups_flat"):
         assert run.returncode == 0 and lines, f"the ZeRO-2 engine failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
         got = json.loads(lines[-1][len("RESULT "):])

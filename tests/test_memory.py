@@ -176,3 +176,95 @@ def test_cli_prints_json():
     assert [e["name"] for e in data["estimates"]][:2] == ["zero0+ckpt", "zero1+ckpt"]
     assert len(data["estimates"]) == 7
     assert data["recommendation"]["name"] == "zero0"
+
+
+# Full fine-tuning of the LM (LLaVA's stage 2): --lm_training full.
+
+STAGE2_SETUPS = ((2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "optimizer+params"))
+
+
+def _full_lm(lm: str) -> ModelArguments:
+    return ModelArguments(lm_model_name_or_path=lm, vision_model_name_or_path="clip-vit-large-patch14-336", lang_lora_dim=0, lm_training="full")
+
+
+@pytest.fixture(scope="module")
+def full_lm():
+    return {size: model_facts(_full_lm(f"llama-2-{size}")) for size in ("7b", "13b")}
+
+
+def test_full_lm_trains_the_whole_lm(full_lm):
+    for facts in full_lm.values():
+        lm = sum(facts.counts[c]["total"] for c in ("LM input embeddings", "new token embeddings", "language model"))
+        trainable = facts.total(trainable=True)
+        assert trainable == lm + facts.counts["projector"]["total"]
+        assert facts.lm_trained_layers == facts.layers
+    assert 6.7e9 < full_lm["7b"].total(trainable=True) < 6.8e9 and 13.0e9 < full_lm["13b"].total(trainable=True) < 13.1e9
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_full_lm_stage_2_on_1_2_and_8_gpus(full_lm, size):
+    """ZeRO's arithmetic for 16 bytes per trained parameter (bf16 weight and gradient, fp32 master and moments)."""
+    facts = full_lm[size]
+    psi = facts.total(trainable=True)
+    table = {}
+    for gpus in (1, 2, 8):
+        for stage, offload in STAGE2_SETUPS:
+            setup = MemorySetup(zero_stage=stage, offload=offload, num_gpus=gpus, micro_batch=16, seq_len=2048, gradient_checkpointing=True)
+            est = estimate(facts, setup)
+            table[gpus, stage, offload] = est
+            shard = -(-psi // gpus)
+            if offload == "none":
+                assert est.optimizer_states == 12 * shard and est.cpu_total == 0
+            else:
+                assert est.optimizer_states == 0 and est.cpu_optimizer_states + est.cpu_gradients == 16 * shard
+            if stage == 2:
+                assert est.trainable_weights == 2 * psi  # every rank holds the whole bf16 model
+    for stage, offload in STAGE2_SETUPS:
+        peaks = [table[g, stage, offload].total for g in (1, 2, 8)]
+        assert peaks[0] >= peaks[1] >= peaks[2], (stage, offload)
+    for gpus in (2, 8):
+        assert table[gpus, 3, "none"].model_states < table[gpus, 2, "none"].model_states
+    # one 80 GB GPU cannot fine-tune a 7B LM without offload; eight can at ZeRO-3
+    assert table[1, 2, "none"].total > 80 * GiB and table[1, 3, "none"].total > 80 * GiB
+    assert table[8, 3, "none"].total < (80 if size == "7b" else 141) * GiB
+
+
+def test_a_trained_layer_keeps_every_linear_input(full_lm):
+    """Per token in bf16: 16h + 4h_kv + 8i + 4a bytes (41.5 h for LLaMA-2-7B shapes), as the package docstring derives."""
+    from mmtrain.memory import lm_layer_activation_bytes
+
+    f = full_lm["7b"]
+    per_token = lm_layer_activation_bytes(f, 1000, 2, trained=True) / 1000
+    assert per_token == pytest.approx(16 * f.hidden + 4 * f.kv_dim + 8 * f.intermediate + 4 * f.heads, rel=1e-6)
+    assert per_token / f.hidden == pytest.approx(41.5, abs=0.1)
+    assert lm_layer_activation_bytes(f, 1000, 2) < lm_layer_activation_bytes(f, 1000, 2, trained=True)
+
+
+def test_last_layers_count_only_those_layers(full_lm):
+    facts = model_facts(replace(_full_lm("llama-2-7b"), lm_training="last_layers", lm_trainable_layers=4, train_full_embeddings=False, train_lm_head=False))
+    assert facts.lm_trained_layers == 4
+    setup = MemorySetup(zero_stage=2, micro_batch=4)
+    frozen = replace(_full_lm("llama-2-7b"), lm_training="frozen", train_full_embeddings=False, train_lm_head=False)
+    assert estimate(frozen, setup).activations < estimate(facts, setup).activations < estimate(full_lm["7b"], setup).activations
+
+
+def test_fit_warning_names_the_estimate_and_what_fits(full_lm):
+    from mmtrain.memory import fit_warning
+
+    setup = MemorySetup(zero_stage=2, num_gpus=1, micro_batch=4, seq_len=2048)
+    warning = fit_warning(full_lm["7b"], setup, 80 * GiB)
+    assert warning.startswith("predicted peak ") and "for zero2 on 1 GPU(s)" in warning and "6,7" in warning
+    fits = warning.split("would fit: ")[1]
+    assert "zero3+off-opt+par" in fits and "zero2 (" not in fits
+    assert fit_warning(full_lm["7b"], replace(setup, zero_stage=3, num_gpus=8, gradient_checkpointing=True), 80 * GiB) is None
+
+
+def test_cli_knows_the_lm_modes(capsys):
+    from mmtrain.memory import main
+
+    argv = ["--lm_model_name_or_path", "llama-2-7b", "--vision_model_name_or_path", "clip-vit-large-patch14-336", "--lm_training", "full",
+            "--lang_lora_dim", "0", "--num_gpus", "2", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    zero3 = next(e for e in out["estimates"] if e["name"] == "zero3")
+    assert zero3["optimizer_states"] == 12 * -(-model_facts(_full_lm("llama-2-7b")).total(trainable=True) // 2)

@@ -9,7 +9,8 @@ adds a margin for them when it decides what fits.
 
 Counts come from the model the trainer builds (``build_model(meta=True)`` and
 ``count_parameters``), shapes from its configs. Notation: Ψ_t trainable parameters
-(projector, LoRA, new-token rows), Ψ_f frozen parameters inside the DeepSpeed engine
+(projector, LoRA, new-token rows, and the LM's own weights with ``--lm_training full``
+or ``last_layers``), Ψ_f frozen parameters inside the DeepSpeed engine
 (the LM, and the vision encoder when it has LoRA), Ψ_v the frozen vision encoder kept
 outside the engine (no vision LoRA), N GPUs, w bytes per value of the compute dtype
 (2 for bf16/fp16, 4 for fp32), b micro-batch, s sequence length, h/i/L/V the LM's
@@ -92,6 +93,12 @@ Hugging Face LLaMA/Qwen2 decoder layer is counted instead:
   is 9.4·s·b·h less per layer for 7B shapes (41.6 -> 32.2, a factor 0.77). Measured on
   an H200 (torch 2.11, ref-7b, ZeRO-2, 2048 tokens, micro-batch 6): 63.5 GiB peak
   against 78.8 predicted for eager layers (0.81 of it) and 64.7 for compiled ones.
+* A decoder layer whose own weights train (``--lm_training full``, or one of the last
+  ``--lm_trainable_layers``) keeps the input of every Linear for its weight gradient,
+  as a layer with LoRA on every Linear does, without LoRA's rank-r intermediates:
+  s·b·(16h + 4h_kv + 8i + 4a) bytes, 41.5·s·b·h for LLaMA-2-7B shapes. Full fine-tuning
+  is where ZeRO-3 and offload matter: Ψ_t is then the whole LM, and 16 bytes of
+  gradients and optimizer state per parameter (2 + 12 + the 2-byte weight) dominate.
 * Full activation checkpointing of every decoder layer (Korthikanti's "full
   recomputation"): 2·s·b·h per layer (its input) plus one layer's saved set while that
   layer is recomputed in backward.
@@ -138,6 +145,7 @@ from mmtrain.memory.predict import (
     all_setups,
     deepspeed_estimate,
     estimate,
+    fit_warning,
     lm_layer_activation_bytes,
     recommend,
     stage3_gathered_parameters,
@@ -145,6 +153,6 @@ from mmtrain.memory.predict import (
 
 __all__ = [
     "GiB", "OFFLOADS", "PRECISIONS", "SPEED_ORDER", "MemoryEstimate", "MemorySetup", "ModelFacts", "Recommendation",
-    "all_setups", "deepspeed_estimate", "estimate", "format_table", "lm_layer_activation_bytes", "main", "model_facts",
+    "all_setups", "deepspeed_estimate", "estimate", "fit_warning", "format_table", "lm_layer_activation_bytes", "main", "model_facts",
     "parse_bytes", "recommend", "ref_model_args", "stage3_gathered_parameters",
 ]

@@ -81,6 +81,7 @@ class ModelFacts:
     lora_dropout: float
     lora_per_layer: dict  # kind -> adapted layers / layers
     lora_linears: int  # adapted Linear layers in the LM
+    lm_trained_layers: int  # decoder layers whose own weights train (--lm_training full / last_layers)
     projector: str
     image_tokens: int  # LM positions of one image's features
     patches: int  # vision features fed to the projector
@@ -117,6 +118,7 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
         return _FACTS_CACHE[key]
     from mmtrain.model.builder import build_model
     from mmtrain.model.counting import count_parameters, numel
+    from mmtrain.model.lora import is_lora_parameter
 
     built = build_model(model_args, meta=True)
     model = built.model
@@ -138,6 +140,12 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
     kv_heads = getattr(lm_config, "num_key_value_heads", None) or heads
     layers = lm_config.num_hidden_layers
     targets = built.lora_targets.get("language_model", [])
+    from mmtrain.model.decoder_layers import decoder_layers
+
+    trained_layers = sum(
+        any(p.requires_grad and not is_lora_parameter(n) for n, p in layer.named_parameters())
+        for layer in decoder_layers(model.language_model)
+    )
     per_kind = {k: sum(1 for t in targets if t.rsplit(".", 1)[-1] == k) / layers for k in LORA_KINDS}
 
     vision = model.vision
@@ -159,6 +167,7 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
         lora_dropout=model_args.lang_lora_dropout,
         lora_per_layer=per_kind,
         lora_linears=len(targets),
+        lm_trained_layers=trained_layers,
         projector=model_args.vis_proj,
         image_tokens=built.image_tokens.per_image,
         patches=vision.num_patches,

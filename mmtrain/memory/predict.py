@@ -70,14 +70,18 @@ def _text_tokens(facts: ModelFacts, setup: MemorySetup) -> int:
     return max(setup.seq_len - setup.images_per_sample * (facts.image_tokens + 2), 0)
 
 
-def lm_layer_activation_bytes(facts: ModelFacts, tokens: int, w: int, compiled: bool = False) -> int:
+def lm_layer_activation_bytes(facts: ModelFacts, tokens: int, w: int, compiled: bool = False, trained: bool = False) -> int:
     """Bytes one decoder layer keeps for backward over ``tokens`` positions (no checkpointing).
 
     ``compiled``: the layer runs compiled, which keeps each norm's input in the compute
-    dtype and recomputes the SiLU output (the package docstring).
+    dtype and recomputes the SiLU output (the package docstring). ``trained``: the
+    layer's own weights train, so every Linear keeps its input for its weight gradient,
+    as a LoRA-adapted one does (without LoRA's rank-r intermediates).
     """
     h, hkv, i, r, a = facts.hidden, facts.kv_dim, facts.intermediate, facts.lora_rank, facts.heads
     lora = facts.lora_per_layer
+    if trained:
+        lora = {k: 1.0 for k in LORA_KINDS}
     half = w / 2  # the counts below are in 16-bit bytes; fp32 doubles them
     if compiled:
         norm_inputs = 2 * max(w, 2) * h  # kept in the compute dtype, the fp32 upcast recomputed
@@ -89,9 +93,9 @@ def lm_layer_activation_bytes(facts: ModelFacts, tokens: int, w: int, compiled: 
     attn_in = 2 * h * half * max(lora["q_proj"], lora["k_proj"], lora["v_proj"])
     mlp_in = 2 * h * half * max(lora["gate_proj"], lora["up_proj"])
     down_in = 2 * i * half * lora["down_proj"]
-    lora_mid = 2 * r * half * (facts.lora_linears / facts.layers)
+    lora_mid = 0.0 if trained else 2 * r * half * (facts.lora_linears / facts.layers)
     dropout = 0.0
-    if facts.lora_dropout > 0:
+    if facts.lora_dropout > 0 and not trained:
         # Each adapter drops out its own copy of the input: the copy (kept by LoRA A) and a bool mask.
         widths = {k: (i if k == "down_proj" else h) for k in LORA_KINDS}
         dropout = sum(lora[k] * widths[k] * (2 * half + 1) for k in LORA_KINDS)
@@ -186,11 +190,13 @@ def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEs
     tokens = b * s
     images = b * setup.images_per_sample
     h, i = facts.hidden, facts.intermediate
-    layer = lm_layer_activation_bytes(facts, tokens, w, setup.compiled)
+    layer = lm_layer_activation_bytes(facts, tokens, w, compiled=setup.compiled)
+    trained_layer = lm_layer_activation_bytes(facts, tokens, w, compiled=setup.compiled, trained=True)
+    n_trained = facts.lm_trained_layers
     if setup.gradient_checkpointing:
-        lm = facts.layers * tokens * h * w + layer
+        lm = facts.layers * tokens * h * w + (trained_layer if n_trained else layer)
     else:
-        lm = facts.layers * layer
+        lm = (facts.layers - n_trained) * layer + n_trained * trained_layer
     working = int(tokens * (2 * i + 4 * h) * w / 2)
     extras = tokens * (4 * h + h * w) + b * s * s
     acts = lm + working + extras + _projector_activation_bytes(facts, images, w)
@@ -299,3 +305,29 @@ def recommend(
                 why = "fits without checkpointing" if not ckpt else "fits only with gradient checkpointing"
                 return Recommendation(est, budget, f"{est.setup.name}: {why} ({in_gib(est.total)} of {in_gib(budget)} usable)")
     return Recommendation(None, budget, f"nothing fits in {in_gib(budget)} usable: lower the micro-batch or the sequence length, or add GPUs")
+
+
+def fit_warning(model: ModelArguments | ModelFacts, setup: MemorySetup, gpu_memory: int, *, reserved: int = GiB, margin: float = 0.05) -> str | None:
+    """A warning when ``setup`` is predicted not to fit ``gpu_memory``, naming the estimate and what would fit; else None.
+
+    What would fit: every rung of :data:`SPEED_ORDER` at this GPU count, with and without
+    gradient checkpointing, whose estimate is within the usable memory (as :func:`recommend`).
+    """
+    facts = model if isinstance(model, ModelFacts) else model_facts(model)
+    budget = int(gpu_memory * (1 - margin)) - reserved
+    est = estimate(facts, setup)
+    if est.total <= budget:
+        return None
+    fitting = []
+    for candidate in all_setups(setup):
+        for ckpt in (False, True):
+            other = estimate(facts, replace(candidate, gradient_checkpointing=ckpt))
+            if other.total <= budget:
+                fitting.append(f"{other.setup.name} ({in_gib(other.total)} GiB)")
+                break
+    where = ", ".join(fitting) if fitting else "none at this micro-batch and length: lower them or add GPUs"
+    return (
+        f"predicted peak {in_gib(est.total)} GiB per GPU for {setup.name} on {setup.num_gpus} GPU(s) "
+        f"(micro-batch {setup.micro_batch} x {setup.seq_len} tokens, {facts.total(trainable=True):,} trainable parameters) "
+        f"exceeds the {in_gib(budget)} GiB usable of {in_gib(gpu_memory)} GiB (mmtrain.memory); would fit: {where}"
+    )

@@ -11,7 +11,8 @@ from torch import nn
 
 from mmtrain.model.config import SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
-from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, enable_checkpointing
+from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, decoder_layers, enable_checkpointing
+from mmtrain.model.errors import ConfigError
 from mmtrain.model.fused_lora import fuse_lora_layers
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
@@ -37,7 +38,15 @@ class BuiltModel:
 def check_model_config(config: VLMConfig) -> None:
     """Everything about the model settings that can fail, checked from configs alone (no weights)."""
     load_vision_config(config.vision_model_name_or_path)
-    load_language_config(config.lm_model_name_or_path)
+    lm_config = load_language_config(config.lm_model_name_or_path)
+    layers = getattr(lm_config, "num_hidden_layers", None)
+    if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
+        raise ConfigError(f"--lm_trainable_layers {config.lm_trainable_layers}: the LM has only {layers} decoder layers")
+    if getattr(lm_config, "tie_word_embeddings", False) and config.train_lm_head != config.train_full_embeddings:
+        raise ConfigError(
+            f"--lm_model_name_or_path {config.lm_model_name_or_path!r} ties its output head to the input embeddings, so "
+            f"--train_lm_head ({config.train_lm_head}) and --train_full_embeddings ({config.train_full_embeddings}) must agree"
+        )
 
 
 def build_model(
@@ -158,8 +167,13 @@ def set_trainable(model: VisionLanguageModel, config: VLMConfig, trainable_dtype
 
     Projector: always. LoRA adapters: when present. New-token embedding rows: unless
     ``--only_optimize_lora``. The whole input-embedding table: with
-    ``--train_full_embeddings``. Everything else is frozen.
+    ``--train_full_embeddings``; the output head: with ``--train_lm_head``. The LM's
+    other weights follow ``--lm_training``: all of them with ``full``; the last
+    ``--lm_trainable_layers`` decoder layers and the final norm with ``last_layers``;
+    none otherwise. Everything else is frozen.
     """
+    lm_trained = _lm_weights_trained(model.language_model, config)
+    head = model.language_model.get_output_embeddings()
     for name, param in model.named_parameters():
         if name.startswith("projector."):
             train = True
@@ -169,11 +183,28 @@ def set_trainable(model: VisionLanguageModel, config: VLMConfig, trainable_dtype
             train = not config.only_optimize_lora
         elif name.endswith("embed_tokens.base.weight") or _is_input_embedding(model, param):
             train = config.train_full_embeddings
+        elif head is not None and param is head.weight:
+            train = config.train_lm_head
         else:
-            train = False
+            train = id(param) in lm_trained
         param.requires_grad_(train)
         if train and param.dtype != trainable_dtype and param.device.type != "meta":
             param.data = param.data.to(trainable_dtype)
+
+
+def _lm_weights_trained(language_model: nn.Module, config: VLMConfig) -> set[int]:
+    """Ids of the LM's own weights ``--lm_training`` trains (embeddings and head are decided apart)."""
+    mode = config.lm_mode
+    if mode == "full":
+        return {id(p) for p in language_model.parameters()}
+    if mode != "last_layers":
+        return set()
+    layers = decoder_layers(language_model)
+    trained = [*layers[len(layers) - config.lm_trainable_layers :]]
+    norm = getattr(language_model.get_decoder(), "norm", None)
+    if isinstance(norm, nn.Module):
+        trained.append(norm)  # the final norm reads the last layer's output only
+    return {id(p) for module in trained for p in module.parameters()}
 
 
 def _is_input_embedding(model: VisionLanguageModel, param: nn.Parameter) -> bool:

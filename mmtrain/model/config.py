@@ -23,8 +23,13 @@ from mmtrain import presets
 from mmtrain.model.errors import ConfigError
 
 PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
+# What of the language model trains; "auto" is LoRA when --lang_lora_dim > 0, else frozen.
+LM_TRAINING = ("auto", "frozen", "lora", "full", "last_layers")
 ATTENTION_KERNELS = ("sdpa", "eager")
 CONFIG_VERSION = 1
+# Identity settings added after checkpoints recording an identity existed, with the value
+# every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
+ADDED_TO_IDENTITY = {"lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False}
 
 
 def _doc(text: str, **kw) -> dict:
@@ -63,8 +68,20 @@ class VLMConfig:
     only_optimize_lora: bool = field(
         default=False, metadata=_doc("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")
     )
-    train_full_embeddings: bool = field(
-        default=False, metadata=_doc("Train the whole input-embedding table (default: only the new special tokens' rows).")
+    lm_training: str = field(
+        default="auto",
+        metadata=_doc(
+            "What of the language model trains: frozen, lora (needs --lang_lora_dim > 0), full (every weight), "
+            "last_layers (the last --lm_trainable_layers decoder layers whole), or auto (lora when --lang_lora_dim > 0, else frozen)."
+        ),
+    )
+    lm_trainable_layers: int = field(default=0, metadata=_doc("Decoder layers trained whole, counted from the last, with --lm_training last_layers."))
+    train_full_embeddings: Optional[bool] = field(
+        default=None,
+        metadata=_doc("Train the whole input-embedding table (default: yes with --lm_training full, else only the new special tokens' rows)."),
+    )
+    train_lm_head: Optional[bool] = field(
+        default=None, metadata=_doc("Train the LM's output head (default: yes with --lm_training full, else no).")
     )
     enable_mmca_attention: bool = field(default=False, metadata=_doc("Multi-modal causal attention in the LM."))
     mmca_image_attention: Literal["same_image", "self"] = field(
@@ -85,12 +102,48 @@ class VLMConfig:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.perceiver_num_queries < 1:
             raise ConfigError(f"--perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}")
+        self._check_lm_training()
         if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
             raise ConfigError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
         if self.only_optimize_lora and self.train_full_embeddings:
             raise ConfigError("--only_optimize_lora and --train_full_embeddings contradict each other; pick one")
         if self.attn_implementation not in ATTENTION_KERNELS:
             raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: valid are {', '.join(ATTENTION_KERNELS)}")
+
+    def _check_lm_training(self) -> None:
+        if self.lm_training not in LM_TRAINING:
+            raise ConfigError(f"--lm_training {self.lm_training!r}: valid are {', '.join(LM_TRAINING)}")
+        mode = self.lm_mode
+        if mode == "lora" and self.lang_lora_dim == 0:
+            raise ConfigError("--lm_training lora needs --lang_lora_dim > 0")
+        if mode in ("frozen", "full", "last_layers") and self.lang_lora_dim > 0:
+            raise ConfigError(
+                f"--lm_training {mode} and --lang_lora_dim {self.lang_lora_dim} contradict each other; "
+                "set --lang_lora_dim 0 or --lm_training lora"
+            )
+        if mode == "last_layers" and self.lm_trainable_layers < 1:
+            raise ConfigError(f"--lm_training last_layers needs --lm_trainable_layers >= 1, got {self.lm_trainable_layers}")
+        if mode != "last_layers" and self.lm_trainable_layers:
+            raise ConfigError(f"--lm_trainable_layers is only used with --lm_training last_layers (now {mode})")
+        if mode in ("full", "last_layers") and self.only_optimize_lora:
+            raise ConfigError(f"--only_optimize_lora and --lm_training {mode} contradict each other; pick one")
+        # Resolved once, so that a saved config says what trained.
+        if self.train_full_embeddings is None:
+            self.train_full_embeddings = mode == "full"
+        if self.train_lm_head is None:
+            self.train_lm_head = mode == "full"
+
+    @property
+    def lm_mode(self) -> str:
+        """``--lm_training`` with ``auto`` resolved: frozen, lora, full or last_layers."""
+        if self.lm_training == "auto":
+            return "lora" if self.lang_lora_dim > 0 else "frozen"
+        return self.lm_training
+
+    @property
+    def lm_weights_train(self) -> bool:
+        """Some of the LM's own weights (not only adapters or new rows) train."""
+        return self.lm_mode in ("full", "last_layers") or self.train_full_embeddings or self.train_lm_head
 
     @property
     def vision_trainable(self) -> bool:
@@ -122,13 +175,24 @@ class VLMConfig:
         keys = (
             "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
-            "only_optimize_lora", "train_full_embeddings", "preset_seed",
+            "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
+            "train_lm_head",
         )
         return {k: getattr(self, k) for k in keys}
 
     def differences(self, recorded: dict) -> list[str]:
-        """Settings whose value differs from a recorded :meth:`identity`, as readable lines."""
-        return [f"--{k}: recorded {recorded.get(k)!r}, now {v!r}" for k, v in self.identity().items() if recorded.get(k) != v]
+        """Settings whose value differs from a recorded :meth:`identity`, as readable lines.
+
+        A setting the record lacks counts as different, except those added to the identity
+        after records were first written (:data:`ADDED_TO_IDENTITY`): an older record ran
+        with their value there.
+        """
+        lines = []
+        for k, v in self.identity().items():
+            was = recorded.get(k, ADDED_TO_IDENTITY.get(k))
+            if was != v:
+                lines.append(f"--{k}: recorded {was!r}, now {v!r}")
+        return lines
 
     def exported(self, language_model: str, vision_encoder: str) -> "VLMConfig":
         """The config of this model's export: its own folders, LoRA fused, the tower ending at the layer read."""
@@ -140,6 +204,10 @@ class VLMConfig:
             lang_lora_dim=0,
             vis_lora_dim=0,
             only_optimize_lora=False,
+            lm_training="auto",  # a plain model: whatever trained is in its weights now
+            lm_trainable_layers=0,
+            train_full_embeddings=False,
+            train_lm_head=False,
         )
         return VLMConfig(**values)
 

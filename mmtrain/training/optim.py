@@ -1,4 +1,11 @@
-"""Optimizer parameter groups and the learning-rate schedule."""
+"""Optimizer parameter groups and the learning-rate schedule.
+
+The seed's four groups are {decay, no decay} x {``--learning_rate``, the "embed" rate}.
+A component given its own rate or weight decay (``--projector_learning_rate``,
+``--lm_weight_decay``, ...) is taken out of them into its own pair of groups, named
+after it (``projector_decay``, ``projector_no_decay``), as LLaVA's ``mm_projector_lr``
+and ms-swift's ``aligner_lr`` do; the log and TensorBoard show every group's rate.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,18 @@ from torch import nn
 from transformers import get_scheduler
 
 from mmtrain import compat
+from mmtrain.model.counting import component_of
+
+# Optimizer components: what each model component (mmtrain.model.counting) is tuned as.
+OPTIMIZER_COMPONENTS = {
+    "projector": "projector",
+    "vision encoder": "vision",
+    "vision LoRA": "vision",
+    "LM LoRA": "lm_lora",
+    "language model": "lm",
+    "new token embeddings": "embed",
+    "LM input embeddings": "embed",
+}
 
 
 def _no_decay(name: str, param: nn.Parameter, norm_params: set[int]) -> bool:
@@ -32,13 +51,25 @@ def _normalization_parameters(model: nn.Module) -> set[int]:
     return ids
 
 
-def param_groups(model: nn.Module, *, weight_decay: float, learning_rate: float, embed_learning_rate: float) -> list[dict]:
-    """The four groups: {decay, no decay} x {learning_rate, embed_learning_rate}.
+def param_groups(
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    learning_rate: float,
+    embed_learning_rate: float,
+    components: dict[str, dict] | None = None,
+) -> list[dict]:
+    """The seed's four groups, with components that have their own settings split off.
 
-    A parameter with "embed" in its name (the new token rows, the whole table if it
-    trains) gets ``embed_learning_rate`` (``--learning_rate_pretraining_components``);
-    everything else ``learning_rate``. Only trainable parameters appear; empty groups
-    are dropped. Each group carries a ``name`` for logging.
+    Seed groups: {decay, no decay} x {``learning_rate``, ``embed_learning_rate``}; a
+    parameter with "embed" in its name (the new token rows, the whole table if it
+    trains) gets ``embed_learning_rate`` (``--learning_rate_pretraining_components``).
+    ``components`` maps an optimizer component (projector, vision, lm_lora, lm, embed;
+    see :data:`OPTIMIZER_COMPONENTS`) to ``{"lr": ..., "weight_decay": ...}`` (either
+    may be missing or None: the seed's value then holds); its parameters go to
+    ``<component>_decay`` and ``<component>_no_decay``. Biases and norm weights never
+    decay. Only trainable parameters appear; empty groups are dropped. Each group
+    carries a ``name`` for logging.
     """
     norms = _normalization_parameters(model)
     groups = {
@@ -47,10 +78,24 @@ def param_groups(model: nn.Module, *, weight_decay: float, learning_rate: float,
         "embed_decay": {"params": [], "weight_decay": weight_decay, "lr": embed_learning_rate},
         "embed_no_decay": {"params": [], "weight_decay": 0.0, "lr": embed_learning_rate},
     }
+    own = {k: {key: v for key, v in values.items() if v is not None} for k, values in (components or {}).items()}
+    own = {k: v for k, v in own.items() if v}
+    for component, values in own.items():
+        if component not in set(OPTIMIZER_COMPONENTS.values()):
+            raise ValueError(f"unknown optimizer component {component!r}; known: {', '.join(sorted(set(OPTIMIZER_COMPONENTS.values())))}")
+        base_lr = embed_learning_rate if component == "embed" else learning_rate
+        lr = values.get("lr", base_lr)
+        groups[f"{component}_decay"] = {"params": [], "weight_decay": values.get("weight_decay", weight_decay), "lr": lr}
+        groups[f"{component}_no_decay"] = {"params": [], "weight_decay": 0.0, "lr": lr}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = ("embed_" if "embed" in name else "") + ("no_decay" if _no_decay(name, param, norms) else "decay")
+        decay = "no_decay" if _no_decay(name, param, norms) else "decay"
+        component = OPTIMIZER_COMPONENTS[component_of(name)]
+        if component in own:
+            key = f"{component}_{decay}"
+        else:
+            key = ("embed_" if "embed" in name else "") + decay
         groups[key]["params"].append(param)
     return [{"name": key, **group} for key, group in groups.items() if group["params"]]
 

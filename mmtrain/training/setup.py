@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 from torch.utils.data import DataLoader
 
-from mmtrain.args import ConfigError
+from mmtrain.args import ConfigError, component_settings
 from mmtrain.data.token_budget import TokenBudgetBatchSampler
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
@@ -122,12 +122,36 @@ def build_for_training(accelerator, model_args, train_args, data_args) -> BuiltM
     return built
 
 
+def warn_if_lm_will_not_fit(accelerator, model_args, data_args, train_args) -> None:
+    """Before any weights load: a full-LM run that ``mmtrain.memory`` predicts will not fit this GPU is warned about."""
+    if not (model_args.lm_weights_train and accelerator.device.type == "cuda" and accelerator.is_main_process):
+        return
+    from mmtrain.memory import MemorySetup, fit_warning
+
+    plugin = distributed.deepspeed_plugin(accelerator)
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+    offload_param = (zero.get("offload_param") or {}).get("device", "none") not in (None, "none")
+    offload = "optimizer+params" if offload_param else ("optimizer" if distributed.offloads_optimizer(accelerator) else "none")
+    setup = MemorySetup(
+        zero_stage=max(distributed.zero_stage(accelerator), 0),
+        offload=offload,
+        num_gpus=accelerator.num_processes,
+        micro_batch=train_args.per_device_train_batch_size,
+        seq_len=data_args.max_seq_len,
+        precision=_precision(accelerator),
+        gradient_checkpointing=train_args.gradient_checkpointing,
+    )
+    warning = fit_warning(model_args, setup, torch.cuda.get_device_properties(accelerator.device).total_memory)
+    if warning:
+        logger.warning(f"--lm_training {model_args.lm_mode}: {warning}")
+
+
 def log_components(accelerator, built: BuiltModel) -> None:
     """Say what is frozen and what trains, with the budget's numbers."""
     if not accelerator.is_main_process:
         return
     counts = count_parameters(built.model)
-    lines = ["model components:"]
+    lines = [f"model components (language model: {_lm_training(built.config)}):"]
     for c in counts:
         if c.total == 0:
             continue
@@ -140,6 +164,18 @@ def log_components(accelerator, built: BuiltModel) -> None:
         lines.append("  vision encoder runs outside the optimizer/ZeRO engine, under no_grad")
     lines.append(format_table(budget_from_counts(counts, _precision(accelerator))))
     logger.info("\n".join(lines))
+
+
+def _lm_training(config) -> str:
+    mode = config.lm_mode
+    what = {
+        "frozen": "frozen",
+        "lora": f"LoRA rank {config.lang_lora_dim}",
+        "full": "every weight trains",
+        "last_layers": f"the last {config.lm_trainable_layers} decoder layers train",
+    }[mode]
+    extras = [name for name, on in (("embedding table", config.train_full_embeddings), ("output head", config.train_lm_head)) if on]
+    return what + (f", {' and '.join(extras)} trained" if extras and mode != "full" else "")
 
 
 def _precision(accelerator) -> str:
@@ -192,12 +228,14 @@ def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int] | None:
 
 
 def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: list[int] | None):
-    """AdamW over the four parameter groups, and the schedule over all optimizer steps (``--max_steps`` for a stream)."""
+    """AdamW over the seed's four parameter groups and any per-component ones, and the schedule over all optimizer
+    steps (``--max_steps`` for a stream)."""
     groups = param_groups(
         model,
         weight_decay=train_args.weight_decay,
         learning_rate=train_args.learning_rate,
         embed_learning_rate=train_args.learning_rate_pretraining_components,
+        components=component_settings(train_args),
     )
     optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
@@ -213,11 +251,15 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
     scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, train_args.num_warmup_steps, total)
     if accelerator.is_main_process:
         logger.info(
-            f"optimizer: {len(groups)} groups ({', '.join(g['name'] + ':' + str(len(g['params'])) for g in groups)}); "
+            f"optimizer: {len(groups)} groups ({', '.join(_describe_group(g) for g in groups)}); "
             f"{total} steps ({steps_per_epoch}/epoch), warmup {warmup_steps(train_args.num_warmup_steps, total)}, "
             f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}"
         )
     return optimizer, scheduler, total
+
+
+def _describe_group(group: dict) -> str:
+    return f"{group['name']}: {len(group['params'])} tensors, lr {group.get('initial_lr', group['lr']):g}, wd {group['weight_decay']:g}"
 
 
 def place_outside_engine(accelerator, model) -> None:

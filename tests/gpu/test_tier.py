@@ -64,6 +64,9 @@ FEATURES = {
     "packing": {"packing": "true"},
     "budget": {"max_tokens_per_batch": "512"},  # micro-batches of whole samples within 512 tokens, one row each
     "image_budget": {"max_images_per_batch": "3"},
+    # Two GPUs x accumulation 2 x a 512-token budget take ~19 samples a step: 160 samples
+    # end the epoch at step 8, before the resume rows' checkpoint at SAVE_AT.
+    "long_epoch": {"synthetic_num_samples": "480"},
     "vision_cache": {"cache_vision_features": "true"},
     "grad_ckpt": {"gradient_checkpointing": "true"},
     "grad_ckpt_layers": {"gradient_checkpointing_layers": "2"},
@@ -116,7 +119,7 @@ TWO_GPUS = [
     row("zero2_offload", "mmca_compiled", "chat", gpus=2),
     row("zero3", "vision_lora", "mmca_eager", "presets", gpus=2, resume=True),
     row("zero3_offload", "packing", "grad_ckpt", "perceiver", gpus=2),
-    row("zero3", "budget", "mmca_eager", "grad_accum", gpus=2, resume=True),  # the token-weighted loss across ranks
+    row("zero3", "budget", "mmca_eager", "grad_accum", "long_epoch", gpus=2, resume=True),  # the token-weighted loss across ranks
 ]
 
 

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,32 @@ def train_losses(output_dir) -> dict[int, float]:
 @pytest.fixture(scope="session")
 def data_path(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
+
+
+def kill_group(proc) -> None:
+    """SIGKILL a background run and every process it started: a kill, not a polite stop."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it ended on its own meanwhile
+    proc.wait()
+
+
+def kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> None:
+    """SIGKILL a background run (``launch(..., background=True)``) once checkpoint ``step`` is complete."""
+    target = out / "checkpoints" / f"step-{step:08d}" / "manifest.json"
+    deadline = time.time() + timeout
+    while not target.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for the checkpoint")
+        time.sleep(0.05)
+    kill_group(proc)
+    # A run that ended before the kill went on saving past this checkpoint, and
+    # --save_total_limit may have deleted it: the resume below would then test nothing.
+    if not target.exists():
+        raise AssertionError(
+            f"checkpoint {step} is gone after the kill (exit code {proc.returncode}): the run went on and rotated it out, "
+            f"leaving {sorted(p.name for p in target.parent.parent.iterdir())}"
+        )

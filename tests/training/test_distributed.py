@@ -2,16 +2,13 @@
 
 import json
 import math
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from .conftest import common_flags, launch, metrics, train_losses
+from .conftest import common_flags, kill_after_checkpoint, launch, metrics, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -116,35 +113,12 @@ def _sample_lengths(model_folders, path) -> tuple[int, int]:
     return by_kind[False].pop(), by_kind[True].pop()
 
 
-def _kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> None:
-    target = out / "checkpoints" / f"step-{step:08d}" / "manifest.json"
-    deadline = time.time() + timeout
-    while not target.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stdout.read()[-4000:]}")
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting for the checkpoint")
-        time.sleep(0.05)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # a kill, not a polite stop
-    except ProcessLookupError:
-        pass  # the run ended on its own between the check and the kill
-    proc.wait()
-    # A run that ended before the kill went on saving past this checkpoint, and
-    # --save_total_limit may have deleted it: the resume below would then test nothing.
-    if not target.exists():
-        raise AssertionError(
-            f"checkpoint {step} is gone after the kill (exit code {proc.returncode}): the run went on and rotated it out, "
-            f"leaving {sorted(p.name for p in target.parent.parent.iterdir())}"
-        )
-
-
 @pytest.mark.parametrize("config", ["zero0", "zero3"])
 def test_killed_and_resumed_run_is_bit_identical(full_runs, model_folders, data_path, tmp_path, config):
     reference_dir = full_runs(config)
     out = tmp_path / "run"
     proc = launch(_flags(model_folders, data_path, out), config=f"{config}.yaml", num_processes=2, background=True)
-    _kill_after_checkpoint(proc, out, SAVE_EVERY)
+    kill_after_checkpoint(proc, out, SAVE_EVERY)
     launch(_flags(model_folders, data_path, out, resume_from_checkpoint="latest"), config=f"{config}.yaml", num_processes=2)
 
     reference = train_losses(reference_dir)

@@ -93,3 +93,42 @@ def test_place_buffers_moves_every_buffer_left_behind_in_place():
     assert set(module.state_dict()) == saved  # "ids" stays out of the state dict
     assert place_buffers(module, torch.device("meta")) == []
     assert next(module.parameters()).device.type == "cpu"
+
+
+def test_each_component_gets_its_own_rate_and_decay(tiny_args):
+    """--projector_learning_rate and friends split their component off the seed's groups, decay rules kept."""
+    from mmtrain.args import component_settings, parse_args
+
+    model = build_model(tiny_args(lm_training="last_layers", lm_trainable_layers=1, vis_lora_dim=2, train_lm_head=True)).model
+    _, _, train_args = parse_args([
+        "--learning_rate", "1e-3", "--weight_decay", "0.1", "--learning_rate_pretraining_components", "1e-4",
+        "--projector_learning_rate", "2e-3", "--vision_learning_rate", "3e-5", "--vision_weight_decay", "0.0",
+        "--lm_learning_rate", "2e-5", "--embedding_weight_decay", "0.0",
+    ])
+    groups = param_groups(
+        model, weight_decay=train_args.weight_decay, learning_rate=train_args.learning_rate,
+        embed_learning_rate=train_args.learning_rate_pretraining_components, components=component_settings(train_args),
+    )
+    names = param_group_names(model, groups)
+    settings = {g["name"]: (g["lr"], g["weight_decay"]) for g in groups}
+    assert settings == {
+        "projector_decay": (2e-3, 0.1), "projector_no_decay": (2e-3, 0.0),
+        "vision_decay": (3e-5, 0.0),
+        "lm_decay": (2e-5, 0.1), "lm_no_decay": (2e-5, 0.0),
+        "embed_decay": (1e-4, 0.0),
+    }
+    assert "projector.linear_1.bias" in names["projector_no_decay"]
+    assert all(".lora_" in n for n in names["vision_decay"])
+    assert "language_model.lm_head.weight" in names["lm_decay"]
+    assert "language_model.model.layers.3.input_layernorm.weight" in names["lm_no_decay"]
+    assert names["embed_decay"] == ["language_model.model.embed_tokens.new_rows"]
+    grouped = [n for ns in names.values() for n in ns]
+    assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_components_without_settings_stay_in_the_seed_groups(tiny_args):
+    model = build_model(tiny_args(lang_lora_dim=4)).model
+    groups = param_groups(model, weight_decay=0.1, learning_rate=1e-3, embed_learning_rate=1e-3, components={"lm_lora": {"lr": 5e-4}})
+    names = param_group_names(model, groups)
+    assert sorted(names) == ["decay", "embed_decay", "lm_lora_decay", "no_decay"]
+    assert all(".lora_" in n for n in names["lm_lora_decay"]) and not any(".lora_" in n for n in names["decay"])

@@ -6,9 +6,7 @@ Runs go through the real entry point (``accelerate launch mmtrain/train.py``) on
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +15,7 @@ import pytest
 
 from mmtrain.training.metrics import MetricsLogger
 
-from .conftest import common_flags, launch, metrics
+from .conftest import common_flags, kill_group, launch, metrics
 
 # Lines Accelerate, huggingface_hub and transformers print for every file of a save.
 CHATTER = (
@@ -101,11 +99,7 @@ def _kill_after_a_record_past(proc, out: Path, step: int, timeout: float = 600) 
         if time.time() > deadline:
             raise AssertionError("timed out waiting for the checkpoint")
         time.sleep(0.01)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    kill_group(proc)
 
 
 def _complete_records(path: Path) -> list[dict]:

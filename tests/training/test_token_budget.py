@@ -12,8 +12,7 @@ import pytest
 
 from mmtrain.args import ConfigError, parse_args
 
-from .conftest import common_flags, launch, metrics, train_losses
-from .test_distributed import _kill_after_checkpoint
+from .conftest import common_flags, kill_after_checkpoint, launch, metrics, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +83,7 @@ def test_killed_mid_epoch_and_resumed_budget_run_gives_the_same_losses(model_fol
 
     out = tmp_path / "run"
     proc = launch(flags(out), config="single_process.yaml", background=True)
-    _kill_after_checkpoint(proc, out, 3)
+    kill_after_checkpoint(proc, out, 3)
     launch(flags(out, resume_from_checkpoint="latest"), config="single_process.yaml")
     resumed = train_losses(out)
     assert sorted(resumed) == sorted(reference)
