@@ -13,8 +13,7 @@ import pytest
 from mmtrain.args import ConfigError, parse_args
 from mmtrain.data.synthetic import generate_synthetic
 
-from .conftest import REPO, common_flags, launch, train_losses
-from .test_distributed import _kill_after_checkpoint
+from .conftest import REPO, common_flags, kill_after_checkpoint, launch, train_losses
 
 STEPS = 8
 SAVE_EVERY = 4  # inside epoch 0 on one process, inside epoch 1 on two
@@ -55,7 +54,7 @@ def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, sha
     launch(_flags(model_folders, shards, reference), config="zero0.yaml", num_processes=num_processes)
     out = tmp_path / "resumed"
     proc = launch(_flags(model_folders, shards, out), config="zero0.yaml", num_processes=num_processes, background=True)
-    _kill_after_checkpoint(proc, out, SAVE_EVERY)
+    kill_after_checkpoint(proc, out, SAVE_EVERY)
     # Named, not "latest": a fast run may pass the epoch's end before the kill lands, and
     # a resume from there would not test the position inside an epoch.
     checkpoint = out / "checkpoints" / f"step-{SAVE_EVERY:08d}"
