@@ -105,6 +105,15 @@ class DataArguments:
         metadata=_help("With --max_tokens_per_batch: most images in one micro-batch (the vision encoder's batch); samples with more follow --overlength_policy."),
     )
 
+    streaming: bool = field(
+        default=False,
+        metadata=_help(
+            "Read --dataset_names as globs of JSONL/Parquet shard files, streamed: nothing is loaded up front, each process "
+            "reads its own shards, and a resume continues from the exact sample. Needs --max_steps and --eval_dataset_names."
+        ),
+    )
+    shuffle_buffer_size: int = field(default=1000, metadata=_help("With --streaming: records in the seeded shuffle buffer."))
+
     pad_to_multiple_of: int = field(
         default=0,
         metadata=_help(
@@ -139,10 +148,29 @@ class DataArguments:
                 raise ConfigError(f"--max_images_per_batch must be >= 1, got {self.max_images_per_batch}")
         if self.max_tokens_per_batch is not None and self.packing:
             raise ConfigError("--max_tokens_per_batch already packs each micro-batch into one row; drop --packing")
+        if self.streaming:
+            self._check_streaming()
         if len(self.image_folder) not in (0, 1, len(self.dataset_names)):
             raise ConfigError(
                 f"--image_folder has {len(self.image_folder)} values for {len(self.dataset_names)} --dataset_names; give none, one, or one each"
             )
+
+    def _check_streaming(self) -> None:
+        """What a stream cannot do yet (each needs the whole dataset at hand), refused naming the flag."""
+        unsupported = {
+            "--max_tokens_per_batch": self.max_tokens_per_batch is not None,
+            "--packing": self.packing,
+            "--dataset_concatenate_samples": self.dataset_concatenate_samples > 1,
+            "--dataset_samples": self.dataset_samples != ["all"],
+            "--num_workers": self.num_workers > 0,
+        }
+        for flag, given in unsupported.items():
+            if given:
+                raise ConfigError(f"{flag} is not supported with --streaming yet; drop one of them")
+        if not self.eval_dataset_names:
+            raise ConfigError("--streaming cannot hold out an --eval_ratio of a stream; give the eval files with --eval_dataset_names")
+        if self.shuffle_buffer_size < 1:
+            raise ConfigError(f"--shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
 
     def longest_sample(self) -> int:
         """The longest sample kept, image tokens counted: --max_seq_len, or the token budget if that is smaller."""
@@ -383,6 +411,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     model_args, data_args, train_args = training_parser().parse_or_raise(argv)
     validate_paths(model_args)
     check_batch_size_flags(argv, data_args)
+    check_streaming_flags(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
 
@@ -394,6 +423,16 @@ def check_batch_size_flags(argv: list[str], data_args: DataArguments) -> None:
             f"--max_tokens_per_batch {data_args.max_tokens_per_batch} sizes each micro-batch by tokens and would win over "
             f"{flag}, which sizes it by samples; drop {flag}"
         )
+
+
+def check_streaming_flags(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """A stream's length is unknown until it ends: the schedule needs --max_steps; the feature cache needs the whole set."""
+    if not data_args.streaming:
+        return
+    if train_args.max_steps < 1:
+        raise ConfigError("--streaming needs --max_steps: a stream's length is unknown until it ends, and the schedule needs one")
+    if model_args.cache_vision_features:
+        raise ConfigError("--cache_vision_features is not supported with --streaming yet; drop one of them")
 
 
 def validate_paths(model_args: ModelArguments) -> None:

@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
-    data = build_datasets(data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources)
+    data = build_datasets(
+        data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,  # --streaming: each process reads its own shards
+    )
     setup.log_data_report(accelerator, data.report)
     collator = Collator(built.tokenizer.pad_token_id, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpointer = Checkpointer(
         accelerator, train_args.output_dir, built.config, trainable_names, train_args.save_total_limit,
         model=model, optimizer=optimizer, scheduler=scheduler, per_device_train_batch_size=train_args.per_device_train_batch_size, seed=train_args.seed,
-        token_budget=data_args.token_budget(),
+        token_budget=data_args.token_budget(), stream=train_loader if data_args.streaming else None,
     )
     if accelerator.is_main_process:
         for path in remove_partial_checkpoints(train_args.output_dir):

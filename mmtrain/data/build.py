@@ -10,6 +10,8 @@ The trainer makes two calls. :func:`read_sources`, before any weights load:
    once): under ``--on_bad_sample error`` a missing one stops the run here, naming the
    first ones with their file and record; under ``skip`` their records are dropped and
    counted. A file that exists but does not decode is still found when it is read.
+   With ``--streaming`` the training globs are only expanded here (no shard is read), and
+   only the eval files go through these steps.
 
 Then :func:`build_datasets`, once the tokenizer exists:
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from mmtrain.data.dataset import BadImageError, ConversationDataset, Entry, split_turns
 from mmtrain.data.formats import DataError, load_records
+from mmtrain.data.streaming import ShardStream, shard_files
 from mmtrain.data.synthetic import generate_synthetic
 from mmtrain.data.template import check_template, encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER
@@ -120,7 +123,18 @@ def _split(rows: np.ndarray, ratio: float, seed: int, source_index: int) -> tupl
 
 
 def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str) -> tuple[list[dict], list[Entry]]:
-    """Measure each record and apply the over-length policy; returns kept records and entries.
+    """Measure each record and apply the over-length policy; returns kept records and entries."""
+    kept, entries = [], []
+    for record in records:
+        entry = fit_record(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept))
+        if entry is not None:
+            entries.append(entry)
+            kept.append(record)
+    return kept, entries
+
+
+def fit_record(record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0) -> Entry | None:
+    """Measure one record and apply the over-length policy: its entry, or None when it is dropped (counted).
 
     A sample is over-long when it has more tokens than :meth:`DataArguments.longest_sample`
     (``--max_seq_len``, or a smaller ``--max_tokens_per_batch``) or, under an image budget,
@@ -128,37 +142,33 @@ def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, 
     """
     limit = data_args.longest_sample()
     image_limit = data_args.max_images_per_batch
-    kept, entries = [], []
-    for record in records:
-        encoded = encode_conversation(
-            record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt
-        )
-        _, body = split_turns(record["turns"])
-        images_after = _images_after_each_pair(body)
-        pairs = len(encoded.turn_ends)
-        keep = pairs
-        too_many_images = image_limit is not None and encoded.num_images > image_limit
-        if len(encoded.input_ids) > limit or too_many_images:
-            if data_args.overlength_policy == "truncate_turns":
-                keep = sum(
-                    1 for end, images in zip(encoded.turn_ends, images_after)
-                    if end <= limit and (image_limit is None or images <= image_limit)
-                )
-            else:
-                keep = 0
-            if keep == 0:
-                counts[f"dropped_overlength_{split}"] += 1
-                continue
-            counts[f"truncated_{split}"] += 1
-        length = encoded.turn_ends[keep - 1] if keep < pairs else len(encoded.input_ids)
-        num_images = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body[: 2 * keep])
-        counts[f"text_only_{split}"] += num_images == 0
-        counts[f"images_{split}"] += num_images
-        counts[f"tokens_{split}"] += length
-        counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], length)
-        entries.append(Entry(len(kept), keep, length, num_images, encoded.prefix_length))
-        kept.append(record)
-    return kept, entries
+    encoded = encode_conversation(
+        record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt
+    )
+    _, body = split_turns(record["turns"])
+    images_after = _images_after_each_pair(body)
+    pairs = len(encoded.turn_ends)
+    keep = pairs
+    too_many_images = image_limit is not None and encoded.num_images > image_limit
+    if len(encoded.input_ids) > limit or too_many_images:
+        if data_args.overlength_policy == "truncate_turns":
+            keep = sum(
+                1 for end, images in zip(encoded.turn_ends, images_after)
+                if end <= limit and (image_limit is None or images <= image_limit)
+            )
+        else:
+            keep = 0
+        if keep == 0:
+            counts[f"dropped_overlength_{split}"] += 1
+            return None
+        counts[f"truncated_{split}"] += 1
+    length = encoded.turn_ends[keep - 1] if keep < pairs else len(encoded.input_ids)
+    num_images = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body[: 2 * keep])
+    counts[f"text_only_{split}"] += num_images == 0
+    counts[f"images_{split}"] += num_images
+    counts[f"tokens_{split}"] += length
+    counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], length)
+    return Entry(row, keep, length, num_images, encoded.prefix_length)
 
 
 def _images_after_each_pair(body: list[dict]) -> list[int]:
@@ -186,6 +196,7 @@ class Sources:
     train: list[dict]
     eval: list[dict]
     report: dict  # per file: records, selected, requested, train, eval; and the missing-image counts
+    shards: list[tuple[str, str | None]] = field(default_factory=list)  # --streaming: (shard file, image folder), none read
 
 
 # Records whose images are looked up at once; a stat is I/O-bound, so threads overlap
@@ -230,8 +241,9 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
     ``main_process_first`` (e.g. ``accelerator.main_process_first``) lets one process
     generate registered datasets while the others wait. Problems raise :class:`DataError`.
     """
+    shards = shard_files(data_args.dataset_names, data_args.image_folder) if data_args.streaming else []
     with _main_process_first(main_process_first):
-        paths = [resolve_dataset(name, data_args, seed) for name in data_args.dataset_names]
+        paths = [] if data_args.streaming else [resolve_dataset(name, data_args, seed) for name in data_args.dataset_names]
         eval_paths = [resolve_dataset(name, data_args, seed) for name in data_args.eval_dataset_names]
 
     folders = list(data_args.image_folder)
@@ -264,18 +276,37 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
     bad = _check_images(train_taken + eval_taken, data_args.on_bad_sample, counts)
     train = [r for i, (_, _, r) in enumerate(train_taken) if i not in bad]
     evaluation = [r for i, (_, _, r) in enumerate(eval_taken, start=len(train_taken)) if i not in bad]
-    return Sources(train=train, eval=evaluation, report={"sources": sources, **counts})
+    report = {"sources": sources, **counts}
+    if shards:
+        report["shards"] = len(shards)
+    return Sources(train=train, eval=evaluation, report=report, shards=shards)
+
+
+def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, image_tokens, counts, seed, rank, world_size) -> ShardStream:
+    """The ``--streaming`` training set: each record measured and encoded as it arrives, as a table's would be."""
+
+    def encode(record: dict) -> dict | None:
+        entry = fit_record(record, data_args, tokenizer, image_tokens, counts, "train")
+        return None if entry is None else encoder.record_item(record, entry)
+
+    return ShardStream(
+        shards, encode, rank=rank, world_size=world_size, seed=seed, buffer_size=data_args.shuffle_buffer_size,
+        on_bad_sample=data_args.on_bad_sample,
+    )
 
 
 def build_datasets(
-    data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None, sources: Sources | None = None
+    data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None, sources: Sources | None = None,
+    rank: int = 0, world_size: int = 1,
 ) -> DataBundle:
     """Build train and eval datasets from ``data_args`` (see the module docstring).
 
     ``sources``: what :func:`read_sources` returned for these flags (the trainer reads
     them before the model loads); read here when not given. ``tokenizer`` must already
     hold the image tokens (``add_image_tokens``), and ``image_tokens`` is what that call
-    returned. Structural problems raise :class:`DataError` here, before training.
+    returned. Structural problems raise :class:`DataError` here, before training. With
+    ``--streaming`` the training set is a :class:`ShardStream` of process ``rank`` of
+    ``world_size``, whose records are checked as they are read.
     """
     try:
         check_template(tokenizer, data_args.template)
@@ -290,7 +321,7 @@ def build_datasets(
     }
     train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train")
     eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval")
-    if not train_entries:
+    if not train_entries and not data_args.streaming:
         raise DataError(
             f"no training samples left (dropped as longer than {data_args.longest_sample()} tokens, --max_seq_len or "
             f"--max_tokens_per_batch, or with more images than --max_images_per_batch: {counts['dropped_overlength_train']})"
@@ -323,4 +354,8 @@ def build_datasets(
         "overlength_policy": data_args.overlength_policy,
         "concatenate_samples": data_args.dataset_concatenate_samples,
     }
+    if data_args.streaming:
+        # Counts of the stream's records grow as they are read; the report says what was known at the start.
+        train = _shard_stream(sources.shards, train, data_args, tokenizer, image_tokens, counts, seed, rank, world_size)
+        report["train_items_per_epoch"] = "streamed"
     return DataBundle(train=train, eval=evaluation, static_report=report, seed=seed)

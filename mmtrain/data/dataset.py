@@ -74,6 +74,21 @@ def image_shape(image_processor) -> tuple[int, int, int]:
     return tuple(image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[1:])
 
 
+def join_conversation(pairs: list[tuple[dict, Entry]]) -> tuple[list[dict], list[tuple[str, str, int]]]:
+    """Turns and ``(image path, source, record index)`` of ``(record, entry)`` pairs, joined in order."""
+    turns: list[dict] = []
+    images: list[tuple[str, str, int]] = []
+    for position, (record, entry) in enumerate(pairs):
+        system, body = split_turns(record["turns"])
+        body = body[: 2 * entry.keep_pairs]
+        if position == 0 and system is not None:
+            turns.append(system)  # a joined sample keeps the first record's system turn only
+        turns += body
+        used = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body)
+        images += [(path, record["source"], record["index"]) for path in record["images"][:used]]
+    return turns, images
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Items ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n, 3, H, W]}``.
 
@@ -199,19 +214,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def conversation(self, group: tuple[int, ...]) -> tuple[list[dict], list[tuple[str, str, int]]]:
         """Turns and ``(image path, source, record index)`` of the entries in ``group``, joined in order."""
-        turns: list[dict] = []
-        images: list[tuple[str, str, int]] = []
-        for position, e in enumerate(group):
-            entry = self.entries[e]
-            record = self.records[entry.row]
-            system, body = split_turns(record["turns"])
-            body = body[: 2 * entry.keep_pairs]
-            if position == 0 and system is not None:
-                turns.append(system)  # a joined sample keeps the first record's system turn only
-            turns += body
-            used = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body)
-            images += [(path, record["source"], record["index"]) for path in record["images"][:used]]
-        return turns, images
+        return join_conversation([(self.records[self.entries[e].row], self.entries[e]) for e in group])
 
     def _encode(self, turns, add_generation_prompt=False):
         return encode_conversation(
@@ -232,11 +235,19 @@ class ConversationDataset(torch.utils.data.Dataset):
             group = group[:-1]
             turns, images = self.conversation(group)
             encoded = self._encode(turns)
+        return self._tensors(encoded, images)
+
+    def _tensors(self, encoded, images) -> dict:
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             "pixel_values": load_images(images, self.image_processor, self._empty_shape),
         }
+
+    def record_item(self, record: dict, entry: Entry) -> dict:
+        """One canonical record that is not in the table (a streamed one) as an item; raises :class:`BadImageError`."""
+        turns, images = join_conversation([(record, entry)])
+        return self._tensors(self._encode(turns), images)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):

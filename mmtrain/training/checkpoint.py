@@ -37,6 +37,8 @@ count continues from the checkpoint's; the schedule's length is that of the new 
 Under a token budget (``--max_tokens_per_batch``) the same rule holds with ``B = B' = 1``:
 the epoch's micro-batches are planned from the seed, the epoch and the budget alone and
 dealt out in the same way, so a resume on another count keeps the same budget flags.
+A ``--streaming`` run saves each process's stream position (``stream/rank-N.json``, see
+:mod:`mmtrain.data.streaming`) and resumes only on the process count that wrote it.
 (As in any run, when the epoch's sample count is not a multiple of ``P' x B'``,
 Accelerate fills the last round of batches with samples from the epoch's start.)
 """
@@ -60,6 +62,7 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+STREAM_DIR = "stream"
 FORMAT_VERSION = 1
 
 
@@ -179,10 +182,11 @@ class Checkpointer:
     def __init__(
         self, accelerator, output_dir: str, config, trainable_names: list[str], keep: int, *,
         model=None, optimizer=None, scheduler=None, per_device_train_batch_size: int | None = None, seed: int = 0,
-        token_budget: str | None = None,
+        token_budget: str | None = None, stream=None,
     ):
         """``model``, ``optimizer``, ``scheduler``: the prepared ones; with them each checkpoint also
-        carries the portable trainable state and can be resumed on another process count."""
+        carries the portable trainable state and can be resumed on another process count.
+        ``stream``: a ``--streaming`` loader, whose position each process saves as ``stream/rank-N.json``."""
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.config = config  # the model's VLMConfig, saved with every checkpoint
@@ -190,6 +194,7 @@ class Checkpointer:
         self.keep = keep
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.seed = seed
+        self.stream = stream
         self.layout = None
         if per_device_train_batch_size is not None:
             micro = 1 if token_budget else per_device_train_batch_size
@@ -219,6 +224,10 @@ class Checkpointer:
         else:
             acc.save_state(tmp)
         portable = portable_state.gather(self.model, self.optimizer, self.is_deepspeed) if self.model is not None else None
+        if self.stream is not None:
+            os.makedirs(os.path.join(tmp, STREAM_DIR), exist_ok=True)
+            with open(self._stream_file(tmp), "w") as f:
+                json.dump(self.stream.state_dict(), f)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if portable is not None:
@@ -251,6 +260,8 @@ class Checkpointer:
         with open(os.path.join(path, TRAINER_STATE)) as f:
             state = TrainerState(**json.load(f))
         saved = BatchLayout.from_manifest(manifest)
+        if self.stream is not None:
+            self._load_stream(path, manifest)
         if manifest.get("num_processes") != acc.num_processes:
             self._load_portable(path, manifest, saved, state)
         else:
@@ -258,6 +269,23 @@ class Checkpointer:
         if saved is not None and self.layout is not None:
             state.step_in_epoch = map_position(state.step_in_epoch, saved, self.layout, path, state.epoch)
         return state
+
+    def _stream_file(self, path: str) -> str:
+        return os.path.join(path, STREAM_DIR, f"rank-{self.accelerator.process_index}.json")
+
+    def _load_stream(self, path: str, manifest: dict) -> None:
+        """This process's stream position; a stream was split among the processes that wrote it, so the count must match."""
+        if manifest.get("num_processes") != self.accelerator.num_processes:
+            raise ConfigError(
+                f"checkpoint {path} was written by {manifest.get('num_processes')} processes and this --streaming run has "
+                f"{self.accelerator.num_processes}: each process read its own shards, so resume on "
+                f"--num_processes {manifest.get('num_processes')}"
+            )
+        file = self._stream_file(path)
+        if not os.path.isfile(file):
+            raise ConfigError(f"checkpoint {path} holds no stream position ({STREAM_DIR}/): it was not written by a --streaming run")
+        with open(file) as f:
+            self.stream.load_state_dict(json.load(f))
 
     def _load_same_count(self, path: str) -> None:
         """Everything back through Accelerate: weights, optimizer shards, scheduler, each process's RNG."""

@@ -20,6 +20,7 @@ from mmtrain.training.checkpoint import TrainerState, quiet_save
 from mmtrain.training.engine_view import unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
 from mmtrain.training.sample_record import SampleRecord
+from mmtrain.training.stream_loader import StreamLoader
 
 logger = logging.getLogger("mmtrain")
 
@@ -83,7 +84,7 @@ class Loop:
         while state.epoch < args.num_train_epochs and not self._done():
             self._set_epoch(state.epoch)
             loader = self.train_loader
-            if state.step_in_epoch:
+            if state.step_in_epoch and not isinstance(loader, StreamLoader):  # a stream continues from its saved position
                 loader = self.acc.skip_first_batches(loader, state.step_in_epoch)
             for batch in self.micro_batches(loader):
                 self.sample_record.write(state.epoch, state.global_step + 1, batch)
@@ -101,7 +102,7 @@ class Loop:
                     self._save()  # the last step's checkpoint is written at the end, after its eval
                 if self._done():
                     break
-            epoch_finished = not self._done() or state.step_in_epoch >= len(self.train_loader)
+            epoch_finished = not self._done() or self._at_epoch_end()
             if epoch_finished:
                 self._end_epoch()
             else:
@@ -114,6 +115,11 @@ class Loop:
             # resumed from it (with a larger --max_steps, say) keeps that record.
             self._save()
         return {"global_step": state.global_step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+
+    def _at_epoch_end(self) -> bool:
+        if isinstance(self.train_loader, StreamLoader):
+            return self.train_loader.exhausted
+        return self.state.step_in_epoch >= len(self.train_loader)
 
     def _done(self) -> bool:
         return self.args.max_steps > 0 and self.state.global_step >= self.args.max_steps
@@ -223,6 +229,8 @@ class Loop:
         self.metrics.log("train", self.state.global_step, self._epoch_progress(), values)
 
     def _epoch_progress(self) -> float:
+        if isinstance(self.train_loader, StreamLoader) and not self.train_loader.batches_last_epoch:
+            return float(self.state.epoch)  # a stream's first epoch has no known length
         return self.state.epoch + self.state.step_in_epoch / max(len(self.train_loader), 1)
 
     def _evaluate(self) -> dict:

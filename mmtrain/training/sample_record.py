@@ -2,7 +2,8 @@
 
 Every process appends to ``output_dir/samples/rank-N.jsonl`` one line per training
 micro-batch: ``{"epoch", "step", "indices"}``, where ``step`` is the optimizer step the
-micro-batch counts towards and ``indices`` are positions in the training dataset. The
+micro-batch counts towards and ``indices`` are positions in the training dataset
+(``shard:record`` ids under ``--streaming``). The
 union over all files says what an epoch covered, also across a resume on another process
 count (a resume first drops every line of a step after its checkpoint's).
 """
@@ -56,7 +57,12 @@ class IndexingCollator:
 
 
 def indexed(dataset, collator, record: bool):
-    """The dataset and collator a training loader gets: as they are, or indexed for ``--record_samples``."""
+    """The dataset and collator a training loader gets: as they are, or indexed for ``--record_samples``.
+
+    A stream's items carry their own stable ids (``shard:record``), which its loader adds.
+    """
+    if not hasattr(dataset, "__getitem__"):
+        return dataset, collator
     return (IndexedDataset(dataset), IndexingCollator(collator)) if record else (dataset, collator)
 
 

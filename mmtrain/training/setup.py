@@ -22,6 +22,7 @@ from mmtrain.training.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from mmtrain.training.engine_view import EngineView
 from mmtrain.training.metrics import METRICS_FILE
 from mmtrain.training.sample_record import SAMPLES_DIR
+from mmtrain.training.stream_loader import StreamLoader
 from mmtrain.training.optim import build_scheduler, param_groups, warmup_steps
 
 logger = logging.getLogger("mmtrain")
@@ -200,7 +201,9 @@ def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle
 
 
 def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> DataLoader:
-    """The shuffled training loader: ``--per_device_train_batch_size`` samples, or a token budget's micro-batches."""
+    """The shuffled training loader: ``--per_device_train_batch_size`` samples, or a token budget's micro-batches, or a stream's."""
+    if data_args.streaming:
+        return StreamLoader(accelerator, dataset, collator, train_args.per_device_train_batch_size, train_args.record_samples)
     if not data_args.max_tokens_per_batch:
         return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
     plugin = distributed.deepspeed_plugin(accelerator)
@@ -214,16 +217,19 @@ def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> 
     )
 
 
-def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int]:
-    """Micro-batches of each epoch before sharding: a token budget plans a different number every epoch."""
+def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int] | None:
+    """Micro-batches of each epoch before sharding: a token budget plans a different number every epoch; a stream's are unknown (None)."""
+    if isinstance(loader, StreamLoader):
+        return None
     sampler = loader.batch_sampler
     if isinstance(sampler, TokenBudgetBatchSampler):
         return [len(sampler.plan(epoch)) for epoch in range(epochs)]
     return [len(loader)] * epochs
 
 
-def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: list[int]):
-    """AdamW over the seed's four parameter groups and any per-component ones, and the schedule over all optimizer steps."""
+def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: list[int] | None):
+    """AdamW over the seed's four parameter groups and any per-component ones, and the schedule over all optimizer
+    steps (``--max_steps`` for a stream)."""
     groups = param_groups(
         model,
         weight_decay=train_args.weight_decay,
@@ -233,9 +239,11 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
     )
     optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
-    per_epoch = [math.ceil(math.ceil(n / accelerator.num_processes) / accelerator.gradient_accumulation_steps) for n in batches_per_epoch]
+    per_epoch = [train_args.max_steps] if batches_per_epoch is None else [math.ceil(math.ceil(n / accelerator.num_processes) / accelerator.gradient_accumulation_steps) for n in batches_per_epoch]
     total = sum(per_epoch)
     steps_per_epoch = per_epoch[0] if len(set(per_epoch)) == 1 else f"{min(per_epoch)}-{max(per_epoch)}"
+    if batches_per_epoch is None:
+        steps_per_epoch = "unknown: streamed"
     if train_args.max_steps > 0:
         total = min(total, train_args.max_steps)
     if total < 1:
