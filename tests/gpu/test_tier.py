@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import _free_port, common_flags, metrics, train_losses
+from tests.training.conftest import _free_port, common_flags, kill_group, metrics, train_losses
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "accelerate_configs"
@@ -150,19 +149,11 @@ def launch(flags, *, config, processes, out, mixed_precision=None, devices=None,
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
+        kill_group(proc)
         raise AssertionError(f"no result within {timeout} s (a hang?):\n{_tail(out)}")
     if proc.returncode != 0:
         raise AssertionError(f"training failed (exit {proc.returncode}):\n{_tail(out)}")
     return proc
-
-
-def _kill(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # it ended on its own meanwhile
-        pass
-    proc.wait()
 
 
 def _tail(out, lines: int = 60) -> str:
@@ -209,11 +200,13 @@ def assert_resume_matches(model_folders, data_path, tmp_path, r: Row, reference:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before checkpoint {SAVE_AT}:\n{_tail(out)}")
         if time.time() > deadline:
-            _kill(proc)
+            kill_group(proc)
             raise AssertionError(f"no checkpoint {SAVE_AT} within {ROW_TIMEOUT} s:\n{_tail(out)}")
         time.sleep(0.05)
-    _kill(proc)  # SIGKILL, no chance to clean up
-    launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint="latest"), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
+    kill_group(proc)  # SIGKILL of every process of the run, no chance to clean up
+    checkpoint = out / "checkpoints" / f"step-{SAVE_AT:08d}"
+    assert checkpoint.is_dir(), f"checkpoint {SAVE_AT} is gone after the kill:\n{_tail(out)}"
+    launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint=checkpoint), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
     resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
     assert max(resumed) == max(reference), (max(resumed), max(reference))
     # GPU kernels with atomics (index_add's backward) are not bit-reproducible run to

@@ -77,12 +77,30 @@ def data_path(tmp_path_factory):
 
 
 def kill_group(proc) -> None:
-    """SIGKILL a background run and every process it started: a kill, not a polite stop."""
+    """SIGKILL a background run and every process it started: a kill, not a polite stop.
+
+    Killing the launcher's process group is not enough: torch's elastic launcher (behind
+    ``accelerate launch`` for DeepSpeed and multi-process runs) starts each worker in a
+    session of its own, so the workers would outlive it and go on training. The whole
+    process tree is collected first, then killed.
+    """
+    import psutil  # a dependency of accelerate
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # it ended on its own meanwhile
     proc.wait()
+    psutil.wait_procs(tree, timeout=60)
 
 
 def kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> None:
