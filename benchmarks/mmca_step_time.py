@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mmtrain import presets  # noqa: E402
 from mmtrain.model.mmca import IMAGE_MASK_KWARG, enable_mmca  # noqa: E402
+from mmtrain.model.decoder_layers import enable_checkpointing  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_RATIO = 1.3
@@ -105,12 +106,7 @@ def build_stack(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         model = AutoModel.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.requires_grad_(False)
     if args.checkpointing:
-        # transformers renamed gradient_checkpointing_enable; accept both spellings.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)  # the trainer's own switch (both of transformers' names for it)
     model.train()
     return model, config
 

@@ -37,9 +37,10 @@ def test_vision_lora_gets_gradients(tiny_args, checkpointing):
     built = build_model(tiny_args(vis_lora_dim=4, lang_lora_dim=4))
     model = built.model
     if checkpointing:
-        kwargs = {"use_reentrant": False}
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.vision.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        from mmtrain.model.decoder_layers import enable_checkpointing
+
+        enable_checkpointing(model.language_model)  # as the builder does, whichever name transformers gives the switch
+        enable_checkpointing(model.vision.tower)
         model.train()
     # one optimizer step so B != 0 and A's gradient is non-zero too
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
