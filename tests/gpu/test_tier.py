@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import _free_port, common_flags, kill_group, metrics, train_losses
+from tests.training.conftest import _free_port, common_flags, kill_after_checkpoint, kill_group, metrics, train_losses
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "accelerate_configs"
@@ -194,18 +194,7 @@ def assert_trained(out) -> dict[int, float]:
 def assert_resume_matches(model_folders, data_path, tmp_path, r: Row, reference: dict[int, float]) -> None:
     out = tmp_path / "resumed"
     proc = launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision, background=True)
-    target = out / "checkpoints" / f"step-{SAVE_AT:08d}" / "manifest.json"
-    deadline = time.time() + ROW_TIMEOUT
-    while not target.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before checkpoint {SAVE_AT}:\n{_tail(out)}")
-        if time.time() > deadline:
-            kill_group(proc)
-            raise AssertionError(f"no checkpoint {SAVE_AT} within {ROW_TIMEOUT} s:\n{_tail(out)}")
-        time.sleep(0.05)
-    kill_group(proc)  # SIGKILL of every process of the run, no chance to clean up
-    checkpoint = out / "checkpoints" / f"step-{SAVE_AT:08d}"
-    assert checkpoint.is_dir(), f"checkpoint {SAVE_AT} is gone after the kill:\n{_tail(out)}"
+    checkpoint = kill_after_checkpoint(proc, out, SAVE_AT, ROW_TIMEOUT, output=lambda: _tail(out))  # every process of the run
     launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint=checkpoint), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
     resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
     assert max(resumed) == max(reference), (max(resumed), max(reference))

@@ -103,15 +103,22 @@ def kill_group(proc) -> None:
     psutil.wait_procs(tree, timeout=60)
 
 
-def kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> None:
-    """SIGKILL a background run (``launch(..., background=True)``) once checkpoint ``step`` is complete."""
-    target = out / "checkpoints" / f"step-{step:08d}" / "manifest.json"
+def kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600, output=None) -> Path:
+    """SIGKILL a background run once checkpoint ``step`` is complete; returns that checkpoint's folder.
+
+    ``output()`` gives the run's output for a failure message (default: what ``launch(...,
+    background=True)`` piped). A run still short of the checkpoint after ``timeout`` is killed too.
+    """
+    checkpoint = out / "checkpoints" / f"step-{step:08d}"
+    target = checkpoint / "manifest.json"
+    output = output or (lambda: proc.stdout.read()[-4000:])
     deadline = time.time() + timeout
     while not target.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"run ended before checkpoint {step}:\n{output()}")
         if time.time() > deadline:
-            raise AssertionError("timed out waiting for the checkpoint")
+            kill_group(proc)
+            raise AssertionError(f"no checkpoint {step} within {timeout} s:\n{output()}")
         time.sleep(0.05)
     kill_group(proc)
     # A run that ended before the kill went on saving past this checkpoint, and
@@ -119,5 +126,6 @@ def kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600) -> N
     if not target.exists():
         raise AssertionError(
             f"checkpoint {step} is gone after the kill (exit code {proc.returncode}): the run went on and rotated it out, "
-            f"leaving {sorted(p.name for p in target.parent.parent.iterdir())}"
+            f"leaving {sorted(p.name for p in checkpoint.parent.iterdir())}"
         )
+    return checkpoint

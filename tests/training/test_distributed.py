@@ -118,9 +118,8 @@ def test_killed_and_resumed_run_is_bit_identical(full_runs, model_folders, data_
     reference_dir = full_runs(config)
     out = tmp_path / "run"
     proc = launch(_flags(model_folders, data_path, out), config=f"{config}.yaml", num_processes=2, background=True)
-    kill_after_checkpoint(proc, out, SAVE_EVERY)
     # The named checkpoint, not "latest": a fast run may pass later ones before the kill lands.
-    checkpoint = out / "checkpoints" / f"step-{SAVE_EVERY:08d}"
+    checkpoint = kill_after_checkpoint(proc, out, SAVE_EVERY)
     launch(_flags(model_folders, data_path, out, resume_from_checkpoint=checkpoint), config=f"{config}.yaml", num_processes=2)
 
     reference = train_losses(reference_dir)

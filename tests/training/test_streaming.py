@@ -54,10 +54,9 @@ def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, sha
     launch(_flags(model_folders, shards, reference), config="zero0.yaml", num_processes=num_processes)
     out = tmp_path / "resumed"
     proc = launch(_flags(model_folders, shards, out), config="zero0.yaml", num_processes=num_processes, background=True)
-    kill_after_checkpoint(proc, out, SAVE_EVERY)
     # Named, not "latest": a fast run may pass the epoch's end before the kill lands, and
     # a resume from there would not test the position inside an epoch.
-    checkpoint = out / "checkpoints" / f"step-{SAVE_EVERY:08d}"
+    checkpoint = kill_after_checkpoint(proc, out, SAVE_EVERY)
     proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint), config="zero0.yaml", num_processes=num_processes)
     assert f"step-{SAVE_EVERY:08d}: epoch {0 if num_processes == 1 else 1}, step {SAVE_EVERY}" in proc.stdout + proc.stderr
 

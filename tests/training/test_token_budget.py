@@ -83,8 +83,8 @@ def test_killed_mid_epoch_and_resumed_budget_run_gives_the_same_losses(model_fol
 
     out = tmp_path / "run"
     proc = launch(flags(out), config="single_process.yaml", background=True)
-    kill_after_checkpoint(proc, out, 3)
-    launch(flags(out, resume_from_checkpoint=out / "checkpoints" / "step-00000003"), config="single_process.yaml")  # the named one, not "latest"
+    checkpoint = kill_after_checkpoint(proc, out, 3)
+    launch(flags(out, resume_from_checkpoint=checkpoint), config="single_process.yaml")  # the named one, not "latest"
     resumed = train_losses(out)
     assert sorted(resumed) == sorted(reference)
     for step in range(4, max(reference) + 1):
