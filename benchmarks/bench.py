@@ -326,7 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     model_args, data_args, train_args = training_arguments(opts, passthrough, "unused")
-    compiled = train_args.torch_compile == "true" or (train_args.torch_compile == "auto" and cuda)  # as speedups.should_compile
+    from mmtrain.training.distributed import prepare_environment
+
+    prepare_environment()  # before DeepSpeed is imported (through the set-up below)
+    from mmtrain.training.speedups import should_compile
+
+    compiled = should_compile(torch.device("cuda" if cuda else "cpu"), train_args)  # as the run will decide
     tokenizer, image_tokens, image_size = image_token_layout(model_args)
     longest = image_tokens.span_length + opts.text_tokens[1]
     if longest > opts.seq_len:

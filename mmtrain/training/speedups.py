@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
@@ -72,7 +74,7 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
     plain_mixed_precision = accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None
     return SpeedOptions(
         fused_lora=train_args.fused_lora,
-        compile_decoder_layers=should_compile(accelerator, train_args),
+        compile_decoder_layers=should_compile(accelerator.device, train_args),
         compile_hooks_outside=zero3,
         gradient_checkpointing=train_args.gradient_checkpointing,
         gradient_checkpointing_layers=train_args.gradient_checkpointing_layers,
@@ -99,7 +101,7 @@ def packed_attention(accelerator, data_args) -> str | None:
     return None if kernel == "sdpa" else kernel
 
 
-def should_compile(accelerator, train_args) -> bool:
+def should_compile(device: torch.device, train_args) -> bool:
     """``--torch_compile true/false`` as given; ``auto`` (default): on for CUDA training.
 
     Compilation measured +16% (eager 10,700 -> 12,418) tokens/s on ref-7b at 2048 tokens,
@@ -108,7 +110,7 @@ def should_compile(accelerator, train_args) -> bool:
     """
     if train_args.torch_compile != "auto":
         return train_args.torch_compile == "true"
-    auto = accelerator.device.type == "cuda"
+    auto = torch.device(device).type == "cuda"
     if auto:
         logger.info("torch.compile: on by default for CUDA (--torch_compile false turns it off)")
     return auto
