@@ -20,6 +20,7 @@
 #   budget         micro-batches by token budget (--max_tokens_per_batch, BUDGET_TOKENS, default
 #                  16384) beside the plain loop's batch search; with MMCA; and the same budget
 #                  with the packed rows under SDPA's materialised mask instead of flex attention
+#   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
@@ -176,6 +177,13 @@ part_budget() {
         --out "$OUT/budget_${TAG}_${t}_sdpa.json"
 }
 
+part_budget_seq2048() {
+    has_flag max_tokens_per_batch || { echo "no --max_tokens_per_batch in mmtrain/args.py"; return 0; }
+    local t=${BUDGET_TOKENS:-16384}
+    [ "$SMOKE" = 1 ] && t=512
+    run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --out "$OUT/budget_${TAG}_${t}_seq2048.json"
+}
+
 part_seq2048() {
     local b=("${BENCH[@]}" "${FULL[@]}")
     run $PY benchmarks/bench.py "${b[@]}" --profile on --out "$OUT/bench_${TAG}_seq2048.json"
@@ -230,6 +238,7 @@ for part in "$@"; do
         speed) part_speed ;;
         mmca) part_mmca ;;
         budget) part_budget ;;
+        budget-seq2048) part_budget_seq2048 ;;
         seq2048) part_seq2048 ;;
         variants) part_variants ;;
         scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;
