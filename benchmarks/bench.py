@@ -115,6 +115,7 @@ SHARED = {
     "seq_len": "max_seq_len",
     "gradient_checkpointing": "gradient_checkpointing",
     "seed": "seed",
+    "num_workers": "num_workers",
 }
 # Where the bench's defaults differ from training's: the ref-7b workload.
 BENCH_DEFAULTS = {
@@ -530,8 +531,9 @@ def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
             plain["out_of_memory_at"] = [f["micro_batch"] for f in failures]
             plain["failed_attempts"] = failures
             return plain
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        failures.append({"micro_batch": b, "returncode": proc.returncode, "error": tail[0][:300]})
+        # A failure the child caught (running out of memory, mostly) is in its JSON; a crash only in its stderr.
+        tail = [plain["error"]] if plain and plain.get("error") else (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        failures.append({"micro_batch": b, "returncode": proc.returncode, "error": str(tail[0])[:300]})
     return {"error": f"no micro-batch of {batches} ran", "failed_attempts": failures}
 
 

@@ -49,7 +49,7 @@ if [ "$SMOKE" = 1 ]; then
     MMCA=(--preset tiny-llama --seq 256 --image_tokens 64 --dtype fp32 --device cpu --warmup 1 --repeats 2)
     MEM=(--smoke)
 else
-    BENCH=()
+    BENCH=(--num_workers "${BENCH_WORKERS:-4}")  # loader workers for mmtrain and the plain loop alike
     FULL=(--text_tokens 1470 1470)
     MMCA=(--preset llama-2-7b --layers 4 --seq 2048 --image_tokens 576 --dtype bf16 --device cuda)
     MEM=()

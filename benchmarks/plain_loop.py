@@ -65,8 +65,10 @@ def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed
                                 tokenizer.bos_token_id, opts.seed + 7919, with_pixels=False)
         timed = SyntheticSamples(steps * b, image_tokens, opts.text_tokens, opts.label_fraction, image_size,
                                  tokenizer.bos_token_id, opts.seed, with_pixels=False)
-        loader = torch.utils.data.DataLoader(timed, batch_size=b, collate_fn=collator, shuffle=False)
-        warm_loader = torch.utils.data.DataLoader(warm, batch_size=b, collate_fn=collator, shuffle=False)
+        # The same loader workers as mmtrain's run, so neither waits on data more than the other.
+        workers = dict(num_workers=opts.num_workers, persistent_workers=opts.num_workers > 0)
+        loader = torch.utils.data.DataLoader(timed, batch_size=b, collate_fn=collator, shuffle=False, **workers)
+        warm_loader = torch.utils.data.DataLoader(warm, batch_size=b, collate_fn=collator, shuffle=False, **workers)
         try:
             result = timed_run(step, warm_loader, loader, [timed.length(i) for i in range(len(timed))], opts.epochs, shape, opts.peak_tflops)
         except (torch.OutOfMemoryError, RuntimeError) as err:
