@@ -26,6 +26,7 @@ def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed
 
     from mmtrain.data import Collator
     from mmtrain.model.language import load_language_config
+    from mmtrain.training.distributed import loader_workers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
@@ -66,7 +67,8 @@ def run_plain(opts, tokenizer, image_tokens, image_size: int, shape: dict, timed
         timed = SyntheticSamples(steps * b, image_tokens, opts.text_tokens, opts.label_fraction, image_size,
                                  tokenizer.bos_token_id, opts.seed, with_pixels=False)
         # The same loader workers as mmtrain's run, so neither waits on data more than the other.
-        workers = dict(num_workers=opts.num_workers, persistent_workers=opts.num_workers > 0)
+        n = loader_workers(opts.num_workers, device)
+        workers = dict(num_workers=n, persistent_workers=n > 0)
         loader = torch.utils.data.DataLoader(timed, batch_size=b, collate_fn=collator, shuffle=False, **workers)
         warm_loader = torch.utils.data.DataLoader(warm, batch_size=b, collate_fn=collator, shuffle=False, **workers)
         try:

@@ -82,7 +82,13 @@ class DataArguments:
     on_bad_sample: Literal["error", "skip"] = field(
         default="error", metadata=_help("A missing or corrupt image: stop (error) or skip the record and count it (skip).")
     )
-    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    num_workers: int = field(
+        default=-1,
+        metadata=_help(
+            "DataLoader worker processes per training process. -1: 4 on a GPU (fewer when the machine has fewer CPU cores "
+            "per process), 0 on CPU and for --streaming."
+        ),
+    )
     synthetic_num_samples: int = field(default=3000, metadata=_help("Size of the generated synthetic dataset."))
     packing: bool = field(
         default=False,
@@ -139,6 +145,8 @@ class DataArguments:
         for value in self.dataset_samples:
             if value != "all" and not (value.isdigit() and int(value) > 0):
                 raise ConfigError(f"--dataset_samples value {value!r} is neither 'all' nor a positive count")
+        if self.num_workers < -1:
+            raise ConfigError(f"--num_workers must be >= 0, or -1 for the default, got {self.num_workers}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 8:
             raise ConfigError(f"--max_tokens_per_batch must be >= 8, got {self.max_tokens_per_batch}")
         if self.max_images_per_batch is not None:

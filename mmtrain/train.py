@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = distributed.make_accelerator(train_args)
     distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
-    distributed.log_process(accelerator)
+    data_args.num_workers = distributed.loader_workers(  # -1: chosen for this device
+        data_args.num_workers, accelerator.device, local_processes=distributed.local_process_count(accelerator), streaming=data_args.streaming
+    )
+    distributed.log_process(accelerator, data_args.num_workers)
     setup.check_output_dir(accelerator, model_args, data_args, train_args)
     setup.warn_if_lm_will_not_fit(accelerator, model_args, data_args, train_args)  # mmtrain.memory's estimate, before weights
     set_seed(train_args.seed)

@@ -169,3 +169,20 @@ def test_zero3_with_fused_lora_and_compile_matches_zero0(full_runs, model_folder
     losses = train_losses(out)
     for step in range(1, 5):
         assert losses[step] == pytest.approx(reference[step], rel=2e-2), step
+
+
+def test_loader_workers_default_follows_the_device_and_the_cores(monkeypatch):
+    """-1 is 4 workers per GPU process when the cores allow, fewer when they do not, 0 on CPU and for streams; a count given is kept."""
+    import torch
+
+    from mmtrain.training import distributed
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(distributed, "_usable_cores", lambda: 16)
+    assert distributed.loader_workers(-1, cuda) == distributed.AUTO_WORKERS == 4
+    assert distributed.loader_workers(-1, cuda, local_processes=8) == 1  # 2 cores each: one for training, one worker
+    assert distributed.loader_workers(-1, cuda, streaming=True) == 0
+    assert distributed.loader_workers(-1, torch.device("cpu")) == 0
+    assert distributed.loader_workers(6, torch.device("cpu")) == 6
+    monkeypatch.setattr(distributed, "_usable_cores", lambda: 1)
+    assert distributed.loader_workers(-1, cuda) == 0
