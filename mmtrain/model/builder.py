@@ -13,6 +13,7 @@ from mmtrain.model.config import SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, decoder_layers, enable_checkpointing
 from mmtrain.model.errors import ConfigError
+from mmtrain.model.fp8 import convert_frozen_linears
 from mmtrain.model.fused_lora import fuse_lora_layers
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
@@ -129,6 +130,14 @@ def build_model(
 def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None:
     """Switch on the run-time options, each logged; the model computes the same function."""
     lm = model.language_model
+    # First: fused LoRA and compilation must see the float8 layers.
+    if speed.fp8_base:
+        conversion = convert_frozen_linears(lm, list(decoder_layers(lm)), keep_original=speed.fp8_keep_originals, device=speed.fp8_device)
+        logger.info(conversion.describe("base (--fp8_base)"))
+    if speed.fp8_vision:
+        tower = model.vision.tower
+        conversion = convert_frozen_linears(tower, [tower], keep_original=speed.fp8_keep_originals, device=speed.fp8_device)
+        logger.info(conversion.describe("vision tower (--fp8_vision)"))
     if speed.lora_inputs_follow_autocast:
         lora_inputs_follow_autocast(model)
     if speed.fused_lora and (count := fuse_lora_layers(model)):
