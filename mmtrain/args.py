@@ -277,6 +277,18 @@ class TrainArguments:
             "forward; layers it does not cover, e.g. with LoRA dropout or at ZeRO-3, keep peft's)."
         ),
     )
+    fp8_base: bool = field(
+        default=False,
+        metadata=_help(
+            "Hold the LM decoder layers' frozen Linear weights in float8 (one byte each, per-output-channel scales "
+            "computed once) and run their forward and input-gradient products on float8 tensor cores; LoRA, the "
+            "projector, embeddings and lm_head stay bfloat16. Needs a CUDA GPU of compute capability >= 8.9 and "
+            "ZeRO 0-2; layers whose widths are not multiples of 16 stay bfloat16. Exports keep the original weights."
+        ),
+    )
+    fp8_vision: bool = field(
+        default=False, metadata=_help("As --fp8_base, for the frozen Linears of the vision tower (same requirements).")
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
