@@ -219,6 +219,27 @@ def _is_frozen_linear(module: nn.Module) -> bool:
     return not weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
 
 
+def _frozen_linears(root: nn.Module, scopes: list[nn.Module]):
+    # (name relative to root, parent, attribute name, Linear) of each frozen plain nn.Linear in scopes
+    inside = {id(m) for scope in scopes for m in scope.modules()}
+    for parent_name, parent in list(root.named_modules()):
+        if id(parent) not in inside:
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and _is_frozen_linear(child):
+                yield (f"{parent_name}.{child_name}" if parent_name else child_name), parent, child_name, child
+
+
+def aligned(linear: nn.Linear) -> bool:
+    """Whether the float8 kernels take this Linear's widths (both multiples of 16)."""
+    return not (linear.in_features % compat.FLOAT8_ALIGNMENT or linear.out_features % compat.FLOAT8_ALIGNMENT)
+
+
+def convertible_linears(root: nn.Module, scopes: list[nn.Module]) -> list[nn.Linear]:
+    """The Linears :func:`convert_frozen_linears` would convert (what the memory model counts at one byte)."""
+    return [linear for _, _, _, linear in _frozen_linears(root, scopes) if aligned(linear)]
+
+
 def convert_frozen_linears(
     root: nn.Module, scopes: list[nn.Module], *, keep_original: bool, device: torch.device | None = None
 ) -> Conversion:
@@ -229,20 +250,13 @@ def convert_frozen_linears(
     Names in the result are relative to ``root``. ``device``: where to quantise and keep
     the float8 weights (None: where each weight is). Idempotent.
     """
-    inside = {id(m) for scope in scopes for m in scope.modules()}
     result = Conversion()
-    for parent_name, parent in list(root.named_modules()):
-        if id(parent) not in inside:
+    for name, parent, attribute, linear in _frozen_linears(root, scopes):
+        if not aligned(linear):
+            result.kept.append(name)
             continue
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or not _is_frozen_linear(child):
-                continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if child.in_features % compat.FLOAT8_ALIGNMENT or child.out_features % compat.FLOAT8_ALIGNMENT:
-                result.kept.append(name)
-                continue
-            setattr(parent, child_name, Float8FrozenLinear(child, keep_original=keep_original, device=device))
-            result.converted.append(name)
+        setattr(parent, attribute, Float8FrozenLinear(linear, keep_original=keep_original, device=device))
+        result.converted.append(name)
     return result
 
 
