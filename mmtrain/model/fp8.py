@@ -147,6 +147,19 @@ class Float8FrozenLinear(nn.Module):
                 out = out + self.bias.to(dtype)
         return out
 
+    def _apply(self, fn, recurse=True):
+        # Module-wide casts (``.to(dtype)``, ``.float()``, ``.bfloat16()``: the trainer places the
+        # frozen vision tower with one) treat float8 as a floating-point dtype and would turn
+        # the weight, and the fp32 scales, into the cast's dtype. Here both only move to the
+        # device the cast names; the bias follows the cast like any frozen weight.
+        device = fn(torch.empty(0, device=self.weight.device)).device
+        if device != self.weight.device:
+            self.weight = nn.Parameter(self.weight.detach().to(device), requires_grad=False)
+            self.weight_scale = self.weight_scale.to(device)
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8 weight"
 

@@ -154,6 +154,20 @@ def test_fused_lora_runs_the_float8_base_product(monkeypatch):
     assert len(seen) == 2  # up and down; odd stayed bfloat16
 
 
+def test_module_casts_move_the_float8_weights_but_keep_their_dtypes():
+    """``.to(dtype)`` on a whole model (the trainer places the frozen vision tower so) must not cast float8 or its scales."""
+    block = _lora_block()
+    convert_frozen_linears(block, [block], keep_original=False)
+    layer = block.down.base_layer
+    weight, scale = layer.weight.clone(), layer.weight_scale.clone()
+    block.to(torch.float32)
+    assert layer.weight.dtype == compat.FLOAT8 and layer.weight_scale.dtype == torch.float32
+    assert torch.equal(layer.weight.float(), weight.float()) and torch.equal(layer.weight_scale, scale)
+    assert layer.bias.dtype == torch.float32 and block.down.lora_A["default"].weight.dtype == torch.float32
+    block.to("meta")
+    assert layer.weight.device.type == "meta" and layer.weight_scale.device.type == "meta"
+
+
 def test_state_dict_holds_the_original_weights():
     block = _lora_block()
     before = {k: v.clone() for k, v in block.state_dict().items()}
