@@ -424,6 +424,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     validate_paths(model_args)
     check_batch_size_flags(argv, data_args)
     check_streaming_flags(model_args, data_args, train_args)
+    check_fp8_flags(model_args, train_args)
     return model_args, data_args, train_args
 
 
@@ -445,6 +446,19 @@ def check_streaming_flags(model_args: ModelArguments, data_args: DataArguments, 
         raise ConfigError("--streaming needs --max_steps: a stream's length is unknown until it ends, and the schedule needs one")
     if model_args.cache_vision_features:
         raise ConfigError("--cache_vision_features is not supported with --streaming yet; drop one of them")
+
+
+def check_fp8_flags(model_args: ModelArguments, train_args: TrainArguments) -> None:
+    """``--fp8_base`` converts frozen weights: with every LM weight training there is nothing to convert.
+
+    The device and ZeRO-stage checks come once the Accelerator exists
+    (``mmtrain.training.speedups.check_fp8``), still before any weights load.
+    """
+    if train_args.fp8_base and model_args.lm_mode == "full":
+        raise ConfigError(
+            "--fp8_base holds the LM's frozen Linear weights in float8, and --lm_training full trains all of them: "
+            "nothing would be converted; drop one of them"
+        )
 
 
 def validate_paths(model_args: ModelArguments) -> None:

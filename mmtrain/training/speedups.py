@@ -37,6 +37,7 @@ from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model.config import SpeedOptions
+from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
 from mmtrain.training import distributed
 from mmtrain.training.engine_view import unwrap_vlm
@@ -185,6 +186,8 @@ def make_vision_cache(accelerator, model, model_args, output_dir: str) -> Vision
         "preset_seed": model_args.preset_seed,
         "dtype": str(next(vlm.vision.parameters()).dtype),
     }
+    if any(isinstance(m, Float8FrozenLinear) for m in vlm.vision.modules()):
+        identity["fp8_vision"] = True  # other features than the bf16 tower's; absent otherwise, so older caches still match
     return VisionFeatureCache(vlm.encode_images, directory=directory, identity=identity)
 
 

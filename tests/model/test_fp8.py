@@ -143,6 +143,57 @@ def test_frozen_weights_get_no_gradient_and_lora_trains():
         assert _relative_error(grads["fp8-fused"][name], grads["fp8"][name]) < 0.05, name  # same products, bf16 roundings apart
 
 
+def test_under_autocast_float8_layers_take_the_autocast_dtype():
+    """Plain mixed precision: fp32 adapters, bf16 frozen weights, autocast; fused and peft's forward agree."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for fused in (False, True):
+        block = _lora_block()
+        for name, param in block.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.float()
+        convert_frozen_linears(block, [block], keep_original=False)
+        if fused:
+            fuse_lora_layers(block)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().pow(2).mean().backward()
+        grad = block.up.lora_A["default"].weight.grad
+        assert grad.dtype == torch.float32
+        runs[fused] = (y.detach().double(), grad.double())
+    assert _relative_error(runs[True][0], runs[False][0]) < 0.02
+    assert _relative_error(runs[True][1], runs[False][1]) < 0.05
+
+
+def _compile_problem() -> str | None:
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as err:  # no C++ compiler here
+        return f"torch.compile does not run here: {type(err).__name__}: {err}"
+    return None
+
+
+@pytest.mark.skipif(_compile_problem() is not None, reason=str(_compile_problem()))
+def test_compiled_float8_block_gives_the_eager_numbers():
+    """Regional compilation compiles the decoder layers around these layers: same outputs and LoRA gradients."""
+    x = torch.randn(16, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        block = _lora_block()
+        convert_frozen_linears(block, [block], keep_original=False)
+        fuse_lora_layers(block)
+        if compiled:
+            block.compile()
+        y = block(x.clone().requires_grad_(True))
+        y.float().pow(2).mean().backward()
+        runs.append((y.detach().double(), block.down.lora_B["default"].weight.grad.double()))
+    assert _relative_error(runs[1][0], runs[0][0]) < 0.02
+    assert _relative_error(runs[1][1], runs[0][1]) < 0.05
+
+
 def test_fused_lora_runs_the_float8_base_product(monkeypatch):
     block = _lora_block()
     convert_frozen_linears(block, [block], keep_original=False)

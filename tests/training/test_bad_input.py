@@ -46,6 +46,7 @@ def test_config_file_values_are_used_and_flags_override(tmp_path):
         (["--vis_proj", "qformer"], r"--vis_proj 'qformer' is not a projector; valid: baseline, mlp, vit, perceiver"),
         (["--num_warmup_steps", "2.5"], r"--num_warmup_steps must be a ratio"),
         (["--dataset_names", "a", "b", "--dataset_samples", "1", "2", "3"], r"--dataset_samples has 3 values for 2"),
+        (["--fp8_base", "--lm_training", "full", "--lang_lora_dim", "0"], r"--fp8_base holds .* --lm_training full trains all of them"),
     ],
 )
 def test_bad_values_name_the_flag(argv, message):
