@@ -102,22 +102,23 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         return self._mmtrain_peft_forward(x, *args, **kwargs)
     base, lora_a, lora_b, scale = compat.lora_parts(self, adapter)
     fp8 = float8_base(base)
-    weight_scale = None if fp8 is None else fp8.weight_scale  # float8 weights and their scales are never cast
+    weight_scale = None if fp8 is None else fp8.weight_scale
     autocast = torch.is_autocast_enabled(x.device.type)
     if fp8 is not None and not autocast and not x.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
         return self._mmtrain_peft_forward(x, *args, **kwargs)
-    tensors = (x, base.bias, lora_a.weight, lora_b.weight)
+    # A float8 weight and its scales are never cast: the float8 product takes them as they are.
+    castable = (x, base.bias, lora_a.weight, lora_b.weight) + ((base.weight,) if fp8 is None else ())
     if autocast:
         # What autocast would do to each product, done once up front; casting back the
         # adapters' gradients to their own dtype is autograd's job.
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, bias, a, b = tuple(t if t is None else t.to(dtype) for t in tensors)
+        x, bias, a, b, *weight = tuple(t if t is None else t.to(dtype) for t in castable)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(x, base.weight, weight_scale, bias, a, b, scale)
-    x, bias, a, b = tensors
+            return _LoraLinearFunction.apply(x, weight[0] if weight else base.weight, weight_scale, bias, a, b, scale)
+    x, bias, a, b, *weight = castable
     if fp8 is not None and bias is not None:
         bias = bias.to(x.dtype)
-    return _LoraLinearFunction.apply(x, base.weight, weight_scale, bias, a, b, scale)
+    return _LoraLinearFunction.apply(x, weight[0] if weight else base.weight, weight_scale, bias, a, b, scale)
 
 
 def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:
