@@ -12,10 +12,11 @@ projector and the new embedding rows stay in bfloat16.
 Why not torchao: its float8 *training* (``convert_to_float8_training``) keeps the
 high-precision weight as the parameter and casts it to float8 again at every step, so the
 weight costs its two bytes plus a float8 copy, and the cast is paid each step although the
-weight never changes. Its pre-quantised float8 weights (``Float8DynamicActivation
-Float8WeightConfig``) are for inference: ``_scaled_mm`` has no derivative, so a backward
-through them fails. Neither holds a frozen weight in float8 once and back-propagates
-through it, which is what this module does, in one small autograd function.
+weight never changes. Its pre-quantised float8 weights
+(``Float8DynamicActivationFloat8WeightConfig``) are for inference: ``_scaled_mm`` has no
+derivative, so a backward through them fails. Neither holds a frozen weight in float8
+once and back-propagates through it, which is what this module does, in one small
+autograd function.
 
 How backward reuses the forward's copy. ``grad_x = grad_y @ W`` reduces over the output
 channels, the dimension the weight's scales run along, and row-wise ``_scaled_mm`` has no
@@ -36,8 +37,8 @@ bfloat16 took. We keep one byte; if a measurement shows the transpose mattering 
 batches, a kept transposed copy is the switch to add.
 
 Exports are written from the original weights, not the float8 ones: with
-``keep_original`` the layer keeps its bfloat16 weight on the CPU (host memory, one copy
-per converted layer, two bytes per weight) and writes it as ``weight`` in its state dict,
+``keep_original`` the layer keeps its weight as loaded (bfloat16 in GPU training) on the
+CPU (host memory, two bytes per weight) and writes it as ``weight`` in its state dict,
 so ``state_dict()`` and every export (LoRA merged into it) look exactly as without float8.
 Re-reading the source folder instead would not cover presets, whose weights are drawn from
 a seed on the device. Only the process that writes exports needs the originals (the
@@ -50,15 +51,12 @@ Layers whose widths are not multiples of 16 (what the kernels need) stay bfloat1
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mmtrain import compat
-
-logger = logging.getLogger("mmtrain")
 
 # The smallest amax a row is scaled by: an all-zero row (padding) must not divide by zero.
 _MIN_AMAX = 1e-12
@@ -123,7 +121,7 @@ class Float8FrozenLinear(nn.Module):
     ``weight`` is a frozen float8 parameter [out, in] (counted as a parameter, one byte
     each), ``weight_scale`` a float32 buffer [out]. DeepSpeed's mixed-precision cast
     leaves float8 parameters and float32 buffers alone (it casts fp16/bf16/fp32
-    parameters only). ``original`` is the bfloat16 weight on the CPU, or None.
+    parameters only). ``original`` is the weight as loaded (its own dtype) on the CPU, or None.
     """
 
     def __init__(self, linear: nn.Linear, *, keep_original: bool, device: torch.device | None = None):
