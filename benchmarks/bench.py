@@ -4,6 +4,7 @@
     python benchmarks/bench.py --lm tiny-llama --vision tiny-clip --steps 2    # CPU smoke test
     python benchmarks/bench.py --num_processes 1 2 --plain skip --out ...      # one and two GPUs: scaling
     python benchmarks/bench.py --max_tokens_per_batch 16384 --out ...         # micro-batches by token budget
+    python benchmarks/bench.py --fp8_base --plain skip --out ...              # the frozen base in float8 (a GPU of cc >= 8.9)
 
 **The workload** (ref-7b by default): the ``llama-2-7b`` and ``clip-vit-large-patch14-336``
 presets with random weights, MLP projector, LoRA rank 16 on every Linear under
@@ -39,6 +40,12 @@ mmtrain's budget path instead of ``--micro_batch`` samples: the timed set then h
 ``--steps`` budgets of samples, planned into micro-batches by the trainer's own sampler
 and stepped through the loop's own token-weighted grouping. The plain loop trains on the
 same samples, padded, at the largest of ``--plain_batches`` that fits.
+
+**Float8 base**: ``--fp8_base`` (a training flag, passed on like the others) holds the
+LM's frozen decoder-layer weights in float8 (``mmtrain/model/fp8.py``); the plain loop
+stays bfloat16. MFU stays against the dense bf16 peak, so a float8 run's MFU is the
+bf16-equivalent figure (the work done over what bf16 could do), not a share of the
+float8 peak. The memory prediction counts the float8 weights at one byte.
 
 **Flags**: the bench's own, plus every model, data and training flag of ``mmtrain.train``,
 taken from the same dataclasses (``ModelArguments``, ``DataArguments``,
@@ -355,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": opts.peak_tflops,
         "peak_tflops_source": peak_source,
         "max_tokens_per_batch": data_args.max_tokens_per_batch,
+        "fp8_base": train_args.fp8_base,
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
     timed_n = timed_samples(opts, data_args, image_tokens.span_length)
@@ -381,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
 
     if not worker and opts.num_processes != [1]:
-        predictions = [memory_prediction(opts, model_args, n, compiled) for n in opts.num_processes]
+        predictions = [memory_prediction(opts, model_args, n, compiled, fp8_base=train_args.fp8_base) for n in opts.num_processes]
         runs = [launched_mmtrain(raw, n) for n in opts.num_processes]
         for run, prediction in zip(runs, predictions):
             run["memory_prediction"] = prediction
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Before the run: the meta build it takes must not meet the run's DeepSpeed state (at
     # ZeRO-3, zero.Init would partition it, one process at a time). A launched group's
     # parent predicts for it.
-    prediction = None if worker else memory_prediction(opts, model_args, 1, compiled)
+    prediction = None if worker else memory_prediction(opts, model_args, 1, compiled, fp8_base=train_args.fp8_base)
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
         result["mmtrain"] = _public(mm)
@@ -469,7 +477,7 @@ def launched_mmtrain(raw: list[str], n: int) -> dict:
             return json.load(f)["mmtrain"]
 
 
-def memory_prediction(opts, model_args, num_processes: int, compiled: bool = False) -> dict:
+def memory_prediction(opts, model_args, num_processes: int, compiled: bool = False, fp8_base: bool = False) -> dict:
     """``mmtrain.memory``'s peak for this run's setup on ``num_processes`` GPUs, batches of the longest sample."""
     try:
         from mmtrain import memory
@@ -479,7 +487,7 @@ def memory_prediction(opts, model_args, num_processes: int, compiled: bool = Fal
         setup = memory.MemorySetup(
             zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=opts.micro_batch,
             seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
-            label_fraction=opts.label_fraction, compiled=compiled,
+            label_fraction=opts.label_fraction, compiled=compiled, fp8_base=fp8_base,
         )
         est = memory.estimate(facts, setup)
         return {"setup": setup.name, "seq_len": longest, "num_gpus": num_processes, "peak_bytes": est.total, "peak_gib": est.total / 2**30}
@@ -544,6 +552,8 @@ def summary_line(result: dict) -> str:
     parts = [f"{result['device']}: mmtrain {mm['tokens_per_s']:,.0f} tokens/s, {mm['samples_per_s']:.2f} samples/s, MFU {_percent(mm['mfu'])}"]
     if result.get("max_tokens_per_batch"):
         parts[0] += f" (budget {result['max_tokens_per_batch']} tokens, {mm['samples'] / max(mm['steps'], 1):.1f} samples per micro-batch)"
+    if result.get("fp8_base"):
+        parts[0] += " (float8 base)"
     if mm.get("num_processes", 1) > 1:
         parts[0] += f" ({mm['num_processes']} processes, {mm['tokens_per_s_per_gpu']:,.0f} per GPU)"
     for row in result.get("scaling", [])[1:]:

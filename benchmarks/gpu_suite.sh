@@ -22,6 +22,12 @@
 #                  with the packed rows under SDPA's materialised mask instead of flex attention
 #   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
+#   fp8            the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
+#                  every sample 2048 tokens at micro-batch 6 (profiled), then the mix by a 16384-token
+#                  budget (BUDGET_TOKENS); compare with seq2048/variants and budget (bf16)
+#   fp8-quality    benchmarks/fp8_quality.py: ref-7b's LM trained 100 steps bf16 beside float8 on the
+#                  same batches, the per-step relative loss difference (target <= 1%); FP8_LAYERS=N
+#                  keeps N decoder layers (default: all 32)
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
 #   variants       2048 tokens at micro-batch 6 beside the plain loop (profiled), at ZeRO-0, MMCA
@@ -212,6 +218,29 @@ part_scaling() {  # scaling:STAGE:WORKLOAD, e.g. scaling:2:mix — mmtrain on on
         --out "$OUT/scaling_${TAG}_zero${stage}_${workload}.json"
 }
 
+fp8_problem() {  # why float8 cannot run here (empty: it can)
+    $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
+}
+
+part_fp8() {
+    has_flag fp8_base || { echo "no --fp8_base in mmtrain/args.py"; return 0; }
+    local why; why=$(fp8_problem)
+    [ -z "$why" ] || { echo "fp8 skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
+    local t=${BUDGET_TOKENS:-16384}
+    run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --micro_batch 6 --fp8_base --plain skip --profile on \
+        --out "$OUT/speed_${TAG}_seq2048_mb6_fp8.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --plain skip --profile off \
+        --out "$OUT/budget_${TAG}_${t}_fp8.json"
+}
+
+part_fp8_quality() {
+    local why; why=$(fp8_problem)
+    [ -z "$why" ] || { echo "fp8-quality skipped: float8 tensor cores are needed, but $why"; return 0; }
+    local layers=()
+    [ -n "${FP8_LAYERS:-}" ] && layers=(--layers "$FP8_LAYERS")
+    run $PY benchmarks/fp8_quality.py "${layers[@]}" --out "$OUT/fp8_quality_${TAG}.json"
+}
+
 part_mmca() {
     run $PY benchmarks/mmca_step_time.py "${MMCA[@]}" --output "$OUT/mmca_step_time_${TAG}.json"
 }
@@ -237,6 +266,8 @@ for part in "$@"; do
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;
         mmca) part_mmca ;;
+        fp8) part_fp8 ;;
+        fp8-quality) part_fp8_quality ;;
         budget) part_budget ;;
         budget-seq2048) part_budget_seq2048 ;;
         seq2048) part_seq2048 ;;

@@ -285,6 +285,18 @@ class TrainArguments:
             "forward; layers it does not cover, e.g. with LoRA dropout or at ZeRO-3, keep peft's)."
         ),
     )
+    fp8_base: bool = field(
+        default=False,
+        metadata=_help(
+            "Hold the LM decoder layers' frozen Linear weights in float8 (one byte each, per-output-channel scales "
+            "computed once) and run their forward and input-gradient products on float8 tensor cores; LoRA, the "
+            "projector, embeddings and lm_head stay bfloat16. Needs a CUDA GPU of compute capability >= 8.9 and "
+            "ZeRO 0-2; layers whose widths are not multiples of 16 stay bfloat16. Exports keep the original weights."
+        ),
+    )
+    fp8_vision: bool = field(
+        default=False, metadata=_help("As --fp8_base, for the frozen Linears of the vision tower (same requirements).")
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
@@ -420,6 +432,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     validate_paths(model_args)
     check_batch_size_flags(argv, data_args)
     check_streaming_flags(model_args, data_args, train_args)
+    check_fp8_flags(model_args, train_args)
     return model_args, data_args, train_args
 
 
@@ -441,6 +454,19 @@ def check_streaming_flags(model_args: ModelArguments, data_args: DataArguments, 
         raise ConfigError("--streaming needs --max_steps: a stream's length is unknown until it ends, and the schedule needs one")
     if model_args.cache_vision_features:
         raise ConfigError("--cache_vision_features is not supported with --streaming yet; drop one of them")
+
+
+def check_fp8_flags(model_args: ModelArguments, train_args: TrainArguments) -> None:
+    """``--fp8_base`` converts frozen weights: with every LM weight training there is nothing to convert.
+
+    The device and ZeRO-stage checks come once the Accelerator exists
+    (``mmtrain.training.speedups.check_fp8``), still before any weights load.
+    """
+    if train_args.fp8_base and model_args.lm_mode == "full":
+        raise ConfigError(
+            "--fp8_base holds the LM's frozen Linear weights in float8, and --lm_training full trains all of them: "
+            "nothing would be converted; drop one of them"
+        )
 
 
 def validate_paths(model_args: ModelArguments) -> None:

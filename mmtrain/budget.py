@@ -4,7 +4,9 @@ Builds the model on the meta device (no weights read, no memory used), so
 ``llama-2-7b`` + ``clip-vit-bigG-14`` answers in seconds on a laptop. Counts come from
 the very model object training would build; bytes assume mixed-precision Adam:
 
-* weights: every parameter in the compute dtype (2 bytes in bf16/fp16, 4 in fp32);
+* weights: every parameter in the compute dtype (2 bytes in bf16/fp16, 4 in fp32), but
+  with ``--fp8_base`` / ``--fp8_vision`` the frozen Linears those convert at one byte
+  plus a 4-byte scale per output channel;
 * gradients: trainable parameters only, in the compute dtype;
 * optimizer states: trainable parameters only, fp32 master copy + Adam's two moments
   = 12 bytes per parameter (4 + 4 + 4; in fp32 training the master copy is the weight
@@ -24,6 +26,7 @@ from typing import Literal
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.cli import FlagParser
 from mmtrain.model.builder import build_model
+from mmtrain.model.config import SpeedOptions
 from mmtrain.model.counting import BYTES_PER_PARAM, ComponentBudget, budget_from_counts, count_parameters, format_table  # noqa: F401
 
 
@@ -34,6 +37,8 @@ class BudgetArguments:
     precision: Literal["bf16", "fp16", "fp32"] = field(
         default="bf16", metadata={"help": "Compute dtype the bytes assume (fp32: 4 bytes a value, else 2)."}
     )
+    fp8_base: bool = field(default=False, metadata={"help": "Count the LM decoder layers' frozen Linears in float8, as training's --fp8_base holds them."})
+    fp8_vision: bool = field(default=False, metadata={"help": "Count the vision tower's frozen Linears in float8 (training's --fp8_vision)."})
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
     def __post_init__(self):
@@ -45,16 +50,17 @@ def budget_parser() -> FlagParser:
     return FlagParser((ModelArguments, BudgetArguments), prog="python -m mmtrain.budget", description=__doc__)
 
 
-def model_budget(model_args: ModelArguments, precision: str = "bf16") -> list[ComponentBudget]:
-    """The budget table for ``model_args``, from a meta-device build."""
-    built = build_model(model_args, meta=True)
+def model_budget(model_args: ModelArguments, precision: str = "bf16", *, fp8_base: bool = False, fp8_vision: bool = False) -> list[ComponentBudget]:
+    """The budget table for ``model_args``, from a meta-device build (float8 layers converted there too)."""
+    speed = SpeedOptions(fp8_base=fp8_base, fp8_vision=fp8_vision, fp8_keep_originals=False) if (fp8_base or fp8_vision) else None
+    built = build_model(model_args, meta=True, speed=speed)
     return budget_from_counts(count_parameters(built.model), precision)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         model_args, opts = budget_parser().parse_or_raise(argv)
-        rows = model_budget(model_args, opts.precision)
+        rows = model_budget(model_args, opts.precision, fp8_base=opts.fp8_base, fp8_vision=opts.fp8_vision)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,6 +52,62 @@ def assert_async(condition: torch.Tensor, message: str) -> None:
 BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 
 
+# --- torch: float8 matrix products -------------------------------------------------------
+#
+# ``torch._scaled_mm`` is torch's only entry to the float8 tensor-core GEMM (cuBLASLt on
+# CUDA); it is private and its contract has changed between releases (it returned an
+# ``(out, amax)`` pair before torch 2.5; row-wise scales came in 2.5). Everything that
+# depends on that contract is in this block: the operand layout, the alignment, the scale
+# shapes and the hardware that runs it. ``mmtrain.model.fp8`` only calls
+# :func:`float8_matmul`.
+
+FLOAT8 = torch.float8_e4m3fn  # 4 exponent bits, 3 mantissa bits: the format for weights and activations
+FLOAT8_MAX = float(torch.finfo(FLOAT8).max)  # 448: the largest finite value
+# cuBLASLt's float8 kernels need the reduction and output widths to be multiples of 16.
+FLOAT8_ALIGNMENT = 16
+# float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
+FLOAT8_MIN_CAPABILITY = (8, 9)
+
+
+def float8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b).T`` from float8 ``a`` [M, K] and ``b`` [N, K], both row-major.
+
+    ``scale_a`` is [M, 1] and ``scale_b`` [1, N], float32: one scale per row of each
+    operand (``_scaled_mm``'s row-wise mode; it multiplies them back onto the product).
+    ``_scaled_mm`` wants its second operand column-major, i.e. [K, N] with K contiguous,
+    which ``b.t()`` is without a copy: both operands must be K-major ("TN"), the only
+    layout cuBLASLt's float8 kernels take. Row-wise scaling on CUDA needs a bfloat16
+    output. K and N must be multiples of :data:`FLOAT8_ALIGNMENT`; M is free.
+    Were the signature or the layout rule changed, ``tests/test_compat.py`` fails on it.
+    """
+    if a.dtype != FLOAT8 or b.dtype != FLOAT8:
+        raise ValueError(f"float8_matmul takes {FLOAT8} operands, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[1] or a.shape[1] % FLOAT8_ALIGNMENT or b.shape[0] % FLOAT8_ALIGNMENT:
+        raise ValueError(f"float8_matmul: [M, K] @ [N, K].T needs equal K and K, N multiples of {FLOAT8_ALIGNMENT}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch._scaled_mm(
+        a.contiguous(), b.contiguous().t(), scale_a=scale_a.reshape(-1, 1).float(), scale_b=scale_b.reshape(1, -1).float(),
+        out_dtype=out_dtype,
+    )
+
+
+def float8_matmul_problem(device: torch.device | str) -> str | None:
+    """Why :func:`float8_matmul` cannot run fast on ``device`` (None: it can).
+
+    torch's CPU ``_scaled_mm`` computes the right numbers (the tests use it) but without
+    float8 hardware it is slower than bfloat16, so training refuses it: a CPU or a GPU
+    below compute capability 8.9 is named with what was found.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the device is {device.type}, and float8 matrix products need a CUDA GPU of compute capability >= 8.9"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLOAT8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        need = ".".join(map(str, FLOAT8_MIN_CAPABILITY))
+        return f"the GPU is {name} (compute capability {major}.{minor}), and float8 matrix products need >= {need}"
+    return None
+
+
 # --- transformers: attention implementation and masks ----------------------------------
 
 

@@ -148,6 +148,27 @@ def test_token_budget_replaces_the_micro_batch():
         bench.parse_options(["--micro_batch", "2", "--max_tokens_per_batch", "4096"])
 
 
+def test_fp8_base_passes_through_to_training_and_the_memory_prediction():
+    opts, rest = bench.parse_options(["--lm", "tiny-llama", "--vision", "tiny-clip", "--fp8_base", "--plain", "skip"])
+    assert rest == ["--fp8_base"]
+    model_args, _, train_args = bench.training_arguments(opts, rest, "out")
+    assert train_args.fp8_base
+    plain = bench.memory_prediction(opts, model_args, 1)
+    fp8 = bench.memory_prediction(opts, model_args, 1, fp8_base=True)
+    assert fp8["setup"] == "zero2+fp8" and fp8["peak_bytes"] < plain["peak_bytes"]
+
+
+def test_fp8_quality_runs_both_precisions_on_the_same_batches(tmp_path):
+    """The quality script's dry run: tiny preset, CPU (whose float8 products are slow but right)."""
+    quality = _benchmark("fp8_quality")
+    out = tmp_path / "q.json"
+    result = quality.main(["--preset", "tiny-llama", "--steps", "3", "--seq", "32", "--batches", "2", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["max_relative_difference"] == result["max_relative_difference"]
+    assert len(result["loss_bf16"]) == len(result["loss_fp8"]) == len(result["relative_difference"]) == 3
+    assert result["loss_bf16"] != result["loss_fp8"]  # float8 really ran
+    assert result["max_relative_difference"] < 0.01
+
+
 def test_samples_follow_the_layout():
     tokens = ImageTokens(image_id=11, start_id=10, end_id=12, per_image=5, original_vocab_size=10)
     data = workload.SyntheticSamples(6, tokens, (4, 9), 0.25, image_size=8, bos_id=0, seed=3)

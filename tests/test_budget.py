@@ -101,3 +101,24 @@ def test_budget_cli_is_quick_and_small():
     assert peak_rss_gib < 2.0, f"budget used {peak_rss_gib:.2f} GiB"
     # the figure is this command's: an interpreter with torch loaded is at least ~100 MiB
     assert peak_rss_gib > 0.05, f"implausible peak RSS {peak_rss_gib:.3f} GiB"
+
+
+def test_fp8_base_counts_the_converted_layers_at_one_byte(tiny_args):
+    """The meta budget with --fp8_base equals the real converted model's counts, and its bytes are a hand count."""
+    from mmtrain.model.config import SpeedOptions
+    from mmtrain.model.counting import budget_from_counts
+
+    args = tiny_args(lang_lora_dim=4)
+    plain = {r.name: r for r in model_budget(args)}
+    fp8 = {r.name: r for r in model_budget(args, fp8_base=True)}
+    real = budget_from_counts(count_parameters(build_model(args, speed=SpeedOptions(fp8_base=True)).model))
+    assert {r.name: r for r in real} == fp8
+    lm = build_model(args).model.language_model
+    cfg = lm.config
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    scales = 2 * h + 2 * kv + 2 * i + h
+    saved = cfg.num_hidden_layers * (per_layer - 4 * scales)  # one byte less per weight, four more per scale
+    assert plain["language model"].weight_bytes - fp8["language model"].weight_bytes == saved
+    assert fp8["LM LoRA"] == plain["LM LoRA"] and fp8["vision encoder"] == plain["vision encoder"]
+    assert fp8["total"].total == plain["total"].total  # the same parameters, held in fewer bytes

@@ -51,6 +51,48 @@ def test_torch_assert_async_raises_on_a_false_cpu_tensor():
             compat.assert_async(torch.tensor(3) == 4, "spans and features differ")
 
 
+def _float8_devices() -> list[str]:
+    # torch's CPU _scaled_mm takes float8 inputs (checked on torch 2.13), so the contract is
+    # checked on every machine; a capable GPU checks the cuBLASLt path too.
+    devices = ["cpu"]
+    if torch.cuda.is_available() and compat.float8_matmul_problem("cuda") is None:
+        devices.append("cuda")
+    return devices
+
+
+@pytest.mark.parametrize("device", _float8_devices())
+def test_torch_scaled_mm_row_wise_multiplies_the_scales_back(device):
+    with pinned("torch", "torch._scaled_mm(a, b_column_major, scale_a=[M, 1], scale_b=[1, N], out_dtype=bf16)"):
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(5, 32, generator=gen).to(compat.FLOAT8).to(device)  # M = 5: only K and N are aligned
+        b = torch.randn(48, 32, generator=gen).to(compat.FLOAT8).to(device)
+        scale_a = torch.rand(5, 1, generator=gen).add(0.5).to(device)
+        scale_b = torch.rand(1, 48, generator=gen).add(0.5).to(device)
+        out = compat.float8_matmul(a, b, scale_a, scale_b, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and out.shape == (5, 48)
+        want = (a.double() * scale_a.double()) @ (b.double() * scale_b.double().t()).t()
+        torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
+        # a transposed (non-contiguous) second operand is laid out before the call
+        bt = b.t().contiguous().t()
+        torch.testing.assert_close(compat.float8_matmul(a, bt, scale_a, scale_b, torch.bfloat16), out)
+
+
+def test_torch_float8_matmul_refuses_unaligned_widths_and_other_dtypes():
+    a = torch.zeros(4, 40).to(compat.FLOAT8)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        compat.float8_matmul(a, torch.zeros(16, 40).to(compat.FLOAT8), torch.ones(4, 1), torch.ones(1, 16), torch.bfloat16)
+    with pytest.raises(ValueError, match="float8_e4m3fn operands"):
+        compat.float8_matmul(torch.zeros(4, 32), torch.zeros(16, 32).to(compat.FLOAT8), torch.ones(4, 1), torch.ones(1, 16), torch.bfloat16)
+    assert compat.FLOAT8_MAX == 448.0
+
+
+def test_torch_float8_matmul_problem_names_the_device():
+    assert "the device is cpu" in compat.float8_matmul_problem("cpu")
+    if torch.cuda.is_available():
+        capable = torch.cuda.get_device_capability(0) >= compat.FLOAT8_MIN_CAPABILITY
+        assert (compat.float8_matmul_problem("cuda:0") is None) == capable
+
+
 def test_torch_batchnorm_base_covers_every_batch_norm():
     with pinned("torch", "torch.nn.modules.batchnorm._BatchNorm"):
         for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d):

@@ -268,3 +268,36 @@ def test_cli_knows_the_lm_modes(capsys):
     out = json.loads(capsys.readouterr().out)
     zero3 = next(e for e in out["estimates"] if e["name"] == "zero3")
     assert zero3["optimizer_states"] == 12 * -(-model_facts(_full_lm("llama-2-7b")).total(trainable=True) // 2)
+
+
+# Float8 frozen weights: --fp8_base.
+
+
+def test_fp8_base_counts_converted_weights_at_one_byte_plus_scales(ref7b):
+    # llama-2-7b: 32 layers of q, k, v, o (4096 x 4096) and gate, up, down (4096 x 11008), all 16-aligned
+    assert ref7b.fp8_base_weights == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert ref7b.fp8_base_scales == 32 * (4 * 4096 + 2 * 11008 + 4096)
+    # clip-vit-large read at its second-to-last layer: 23 layers of q, k, v, out (1024 x 1024) and fc1, fc2 (1024 x 4096)
+    assert ref7b.fp8_vision_weights == 23 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
+    base = MemorySetup(micro_batch=2)
+    plain, fp8 = estimate(ref7b, base), estimate(ref7b, replace(base, fp8_base=True))
+    assert plain.frozen_weights - fp8.frozen_weights == ref7b.fp8_base_weights - 4 * ref7b.fp8_base_scales
+    assert fp8.cpu_weights - plain.cpu_weights == 2 * ref7b.fp8_base_weights  # the originals, kept for exports
+    assert fp8.activations == plain.activations and fp8.setup.name == "zero0+fp8"
+    both = estimate(ref7b, replace(base, fp8_base=True, fp8_vision=True))
+    assert fp8.frozen_weights - both.frozen_weights == ref7b.fp8_vision_weights - 4 * ref7b.fp8_vision_scales
+
+
+def test_fp8_base_is_refused_at_zero3_and_left_out_of_its_rungs():
+    with pytest.raises(ConfigError, match="refused at ZeRO stage 3"):
+        MemorySetup(zero_stage=3, fp8_base=True)
+    rungs = all_setups(MemorySetup(fp8_base=True))
+    assert all(s.fp8_base == (s.zero_stage < 3) for s in rungs)
+
+
+def test_cli_takes_fp8_base(capsys):
+    from mmtrain.memory import main
+
+    assert main(["--lang_lora_dim", "4", "--seq_len", "256", "--gpu_memory", "24GiB", "--fp8_base"]) == 0
+    out = capsys.readouterr().out
+    assert "zero0+fp8" in out and "zero3+off-opt+par" in out and "zero3+off-opt+par+fp8" not in out

@@ -35,6 +35,12 @@ Adam m and v)
   fp32 master copy in the optimizer; at the optimizer step the gradient partition is
   cast to fp32 (4Ψ_t, or 4Ψ_t/N with ZeRO): a transient of the step, not of backward.
   In fp32 the master copy is the weight, so the optimizer holds 8 bytes per parameter.
+* ``--fp8_base`` / ``--fp8_vision`` (stages 0-2; training refuses them at stage 3): the
+  frozen Linears they convert (Ψ_8 of the frozen weights above, counted from the meta
+  build by ``mmtrain.model.fp8.convertible_linears``) take 1 byte each instead of w, plus
+  4 bytes per output channel for their scales; the main process keeps the originals in
+  host memory (wΨ_8, under "host: weights"). The transient float8 copies of one layer's
+  activation and transposed weight are not counted.
 * The frozen vision encoder without LoRA is never given to DeepSpeed (see
   ``mmtrain.training.engine_view``): it is replicated whole on every GPU at every stage, in the
   compute dtype, and runs under ``no_grad``.

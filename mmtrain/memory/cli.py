@@ -69,6 +69,11 @@ class MemoryArguments:
     compiled: bool = field(
         default=False, metadata={"help": "LM decoder layers compiled, as training does on a GPU (--torch_compile auto): fewer activations kept."}
     )
+    fp8_base: bool = field(
+        default=False,
+        metadata={"help": "The LM decoder layers' frozen Linears in float8 (training's --fp8_base): one byte a weight plus its scales; ZeRO 0-2."},
+    )
+    fp8_vision: bool = field(default=False, metadata={"help": "The vision tower's frozen Linears in float8 (training's --fp8_vision)."})
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
@@ -97,6 +102,8 @@ class MemoryArguments:
             precision=self.precision,
             gradient_checkpointing=self.gradient_checkpointing,
             compiled=self.compiled,
+            fp8_base=self.fp8_base,
+            fp8_vision=self.fp8_vision,
             images_per_sample=self.images_per_sample,
             label_fraction=self.label_fraction,
         )

@@ -40,6 +40,8 @@ class MemorySetup:
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters (DeepSpeed's default)
     compiled: bool = False  # LM decoder layers compiled (--torch_compile; on by default on a GPU)
+    fp8_base: bool = False  # LM decoder layers' frozen Linears in float8 (--fp8_base; ZeRO 0-2 only)
+    fp8_vision: bool = False  # the vision tower's frozen Linears in float8 (--fp8_vision)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -57,11 +59,14 @@ class MemorySetup:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.label_fraction <= 1.0:
             raise ConfigError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
+        if (self.fp8_base or self.fp8_vision) and self.zero_stage == 3:
+            raise ConfigError("float8 frozen weights (--fp8_base, --fp8_vision) are refused at ZeRO stage 3, as training refuses them")
 
     @property
     def name(self) -> str:
         off = {"none": "", "optimizer": "+off-opt", "optimizer+params": "+off-opt+par"}[self.offload]
-        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "") + ("+compiled" if self.compiled else "")
+        fp8 = ("+fp8" if self.fp8_base else "") + ("+fp8vis" if self.fp8_vision else "")
+        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "") + ("+compiled" if self.compiled else "") + fp8
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ class ModelFacts:
     vision_trainable: bool
     vision_lora_rank: int
     image_size: int
+    # Frozen Linear weights --fp8_base / --fp8_vision would hold in float8, and their scales (one per output channel).
+    fp8_base_weights: int = 0
+    fp8_base_scales: int = 0
+    fp8_vision_weights: int = 0
+    fp8_vision_scales: int = 0
 
     def total(self, trainable: bool | None = None, engine: bool | None = None) -> int:
         return sum(
@@ -147,6 +157,10 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
         for layer in decoder_layers(model.language_model)
     )
     per_kind = {k: sum(1 for t in targets if t.rsplit(".", 1)[-1] == k) / layers for k in LORA_KINDS}
+    from mmtrain.model.builder import float8_scopes
+    from mmtrain.model.fp8 import convertible_linears
+
+    fp8 = {part: convertible_linears(root, scopes) for part, (root, scopes) in float8_scopes(model).items()}
 
     vision = model.vision
     vconfig = vision.tower.config
@@ -179,6 +193,10 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
         vision_trainable=model.vision_trainable,
         vision_lora_rank=model_args.vis_lora_dim,
         image_size=vconfig.image_size,
+        fp8_base_weights=sum(numel(m.weight) for m in fp8["base"]),
+        fp8_base_scales=sum(m.out_features for m in fp8["base"]),
+        fp8_vision_weights=sum(numel(m.weight) for m in fp8["vision"]),
+        fp8_vision_scales=sum(m.out_features for m in fp8["vision"]),
     )
     _FACTS_CACHE[key] = facts
     return facts

@@ -157,6 +157,15 @@ def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEs
     # Weights: the outside vision encoder is always whole; engine weights split at stage 3.
     if stage < 3:
         frozen, trainable, cpu_weights = w * (psi_v + psi_f), w * psi_t, 0
+        # float8 frozen Linears: one byte a weight plus an fp32 scale per output channel on the
+        # GPU; the main process keeps the originals in host memory for exports.
+        for on, weights, scales in (
+            (setup.fp8_base, facts.fp8_base_weights, facts.fp8_base_scales),
+            (setup.fp8_vision, facts.fp8_vision_weights, facts.fp8_vision_scales),
+        ):
+            if on:
+                frozen += weights + 4 * scales - w * weights
+                cpu_weights += w * weights
     else:
         keep_f = facts.persistent(setup.param_persistence_threshold, trainable=False)
         keep_t = facts.persistent(setup.param_persistence_threshold, trainable=True)
@@ -270,8 +279,11 @@ def _quiet_import():
 
 
 def all_setups(base: MemorySetup) -> list[MemorySetup]:
-    """``base`` at every rung of :data:`SPEED_ORDER`."""
-    return [replace(base, zero_stage=st, offload=off) for st, off in SPEED_ORDER]
+    """``base`` at every rung of :data:`SPEED_ORDER` (the ZeRO-3 rungs without float8, which training refuses there)."""
+    return [
+        replace(base, zero_stage=st, offload=off, **({"fp8_base": False, "fp8_vision": False} if st == 3 else {}))
+        for st, off in SPEED_ORDER
+    ]
 
 
 @dataclass

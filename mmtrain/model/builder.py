@@ -13,6 +13,7 @@ from mmtrain.model.config import SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
 from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, decoder_layers, enable_checkpointing
 from mmtrain.model.errors import ConfigError
+from mmtrain.model.fp8 import convert_frozen_linears
 from mmtrain.model.fused_lora import fuse_lora_layers
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
@@ -129,6 +130,12 @@ def build_model(
 def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None:
     """Switch on the run-time options, each logged; the model computes the same function."""
     lm = model.language_model
+    # First: fused LoRA and compilation must see the float8 layers.
+    for part, wanted in (("base", speed.fp8_base), ("vision", speed.fp8_vision)):
+        if wanted:
+            root, scopes = float8_scopes(model)[part]
+            conversion = convert_frozen_linears(root, scopes, keep_original=speed.fp8_keep_originals, device=speed.fp8_device)
+            logger.info(conversion.describe(f"{part} (--fp8_{part})"))
     if speed.lora_inputs_follow_autocast:
         lora_inputs_follow_autocast(model)
     if speed.fused_lora and (count := fuse_lora_layers(model)):
@@ -151,6 +158,16 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
         logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")
 
 
+
+
+def float8_scopes(model: VisionLanguageModel) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
+    """Where ``--fp8_base`` and ``--fp8_vision`` convert frozen Linears: ``{part: (root, scopes)}``.
+
+    The LM's decoder layers only (its embeddings and ``lm_head`` are outside them), and
+    the whole vision tower.
+    """
+    lm, tower = model.language_model, model.vision.tower
+    return {"base": (lm, list(decoder_layers(lm))), "vision": (tower, [tower])}
 
 
 def _install_new_token_rows(language_model: nn.Module, image_tokens: ImageTokens, vocab_size: int, config) -> None:

@@ -226,3 +226,10 @@ class SpeedOptions:
     gradient_checkpointing_layers: int = 0  # or only the first N LM decoder layers
     lora_inputs_follow_autocast: bool = False  # plain mixed precision: LoRA inputs stay in the autocast dtype
     packed_attention: str | None = None  # LM kernel for packed rows ("flex_attention": skips the masked blocks)
+    # Float8 frozen weights (mmtrain/model/fp8.py). Not part of VLMConfig: they change how
+    # the frozen products are computed, not which weights exist, and an export is always
+    # written in the original precision, so a saved config must not ask for float8.
+    fp8_base: bool = False  # the LM decoder layers' frozen Linears hold float8 weights
+    fp8_vision: bool = False  # the vision tower's frozen Linears too
+    fp8_keep_originals: bool = True  # keep the original weights on the CPU (needed where exports are written)
+    fp8_device: object = None  # torch.device to quantise on (the GPU); None: where the weights are

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mmtrain import compat
+from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.lora import is_lora_parameter
 from mmtrain.model.vlm import VisionLanguageModel
 
@@ -49,6 +50,8 @@ class ComponentCount:
     name: str
     total: int = 0
     trainable: int = 0
+    float8: int = 0  # frozen weights held in float8 (--fp8_base, --fp8_vision): one byte each
+    float8_scales: int = 0  # their fp32 scales, one per output channel (buffers, not parameters)
 
     @property
     def frozen(self) -> int:
@@ -64,6 +67,11 @@ def count_parameters(model: VisionLanguageModel) -> list[ComponentCount]:
         c.total += n
         if param.requires_grad:
             c.trainable += n
+        if param.dtype == compat.FLOAT8:
+            c.float8 += n
+    for name, module in model.named_modules():
+        if isinstance(module, Float8FrozenLinear):
+            counts[component_of(name + ".weight")].float8_scales += module.out_features
     return list(counts.values())
 
 
@@ -90,7 +98,7 @@ def budget_from_counts(counts: list[ComponentCount], precision: str = "bf16") ->
             total=c.total,
             trainable=c.trainable,
             frozen=c.frozen,
-            weight_bytes=c.total * width,
+            weight_bytes=(c.total - c.float8) * width + c.float8 + 4 * c.float8_scales,
             gradient_bytes=c.trainable * width,
             optimizer_bytes=c.trainable * optimizer_per_param,
         )

@@ -20,6 +20,10 @@ trainable base, ZeRO-3 partitioned weights that are not gathered at this point, 
 outside autocast) falls back to peft's own forward, so the switch is always safe to leave on.
 At ZeRO-3 the trainer marks each LM decoder layer as a leaf module, so the whole layer's
 weights are gathered on entry and the fused forward applies there too.
+
+With a float8 base (``--fp8_base``, :mod:`mmtrain.model.fp8`) the base product in both
+directions is the float8 one and the low-rank term stays in the compute dtype; the
+low-rank term is still added onto the base output (and input gradient) in place.
 """
 
 from __future__ import annotations
@@ -31,44 +35,58 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmtrain import compat
+from mmtrain.model.fp8 import float8_base, float8_linear_forward, float8_linear_input_grad
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """``x @ W.T + b + scale * (x @ A.T) @ B.T`` with the frozen ``W``, ``b`` and trainable ``A``, ``B``."""
+    """``x @ W.T + b + scale * (x @ A.T) @ B.T`` with the frozen ``W``, ``b`` and trainable ``A``, ``B``.
+
+    ``weight_scale`` None: ``W`` is a plain weight. Otherwise ``W`` is float8 with these
+    per-output-channel scales and both base products run in float8.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, weight_scale, bias, lora_a, lora_b, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ lora_a.t()  # [tokens, r]
-        out = F.linear(x2, weight, bias)
+        if weight_scale is None:
+            out = F.linear(x2, weight, bias)
+        else:
+            out = float8_linear_forward(x2, weight, weight_scale).to(x.dtype)
+            if bias is not None:
+                out += bias
         out.addmm_(xa, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, xa, weight, lora_a, lora_b)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[4] else None, xa, weight, weight_scale, lora_a, lora_b)
         ctx.scale = scale
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, weight, weight_scale, lora_a, lora_b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         gb = (g @ lora_b).mul_(ctx.scale)  # [tokens, r], the scale folded in here
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
+            grad_x = g @ weight if weight_scale is None else float8_linear_input_grad(g, weight, weight_scale).to(g.dtype)
             grad_x.addmm_(gb, lora_a)
             grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = gb.t() @ x2
         if ctx.needs_input_grad[4]:
+            grad_a = gb.t() @ x2
+        if ctx.needs_input_grad[5]:
             grad_b = g.t() @ (xa * ctx.scale)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, None, grad_a, grad_b, None
 
 
 def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
     if not compat.lora_runs_one_plain_adapter(layer, adapter):
         return False
     base, lora_a, lora_b, _ = compat.lora_parts(layer, adapter)
-    if not isinstance(base, nn.Linear) or lora_a.bias is not None or lora_b.bias is not None:
+    if lora_a.bias is not None or lora_b.bias is not None:
+        return False
+    if float8_base(base) is not None:
+        return True  # frozen by construction, never partitioned (refused at ZeRO-3), any input dtype
+    if not isinstance(base, nn.Linear):
         return False
     weight = base.weight
     if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or not compat.zero3_gathered(weight):
@@ -83,15 +101,24 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     if args or kwargs or not _fusable(self, x, adapter):
         return self._mmtrain_peft_forward(x, *args, **kwargs)
     base, lora_a, lora_b, scale = compat.lora_parts(self, adapter)
-    tensors = (x, base.weight, base.bias, lora_a.weight, lora_b.weight)
-    if torch.is_autocast_enabled(x.device.type):
+    fp8 = float8_base(base)
+    weight_scale = None if fp8 is None else fp8.weight_scale
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if fp8 is not None and not autocast and not x.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
+        return self._mmtrain_peft_forward(x, *args, **kwargs)
+    # A float8 weight and its scales are never cast: the float8 product takes them as they are.
+    castable = (x, base.bias, lora_a.weight, lora_b.weight) + ((base.weight,) if fp8 is None else ())
+    if autocast:
         # What autocast would do to each product, done once up front; casting back the
         # adapters' gradients to their own dtype is autograd's job.
         dtype = torch.get_autocast_dtype(x.device.type)
-        tensors = tuple(t if t is None else t.to(dtype) for t in tensors)
+        x, bias, a, b, *weight = tuple(t if t is None else t.to(dtype) for t in castable)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(*tensors, scale)
-    return _LoraLinearFunction.apply(*tensors, scale)
+            return _LoraLinearFunction.apply(x, weight[0] if weight else base.weight, weight_scale, bias, a, b, scale)
+    x, bias, a, b, *weight = castable
+    if fp8 is not None and bias is not None:
+        bias = bias.to(x.dtype)
+    return _LoraLinearFunction.apply(x, weight[0] if weight else base.weight, weight_scale, bias, a, b, scale)
 
 
 def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:

@@ -140,6 +140,8 @@ def warn_if_lm_will_not_fit(accelerator, model_args, data_args, train_args) -> N
         seq_len=data_args.max_seq_len,
         precision=_precision(accelerator),
         gradient_checkpointing=train_args.gradient_checkpointing,
+        fp8_base=train_args.fp8_base,
+        fp8_vision=train_args.fp8_vision,
     )
     warning = fit_warning(model_args, setup, torch.cuda.get_device_properties(accelerator.device).total_memory)
     if warning:

@@ -14,10 +14,12 @@ flag                                      default     what it changes
 ``--torch_compile``                       auto        compile each LM decoder layer (auto: on
                                                       for CUDA)
 ``--fused_lora``                          on          LoRA's scale and adds inside the GEMMs
+``--fp8_base`` / ``--fp8_vision``         off         frozen Linears in float8 (not the same
+                                                      numbers: see mmtrain/model/fp8.py)
 (always, plain mixed precision)                       LoRA inputs stay in the autocast dtype
 ========================================  ==========  =========================================
 
-Each keeps the loss of the plain path (tests/model/test_speed_features.py,
+Each but float8 keeps the loss of the plain path (tests/model/test_speed_features.py,
 tests/data/test_packing.py). The model options are decided here (:func:`speed_options`)
 and applied by the model's builder.
 """
@@ -29,11 +31,13 @@ import os
 
 import torch
 
+from mmtrain import compat
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model.config import SpeedOptions
+from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
 from mmtrain.training import distributed
 from mmtrain.training.engine_view import unwrap_vlm
@@ -72,6 +76,7 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
     """
     zero3 = distributed.zero_stage(accelerator) == 3
     plain_mixed_precision = accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None
+    check_fp8(accelerator, train_args)
     return SpeedOptions(
         fused_lora=train_args.fused_lora,
         compile_decoder_layers=should_compile(accelerator.device, train_args),
@@ -80,7 +85,34 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
         gradient_checkpointing_layers=train_args.gradient_checkpointing_layers,
         lora_inputs_follow_autocast=plain_mixed_precision,
         packed_attention=packed_attention(accelerator, data_args),
+        fp8_base=train_args.fp8_base,
+        fp8_vision=train_args.fp8_vision,
+        # The originals are what exports are written from, and only the main process writes them.
+        fp8_keep_originals=accelerator.is_main_process,
+        fp8_device=accelerator.device,
     )
+
+
+def check_fp8(accelerator, train_args) -> None:
+    """Refuse ``--fp8_base`` / ``--fp8_vision`` where they cannot run; called before any weights load.
+
+    At ZeRO-3 DeepSpeed partitions every parameter and gathers it in the compute dtype
+    around each forward and backward; a float8 weight with its separate scales is not
+    something its partitioning, gathering or checkpoint consolidation handles. Without a
+    CUDA GPU of compute capability >= 8.9 there are no float8 tensor cores.
+    """
+    flags = [f"--{name}" for name in ("fp8_base", "fp8_vision") if getattr(train_args, name)]
+    if not flags:
+        return
+    if distributed.zero_stage(accelerator) == 3:
+        raise ConfigError(
+            f"{' and '.join(flags)} cannot run at ZeRO-3: DeepSpeed partitions the parameters and gathers them in the "
+            "compute dtype around each layer, and float8 partitions (weights with separate scales) are not supported; "
+            "use ZeRO 0-2 (e.g. accelerate_configs/zero2.yaml) or drop the flag"
+        )
+    problem = compat.float8_matmul_problem(accelerator.device)
+    if problem:
+        raise ConfigError(f"{' and '.join(flags)} needs float8 tensor cores, but {problem}")
 
 
 def packed_attention(accelerator, data_args) -> str | None:
@@ -154,6 +186,8 @@ def make_vision_cache(accelerator, model, model_args, output_dir: str) -> Vision
         "preset_seed": model_args.preset_seed,
         "dtype": str(next(vlm.vision.parameters()).dtype),
     }
+    if any(isinstance(m, Float8FrozenLinear) for m in vlm.vision.modules()):
+        identity["fp8_vision"] = True  # other features than the bf16 tower's; absent otherwise, so older caches still match
     return VisionFeatureCache(vlm.encode_images, directory=directory, identity=identity)
 
 

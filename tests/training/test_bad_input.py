@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmtrain.args import ConfigError, parse_args
 
@@ -45,6 +46,7 @@ def test_config_file_values_are_used_and_flags_override(tmp_path):
         (["--vis_proj", "qformer"], r"--vis_proj 'qformer' is not a projector; valid: baseline, mlp, vit, perceiver"),
         (["--num_warmup_steps", "2.5"], r"--num_warmup_steps must be a ratio"),
         (["--dataset_names", "a", "b", "--dataset_samples", "1", "2", "3"], r"--dataset_samples has 3 values for 2"),
+        (["--fp8_base", "--lm_training", "full", "--lang_lora_dim", "0"], r"--fp8_base holds .* --lm_training full trains all of them"),
     ],
 )
 def test_bad_values_name_the_flag(argv, message):
@@ -162,3 +164,33 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(model_folders, da
     assert "loss is nan at step" in proc.stderr or "loss is inf at step" in proc.stderr
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert checkpoints and all((c / "manifest.json").exists() for c in checkpoints)
+
+
+def _lm_without_weights(tmp_path, model_folders):
+    # a run that reached the weights would fail on them, not with the message tested
+    import shutil
+
+    lm = tmp_path / "lm-without-weights"
+    shutil.copytree(model_folders["tiny-llama"], lm)
+    for weights in lm.glob("*.safetensors"):
+        weights.unlink()
+    return lm
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal on a machine without a CUDA GPU")
+def test_fp8_base_on_cpu_is_refused_before_weights_load(tmp_path, model_folders, data_path):
+    lm = _lm_without_weights(tmp_path, model_folders)
+    for flag in ("--fp8_base", "--fp8_vision"):
+        proc = _train([*common_flags(model_folders, data_path, output_dir=tmp_path / "o", lm_model_name_or_path=lm), flag, "true"])
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"{flag} needs float8 tensor cores, but the device is cpu" in proc.stderr
+        assert "safetensors" not in proc.stderr
+
+
+def test_fp8_base_at_zero3_is_refused_with_the_reason(tmp_path, model_folders, data_path):
+    lm = _lm_without_weights(tmp_path, model_folders)
+    flags = [*common_flags(model_folders, data_path, output_dir=tmp_path / "o", lm_model_name_or_path=lm), "--fp8_base", "true"]
+    proc = launch(flags, config="zero3.yaml", check=False)
+    assert proc.returncode != 0
+    assert "--fp8_base cannot run at ZeRO-3" in proc.stderr and "float8 partitions" in proc.stderr
+    assert "safetensors" not in proc.stderr
