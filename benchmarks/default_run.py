@@ -1,9 +1,10 @@
 """Time the embedded default run and record what it learned.
 
-    python benchmarks/default_run.py [--entry python|accelerate] [--out FILE]
+    python benchmarks/default_run.py [--entry python|accelerate] [--out FILE] [-- TRAINING FLAGS]
 
 Runs ``python -m mmtrain.train`` (or ``accelerate launch mmtrain/train.py``) with no
-flags in a fresh folder (as a new user would), then writes its wall time, peak memory,
+flags in a fresh folder (as a new user would; training flags after ``--`` are added, e.g.
+``-- --fp8_base`` on a GPU to compare with the float8 base), then writes its wall time, peak memory,
 the start-up line that says how the process computes (device, precision, threads),
 the load average around the run (a busy machine slows it), every eval record of
 ``metrics.jsonl`` and the final printed report, with the machine and versions, to a
@@ -35,6 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entry", choices=sorted(ENTRY_POINTS), default="python", help="how the run is started")
     parser.add_argument("--out", help="default: benchmarks/results/default_run_cpu.json (_accelerate.json for --entry accelerate)")
+    parser.add_argument("flags", nargs="*", help="training flags after --, added to the default run's none")
     args = parser.parse_args()
     suffix = "" if args.entry == "python" else f"_{args.entry}"
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"default_run_cpu{suffix}.json")
@@ -42,7 +44,7 @@ def main() -> int:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         load_before = os.getloadavg()
         start = time.perf_counter()
-        proc = subprocess.run(ENTRY_POINTS[args.entry], cwd=work, env=env, capture_output=True, text=True)
+        proc = subprocess.run([*ENTRY_POINTS[args.entry], *args.flags], cwd=work, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         load_after = os.getloadavg()
         if proc.returncode != 0:
@@ -55,15 +57,18 @@ def main() -> int:
     report = proc.stdout[proc.stdout.index("training finished") :].strip()
     process = [line.split("process: ", 1)[1] for line in proc.stderr.splitlines() if "process: " in line]
     command = "python -m mmtrain.train" if args.entry == "python" else "accelerate launch mmtrain/train.py"
+    flags = " ".join(args.flags)
     result = {
-        "command": f"{command}  (no flags, run from an empty folder)",
+        "command": f"{command} {flags}  (run from an empty folder)" if flags else f"{command}  (no flags, run from an empty folder)",
         "process": process[0] if process else None,
         "wall_seconds": round(seconds, 1),
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3),
-        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},  # the run's threads: "process"
+        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),  # the run's threads: "process"
+                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+        "git_commit": os.environ.get("MMTRAIN_CODE_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
         "final_report": report,
         "eval": [m for m in metrics if m["split"] == "eval"],
     }

@@ -23,8 +23,9 @@
 #   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   fp8            the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
-#                  every sample 2048 tokens at micro-batch 6 (profiled), then the mix by a 16384-token
-#                  budget (BUDGET_TOKENS); compare with seq2048/variants and budget (bf16)
+#                  budget-seq2048's and budget's first runs (BUDGET_TOKENS, 2048-token samples, then
+#                  the mix; both profiled) with --fp8_base: those parts give the bfloat16 baselines
+#   default-fp8    benchmarks/default_run.py twice side by side: the embedded default, and with --fp8_base
 #   fp8-quality    benchmarks/fp8_quality.py: ref-7b's LM trained 100 steps bf16 beside float8 on the
 #                  same batches, the per-step relative loss difference (target <= 1%); FP8_LAYERS=N
 #                  keeps N decoder layers (default: all 32)
@@ -227,9 +228,11 @@ part_fp8() {
     local why; why=$(fp8_problem)
     [ -z "$why" ] || { echo "fp8 skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
     local t=${BUDGET_TOKENS:-16384}
-    run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --micro_batch 6 --fp8_base --plain skip --profile on \
-        --out "$OUT/speed_${TAG}_seq2048_mb6_fp8.json"
-    run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --plain skip --profile off \
+    # The budget parts' runs with the float8 base: the same samples, batches and workers as
+    # budget-seq2048 and budget, so each bfloat16 figure there is this one's baseline.
+    run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --plain skip --profile on \
+        --out "$OUT/budget_${TAG}_${t}_seq2048_fp8.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --plain skip --profile on \
         --out "$OUT/budget_${TAG}_${t}_fp8.json"
 }
 
@@ -239,6 +242,14 @@ part_fp8_quality() {
     local layers=()
     [ -n "${FP8_LAYERS:-}" ] && layers=(--layers "$FP8_LAYERS")
     run $PY benchmarks/fp8_quality.py "${layers[@]}" --out "$OUT/fp8_quality_${TAG}.json"
+}
+
+part_default_fp8() {  # the embedded default, bfloat16 and with --fp8_base, side by side on this GPU
+    local why; why=$(fp8_problem)
+    [ -z "$why" ] || { echo "default-fp8 skipped: float8 tensor cores are needed, but $why"; return 0; }
+    run $PY benchmarks/default_run.py --out "$OUT/default_run_${TAG}.json" &
+    run $PY benchmarks/default_run.py --out "$OUT/default_run_${TAG}_fp8.json" -- --fp8_base &
+    wait
 }
 
 part_mmca() {
@@ -268,6 +279,7 @@ for part in "$@"; do
         mmca) part_mmca ;;
         fp8) part_fp8 ;;
         fp8-quality) part_fp8_quality ;;
+        default-fp8) part_default_fp8 ;;
         budget) part_budget ;;
         budget-seq2048) part_budget_seq2048 ;;
         seq2048) part_seq2048 ;;
