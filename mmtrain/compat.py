@@ -90,6 +90,27 @@ def float8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale
     )
 
 
+_ROW_WISE: dict[str, bool] = {}
+
+
+def float8_row_wise_runs(device: torch.device | str) -> bool:
+    """Whether this torch's ``_scaled_mm`` takes row-wise scales on ``device``'s kind (a 16x16 probe, asked once).
+
+    CPU support came late: torch 2.11's CPU backend takes one scale per tensor only, 2.13's
+    also one per row. Training never computes float8 on a CPU (:func:`float8_matmul_problem`
+    refuses it); the tests that check the float8 numbers on a CPU ask this first.
+    """
+    kind = torch.device(device).type
+    if kind not in _ROW_WISE:
+        try:
+            a = torch.ones(16, 16, device=kind).to(FLOAT8)
+            float8_matmul(a, a, torch.ones(16, 1, device=kind), torch.ones(1, 16, device=kind), torch.bfloat16)
+            _ROW_WISE[kind] = True
+        except (RuntimeError, NotImplementedError):
+            _ROW_WISE[kind] = False
+    return _ROW_WISE[kind]
+
+
 def float8_matmul_problem(device: torch.device | str) -> str | None:
     """Why :func:`float8_matmul` cannot run fast on ``device`` (None: it can).
 

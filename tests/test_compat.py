@@ -52,9 +52,10 @@ def test_torch_assert_async_raises_on_a_false_cpu_tensor():
 
 
 def _float8_devices() -> list[str]:
-    # torch's CPU _scaled_mm takes float8 inputs (checked on torch 2.13), so the contract is
-    # checked on every machine; a capable GPU checks the cuBLASLt path too.
-    devices = ["cpu"]
+    # torch's CPU _scaled_mm takes float8 inputs with row-wise scales from torch 2.13 on, so
+    # the contract is checked on any machine with such a torch; a capable GPU checks the
+    # cuBLASLt path too, which is the one training uses.
+    devices = ["cpu"] if compat.float8_row_wise_runs("cpu") else []
     if torch.cuda.is_available() and compat.float8_matmul_problem("cuda") is None:
         devices.append("cuda")
     return devices
@@ -75,6 +76,17 @@ def test_torch_scaled_mm_row_wise_multiplies_the_scales_back(device):
         # a transposed (non-contiguous) second operand is laid out before the call
         bt = b.t().contiguous().t()
         torch.testing.assert_close(compat.float8_matmul(a, bt, scale_a, scale_b, torch.bfloat16), out)
+
+
+def test_float8_row_wise_probe_agrees_with_the_product():
+    """The probe says yes exactly where a row-wise product runs (torch 2.13's CPU backend does, 2.11's does not)."""
+    a = torch.ones(16, 16).to(compat.FLOAT8)
+    try:
+        compat.float8_matmul(a, a, torch.ones(16, 1), torch.ones(1, 16), torch.bfloat16)
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert compat.float8_row_wise_runs("cpu") is runs
 
 
 def test_torch_float8_matmul_refuses_unaligned_widths_and_other_dtypes():

@@ -72,8 +72,10 @@ def pytest_runtest_logreport(report):
 def _short_error(report) -> str:
     text = str(report.longrepr)
     lines = [line for line in text.splitlines() if line.strip()]
-    # the assertion or exception line, then the tail of the captured output
-    key = [line for line in lines if line.startswith("E ")][:12]
+    # the assertion line, then the end of the run's output, where its exception is
+    key = [line for line in lines if line.startswith("E ")]
+    if len(key) > 14:
+        key = key[:2] + ["E           ..."] + key[-12:]
     return "\n".join(key or lines[-20:])[-3000:]
 
 

@@ -19,8 +19,14 @@ from mmtrain.model.fp8 import Float8FrozenLinear, convert_frozen_linears, quanti
 from mmtrain.model.fused_lora import fuse_lora_layers
 
 
+# The tests below that compute on a CPU need its row-wise float8 product (torch >= 2.13).
+cpu_float8 = pytest.mark.skipif(
+    not compat.float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales"
+)
+
+
 def _devices() -> list[str]:
-    devices = ["cpu"]
+    devices = ["cpu"] if compat.float8_row_wise_runs("cpu") else []
     if torch.cuda.is_available() and compat.float8_matmul_problem("cuda") is None:
         devices.append("cuda")
     return devices
@@ -69,6 +75,7 @@ def test_one_layer_error_against_fp64_beside_bf16(device):
     assert not fp8.weight.requires_grad and fp8.weight.grad is None
 
 
+@cpu_float8
 def test_weight_scales_are_per_output_channel():
     w = torch.tensor([[1.0, -2.0], [0.001, 0.0005]])
     q, scale = quantize_rows(w)
@@ -101,6 +108,7 @@ def _lora_block(seed=0):
     return block.to(torch.bfloat16)
 
 
+@cpu_float8
 def test_conversion_keeps_unaligned_layers_and_names_them():
     block = _lora_block()
     result = convert_frozen_linears(block, [block], keep_original=True)
@@ -115,6 +123,7 @@ def test_conversion_keeps_unaligned_layers_and_names_them():
     assert convert_frozen_linears(block, [block], keep_original=True).converted == []  # idempotent
 
 
+@cpu_float8
 def test_frozen_weights_get_no_gradient_and_lora_trains():
     """Peft's forward and fused LoRA over float8 bases: no base weight gradient, and LoRA's gradients
     agree with each other and with fp64 within 16x bfloat16's error (e4m3 keeps 3 mantissa bits, bf16 7)."""
@@ -143,6 +152,7 @@ def test_frozen_weights_get_no_gradient_and_lora_trains():
         assert _relative_error(grads["fp8-fused"][name], grads["fp8"][name]) < 0.05, name  # same products, bf16 roundings apart
 
 
+@cpu_float8
 def test_under_autocast_float8_layers_take_the_autocast_dtype():
     """Plain mixed precision: fp32 adapters, bf16 frozen weights, autocast; fused and peft's forward agree."""
     x = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
@@ -176,6 +186,7 @@ def _compile_problem() -> str | None:
 
 
 @pytest.mark.skipif(_compile_problem() is not None, reason=str(_compile_problem()))
+@cpu_float8
 def test_compiled_float8_block_gives_the_eager_numbers():
     """Regional compilation compiles the decoder layers around these layers: same outputs and LoRA gradients."""
     x = torch.randn(16, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
@@ -194,6 +205,7 @@ def test_compiled_float8_block_gives_the_eager_numbers():
     assert _relative_error(runs[1][1], runs[0][1]) < 0.05
 
 
+@cpu_float8
 def test_fused_lora_runs_the_float8_base_product(monkeypatch):
     block = _lora_block()
     convert_frozen_linears(block, [block], keep_original=False)
@@ -205,6 +217,7 @@ def test_fused_lora_runs_the_float8_base_product(monkeypatch):
     assert len(seen) == 2  # up and down; odd stayed bfloat16
 
 
+@cpu_float8
 def test_module_casts_move_the_float8_weights_but_keep_their_dtypes():
     """``.to(dtype)`` on a whole model (the trainer places the frozen vision tower so) must not cast float8 or its scales."""
     block = _lora_block()
@@ -219,6 +232,7 @@ def test_module_casts_move_the_float8_weights_but_keep_their_dtypes():
     assert layer.weight.device.type == "meta" and layer.weight_scale.device.type == "meta"
 
 
+@cpu_float8
 def test_state_dict_holds_the_original_weights():
     block = _lora_block()
     before = {k: v.clone() for k, v in block.state_dict().items()}
@@ -236,6 +250,7 @@ def test_state_dict_holds_the_original_weights():
     torch.testing.assert_close(block.up.base_layer.weight.float(), other.up.base_layer.weight.float(), rtol=0, atol=0)
 
 
+@cpu_float8
 def test_builder_converts_the_lm_decoder_layers_only(tiny_args, caplog):
     """Decoder layers' frozen Linears become float8; lm_head, embeddings, projector, LoRA stay; the export equals bf16's."""
     config = tiny_args(lang_lora_dim=4)
