@@ -82,7 +82,10 @@ class DataArguments:
     on_bad_sample: Literal["error", "skip"] = field(
         default="error", metadata=_help("A missing or corrupt image: stop (error) or skip the record and count it (skip).")
     )
-    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    num_workers: int = field(
+        default=0,
+        metadata=_help("DataLoader worker processes (with --streaming: each reads its own part of the process's shards, with its own shuffle buffer)."),
+    )
     synthetic_num_samples: int = field(default=3000, metadata=_help("Size of the generated synthetic dataset."))
     packing: bool = field(
         default=False,
@@ -162,7 +165,6 @@ class DataArguments:
             "--packing": self.packing,
             "--dataset_concatenate_samples": self.dataset_concatenate_samples > 1,
             "--dataset_samples": self.dataset_samples != ["all"],
-            "--num_workers": self.num_workers > 0,
         }
         for flag, given in unsupported.items():
             if given:

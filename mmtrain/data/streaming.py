@@ -105,6 +105,19 @@ class ShardStream:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def part(self, index: int, count: int) -> ShardStream:
+        """Part ``index`` of ``count`` of this process's part, for one loader worker: split as if there were ``count`` times the processes.
+
+        Its shuffle buffer and RNG are its own, seeded from the seed, the epoch and
+        ``rank * count + index``; with ``count == 1`` it reads what this stream reads.
+        """
+        part = ShardStream(
+            self.shards, self.encode, rank=self.rank * count + index, world_size=self.world_size * count, seed=self.seed,
+            buffer_size=self.buffer_size, on_bad_sample=self.on_bad_sample,
+        )
+        part.epoch = self.epoch
+        return part
+
     def _stream(self, epoch: int):
         from datasets import IterableDataset
         from datasets.distributed import split_dataset_by_node
@@ -125,7 +138,10 @@ class ShardStream:
             self._buffer = restored["buffer"]
             self._rng.bit_generator.state = restored["rng"]
             self.skipped_shards = restored["skipped_shards"]
-        self._iterator = iter(self._source)
+        # Iterated directly inside a DataLoader worker, a ``datasets`` stream splits itself once
+        # more among the workers by shard; a worker here already reads its own part
+        # (:meth:`part`), and ``iter`` reads a stream without that split.
+        self._iterator = ({key: values[0] for key, values in batch.items()} for batch in self._source.iter(batch_size=1))
         return restored is not None and restored["epoch"] == self.epoch
 
     def _pull(self) -> dict | None:

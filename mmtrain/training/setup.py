@@ -203,7 +203,9 @@ def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle
 def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> DataLoader:
     """The shuffled training loader: ``--per_device_train_batch_size`` samples, or a token budget's micro-batches, or a stream's."""
     if data_args.streaming:
-        return StreamLoader(accelerator, dataset, collator, train_args.per_device_train_batch_size, train_args.record_samples)
+        return StreamLoader(
+            accelerator, dataset, collator, train_args.per_device_train_batch_size, train_args.record_samples, data_args.num_workers
+        )
     if not data_args.max_tokens_per_batch:
         return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
     plugin = distributed.deepspeed_plugin(accelerator)

@@ -48,16 +48,17 @@ def _samples(out: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_processes", [1, 2])
-def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, shards, tmp_path, num_processes):
+@pytest.mark.parametrize(("num_processes", "num_workers"), [(1, 0), (2, 0), (1, 2)])
+def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, shards, tmp_path, num_processes, num_workers):
+    workers = {"num_workers": num_workers}  # with workers, each reads half of the process's shards
     reference = tmp_path / "uninterrupted"
-    launch(_flags(model_folders, shards, reference), config="zero0.yaml", num_processes=num_processes)
+    launch(_flags(model_folders, shards, reference, **workers), config="zero0.yaml", num_processes=num_processes)
     out = tmp_path / "resumed"
-    proc = launch(_flags(model_folders, shards, out), config="zero0.yaml", num_processes=num_processes, background=True)
+    proc = launch(_flags(model_folders, shards, out, **workers), config="zero0.yaml", num_processes=num_processes, background=True)
     # Named, not "latest": a fast run may pass the epoch's end before the kill lands, and
     # a resume from there would not test the position inside an epoch.
     checkpoint = kill_after_checkpoint(proc, out, SAVE_EVERY)
-    proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint), config="zero0.yaml", num_processes=num_processes)
+    proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint, **workers), config="zero0.yaml", num_processes=num_processes)
     assert f"step-{SAVE_EVERY:08d}: epoch {0 if num_processes == 1 else 1}, step {SAVE_EVERY}" in proc.stdout + proc.stderr
 
     expected, resumed = train_losses(reference), train_losses(out)
@@ -81,7 +82,6 @@ def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, sha
         (["--packing", "true"], "--packing"),
         (["--dataset_concatenate_samples", "2"], "--dataset_concatenate_samples"),
         (["--dataset_samples", "10"], "--dataset_samples"),
-        (["--num_workers", "2"], "--num_workers"),
         (["--cache_vision_features", "true"], "--cache_vision_features"),
         (["--max_steps", "-1"], "--max_steps"),
     ],
