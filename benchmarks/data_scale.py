@@ -3,8 +3,11 @@
 Generates N synthetic records (``--records``, e.g. 10K and 1M) that share a few hundred
 small images, written twice: as one LLaVA JSON list (the in-memory input) and as
 JSONL shards (the ``--streaming`` input). Every configuration (records x input x
-loader workers) runs in a child process of its own, so that the peak RSS reported is
-that process's own (``getrusage(RUSAGE_SELF)``), not the largest of all children. The
+loader workers) runs in a child process of its own, and reports its own peak RSS: the
+``VmHWM`` of its address space. Not ``getrusage``'s ``ru_maxrss``: on Linux a process
+started by ``fork``/``vfork`` + ``exec`` keeps its parent's peak in it (here the parent
+holding a million generated records, 1.1 GiB, which every child then "had"), and
+``RUSAGE_CHILDREN`` is the largest of all children. The
 child times the real data path up to the first batch (read and check the records,
 measure lengths, build the loader, first batch: the start-up) and then samples/s over
 ``--batches`` more batches; with workers it also reports their summed unique memory
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -67,6 +69,15 @@ def generate(folder: str, records: int) -> None:
         f.write("\n".join(lines[:32]) + "\n")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since its ``exec`` (``VmHWM``, Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure(folder: str, streaming: bool, workers: int, batches: int) -> dict:
     """One configuration in this process: start-up to the first batch, then samples/s; peak RSS of this process."""
     import psutil
@@ -83,7 +94,7 @@ def measure(folder: str, streaming: bool, workers: int, batches: int) -> dict:
     tokenizer = presets.build_preset_tokenizer()
     image_tokens = add_image_tokens(tokenizer, 64)
     image_processor = presets.build_preset_image_processor(presets.preset_config("tiny-clip"))
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mib()
     names = [os.path.join(folder, "part-*.jsonl")] if streaming else [os.path.join(folder, "train.json")]
     data_args = DataArguments(
         dataset_names=names, eval_dataset_names=[os.path.join(folder, "eval.jsonl")], streaming=streaming, num_workers=workers,
@@ -109,7 +120,7 @@ def measure(folder: str, streaming: bool, workers: int, batches: int) -> dict:
         "input": "streaming" if streaming else "in-memory",
         "num_workers": workers,
         "startup_s": round(startup_s, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "rss_before_data_mib": round(rss_before, 1),  # tokenizer, processor and imports: the same in every configuration
         "workers_uss_mib": round(workers_uss, 1),
         "samples_per_s": round(counted / seconds, 1),
