@@ -80,7 +80,7 @@ def peak_rss_mib() -> float:
 
 def measure(folder: str, streaming: bool, workers: int, batches: int) -> dict:
     """One configuration in this process: start-up to the first batch, then samples/s; peak RSS of this process."""
-    import psutil
+    import psutil  # a dependency of accelerate
     from accelerate import Accelerator
 
     from mmtrain import presets

@@ -111,7 +111,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata=_help(
-            "Read --dataset_names as globs of JSONL/Parquet shard files, streamed: nothing is loaded up front, each process "
+            "Read --dataset_names as globs of JSONL/Parquet shard files or WebDataset .tar shards (key.json + key.jpg/.png, the "
+            "images read from the tar), streamed: nothing is loaded up front, each process "
             "reads its own shards, and a resume continues from the exact sample. Needs --max_steps and --eval_dataset_names."
         ),
     )
@@ -161,7 +162,6 @@ class DataArguments:
     def _check_streaming(self) -> None:
         """What a stream cannot do yet (each needs the whole dataset at hand), refused naming the flag."""
         unsupported = {
-            "--max_tokens_per_batch": self.max_tokens_per_batch is not None,
             "--packing": self.packing,
             "--dataset_concatenate_samples": self.dataset_concatenate_samples > 1,
             "--dataset_samples": self.dataset_samples != ["all"],

@@ -21,6 +21,14 @@ had prefetched past the checkpoint are made again. This is done here rather than
 torchdata's StatefulDataLoader, which would add a dependency the GPU image lacks, and
 whose saved worker states would still need the buffer contents that only
 :meth:`ShardStream.state_dict` holds.
+
+With ``--max_tokens_per_batch`` a micro-batch is filled greedily from the stream's
+output: whole samples in the order they come, tokens counted with image tokens (and
+images within ``--max_images_per_batch``), until the next one would not fit; that one is
+handed back to the stream (:meth:`ShardStream.hold_back`), which keeps it in its saved
+state, and opens the next micro-batch. The train collator then packs each micro-batch
+into one row, as for a budget in memory. Unlike the in-memory plan there is no window
+for a short sample to overtake a long one, so micro-batches fill a little less fully.
 """
 
 from __future__ import annotations
@@ -33,11 +41,31 @@ from mmtrain.data.streaming import ShardStream
 from mmtrain.training.sample_record import INDICES_KEY
 
 
+def take_batch(stream: ShardStream, batch_size: int, budget: tuple[int, int | None] | None) -> list[tuple[str, dict]]:
+    """The next micro-batch's ``(id, item)`` pairs: ``batch_size`` of them, or under a ``(tokens, images)`` budget as many as fit.
+
+    Every item fits a budget on its own: the dataset drops or truncates longer ones.
+    """
+    pairs, tokens, images = [], 0, 0
+    while budget is not None or len(pairs) < batch_size:
+        pair = stream.next_item()
+        if pair is None:
+            break
+        if budget is not None:
+            more_tokens, more_images = len(pair[1]["input_ids"]), pair[1]["pixel_values"].shape[0]
+            if pairs and (tokens + more_tokens > budget[0] or (budget[1] is not None and images + more_images > budget[1])):
+                stream.hold_back()
+                break
+            tokens, images = tokens + more_tokens, images + more_images
+        pairs.append(pair)
+    return pairs
+
+
 class _WorkerParts(torch.utils.data.IterableDataset):
     """What each DataLoader worker runs: its part's batches, each with the part's position after it, then end markers."""
 
-    def __init__(self, stream: ShardStream, collator, batch_size: int, num_workers: int, first_part: int, states: list):
-        self.stream, self.collator, self.batch_size = stream, collator, batch_size
+    def __init__(self, stream: ShardStream, collator, batch_size: int, budget, num_workers: int, first_part: int, states: list):
+        self.stream, self.collator, self.batch_size, self.budget = stream, collator, batch_size, budget
         self.num_workers, self.first_part, self.states = num_workers, first_part, states
 
     def __iter__(self):
@@ -47,29 +75,28 @@ class _WorkerParts(torch.utils.data.IterableDataset):
             stream.load_state_dict(self.states[index])
         stream.start()
         while True:
-            pairs = []
-            while len(pairs) < self.batch_size:
-                pair = stream.next_item()
-                if pair is None:
-                    break
-                pairs.append(pair)
+            pairs = take_batch(stream, self.batch_size, self.budget)
             batch = self.collator([item for _, item in pairs]) if pairs else None
             yield {"part": index, "ids": [i for i, _ in pairs], "batch": batch, "state": stream.state_dict()}
 
 
 class StreamLoader:
-    """Micro-batches of ``batch_size`` items from ``stream``, on this process's device.
+    """Micro-batches of ``batch_size`` items from ``stream``, or as many as fit ``budget`` (tokens, images), on this process's device.
 
     ``exhausted`` says whether the last iteration ran to the end of the epoch;
     ``state_dict`` is the stream's position after the last batch handed out (with
     workers: every worker part's, and whose turn is next).
     """
 
-    def __init__(self, accelerator, stream: ShardStream, collator, batch_size: int, record_samples: bool, num_workers: int = 0):
+    def __init__(
+        self, accelerator, stream: ShardStream, collator, batch_size: int, record_samples: bool, num_workers: int = 0,
+        budget: tuple[int, int | None] | None = None,
+    ):
         self.accelerator = accelerator
         self.stream = stream
         self.collator = collator
         self.batch_size = batch_size
+        self.budget = budget
         self.record_samples = record_samples
         self.num_workers = num_workers
         self.exhausted = False
@@ -87,8 +114,8 @@ class StreamLoader:
         while True:
             ids, batch = next(local, ([], None))
             counts = self.accelerator.gather(torch.tensor([len(ids)], device=self.accelerator.device)).tolist()
-            # A worker's part may end with a short batch, so with workers only an empty start is an error.
-            short = min(counts) < (self.batch_size if not self.num_workers else 1)
+            # A worker's part may end with a short batch and a budget's batches vary, so then only an empty start is an error.
+            short = min(counts) < (self.batch_size if not self.num_workers and self.budget is None else 1)
             if batches == 0 and self.stream.epoch == 0 and not resumed and short:
                 # Every process sees the same counts, so all stop here together.
                 raise DataError(
@@ -112,12 +139,7 @@ class StreamLoader:
 
         def batches():
             while True:
-                pairs = []
-                while len(pairs) < self.batch_size:
-                    pair = self.stream.next_item()
-                    if pair is None:
-                        break
-                    pairs.append(pair)
+                pairs = take_batch(self.stream, self.batch_size, self.budget)
                 if not pairs:
                     return
                 yield [i for i, _ in pairs], self.collator([item for _, item in pairs])
@@ -134,7 +156,7 @@ class StreamLoader:
         else:
             self._parts = {"epoch": epoch, "num_workers": workers, "next_part": 0, "parts": [None] * workers,
                            "skipped_before": self.stream.skipped_bad_samples}
-        dataset = _WorkerParts(self.stream, self.collator, self.batch_size, workers, self._parts["next_part"], list(self._parts["parts"]))
+        dataset = _WorkerParts(self.stream, self.collator, self.batch_size, self.budget, workers, self._parts["next_part"], list(self._parts["parts"]))
 
         def batches():
             ended = set()
