@@ -15,7 +15,9 @@ ended keeps answering with an empty marker instead of stopping, so the turn neve
 changes: the order is a function of the seed, the epoch and the process and worker
 counts. Every batch carries its worker part's position after it, so the loader knows,
 at each batch it hands out, where every part stands and whose turn is next; that is the
-checkpoint's state. A resume starts the workers at that turn (DataLoader worker ``i``
+checkpoint's state. (The position holds the part's buffered records as text, so each batch
+brings a few hundred KB of it from its worker with a buffer of a thousand LLaVA records;
+images are never in it.) A resume starts the workers at that turn (DataLoader worker ``i``
 reads part ``(next + i) mod W``) and each part from its position; batches the workers
 had prefetched past the checkpoint are made again. This is done here rather than with
 torchdata's StatefulDataLoader, which would add a dependency the GPU image lacks, and
