@@ -165,10 +165,10 @@ class ShardStream:
                 self.skipped_bad_samples += 1
             elif raw.get("error"):
                 # A shard that cannot be read on is reported as the reader reaches the damage,
-                # not when the buffer happens to pick the row that says so.
+                # not when the buffer happens to pick the row that says so. It is that shard's
+                # last row, so its whole samples before the damage still train.
                 if self.on_bad_sample != "skip":
                     raise DataError(raw["error"])
-                self.skipped_shards.append(raw["source"])
                 self._count_skip(f"{raw['error']}; the rest of this shard is skipped")
             else:
                 return raw

@@ -156,12 +156,26 @@ def test_tar_shards_give_each_record_its_own_image_members(tmp_path):
             assert text.endswith(f"q {first + k}") and pngs == [images[first + k]]
 
 
-def test_a_truncated_tar_names_the_shard(tmp_path):
+# Each sample is four 512-byte blocks: the json's header and data, the png's header and data.
+@pytest.mark.parametrize(
+    ("cut", "last_whole"),
+    [(512 * 9 + 100, 1), (512 * 8 + 100, 0), (512 * 8, 0)],  # in a member's data; in a header; at a header's start
+)
+def test_a_truncated_tar_names_the_shard_and_the_last_whole_sample(tmp_path, cut, last_whole):
+    # A header cut short reads to tarfile as the archive's end: the missing end blocks tell,
+    # and the sample before the cut may lack members, so it counts as cut too.
     _write_tar(tmp_path / "a.tar", 4)
-    data = (tmp_path / "a.tar").read_bytes()
-    (tmp_path / "a.tar").write_bytes(data[: 512 * 9 + 100])  # inside the fifth member's header block range
+    (tmp_path / "a.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:cut])
     stream = ShardStream(shard_files([str(tmp_path / "a.tar")], []), lambda r: r, rank=0, world_size=1, seed=0, buffer_size=1, on_bad_sample="error")
     stream.start()
-    with pytest.raises(DataError, match=r"a.tar: tar shard is truncated or damaged after sample \d \(byte \d+\)"):
+    with pytest.raises(DataError, match=rf"a.tar: tar shard is truncated or damaged after sample {last_whole} \(byte \d+\)"):
         while stream.next_item() is not None:
             pass
+
+
+def test_skip_keeps_a_truncated_tars_whole_samples_and_counts_the_damage(tmp_path):
+    _write_tar(tmp_path / "a.tar", 4)
+    (tmp_path / "a.tar").write_bytes((tmp_path / "a.tar").read_bytes()[: 512 * 9 + 100])
+    stream = ShardStream(shard_files([str(tmp_path / "a.tar")], []), lambda r: r, rank=0, world_size=1, seed=0, buffer_size=1, on_bad_sample="skip")
+    ids = _epoch(stream, 0)
+    assert sorted(ids) == ["a.tar:0", "a.tar:1"] and stream.skipped_bad_samples == 1
