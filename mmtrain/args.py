@@ -86,7 +86,8 @@ class DataArguments:
         default=-1,
         metadata=_help(
             "DataLoader worker processes per training process. -1: 4 on a GPU (fewer when the machine has fewer CPU cores "
-            "per process), 0 on CPU and for --streaming."
+            "per process), 0 on CPU and for --streaming. With --streaming each worker reads its own part of the process's "
+            "shards, with its own shuffle buffer."
         ),
     )
     synthetic_num_samples: int = field(default=3000, metadata=_help("Size of the generated synthetic dataset."))
@@ -114,7 +115,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata=_help(
-            "Read --dataset_names as globs of JSONL/Parquet shard files, streamed: nothing is loaded up front, each process "
+            "Read --dataset_names as globs of JSONL/Parquet shard files or WebDataset .tar shards (key.json + key.jpg/.png, the "
+            "images read from the tar), streamed: nothing is loaded up front, each process "
             "reads its own shards, and a resume continues from the exact sample. Needs --max_steps and --eval_dataset_names."
         ),
     )
@@ -166,11 +168,9 @@ class DataArguments:
     def _check_streaming(self) -> None:
         """What a stream cannot do yet (each needs the whole dataset at hand), refused naming the flag."""
         unsupported = {
-            "--max_tokens_per_batch": self.max_tokens_per_batch is not None,
             "--packing": self.packing,
             "--dataset_concatenate_samples": self.dataset_concatenate_samples > 1,
             "--dataset_samples": self.dataset_samples != ["all"],
-            "--num_workers": self.num_workers > 0,
         }
         for flag, given in unsupported.items():
             if given:

@@ -1,4 +1,4 @@
-"""Every use of a private or undocumented API of torch, transformers, peft, accelerate or DeepSpeed.
+"""Every use of a private or undocumented API of torch, transformers, peft, accelerate, DeepSpeed or the standard library.
 
 Nothing else in mmtrain reaches past a library's public surface: when it must, it goes
 through a helper here, whose comment says why we need the private thing and what breaks
@@ -477,6 +477,20 @@ def link_zero_optimizer_state(optimizer) -> None:
     if wrapper is not None:
         wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
+
+
+# --- the standard library ----------------------------------------------------------------
+
+
+def tar_member_data_offset(member) -> int:
+    """Where a tar member's bytes start in its archive (``TarInfo.offset_data``).
+
+    A streamed tar shard's buffer keeps where each image lies instead of its bytes, so
+    that a checkpoint of the buffer stays small (:mod:`mmtrain.data.tar_shards`). The
+    attribute is set by ``tarfile`` when it reads a header but is not in its documented
+    attributes; the test reads an image back through it.
+    """
+    return member.offset_data
 
 
 # --- lazily resolved re-exports -------------------------------------------------------

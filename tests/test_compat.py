@@ -551,3 +551,21 @@ def test_deepspeed_optimizer_state_and_fp32_masters_are_where_compat_finds_them(
         assert got["base_is_torch"] and got["moments_nonzero"] and got["round_trip"], got
         assert got["fresh_step"] == 7 and got["trained_step"] == 1, got
         assert got["zero0_masters"] and got["zero2_has_no_separate_masters"], got
+
+
+def test_tar_member_data_offset_points_at_the_members_bytes(tmp_path):
+    import io
+    import tarfile
+
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.json", b"{}"), ("a.png", b"image bytes")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path, "r:") as tar:
+        member = tar.getmember("a.png")
+        offset = compat.tar_member_data_offset(member)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        assert f.read(member.size) == b"image bytes", f"tarfile (Python {sys.version.split()[0]}) moved TarInfo.offset_data"

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from mmtrain.data.formats import DataError
+from mmtrain.data.tar_shards import open_member
 from mmtrain.data.template import encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
 
@@ -60,7 +61,7 @@ def load_images(images: list[tuple[str, str, int]], image_processor, empty_shape
     decoded = []
     for path, source, index in images:
         try:
-            with Image.open(path) as image:
+            with Image.open(open_member(path) or path) as image:  # a tar shard's member, or a file
                 decoded.append(image.convert("RGB"))
         except FileNotFoundError:
             raise BadImageError(f"{source}: record {index}: image file {path} not found") from None

@@ -3,7 +3,8 @@
 Nothing is read up front: host memory holds one shuffle buffer, whatever the dataset's
 size. The pieces, each from the library made for it where one fits:
 
-* the shards (``--dataset_names`` globs of ``.jsonl`` / ``.parquet`` files) become one
+* the shards (``--dataset_names`` globs of ``.jsonl`` / ``.parquet`` files, or ``.tar``
+  files in the WebDataset layout, see :mod:`mmtrain.data.tar_shards`) become one
   ``datasets`` streaming :class:`datasets.IterableDataset` per epoch, its shard order
   permuted from ``--seed`` and the epoch, and ``split_dataset_by_node`` gives every
   process its own part (whole shards when their count divides by the process count,
@@ -13,7 +14,8 @@ size. The pieces, each from the library made for it where one fits:
   ``state_dict`` leaves the buffer out and refills it on resume, so a resumed run would
   train on other samples than the uninterrupted one;
 * :meth:`ShardStream.state_dict` is the ``datasets`` stream's position (shard and record
-  in it), the buffered records and the buffer's RNG: a checkpoint stores it per process
+  in it), the buffered records, a record handed back by a token budget's micro-batch
+  (:meth:`ShardStream.hold_back`) and the buffer's RNG: a checkpoint stores it per process
   and the resumed run continues with the next sample. The records before the position
   in its shard are read again by ``datasets`` to get there, but not parsed.
 
@@ -33,10 +35,11 @@ import numpy as np
 
 from mmtrain.data.dataset import BadImageError
 from mmtrain.data.formats import DataError, normalize_record
+from mmtrain.data.tar_shards import read_tar
 
 logger = logging.getLogger(__name__)
 
-SHARD_SUFFIXES = (".jsonl", ".parquet")
+SHARD_SUFFIXES = (".jsonl", ".parquet", ".tar")
 
 
 def shard_files(patterns: list[str], folders: list[str]) -> list[tuple[str, str | None]]:
@@ -56,22 +59,29 @@ def shard_files(patterns: list[str], folders: list[str]) -> list[tuple[str, str 
 
 
 def _read_shards(shards: list[str]):
-    """The generator behind the ``datasets`` stream: every record of every shard, as raw text, with where it is."""
+    """The generator behind the ``datasets`` stream: every record of every shard, as raw text, with where it is.
+
+    ``images`` (a JSON list) is set for tar shards only, whose images are members of the
+    tar; ``error`` reports a tar that cannot be read on.
+    """
     for path in shards:
+        if path.endswith(".tar"):
+            yield from read_tar(path)
+            continue
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
             index = 0
             for batch in pq.ParquetFile(path).iter_batches():
                 for row in batch.to_pylist():
-                    yield {"source": path, "index": index, "offset": -1, "line": json.dumps(row)}
+                    yield {"source": path, "index": index, "offset": -1, "line": json.dumps(row), "images": "", "error": ""}
                     index += 1
             continue
         with open(path, "rb") as f:
             offset, index = 0, 0
             for line in f:
                 if line.strip():
-                    yield {"source": path, "index": index, "offset": offset, "line": line.decode("utf-8", errors="replace")}
+                    yield {"source": path, "index": index, "offset": offset, "line": line.decode("utf-8", errors="replace"), "images": "", "error": ""}
                     index += 1
                 offset += len(line)
 
@@ -101,9 +111,24 @@ class ShardStream:
         self._buffer: list[dict] = []
         self._rng = None
         self._restored: dict | None = None
+        self._last: dict | None = None  # the raw record of the item next_item returned last
+        self._held: dict | None = None  # a record handed back (hold_back), returned again first
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def part(self, index: int, count: int) -> ShardStream:
+        """Part ``index`` of ``count`` of this process's part, for one loader worker: split as if there were ``count`` times the processes.
+
+        Its shuffle buffer and RNG are its own, seeded from the seed, the epoch and
+        ``rank * count + index``; with ``count == 1`` it reads what this stream reads.
+        """
+        part = ShardStream(
+            self.shards, self.encode, rank=self.rank * count + index, world_size=self.world_size * count, seed=self.seed,
+            buffer_size=self.buffer_size, on_bad_sample=self.on_bad_sample,
+        )
+        part.epoch = self.epoch
+        return part
 
     def _stream(self, epoch: int):
         from datasets import IterableDataset
@@ -119,21 +144,34 @@ class ShardStream:
         self._source = self._stream(self.epoch)
         self._rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         self._buffer = []
+        self._held = None
         restored, self._restored = self._restored, None
         if restored is not None and restored["epoch"] == self.epoch:
             self._source.load_state_dict(restored["source"])
             self._buffer = restored["buffer"]
+            self._held = restored.get("held")
             self._rng.bit_generator.state = restored["rng"]
             self.skipped_shards = restored["skipped_shards"]
-        self._iterator = iter(self._source)
+        # Iterated directly inside a DataLoader worker, a ``datasets`` stream splits itself once
+        # more among the workers by shard; a worker here already reads its own part
+        # (:meth:`part`), and ``iter`` reads a stream without that split.
+        self._iterator = ({key: values[0] for key, values in batch.items()} for batch in self._source.iter(batch_size=1))
         return restored is not None and restored["epoch"] == self.epoch
 
     def _pull(self) -> dict | None:
         """The next raw record of this process's part that is not in a skipped shard, or None at its end."""
         for raw in self._iterator:
-            if raw["source"] not in self.skipped_shards:
+            if raw["source"] in self.skipped_shards:
+                self.skipped_bad_samples += 1
+            elif raw.get("error"):
+                # A shard that cannot be read on is reported as the reader reaches the damage,
+                # not when the buffer happens to pick the row that says so. It is that shard's
+                # last row, so its whole samples before the damage still train.
+                if self.on_bad_sample != "skip":
+                    raise DataError(raw["error"])
+                self._count_skip(f"{raw['error']}; the rest of this shard is skipped")
+            else:
                 return raw
-            self.skipped_bad_samples += 1
         return None
 
     def _next_raw(self) -> dict | None:
@@ -158,7 +196,7 @@ class ShardStream:
     def next_item(self) -> tuple[str, dict] | None:
         """``(stable id, item)`` of the next sample, or None when this process's part of the epoch is over."""
         while True:
-            raw = self._next_raw()
+            raw, self._held = self._held or self._next_raw(), None
             if raw is None:
                 return None
             if raw["source"] in self.skipped_shards:
@@ -180,14 +218,26 @@ class ShardStream:
                 self._count_skip(f"{err}; the rest of this shard is skipped")
                 continue
             if item is not None:
+                self._last = raw
                 return sample_id, item
 
+    def hold_back(self) -> None:
+        """Hand the item :meth:`next_item` returned last back: the next call returns it again (a token budget's overflow)."""
+        self._held = self._last
+
     def _parse(self, raw: dict) -> dict:
+        if raw.get("images") and not raw["line"]:
+            raise DataError(f"{raw['source']}: sample {raw['index']} (byte {raw['offset']}) has no .json member")
         try:
-            return json.loads(raw["line"])
+            record = json.loads(raw["line"])
         except json.JSONDecodeError as err:
             where = f"byte {raw['offset']}" if raw["offset"] >= 0 else "in the file"
             raise DataError(f"{raw['source']}: record {raw['index']} ({where}) is not valid JSON, truncated or damaged: {err.msg}") from None
+        if raw.get("images") and isinstance(record, dict):
+            # A tar sample's images are its own members, whatever names its record gives.
+            record.pop("image", None)
+            record["images"] = json.loads(raw["images"])
+        return record
 
     def _folder(self, source: str) -> str:
         return self.folders.get(source) or os.path.dirname(os.path.abspath(source))
@@ -198,11 +248,12 @@ class ShardStream:
             logger.warning("skipping a bad sample (--on_bad_sample skip): %s", err)
 
     def state_dict(self) -> dict:
-        """Where this process is: the epoch, the ``datasets`` stream's position, the buffered records and the RNG."""
+        """Where this process is: the epoch, the ``datasets`` stream's position, the buffered and held-back records and the RNG."""
         return {
             "epoch": self.epoch,
             "source": self._source.state_dict() if self._source is not None else None,
             "buffer": list(self._buffer),
+            "held": self._held,
             "rng": self._rng.bit_generator.state if self._rng is not None else None,
             "skipped_shards": list(self.skipped_shards),
             "skipped_bad_samples": self.skipped_bad_samples,

@@ -204,15 +204,19 @@ def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle
 
 def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> DataLoader:
     """The shuffled training loader: ``--per_device_train_batch_size`` samples, or a token budget's micro-batches, or a stream's."""
+    if data_args.max_tokens_per_batch:
+        plugin = distributed.deepspeed_plugin(accelerator)
+        if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+            # DeepSpeed wants a fixed micro-batch size, which it uses only to report throughput
+            # and check train_batch_size: a budget's micro-batch is one packed row.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
     if data_args.streaming:
-        return StreamLoader(accelerator, dataset, collator, train_args.per_device_train_batch_size, train_args.record_samples)
+        budget = (data_args.max_tokens_per_batch, data_args.max_images_per_batch) if data_args.max_tokens_per_batch else None
+        return StreamLoader(
+            accelerator, dataset, collator, train_args.per_device_train_batch_size, train_args.record_samples, data_args.num_workers, budget
+        )
     if not data_args.max_tokens_per_batch:
         return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
-    plugin = distributed.deepspeed_plugin(accelerator)
-    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
-        # DeepSpeed wants a fixed micro-batch size, which it uses only to report throughput
-        # and check train_batch_size: a budget's micro-batch is one packed row.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
     sampler = TokenBudgetBatchSampler(dataset, data_args.max_tokens_per_batch, data_args.max_images_per_batch, train_args.seed)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers, persistent_workers=data_args.num_workers > 0

@@ -6,6 +6,31 @@ whole stream and keep every P-th batch. Each process reads its own part instead
 (:class:`mmtrain.data.streaming.ShardStream`), and the processes agree before every
 micro-batch that all of them have one, so that a process whose part ran out first ends
 the epoch for all instead of leaving the others waiting in a collective.
+
+With ``--num_workers W`` the process's part is split once more, into W worker parts
+(:meth:`ShardStream.part`), each read, encoded (images included) and collated in a
+torch DataLoader worker with its own shuffle buffer. torch hands out the workers'
+batches strictly in turn (worker 0, 1, ..., W-1, 0, ...), and a worker whose part has
+ended keeps answering with an empty marker instead of stopping, so the turn never
+changes: the order is a function of the seed, the epoch and the process and worker
+counts. Every batch carries its worker part's position after it, so the loader knows,
+at each batch it hands out, where every part stands and whose turn is next; that is the
+checkpoint's state. (The position holds the part's buffered records as text, so each batch
+brings a few hundred KB of it from its worker with a buffer of a thousand LLaVA records;
+images are never in it.) A resume starts the workers at that turn (DataLoader worker ``i``
+reads part ``(next + i) mod W``) and each part from its position; batches the workers
+had prefetched past the checkpoint are made again. This is done here rather than with
+torchdata's StatefulDataLoader, which would add a dependency the GPU image lacks, and
+whose saved worker states would still need the buffer contents that only
+:meth:`ShardStream.state_dict` holds.
+
+With ``--max_tokens_per_batch`` a micro-batch is filled greedily from the stream's
+output: whole samples in the order they come, tokens counted with image tokens (and
+images within ``--max_images_per_batch``), until the next one would not fit; that one is
+handed back to the stream (:meth:`ShardStream.hold_back`), which keeps it in its saved
+state, and opens the next micro-batch. The train collator then packs each micro-batch
+into one row, as for a budget in memory. Unlike the in-memory plan there is no window
+for a short sample to overtake a long one, so micro-batches fill a little less fully.
 """
 
 from __future__ import annotations
@@ -18,60 +43,163 @@ from mmtrain.data.streaming import ShardStream
 from mmtrain.training.sample_record import INDICES_KEY
 
 
+def take_batch(stream: ShardStream, batch_size: int, budget: tuple[int, int | None] | None) -> list[tuple[str, dict]]:
+    """The next micro-batch's ``(id, item)`` pairs: ``batch_size`` of them, or under a ``(tokens, images)`` budget as many as fit.
+
+    Every item fits a budget on its own: the dataset drops or truncates longer ones.
+    """
+    pairs, tokens, images = [], 0, 0
+    while budget is not None or len(pairs) < batch_size:
+        pair = stream.next_item()
+        if pair is None:
+            break
+        if budget is not None:
+            more_tokens, more_images = len(pair[1]["input_ids"]), pair[1]["pixel_values"].shape[0]
+            if pairs and (tokens + more_tokens > budget[0] or (budget[1] is not None and images + more_images > budget[1])):
+                stream.hold_back()
+                break
+            tokens, images = tokens + more_tokens, images + more_images
+        pairs.append(pair)
+    return pairs
+
+
+class _WorkerParts(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its part's batches, each with the part's position after it, then end markers."""
+
+    def __init__(self, stream: ShardStream, collator, batch_size: int, budget, num_workers: int, first_part: int, states: list):
+        self.stream, self.collator, self.batch_size, self.budget = stream, collator, batch_size, budget
+        self.num_workers, self.first_part, self.states = num_workers, first_part, states
+
+    def __iter__(self):
+        index = (self.first_part + torch.utils.data.get_worker_info().id) % self.num_workers
+        stream = self.stream.part(index, self.num_workers)
+        if self.states[index] is not None:
+            stream.load_state_dict(self.states[index])
+        stream.start()
+        while True:
+            pairs = take_batch(stream, self.batch_size, self.budget)
+            batch = self.collator([item for _, item in pairs]) if pairs else None
+            yield {"part": index, "ids": [i for i, _ in pairs], "batch": batch, "state": stream.state_dict()}
+
+
 class StreamLoader:
-    """Micro-batches of ``batch_size`` items from ``stream``, on this process's device.
+    """Micro-batches of ``batch_size`` items from ``stream``, or as many as fit ``budget`` (tokens, images), on this process's device.
 
     ``exhausted`` says whether the last iteration ran to the end of the epoch;
-    ``state_dict`` is the stream's position after the last batch handed out.
+    ``state_dict`` is the stream's position after the last batch handed out (with
+    workers: every worker part's, and whose turn is next).
     """
 
-    def __init__(self, accelerator, stream: ShardStream, collator, batch_size: int, record_samples: bool):
+    def __init__(
+        self, accelerator, stream: ShardStream, collator, batch_size: int, record_samples: bool, num_workers: int = 0,
+        budget: tuple[int, int | None] | None = None,
+    ):
         self.accelerator = accelerator
         self.stream = stream
         self.collator = collator
         self.batch_size = batch_size
+        self.budget = budget
         self.record_samples = record_samples
+        self.num_workers = num_workers
         self.exhausted = False
         self.batches_last_epoch: int | None = None
+        self._parts: dict | None = None  # with workers: the state of the epoch in progress
+        self._restored: dict | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
         self.exhausted = False
-        resumed = self.stream.start()
+        local, resumed = self._worker_batches() if self.num_workers else self._own_batches()
         batches = 0
         while True:
-            pairs = []
-            while len(pairs) < self.batch_size:
-                pair = self.stream.next_item()
-                if pair is None:
-                    break
-                pairs.append(pair)
-            counts = self.accelerator.gather(torch.tensor([len(pairs)], device=self.accelerator.device)).tolist()
-            if batches == 0 and self.stream.epoch == 0 and not resumed and min(counts) < self.batch_size:
+            ids, batch = next(local, ([], None))
+            counts = self.accelerator.gather(torch.tensor([len(ids)], device=self.accelerator.device)).tolist()
+            # A worker's part may end with a short batch and a budget's batches vary, so then only an empty start is an error.
+            short = min(counts) < (self.batch_size if not self.num_workers and self.budget is None else 1)
+            if batches == 0 and self.stream.epoch == 0 and not resumed and short:
                 # Every process sees the same counts, so all stop here together.
                 raise DataError(
                     f"the training stream holds fewer samples than one global batch ({self.batch_size} on each of "
                     f"{self.accelerator.num_processes} processes; their parts start with {counts}): add shards or lower "
-                    "--per_device_train_batch_size"
+                    "--per_device_train_batch_size" + (" or --num_workers" if self.num_workers else "")
                 )
             if min(counts) == 0:
                 break
-            batch = self.collator([item for _, item in pairs])
             if self.record_samples:
-                batch[INDICES_KEY] = [sample_id for sample_id, _ in pairs]
+                batch[INDICES_KEY] = ids
             batches += 1
             yield send_to_device(batch, self.accelerator.device)
+        local.close()  # with workers: stops them now rather than when the generator is collected
         self.exhausted = True
         self.batches_last_epoch = batches
+
+    def _own_batches(self):
+        """Batches read and collated in this process; and whether the stream continues a saved position."""
+        resumed = self.stream.start()
+
+        def batches():
+            while True:
+                pairs = take_batch(self.stream, self.batch_size, self.budget)
+                if not pairs:
+                    return
+                yield [i for i, _ in pairs], self.collator([item for _, item in pairs])
+
+        return batches(), resumed
+
+    def _worker_batches(self):
+        """Batches from the worker parts in turn, skipping ended parts' markers until every part has ended."""
+        workers, epoch = self.num_workers, self.stream.epoch
+        restored, self._restored = self._restored, None
+        resumed = restored is not None and restored["epoch"] == epoch
+        if resumed:
+            self._parts = restored
+        else:
+            self._parts = {"epoch": epoch, "num_workers": workers, "next_part": 0, "parts": [None] * workers,
+                           "skipped_before": self.stream.skipped_bad_samples}
+        dataset = _WorkerParts(self.stream, self.collator, self.batch_size, self.budget, workers, self._parts["next_part"], list(self._parts["parts"]))
+
+        def batches():
+            ended = set()
+            for item in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers):
+                part = item["part"]
+                self._parts["parts"][part] = item["state"]
+                self._parts["next_part"] = (part + 1) % workers
+                self.stream.skipped_bad_samples = self._parts["skipped_before"] + sum(
+                    s["skipped_bad_samples"] for s in self._parts["parts"] if s is not None
+                )
+                if item["batch"] is not None:
+                    yield item["ids"], item["batch"]
+                    continue
+                ended.add(part)
+                if len(ended) == workers:
+                    return
+
+        return batches(), resumed
 
     def __len__(self) -> int:
         """Batches of the last whole epoch, or 0 before one has ended: a stream's length is known only at its end."""
         return self.batches_last_epoch or 0
 
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        if not self.num_workers:
+            return self.stream.state_dict()
+        if self._parts is None:  # saved before the first batch
+            return {"epoch": self.stream.epoch, "num_workers": self.num_workers, "next_part": 0,
+                    "parts": [None] * self.num_workers, "skipped_before": self.stream.skipped_bad_samples}
+        return self._parts
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
+        workers = state.get("num_workers", 0)
+        if workers != self.num_workers:
+            raise DataError(
+                f"the checkpoint's stream position was saved with --num_workers {workers} and this run has "
+                f"--num_workers {self.num_workers}: each worker reads its own part, so resume with the same count"
+            )
+        if not workers:
+            self.stream.load_state_dict(state)
+            return
+        self.stream.set_epoch(state["epoch"])
+        self.stream.skipped_bad_samples = state["skipped_before"]
+        self._restored = state

@@ -114,3 +114,68 @@ def test_parquet_shards_stream_like_jsonl(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"part-{s}.parquet")
     ids = _epoch(_stream(str(tmp_path / "part-*.parquet")), 0)
     assert sorted(ids) == [f"part-{s}.parquet:{i}" for s in range(2) for i in range(5)]
+
+
+def _write_tar(path, samples: int, start: int = 0) -> list[bytes]:
+    """A WebDataset-layout tar: ``key.json`` + ``key.png`` per sample; returns the image bytes written."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    written = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(start, start + samples):
+            record = {"conversations": [{"from": "human", "value": f"<image>\nq {i}"}, {"from": "gpt", "value": "a"}], "image": "elsewhere.png"}
+            png = io.BytesIO()
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(png, format="PNG")
+            for name, data in ((f"s{i:04d}.json", json.dumps(record).encode()), (f"s{i:04d}.png", png.getvalue())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            written.append(png.getvalue())
+    return written
+
+
+def test_tar_shards_give_each_record_its_own_image_members(tmp_path):
+    from mmtrain.data.tar_shards import open_member
+
+    images = _write_tar(tmp_path / "a.tar", 3) + _write_tar(tmp_path / "b.tar", 2, start=3)
+    stream = ShardStream(
+        shard_files([str(tmp_path / "*.tar")], []), lambda r: (r["turns"][0]["text"], [open_member(p).getvalue() for p in r["images"]]),
+        rank=0, world_size=1, seed=0, buffer_size=2, on_bad_sample="error",
+    )
+    stream.start()
+    got = {}
+    while (pair := stream.next_item()) is not None:
+        got[pair[0].rsplit("/", 1)[-1]] = pair[1]
+    assert sorted(got) == ["a.tar:0", "a.tar:1", "a.tar:2", "b.tar:0", "b.tar:1"]
+    for shard, first in (("a", 0), ("b", 3)):
+        for k in range(3 if shard == "a" else 2):
+            text, pngs = got[f"{shard}.tar:{k}"]
+            assert text.endswith(f"q {first + k}") and pngs == [images[first + k]]
+
+
+# Each sample is four 512-byte blocks: the json's header and data, the png's header and data.
+@pytest.mark.parametrize(
+    ("cut", "last_whole"),
+    [(512 * 9 + 100, 1), (512 * 8 + 100, 0), (512 * 8, 0)],  # in a member's data; in a header; at a header's start
+)
+def test_a_truncated_tar_names_the_shard_and_the_last_whole_sample(tmp_path, cut, last_whole):
+    # A header cut short reads to tarfile as the archive's end: the missing end blocks tell,
+    # and the sample before the cut may lack members, so it counts as cut too.
+    _write_tar(tmp_path / "a.tar", 4)
+    (tmp_path / "a.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:cut])
+    stream = ShardStream(shard_files([str(tmp_path / "a.tar")], []), lambda r: r, rank=0, world_size=1, seed=0, buffer_size=1, on_bad_sample="error")
+    stream.start()
+    with pytest.raises(DataError, match=rf"a.tar: tar shard is truncated or damaged after sample {last_whole} \(byte \d+\)"):
+        while stream.next_item() is not None:
+            pass
+
+
+def test_skip_keeps_a_truncated_tars_whole_samples_and_counts_the_damage(tmp_path):
+    _write_tar(tmp_path / "a.tar", 4)
+    (tmp_path / "a.tar").write_bytes((tmp_path / "a.tar").read_bytes()[: 512 * 9 + 100])
+    stream = ShardStream(shard_files([str(tmp_path / "a.tar")], []), lambda r: r, rank=0, world_size=1, seed=0, buffer_size=1, on_bad_sample="skip")
+    ids = _epoch(stream, 0)
+    assert sorted(ids) == ["a.tar:0", "a.tar:1"] and stream.skipped_bad_samples == 1

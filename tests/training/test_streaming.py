@@ -47,41 +47,62 @@ def _samples(out: Path) -> dict[str, list[dict]]:
     return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted((out / "samples").glob("rank-*.jsonl"))}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("num_processes", [1, 2])
-def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, shards, tmp_path, num_processes):
+def _kill_and_resume(model_folders, shards: Path, tmp_path: Path, num_processes: int, **extra):
+    """An uninterrupted run, and one killed after its step-4 checkpoint and resumed from it; both folders and the resume's output."""
     reference = tmp_path / "uninterrupted"
-    launch(_flags(model_folders, shards, reference), config="zero0.yaml", num_processes=num_processes)
+    launch(_flags(model_folders, shards, reference, **extra), config="zero0.yaml", num_processes=num_processes)
     out = tmp_path / "resumed"
-    proc = launch(_flags(model_folders, shards, out), config="zero0.yaml", num_processes=num_processes, background=True)
+    proc = launch(_flags(model_folders, shards, out, **extra), config="zero0.yaml", num_processes=num_processes, background=True)
     # Named, not "latest": a fast run may pass the epoch's end before the kill lands, and
     # a resume from there would not test the position inside an epoch.
     checkpoint = kill_after_checkpoint(proc, out, SAVE_EVERY)
-    proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint), config="zero0.yaml", num_processes=num_processes)
-    assert f"step-{SAVE_EVERY:08d}: epoch {0 if num_processes == 1 else 1}, step {SAVE_EVERY}" in proc.stdout + proc.stderr
-
+    proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint, **extra), config="zero0.yaml", num_processes=num_processes)
     expected, resumed = train_losses(reference), train_losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(SAVE_EVERY + 1, STEPS + 1):
         assert resumed[step] == expected[step], f"step {step}: {resumed[step]} != {expected[step]}"
+    return reference, out, proc.stdout + proc.stderr
+
+
+def _every_record(shards: Path) -> list[str]:
+    return sorted(f"{shards / f'part-{s}.jsonl'}:{i}" for s in range(SHARDS) for i in range(PER_SHARD))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("num_processes", "num_workers"), [(1, 0), (2, 0), (1, 2)])
+def test_killed_and_resumed_stream_trains_on_the_same_samples(model_folders, shards, tmp_path, num_processes, num_workers):
+    # with workers, each reads half of the process's shards
+    reference, out, log = _kill_and_resume(model_folders, shards, tmp_path, num_processes, num_workers=num_workers)
+    assert f"step-{SAVE_EVERY:08d}: epoch {0 if num_processes == 1 else 1}, step {SAVE_EVERY}" in log
     samples = _samples(reference)
     assert samples == _samples(out) and len(samples) == num_processes
     # ids are shard:record; every epoch covers every record once, each in its own order
-    every_record = sorted(f"{shards / f'part-{s}.jsonl'}:{i}" for s in range(SHARDS) for i in range(PER_SHARD))
     epochs = [[i for lines in samples.values() for line in lines if line["epoch"] == e for i in line["indices"]] for e in (0, 1)]
-    assert sorted(epochs[0]) == every_record
+    assert sorted(epochs[0]) == _every_record(shards)
     assert len(set(epochs[1])) == len(epochs[1]) and epochs[1] != epochs[0][: len(epochs[1])]
     assert sum(1 for line in samples["rank-0.jsonl"] if line["epoch"] == 0) == SHARDS * PER_SHARD // (2 * num_processes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_killed_and_resumed_stream_under_a_token_budget_trains_on_the_same_samples(model_folders, shards, tmp_path, num_processes):
+    # About two synthetic samples (64 image tokens each) fit 256 tokens: the checkpoint
+    # falls inside an epoch, where a sample that overflowed a micro-batch waits in the state.
+    reference, out, _ = _kill_and_resume(model_folders, shards, tmp_path, num_processes, max_tokens_per_batch=256)
+    samples = _samples(reference)
+    assert samples == _samples(out) and len(samples) == num_processes
+    lines = [line for rank in samples.values() for line in rank]
+    if num_processes == 1:  # with two, the epoch ends for both when the first part runs out
+        assert sorted(i for line in lines if line["epoch"] == 0 for i in line["indices"]) == _every_record(shards)
+    assert {len(line["indices"]) for line in lines} != {2}  # sized by tokens, not by --per_device_train_batch_size
 
 
 @pytest.mark.parametrize(
     ("extra", "flag"),
     [
-        (["--max_tokens_per_batch", "512"], "--max_tokens_per_batch"),
         (["--packing", "true"], "--packing"),
         (["--dataset_concatenate_samples", "2"], "--dataset_concatenate_samples"),
         (["--dataset_samples", "10"], "--dataset_samples"),
-        (["--num_workers", "2"], "--num_workers"),
         (["--cache_vision_features", "true"], "--cache_vision_features"),
         (["--max_steps", "-1"], "--max_steps"),
     ],
@@ -114,12 +135,13 @@ def test_a_stream_shorter_than_one_batch_stops_with_a_message(model_folders, tmp
 
 
 def _text_shards(folder: Path, records: int, shards: int = 10) -> None:
+    """Text-only records in JSONL shards, written from one template: a million take a few seconds, not a minute."""
     folder.mkdir()
     per_shard = records // shards
+    template = '{"conversations": [{"from": "human", "value": "q%d.%d"}, {"from": "gpt", "value": "a"}]}\n'
     for s in range(shards):
         with open(folder / f"part-{s:03d}.jsonl", "w") as f:
-            for i in range(per_shard):
-                f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{s}.{i}"}, {"from": "gpt", "value": "a"}]}) + "\n")
+            f.write("".join(template % (s, i) for i in range(per_shard)))
     (folder / "eval.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n")
 
 
@@ -135,20 +157,74 @@ def _command(model_folders, folder: Path, out: Path, **extra) -> list[str]:
     ]
 
 
+# The entry point, reporting its own peak RSS as it exits: VmHWM, the peak of its own
+# address space. wait4's ru_maxrss would not do: a child started by fork/vfork + exec keeps
+# the parent's peak in it, and this test's parent (pytest with torch loaded) can be larger
+# than the run under test.
+_REPORT_PEAK_RSS = (
+    "import atexit, runpy, sys\n"
+    "def report():\n"
+    "    peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "    print('peak-rss-kib', peak.split()[1], file=sys.stderr)\n"
+    "atexit.register(report)\n"
+    "sys.argv[0] = 'mmtrain.train'\n"
+    "runpy.run_module('mmtrain.train', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def _peak_rss_mib(model_folders, folder: Path, out: Path) -> float:
-    """Peak resident memory of one two-step streamed run, of that process alone (``wait4``)."""
-    proc = subprocess.Popen(_command(model_folders, folder, out), cwd=REPO, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, output[-4000:]
-    return usage.ru_maxrss / 1024  # kilobytes on Linux
+    """Peak resident memory of one two-step streamed run, of that process alone."""
+    command = _command(model_folders, folder, out)
+    assert command[1:3] == ["-m", "mmtrain.train"]
+    proc = subprocess.run([sys.executable, "-c", _REPORT_PEAK_RSS, *command[3:]], cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return int(proc.stderr.rsplit("peak-rss-kib ", 1)[1].split()[0]) / 1024
 
 
 def test_host_memory_stays_flat_as_the_stream_grows(model_folders, tmp_path):
-    small, large = tmp_path / "10k", tmp_path / "100k"
+    small, large = tmp_path / "10k", tmp_path / "1m"
     _text_shards(small, 10_000)
-    _text_shards(large, 100_000)
+    _text_shards(large, 1_000_000)  # 90 MB of JSONL
     rss_small = _peak_rss_mib(model_folders, small, tmp_path / "out-small")
     rss_large = _peak_rss_mib(model_folders, large, tmp_path / "out-large")
-    # Read whole, 90K more records cost well over 50 MiB as Python objects; streamed, only the buffer is held.
-    assert rss_large - rss_small < 25, f"peak RSS {rss_small:.0f} MiB with 10K records, {rss_large:.0f} MiB with 100K"
+    # Read whole, the 990K more records would cost hundreds of MiB as Python objects (the
+    # file's text alone is 90 MB); streamed, only the buffer is held.
+    assert rss_large - rss_small < 25, f"peak RSS {rss_small:.0f} MiB with 10K records, {rss_large:.0f} MiB with 1M"
+
+
+def _tar_shards(shards: Path, folder: Path) -> None:
+    """The fixture's records as WebDataset tar shards (``key.json`` + ``key.N.png``), with no image folder beside them."""
+    import io
+    import tarfile
+
+    folder.mkdir()
+    for s in range(SHARDS):
+        with tarfile.open(folder / f"part-{s}.tar", "w") as tar:
+            for i, line in enumerate((shards / f"part-{s}.jsonl").read_text().splitlines()):
+                record = json.loads(line)
+                members = [(f"{s}-{i}.json", json.dumps({k: v for k, v in record.items() if k != "images"}).encode())]
+                members += [(f"{s}-{i}.{k}.png", (shards / image).read_bytes()) for k, image in enumerate(record.get("images", []))]
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards_train_through_the_entry_point_and_a_truncated_one_is_named(model_folders, shards, tmp_path):
+    tars = tmp_path / "tars"
+    _tar_shards(shards, tars)
+    # No image folder is given: the eval file holds text-only records.
+    (tars / "eval.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    command = _command(model_folders, tars, tmp_path / "out", record_samples="true", max_steps=3)
+    command[command.index(str(tars / "part-*.jsonl"))] = str(tars / "part-*.tar")
+    proc = subprocess.run(command, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ids = [i for line in (tmp_path / "out" / "samples" / "rank-0.jsonl").read_text().splitlines() for i in json.loads(line)["indices"]]
+    assert len(ids) == 6 and all(i.split(":")[0].endswith(".tar") for i in ids)
+
+    data = (tars / "part-2.tar").read_bytes()
+    (tars / "part-2.tar").write_bytes(data[: len(data) // 2 + 100])
+    # The buffer fills from every shard before the first batch, so the damage is found at once.
+    proc = subprocess.run(command + ["--output_dir", str(tmp_path / "out2")], cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert f"{tars / 'part-2.tar'}: tar shard is truncated or damaged" in proc.stderr
