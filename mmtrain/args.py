@@ -168,7 +168,6 @@ class DataArguments:
     def _check_streaming(self) -> None:
         """What a stream cannot do yet (each needs the whole dataset at hand), refused naming the flag."""
         unsupported = {
-            "--packing": self.packing,
             "--dataset_concatenate_samples": self.dataset_concatenate_samples > 1,
             "--dataset_samples": self.dataset_samples != ["all"],
         }
@@ -447,13 +446,17 @@ def check_batch_size_flags(argv: list[str], data_args: DataArguments) -> None:
 
 
 def check_streaming_flags(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
-    """A stream's length is unknown until it ends: the schedule needs --max_steps; the feature cache needs the whole set."""
+    """A stream's length is unknown until it ends: the schedule needs --max_steps; the feature cache must live on disk."""
     if not data_args.streaming:
         return
     if train_args.max_steps < 1:
         raise ConfigError("--streaming needs --max_steps: a stream's length is unknown until it ends, and the schedule needs one")
-    if model_args.cache_vision_features:
-        raise ConfigError("--cache_vision_features is not supported with --streaming yet; drop one of them")
+    if model_args.cache_vision_features and model_args.vision_cache_dir is None:
+        # The cache keeps every distinct image's features: in memory it would grow with the stream.
+        raise ConfigError(
+            "--cache_vision_features with --streaming needs --vision_cache_dir: an in-memory cache grows with every new "
+            "image of the stream, while host memory should stay flat"
+        )
 
 
 def check_fp8_flags(model_args: ModelArguments, train_args: TrainArguments) -> None:

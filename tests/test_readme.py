@@ -292,5 +292,5 @@ def test_both_entry_points_train_the_default_identically(tmp_path):
     assert len(py_process) == 1 and py_process == acc_process
     if "x cpu" in py_process[0]:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        assert f"{cores} CPU threads per process" in py_process[0]
+        assert f"{cores} CPU threads and 0 loader workers per process" in py_process[0]
     assert len(py_losses) == 4 and py_losses == acc_losses

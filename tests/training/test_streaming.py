@@ -97,13 +97,25 @@ def test_killed_and_resumed_stream_under_a_token_budget_trains_on_the_same_sampl
     assert {len(line["indices"]) for line in lines} != {2}  # sized by tokens, not by --per_device_train_batch_size
 
 
+@pytest.mark.slow
+def test_killed_and_resumed_stream_with_packing_and_the_feature_cache_on_disk(model_folders, shards, tmp_path):
+    # Packed rows and cached features are a function of each batch alone, so a stream takes
+    # them as the in-memory path does; the cache folder is the run's own, shared by both runs'
+    # halves like a restart would share it.
+    reference, out, log = _kill_and_resume(
+        model_folders, shards, tmp_path, 1, packing="true", cache_vision_features="true", vision_cache_dir="features"
+    )
+    assert _samples(reference) == _samples(out)
+    cached = list((out / "features").rglob("*.pt")) or [p for p in (out / "features").rglob("*") if p.is_file()]
+    assert cached, "no feature was written to the cache folder"
+
+
 @pytest.mark.parametrize(
     ("extra", "flag"),
     [
-        (["--packing", "true"], "--packing"),
         (["--dataset_concatenate_samples", "2"], "--dataset_concatenate_samples"),
         (["--dataset_samples", "10"], "--dataset_samples"),
-        (["--cache_vision_features", "true"], "--cache_vision_features"),
+        (["--cache_vision_features", "true"], "--cache_vision_features with --streaming needs --vision_cache_dir"),
         (["--max_steps", "-1"], "--max_steps"),
     ],
 )
