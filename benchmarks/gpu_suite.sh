@@ -127,7 +127,7 @@ part_tier() {
     rows=${TIER_ROWS:-auto}
     select=()
     if [ "$rows" = auto ]; then
-        if [ "$gpus" -ge 2 ]; then select=(-k "not test_one_gpu"); else select=(-k "test_one_gpu"); fi
+        if [ "$gpus" -ge 2 ]; then select=(-k "not test_one_gpu and not 1gpu"); else select=(-k "test_one_gpu or 1gpu"); fi
     fi
     [ -n "${TIER_K:-}" ] && select=(-k "$TIER_K")
     jobs=${TIER_JOBS:-6}

@@ -405,3 +405,46 @@ def test_7b_preset_starts_in_seconds_at_zero2(tmp_path, data_path, record):
     record(r, wall_seconds=round(seconds, 1))
     assert max(train_losses(out)) == 3
     assert seconds < 240, f"3 steps of the 7B presets took {seconds:.0f} s from launch"
+
+
+def _stream_shards(folder: Path, shards: int = 4) -> tuple[str, str]:
+    """The generated dataset as JSONL shards beside its images, and an eval file: (train glob, eval file)."""
+    from mmtrain.data.synthetic import generate_synthetic
+
+    root = Path(generate_synthetic(str(folder / "synthetic"), 400, seed=3)).parent
+    records = json.loads((root / "train.json").read_text())
+    train, evals = records[:360], records[360:]
+    for s in range(shards):
+        (root / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[s::shards]))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    return str(root / "part-*.jsonl"), str(root / "eval.jsonl")
+
+
+@pytest.mark.parametrize("gpus", [1, pytest.param(2, marks=pytest.mark.gpus(2))], ids=["1gpu", "2gpu"])
+def test_streaming_budget_workers_kill_and_resume(gpus, model_folders, data_path, tmp_path, record):
+    """Streamed shards under a token budget, with loader workers (compiled, flex attention): the
+    loss falls, and a run killed after its step-12 checkpoint and resumed follows the uninterrupted one."""
+    r = Row("zero2", ("streaming", "budget", "workers", "compiled"), gpus=gpus, export=False, resume=True)
+    record(r)
+    train_glob, eval_file = _stream_shards(tmp_path)
+
+    def flags(out, **extra):
+        base = common_flags(
+            model_folders, data_path, output_dir=out, max_steps=24, save_steps=SAVE_AT, save_total_limit=4, eval_generate=0,
+            export_each_epoch="false", max_tokens_per_batch=512, num_workers=2, torch_compile="true", pad_to_multiple_of=8,
+            num_train_epochs=3, **extra,
+        )
+        return base + ["--streaming", "--shuffle_buffer_size", "32", "--dataset_names", train_glob, "--eval_dataset_names", eval_file]
+
+    devices = "0" if gpus == 1 else None
+    reference = tmp_path / "uninterrupted"
+    launch(flags(reference), config=r.config, processes=gpus, out=reference, devices=devices)
+    losses = assert_trained(reference)
+    out = tmp_path / "resumed"
+    proc = launch(flags(out), config=r.config, processes=gpus, out=out, devices=devices, background=True)
+    checkpoint = kill_after_checkpoint(proc, out, SAVE_AT, ROW_TIMEOUT, output=lambda: _tail(out))
+    launch(flags(out, resume_from_checkpoint=checkpoint), config=r.config, processes=gpus, out=out, devices=devices)
+    resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
+    assert max(resumed) == max(losses), (max(resumed), max(losses))
+    for step in range(SAVE_AT + 1, max(losses) + 1):
+        assert resumed[step] == pytest.approx(losses[step], rel=2e-2, abs=2e-2), f"step {step}: resumed {resumed[step]} vs {losses[step]}"
