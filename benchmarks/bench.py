@@ -415,7 +415,13 @@ def main(argv: list[str] | None = None) -> dict:
             if opts.profile == "on":
                 result["mmtrain"]["profile"] = profile_or_error(*mm["_profile_step"], opts.profile_steps)
             rank0 = int(os.environ.get("RANK", "0")) == 0
-            return _write(result, opts.out if rank0 else None, summary_line(result) if rank0 else "")
+            written = _write(result, opts.out if rank0 else None, summary_line(result) if rank0 else "")
+            # Every process leaves the group together: one left to tear its group down at
+            # interpreter exit, after its peer had gone, sometimes aborted (SIGABRT) on CPU.
+            accelerator = mm["_keep"][0]
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            return written
         if plain is not None and "tokens_per_s" in result["plain"]:
             result["ratio_tokens_per_s"] = mm["tokens_per_s"] / result["plain"]["tokens_per_s"]
         missed = []
