@@ -84,16 +84,17 @@ def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
     base, lora_a, lora_b, _ = compat.lora_parts(layer, adapter)
     if lora_a.bias is not None or lora_b.bias is not None:
         return False
-    if float8_base(base) is not None:
-        return True  # frozen by construction, never partitioned (refused at ZeRO-3), any input dtype
-    if not isinstance(base, nn.Linear):
-        return False
-    weight = base.weight
-    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or not compat.zero3_gathered(weight):
-        return False  # a trained base, or a ZeRO-3 weight not gathered here (hooks gather it around base_layer's forward)
+    fp8 = float8_base(base)  # frozen by construction and never partitioned (refused at ZeRO-3)
+    if fp8 is None:
+        if not isinstance(base, nn.Linear):
+            return False
+        weight = base.weight
+        if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or not compat.zero3_gathered(weight):
+            return False  # a trained base, or a ZeRO-3 weight not gathered here (hooks gather it around base_layer's forward)
     if torch.is_autocast_enabled(x.device.type):
         return True
-    return x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+    # A float8 weight is never in the input's dtype: the float8 product takes it as it is.
+    return x.dtype == lora_a.weight.dtype == lora_b.weight.dtype and (fp8 is not None or base.weight.dtype == x.dtype)
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -102,23 +103,21 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         return self._mmtrain_peft_forward(x, *args, **kwargs)
     base, lora_a, lora_b, scale = compat.lora_parts(self, adapter)
     fp8 = float8_base(base)
-    weight_scale = None if fp8 is None else fp8.weight_scale
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if fp8 is not None and not autocast and not x.dtype == lora_a.weight.dtype == lora_b.weight.dtype:
-        return self._mmtrain_peft_forward(x, *args, **kwargs)
-    # A float8 weight and its scales are never cast: the float8 product takes them as they are.
-    castable = (x, base.bias, lora_a.weight, lora_b.weight) + ((base.weight,) if fp8 is None else ())
-    if autocast:
+    weight, weight_scale = (base.weight, None) if fp8 is None else (fp8.weight, fp8.weight_scale)
+    bias, a, b = base.bias, lora_a.weight, lora_b.weight
+    if torch.is_autocast_enabled(x.device.type):
         # What autocast would do to each product, done once up front; casting back the
-        # adapters' gradients to their own dtype is autograd's job.
+        # adapters' gradients to their own dtype is autograd's job. A float8 weight and its
+        # scales are never cast.
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, bias, a, b, *weight = tuple(t if t is None else t.to(dtype) for t in castable)
+        x, bias, a, b = (t if t is None else t.to(dtype) for t in (x, bias, a, b))
+        if fp8 is None:
+            weight = weight.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(x, weight[0] if weight else base.weight, weight_scale, bias, a, b, scale)
-    x, bias, a, b, *weight = castable
+            return _LoraLinearFunction.apply(x, weight, weight_scale, bias, a, b, scale)
     if fp8 is not None and bias is not None:
-        bias = bias.to(x.dtype)
-    return _LoraLinearFunction.apply(x, weight[0] if weight else base.weight, weight_scale, bias, a, b, scale)
+        bias = bias.to(x.dtype)  # the float8 product comes out in the input's dtype
+    return _LoraLinearFunction.apply(x, weight, weight_scale, bias, a, b, scale)
 
 
 def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:

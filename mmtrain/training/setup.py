@@ -245,11 +245,12 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
     )
     optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
-    per_epoch = [train_args.max_steps] if batches_per_epoch is None else [math.ceil(math.ceil(n / accelerator.num_processes) / accelerator.gradient_accumulation_steps) for n in batches_per_epoch]
+    if batches_per_epoch is None:  # a stream: its length is known only at its end
+        per_epoch, steps_per_epoch = [train_args.max_steps], "unknown: streamed"
+    else:
+        per_epoch = [math.ceil(math.ceil(n / accelerator.num_processes) / accelerator.gradient_accumulation_steps) for n in batches_per_epoch]
+        steps_per_epoch = per_epoch[0] if len(set(per_epoch)) == 1 else f"{min(per_epoch)}-{max(per_epoch)}"
     total = sum(per_epoch)
-    steps_per_epoch = per_epoch[0] if len(set(per_epoch)) == 1 else f"{min(per_epoch)}-{max(per_epoch)}"
-    if batches_per_epoch is None:
-        steps_per_epoch = "unknown: streamed"
     if train_args.max_steps > 0:
         total = min(total, train_args.max_steps)
     if total < 1:

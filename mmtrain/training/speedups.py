@@ -76,7 +76,6 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
     """
     zero3 = distributed.zero_stage(accelerator) == 3
     plain_mixed_precision = accelerator.mixed_precision in ("bf16", "fp16") and distributed.deepspeed_plugin(accelerator) is None
-    check_fp8(accelerator, train_args)
     return SpeedOptions(
         fused_lora=train_args.fused_lora,
         compile_decoder_layers=should_compile(accelerator.device, train_args),
@@ -94,7 +93,8 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
 
 
 def check_fp8(accelerator, train_args) -> None:
-    """Refuse ``--fp8_base`` / ``--fp8_vision`` where they cannot run; called before any weights load.
+    """Refuse ``--fp8_base`` / ``--fp8_vision`` where they cannot run; each entry point calls it once its
+    Accelerator exists, before any weights load.
 
     At ZeRO-3 DeepSpeed partitions every parameter and gathers it in the compute dtype
     around each forward and backward; a float8 weight with its separate scales is not

@@ -153,11 +153,7 @@ class StreamLoader:
         workers, epoch = self.num_workers, self.stream.epoch
         restored, self._restored = self._restored, None
         resumed = restored is not None and restored["epoch"] == epoch
-        if resumed:
-            self._parts = restored
-        else:
-            self._parts = {"epoch": epoch, "num_workers": workers, "next_part": 0, "parts": [None] * workers,
-                           "skipped_before": self.stream.skipped_bad_samples}
+        self._parts = restored if resumed else self._fresh_parts()
         dataset = _WorkerParts(self.stream, self.collator, self.batch_size, self.budget, workers, self._parts["next_part"], list(self._parts["parts"]))
 
         def batches():
@@ -185,10 +181,12 @@ class StreamLoader:
     def state_dict(self) -> dict:
         if not self.num_workers:
             return self.stream.state_dict()
-        if self._parts is None:  # saved before the first batch
-            return {"epoch": self.stream.epoch, "num_workers": self.num_workers, "next_part": 0,
-                    "parts": [None] * self.num_workers, "skipped_before": self.stream.skipped_bad_samples}
-        return self._parts
+        return self._fresh_parts() if self._parts is None else self._parts  # None: saved before the first batch
+
+    def _fresh_parts(self) -> dict:
+        """The worker parts' state at the start of the stream's current epoch: every part at its beginning, part 0's turn."""
+        return {"epoch": self.stream.epoch, "num_workers": self.num_workers, "next_part": 0,
+                "parts": [None] * self.num_workers, "skipped_before": self.stream.skipped_bad_samples}
 
     def load_state_dict(self, state: dict) -> None:
         workers = state.get("num_workers", 0)
