@@ -56,6 +56,11 @@ temporary ``--output_dir``, ``--max_steps`` of warm-up + timed steps, no eval or
 Its earlier short names stay as aliases: ``--lm``, ``--vision``, ``--projector``,
 ``--lora_rank``, ``--lora_scope``, ``--micro_batch``, ``--seq_len``.
 
+With ``--fp8_base`` on a GPU the bench also runs mmtrain in bfloat16 on the same samples
+and batches (a process of its own; ``--bf16_baseline skip`` leaves it out), so one JSON
+holds the plain loop, the bfloat16 run (``mmtrain_bf16``), the float8 run (``mmtrain``)
+and their ratios (``fp8_over_bf16``), against the float8 targets (``FP8_TARGET_TOKENS_PER_S``).
+
 **Several GPUs** (``--num_processes 1 2``): mmtrain runs once per count, each in a group of
 processes of its own started by ``torch.distributed.run`` (one GPU each; the same harness
 also runs under ``accelerate launch --num_processes N``). Each process runs ``--steps``
@@ -103,6 +108,8 @@ from workload import image_token_layout  # noqa: E402
 
 TARGET_TOKENS_PER_S = 16_000  # ref-7b, bf16, one H100 (issue: speed on one H100)
 TARGET_RATIO = 2.0  # over the plain loop measured in the same run
+# ref-7b with the float8 base on one H200 (issue: FP8 for the frozen base): every sample 2048 tokens, the mix
+FP8_TARGET_TOKENS_PER_S = {"seq2048": 25_000, "mix": 20_000}
 REF_7B = ("llama-2-7b", "clip-vit-large-patch14-336")
 SCRIPT = "benchmarks/bench.py"
 
@@ -175,6 +182,11 @@ class BenchArguments:
         default="auto", metadata={"help": "Profiler summary: auto = on a GPU when a target is missed."}
     )
     profile_steps: int = field(default=3, metadata={"help": "Steps the profiler records."})
+    bf16_baseline: Literal["auto", "skip"] = field(
+        default="auto",
+        metadata={"help": "With --fp8_base on a GPU: also run mmtrain in bfloat16 on the same samples (a process of its own), "
+                  "reported beside the float8 run in the same JSON."},
+    )
     peak_tflops: Optional[float] = field(
         default=None, metadata={"help": "Dense bf16 peak (TFLOP/s) the MFU is taken against (default: the device's, from flops.PEAK_TFLOPS)."}
     )
@@ -387,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
             return _write(result, opts.out, summary=f"plain loop: {result['plain'].get('tokens_per_s', 0):,.0f} tokens/s")
     elif opts.plain == "auto":
         plain = result["plain"] = plain_in_subprocesses(raw, opts.plain_batches)
+    if train_args.fp8_base and cuda and not worker and opts.bf16_baseline == "auto" and opts.num_processes == [1]:
+        result["mmtrain_bf16"] = bf16_in_subprocess(raw)
 
     if not worker and opts.num_processes != [1]:
         predictions = [memory_prediction(opts, model_args, n, compiled, fp8_base=train_args.fp8_base) for n in opts.num_processes]
@@ -430,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
                 missed.append(f"tokens/s {mm['tokens_per_s']:.0f} < {TARGET_TOKENS_PER_S}")
             if result.get("ratio_tokens_per_s") is not None and result["ratio_tokens_per_s"] < TARGET_RATIO:
                 missed.append(f"ratio {result['ratio_tokens_per_s']:.2f} < {TARGET_RATIO}")
+        if train_args.fp8_base:
+            missed = fp8_comparison(result, mm, opts, cuda)
         result["targets"]["missed"] = missed
         if opts.profile == "on" or (opts.profile == "auto" and missed):
             result["mmtrain"]["profile"] = profile_or_error(*mm["_profile_step"], opts.profile_steps)
@@ -551,6 +567,40 @@ def plain_in_subprocesses(raw: list[str], batches: list[int]) -> dict:
     return {"error": f"no micro-batch of {batches} ran", "failed_attempts": failures}
 
 
+def bf16_in_subprocess(raw: list[str]) -> dict:
+    """mmtrain with the same flags and samples but without the float8 base, in a fresh process (its memory freed)."""
+    base = _without(raw, ("--out", "--plain", "--plain_batches", "--num_processes", "--fp8_base", "--fp8_vision", "--profile", "--bf16_baseline"))
+    with tempfile.TemporaryDirectory(prefix="mmtrain-bench-bf16-") as tmp:
+        out = os.path.join(tmp, "bf16.json")
+        cmd = [sys.executable, os.path.join(HERE, "bench.py"), *base, "--plain", "skip", "--profile", "off", "--out", out]
+        print(f"mmtrain in bfloat16: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not os.path.exists(out):
+            return {"error": f"exit {proc.returncode} (its output is above)"}
+        with open(out) as f:
+            return json.load(f)["mmtrain"]
+
+
+def fp8_comparison(result: dict, mm: dict, opts, cuda: bool) -> list[str]:
+    """The float8 run's targets (ref-7b on one GPU) and its speed and memory over the bfloat16 run's; what was missed."""
+    workload = "seq2048" if opts.text_tokens[0] == opts.text_tokens[1] else "mix"
+    target = FP8_TARGET_TOKENS_PER_S[workload]
+    result["targets"] = {"tokens_per_s": target, "fp8_workload": workload, "peak_below_bf16": True}
+    missed = []
+    bf16 = result.get("mmtrain_bf16") or {}
+    if "tokens_per_s" in bf16:
+        result["fp8_over_bf16"] = {
+            "tokens_per_s": mm["tokens_per_s"] / bf16["tokens_per_s"],
+            "peak_allocated": mm["peak_allocated_bytes"] / bf16["peak_allocated_bytes"]
+            if mm.get("peak_allocated_bytes") and bf16.get("peak_allocated_bytes") else None,
+        }
+        if mm.get("peak_allocated_bytes") and bf16.get("peak_allocated_bytes") and mm["peak_allocated_bytes"] >= bf16["peak_allocated_bytes"]:
+            missed.append(f"peak {mm['peak_allocated_gib']:.1f} GiB not below bf16's {bf16['peak_allocated_gib']:.1f}")
+    if result["workload"] == "ref-7b" and cuda and mm["tokens_per_s"] < target:
+        missed.append(f"tokens/s {mm['tokens_per_s']:.0f} < {target}")
+    return missed
+
+
 def summary_line(result: dict) -> str:
     mm = result["mmtrain"]
     if "error" in mm:
@@ -570,6 +620,12 @@ def summary_line(result: dict) -> str:
                          f"scaling {100 * row['scaling_efficiency']:.1f}%")
     if "peak_allocated_gib" in mm:
         parts.append(f"peak {mm['peak_allocated_gib']:.1f} GiB")
+    bf16 = result.get("mmtrain_bf16")
+    if bf16 and "tokens_per_s" in bf16:
+        parts.append(f"bf16 {bf16['tokens_per_s']:,.0f} tokens/s, peak {bf16.get('peak_allocated_gib', 0):.1f} GiB "
+                     f"(float8 {result['fp8_over_bf16']['tokens_per_s']:.2f}x)")
+    elif bf16:
+        parts.append(f"bf16: {bf16.get('error')}")
     plain = result.get("plain")
     if plain and "tokens_per_s" in plain:
         parts.append(f"plain (micro-batch {plain['micro_batch']}) {plain['tokens_per_s']:,.0f} tokens/s, MFU {_percent(plain['mfu'])}"

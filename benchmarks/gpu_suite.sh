@@ -22,13 +22,14 @@
 #                  with the packed rows under SDPA's materialised mask instead of flex attention
 #   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
-#   fp8            the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
-#                  budget-seq2048's and budget's first runs (BUDGET_TOKENS, 2048-token samples, then
-#                  the mix; both profiled) with --fp8_base: those parts give the bfloat16 baselines
+#   fp8[:W]        the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
+#                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
+#                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
+#                  mmtrain in bfloat16 on the same samples
 #   default-fp8    benchmarks/default_run.py twice side by side: the embedded default, and with --fp8_base
 #   fp8-quality    benchmarks/fp8_quality.py: ref-7b's LM trained 100 steps bf16 beside float8 on the
-#                  same batches, the per-step relative loss difference (target <= 1%); FP8_LAYERS=N
-#                  keeps N decoder layers (default: all 32)
+#                  same fresh batches of one Markov chain, the per-step relative loss difference
+#                  (target <= 1%); FP8_LAYERS=N keeps N decoder layers (default: all 32)
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
 #   variants       2048 tokens at micro-batch 6 beside the plain loop (profiled), at ZeRO-0, MMCA
@@ -223,17 +224,21 @@ fp8_problem() {  # why float8 cannot run here (empty: it can)
     $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
 }
 
-part_fp8() {
+part_fp8() {  # fp8[:seq2048|:mix]
     has_flag fp8_base || { echo "no --fp8_base in mmtrain/args.py"; return 0; }
     local why; why=$(fp8_problem)
     [ -z "$why" ] || { echo "fp8 skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
-    local t=${BUDGET_TOKENS:-16384}
-    # The budget parts' runs with the float8 base: the same samples, batches and workers as
-    # budget-seq2048 and budget, so each bfloat16 figure there is this one's baseline.
-    run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --plain skip --profile on \
-        --out "$OUT/budget_${TAG}_${t}_seq2048_fp8.json"
-    run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --plain skip --profile on \
-        --out "$OUT/budget_${TAG}_${t}_fp8.json"
+    local t=${BUDGET_TOKENS:-16384} which=${1:-all}
+    # The budget parts' samples, batches and workers with the float8 base; each JSON also holds
+    # the plain loop's batch search and mmtrain in bfloat16 on the same samples (bench.py).
+    if [ "$which" = all ] || [ "$which" = seq2048 ]; then
+        run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --profile on \
+            --out "$OUT/budget_${TAG}_${t}_seq2048_fp8.json"
+    fi
+    if [ "$which" = all ] || [ "$which" = mix ]; then
+        run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --profile on \
+            --out "$OUT/budget_${TAG}_${t}_fp8.json"
+    fi
 }
 
 part_fp8_quality() {
@@ -277,7 +282,8 @@ for part in "$@"; do
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;
         mmca) part_mmca ;;
-        fp8) part_fp8 ;;
+        fp8) part_fp8 all ;;
+        fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
         default-fp8) part_default_fp8 ;;
         budget) part_budget ;;

@@ -158,15 +158,31 @@ def test_fp8_base_passes_through_to_training_and_the_memory_prediction():
     assert fp8["setup"] == "zero2+fp8" and fp8["peak_bytes"] < plain["peak_bytes"]
 
 
-def test_fp8_quality_runs_both_precisions_on_the_same_batches(tmp_path):
+@pytest.mark.parametrize("task", ["markov", "memorise"])
+def test_fp8_quality_runs_both_precisions_on_the_same_batches(task, tmp_path):
     """The quality script's dry run: tiny preset, CPU (whose float8 products are slow but right)."""
     quality = _benchmark("fp8_quality")
     out = tmp_path / "q.json"
-    result = quality.main(["--preset", "tiny-llama", "--steps", "3", "--seq", "32", "--batches", "2", "--device", "cpu", "--out", str(out)])
+    result = quality.main(["--preset", "tiny-llama", "--task", task, "--steps", "3", "--seq", "32", "--batches", "2", "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["max_relative_difference"] == result["max_relative_difference"]
     assert len(result["loss_bf16"]) == len(result["loss_fp8"]) == len(result["relative_difference"]) == 3
     assert result["loss_bf16"] != result["loss_fp8"]  # float8 really ran
     assert result["max_relative_difference"] < 0.01
+
+
+def test_fp8_quality_markov_batches_are_fresh_and_follow_one_chain():
+    quality = _benchmark("fp8_quality")
+    args = quality.parse_args(["--preset", "tiny-llama", "--steps", "4", "--batch", "2", "--seq", "64"])
+    data = quality.batches(args, vocab=5000)
+    assert len(data) == 4 and all(b.shape == (2, 64) for b in data)
+    assert len({tuple(b.flatten().tolist()) for b in data}) == 4  # no batch repeats
+    ids = torch.cat(data)
+    assert int(ids.max()) < quality.CHAIN_IDS
+    followers: dict[int, set[int]] = {}
+    for row in ids.tolist():
+        for a, b in zip(row, row[1:]):
+            followers.setdefault(a, set()).add(b)
+    assert max(len(f) for f in followers.values()) <= quality.SUCCESSORS  # each id has at most 4 successors
 
 
 def test_samples_follow_the_layout():
@@ -287,3 +303,23 @@ def test_plain_loop_batch_search_runs_each_attempt_in_its_own_process(tmp_path, 
     assert plain["micro_batch"] == 2 and plain["tokens_per_s"] > 0
     assert plain["out_of_memory_at"] == [0] and plain["failed_attempts"][0]["returncode"] != 0
     assert not (tmp_path / "unused.json").exists()  # the children write only their own files
+
+
+def test_fp8_runs_carry_their_bf16_baseline_in_the_same_json(tmp_path, monkeypatch):
+    """The bfloat16 baseline of a float8 run: the same flags less --fp8_base, in a process of its own.
+
+    On a CPU the child could not start with --fp8_base (refused before weights load), so
+    figures coming back show the flag was taken off; the comparison then names what was missed.
+    """
+    monkeypatch.chdir(ROOT)
+    raw = ["--lm", "tiny-llama", "--vision", "tiny-clip", "--steps", "1", "--warmup", "0", "--text_tokens", "8", "16",
+           "--fp8_base", "--profile", "on", "--out", str(tmp_path / "unused.json")]
+    bf16 = bench.bf16_in_subprocess(raw)
+    assert bf16["tokens_per_s"] > 0
+    assert "profile" not in bf16 and not (tmp_path / "unused.json").exists()
+    opts, _ = bench.parse_options(raw)
+    result = {"workload": "ref-7b", "mmtrain_bf16": {"tokens_per_s": 100.0, "peak_allocated_bytes": 2 * 2**30, "peak_allocated_gib": 2.0}}
+    fp8 = {"tokens_per_s": 150.0, "peak_allocated_bytes": 3 * 2**30, "peak_allocated_gib": 3.0}
+    missed = bench.fp8_comparison(result, fp8, opts, cuda=True)
+    assert result["targets"]["fp8_workload"] == "mix" and result["fp8_over_bf16"]["tokens_per_s"] == 1.5
+    assert missed == ["peak 3.0 GiB not below bf16's 2.0", "tokens/s 150 < 20000"]
