@@ -228,15 +228,17 @@ part_fp8() {  # fp8[:seq2048|:mix]
     has_flag fp8_base || { echo "no --fp8_base in mmtrain/args.py"; return 0; }
     local why; why=$(fp8_problem)
     [ -z "$why" ] || { echo "fp8 skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
-    local t=${BUDGET_TOKENS:-16384} which=${1:-all}
+    local t=${BUDGET_TOKENS:-16384} which=${1:-all} plain=()
+    # PLAIN_BATCHES="6": the plain loop's batch search from 6 (where an earlier search on this GPU found 8 out of memory)
+    [ -n "${PLAIN_BATCHES:-}" ] && plain=(--plain_batches $PLAIN_BATCHES)
     # The budget parts' samples, batches and workers with the float8 base; each JSON also holds
     # the plain loop's batch search and mmtrain in bfloat16 on the same samples (bench.py).
     if [ "$which" = all ] || [ "$which" = seq2048 ]; then
-        run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --profile on \
+        run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --profile on "${plain[@]}" \
             --out "$OUT/budget_${TAG}_${t}_seq2048_fp8.json"
     fi
     if [ "$which" = all ] || [ "$which" = mix ]; then
-        run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --profile on \
+        run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --fp8_base --profile on "${plain[@]}" \
             --out "$OUT/budget_${TAG}_${t}_fp8.json"
     fi
 }
