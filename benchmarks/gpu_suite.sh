@@ -63,10 +63,19 @@ else
     MEM=()
 fi
 
-missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets') if u.find_spec(m) is None))")
-if [ -n "$missing" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
-    echo "installing the carried wheels (missing: $missing)"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+missing() {  # the needed packages Python cannot import with PYTHONPATH=$1
+    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets') if u.find_spec(m) is None))"
+}
+if [ -n "$(missing "${PYTHONPATH:-}")" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+    # Several suite invocations may start side by side (one per GPU): one installs, under a
+    # lock, and the others find the packages there and only put /tmp/site on the path.
+    (
+        flock 9
+        if [ -n "$(missing /tmp/site)" ]; then
+            echo "installing the carried wheels (missing: $(missing /tmp/site))"
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        fi
+    ) 9>/tmp/mmtrain-wheels.lock || exit 1
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
