@@ -69,6 +69,26 @@ FLOAT8_ALIGNMENT = 16
 FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
+def disable_inductor_matmul_padding() -> None:
+    """Turn off inductor's matmul shape padding (``torch._inductor.config.shape_padding``).
+
+    Why: its pass (``fx_passes/pad_mm.py``, torch 2.11 and 2.13) crashes compiling an
+    ``addmm`` whose bias has a symbolic size (``SymIntArrayRef expected to contain only
+    concrete integers`` from ``torch.randn_like``) whenever the product's base timing is
+    already in its cache, which another compile of the same shapes (another layer, another
+    run sharing the inductor cache) fills. Decoder layers compile with a dynamic token count,
+    so training failed at its first step now and then on a GPU (seen twice in the GPU tier,
+    in different rows). The pass only pads widths that are not multiples of 8 or 16;
+    real models' layers have none, so nothing is lost there. If a release renames the
+    option, setting it raises (the test in ``tests/test_compat.py`` says so first).
+    """
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "shape_padding"):
+        raise AttributeError("torch._inductor.config.shape_padding is gone: see mmtrain.compat.disable_inductor_matmul_padding")
+    inductor_config.shape_padding = False
+
+
 def float8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``(a * scale_a) @ (b * scale_b).T`` from float8 ``a`` [M, K] and ``b`` [N, K], both row-major.
 

@@ -112,6 +112,30 @@ def test_torch_batchnorm_base_covers_every_batch_norm():
         assert not issubclass(nn.LayerNorm, compat.BatchNormBase)
 
 
+def test_torch_inductor_matmul_padding_switch_exists_and_turns_off():
+    import torch._inductor.config as inductor_config
+    from torch._inductor.fx_passes import pad_mm
+
+    with inductor_config.patch(shape_padding=True):  # restored on exit
+        compat.disable_inductor_matmul_padding()
+        assert inductor_config.shape_padding is False
+        # the pass reads that switch before anything else: off, no product is considered for padding
+        a = torch.randn(8, 12, device="cpu")
+        assert not pad_mm.can_pad(a, a.t(), torch.ops.aten.mm)
+
+
+def test_compiled_decoder_layers_run_without_matmul_padding():
+    import torch._inductor.config as inductor_config
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmtrain.model.decoder_layers import compile_decoder_layers
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32))
+    with inductor_config.patch(shape_padding=True):
+        assert compile_decoder_layers(model, backend="eager") == 1
+        assert inductor_config.shape_padding is False
+
+
 # --- transformers -------------------------------------------------------------------------
 
 
