@@ -101,7 +101,7 @@ import torch  # noqa: E402
 from flops import CONVENTION, dense_bf16_peak, lm_shape  # noqa: E402
 from mmtrain.args import ConfigError, DataArguments, ModelArguments, TrainArguments, validate_paths  # noqa: E402
 from mmtrain.cli import FlagParser  # noqa: E402
-from mmtrain_run import run_mmtrain, timed_samples  # noqa: E402
+from mmtrain_run import deepspeed_settings, run_mmtrain, timed_samples  # noqa: E402
 from plain_loop import run_plain  # noqa: E402
 from timing import free_memory, profile_or_error  # noqa: E402
 from workload import image_token_layout  # noqa: E402
@@ -193,6 +193,12 @@ class BenchArguments:
     build_on_device: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "Materialise the random weights directly on the GPU (auto: on a GPU below ZeRO-3)."}
     )
+    deepspeed_set: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY=VALUE settings of the DeepSpeed config (dotted keys, e.g. "
+                  "zero_optimization.stage3_prefetch_bucket_size=2.2e8), applied after the trainer has completed "
+                  "the config and before the engine is made: what a user's DeepSpeed config file would set."},
+    )
     num_processes: list[int] = field(
         default_factory=lambda: [1],
         metadata={"help": "mmtrain on each of these process counts, one GPU each (e.g. 1 2): each count in processes of its own, "
@@ -209,6 +215,10 @@ class BenchArguments:
             raise ConfigError("--offload needs --zero_stage 1-3")
         if self.offload == "optimizer+params" and self.zero_stage != "3":
             raise ConfigError("--offload optimizer+params needs --zero_stage 3")
+        for item in self.deepspeed_set:
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise ConfigError(f"--deepspeed_set {item!r}: expected KEY=VALUE, e.g. zero_optimization.stage3_prefetch_bucket_size=2.2e8")
         if not self.num_processes or min(self.num_processes) < 1:
             raise ConfigError(f"--num_processes needs counts >= 1, got {' '.join(map(str, self.num_processes))}")
 
@@ -510,11 +520,26 @@ def memory_prediction(opts, model_args, num_processes: int, compiled: bool = Fal
             zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=opts.micro_batch,
             seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
             label_fraction=opts.label_fraction, compiled=compiled, fp8_base=fp8_base,
+            **bucket_settings(opts.deepspeed_set),
         )
         est = memory.estimate(facts, setup)
         return {"setup": setup.name, "seq_len": longest, "num_gpus": num_processes, "peak_bytes": est.total, "peak_gib": est.total / 2**30}
     except Exception as e:  # the figure is context; a failure must not lose the measurement
         return {"error": f"{type(e).__name__}: {e}"}
+
+
+# The DeepSpeed settings mmtrain.memory takes, by MemorySetup field
+_MEMORY_KEYS = {
+    "zero_optimization.stage3_prefetch_bucket_size": "prefetch_bucket_size",
+    "zero_optimization.reduce_bucket_size": "reduce_bucket_size",
+    "zero_optimization.stage3_max_live_parameters": "max_live_parameters",
+    "zero_optimization.stage3_param_persistence_threshold": "param_persistence_threshold",
+}
+
+
+def bucket_settings(items: list[str]) -> dict:
+    """The ``--deepspeed_set`` values the memory prediction takes, as MemorySetup fields."""
+    return {_MEMORY_KEYS[k]: v for k, v in deepspeed_settings(items).items() if k in _MEMORY_KEYS}
 
 
 def scaling_table(runs: list[dict], predictions: list[dict]) -> list[dict]:

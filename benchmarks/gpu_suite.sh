@@ -36,6 +36,9 @@
 #                  compiled; the mix over 2 epochs
 #   scaling:S:W    ZeRO stage S on one and on two GPUs (SCALE_COUNTS, default "1 2"), workload W: mix (one image +
 #                  64-1024 text tokens, micro-batch 8), seq2048 (micro-batch 6), ref13b (llama-2-13b + ViT-bigG, perceiver)
+#   zero3-prefetch ZeRO-3, 2048-token samples, micro-batch 6, on SCALE_COUNTS GPUs (default 2) at each
+#                  of PREFETCH_SIZES (DeepSpeed's stage3_prefetch_bucket_size; default "5e7 2.2e8 4.5e8":
+#                  DeepSpeed's default, one and two of ref-7b's decoder layers)
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
 #   memory-full[:ROWS]  the same for 7B with the whole LM trained (LLaVA's stage 2), ZeRO-3 on
 #                  two GPUs through torchrun (rows 0-2; needs a machine with two GPUs)
@@ -229,6 +232,15 @@ part_scaling() {  # scaling:STAGE:WORKLOAD, e.g. scaling:2:mix — mmtrain on on
         --out "$OUT/scaling_${TAG}_zero${stage}_${workload}.json"
 }
 
+part_zero3_prefetch() {  # ZeRO-3 at 2048 tokens on two GPUs, DeepSpeed's prefetch bucket from its default up
+    local sizes=${PREFETCH_SIZES:-"5e7 2.2e8 4.5e8"} n
+    for n in $sizes; do
+        run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --micro_batch 6 --plain skip --profile off --zero_stage 3 \
+            --num_processes ${SCALE_COUNTS:-2} --deepspeed_set "zero_optimization.stage3_prefetch_bucket_size=$n" \
+            --out "$OUT/scaling_${TAG}_zero3_seq2048_prefetch_${n}.json"
+    done
+}
+
 fp8_problem() {  # why float8 cannot run here (empty: it can)
     $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
 }
@@ -296,6 +308,7 @@ for part in "$@"; do
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
+        zero3-prefetch) part_zero3_prefetch ;;
         default-fp8) part_default_fp8 ;;
         budget) part_budget ;;
         budget-seq2048) part_budget_seq2048 ;;

@@ -64,6 +64,43 @@ def timed_samples(opts, data_args, image_span: int, steps: int | None = None) ->
     return max(1, math.ceil(steps * data_args.max_tokens_per_batch / mean_length))
 
 
+def deepspeed_settings(items: list[str]) -> dict:
+    """``--deepspeed_set`` as {dotted key: value}: numbers as int (``2.2e8`` too) or float, true/false as bool, else the text."""
+    settings = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            try:
+                number = float(text)
+                value = int(number) if number.is_integer() else number
+            except ValueError:
+                pass
+        settings[key] = value
+    return settings
+
+
+def apply_deepspeed_settings(accelerator, items: list[str]) -> None:
+    """``--deepspeed_set KEY=VALUE``: into the DeepSpeed config the engine will be made from (dotted keys)."""
+    if not items:
+        return
+    from mmtrain import compat
+
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        raise ValueError("--deepspeed_set needs DeepSpeed (--zero_stage 0-3)")
+    for key, value in deepspeed_settings(items).items():
+        *parents, last = key.split(".")
+        node = plugin.deepspeed_config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    if compat.zero3_init_enabled(plugin):
+        compat.reinstall_hf_deepspeed_config(plugin)  # zero.Init reads the config too
+
+
 class _LoopSteps:
     """A loader as the training loop steps through it (a token budget's steps counted ahead), still sized."""
 
@@ -95,6 +132,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
 
     check_model_config(model_args)
     accelerator = distributed.make_accelerator(train_args)
+    apply_deepspeed_settings(accelerator, opts.deepspeed_set)
     speedups.check_fp8(accelerator, train_args)
     data_args.num_workers = distributed.loader_workers(data_args.num_workers, accelerator.device, local_processes=distributed.local_process_count(accelerator))
     set_seed(train_args.seed)

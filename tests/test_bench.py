@@ -49,6 +49,7 @@ def test_bench_smoke_writes_figures(tmp_path):
         "--lm", "tiny-llama", "--vision", "tiny-clip",
         "--steps", "2", "--warmup", "1", "--micro_batch", "2",
         "--text_tokens", "16", "48", "--plain_batches", "2",
+        "--deepspeed_set", "zero_optimization.reduce_bucket_size=2e7",
         "--out", str(out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -78,6 +79,17 @@ def test_bench_smoke_writes_figures(tmp_path):
     # per-tensor overflow scan off (the loop stops on a non-finite loss instead).
     assert mm["deepspeed_config"]["gradient_clipping"] == 1.0
     assert mm["deepspeed_config"]["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    # --deepspeed_set reached the engine's config, and the memory prediction took it
+    assert mm["deepspeed_config"]["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    assert "peak_bytes" in mm["memory_prediction"]
+
+
+def test_deepspeed_settings_parse_and_reach_the_memory_setup(capsys):
+    assert mmtrain_run.deepspeed_settings(["a.b=2.2e8", "c=0.5", "d=true", "e=cpu"]) == {"a.b": 220_000_000, "c": 0.5, "d": True, "e": "cpu"}
+    assert bench.bucket_settings(["zero_optimization.stage3_prefetch_bucket_size=0", "bf16.enabled=true"]) == {"prefetch_bucket_size": 0}
+    with pytest.raises(SystemExit):
+        bench.parse_options(["--deepspeed_set", "zero_optimization"])
+    assert "--deepspeed_set 'zero_optimization': expected KEY=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.slow
