@@ -32,9 +32,11 @@ def gpu_count() -> int:
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
     count = gpu_count()
-    for item in items:
+    mine = []
+    for index, item in enumerate(items):
         if here not in Path(str(item.fspath)).parents:
             continue
+        mine.append(index)
         item.add_marker(pytest.mark.gpu)
         needed = item.get_closest_marker("gpus")
         needed = needed.args[0] if needed else 1
@@ -42,6 +44,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=NO_GPU))
         elif count < needed:
             item.add_marker(pytest.mark.skip(reason=f"needs {needed} GPUs, this machine has {count}"))
+    if count:
+        # Rows run several at a time (pytest-xdist hands them out in this order): the slowest
+        # first, so that none starts last and holds the whole run up.
+        ordered = slowest_first([items[i] for i in mine], row_seconds())
+        for index, item in zip(mine, ordered):
+            items[index] = item
+
+
+def row_seconds(folder: Path = REPO / "benchmarks" / "results") -> dict[str, float]:
+    """Each row's longest time in the tier results kept in ``folder`` (``gpu_tier_*.json``)."""
+    seconds: dict[str, float] = {}
+    for path in sorted(folder.glob("gpu_tier_*.json")):
+        try:
+            rows = json.loads(path.read_text()).get("rows", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        for r in rows:
+            if isinstance(r, dict) and isinstance(r.get("seconds"), (int, float)) and "row" in r:
+                seconds[r["row"]] = max(seconds.get(r["row"], 0.0), float(r["seconds"]))
+    return seconds
+
+
+def slowest_first(items: list, seconds: dict[str, float]) -> list:
+    """``items`` by their rows' recorded time, longest first; rows never timed (new ones) before all."""
+    return sorted(items, key=lambda item: -seconds.get(item.name, float("inf")))
 
 
 # -- the results file -------------------------------------------------------------
