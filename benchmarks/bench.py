@@ -413,7 +413,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["mmtrain_bf16"] = bf16_in_subprocess(raw)
 
     if not worker and opts.num_processes != [1]:
-        predictions = [memory_prediction(opts, model_args, n, compiled, fp8_base=train_args.fp8_base) for n in opts.num_processes]
+        predictions = [
+            memory_prediction(opts, model_args, n, compiled, fp8_base=train_args.fp8_base, max_tokens=data_args.max_tokens_per_batch)
+            for n in opts.num_processes
+        ]
         runs = [launched_mmtrain(raw, n) for n in opts.num_processes]
         for run, prediction in zip(runs, predictions):
             run["memory_prediction"] = prediction
@@ -429,7 +432,9 @@ def main(argv: list[str] | None = None) -> dict:
     # Before the run: the meta build it takes must not meet the run's DeepSpeed state (at
     # ZeRO-3, zero.Init would partition it, one process at a time). A launched group's
     # parent predicts for it.
-    prediction = None if worker else memory_prediction(opts, model_args, 1, compiled, fp8_base=train_args.fp8_base)
+    prediction = None
+    if not worker:
+        prediction = memory_prediction(opts, model_args, 1, compiled, fp8_base=train_args.fp8_base, max_tokens=data_args.max_tokens_per_batch)
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
         result["mmtrain"] = _public(mm)
@@ -509,21 +514,28 @@ def launched_mmtrain(raw: list[str], n: int) -> dict:
             return json.load(f)["mmtrain"]
 
 
-def memory_prediction(opts, model_args, num_processes: int, compiled: bool = False, fp8_base: bool = False) -> dict:
-    """``mmtrain.memory``'s peak for this run's setup on ``num_processes`` GPUs, batches of the longest sample."""
+def memory_prediction(opts, model_args, num_processes: int, compiled: bool = False, fp8_base: bool = False,
+                      max_tokens: int | None = None) -> dict:
+    """``mmtrain.memory``'s peak for this run's setup on ``num_processes`` GPUs.
+
+    Micro-batches of ``--micro_batch`` samples of the longest length; with a token budget
+    (``max_tokens``), one packed row of the whole budget, the most a budget's micro-batch holds.
+    """
     try:
         from mmtrain import memory
 
         facts = memory.model_facts(model_args)
         longest = facts.image_tokens + 2 + opts.text_tokens[1]
+        micro_batch, longest = (1, max_tokens) if max_tokens else (opts.micro_batch, longest)
         setup = memory.MemorySetup(
-            zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=opts.micro_batch,
+            zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=micro_batch,
             seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
             label_fraction=opts.label_fraction, compiled=compiled, fp8_base=fp8_base,
             **bucket_settings(opts.deepspeed_set),
         )
         est = memory.estimate(facts, setup)
-        return {"setup": setup.name, "seq_len": longest, "num_gpus": num_processes, "peak_bytes": est.total, "peak_gib": est.total / 2**30}
+        return {"setup": setup.name, "micro_batch": micro_batch, "seq_len": longest, "num_gpus": num_processes,
+                "peak_bytes": est.total, "peak_gib": est.total / 2**30}
     except Exception as e:  # the figure is context; a failure must not lose the measurement
         return {"error": f"{type(e).__name__}: {e}"}
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,6 +316,19 @@ def test_plain_loop_batch_search_runs_each_attempt_in_its_own_process(tmp_path, 
     assert plain["micro_batch"] == 2 and plain["tokens_per_s"] > 0
     assert plain["out_of_memory_at"] == [0] and plain["failed_attempts"][0]["returncode"] != 0
     assert not (tmp_path / "unused.json").exists()  # the children write only their own files
+
+
+@pytest.mark.parametrize("name", ["budget_h200_seq2048_16384_fp8_vs_bf16", "budget_h200_mix_16384_fp8_vs_bf16"])
+def test_budget_runs_are_predicted_for_a_full_budget_row(name):
+    """The bench's prediction for a token budget: one packed row of the whole budget, against the H200 peaks kept in results."""
+    result = json.loads(Path(ROOT, "benchmarks", "results", f"{name}.json").read_text())
+    opts, rest = bench.parse_options(result["command"].split()[2:])
+    model_args, data_args, _ = bench.training_arguments(opts, rest, "out")
+    assert data_args.max_tokens_per_batch == 16384
+    for run, fp8 in ((result["mmtrain_bf16"], False), (result["mmtrain"], True)):
+        predicted = bench.memory_prediction(opts, model_args, 1, compiled=True, fp8_base=fp8, max_tokens=data_args.max_tokens_per_batch)
+        assert (predicted["micro_batch"], predicted["seq_len"]) == (1, 16384)
+        assert predicted["peak_bytes"] == pytest.approx(run["peak_allocated_bytes"], rel=0.10), (fp8, predicted["peak_gib"], run["peak_allocated_gib"])
 
 
 def test_fp8_runs_carry_their_bf16_baseline_in_the_same_json(tmp_path, monkeypatch):
