@@ -126,26 +126,39 @@ def warn_if_lm_will_not_fit(accelerator, model_args, data_args, train_args) -> N
     """Before any weights load: a full-LM run that ``mmtrain.memory`` predicts will not fit this GPU is warned about."""
     if not (model_args.lm_weights_train and accelerator.device.type == "cuda" and accelerator.is_main_process):
         return
-    from mmtrain.memory import MemorySetup, fit_warning
+    from mmtrain.memory import fit_warning
+
+    setup = memory_setup(accelerator, data_args, train_args)
+    warning = fit_warning(model_args, setup, torch.cuda.get_device_properties(accelerator.device).total_memory)
+    if warning:
+        logger.warning(f"--lm_training {model_args.lm_mode}: {warning}")
+
+
+def memory_setup(accelerator, data_args, train_args):
+    """This run as ``mmtrain.memory`` models it: its ZeRO stage, offload, GPUs, precision and largest micro-batch.
+
+    A token budget's largest micro-batch is one packed row of the whole budget; otherwise
+    ``--per_device_train_batch_size`` samples of ``--max_seq_len`` tokens.
+    """
+    from mmtrain.memory import MemorySetup
 
     plugin = distributed.deepspeed_plugin(accelerator)
     zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
     offload_param = (zero.get("offload_param") or {}).get("device", "none") not in (None, "none")
     offload = "optimizer+params" if offload_param else ("optimizer" if distributed.offloads_optimizer(accelerator) else "none")
-    setup = MemorySetup(
+    budget = data_args.max_tokens_per_batch
+    return MemorySetup(
         zero_stage=max(distributed.zero_stage(accelerator), 0),
         offload=offload,
         num_gpus=accelerator.num_processes,
-        micro_batch=train_args.per_device_train_batch_size,
-        seq_len=data_args.max_seq_len,
+        micro_batch=1 if budget else train_args.per_device_train_batch_size,
+        seq_len=budget or data_args.max_seq_len,
         precision=_precision(accelerator),
         gradient_checkpointing=train_args.gradient_checkpointing,
+        compiled=speedups.compiles(accelerator.device, train_args),
         fp8_base=train_args.fp8_base,
         fp8_vision=train_args.fp8_vision,
     )
-    warning = fit_warning(model_args, setup, torch.cuda.get_device_properties(accelerator.device).total_memory)
-    if warning:
-        logger.warning(f"--lm_training {model_args.lm_mode}: {warning}")
 
 
 def log_components(accelerator, built: BuiltModel) -> None:
