@@ -301,3 +301,15 @@ def test_cli_takes_fp8_base(capsys):
     assert main(["--lang_lora_dim", "4", "--seq_len", "256", "--gpu_memory", "24GiB", "--fp8_base"]) == 0
     out = capsys.readouterr().out
     assert "zero0+fp8" in out and "zero3+off-opt+par" in out and "zero3+off-opt+par+fp8" not in out
+
+
+def test_cli_takes_a_token_budget_as_one_full_row(capsys):
+    from mmtrain.memory import main
+
+    assert main(["--lang_lora_dim", "4", "--max_tokens_per_batch", "512", "--micro_batch", "3", "--gpu_memory", "24GiB"]) == 0
+    budget = capsys.readouterr().out
+    assert "micro-batch 1 x 512 tokens" in budget
+    assert main(["--lang_lora_dim", "4", "--micro_batch", "1", "--seq_len", "512", "--gpu_memory", "24GiB"]) == 0
+    assert capsys.readouterr().out == budget  # the same estimate as one row of 512 tokens
+    assert main(["--lang_lora_dim", "4", "--max_tokens_per_batch", "-1"]) == 2
+    assert "--max_tokens_per_batch must be >= 0" in capsys.readouterr().err

@@ -64,6 +64,11 @@ class MemoryArguments:
     num_gpus: int = field(default=1, metadata={"help": "GPUs training runs on (ZeRO partitions over them)."})
     micro_batch: int = field(default=1, metadata={"help": "Samples per GPU per forward/backward (--per_device_train_batch_size)."})
     seq_len: int = field(default=2048, metadata={"help": "Tokens per sample, image tokens included."})
+    max_tokens_per_batch: int = field(
+        default=0,
+        metadata={"help": "Training's token budget: the estimate is for its largest micro-batch, one packed row of this many tokens "
+                  "(replaces --micro_batch and --seq_len; --images_per_sample then counts the images in that row)."},
+    )
     precision: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "Compute dtype."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the LM's activations in backward."})
     compiled: bool = field(
@@ -85,6 +90,8 @@ class MemoryArguments:
         for name in ("num_gpus", "micro_batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_batch < 0:
+            raise ConfigError(f"--max_tokens_per_batch must be >= 0 (0: no budget), got {self.max_tokens_per_batch}")
         if self.images_per_sample < 0:
             raise ConfigError(f"--images_per_sample must be >= 0, got {self.images_per_sample}")
         if not 0.0 <= self.label_fraction <= 1.0:
@@ -95,10 +102,11 @@ class MemoryArguments:
             raise ConfigError(f"--gpu_memory: {e}") from None
 
     def setup(self) -> MemorySetup:
+        budget = self.max_tokens_per_batch
         return MemorySetup(
             num_gpus=self.num_gpus,
-            micro_batch=self.micro_batch,
-            seq_len=self.seq_len,
+            micro_batch=1 if budget else self.micro_batch,
+            seq_len=budget or self.seq_len,
             precision=self.precision,
             gradient_checkpointing=self.gradient_checkpointing,
             compiled=self.compiled,
