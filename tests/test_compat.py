@@ -401,7 +401,10 @@ def _run_in_one_process_group(script: str) -> tuple[subprocess.CompletedProcess,
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # The group is ended before the interpreter exits: left to tear down at exit, gloo's
+    # threads sometimes aborted the process (SIGABRT) after it had printed its results.
+    teardown = "\nimport torch.distributed as _dist\nif _dist.is_initialized():\n    _dist.destroy_process_group()\n"
+    run = subprocess.run([sys.executable, "-c", script + teardown], env=env, capture_output=True, text=True, timeout=300)
     return run, [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
 
 
