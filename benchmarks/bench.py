@@ -525,8 +525,7 @@ def memory_prediction(opts, model_args, num_processes: int, compiled: bool = Fal
         from mmtrain import memory
 
         facts = memory.model_facts(model_args)
-        longest = facts.image_tokens + 2 + opts.text_tokens[1]
-        micro_batch, longest = (1, max_tokens) if max_tokens else (opts.micro_batch, longest)
+        micro_batch, longest = memory.largest_micro_batch(opts.micro_batch, facts.image_tokens + 2 + opts.text_tokens[1], max_tokens)
         setup = memory.MemorySetup(
             zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=micro_batch,
             seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
@@ -626,12 +625,12 @@ def fp8_comparison(result: dict, mm: dict, opts, cuda: bool) -> list[str]:
     missed = []
     bf16 = result.get("mmtrain_bf16") or {}
     if "tokens_per_s" in bf16:
+        peaks = mm.get("peak_allocated_bytes") and bf16.get("peak_allocated_bytes")  # none on a CPU
         result["fp8_over_bf16"] = {
             "tokens_per_s": mm["tokens_per_s"] / bf16["tokens_per_s"],
-            "peak_allocated": mm["peak_allocated_bytes"] / bf16["peak_allocated_bytes"]
-            if mm.get("peak_allocated_bytes") and bf16.get("peak_allocated_bytes") else None,
+            "peak_allocated": mm["peak_allocated_bytes"] / bf16["peak_allocated_bytes"] if peaks else None,
         }
-        if mm.get("peak_allocated_bytes") and bf16.get("peak_allocated_bytes") and mm["peak_allocated_bytes"] >= bf16["peak_allocated_bytes"]:
+        if peaks and mm["peak_allocated_bytes"] >= bf16["peak_allocated_bytes"]:
             missed.append(f"peak {mm['peak_allocated_gib']:.1f} GiB not below bf16's {bf16['peak_allocated_gib']:.1f}")
     if result["workload"] == "ref-7b" and cuda and mm["tokens_per_s"] < target:
         missed.append(f"tokens/s {mm['tokens_per_s']:.0f} < {target}")

@@ -74,8 +74,9 @@ if [ -n "$(missing "${PYTHONPATH:-}")" ] && [ -d .whl ] && compgen -G ".whl/*.wh
     # lock, and the others find the packages there and only put /tmp/site on the path.
     (
         flock 9
-        if [ -n "$(missing /tmp/site)" ]; then
-            echo "installing the carried wheels (missing: $(missing /tmp/site))"
+        absent=$(missing /tmp/site)
+        if [ -n "$absent" ]; then
+            echo "installing the carried wheels (missing: $absent)"
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         fi
     ) 9>/tmp/mmtrain-wheels.lock || exit 1

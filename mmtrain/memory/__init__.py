@@ -143,7 +143,7 @@ steps against these predictions are a benchmark: ``benchmarks/memory_validation.
 """
 
 from mmtrain.memory.cli import format_table, main, parse_bytes
-from mmtrain.memory.facts import GiB, OFFLOADS, PRECISIONS, MemorySetup, ModelFacts, model_facts, ref_model_args
+from mmtrain.memory.facts import GiB, OFFLOADS, PRECISIONS, MemorySetup, ModelFacts, largest_micro_batch, model_facts, ref_model_args
 from mmtrain.memory.predict import (
     SPEED_ORDER,
     MemoryEstimate,
@@ -159,6 +159,7 @@ from mmtrain.memory.predict import (
 
 __all__ = [
     "GiB", "OFFLOADS", "PRECISIONS", "SPEED_ORDER", "MemoryEstimate", "MemorySetup", "ModelFacts", "Recommendation",
-    "all_setups", "deepspeed_estimate", "estimate", "fit_warning", "format_table", "lm_layer_activation_bytes", "main", "model_facts",
+    "all_setups", "deepspeed_estimate", "estimate", "fit_warning", "format_table", "largest_micro_batch", "lm_layer_activation_bytes", "main",
+    "model_facts",
     "parse_bytes", "recommend", "ref_model_args", "stage3_gathered_parameters",
 ]

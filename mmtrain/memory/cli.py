@@ -13,7 +13,7 @@ from typing import Literal
 
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.cli import FlagParser
-from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, model_facts
+from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, largest_micro_batch, model_facts
 from mmtrain.memory.predict import MemoryEstimate, all_setups, estimate, recommend
 
 
@@ -102,11 +102,11 @@ class MemoryArguments:
             raise ConfigError(f"--gpu_memory: {e}") from None
 
     def setup(self) -> MemorySetup:
-        budget = self.max_tokens_per_batch
+        micro_batch, seq_len = largest_micro_batch(self.micro_batch, self.seq_len, self.max_tokens_per_batch)
         return MemorySetup(
             num_gpus=self.num_gpus,
-            micro_batch=1 if budget else self.micro_batch,
-            seq_len=budget or self.seq_len,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
             precision=self.precision,
             gradient_checkpointing=self.gradient_checkpointing,
             compiled=self.compiled,

@@ -22,6 +22,12 @@ def in_gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
+def largest_micro_batch(micro_batch: int, seq_len: int, max_tokens_per_batch: int | None = None) -> tuple[int, int]:
+    """``(rows, tokens per row)`` of a run's largest micro-batch: ``micro_batch`` rows of
+    ``seq_len`` tokens, or with a token budget one packed row of the whole budget."""
+    return (1, max_tokens_per_batch) if max_tokens_per_batch else (micro_batch, seq_len)
+
+
 @dataclass(frozen=True)
 class MemorySetup:
     """One training configuration of one rank."""

@@ -140,19 +140,19 @@ def memory_setup(accelerator, data_args, train_args):
     A token budget's largest micro-batch is one packed row of the whole budget; otherwise
     ``--per_device_train_batch_size`` samples of ``--max_seq_len`` tokens.
     """
-    from mmtrain.memory import MemorySetup
+    from mmtrain.memory import MemorySetup, largest_micro_batch
 
     plugin = distributed.deepspeed_plugin(accelerator)
     zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
     offload_param = (zero.get("offload_param") or {}).get("device", "none") not in (None, "none")
     offload = "optimizer+params" if offload_param else ("optimizer" if distributed.offloads_optimizer(accelerator) else "none")
-    budget = data_args.max_tokens_per_batch
+    micro_batch, seq_len = largest_micro_batch(train_args.per_device_train_batch_size, data_args.max_seq_len, data_args.max_tokens_per_batch)
     return MemorySetup(
         zero_stage=max(distributed.zero_stage(accelerator), 0),
         offload=offload,
         num_gpus=accelerator.num_processes,
-        micro_batch=1 if budget else train_args.per_device_train_batch_size,
-        seq_len=budget or data_args.max_seq_len,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
         precision=_precision(accelerator),
         gradient_checkpointing=train_args.gradient_checkpointing,
         compiled=speedups.compiles(accelerator.device, train_args),
