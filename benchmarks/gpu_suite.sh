@@ -22,6 +22,8 @@
 #                  with the packed rows under SDPA's materialised mask instead of flex attention
 #   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
+#   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex, FlashAttention-2
+#                  varlen, cuDNN varlen) on one 16,384-token row, every sample 2048 tokens and the mix
 #   fp8[:W]        the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
 #                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
@@ -281,6 +283,13 @@ part_default_fp8() {  # the embedded default, bfloat16 and with --fp8_base, side
     wait
 }
 
+part_attention() {
+    local docs
+    for docs in 2048 mix; do
+        run $PY benchmarks/attention_kernels.py --docs $docs --out "$OUT/attention_kernels_${TAG}_${docs}.json"
+    done
+}
+
 part_mmca() {
     run $PY benchmarks/mmca_step_time.py "${MMCA[@]}" --output "$OUT/mmca_step_time_${TAG}.json"
 }
@@ -306,6 +315,7 @@ for part in "$@"; do
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;
         mmca) part_mmca ;;
+        attention) part_attention ;;
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
