@@ -28,14 +28,15 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import traceback
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import git_commit  # noqa: E402
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -185,13 +186,6 @@ def relative_error(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MMTRAIN_GIT_COMMIT", "unknown")
-
-
 def main(argv=None) -> dict:
     opts = parse_args(argv)
     if not torch.cuda.is_available():
@@ -252,7 +246,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                      "cudnn": torch.backends.cudnn.version()},
-        "git": {"commit": git_commit()},
+        "git": git_commit(),
         "command": "python benchmarks/attention_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "tokens": total,
         "samples": len(lengths),

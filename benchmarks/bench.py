@@ -103,6 +103,7 @@ from mmtrain.args import ConfigError, DataArguments, ModelArguments, TrainArgume
 from mmtrain.cli import FlagParser  # noqa: E402
 from mmtrain_run import deepspeed_settings, run_mmtrain, timed_samples  # noqa: E402
 from plain_loop import run_plain  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from timing import free_memory, profile_or_error  # noqa: E402
 from workload import image_token_layout  # noqa: E402
 
@@ -329,17 +330,6 @@ def versions() -> dict:
         except Exception as e:  # recorded, not fatal: the bench needs some of these anyway
             out[name] = f"unavailable: {type(e).__name__}"
     return out
-
-
-def git_commit() -> dict:
-    info = {"commit": os.environ.get("MMTRAIN_GIT_COMMIT", "unknown"), "dirty": os.environ.get("MMTRAIN_GIT_DIRTY")}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        info["dirty"] = ",".join(line[3:] for line in status.splitlines()) or None
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
 
 
 def _public(d: dict) -> dict:

@@ -349,3 +349,24 @@ def test_fp8_runs_carry_their_bf16_baseline_in_the_same_json(tmp_path, monkeypat
     missed = bench.fp8_comparison(result, fp8, opts, cuda=True)
     assert result["targets"]["fp8_workload"] == "mix" and result["fp8_over_bf16"]["tokens_per_s"] == 1.5
     assert missed == ["peak 3.0 GiB not below bf16's 2.0", "tokens/s 150 < 20000"]
+
+
+def test_attention_kernel_bench_rows_and_reference():
+    attention = _benchmark("attention_kernels")
+    assert attention.document_lengths(16384, "2048", 0) == [2048] * 8
+    mix = attention.document_lengths(16384, "mix", 0)
+    assert sum(mix) <= 16384 and all(578 + 64 <= n <= 578 + 1024 for n in mix)
+    assert mix == attention.document_lengths(16384, "mix", 0)  # seeded
+    # per-sample causal attention: two samples of 4 equal the batch of two rows under SDPA
+    q, k, v = (torch.randn(8, 2, 16) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(*(t.view(2, 4, 2, 16).transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    assert torch.allclose(attention.reference(q, k, v, [4, 4]), dense.transpose(1, 2).reshape(8, 2, 16), atol=1e-6)
+    assert attention.causal_flops([4, 4], 2, 16) == 2 * (2.0 * 16 * 16 * 2)
+    assert attention.main(["--tokens", "64", "--docs", "16"]) == {} or torch.cuda.is_available()
+
+
+def test_results_name_the_code_they_ran(monkeypatch):
+    provenance = _benchmark("provenance")
+    monkeypatch.setenv("MMTRAIN_CODE_COMMIT", "0" * 40)
+    info = provenance.git_commit()
+    assert info["code_commit"] == "0" * 40 and len(info["commit"]) in (40, len("unknown"))
