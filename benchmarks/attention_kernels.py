@@ -11,7 +11,10 @@ sample (causal within it). This times the kernels that can do that on one row of
 - ``cudnn_varlen``: cuDNN's attention with cumulative sequence offsets
   (``aten._cudnn_attention_forward``);
 - ``cudnn_dense`` (only when every sample has the same length): the samples as a batch of
-  equal rows through cuDNN's ordinary causal attention, the ceiling a varlen kernel can reach.
+  equal rows through cuDNN's ordinary causal attention, the ceiling a varlen kernel can reach;
+- ``flex_*``: flex attention with kernel options (``FLEX_VARIANTS``), and ``flex_autotune``
+  compiled with ``max-autotune-no-cudagraphs``, which searches flex's block sizes itself.
+  Options that help can reach the trainer's layers through transformers' ``kernel_options``.
 
 Every kernel's output and input gradients are compared with per-sample causal SDPA in
 float32 on the same inputs. Medians of ``--repeats`` timed runs after warm-up, CUDA events.
@@ -47,10 +50,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--kernels", nargs="+", default=["flex", "flash_varlen", "cudnn_varlen", "cudnn_dense"])
+    p.add_argument("--kernels", nargs="+", default=["flex", "flash_varlen", "cudnn_varlen", "cudnn_dense", *FLEX_VARIANTS, "flex_autotune"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
+
+
+# Flex attention kernel options to try beside its defaults (torch's names; an option a
+# torch version lacks, or a block size that does not fit, is recorded as that kernel's error).
+FLEX_VARIANTS = {
+    "flex_rows_safe": {"ROWS_GUARANTEED_SAFE": True},  # causal: every query row keeps its diagonal
+    "flex_tma": {"USE_TMA": True},
+    "flex_fwd_128x128": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    "flex_bwd_64x128": {"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2},
+}
 
 
 def document_lengths(tokens: int, docs: str, seed: int) -> list[int]:
@@ -81,7 +94,7 @@ def reference(q, k, v, lengths):
     return torch.cat(outs)
 
 
-def make_flex(lengths, heads, device):
+def make_flex(lengths, heads, device, kernel_options=None, mode=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     doc = torch.cat([torch.full((n,), i, dtype=torch.int32, device=device) for i, n in enumerate(lengths)])
@@ -91,10 +104,10 @@ def make_flex(lengths, heads, device):
 
     total = len(doc)
     mask = create_block_mask(document_causal, None, None, total, total, device=device)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=False, mode=mode)
 
     def run(q, k, v):  # [T, H, D]
-        o = compiled(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=mask)
+        o = compiled(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=mask, kernel_options=kernel_options)
         return o.squeeze(0).transpose(0, 1)
 
     return run
@@ -146,6 +159,10 @@ def make_kernel(name, lengths, heads, device):
     cu, max_len = cu_seqlens(lengths, device), max(lengths)
     if name == "flex":
         return make_flex(lengths, heads, device)
+    if name in FLEX_VARIANTS:
+        return make_flex(lengths, heads, device, kernel_options=FLEX_VARIANTS[name])
+    if name == "flex_autotune":
+        return make_flex(lengths, heads, device, mode="max-autotune-no-cudagraphs")
     if name == "flash_varlen":
         return lambda q, k, v: _FlashVarlen.apply(q, k, v, cu, max_len)
     if name == "cudnn_varlen":
@@ -255,6 +272,7 @@ def main(argv=None) -> dict:
         "head_dim": opts.head_dim,
         "flops_forward": flops,
         "flops_convention": "causal: 2 * L^2 * d * H per sample forward (half of 4 L^2 d H); backward counted as 2.5x forward",
+        "flex_variants": FLEX_VARIANTS,
         "kernels": results,
     }
     if opts.out:

