@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,8 +155,11 @@ def launch(flags, *, config, processes, out, mixed_precision=None, devices=None,
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     log = open(Path(out).parent / f"{Path(out).name}.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if background:
-        return proc
+    return proc if background else finish(proc, out, timeout)
+
+
+def finish(proc, out, timeout=ROW_TIMEOUT):
+    """Wait for a launched run; a failure or a run past ``timeout`` (then killed) fails the row with its log's end."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -201,10 +205,39 @@ def assert_trained(out) -> dict[int, float]:
     return losses
 
 
-def assert_resume_matches(model_folders, data_path, tmp_path, r: Row, reference: dict[int, float]) -> None:
+class Interrupted:
+    """A run started in the background and SIGKILLed (every process of it) once its ``SAVE_AT``
+    checkpoint is complete, by a watcher thread.
+
+    It runs beside the uninterrupted reference run, which the tiny models let share the
+    GPUs: a resume row then takes two runs' time instead of three. ``stop()`` ends it when
+    the reference run failed and no resume follows.
+    """
+
+    def __init__(self, flags, *, out, **launch_kw):
+        self.out = out
+        self.proc = launch(flags, out=out, background=True, **launch_kw)
+        self._pool = ThreadPoolExecutor(1)
+        self._checkpoint = self._pool.submit(kill_after_checkpoint, self.proc, out, SAVE_AT, ROW_TIMEOUT, output=lambda: _tail(out))
+
+    def checkpoint(self) -> Path:
+        try:
+            return self._checkpoint.result()
+        finally:
+            self._pool.shutdown()
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self._pool.shutdown()
+
+
+def start_interrupted(model_folders, data_path, tmp_path, r: Row) -> Interrupted:
     out = tmp_path / "resumed"
-    proc = launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision, background=True)
-    checkpoint = kill_after_checkpoint(proc, out, SAVE_AT, ROW_TIMEOUT, output=lambda: _tail(out))  # every process of the run
+    return Interrupted(row_flags(model_folders, data_path, out, r), out=out, config=r.config, processes=r.gpus, mixed_precision=r.mixed_precision)
+
+
+def assert_resume_matches(model_folders, data_path, r: Row, interrupted: Interrupted, reference: dict[int, float]) -> None:
+    out, checkpoint = interrupted.out, interrupted.checkpoint()
     launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint=checkpoint), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
     resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
     assert max(resumed) == max(reference), (max(resumed), max(reference))
@@ -289,20 +322,26 @@ def assert_llava_export_matches(folder: Path, tmp_path: Path) -> None:
 def _run_row(r: Row, model_folders, data_path, tmp_path, record) -> None:
     record(r)
     out = tmp_path / "run"
-    launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
-    losses = assert_trained(out)
-    if "fp8" in r.features:
-        log = (out.parent / f"{out.name}.log").read_text()
-        assert "float8 base (--fp8_base): 28 frozen Linear layers hold float8 weights" in log, _tail(out)  # 4 layers x 7
-        assert "stay bfloat16" not in log
-        if "fp8_vision" in r.features:
-            assert "float8 vision (--fp8_vision):" in log
-    if r.export:
-        folder = assert_export_reproduces_training(out, r)
-        if r.llava:
-            assert_llava_export_matches(folder, tmp_path)
-    if r.resume:
-        assert_resume_matches(model_folders, data_path, tmp_path, r, losses)
+    interrupted = start_interrupted(model_folders, data_path, tmp_path, r) if r.resume else None
+    try:
+        launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
+        losses = assert_trained(out)
+        if "fp8" in r.features:
+            log = (out.parent / f"{out.name}.log").read_text()
+            assert "float8 base (--fp8_base): 28 frozen Linear layers hold float8 weights" in log, _tail(out)  # 4 layers x 7
+            assert "stay bfloat16" not in log
+            if "fp8_vision" in r.features:
+                assert "float8 vision (--fp8_vision):" in log
+        if r.export:
+            folder = assert_export_reproduces_training(out, r)
+            if r.llava:
+                assert_llava_export_matches(folder, tmp_path)
+    except BaseException:
+        if interrupted:
+            interrupted.stop()
+        raise
+    if interrupted:
+        assert_resume_matches(model_folders, data_path, r, interrupted, losses)
 
 
 @pytest.fixture
@@ -354,13 +393,18 @@ def test_zero3_mixed_modality_200_steps_and_one_gpu_equivalence(vision_lora, mod
                  num_warmup_steps=5)  # a count: a warmup ratio would differ between the 200- and the 50-step run
     if vision_lora:
         extra["vis_lora_dim"] = 4
-    two = tmp_path / "two"
-    launch(common_flags(model_folders, data_path, output_dir=two, **extra), config="zero3", processes=2, out=two)
-    losses2 = train_losses(two)
+    two, one = tmp_path / "two", tmp_path / "one"
+    # the one-GPU run beside the two-GPU one (tiny models share GPU 0)
+    single = launch(common_flags(model_folders, data_path, output_dir=one, **{**extra, "max_steps": 50, "gradient_accumulation_steps": 2}),
+                    config="zero3", processes=1, out=one, devices="0", background=True)
+    try:
+        launch(common_flags(model_folders, data_path, output_dir=two, **extra), config="zero3", processes=2, out=two)
+    except BaseException:
+        kill_group(single)
+        raise
+    finish(single, one)
+    losses1, losses2 = train_losses(one), train_losses(two)
     assert max(losses2) == 200
-    one = tmp_path / "one"
-    launch(common_flags(model_folders, data_path, output_dir=one, **{**extra, "max_steps": 50, "gradient_accumulation_steps": 2}), config="zero3", processes=1, out=one, devices="0")
-    losses1 = train_losses(one)
     curve1, curve2 = [losses1[step] for step in range(1, 51)], [losses2[step] for step in range(1, 51)]
     record(r, losses_one_gpu=curve1, losses_two_gpus=curve2)
     # Same weights and samples, but bf16 sums in another order (NCCL across two ranks against
@@ -447,13 +491,15 @@ def test_streaming_budget_workers_kill_and_resume(gpus, model_folders, data_path
         return base + ["--streaming", "--shuffle_buffer_size", "32", "--dataset_names", train_glob, "--eval_dataset_names", eval_file]
 
     devices = "0" if gpus == 1 else None
-    reference = tmp_path / "uninterrupted"
-    launch(flags(reference), config=r.config, processes=gpus, out=reference, devices=devices)
-    losses = assert_trained(reference)
-    out = tmp_path / "resumed"
-    proc = launch(flags(out), config=r.config, processes=gpus, out=out, devices=devices, background=True)
-    checkpoint = kill_after_checkpoint(proc, out, SAVE_AT, ROW_TIMEOUT, output=lambda: _tail(out))
-    launch(flags(out, resume_from_checkpoint=checkpoint), config=r.config, processes=gpus, out=out, devices=devices)
+    reference, out = tmp_path / "uninterrupted", tmp_path / "resumed"
+    interrupted = Interrupted(flags(out), out=out, config=r.config, processes=gpus, devices=devices)  # beside the reference run
+    try:
+        launch(flags(reference), config=r.config, processes=gpus, out=reference, devices=devices)
+        losses = assert_trained(reference)
+    except BaseException:
+        interrupted.stop()
+        raise
+    launch(flags(out, resume_from_checkpoint=interrupted.checkpoint()), config=r.config, processes=gpus, out=out, devices=devices)
     resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
     assert max(resumed) == max(losses), (max(resumed), max(losses))
     for step in range(SAVE_AT + 1, max(losses) + 1):
