@@ -131,9 +131,12 @@ class _CudnnVarlen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, o, lse, seed, offset, cu = ctx.saved_tensors
-        empty = torch.empty(0, device=q.device)
+        # No bias: None (an undefined tensor). With a 1-D empty tensor here, torch 2.11 on an
+        # H200 failed with "Dimension out of range (expected [-1, 0], got 1)", as indexing
+        # that tensor's second dimension would; whether in forward or backward was not
+        # recorded then (results now carry the failing ``stage``).
         dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, o, lse, seed, offset, empty, cu, cu, ctx.max_len, ctx.max_len, 0.0, True
+            grad.contiguous(), q, k, v, o, lse, seed, offset, None, cu, cu, ctx.max_len, ctx.max_len, 0.0, True
         )
         return dq, dk, dv, None, None
 
@@ -221,13 +224,16 @@ def main(argv=None) -> dict:
 
     results = {}
     for name in opts.kernels:
+        stage = "set-up"
         try:
             kernel = make_kernel(name, lengths, opts.heads, device)
             if kernel is None:
                 results[name] = {"skipped": "samples of different lengths"}
                 continue
             qi, ki, vi = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            stage = "forward"
             out = kernel(qi, ki, vi)
+            stage = "backward"
             out.backward(grad)
             errors = {
                 "out": relative_error(out, ref),
@@ -255,7 +261,7 @@ def main(argv=None) -> dict:
                 "relative_error_vs_fp32": {key: round(val, 5) for key, val in errors.items()},
             }
         except Exception as e:  # a kernel this torch or GPU lacks is recorded, not fatal
-            results[name] = {"error": f"{type(e).__name__}: {e}"[:600], "where": traceback.format_exc().splitlines()[-3:]}
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:600], "stage": stage, "where": traceback.format_exc().splitlines()[-3:]}
         print(name, json.dumps(results[name]), flush=True)
 
     record = {
