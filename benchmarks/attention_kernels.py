@@ -9,7 +9,8 @@ sample (causal within it). This times the kernels that can do that on one row of
 - ``flash_varlen``: FlashAttention-2's variable-length kernel (``aten._flash_attention_forward``
   with cumulative sequence offsets);
 - ``cudnn_varlen``: cuDNN's attention with cumulative sequence offsets
-  (``aten._cudnn_attention_forward``);
+  (``aten._cudnn_attention_forward``); these two are the trainer's own
+  (``compat.varlen_attention``, chosen with ``MMTRAIN_PACKED_ATTENTION``);
 - ``cudnn_dense`` (only when every sample has the same length): the samples as a batch of
   equal rows through cuDNN's ordinary causal attention, the ceiling a varlen kernel can reach;
 - ``flex_*``: flex attention with kernel options (``FLEX_VARIANTS``), and ``flex_autotune``
@@ -37,7 +38,11 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _path in (HERE, os.path.dirname(HERE)):  # benchmarks/ (not a package) and this checkout's mmtrain
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+from mmtrain import compat  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 
@@ -120,44 +125,6 @@ def cu_seqlens(lengths, device):
     return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-class _CudnnVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len):
-        out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False)
-        ctx.save_for_backward(q, k, v, out[0], out[1], out[6], out[7], cu)
-        ctx.max_len = max_len
-        return out[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, o, lse, seed, offset, cu = ctx.saved_tensors
-        # No bias: None (an undefined tensor). With a 1-D empty tensor here, torch 2.11 on an
-        # H200 failed with "Dimension out of range (expected [-1, 0], got 1)", as indexing
-        # that tensor's second dimension would; whether in forward or backward was not
-        # recorded then (results now carry the failing ``stage``).
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, o, lse, seed, offset, None, cu, cu, ctx.max_len, ctx.max_len, 0.0, True
-        )
-        return dq, dk, dv, None, None
-
-
-class _FlashVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False)
-        ctx.save_for_backward(q, k, v, out, lse, rng, unused, cu)
-        ctx.max_len = max_len
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, rng, unused, cu = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused
-        )
-        return dq, dk, dv, None, None
-
-
 def make_kernel(name, lengths, heads, device):
     cu, max_len = cu_seqlens(lengths, device), max(lengths)
     if name == "flex":
@@ -166,10 +133,8 @@ def make_kernel(name, lengths, heads, device):
         return make_flex(lengths, heads, device, kernel_options=FLEX_VARIANTS[name])
     if name == "flex_autotune":
         return make_flex(lengths, heads, device, mode="max-autotune-no-cudagraphs")
-    if name == "flash_varlen":
-        return lambda q, k, v: _FlashVarlen.apply(q, k, v, cu, max_len)
-    if name == "cudnn_varlen":
-        return lambda q, k, v: _CudnnVarlen.apply(q, k, v, cu, max_len)
+    if name in compat.VARLEN_KERNELS:  # the trainer's own kernels (MMTRAIN_PACKED_ATTENTION)
+        return lambda q, k, v: compat.varlen_attention(name, q, k, v, cu, max_len, None)
     if name == "cudnn_dense":
         if len(set(lengths)) != 1:
             return None

@@ -24,6 +24,8 @@
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex, FlashAttention-2
 #                  varlen, cuDNN varlen) on one 16,384-token row, every sample 2048 tokens and the mix
+#   varlen[:W]     fp8's budget runs (W: seq2048, mix, or both) with packed rows through flex attention and
+#                  each varlen kernel (MMTRAIN_PACKED_ATTENTION=flex_attention, flash_varlen, cudnn_varlen)
 #   fp8[:W]        the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
 #                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
@@ -267,6 +269,20 @@ part_fp8() {  # fp8[:seq2048|:mix]
     fi
 }
 
+part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex attention and each variable-length kernel
+    local t=${BUDGET_TOKENS:-16384} which=${1:-all} kernel workload extra=(--fp8_base) samples
+    [ "$SMOKE" = 1 ] && t=512
+    [ -z "$(fp8_problem)" ] || extra=()
+    for workload in seq2048 mix; do
+        [ "$which" = all ] || [ "$which" = "$workload" ] || continue
+        samples=(); [ "$workload" = seq2048 ] && samples=("${FULL[@]}")
+        for kernel in flex_attention flash_varlen cudnn_varlen; do
+            MMTRAIN_PACKED_ATTENTION=$kernel run $PY benchmarks/bench.py "${BENCH[@]}" "${samples[@]}" --max_tokens_per_batch "$t" "${extra[@]}" \
+                --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_${workload}_${kernel}.json"
+        done
+    done
+}
+
 part_fp8_quality() {
     local why; why=$(fp8_problem)
     [ -z "$why" ] || { echo "fp8-quality skipped: float8 tensor cores are needed, but $why"; return 0; }
@@ -319,6 +335,8 @@ for part in "$@"; do
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
+        varlen) part_varlen all ;;
+        varlen:*) part_varlen "${part#varlen:}" ;;
         zero3-prefetch) part_zero3_prefetch ;;
         default-fp8) part_default_fp8 ;;
         budget) part_budget ;;

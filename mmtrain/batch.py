@@ -30,7 +30,12 @@ Optional keys (:data:`OPTIONAL_KEYS`):
 * A packing collator (several samples per row) adds ``position_ids`` [B, L]
   (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
   sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
-  above with the same meaning.
+  above with the same meaning. It also adds ``cu_seq_lens`` [S + 1] int32: the
+  cumulative starts of the S segments of the rows read end to end as one stream of
+  ``B * L`` tokens (each packed sample, and each row's padding tail, is a segment), and
+  ``max_segment_len`` (a Python int), the longest segment. Attention implementations
+  named ``VARLEN_ATTENTION_PREFIX + kernel`` take the samples apart by these instead of a
+  mask (``mmtrain.model.varlen_attention``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ import torch
 IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch's cross-entropy skips)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
-OPTIONAL_KEYS = ("label_positions", "right_padded", "position_ids", "document_ids")
+OPTIONAL_KEYS = ("label_positions", "right_padded", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len")
+VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:

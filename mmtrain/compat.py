@@ -149,6 +149,73 @@ def float8_matmul_problem(device: torch.device | str) -> str | None:
     return None
 
 
+# --- torch: variable-length attention kernels (packed rows) ------------------------------
+# Packed rows pass their sample boundaries to these kernels instead of a mask
+# (mmtrain/model/varlen_attention.py). Both are torch's private attention ops, the ones
+# SDPA and ``torch.nn.attention.varlen`` call: FlashAttention-2's takes variable-length
+# rows publicly through ``varlen_attn``, but that function's signature has changed between
+# releases (``is_causal`` became ``window_size``) and it has no cuDNN path switched on, so
+# both kernels are reached here, through the ops' own schemas, which a test pins.
+
+VARLEN_KERNELS = ("flash_varlen", "cudnn_varlen")
+
+
+class _FlashVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, longest, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, offsets, offsets, longest, longest, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, rng, unused, offsets)
+        ctx.longest, ctx.scale = longest, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, rng, unused, offsets = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, offsets, offsets, ctx.longest, ctx.longest, 0.0, True, rng, unused, scale=ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+
+class _CudnnVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, longest, scale):
+        result = torch.ops.aten._cudnn_attention_forward(q, k, v, None, offsets, offsets, longest, longest, True, 0.0, True, False, scale=scale)
+        out, lse, seed, offset = result[0], result[1], result[6], result[7]
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset, offsets)
+        ctx.longest, ctx.scale = longest, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, seed, offset, offsets = ctx.saved_tensors
+        # No bias: None, an undefined tensor. Given a 1-D empty tensor instead, torch 2.11 on
+        # an H200 failed with "Dimension out of range (expected [-1, 0], got 1)".
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, seed, offset, None, offsets, offsets, ctx.longest, ctx.longest, 0.0, True, scale=ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+
+def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
+    """Causal attention within each segment of a token stream: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D].
+
+    ``offsets`` (int32, [S + 1], on the device) are the segments' cumulative starts,
+    ``longest`` the longest segment. CUDA only. cuDNN's kernel takes no grouped key/value
+    heads, so they are repeated for it; FlashAttention-2's takes them as they are.
+    """
+    if kernel not in VARLEN_KERNELS:
+        raise ValueError(f"varlen kernel {kernel!r}: valid are {', '.join(VARLEN_KERNELS)}")
+    offsets = offsets.to(device=q.device, dtype=torch.int32)
+    if kernel == "flash_varlen":
+        return _FlashVarlen.apply(q, k, v, offsets, longest, scale)
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return _CudnnVarlen.apply(q, k, v, offsets, longest, scale)
+
+
 # --- transformers: attention implementation and masks ----------------------------------
 
 

@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from mmtrain import compat
+from mmtrain.batch import VARLEN_ATTENTION_PREFIX
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
 from mmtrain.data.template import IGNORE_INDEX
 
@@ -83,6 +84,7 @@ class PackingCollator(BatchCollator):
         position_ids = torch.zeros(shape, dtype=torch.long)
         document_ids = torch.full(shape, -1, dtype=torch.long)
         pixel_values, image_counts = [], []
+        segments = []  # lengths of the samples and padding tails, rows end to end (the batch's cu_seq_lens)
         for r, row in enumerate(rows):
             start = 0
             for doc, i in enumerate(row):
@@ -96,9 +98,12 @@ class PackingCollator(BatchCollator):
                 position_ids[r, start:end] = torch.arange(n)
                 document_ids[r, start:end] = doc
                 pixel_values.append(item["pixel_values"])
+                segments.append(n)
                 start = end
             # The padding tail restarts its positions too: a block of its own.
             position_ids[r, start:] = torch.arange(length - start)
+            if length > start:
+                segments.append(length - start)
             image_counts.append(sum(items[i]["pixel_values"].shape[0] for i in row))
         return {
             "input_ids": input_ids,
@@ -109,6 +114,8 @@ class PackingCollator(BatchCollator):
             "label_positions": label_positions(labels),
             "position_ids": position_ids,
             "document_ids": document_ids,
+            "cu_seq_lens": torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            "max_segment_len": max(segments),
         }
 
 
@@ -157,6 +164,8 @@ def check_packed_attention(config) -> None:
     if mask is not None and not isinstance(mask, torch.Tensor):
         return  # a flex-attention BlockMask: built from the same packed-sequence function
     implementation = compat.attn_implementation(config)
+    if implementation and implementation.startswith(VARLEN_ATTENTION_PREFIX):
+        return  # no mask by design: the batch's cu_seq_lens carry the samples' boundaries
     if mask is None:
         allowed = None
     else:

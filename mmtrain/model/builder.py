@@ -19,6 +19,7 @@ from mmtrain.model.language import NewTokenEmbedding, build_language_model, load
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
 from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
+from mmtrain.model import varlen_attention
 from mmtrain.model.tokens import ImageTokens, add_image_tokens
 from mmtrain.model.vision import build_vision_encoder, load_image_processor, load_vision_config
 from mmtrain.model.vlm import VisionLanguageModel
@@ -148,11 +149,16 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
     if speed.packed_attention and not uses_mmca(lm):
-        # Packed rows' samples are told apart by position_ids restarts; with flex attention
-        # transformers turns them into a BlockMask, so blocks between two samples are skipped
-        # instead of computed under a materialised [rows, 1, N, N] mask (SDPA).
-        lm.set_attn_implementation(speed.packed_attention)
-        logger.info(f"packed rows: LM attention through {speed.packed_attention} (a document mask that skips the blocks across samples)")
+        if speed.packed_attention in varlen_attention.KERNELS:
+            # The samples' offsets instead of a mask (mmtrain/model/varlen_attention.py).
+            lm.set_attn_implementation(varlen_attention.register(speed.packed_attention))
+            logger.info(f"packed rows: LM attention through {speed.packed_attention} (each sample its own sequence, no mask)")
+        else:
+            # Packed rows' samples are told apart by position_ids restarts; with flex attention
+            # transformers turns them into a BlockMask, so blocks between two samples are skipped
+            # instead of computed under a materialised [rows, 1, N, N] mask (SDPA).
+            lm.set_attn_implementation(speed.packed_attention)
+            logger.info(f"packed rows: LM attention through {speed.packed_attention} (a document mask that skips the blocks across samples)")
     if speed.compile_decoder_layers:
         count = compile_decoder_layers(lm, hooks_outside=speed.compile_hooks_outside)
         logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")

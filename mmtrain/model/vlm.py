@@ -24,6 +24,7 @@ from mmtrain import compat
 from mmtrain.batch import label_positions
 from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
+from mmtrain.model.varlen_attention import varlen_lm_kwargs
 from mmtrain.model.vision import VisionEncoder
 
 
@@ -121,6 +122,8 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         label_positions: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_segment_len: int | None = None,
         right_padded: bool = False,
         return_logits: bool = False,
         **lm_kwargs,
@@ -143,7 +146,11 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
         body = self.language_model.get_decoder()
-        lm_kwargs = {**mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id), **lm_kwargs}
+        lm_kwargs = {
+            **mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id),
+            **varlen_lm_kwargs(self.language_model, cu_seq_lens, max_segment_len),
+            **lm_kwargs,
+        }
         hidden = body(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **lm_kwargs
         ).last_hidden_state

@@ -52,6 +52,10 @@ class Row:
     llava: bool = False
     # how close the export's eval loss (original weights, fp32) must be to training's
     export_tolerance: float = 2e-2
+    env: tuple[tuple[str, str], ...] = ()  # environment of the launched runs (measurement switches)
+
+    def launch_options(self) -> dict:
+        return dict(config=self.config, processes=self.gpus, mixed_precision=self.mixed_precision, env=dict(self.env))
 
     @property
     def name(self) -> str:
@@ -83,16 +87,23 @@ FEATURES = {
     # the embedded default's way: preset names, built in the process (not loaded from folders)
     "presets": {"lm_model_name_or_path": "tiny-llama", "vision_model_name_or_path": "tiny-clip"},
 }
+# Features that are environment switches (measurement choices, not flags).
+ENV_FEATURES = {
+    "flash_varlen": {"MMTRAIN_PACKED_ATTENTION": "flash_varlen"},
+    "cudnn_varlen": {"MMTRAIN_PACKED_ATTENTION": "cudnn_varlen"},
+}
 
 
 def row(config: str, *features: str, **kw) -> Row:
-    flags = {}
+    flags, env = {}, {}
     for f in features:
-        if f != "fp16":
+        if f in ENV_FEATURES:
+            env.update(ENV_FEATURES[f])
+        elif f != "fp16":
             flags.update(FEATURES[f])
     if "fp16" in features:
         kw["mixed_precision"] = "fp16"
-    return Row(config, features, flags, **kw)
+    return Row(config, features, flags, env=tuple(sorted(env.items())), **kw)
 
 
 # One GPU: every config, each feature at least twice, the bug cases of the GPU issue first.
@@ -117,6 +128,10 @@ ONE_GPU = [
     row("zero2", "fp8", "compiled", "budget", resume=True, export_tolerance=6e-2),
     row("zero1", "fp8", "fp8_vision", "vision_lora", "grad_ckpt", "mmca_eager", export_tolerance=6e-2),
     row("single_process", "fp8", "compiled", llava=True, export_tolerance=6e-2),  # plain autocast; LLaVA from the originals
+    # Packed rows through the variable-length kernels instead of flex attention's mask
+    # (MMTRAIN_PACKED_ATTENTION; mmtrain/model/varlen_attention.py), compiled.
+    row("zero2", "budget", "compiled", "flash_varlen"),
+    row("zero2", "budget", "compiled", "cudnn_varlen", "grad_accum"),
 ]
 
 # Two GPUs: every config on two processes.
@@ -142,8 +157,8 @@ def _params(rows):
 
 
 # -- launching -----------------------------------------------------------------------
-def launch(flags, *, config, processes, out, mixed_precision=None, devices=None, background=False, timeout=ROW_TIMEOUT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+def launch(flags, *, config, processes, out, mixed_precision=None, env=None, devices=None, background=False, timeout=ROW_TIMEOUT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -233,12 +248,12 @@ class Interrupted:
 
 def start_interrupted(model_folders, data_path, tmp_path, r: Row) -> Interrupted:
     out = tmp_path / "resumed"
-    return Interrupted(row_flags(model_folders, data_path, out, r), out=out, config=r.config, processes=r.gpus, mixed_precision=r.mixed_precision)
+    return Interrupted(row_flags(model_folders, data_path, out, r), out=out, **r.launch_options())
 
 
 def assert_resume_matches(model_folders, data_path, r: Row, interrupted: Interrupted, reference: dict[int, float]) -> None:
     out, checkpoint = interrupted.out, interrupted.checkpoint()
-    launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint=checkpoint), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
+    launch(row_flags(model_folders, data_path, out, r, resume_from_checkpoint=checkpoint), out=out, **r.launch_options())
     resumed = {m["step"]: m["loss"] for m in metrics(out) if m["split"] == "train" and m["step"] > SAVE_AT}
     assert max(resumed) == max(reference), (max(resumed), max(reference))
     # GPU kernels with atomics (index_add's backward) are not bit-reproducible run to
@@ -324,7 +339,7 @@ def _run_row(r: Row, model_folders, data_path, tmp_path, record) -> None:
     out = tmp_path / "run"
     interrupted = start_interrupted(model_folders, data_path, tmp_path, r) if r.resume else None
     try:
-        launch(row_flags(model_folders, data_path, out, r), config=r.config, processes=r.gpus, out=out, mixed_precision=r.mixed_precision)
+        launch(row_flags(model_folders, data_path, out, r), out=out, **r.launch_options())
         losses = assert_trained(out)
         if "fp8" in r.features:
             log = (out.parent / f"{out.name}.log").read_text()

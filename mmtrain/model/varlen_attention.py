@@ -1,0 +1,107 @@
+"""Packed rows' attention through variable-length kernels: the sample boundaries, not a mask.
+
+A packed row (``--max_tokens_per_batch``, ``--packing``) holds several samples, each
+attending only to itself. Flex attention (the default on CUDA) gets them as a document
+block mask and skips the blocks between samples; a variable-length kernel instead gets
+the samples' cumulative offsets in the flattened token stream and runs each as its own
+causal sequence, with no mask at all. Which is faster depends on the kernel and the
+sample lengths (``benchmarks/attention_kernels.py``: on an H200, FlashAttention-2's took
+20% less time than flex attention on samples of 683-1582 tokens and 7% more on samples
+of 2048), so this is a choice for measuring (``MMTRAIN_PACKED_ATTENTION``), not the default.
+
+The kernels are registered as transformers attention implementations
+(``mmtrain_varlen_<kernel>``) whose mask builder returns no mask; the boundaries reach
+every layer's attention as two keyword arguments of the decoder call (the batch's
+``cu_seq_lens`` and ``max_segment_len``, see :mod:`mmtrain.batch`), the way MMCA's image
+mask does. ``reference`` computes each segment with SDPA in a loop: any device, for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+from mmtrain import compat
+from mmtrain.batch import VARLEN_ATTENTION_PREFIX
+
+KERNELS = (*compat.VARLEN_KERNELS, "reference")
+OFFSETS_KWARG = "mmtrain_cu_seq_lens"
+LONGEST_KWARG = "mmtrain_max_segment_len"
+
+
+def implementation(kernel: str) -> str:
+    """The attention implementation's name for ``kernel``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"varlen attention kernel {kernel!r}: valid are {', '.join(KERNELS)}")
+    return VARLEN_ATTENTION_PREFIX + kernel
+
+
+def _segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None) -> torch.Tensor:
+    # One causal SDPA call per segment ([T, H, D] slices): slow, exact, any device.
+    bounds = offsets.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1])
+        outs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _attention(kernel: str, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    offsets, longest = kwargs.get(OFFSETS_KWARG), kwargs.get(LONGEST_KWARG)
+    if offsets is None or longest is None:
+        raise ValueError(
+            f"attention {implementation(kernel)!r} needs the batch's sample offsets (cu_seq_lens, max_segment_len): "
+            "only packed batches (--max_tokens_per_batch, --packing) carry them"
+        )
+    if dropout:
+        raise ValueError(f"attention {implementation(kernel)!r} has no attention dropout (the LM config asks for {dropout})")
+    batch, heads, length, dim = query.shape
+    # [B, H, L, D] -> the flattened stream [B * L, H, D]; the offsets count rows end to end.
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (key, value))
+    if kernel == "reference":
+        out = _segments_sdpa(q, k, v, offsets, scaling)
+    else:
+        out = compat.varlen_attention(kernel, q, k, v, offsets, longest, scaling)
+    return out.reshape(batch, length, heads, dim), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    # The boundaries travel as offsets; a mask would only be built to be ignored.
+    return None
+
+
+def _attention_function(kernel: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return _attention(kernel, module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{kernel}_attention_forward"
+    return attention
+
+
+def register(kernel: str) -> str:
+    """Make ``kernel`` a transformers attention implementation (idempotent); returns its name."""
+    name = implementation(kernel)
+    AttentionInterface.register(name, _attention_function(kernel))
+    compat.register_attention_mask(name, _no_mask)
+    return name
+
+
+def uses_varlen(language_model: nn.Module) -> bool:
+    implementation_name = compat.attn_implementation(getattr(language_model, "config", None))
+    return bool(implementation_name) and implementation_name.startswith(VARLEN_ATTENTION_PREFIX)
+
+
+def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None) -> dict:
+    """Keyword arguments for the decoder call: the sample offsets when a varlen kernel is on, else nothing."""
+    if not uses_varlen(language_model):
+        return {}
+    if offsets is None or longest is None:
+        raise ValueError(
+            f"attention {compat.attn_implementation(language_model.config)!r} needs packed batches "
+            "(cu_seq_lens and max_segment_len from a packing collator)"
+        )
+    return {OFFSETS_KWARG: offsets, LONGEST_KWARG: int(longest)}
