@@ -160,43 +160,37 @@ def float8_matmul_problem(device: torch.device | str) -> str | None:
 VARLEN_KERNELS = ("flash_varlen", "cudnn_varlen")
 
 
-class _FlashVarlen(torch.autograd.Function):
+class _VarlenAttention(torch.autograd.Function):
+    """Causal attention per segment through ``kernel``'s forward and backward ops (no weights: no other state)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, offsets, longest, scale):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, offsets, offsets, longest, longest, 0.0, True, False, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, rng, unused, offsets)
-        ctx.longest, ctx.scale = longest, scale
+    def forward(ctx, kernel, q, k, v, offsets, longest, scale):
+        if kernel == "flash_varlen":
+            out, lse, first, second, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, offsets, offsets, longest, longest, 0.0, True, False, scale=scale
+            )  # first, second: the RNG state and an unused tensor, for the backward
+        else:
+            result = torch.ops.aten._cudnn_attention_forward(q, k, v, None, offsets, offsets, longest, longest, True, 0.0, True, False, scale=scale)
+            out, lse, first, second = result[0], result[1], result[6], result[7]  # first, second: philox seed and offset
+        ctx.save_for_backward(q, k, v, out, lse, first, second, offsets)
+        ctx.kernel, ctx.longest, ctx.scale = kernel, longest, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, rng, unused, offsets = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, offsets, offsets, ctx.longest, ctx.longest, 0.0, True, rng, unused, scale=ctx.scale
-        )
-        return dq, dk, dv, None, None, None
-
-
-class _CudnnVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, offsets, longest, scale):
-        result = torch.ops.aten._cudnn_attention_forward(q, k, v, None, offsets, offsets, longest, longest, True, 0.0, True, False, scale=scale)
-        out, lse, seed, offset = result[0], result[1], result[6], result[7]
-        ctx.save_for_backward(q, k, v, out, lse, seed, offset, offsets)
-        ctx.longest, ctx.scale = longest, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, seed, offset, offsets = ctx.saved_tensors
-        # No bias: None, an undefined tensor. Given a 1-D empty tensor instead, torch 2.11 on
-        # an H200 failed with "Dimension out of range (expected [-1, 0], got 1)".
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, seed, offset, None, offsets, offsets, ctx.longest, ctx.longest, 0.0, True, scale=ctx.scale
-        )
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, first, second, offsets = ctx.saved_tensors
+        n = ctx.longest
+        if ctx.kernel == "flash_varlen":
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                grad.contiguous(), q, k, v, out, lse, offsets, offsets, n, n, 0.0, True, first, second, scale=ctx.scale
+            )
+        else:
+            # No bias: None, an undefined tensor. Given a 1-D empty tensor instead, torch 2.11 on
+            # an H200 failed with "Dimension out of range (expected [-1, 0], got 1)".
+            dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+                grad.contiguous(), q, k, v, out, lse, first, second, None, offsets, offsets, n, n, 0.0, True, scale=ctx.scale
+            )
+        return None, dq, dk, dv, None, None, None
 
 
 def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
@@ -209,11 +203,9 @@ def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if kernel not in VARLEN_KERNELS:
         raise ValueError(f"varlen kernel {kernel!r}: valid are {', '.join(VARLEN_KERNELS)}")
     offsets = offsets.to(device=q.device, dtype=torch.int32)
-    if kernel == "flash_varlen":
-        return _FlashVarlen.apply(q, k, v, offsets, longest, scale)
-    if k.shape[1] != q.shape[1]:
+    if kernel == "cudnn_varlen" and k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return _CudnnVarlen.apply(q, k, v, offsets, longest, scale)
+    return _VarlenAttention.apply(kernel, q, k, v, offsets, longest, scale)
 
 
 # --- transformers: attention implementation and masks ----------------------------------
