@@ -241,6 +241,17 @@ def sdpa_mask_materialized(*args, **kwargs) -> torch.Tensor:
     return sdpa_mask(*args, **kwargs)
 
 
+def attention_mask_builder(name: str) -> Callable[..., torch.Tensor | None]:
+    """The mask builder transformers registered for attention implementation ``name`` (e.g. ``"sdpa"``).
+
+    Looked up through ``AttentionMaskInterface`` (see :func:`register_attention_mask`); it
+    takes the keyword arguments of the internal ``sdpa_mask``.
+    """
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return AttentionMaskInterface()[name]
+
+
 def register_attention_mask(name: str, mask_function: Callable[..., torch.Tensor | None]) -> None:
     """Make ``mask_function`` the mask builder of attention implementation ``name``.
 

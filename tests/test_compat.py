@@ -198,6 +198,16 @@ def test_transformers_sdpa_mask_takes_allow_is_causal_skip():
         assert torch.equal(padded[0, 0], causal & torch.tensor([False, True, True, True])), "padding must close its key"
 
 
+def test_transformers_mask_builder_lookup_gives_sdpa_mask():
+    from transformers.masking_utils import sdpa_mask
+
+    with pinned("transformers", "AttentionMaskInterface()[name]"):
+        assert compat.attention_mask_builder("sdpa") is sdpa_mask
+        padding = torch.tensor([[False, True, True, True]])  # transformers hands the builder a boolean 2D mask
+        mask = compat.attention_mask_builder("sdpa")(batch_size=1, q_length=4, kv_length=4, attention_mask=padding)
+        assert mask.dtype == torch.bool and not bool(mask[0, 0, 3, 0]) and bool(mask[0, 0, 3, 1])
+
+
 def test_transformers_mask_interface_dispatches_to_a_registered_builder():
     from transformers import DynamicCache
     from transformers.masking_utils import create_causal_mask

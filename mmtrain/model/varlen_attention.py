@@ -10,10 +10,12 @@ sample lengths (``benchmarks/attention_kernels.py``: on an H200, FlashAttention-
 of 2048), so this is a choice for measuring (``MMTRAIN_PACKED_ATTENTION``), not the default.
 
 The kernels are registered as transformers attention implementations
-(``mmtrain_varlen_<kernel>``) whose mask builder returns no mask; the boundaries reach
-every layer's attention as two keyword arguments of the decoder call (the batch's
-``cu_seq_lens`` and ``max_segment_len``, see :mod:`mmtrain.batch`), the way MMCA's image
-mask does. ``reference`` computes each segment with SDPA in a loop: any device, for tests.
+(``mmtrain_varlen_<kernel>``) whose mask builder builds no mask for packed batches; the
+boundaries reach every layer's attention as two keyword arguments of the decoder call
+(the batch's ``cu_seq_lens`` and ``max_segment_len``, see :mod:`mmtrain.batch`), the way
+MMCA's image mask does. Batches without them (padded evaluation, generation with a KV
+cache) go through SDPA with its usual mask. ``reference`` computes each segment with
+SDPA in a loop: any device, for tests.
 """
 
 from __future__ import annotations
@@ -49,13 +51,12 @@ def _segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None) -> torch
     return torch.cat(outs)
 
 
-def _attention(kernel: str, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
-    offsets, longest = kwargs.get(OFFSETS_KWARG), kwargs.get(LONGEST_KWARG)
-    if offsets is None or longest is None:
-        raise ValueError(
-            f"attention {implementation(kernel)!r} needs the batch's sample offsets (cu_seq_lens, max_segment_len): "
-            "only packed batches (--max_tokens_per_batch, --packing) carry them"
-        )
+def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    offsets, longest = kwargs.pop(OFFSETS_KWARG, None), kwargs.pop(LONGEST_KWARG, None)
+    if offsets is None:
+        # Not a packed batch (padded evaluation, generation with a cache): SDPA, with the mask
+        # _mask built for it.
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"attention {implementation(kernel)!r} has no attention dropout (the LM config asks for {dropout})")
     batch, heads, length, dim = query.shape
@@ -69,14 +70,20 @@ def _attention(kernel: str, module, query, key, value, attention_mask, dropout: 
     return out.reshape(batch, length, heads, dim), None
 
 
-def _no_mask(*args, **kwargs) -> None:
-    # The boundaries travel as offsets; a mask would only be built to be ignored.
-    return None
+def _mask(*args, attention_mask=None, **kwargs):
+    """No mask for packed batches (they come without a 2D mask; their boundaries travel as
+    offsets, and a mask would only be built to be ignored); SDPA's otherwise, for the SDPA
+    the attention falls back to on unpacked batches."""
+    if attention_mask is None:
+        return None
+    return compat.attention_mask_builder("sdpa")(*args, attention_mask=attention_mask, **kwargs)
 
 
 def _attention_function(kernel: str):
+    sdpa = AttentionInterface()["sdpa"]  # transformers' own, for unpacked batches
+
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return _attention(kernel, module, query, key, value, attention_mask, **kwargs)
+        return _attention(kernel, sdpa, module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{kernel}_attention_forward"
     return attention
@@ -86,7 +93,7 @@ def register(kernel: str) -> str:
     """Make ``kernel`` a transformers attention implementation (idempotent); returns its name."""
     name = implementation(kernel)
     AttentionInterface.register(name, _attention_function(kernel))
-    compat.register_attention_mask(name, _no_mask)
+    compat.register_attention_mask(name, _mask)
     return name
 
 
@@ -96,12 +103,9 @@ def uses_varlen(language_model: nn.Module) -> bool:
 
 
 def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None) -> dict:
-    """Keyword arguments for the decoder call: the sample offsets when a varlen kernel is on, else nothing."""
-    if not uses_varlen(language_model):
+    """Keyword arguments for the decoder call: a packed batch's sample offsets when a varlen kernel is on, else nothing."""
+    if offsets is None or not uses_varlen(language_model):
         return {}
-    if offsets is None or longest is None:
-        raise ValueError(
-            f"attention {compat.attn_implementation(language_model.config)!r} needs packed batches "
-            "(cu_seq_lens and max_segment_len from a packing collator)"
-        )
+    if longest is None:
+        raise ValueError("a packed batch's cu_seq_lens come with max_segment_len (mmtrain.batch)")
     return {OFFSETS_KWARG: offsets, LONGEST_KWARG: int(longest)}

@@ -86,11 +86,29 @@ def test_varlen_attention_keeps_samples_apart(tiny_args):
     torch.testing.assert_close(a[:, n:], b[:, n:])
 
 
-def test_varlen_attention_needs_a_packed_batch(tiny_args):
-    built = build_model(tiny_args(), speed=SpeedOptions(packed_attention="reference"))
-    padded = Collator(built.tokenizer.pad_token_id)(_items(built, [(0, 4), (1, 6)]))
-    with pytest.raises(ValueError, match="cu_seq_lens"):
-        built.model(**padded)
+def test_unpacked_batches_go_through_sdpa_with_its_mask(tiny_args):
+    """Padded evaluation (with and without the padding mask) and cached generation give what the default model gives."""
+    from mmtrain.model.generation import SamplingOptions, generate
+
+    args = tiny_args(lang_lora_dim=4, lang_lora_alpha=4)
+    plain = build_model(args)
+    varlen = build_model(args, speed=SpeedOptions(packed_attention="reference"))
+    randomise_lora(plain.model)
+    varlen.model.load_state_dict(plain.model.state_dict())
+    items = _items(plain, [(0, 4), (1, 6), (2, 3)])
+    padded = Collator(plain.tokenizer.pad_token_id)(items)
+    with torch.no_grad():
+        for return_logits in (False, True):  # without and with the padding mask (the model keeps it for logits)
+            want, got = (built.model(**padded, return_logits=return_logits) for built in (plain, varlen))
+            torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+            if return_logits:
+                real = padded["attention_mask"].bool()
+                torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-4, atol=1e-5)
+    prompts = [item["input_ids"][:-2] for item in items]  # different lengths: left-padded
+    images = [item["pixel_values"] for item in items]
+    options = SamplingOptions(max_new_tokens=6)
+    want, got = (generate(built.model, prompts, images, eos_token_id=1, pad_token_id=plain.tokenizer.pad_token_id, options=options) for built in (plain, varlen))
+    assert got == want and any(len(tokens) for tokens in want)
 
 
 def test_unknown_kernel_is_refused():
