@@ -43,6 +43,7 @@ for _path in (HERE, os.path.dirname(HERE)):  # benchmarks/ (not a package) and t
     if _path not in sys.path:
         sys.path.insert(0, _path)
 from mmtrain import compat  # noqa: E402
+from mmtrain.model import varlen_attention  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 
@@ -89,14 +90,8 @@ def causal_flops(lengths: list[int], heads: int, head_dim: int) -> float:
 
 
 def reference(q, k, v, lengths):
-    """Per-sample causal SDPA in float32: q, k, v [T, H, D] -> [T, H, D]."""
-    outs, start = [], 0
-    for n in lengths:
-        sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(*(t[sl].float().transpose(0, 1) for t in (q, k, v)), is_causal=True)
-        outs.append(o.transpose(0, 1))
-        start += n
-    return torch.cat(outs)
+    """Per-sample causal SDPA in float32: q, k, v [T, H, D] -> [T, H, D] (the trainer's ``reference`` kernel)."""
+    return varlen_attention.segments_sdpa(q.float(), k.float(), v.float(), cu_seqlens(lengths, q.device))
 
 
 def make_flex(lengths, heads, device, kernel_options=None, mode=None):
@@ -119,10 +114,7 @@ def make_flex(lengths, heads, device, kernel_options=None, mode=None):
 
 
 def cu_seqlens(lengths, device):
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+    return torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
 
 
 def make_kernel(name, lengths, heads, device):

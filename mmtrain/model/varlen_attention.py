@@ -40,8 +40,12 @@ def implementation(kernel: str) -> str:
     return VARLEN_ATTENTION_PREFIX + kernel
 
 
-def _segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None) -> torch.Tensor:
-    # One causal SDPA call per segment ([T, H, D] slices): slow, exact, any device.
+def segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention within each segment, one SDPA call per segment: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D].
+
+    Slow and exact, on any device: the ``reference`` kernel, and what the attention bench
+    compares the GPU kernels with.
+    """
     bounds = offsets.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -64,7 +68,7 @@ def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dro
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (key, value))
     if kernel == "reference":
-        out = _segments_sdpa(q, k, v, offsets, scaling)
+        out = segments_sdpa(q, k, v, offsets, scaling)
     else:
         out = compat.varlen_attention(kernel, q, k, v, offsets, longest, scaling)
     return out.reshape(batch, length, heads, dim), None

@@ -143,10 +143,10 @@ def should_compile(device: torch.device, train_args) -> bool:
     +27% with MMCA (benchmarks/README.md); on CPU it costs more start-up than it returns
     on short runs.
     """
-    auto = compiles(device, train_args)
-    if auto and train_args.torch_compile == "auto":
+    compile_layers = compiles(device, train_args)
+    if compile_layers and train_args.torch_compile == "auto":
         logger.info("torch.compile: on by default for CUDA (--torch_compile false turns it off)")
-    return auto
+    return compile_layers
 
 
 def compiles(device: torch.device, train_args) -> bool:
