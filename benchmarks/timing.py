@@ -8,6 +8,7 @@ region, so the host never waits for the device inside it.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import statistics
 import time
@@ -60,29 +61,36 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
     if os.environ.get("RANK", "0") == "0":
         print(f"[bench] warm-up: {len(warm_losses)} steps in {time.perf_counter() - warm_start:.1f} s", flush=True)
     warm_peak = memory_now().get("peak_allocated_bytes")
-    per_epoch, step_times, losses, data_s = [], [], [], 0.0
+    per_epoch, step_times, losses, data_s, data_max, first_waits = [], [], [], 0.0, 0.0, []
     counted = padded = 0
     seconds = 0.0
     for epoch in range(epochs):
         if set_epoch is not None:
             set_epoch(epoch)
         sync()
-        # The clock starts after the iterator exists: creating it starts the loader's worker
-        # processes (forked once per run, at a cost that grows with the parent's host memory:
-        # the float8 run holds the original weights there) and plans the epoch's batches,
-        # both paid once per epoch of a real run, not per step. Making batches is timed.
+        # The clock starts once the epoch's first batch is in hand. Getting it starts the
+        # loader's worker processes (forked at a cost that grows with the parent's host memory:
+        # the float8 run holds the original weights there), plans the epoch's batches and
+        # starts the workers' pipeline: paid once per epoch of a real run, not per step, and
+        # recorded as ``first_batch_wait_s``. (Creating the iterator alone starts nothing: the
+        # training loop's is a generator.) Every later batch's wait is timed.
         it = iter(loader)
+        t0 = time.perf_counter()
+        first = next(it, None)
+        first_waits.append(time.perf_counter() - t0)
+        batches = itertools.chain([] if first is None else [first], it)
         start = time.perf_counter()
         while True:
             t0 = time.perf_counter()
             try:
-                batch = next(it)
+                batch = next(batches)
             except StopIteration:
                 break
             t1 = time.perf_counter()
             loss, tokens, positions = step(batch)
             t2 = time.perf_counter()
             data_s += t1 - t0
+            data_max = max(data_max, t1 - t0)
             step_times.append(t2 - t0)
             losses.append(loss)
             counted += tokens
@@ -100,6 +108,8 @@ def timed_run(step, warm_loader, loader, lengths: list[int], epochs: int, shape:
         step_s_median=statistics.median(step_times),
         step_s_mean=statistics.fmean(step_times),
         data_wait_s=data_s,
+        data_wait_max_s=data_max,
+        first_batch_wait_s=first_waits,
         tokens_counted_by_loop=counted,
         padded_positions=padded,
         padding_fraction=1 - counted / padded if padded else 0.0,

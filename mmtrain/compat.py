@@ -149,63 +149,50 @@ def float8_matmul_problem(device: torch.device | str) -> str | None:
     return None
 
 
-# --- torch: variable-length attention kernels (packed rows) ------------------------------
-# Packed rows pass their sample boundaries to these kernels instead of a mask
-# (mmtrain/model/varlen_attention.py). Both are torch's private attention ops, the ones
-# SDPA and ``torch.nn.attention.varlen`` call: FlashAttention-2's takes variable-length
-# rows publicly through ``varlen_attn``, but that function's signature has changed between
-# releases (``is_causal`` became ``window_size``) and it has no cuDNN path switched on, so
-# both kernels are reached here, through the ops' own schemas, which a test pins.
+# --- torch: variable-length attention kernel (packed rows) -------------------------------
+# Packed rows can pass their sample boundaries to FlashAttention-2's variable-length kernel
+# instead of a mask (mmtrain/model/varlen_attention.py). It is torch's private op, the one
+# SDPA and ``torch.nn.attention.varlen`` call: ``varlen_attn`` takes variable-length rows
+# publicly, but its signature has changed between releases (``is_causal`` became
+# ``window_size``), so the op is reached here through its own schema, which a test pins.
+# cuDNN's op takes the same offsets, but on torch 2.11 (an H200) it ran at 5 TFLOP/s and
+# its query and key gradients were wrong (benchmarks/README.md), so it is not offered.
 
-VARLEN_KERNELS = ("flash_varlen", "cudnn_varlen")
+VARLEN_KERNELS = ("flash_varlen",)
 
 
 class _VarlenAttention(torch.autograd.Function):
-    """Causal attention per segment through ``kernel``'s forward and backward ops (no weights: no other state)."""
+    """Causal attention per segment through FlashAttention-2's forward and backward ops (no weights: no other state)."""
 
     @staticmethod
-    def forward(ctx, kernel, q, k, v, offsets, longest, scale):
-        if kernel == "flash_varlen":
-            out, lse, first, second, _ = torch.ops.aten._flash_attention_forward(
-                q, k, v, offsets, offsets, longest, longest, 0.0, True, False, scale=scale
-            )  # first, second: the RNG state and an unused tensor, for the backward
-        else:
-            result = torch.ops.aten._cudnn_attention_forward(q, k, v, None, offsets, offsets, longest, longest, True, 0.0, True, False, scale=scale)
-            out, lse, first, second = result[0], result[1], result[6], result[7]  # first, second: philox seed and offset
-        ctx.save_for_backward(q, k, v, out, lse, first, second, offsets)
-        ctx.kernel, ctx.longest, ctx.scale = kernel, longest, scale
+    def forward(ctx, q, k, v, offsets, longest, scale):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, offsets, offsets, longest, longest, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, rng_state, unused, offsets)
+        ctx.longest, ctx.scale = longest, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, first, second, offsets = ctx.saved_tensors
+        q, k, v, out, lse, rng_state, unused, offsets = ctx.saved_tensors
         n = ctx.longest
-        if ctx.kernel == "flash_varlen":
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                grad.contiguous(), q, k, v, out, lse, offsets, offsets, n, n, 0.0, True, first, second, scale=ctx.scale
-            )
-        else:
-            # No bias: None, an undefined tensor. Given a 1-D empty tensor instead, torch 2.11 on
-            # an H200 failed with "Dimension out of range (expected [-1, 0], got 1)".
-            dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-                grad.contiguous(), q, k, v, out, lse, first, second, None, offsets, offsets, n, n, 0.0, True, scale=ctx.scale
-            )
-        return None, dq, dk, dv, None, None, None
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, offsets, offsets, n, n, 0.0, True, rng_state, unused, scale=ctx.scale
+        )
+        return dq, dk, dv, None, None, None
 
 
 def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
-    """Causal attention within each segment of a token stream: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D].
+    """Causal attention within each segment of a token stream: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D] (grouped heads as they are).
 
     ``offsets`` (int32, [S + 1], on the device) are the segments' cumulative starts,
-    ``longest`` the longest segment. CUDA only. cuDNN's kernel takes no grouped key/value
-    heads, so they are repeated for it; FlashAttention-2's takes them as they are.
+    ``longest`` the longest segment. CUDA only.
     """
     if kernel not in VARLEN_KERNELS:
         raise ValueError(f"varlen kernel {kernel!r}: valid are {', '.join(VARLEN_KERNELS)}")
     offsets = offsets.to(device=q.device, dtype=torch.int32)
-    if kernel == "cudnn_varlen" and k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return _VarlenAttention.apply(kernel, q, k, v, offsets, longest, scale)
+    return _VarlenAttention.apply(q, k, v, offsets, longest, scale)
 
 
 # --- transformers: attention implementation and masks ----------------------------------

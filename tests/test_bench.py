@@ -72,6 +72,11 @@ def test_bench_smoke_writes_figures(tmp_path):
     assert result["peak_tflops_source"].startswith("none: ")
     assert result["ratio_tokens_per_s"] > 0
     assert mm["steps"] == 2 and mm["samples"] == 4 and mm["zero_stage"] == 2
+    # The epoch's first batch is fetched before the clock (one wait per epoch, recorded apart);
+    # both timed steps ran, the first on that batch.
+    for system in (mm, plain):
+        assert len(system["first_batch_wait_s"]) == 1 and system["first_batch_wait_s"][0] > 0
+        assert 0 <= system["data_wait_max_s"] <= system["data_wait_s"] < system["seconds"]
     assert plain["micro_batch"] == 2
     # Both systems ran the same samples: the same token count, and every one counted by the loop.
     assert mm["tokens"] == plain["tokens"] == mm["tokens_counted_by_loop"]

@@ -111,20 +111,13 @@ def _argument_names(op) -> list[str]:
 
 def test_torch_varlen_attention_ops_take_the_arguments_compat_passes():
     # compat.varlen_attention calls these positionally: the order of the leading arguments
-    # and the keyword ``scale`` are what it relies on (the kernels themselves need CUDA).
+    # and the keyword ``scale`` are what it relies on (the kernel itself needs CUDA).
     assert _argument_names(torch.ops.aten._flash_attention_forward)[:10] == [
         "query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal", "return_debug_mask"]
     assert _argument_names(torch.ops.aten._flash_attention_backward)[:14] == [
         "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
         "dropout_p", "is_causal", "rng_state", "unused"]
-    assert _argument_names(torch.ops.aten._cudnn_attention_forward)[:12] == [
-        "query", "key", "value", "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "compute_log_sumexp",
-        "dropout_p", "is_causal", "return_debug_mask"]
-    assert _argument_names(torch.ops.aten._cudnn_attention_backward)[:15] == [
-        "grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset", "attn_bias",
-        "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal"]
-    for op in (torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward,
-               torch.ops.aten._cudnn_attention_forward, torch.ops.aten._cudnn_attention_backward):
+    for op in (torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward):
         assert "scale" in _argument_names(op)
     with pytest.raises(ValueError, match="flash_varlen"):
         compat.varlen_attention("tiled", *(torch.zeros(4, 2, 8) for _ in range(3)), torch.tensor([0, 4]), 4, None)

@@ -21,9 +21,8 @@ autograd function.
 How backward reuses the forward's copy. ``grad_x = grad_y @ W`` reduces over the output
 channels, the dimension the weight's scales run along, and row-wise ``_scaled_mm`` has no
 scale on the reduction dimension. But ``grad_y @ diag(s) @ Wq`` is ``(grad_y * s) @ Wq``:
-the per-output-channel scales are multiplied into the gradient (one elementwise pass,
-fused with its quantisation under ``torch.compile``) before it is quantised, and ``Wq``
-needs no scale. So one float8 copy with per-channel scales serves both products, without
+the per-output-channel scales are multiplied into the gradient as it is quantised (in
+the same pass), and ``Wq`` needs no scale. So one float8 copy with per-channel scales serves both products, without
 the precision loss of one scale for the whole tensor.
 
 The layout cost. cuBLASLt's float8 kernels take both operands with the reduction
@@ -51,27 +50,41 @@ Layers whose widths are not multiples of 16 (what the kernels need) stay bfloat1
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mmtrain import compat
+from mmtrain.model import fp8_triton
 
-# The smallest amax a row is scaled by: an all-zero row (padding) must not divide by zero.
-_MIN_AMAX = 1e-12
+# Quantise CUDA activations and gradients with the one-pass Triton kernel; MMTRAIN_FP8_QUANTIZE=torch
+# compiles the torch operations instead (for measuring the two: benchmarks/gpu_suite.sh fp8-quantize).
+TRITON_QUANTIZE = os.environ.get("MMTRAIN_FP8_QUANTIZE", "triton") != "torch"
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [..., K] as float8 with one float32 scale per row: ``x ~= q * scale``.
+def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., K] (times ``column_scale`` [K], if given) as float8 with one float32 scale per row: ``x ~= q * scale``.
 
     Each row's largest magnitude maps to float8's largest finite value, so no row
     overflows and each uses the format's whole range. Returns ``(q, scale)`` with
-    ``scale`` shaped [..., 1].
+    ``scale`` shaped [..., 1]. CUDA tensors go through one Triton kernel that reads each
+    row once (:mod:`mmtrain.model.fp8_triton`, unless ``TRITON_QUANTIZE`` is off), others
+    through torch operations; both give the same values.
     """
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_AMAX)
+    if TRITON_QUANTIZE and x.is_cuda and fp8_triton.available():
+        q, scale = fp8_triton.quantize_rows(x.reshape(-1, x.shape[-1]), column_scale)
+        return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+    return quantize_rows_torch(x, column_scale)
+
+
+def quantize_rows_torch(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` in torch operations (any device; what the Triton kernel is checked against)."""
+    x = x.float() if column_scale is None else x.float() * column_scale.float()
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=fp8_triton.MIN_AMAX)
     scale = amax / compat.FLOAT8_MAX
-    q = (x.float() / scale).clamp(-compat.FLOAT8_MAX, compat.FLOAT8_MAX).to(compat.FLOAT8)
+    q = (x / scale).clamp(-compat.FLOAT8_MAX, compat.FLOAT8_MAX).to(compat.FLOAT8)
     return q, scale
 
 
@@ -83,7 +96,7 @@ def float8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, weight_scale: 
 
 def float8_linear_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``grad_y @ W`` in bfloat16 for ``grad_y`` [T, out]: the weight's scales go into the gradient (module docstring)."""
-    q, scale = quantize_rows(grad_y.float() * weight_scale)
+    q, scale = quantize_rows(grad_y, weight_scale)
     weight_t = weight.t().contiguous()  # [in, out]: the reduction dimension (out) contiguous, as the kernel needs
     ones = torch.ones(1, weight_t.shape[0], dtype=torch.float32, device=weight.device)
     return compat.float8_matmul(q, weight_t, scale, ones, torch.bfloat16)

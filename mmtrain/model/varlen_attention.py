@@ -9,8 +9,8 @@ sample lengths (``benchmarks/attention_kernels.py``: on an H200, FlashAttention-
 20% less time than flex attention on samples of 683-1582 tokens and 7% more on samples
 of 2048), so this is a choice for measuring (``MMTRAIN_PACKED_ATTENTION``), not the default.
 
-The kernels are registered as transformers attention implementations
-(``mmtrain_varlen_<kernel>``) whose mask builder builds no mask for packed batches; the
+Each kernel is registered as a transformers attention implementation
+(``mmtrain_varlen_<short name>``) whose mask builder builds no mask for packed batches; the
 boundaries reach every layer's attention as two keyword arguments of the decoder call
 (the batch's ``cu_seq_lens`` and ``max_segment_len``, see :mod:`mmtrain.batch`), the way
 MMCA's image mask does. Batches without them (padded evaluation, generation with a KV
@@ -29,6 +29,10 @@ from mmtrain import compat
 from mmtrain.batch import VARLEN_ATTENTION_PREFIX
 
 KERNELS = (*compat.VARLEN_KERNELS, "reference")
+# The registered names. None may contain "flash": transformers takes any such name for a
+# FlashAttention build or a Hub kernel to load (``is_flash_attention_requested``), and on a
+# GPU that failed with "Could not find the currently requested flash attention implementation".
+_SHORT_NAMES = {"flash_varlen": "fa2", "reference": "reference"}
 OFFSETS_KWARG = "mmtrain_cu_seq_lens"
 LONGEST_KWARG = "mmtrain_max_segment_len"
 
@@ -37,7 +41,7 @@ def implementation(kernel: str) -> str:
     """The attention implementation's name for ``kernel``."""
     if kernel not in KERNELS:
         raise ValueError(f"varlen attention kernel {kernel!r}: valid are {', '.join(KERNELS)}")
-    return VARLEN_ATTENTION_PREFIX + kernel
+    return VARLEN_ATTENTION_PREFIX + _SHORT_NAMES[kernel]
 
 
 def segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None = None) -> torch.Tensor:

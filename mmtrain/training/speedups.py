@@ -127,7 +127,7 @@ def packed_attention(accelerator, data_args) -> str | None:
     if not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
         return None
     # For measuring the choice (benchmarks/gpu_suite.sh budget): "sdpa" keeps the materialised
-    # mask; "flash_varlen" and "cudnn_varlen" take the samples' offsets instead of a mask
+    # mask; "flash_varlen" takes the samples' offsets instead of a mask
     # (mmtrain/model/varlen_attention.py).
     kernel = os.environ.get("MMTRAIN_PACKED_ATTENTION", "flex_attention")
     valid = ("flex_attention", "sdpa", *compat.VARLEN_KERNELS)

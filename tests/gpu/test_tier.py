@@ -90,7 +90,6 @@ FEATURES = {
 # Features that are environment switches (measurement choices, not flags).
 ENV_FEATURES = {
     "flash_varlen": {"MMTRAIN_PACKED_ATTENTION": "flash_varlen"},
-    "cudnn_varlen": {"MMTRAIN_PACKED_ATTENTION": "cudnn_varlen"},
 }
 
 
@@ -131,7 +130,6 @@ ONE_GPU = [
     # Packed rows through the variable-length kernels instead of flex attention's mask
     # (MMTRAIN_PACKED_ATTENTION; mmtrain/model/varlen_attention.py), compiled.
     row("zero2", "budget", "compiled", "flash_varlen"),
-    row("zero2", "budget", "compiled", "cudnn_varlen", "grad_accum"),
 ]
 
 # Two GPUs: every config on two processes.
@@ -145,6 +143,7 @@ TWO_GPUS = [
     row("zero3", "vision_lora", "mmca_eager", "presets", gpus=2, resume=True),
     row("zero3_offload", "packing", "grad_ckpt", "perceiver", gpus=2),
     row("zero3", "budget", "mmca_eager", "grad_accum", "long_epoch", gpus=2, resume=True),  # the token-weighted loss across ranks
+    row("zero2", "budget", "compiled", "flash_varlen", "grad_accum", gpus=2),
 ]
 
 

@@ -114,3 +114,12 @@ def test_unpacked_batches_go_through_sdpa_with_its_mask(tiny_args):
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="flash_varlen"):
         varlen_attention.implementation("tiled")
+
+
+@pytest.mark.parametrize("kernel", varlen_attention.KERNELS)
+def test_registered_names_are_not_taken_for_flash_attention(kernel):
+    # transformers loads a FlashAttention build or a Hub kernel for any implementation whose
+    # name it reads as flash attention; a GPU run of "mmtrain_varlen_flash_varlen" failed so.
+    from transformers.utils.generic import is_flash_attention_requested
+
+    assert not is_flash_attention_requested(requested_attention_implementation=varlen_attention.implementation(kernel))
