@@ -59,9 +59,12 @@ from torch import nn
 from mmtrain import compat
 from mmtrain.model import fp8_triton
 
-# Quantise CUDA activations and gradients with the one-pass Triton kernel; MMTRAIN_FP8_QUANTIZE=torch
-# compiles the torch operations instead (for measuring the two: benchmarks/gpu_suite.sh fp8-quantize).
-TRITON_QUANTIZE = os.environ.get("MMTRAIN_FP8_QUANTIZE", "triton") != "torch"
+# MMTRAIN_FP8_QUANTIZE=triton: quantise CUDA activations and gradients with the one-pass Triton
+# kernel instead of the compiled torch operations (for measuring the two: gpu_suite.sh fp8-quantize).
+_QUANTIZERS = ("torch", "triton")
+if os.environ.get("MMTRAIN_FP8_QUANTIZE", "torch") not in _QUANTIZERS:
+    raise ValueError(f"MMTRAIN_FP8_QUANTIZE={os.environ['MMTRAIN_FP8_QUANTIZE']!r}: valid are {', '.join(_QUANTIZERS)}")
+TRITON_QUANTIZE = os.environ.get("MMTRAIN_FP8_QUANTIZE", "torch") == "triton"
 
 
 def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +72,10 @@ def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> 
 
     Each row's largest magnitude maps to float8's largest finite value, so no row
     overflows and each uses the format's whole range. Returns ``(q, scale)`` with
-    ``scale`` shaped [..., 1]. CUDA tensors go through one Triton kernel that reads each
-    row once (:mod:`mmtrain.model.fp8_triton`, unless ``TRITON_QUANTIZE`` is off), others
-    through torch operations; both give the same values.
+    ``scale`` shaped [..., 1]. Torch operations (compiled with the decoder layers), or on
+    CUDA with ``MMTRAIN_FP8_QUANTIZE=triton`` one Triton kernel that reads each row once
+    (:mod:`mmtrain.model.fp8_triton`, which says why it is not the default); both give the
+    same values.
     """
     if TRITON_QUANTIZE and x.is_cuda and fp8_triton.available():
         q, scale = fp8_triton.quantize_rows(x.reshape(-1, x.shape[-1]), column_scale)

@@ -1,13 +1,20 @@
-"""Row-wise float8 quantisation in one pass over the input: a Triton kernel for CUDA.
+"""Row-wise float8 quantisation in one pass over the input: a Triton kernel for CUDA (opt-in).
 
 What :func:`mmtrain.model.fp8.quantize_rows` computes, each row's largest magnitude
 mapped to float8's largest value, needs the whole row before it can scale any of it.
 Compiled from torch operations, inductor splits rows wider than 1,024 elements (every
-LM width) into a loop that reads the row once for its maximum and again to scale it,
-and the float8 profile showed these passes taking about twice what one read and one
-write of the data cost at the H200's bandwidth. Here one program holds one row in
-registers: it reads the row once (multiplied by per-column scales on the way in, for the
-input gradient's product), takes its maximum, and writes the float8 row and its scale.
+LM width) into a loop that reads the row once for its maximum and again to scale it.
+Here one program holds one row in registers: it reads the row once (multiplied by
+per-column scales on the way in, for the input gradient's product), takes its maximum,
+and writes the float8 row and its scale.
+
+Measured on an H200 (``benchmarks/fp8_quantize.py``, 24,576 rows; benchmarks/README.md)
+it is not yet the faster path: 1.2x the compiled torch operations at width 4,096 but
+0.7x at 11,008, and ref-7b's float8 run was 1.4% slower with it. The second read of
+inductor's loop mostly hits the L2 cache, so the torch path already reaches 1.5-1.9 TB/s.
+The trainer therefore compiles the torch operations unless ``MMTRAIN_FP8_QUANTIZE=triton``
+asks for this kernel, which is kept, tested on the GPU, as the starting point for one
+that reaches the memory bandwidth.
 
 No library does this: torchao's float8 training casts through its own tensor subclass
 with the weight cast per step (:mod:`mmtrain.model.fp8` says why it is not used), and
@@ -58,8 +65,10 @@ if triton is not None:
         if HAS_COLUMN_SCALE:
             x = x * tl.load(column_scale_ptr + columns, mask=inside, other=0.0)
         amax = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX)
-        # Correctly rounded divisions, as torch's: the float8 values match the torch path's.
-        scale = tl.math.div_rn(amax, FLOAT8_MAX)
+        # As torch computes them, so that the float8 values match the torch path's: a tensor
+        # divided by a number is multiplied by its float32 reciprocal; tensor by tensor is a
+        # correctly rounded division.
+        scale = amax * (1.0 / FLOAT8_MAX)
         q = tl.clamp(tl.math.div_rn(x, scale), -FLOAT8_MAX, FLOAT8_MAX)
         tl.store(q_ptr + row * width + columns, q.to(tl.float8e4nv), mask=inside)
         tl.store(scale_ptr + row, scale)
