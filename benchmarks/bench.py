@@ -377,7 +377,6 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_base": train_args.fp8_base,
         # the packed-row attention kernel when a measurement switch chose it (training/speedups.packed_attention)
         "packed_attention_switch": os.environ.get("MMTRAIN_PACKED_ATTENTION"),
-        "fp8_quantize_switch": os.environ.get("MMTRAIN_FP8_QUANTIZE"),
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
     timed_n = timed_samples(opts, data_args, image_tokens.span_length)

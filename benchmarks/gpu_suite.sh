@@ -26,9 +26,6 @@
 #                  FlashAttention-2 varlen, cuDNN dense) on one 16,384-token row, 2048-token samples and the mix
 #   varlen[:W]     fp8's budget runs (W: seq2048, mix, or both) with packed rows through flex attention and
 #                  FlashAttention-2's varlen kernel (MMTRAIN_PACKED_ATTENTION=flex_attention, flash_varlen)
-#   fp8-quantize   benchmarks/fp8_quantize.py (the Triton row quantisation beside compiled torch), the float8
-#                  tests on this GPU, then budget-seq2048's float8 run with MMTRAIN_FP8_QUANTIZE=triton
-#                  (BUDGET_TOKENS), to set beside fp8:seq2048's at the same commit
 #   fp8[:W]        the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
 #                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
@@ -286,16 +283,6 @@ part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex atten
     done
 }
 
-part_fp8_quantize() {
-    local why; why=$(fp8_problem)
-    [ -z "$why" ] || { echo "fp8-quantize skipped: float8 tensor cores are needed, but $why"; return 0; }
-    local t=${BUDGET_TOKENS:-16384}
-    run $PY benchmarks/fp8_quantize.py --tokens "$t" --out "$OUT/fp8_quantize_${TAG}.json"
-    run $PY -m pytest -q -rs -p no:cacheprovider tests/model/test_fp8.py tests/model/test_fp8_triton.py
-    MMTRAIN_FP8_QUANTIZE=triton run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base \
-        --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_seq2048_fp8_triton_quantize.json"
-}
-
 part_fp8_quality() {
     local why; why=$(fp8_problem)
     [ -z "$why" ] || { echo "fp8-quality skipped: float8 tensor cores are needed, but $why"; return 0; }
@@ -348,7 +335,6 @@ for part in "$@"; do
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
-        fp8-quantize) part_fp8_quantize ;;
         varlen) part_varlen all ;;
         varlen:*) part_varlen "${part#varlen:}" ;;
         zero3-prefetch) part_zero3_prefetch ;;

@@ -21,9 +21,10 @@ autograd function.
 How backward reuses the forward's copy. ``grad_x = grad_y @ W`` reduces over the output
 channels, the dimension the weight's scales run along, and row-wise ``_scaled_mm`` has no
 scale on the reduction dimension. But ``grad_y @ diag(s) @ Wq`` is ``(grad_y * s) @ Wq``:
-the per-output-channel scales are multiplied into the gradient as it is quantised (in
-the same pass), and ``Wq`` needs no scale. So one float8 copy with per-channel scales serves both products, without
-the precision loss of one scale for the whole tensor.
+the per-output-channel scales are multiplied into the gradient as it is quantised
+(fused with it under ``torch.compile``), and ``Wq`` needs no scale. So one float8 copy
+with per-channel scales serves both products, without the precision loss of one scale
+for the whole tensor.
 
 The layout cost. cuBLASLt's float8 kernels take both operands with the reduction
 dimension contiguous. ``Wq`` is stored ``[out, in]`` row-major, which is that layout for
@@ -50,21 +51,15 @@ Layers whose widths are not multiples of 16 (what the kernels need) stay bfloat1
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mmtrain import compat
-from mmtrain.model import fp8_triton
 
-# MMTRAIN_FP8_QUANTIZE=triton: quantise CUDA activations and gradients with the one-pass Triton
-# kernel instead of the compiled torch operations (for measuring the two: gpu_suite.sh fp8-quantize).
-_QUANTIZERS = ("torch", "triton")
-if os.environ.get("MMTRAIN_FP8_QUANTIZE", "torch") not in _QUANTIZERS:
-    raise ValueError(f"MMTRAIN_FP8_QUANTIZE={os.environ['MMTRAIN_FP8_QUANTIZE']!r}: valid are {', '.join(_QUANTIZERS)}")
-TRITON_QUANTIZE = os.environ.get("MMTRAIN_FP8_QUANTIZE", "torch") == "triton"
+# The smallest maximum a row is scaled by: an all-zero row (padding) must not divide by zero.
+_MIN_AMAX = 1e-12
 
 
 def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,21 +67,12 @@ def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> 
 
     Each row's largest magnitude maps to float8's largest finite value, so no row
     overflows and each uses the format's whole range. Returns ``(q, scale)`` with
-    ``scale`` shaped [..., 1]. Torch operations (compiled with the decoder layers), or on
-    CUDA with ``MMTRAIN_FP8_QUANTIZE=triton`` one Triton kernel that reads each row once
-    (:mod:`mmtrain.model.fp8_triton`, which says why it is not the default); both give the
-    same values.
+    ``scale`` shaped [..., 1]. Compiled with the decoder layers, these operations become
+    inductor's kernels; a hand-written one-pass Triton kernel measured no faster on an
+    H200 (benchmarks/README.md, "quantisation").
     """
-    if TRITON_QUANTIZE and x.is_cuda and fp8_triton.available():
-        q, scale = fp8_triton.quantize_rows(x.reshape(-1, x.shape[-1]), column_scale)
-        return q.view(x.shape), scale.view(*x.shape[:-1], 1)
-    return quantize_rows_torch(x, column_scale)
-
-
-def quantize_rows_torch(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` in torch operations (any device; what the Triton kernel is checked against)."""
     x = x.float() if column_scale is None else x.float() * column_scale.float()
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=fp8_triton.MIN_AMAX)
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX)
     scale = amax / compat.FLOAT8_MAX
     q = (x / scale).clamp(-compat.FLOAT8_MAX, compat.FLOAT8_MAX).to(compat.FLOAT8)
     return q, scale
