@@ -6,7 +6,7 @@ block mask and skips the blocks between samples; a variable-length kernel instea
 the samples' cumulative offsets in the flattened token stream and runs each as its own
 causal sequence, with no mask at all. Which is faster depends on the kernel and the
 sample lengths (``benchmarks/attention_kernels.py``: on an H200, FlashAttention-2's took
-20% less time than flex attention on samples of 683-1582 tokens and 7% more on samples
+18-20% less time than flex attention on samples of 683-1582 tokens and 6-7% more on samples
 of 2048), so this is a choice for measuring (``MMTRAIN_PACKED_ATTENTION``), not the default.
 
 Each kernel is registered as a transformers attention implementation
