@@ -30,6 +30,8 @@
 #                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
 #                  mmtrain in bfloat16 on the same samples
+#   fp8-zero       budget-seq2048's float8 run (BUDGET_TOKENS) at each of FP8_STAGES (default "2 0 none":
+#                  ZeRO-2, ZeRO-0, no DeepSpeed): what ZeRO-2's per-tensor gradient copies cost on one GPU
 #   default-fp8    benchmarks/default_run.py twice side by side: the embedded default, and with --fp8_base
 #   fp8-quality    benchmarks/fp8_quality.py: ref-7b's LM trained 100 steps bf16 beside float8 on the
 #                  same fresh batches of one Markov chain, the per-step relative loss difference
@@ -269,6 +271,18 @@ part_fp8() {  # fp8[:seq2048|:mix]
     fi
 }
 
+part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the default), ZeRO-0 and without DeepSpeed
+    has_flag fp8_base || { echo "no --fp8_base in mmtrain/args.py"; return 0; }
+    local why; why=$(fp8_problem)
+    [ -z "$why" ] || { echo "fp8-zero skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
+    local t=${BUDGET_TOKENS:-16384} stage
+    [ "$SMOKE" = 1 ] && t=512
+    for stage in ${FP8_STAGES:-2 0 none}; do
+        run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --zero_stage "$stage" \
+            --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_seq2048_fp8_zero${stage}.json"
+    done
+}
+
 part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex attention and each variable-length kernel
     local t=${BUDGET_TOKENS:-16384} which=${1:-all} kernel workload extra=(--fp8_base) samples
     [ "$SMOKE" = 1 ] && t=512
@@ -335,6 +349,7 @@ for part in "$@"; do
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
+        fp8-zero) part_fp8_zero ;;
         varlen) part_varlen all ;;
         varlen:*) part_varlen "${part#varlen:}" ;;
         zero3-prefetch) part_zero3_prefetch ;;
