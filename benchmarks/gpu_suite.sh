@@ -31,7 +31,8 @@
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
 #                  mmtrain in bfloat16 on the same samples
 #   fp8-zero       budget-seq2048's float8 run (BUDGET_TOKENS) at each of FP8_STAGES (default "2 0 none":
-#                  ZeRO-2, ZeRO-0, no DeepSpeed): what ZeRO-2's per-tensor gradient copies cost on one GPU
+#                  ZeRO-2, ZeRO-0, no DeepSpeed): what ZeRO-2's per-tensor gradient copies cost on one GPU;
+#                  FP8_VISION=1 adds the ZeRO-2 run with --fp8_vision (the vision tower's Linears in float8)
 #   default-fp8    benchmarks/default_run.py twice side by side: the embedded default, and with --fp8_base
 #   fp8-quality    benchmarks/fp8_quality.py: ref-7b's LM trained 100 steps bf16 beside float8 on the
 #                  same fresh batches of one Markov chain, the per-step relative loss difference
@@ -281,6 +282,10 @@ part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the d
         run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --zero_stage "$stage" \
             --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_seq2048_fp8_zero${stage}.json"
     done
+    # The vision tower's frozen Linears in float8 too (--fp8_vision), at ZeRO-2: beside the first run above.
+    [ -n "${FP8_VISION:-}" ] && run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --fp8_vision \
+        --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_seq2048_fp8_vision.json"
+    return 0
 }
 
 part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex attention and each variable-length kernel
