@@ -253,10 +253,16 @@ fp8_problem() {  # why float8 cannot run here (empty: it can)
     $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
 }
 
+fp8_runs_here() {  # fp8_runs_here PART: whether float8 can run here; if not, says why PART is skipped
+    local why; why=$(fp8_problem)
+    [ -z "$why" ] && return 0
+    echo "$1 skipped: float8 tensor cores are needed, but $why"
+    return 1
+}
+
 part_fp8() {  # fp8[:seq2048|:mix]
     has_flag fp8_base || { echo "no --fp8_base in mmtrain/args.py"; return 0; }
-    local why; why=$(fp8_problem)
-    [ -z "$why" ] || { echo "fp8 skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
+    fp8_runs_here fp8 || return 0
     local t=${BUDGET_TOKENS:-16384} which=${1:-all} plain=()
     # PLAIN_BATCHES="6": the plain loop's batch search from 6 (where an earlier search on this GPU found 8 out of memory)
     [ -n "${PLAIN_BATCHES:-}" ] && plain=(--plain_batches $PLAIN_BATCHES)
@@ -273,11 +279,8 @@ part_fp8() {  # fp8[:seq2048|:mix]
 }
 
 part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the default), ZeRO-0 and without DeepSpeed
-    has_flag fp8_base || { echo "no --fp8_base in mmtrain/args.py"; return 0; }
-    local why; why=$(fp8_problem)
-    [ -z "$why" ] || { echo "fp8-zero skipped: --fp8_base needs float8 tensor cores, but $why"; return 0; }
+    fp8_runs_here fp8-zero || return 0
     local t=${BUDGET_TOKENS:-16384} stage
-    [ "$SMOKE" = 1 ] && t=512
     for stage in ${FP8_STAGES:-2 0 none}; do
         run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" --fp8_base --zero_stage "$stage" \
             --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_seq2048_fp8_zero${stage}.json"
@@ -303,16 +306,14 @@ part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex atten
 }
 
 part_fp8_quality() {
-    local why; why=$(fp8_problem)
-    [ -z "$why" ] || { echo "fp8-quality skipped: float8 tensor cores are needed, but $why"; return 0; }
+    fp8_runs_here fp8-quality || return 0
     local layers=()
     [ -n "${FP8_LAYERS:-}" ] && layers=(--layers "$FP8_LAYERS")
     run $PY benchmarks/fp8_quality.py "${layers[@]}" --out "$OUT/fp8_quality_${TAG}.json"
 }
 
 part_default_fp8() {  # the embedded default, bfloat16 and with --fp8_base, side by side on this GPU
-    local why; why=$(fp8_problem)
-    [ -z "$why" ] || { echo "default-fp8 skipped: float8 tensor cores are needed, but $why"; return 0; }
+    fp8_runs_here default-fp8 || return 0
     run $PY benchmarks/default_run.py --out "$OUT/default_run_${TAG}.json" &
     run $PY benchmarks/default_run.py --out "$OUT/default_run_${TAG}_fp8.json" -- --fp8_base &
     wait
