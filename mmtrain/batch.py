@@ -51,6 +51,11 @@ OPTIONAL_KEYS = ("label_positions", "right_padded", "position_ids", "document_id
 VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
 
 
+def is_varlen_attention(implementation: str | None) -> bool:
+    """Whether an attention implementation name is one of the variable-length kernels (sample offsets, no mask)."""
+    return bool(implementation) and implementation.startswith(VARLEN_ATTENTION_PREFIX)
+
+
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices of the set targets in ``labels[:, 1:]`` (see ``label_positions`` above)."""
     return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().flatten()

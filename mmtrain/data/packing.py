@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from mmtrain import compat
-from mmtrain.batch import VARLEN_ATTENTION_PREFIX
+from mmtrain.batch import is_varlen_attention
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
 from mmtrain.data.template import IGNORE_INDEX
 
@@ -164,7 +164,7 @@ def check_packed_attention(config) -> None:
     if mask is not None and not isinstance(mask, torch.Tensor):
         return  # a flex-attention BlockMask: built from the same packed-sequence function
     implementation = compat.attn_implementation(config)
-    if implementation and implementation.startswith(VARLEN_ATTENTION_PREFIX):
+    if is_varlen_attention(implementation):
         return  # no mask by design: the batch's cu_seq_lens carry the samples' boundaries
     if mask is None:
         allowed = None

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from mmtrain import compat
-from mmtrain.batch import VARLEN_ATTENTION_PREFIX
+from mmtrain.batch import VARLEN_ATTENTION_PREFIX, is_varlen_attention
 
 KERNELS = (*compat.VARLEN_KERNELS, "reference")
 # The registered names. None may contain "flash": transformers takes any such name for a
@@ -106,8 +106,7 @@ def register(kernel: str) -> str:
 
 
 def uses_varlen(language_model: nn.Module) -> bool:
-    implementation_name = compat.attn_implementation(getattr(language_model, "config", None))
-    return bool(implementation_name) and implementation_name.startswith(VARLEN_ATTENTION_PREFIX)
+    return is_varlen_attention(compat.attn_implementation(getattr(language_model, "config", None)))
 
 
 def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None) -> dict:
