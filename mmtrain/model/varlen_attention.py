@@ -16,6 +16,14 @@ boundaries reach every layer's attention as two keyword arguments of the decoder
 MMCA's image mask does. Batches without them (padded evaluation, generation with a KV
 cache) go through SDPA with its usual mask. ``reference`` computes each segment with
 SDPA in a loop: any device, for tests.
+
+When every segment of a packed batch has the same length (samples of one fixed length
+filling the budget exactly), the stream is a plain batch of equal causal sequences: it
+is reshaped, without a copy, to ``[segments, heads, length, dim]`` and goes through dense
+causal SDPA with cuDNN's kernel first. On an H200 that took 35% less time than flex
+attention and 39% less than FlashAttention-2's varlen kernel on 2048-token samples
+(``attention_kernels_h200_2048.json``). The model decides this per batch from shapes
+alone (:func:`varlen_lm_kwargs`), so it costs no read-back from the GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 from mmtrain import compat
@@ -35,6 +44,10 @@ KERNELS = (*compat.VARLEN_KERNELS, "reference")
 _SHORT_NAMES = {"flash_varlen": "fa2", "reference": "reference"}
 OFFSETS_KWARG = "mmtrain_cu_seq_lens"
 LONGEST_KWARG = "mmtrain_max_segment_len"
+SEGMENT_LEN_KWARG = "mmtrain_segment_len"  # instead of the two above: every segment this long
+# Dense causal SDPA for equal segments: cuDNN's kernel where it applies (CUDA, no grouped
+# heads), then SDPA's usual order. The priority only matters on CUDA; a CPU runs its own.
+_EQUAL_SEGMENT_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def implementation(kernel: str) -> str:
@@ -59,14 +72,36 @@ def segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None = None) ->
     return torch.cat(outs)
 
 
+def equal_segments_sdpa(query, key, value, segment: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention within consecutive segments of ``segment`` tokens: ``query`` [B, Hq, L, D], ``key``/``value`` [B, Hkv, L, D].
+
+    Each row's ``L`` tokens are ``L / segment`` whole segments. Returns [B, L, Hq, D] (the
+    layout transformers' attention functions return). Splitting the sequence axis and
+    moving the pieces into the batch is a view for one row, whatever the tensors' strides.
+    """
+    batch, heads, length, dim = query.shape
+
+    def split(t):  # [B, H, L, D] -> [B * L / segment, H, segment, D]
+        return t.unflatten(2, (length // segment, segment)).transpose(1, 2).flatten(0, 1)
+
+    with sdpa_kernel(_EQUAL_SEGMENT_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(
+            split(query), split(key), split(value), is_causal=True, scale=scale, enable_gqa=key.shape[1] != heads
+        )
+    return out.transpose(1, 2).reshape(batch, length, heads, dim)
+
+
 def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
     offsets, longest = kwargs.pop(OFFSETS_KWARG, None), kwargs.pop(LONGEST_KWARG, None)
-    if offsets is None:
+    segment = kwargs.pop(SEGMENT_LEN_KWARG, None)
+    if offsets is None and segment is None:
         # Not a packed batch (padded evaluation, generation with a cache): SDPA, with the mask
         # _mask built for it.
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"attention {implementation(kernel)!r} has no attention dropout (the LM config asks for {dropout})")
+    if segment is not None:
+        return equal_segments_sdpa(query, key, value, segment, scaling), None
     batch, heads, length, dim = query.shape
     # [B, H, L, D] -> the flattened stream [B * L, H, D]; the offsets count rows end to end.
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
@@ -109,10 +144,19 @@ def uses_varlen(language_model: nn.Module) -> bool:
     return is_varlen_attention(compat.attn_implementation(getattr(language_model, "config", None)))
 
 
-def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None) -> dict:
-    """Keyword arguments for the decoder call: a packed batch's sample offsets when a varlen kernel is on, else nothing."""
+def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None, tokens: int) -> dict:
+    """Keyword arguments for the decoder call when a varlen kernel is on (else nothing).
+
+    A packed batch of ``tokens`` positions in all passes its segments' offsets, or only
+    their length when all are equal. The segments' lengths sum to ``tokens`` and none
+    exceeds ``longest``, so they are all equal exactly when there are ``tokens / longest``
+    of them: a test of shapes, with nothing read back from the GPU.
+    """
     if offsets is None or not uses_varlen(language_model):
         return {}
     if longest is None:
         raise ValueError("a packed batch's cu_seq_lens come with max_segment_len (mmtrain.batch)")
-    return {OFFSETS_KWARG: offsets, LONGEST_KWARG: int(longest)}
+    longest = int(longest)
+    if (offsets.shape[0] - 1) * longest == tokens:
+        return {SEGMENT_LEN_KWARG: longest}
+    return {OFFSETS_KWARG: offsets, LONGEST_KWARG: longest}

@@ -148,7 +148,7 @@ class VisionLanguageModel(nn.Module):
         body = self.language_model.get_decoder()
         lm_kwargs = {
             **mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id),
-            **varlen_lm_kwargs(self.language_model, cu_seq_lens, max_segment_len),
+            **varlen_lm_kwargs(self.language_model, cu_seq_lens, max_segment_len, input_ids.numel()),
             **lm_kwargs,
         }
         hidden = body(

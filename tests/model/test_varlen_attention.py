@@ -41,8 +41,19 @@ def test_packing_collator_gives_every_segment_its_offset(tiny_args):
     assert sum(1 for n in _segments(batch)) >= len(items)
 
 
-@pytest.mark.parametrize("lm", ["tiny-llama", "tiny-qwen2"])  # both with grouped key/value heads (4 / 2)
-def test_varlen_attention_equals_the_masked_packed_path(tiny_args, model_folders, lm):
+EQUAL_SPECS = [(1, 9)] * 4  # four samples of one length: packed rows of equal segments
+
+
+@pytest.mark.parametrize(
+    "lm,specs,per_row",
+    [
+        ("tiny-llama", SPECS, None),  # both LMs with grouped key/value heads (4 / 2)
+        ("tiny-qwen2", SPECS, None),
+        ("tiny-llama", EQUAL_SPECS, 4),  # one row of four equal samples: the dense equal-segment path
+        ("tiny-qwen2", EQUAL_SPECS, 2),  # two rows of two
+    ],
+)
+def test_varlen_attention_equals_the_masked_packed_path(tiny_args, model_folders, lm, specs, per_row):
     args = tiny_args(lm_model_name_or_path=model_folders[lm], lang_lora_dim=4, lang_lora_alpha=4)
     masked = build_model(args).model
     varlen = build_model(args, speed=SpeedOptions(packed_attention="reference")).model
@@ -52,8 +63,14 @@ def test_varlen_attention_equals_the_masked_packed_path(tiny_args, model_folders
     randomise_lora(masked)
     varlen.load_state_dict(masked.state_dict())
     built = build_model(args)
-    items = _items(built, SPECS)
-    packed = PackingCollator(built.tokenizer.pad_token_id, max(len(i["input_ids"]) for i in items) + 20, pad_to_multiple_of=16)(items)
+    items = _items(built, specs)
+    if per_row is None:  # mixed lengths and padding tails
+        packed = PackingCollator(built.tokenizer.pad_token_id, max(len(i["input_ids"]) for i in items) + 20, pad_to_multiple_of=16)(items)
+    else:  # rows filled exactly by equal samples
+        packed = PackingCollator(built.tokenizer.pad_token_id, per_row * len(items[0]["input_ids"]))(items)
+        assert packed["input_ids"].shape[0] == len(items) // per_row
+    kwargs = varlen_attention.varlen_lm_kwargs(language, packed["cu_seq_lens"], packed["max_segment_len"], packed["input_ids"].numel())
+    assert (varlen_attention.SEGMENT_LEN_KWARG in kwargs) == (per_row is not None)
 
     def run(model):
         model.zero_grad(set_to_none=True)
@@ -67,6 +84,40 @@ def test_varlen_attention_equals_the_masked_packed_path(tiny_args, model_folders
     assert grads_masked.keys() == grads_varlen.keys() and any(".lora_" in n for n in grads_masked)
     for name in grads_masked:
         torch.testing.assert_close(grads_varlen[name], grads_masked[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads", [(1, 4, 4), (2, 4, 2)])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])  # contiguous as [B, H, L, D], or a transposed [B, L, H, D]
+def test_equal_segments_equal_the_reference(rows, heads, kv_heads, layout):
+    gen = torch.Generator().manual_seed(0)
+    segment, per_row, dim = 6, 3, 8
+    length = segment * per_row
+
+    def make(h):
+        if layout == "bhld":
+            return torch.randn(rows, h, length, dim, generator=gen, dtype=torch.float64)
+        return torch.randn(rows, length, h, dim, generator=gen, dtype=torch.float64).transpose(1, 2)
+
+    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    got = varlen_attention.equal_segments_sdpa(q, k, v, segment, scale=0.3)
+    stream = [t.transpose(1, 2).reshape(rows * length, t.shape[1], dim) for t in (q, k, v)]
+    stream[1:] = [t.repeat_interleave(heads // kv_heads, dim=1) for t in stream[1:]]
+    offsets = torch.arange(0, rows * length + 1, segment)
+    want = varlen_attention.segments_sdpa(*stream, offsets, scale=0.3)
+    assert got.shape == (rows, length, heads, dim)
+    torch.testing.assert_close(got.reshape(rows * length, heads, dim), want)
+
+
+def test_only_equal_segments_take_the_dense_path(tiny_args):
+    language = build_model(tiny_args(), speed=SpeedOptions(packed_attention="reference")).model.language_model
+    kwargs = varlen_attention.varlen_lm_kwargs
+    equal = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
+    assert kwargs(language, equal, 5, 15) == {varlen_attention.SEGMENT_LEN_KWARG: 5}
+    mixed = torch.tensor([0, 5, 8, 15], dtype=torch.int32)  # 5 + 3 + 7: longest 7, three segments, 15 tokens
+    got = kwargs(language, mixed, 7, 15)
+    assert got[varlen_attention.OFFSETS_KWARG] is mixed and got[varlen_attention.LONGEST_KWARG] == 7
+    assert varlen_attention.SEGMENT_LEN_KWARG not in got
+    assert kwargs(language, None, None, 15) == {}
 
 
 def test_varlen_attention_keeps_samples_apart(tiny_args):
@@ -123,3 +174,31 @@ def test_registered_names_are_not_taken_for_flash_attention(kernel):
     from transformers.utils.generic import is_flash_attention_requested
 
     assert not is_flash_attention_requested(requested_attention_implementation=varlen_attention.implementation(kernel))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: cuDNN's attention kernel is what this checks")
+def test_equal_segments_on_a_gpu_run_cudnn_compiled_and_match_fp32():
+    """Compiled with dynamic shapes, as the trainer's decoder layers are: two segment lengths
+    through one compiled function, bf16 against an fp32 reference, forward and gradients,
+    and the kernels that ran are cuDNN's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    heads, dim = 8, 128
+    compiled = torch.compile(varlen_attention.equal_segments_sdpa, dynamic=True)
+    for segment, count in ((512, 4), (384, 6)):
+        gen = torch.Generator(device="cuda").manual_seed(segment)
+        q, k, v = (torch.randn(1, segment * count, heads, dim, device="cuda", generator=gen).transpose(1, 2) for _ in range(3))
+        grad = torch.randn(1, segment * count, heads, dim, device="cuda", generator=gen)
+        fp32 = [t.clone().requires_grad_() for t in (q, k, v)]
+        bf16 = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        want = varlen_attention.equal_segments_sdpa(*fp32, segment)
+        want.backward(grad)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = compiled(*bf16, segment)
+            got.backward(grad.to(torch.bfloat16))
+            torch.cuda.synchronize()
+        kernels = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
+        assert any("cudnn" in name.lower() for name in kernels), sorted(kernels)
+        for a, b, what in [(got, want, "out"), *((x.grad, y.grad, f"d{n}") for x, y, n in zip(bf16, fp32, "qkv"))]:
+            error = ((a.float() - b).norm() / b.norm()).item()
+            assert error < 1e-2, f"segment {segment}: {what} relative error {error:.2e}"
