@@ -123,6 +123,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
 
     from accelerate.utils import set_seed
 
+    from mmtrain import compat
     from mmtrain.model.builder import check_model_config
     from mmtrain.model.counting import count_parameters
     from mmtrain.training import distributed, setup, speedups
@@ -200,6 +201,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
         trainable_params=sum(c["trainable"] for c in counts.values()),
         build_and_prepare_s=ready_s,
         weights_built_on_device=on_device,
+        # what the LM's attention dispatches to (packed rows: the trainer's choice, speedups.packed_attention)
+        lm_attention=compat.attn_implementation(built.model.language_model.config),
     )
     result["_profile_step"] = (step, loader)
     result["_keep"] = (accelerator, model, optimizer, loop)

@@ -159,6 +159,23 @@ def float8_matmul_problem(device: torch.device | str) -> str | None:
 # its query and key gradients were wrong (benchmarks/README.md), so it is not offered.
 
 VARLEN_KERNELS = ("flash_varlen",)
+FLASH_ATTENTION_MIN_CAPABILITY = (8, 0)
+
+
+def flash_attention_problem(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention-2's kernel cannot take ``dtype`` activations on ``device`` (None: it can).
+
+    It needs a CUDA GPU of compute capability >= 8.0 (Ampere on) and 16-bit activations.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the device is {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the activations are {str(dtype).removeprefix('torch.')}, and it takes bfloat16 or float16"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLASH_ATTENTION_MIN_CAPABILITY:
+        return f"the GPU has compute capability {major}.{minor}, and it needs >= 8.0"
+    return None
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -193,6 +210,38 @@ def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise ValueError(f"varlen kernel {kernel!r}: valid are {', '.join(VARLEN_KERNELS)}")
     offsets = offsets.to(device=q.device, dtype=torch.int32)
     return _VarlenAttention.apply(q, k, v, offsets, longest, scale)
+
+
+# --- torch: cuDNN's dense causal attention (packed rows of equal samples) ------------------
+# Rows whose samples all have one length are dense causal batches
+# (mmtrain/model/varlen_attention.py), and cuDNN's kernel took 35% less time than flex
+# attention there on an H200. SDPA picks FlashAttention first; its choice can be steered with
+# ``sdpa_kernel(..., set_priority=True)``, but inside the trainer's compiled layers on torch
+# 2.11 FlashAttention still ran (a CUDA test showed its kernels), so the op SDPA itself
+# dispatches to is called here, by its schema, which a test pins. It has its own backward.
+
+
+_HAS_CUDNN = torch.backends.cudnn.is_available()  # asked once: compiled code reads a constant
+
+
+def cudnn_attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`cudnn_causal_attention` can take ``q`` [B, H, L, D] and ``k``: CUDA,
+    half precision, as many key as query heads, a head size cuDNN's kernel has (a multiple
+    of 8 up to 128). Shapes and dtypes only, so compiled code decides it while tracing."""
+    dim = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.shape[1] == q.shape[1]
+        and dim % 8 == 0
+        and dim <= 128
+        and _HAS_CUDNN
+    )
+
+
+def cudnn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of ``q``/``k``/``v`` [B, H, L, D] through cuDNN (see :func:`cudnn_attention_takes`); [B, H, L, D]."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)[0]
 
 
 # --- transformers: attention implementation and masks ----------------------------------

@@ -78,6 +78,7 @@ def test_bench_smoke_writes_figures(tmp_path):
         assert len(system["first_batch_wait_s"]) == 1 and system["first_batch_wait_s"][0] > 0
         assert 0 <= system["data_wait_max_s"] <= system["data_wait_s"] < system["seconds"]
     assert plain["micro_batch"] == 2
+    assert mm["lm_attention"] == "sdpa"  # padded batches on a CPU: the LM's own SDPA
     # Both systems ran the same samples: the same token count, and every one counted by the loop.
     assert mm["tokens"] == plain["tokens"] == mm["tokens_counted_by_loop"]
     assert mm["trainable_params"] > 0 and mm["parameter_counts"]["LM LoRA"]["trainable"] > 0

@@ -109,6 +109,27 @@ def _argument_names(op) -> list[str]:
     return [argument.name for argument in op.default._schema.arguments]  # the overload compat calls
 
 
+def test_torch_cudnn_attention_op_takes_the_arguments_compat_passes():
+    # compat.cudnn_causal_attention passes attn_bias .. return_debug_mask positionally and reads output 0
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention.default
+    names = [a.name for a in op._schema.arguments]
+    assert names[:8] == ["query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "return_debug_mask"]
+    assert "scale" in names and op._schema.returns[0].name == "output"
+    q = torch.zeros(1, 2, 4, 8)
+    assert not compat.cudnn_attention_takes(q, q)  # a CPU tensor: never
+    if torch.cuda.is_available():
+        half = q.to("cuda", torch.bfloat16)
+        assert compat.cudnn_attention_takes(half, half) and not compat.cudnn_attention_takes(half, half[:, :1])
+
+
+def test_flash_attention_problem_names_what_is_missing():
+    assert compat.flash_attention_problem("cpu", torch.bfloat16) == "the device is cpu"
+    assert "float32" in compat.flash_attention_problem("cuda", torch.float32)  # dtype asked before the GPU
+    if torch.cuda.is_available():
+        capable = torch.cuda.get_device_capability(0) >= compat.FLASH_ATTENTION_MIN_CAPABILITY
+        assert (compat.flash_attention_problem("cuda:0", torch.bfloat16) is None) == capable
+
+
 def test_torch_varlen_attention_ops_take_the_arguments_compat_passes():
     # compat.varlen_attention calls these positionally: the order of the leading arguments
     # and the keyword ``scale`` are what it relies on (the kernel itself needs CUDA).

@@ -178,14 +178,14 @@ def test_registered_names_are_not_taken_for_flash_attention(kernel):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: cuDNN's attention kernel is what this checks")
 def test_equal_segments_on_a_gpu_run_cudnn_compiled_and_match_fp32():
-    """Compiled with dynamic shapes, as the trainer's decoder layers are: two segment lengths
-    through one compiled function, bf16 against an fp32 reference, forward and gradients,
-    and the kernels that ran are cuDNN's."""
+    """Eager, and compiled with dynamic shapes as the trainer's decoder layers are (two segment
+    lengths through one compiled function): bf16 against an fp32 reference, forward and
+    gradients, and the kernels that ran are cuDNN's."""
     from torch.profiler import ProfilerActivity, profile
 
     heads, dim = 8, 128
     compiled = torch.compile(varlen_attention.equal_segments_sdpa, dynamic=True)
-    for segment, count in ((512, 4), (384, 6)):
+    for function, segment, count in ((varlen_attention.equal_segments_sdpa, 256, 3), (compiled, 512, 4), (compiled, 384, 6)):
         gen = torch.Generator(device="cuda").manual_seed(segment)
         q, k, v = (torch.randn(1, segment * count, heads, dim, device="cuda", generator=gen).transpose(1, 2) for _ in range(3))
         grad = torch.randn(1, segment * count, heads, dim, device="cuda", generator=gen)
@@ -194,7 +194,7 @@ def test_equal_segments_on_a_gpu_run_cudnn_compiled_and_match_fp32():
         want = varlen_attention.equal_segments_sdpa(*fp32, segment)
         want.backward(grad)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            got = compiled(*bf16, segment)
+            got = function(*bf16, segment)
             got.backward(grad.to(torch.bfloat16))
             torch.cuda.synchronize()
         kernels = {e.name for e in prof.events() if e.device_type.name == "CUDA"}

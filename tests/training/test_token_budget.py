@@ -112,16 +112,20 @@ def test_budget_and_batch_size_in_a_config_file_are_refused_too(tmp_path):
         parse_args(["--config", str(path)])
 
 
-def test_packed_rows_take_flex_attention_on_cuda_only(monkeypatch):
+def test_packed_rows_take_the_offsets_on_cuda_and_flex_attention_where_flash_attention_cannot_run(monkeypatch):
     from types import SimpleNamespace
 
     import torch
 
+    from mmtrain import compat
     from mmtrain.args import DataArguments
     from mmtrain.training.speedups import packed_attention
 
-    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    cuda, cpu = (SimpleNamespace(device=torch.device(d), mixed_precision="bf16") for d in ("cuda", "cpu"))
     budget = DataArguments(max_tokens_per_batch=4096)
+    monkeypatch.setattr(compat, "flash_attention_problem", lambda device, dtype: None)
+    assert packed_attention(cuda, budget) == "flash_varlen"
+    monkeypatch.setattr(compat, "flash_attention_problem", lambda device, dtype: f"{device.type} {dtype}")
     assert packed_attention(cuda, budget) == "flex_attention"
     assert packed_attention(cpu, budget) is None  # SDPA's mask: flex attention has no CPU backward
     assert packed_attention(cuda, DataArguments()) is None  # padded batches keep SDPA's causal kernel
