@@ -30,6 +30,10 @@
 #                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
 #                  mmtrain in bfloat16 on the same samples
+#   equal-segments budget-seq2048's float8 run (BUDGET_TOKENS) three ways, each row of equal samples through:
+#                  cuDNN's dense causal kernel (the default), SDPA's own choice (MMTRAIN_CUDNN_ATTENTION=0),
+#                  and flex attention's document mask (MMTRAIN_PACKED_ATTENTION=flex_attention);
+#                  EQUAL_ORDER reorders them (default "cudnn sdpa flex"), EQUAL_PROFILE=NAME profiles that one
 #   fp8-zero       budget-seq2048's float8 run (BUDGET_TOKENS) at each of FP8_STAGES (default "2 0 none":
 #                  ZeRO-2, ZeRO-0, no DeepSpeed): what ZeRO-2's per-tensor gradient copies cost on one GPU;
 #                  FP8_VISION=1 adds the ZeRO-2 run with --fp8_vision (the vision tower's Linears in float8)
@@ -291,6 +295,23 @@ part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the d
     return 0
 }
 
+part_equal_segments() {  # equal-segments: the attention of rows of equal samples, three ways, one after another
+    local t=${BUDGET_TOKENS:-16384} way extra profile env
+    [ "$SMOKE" = 1 ] && t=512
+    [ -z "$(fp8_problem)" ] && extra=(--fp8_base) || extra=()
+    for way in ${EQUAL_ORDER:-cudnn sdpa flex}; do
+        profile=off; [ "${EQUAL_PROFILE:-}" = "$way" ] && profile=on
+        case $way in
+            cudnn) env=() ;;
+            sdpa) env=(MMTRAIN_CUDNN_ATTENTION=0) ;;
+            flex) env=(MMTRAIN_PACKED_ATTENTION=flex_attention) ;;
+            *) echo "equal-segments: unknown way $way"; return 2 ;;
+        esac
+        run env "${env[@]}" $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" "${extra[@]}" \
+            --plain skip --bf16_baseline skip --profile $profile --out "$OUT/budget_${TAG}_${t}_seq2048_equal_${way}.json"
+    done
+}
+
 part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex attention and each variable-length kernel
     local t=${BUDGET_TOKENS:-16384} which=${1:-all} kernel workload extra=(--fp8_base) samples
     [ "$SMOKE" = 1 ] && t=512
@@ -356,6 +377,7 @@ for part in "$@"; do
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
         fp8-zero) part_fp8_zero ;;
+        equal-segments) part_equal_segments ;;
         varlen) part_varlen all ;;
         varlen:*) part_varlen "${part#varlen:}" ;;
         zero3-prefetch) part_zero3_prefetch ;;

@@ -20,6 +20,7 @@ This module must not import ``mmtrain.args`` or ``mmtrain.data``.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -216,12 +217,14 @@ def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 # Rows whose samples all have one length are dense causal batches
 # (mmtrain/model/varlen_attention.py), and cuDNN's kernel took 35% less time than flex
 # attention there on an H200. SDPA picks FlashAttention first; its choice can be steered with
-# ``sdpa_kernel(..., set_priority=True)``, but inside the trainer's compiled layers on torch
-# 2.11 FlashAttention still ran (a CUDA test showed its kernels), so the op SDPA itself
-# dispatches to is called here, by its schema, which a test pins. It has its own backward.
+# ``sdpa_kernel(..., set_priority=True)``, but in a compiled function on torch 2.11 (an H200)
+# FlashAttention still ran, so the op SDPA itself dispatches to is called here, by its
+# schema, which a test pins. It has its own backward.
+# MMTRAIN_CUDNN_ATTENTION=0 leaves those rows to SDPA's own choice (for measuring,
+# benchmarks/gpu_suite.sh equal-segments).
 
-
-_HAS_CUDNN = torch.backends.cudnn.is_available()  # asked once: compiled code reads a constant
+# Asked once: compiled code reads a constant.
+_HAS_CUDNN = torch.backends.cudnn.is_available() and os.environ.get("MMTRAIN_CUDNN_ATTENTION", "1") != "0"
 
 
 def cudnn_attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
