@@ -225,7 +225,7 @@ class SpeedOptions:
     gradient_checkpointing: bool = False  # recompute LM (and vision LoRA) activations in backward
     gradient_checkpointing_layers: int = 0  # or only the first N LM decoder layers
     lora_inputs_follow_autocast: bool = False  # plain mixed precision: LoRA inputs stay in the autocast dtype
-    packed_attention: str | None = None  # LM kernel for packed rows: "flex_attention" (skips the masked blocks), a varlen kernel (varlen_attention.KERNELS)
+    packed_attention: str | None = None  # LM kernel for packed rows: a varlen kernel (varlen_attention.KERNELS) or "flex_attention" (skips the masked blocks)
     # Float8 frozen weights (mmtrain/model/fp8.py). Not part of VLMConfig: they change how
     # the frozen products are computed, not which weights exist, and an export is always
     # written in the original precision, so a saved config must not ask for float8.

@@ -1,13 +1,13 @@
 """Packed rows' attention through variable-length kernels: the sample boundaries, not a mask.
 
 A packed row (``--max_tokens_per_batch``, ``--packing``) holds several samples, each
-attending only to itself. Flex attention (the default on CUDA) gets them as a document
-block mask and skips the blocks between samples; a variable-length kernel instead gets
-the samples' cumulative offsets in the flattened token stream and runs each as its own
-causal sequence, with no mask at all. Which is faster depends on the kernel and the
-sample lengths (``benchmarks/attention_kernels.py``: on an H200, FlashAttention-2's took
-18-20% less time than flex attention on samples of 683-1582 tokens and 6-7% more on samples
-of 2048), so this is a choice for measuring (``MMTRAIN_PACKED_ATTENTION``), not the default.
+attending only to itself. Flex attention gets them as a document block mask and skips
+the blocks between samples; a variable-length kernel instead gets the samples'
+cumulative offsets in the flattened token stream and runs each as its own causal
+sequence, with no mask at all. FlashAttention-2's is the trainer's default on CUDA where
+it can run (``training/speedups.packed_attention``): on an H200 its attention took 18%
+less time than flex attention on samples of 683-1582 tokens
+(``benchmarks/attention_kernels.py``), and float8 ref-7b trained 6.9% faster on them.
 
 Each kernel is registered as a transformers attention implementation
 (``mmtrain_varlen_<short name>``) whose mask builder builds no mask for packed batches; the
@@ -23,7 +23,8 @@ is reshaped, without a copy, to ``[segments, heads, length, dim]`` and goes thro
 cuDNN's dense causal kernel where it applies (``compat.cudnn_attention_takes``), else
 through SDPA's causal kernels. On an H200 that took 35% less time than flex
 attention and 39% less than FlashAttention-2's varlen kernel on 2048-token samples
-(``attention_kernels_h200_2048.json``). The model decides this per batch from shapes
+(``attention_kernels_h200_2048.json``), and float8 ref-7b trained 3-4% faster than
+through flex attention. The model decides this per batch from shapes
 alone (:func:`varlen_lm_kwargs`), so it costs no read-back from the GPU.
 """
 
