@@ -173,6 +173,19 @@ def launch(flags, *, config, processes, out, mixed_precision=None, env=None, dev
     return proc if background else finish(proc, out, timeout)
 
 
+def side_by_side(background: dict, foreground: dict) -> None:
+    """Two launches at once (tiny models share the GPUs), each given as ``launch``'s
+    arguments: either failing fails the row, and a failure of the foreground one kills
+    the background one."""
+    other = launch(**background, background=True)
+    try:
+        launch(**foreground)
+    except BaseException:
+        kill_group(other)
+        raise
+    finish(other, background["out"])
+
+
 def finish(proc, out, timeout=ROW_TIMEOUT):
     """Wait for a launched run; a failure or a run past ``timeout`` (then killed) fails the row with its log's end."""
     try:
@@ -412,14 +425,11 @@ def test_zero3_mixed_modality_200_steps_and_one_gpu_equivalence(vision_lora, mod
         extra["vis_lora_dim"] = 4
     two, one = tmp_path / "two", tmp_path / "one"
     # the one-GPU run beside the two-GPU one (tiny models share GPU 0)
-    single = launch(common_flags(model_folders, data_path, output_dir=one, **{**extra, "max_steps": 50, "gradient_accumulation_steps": 2}),
-                    config="zero3", processes=1, out=one, devices="0", background=True)
-    try:
-        launch(common_flags(model_folders, data_path, output_dir=two, **extra), config="zero3", processes=2, out=two)
-    except BaseException:
-        kill_group(single)
-        raise
-    finish(single, one)
+    side_by_side(
+        dict(flags=common_flags(model_folders, data_path, output_dir=one, **{**extra, "max_steps": 50, "gradient_accumulation_steps": 2}),
+             config="zero3", processes=1, out=one, devices="0"),
+        dict(flags=common_flags(model_folders, data_path, output_dir=two, **extra), config="zero3", processes=2, out=two),
+    )
     losses1, losses2 = train_losses(one), train_losses(two)
     assert max(losses2) == 200
     curve1, curve2 = [losses1[step] for step in range(1, 51)], [losses2[step] for step in range(1, 51)]
@@ -448,14 +458,11 @@ def test_one_gpu_budget_rows_of_equal_samples_train_as_flex_attention_does(model
     extra = dict(dataset_names=str(dataset), max_tokens_per_batch=512, pad_to_multiple_of=1, torch_compile="true", max_steps=30,
                  eval_ratio=0.05, eval_generate=0, save_steps=0, export_each_epoch="false")
     dense, flex = tmp_path / "dense", tmp_path / "flex"
-    other = launch(common_flags(model_folders, tmp_path, output_dir=flex, **extra), config="zero2", processes=1, out=flex,
-                   env={"MMTRAIN_PACKED_ATTENTION": "flex_attention"}, background=True)
-    try:
-        launch(common_flags(model_folders, tmp_path, output_dir=dense, **extra), config="zero2", processes=1, out=dense)
-    except BaseException:
-        kill_group(other)
-        raise
-    finish(other, flex)
+    side_by_side(
+        dict(flags=common_flags(model_folders, tmp_path, output_dir=flex, **extra), config="zero2", processes=1, out=flex,
+             env={"MMTRAIN_PACKED_ATTENTION": "flex_attention"}),
+        dict(flags=common_flags(model_folders, tmp_path, output_dir=dense, **extra), config="zero2", processes=1, out=dense),
+    )
     got, want = assert_trained(dense), assert_trained(flex)
     assert got.keys() == want.keys()
     for step in got:  # bf16 kernels of different tiling: close, not equal
