@@ -148,17 +148,21 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
     if speed.gradient_checkpointing_layers:
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
-    if speed.packed_attention and not uses_mmca(lm):
-        if speed.packed_attention in varlen_attention.KERNELS:
+    packed = speed.packed_attention
+    if packed in varlen_attention.KERNELS and (why := varlen_attention.unsupported(lm.config)):
+        logger.info(f"packed rows: flex attention instead of {packed}, which cannot compute this LM's attention: {why}")
+        packed = "flex_attention"
+    if packed and not uses_mmca(lm):
+        if packed in varlen_attention.KERNELS:
             # The samples' offsets instead of a mask (mmtrain/model/varlen_attention.py).
-            lm.set_attn_implementation(varlen_attention.register(speed.packed_attention))
-            logger.info(f"packed rows: LM attention through {speed.packed_attention} (each sample its own sequence, no mask)")
+            lm.set_attn_implementation(varlen_attention.register(packed))
+            logger.info(f"packed rows: LM attention through {packed} (each sample its own sequence, no mask)")
         else:
             # Packed rows' samples are told apart by position_ids restarts; with flex attention
             # transformers turns them into a BlockMask, so blocks between two samples are skipped
             # instead of computed under a materialised [rows, 1, N, N] mask (SDPA).
-            lm.set_attn_implementation(speed.packed_attention)
-            logger.info(f"packed rows: LM attention through {speed.packed_attention} (a document mask that skips the blocks across samples)")
+            lm.set_attn_implementation(packed)
+            logger.info(f"packed rows: LM attention through {packed} (a document mask that skips the blocks across samples)")
     if speed.compile_decoder_layers:
         count = compile_decoder_layers(lm, hooks_outside=speed.compile_hooks_outside)
         logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")

@@ -99,6 +99,9 @@ def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dro
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"attention {implementation(kernel)!r} has no attention dropout (the LM config asks for {dropout})")
+    for name in ("sliding_window", "softcap"):  # the builder keeps such models on flex attention (see unsupported)
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attention {implementation(kernel)!r} cannot apply the layer's {name}={kwargs[name]}")
     if segment is not None:
         return equal_segments_sdpa(query, key, value, segment, scaling), None
     batch, heads, length, dim = query.shape
@@ -137,6 +140,25 @@ def register(kernel: str) -> str:
     AttentionInterface.register(name, _attention_function(kernel))
     compat.register_attention_mask(name, _mask)
     return name
+
+
+def unsupported(config) -> str | None:
+    """Why these kernels cannot compute the attention of an LM with ``config`` (None: they can).
+
+    They run every segment as plain causal attention: a sliding window (Mistral, Gemma's
+    local layers, Qwen2 with ``use_sliding_window``) or capped attention logits (Gemma 2)
+    would be silently dropped, so such models keep flex attention, whose masks transformers
+    builds per layer type.
+    """
+    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention"}
+    if kinds:
+        return f"its layers include {', '.join(sorted(kinds))} (layer_types)"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return f"it attends within a sliding window of {window} tokens (sliding_window)"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"it caps attention logits at {config.attn_logit_softcapping} (attn_logit_softcapping)"
+    return None
 
 
 def uses_varlen(language_model: nn.Module) -> bool:

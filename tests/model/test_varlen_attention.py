@@ -202,3 +202,42 @@ def test_equal_segments_on_a_gpu_run_cudnn_compiled_and_match_fp32():
         for a, b, what in [(got, want, "out"), *((x.grad, y.grad, f"d{n}") for x, y, n in zip(bf16, fp32, "qkv"))]:
             error = ((a.float() - b).norm() / b.norm()).item()
             assert error < 1e-2, f"segment {segment}: {what} relative error {error:.2e}"
+
+
+def test_models_with_windows_or_capped_logits_are_named():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    assert varlen_attention.unsupported(LlamaConfig()) is None
+    assert varlen_attention.unsupported(Qwen2Config()) is None  # use_sliding_window is off by default
+    windowed = Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=0, num_hidden_layers=2)
+    assert "sliding_attention" in varlen_attention.unsupported(windowed)
+    assert "sliding window of 4096" in varlen_attention.unsupported(MistralConfig())
+    assert "sliding_attention" in varlen_attention.unsupported(Gemma2Config())
+    assert "attn_logit_softcapping" in varlen_attention.unsupported(LlamaConfig(attn_logit_softcapping=30.0))
+
+
+def test_a_sliding_window_lm_keeps_flex_attention_for_packed_rows(tiny_args, model_folders, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+
+    from mmtrain import compat
+
+    folder = tmp_path / "qwen2-window"
+    shutil.copytree(model_folders["tiny-qwen2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    config.pop("layer_types", None)  # rebuilt from the window settings on load
+    (folder / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="mmtrain"):
+        built = build_model(tiny_args(lm_model_name_or_path=str(folder)), speed=SpeedOptions(packed_attention="reference"))
+    language = built.model.language_model
+    assert compat.attn_implementation(language.config) == "flex_attention" and not varlen_attention.uses_varlen(language)
+    assert "flex attention instead of reference" in caplog.text and "sliding_attention" in caplog.text
+
+
+def test_a_layer_window_reaching_the_kernel_is_refused():
+    attention = varlen_attention._attention_function("reference")
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="sliding_window=2"):
+        attention(None, q, q, q, None, sliding_window=2, **{varlen_attention.SEGMENT_LEN_KWARG: 2})
