@@ -122,13 +122,13 @@ def packed_attention(accelerator, data_args) -> str | None:
     ``[1, 1, N, N]`` mask and compute every block of the square. FlashAttention-2's
     variable-length kernel takes the samples' offsets instead and computes each on its
     own, and rows of equal samples go through cuDNN's dense kernel
-    (mmtrain/model/varlen_attention.py); where FlashAttention-2 cannot run (a GPU older
+    (mmtrain/model/varlen_attention.py). Where FlashAttention-2 cannot run (a GPU older
     than Ampere, 32-bit activations; the builder adds LMs with sliding windows or capped
-    logits), flex attention's document mask skips the blocks between samples. Float8 ref-7b on an H200 trained 6.9% faster on the mix through
-    the offsets, and 3-4% faster on 2048-token samples through cuDNN's dense kernel, than
-    through flex attention (benchmarks/README.md). On a CPU flex attention needs a
-    compiler toolchain and runs slower than SDPA, so CPU runs keep SDPA's mask, which
-    gives the same numbers.
+    logits), flex attention's document mask skips the blocks between samples. Float8
+    ref-7b on an H200 trained 6.9% faster on the mix through the offsets, and 3-4% faster
+    on 2048-token samples through cuDNN's dense kernel, than through flex attention
+    (benchmarks/README.md). On a CPU flex attention needs a compiler toolchain and runs
+    slower than SDPA, so CPU runs keep SDPA's mask, which gives the same numbers.
     """
     if not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
         return None
