@@ -5,14 +5,15 @@ sample (causal within it). This times the kernels that can do that on one row of
 ``--tokens`` tokens (LLaMA-2-7B's 32 heads of 128 by default), bfloat16:
 
 - ``flex``: flex attention with a document-causal block mask, compiled (what mmtrain uses
-  for packed rows on CUDA today);
+  for packed rows on CUDA where FlashAttention-2 cannot run);
 - ``flash_varlen``: FlashAttention-2's variable-length kernel (``aten._flash_attention_forward``
-  with cumulative sequence offsets), the trainer's own (``compat.varlen_attention``, chosen with ``MMTRAIN_PACKED_ATTENTION``).
+  with cumulative sequence offsets), the trainer's default (``compat.varlen_attention``).
   cuDNN's variable-length call (``aten._cudnn_attention_forward`` with offsets) was
   measured here on torch 2.11 at 5 TFLOP/s with wrong query and key gradients
   (``attention_kernels_h200_*.json`` at ca89e13) and is no longer offered;
 - ``cudnn_dense`` (only when every sample has the same length): the samples as a batch of
-  equal rows through cuDNN's ordinary causal attention, the ceiling a varlen kernel can reach;
+  equal rows through cuDNN's ordinary causal attention, what the trainer runs for such rows
+  (``varlen_attention.equal_segments_sdpa``);
 - ``flex_*``: flex attention with kernel options (``FLEX_VARIANTS``), and ``flex_autotune``
   compiled with ``max-autotune-no-cudagraphs``, which searches flex's block sizes itself.
   Options that help can reach the trainer's layers through transformers' ``kernel_options``.
@@ -37,7 +38,6 @@ import sys
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 for _path in (HERE, os.path.dirname(HERE)):  # benchmarks/ (not a package) and this checkout's mmtrain
@@ -132,17 +132,8 @@ def make_kernel(name, lengths, heads, device):
     if name == "cudnn_dense":
         if len(set(lengths)) != 1:
             return None
-        n, b = lengths[0], len(lengths)
-
-        def dense(q, k, v):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                shaped = (t.view(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))
-                o = F.scaled_dot_product_attention(*shaped, is_causal=True)
-            return o.transpose(1, 2).reshape(b * n, heads, -1)
-
-        return dense
+        # The stream [T, H, D] as one row [1, H, T, D], split into its equal samples by the trainer's own path.
+        return lambda q, k, v: varlen_attention.equal_segments_sdpa(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), lengths[0])[0]
     raise ValueError(name)
 
 

@@ -257,6 +257,10 @@ fp8_problem() {  # why float8 cannot run here (empty: it can)
     $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
 }
 
+fp8_flag() {  # --fp8_base where float8 can run, nothing elsewhere (the parts that run either way)
+    [ -z "$(fp8_problem)" ] && echo --fp8_base
+}
+
 fp8_runs_here() {  # fp8_runs_here PART: whether float8 can run here; if not, says why PART is skipped
     local why; why=$(fp8_problem)
     [ -z "$why" ] && return 0
@@ -298,7 +302,7 @@ part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the d
 part_equal_segments() {  # equal-segments: the attention of rows of equal samples, three ways, one after another
     local t=${BUDGET_TOKENS:-16384} way extra profile env
     [ "$SMOKE" = 1 ] && t=512
-    [ -z "$(fp8_problem)" ] && extra=(--fp8_base) || extra=()
+    extra=($(fp8_flag))
     for way in ${EQUAL_ORDER:-cudnn sdpa flex}; do
         profile=off; [ "${EQUAL_PROFILE:-}" = "$way" ] && profile=on
         case $way in
@@ -313,9 +317,9 @@ part_equal_segments() {  # equal-segments: the attention of rows of equal sample
 }
 
 part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex attention and each variable-length kernel
-    local t=${BUDGET_TOKENS:-16384} which=${1:-all} kernel workload extra=(--fp8_base) samples
+    local t=${BUDGET_TOKENS:-16384} which=${1:-all} kernel workload extra samples
     [ "$SMOKE" = 1 ] && t=512
-    [ -z "$(fp8_problem)" ] || extra=()
+    extra=($(fp8_flag))
     for workload in seq2048 mix; do
         [ "$which" = all ] || [ "$which" = "$workload" ] || continue
         samples=(); [ "$workload" = seq2048 ] && samples=("${FULL[@]}")

@@ -100,8 +100,7 @@ def test_equal_segments_equal_the_reference(rows, heads, kv_heads, layout):
 
     q, k, v = make(heads), make(kv_heads), make(kv_heads)
     got = varlen_attention.equal_segments_sdpa(q, k, v, segment, scale=0.3)
-    stream = [t.transpose(1, 2).reshape(rows * length, t.shape[1], dim) for t in (q, k, v)]
-    stream[1:] = [t.repeat_interleave(heads // kv_heads, dim=1) for t in stream[1:]]
+    stream = [t.transpose(1, 2).reshape(rows * length, t.shape[1], dim) for t in (q, k, v)]  # segments_sdpa takes grouped heads
     offsets = torch.arange(0, rows * length + 1, segment)
     want = varlen_attention.segments_sdpa(*stream, offsets, scale=0.3)
     assert got.shape == (rows, length, heads, dim)
