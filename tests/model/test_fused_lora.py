@@ -139,3 +139,32 @@ def test_fused_lora_compiles(tiny_args):
         compile_decoder_layers(model.language_model)
 
     assert_change_keeps_loss_and_grads(tiny_args, fuse_and_compile)
+
+
+@pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.float32),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    ],
+)
+def test_compiled_fused_lora_adds_the_low_rank_term_in_place(device, dtype):
+    # Inductor turns an in-place addmm_ into an addmm into a new buffer, which first copies the
+    # base output there; the fused layer's own op must keep both adds (forward, input
+    # gradient) in place under torch.compile, with the same numbers as eager.
+    block = _adapted(bias=False, dtype=dtype).to(device)  # a bias would make the base product an addmm of its own
+    fuse_lora_layers(block)
+    x = torch.randn(64, 24, device=device, dtype=dtype)
+    y_eager, gx_eager, grads_eager = _run(block, x)
+    block.compile(fullgraph=True)
+    _run(block, x)  # compiles
+    with torch.profiler.profile() as prof:
+        y, gx, grads = _run(block, x)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("mmtrain::add_low_rank_") == 4  # two layers, forward and backward
+    assert "aten::addmm" not in counts, sorted(counts)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(gx, gx_eager)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
