@@ -111,10 +111,10 @@ def _argument_names(op) -> list[str]:
 
 def test_torch_cudnn_attention_op_takes_the_arguments_compat_passes():
     # compat.cudnn_causal_attention passes attn_bias .. return_debug_mask positionally and reads output 0
-    op = torch.ops.aten._scaled_dot_product_cudnn_attention.default
-    names = [a.name for a in op._schema.arguments]
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention
+    names = _argument_names(op)
     assert names[:8] == ["query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "return_debug_mask"]
-    assert "scale" in names and op._schema.returns[0].name == "output"
+    assert "scale" in names and op.default._schema.returns[0].name == "output"
     q = torch.zeros(1, 2, 4, 8)
     assert not compat.cudnn_attention_takes(q, q)  # a CPU tensor: never
     if torch.cuda.is_available():

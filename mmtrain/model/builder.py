@@ -149,10 +149,10 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
     packed = speed.packed_attention
-    if packed in varlen_attention.KERNELS and (why := varlen_attention.unsupported(lm.config)):
-        logger.info(f"packed rows: flex attention instead of {packed}, which cannot compute this LM's attention: {why}")
-        packed = "flex_attention"
     if packed and not uses_mmca(lm):
+        if packed in varlen_attention.KERNELS and (why := varlen_attention.unsupported(lm.config)):
+            logger.info(f"packed rows: flex attention instead of {packed}, which cannot compute this LM's attention: {why}")
+            packed = "flex_attention"
         if packed in varlen_attention.KERNELS:
             # The samples' offsets instead of a mask (mmtrain/model/varlen_attention.py).
             lm.set_attn_implementation(varlen_attention.register(packed))
