@@ -52,11 +52,32 @@ class ModelArguments(VLMConfig):
             raise ConfigError("--vision_cache_dir is only used with --cache_vision_features; pass both or neither")
 
 
+DATASET_COLUMN_KEYS = ("messages", "images", "role", "content", "user", "assistant", "system")
+
+
 @dataclass
 class DataArguments:
     dataset_names: list[str] = field(
         default_factory=lambda: ["synthetic"],
-        metadata=_help("Training data: JSON/JSONL files (LLaVA or messages format) or registered names (synthetic)."),
+        metadata=_help(
+            "Training data, each one of: a JSON/JSONL file (LLaVA or messages format), a Parquet or Arrow file, a folder "
+            "written by Dataset/DatasetDict.save_to_disk (or of data files datasets reads), a Hub dataset name as "
+            "datasets.load_dataset left it in the local cache (read without the network), or a registered name (synthetic). "
+            "Images may be paths or embedded datasets.Image values."
+        ),
+    )
+    dataset_split: str = field(
+        default="train", metadata=_help("The split taken from a save_to_disk DatasetDict folder or a cached Hub dataset.")
+    )
+    dataset_columns: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Column names of datasets in another layout, as KEY=VALUE pairs: messages=COLUMN (the list of turns), "
+            "images=COLUMN, role=KEY and content=KEY (each turn's keys), user=VALUE, assistant=VALUE, system=VALUE "
+            "(role values), e.g. --dataset_columns messages=dialog images=pictures role=speaker content=text user=customer "
+            "assistant=agent. Default: LLaVA 'conversations' (from/value) or 'messages' (role/content), images in "
+            "'image'/'images'."
+        ),
     )
     dataset_samples: list[str] = field(
         default_factory=lambda: ["all"], metadata=_help("Samples taken from each dataset: a count or 'all', one per dataset.")
@@ -115,7 +136,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata=_help(
-            "Read --dataset_names as globs of JSONL/Parquet shard files or WebDataset .tar shards (key.json + key.jpg/.png, the "
+            "Read --dataset_names as globs of JSONL, Parquet or Arrow shard files (images as paths or embedded datasets.Image "
+            "values, read from the shard when a sample is encoded) or WebDataset .tar shards (key.json + key.jpg/.png, the "
             "images read from the tar), streamed: nothing is loaded up front, each process "
             "reads its own shards, and a resume continues from the exact sample. Needs --max_steps and --eval_dataset_names."
         ),
@@ -160,6 +182,7 @@ class DataArguments:
             raise ConfigError("--max_tokens_per_batch already packs each micro-batch into one row; drop --packing")
         if self.streaming:
             self._check_streaming()
+        self.column_map()  # checked once here
         if len(self.image_folder) not in (0, 1, len(self.dataset_names)):
             raise ConfigError(
                 f"--image_folder has {len(self.image_folder)} values for {len(self.dataset_names)} --dataset_names; give none, one, or one each"
@@ -178,6 +201,18 @@ class DataArguments:
             raise ConfigError("--streaming cannot hold out an --eval_ratio of a stream; give the eval files with --eval_dataset_names")
         if self.shuffle_buffer_size < 1:
             raise ConfigError(f"--shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+
+    def column_map(self) -> dict[str, str]:
+        """``--dataset_columns`` as a dict (empty: the default layouts)."""
+        mapping = {}
+        for pair in self.dataset_columns:
+            key, sep, value = pair.partition("=")
+            if not sep or not value or key not in DATASET_COLUMN_KEYS:
+                raise ConfigError(
+                    f"--dataset_columns {pair!r}: expected KEY=VALUE with KEY one of {', '.join(DATASET_COLUMN_KEYS)}"
+                )
+            mapping[key] = value
+        return mapping
 
     def longest_sample(self) -> int:
         """The longest sample kept, image tokens counted: --max_seq_len, or the token budget if that is smaller."""

@@ -1,4 +1,4 @@
-"""Every use of a private or undocumented API of torch, transformers, peft, accelerate, DeepSpeed or the standard library.
+"""Every use of a private or undocumented API of torch, transformers, peft, accelerate, DeepSpeed, datasets or the standard library.
 
 Nothing else in mmtrain reaches past a library's public surface: when it must, it goes
 through a helper here, whose comment says why we need the private thing and what breaks
@@ -20,6 +20,7 @@ This module must not import ``mmtrain.args`` or ``mmtrain.data``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Callable
 
@@ -620,6 +621,29 @@ def tar_member_data_offset(member) -> int:
     attributes; the test reads an image back through it.
     """
     return member.offset_data
+
+
+# --- datasets ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def datasets_offline():
+    """``datasets`` with the network off for a while: a Hub name resolves from the local cache or fails at once.
+
+    ``--dataset_names`` takes a Hub name only as ``datasets`` cached it. ``load_dataset``
+    asks the Hub first and falls back to the cache only when that fails; offline mode
+    (``HF_HUB_OFFLINE``) is read into ``datasets.config.HF_HUB_OFFLINE`` when ``datasets``
+    is imported, and the loader checks that attribute on each call. Setting it for the
+    call keeps the run off the network without asking the user for the variable.
+    """
+    import datasets.config
+
+    was = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was
 
 
 # --- lazily resolved re-exports -------------------------------------------------------

@@ -645,3 +645,17 @@ def test_tar_member_data_offset_points_at_the_members_bytes(tmp_path):
     with open(path, "rb") as f:
         f.seek(offset)
         assert f.read(member.size) == b"image bytes", f"tarfile (Python {sys.version.split()[0]}) moved TarInfo.offset_data"
+
+
+def test_datasets_offline_resolves_a_hub_name_from_the_cache_only(tmp_path):
+    import datasets
+    import datasets.config
+
+    was = datasets.config.HF_HUB_OFFLINE
+    with compat.datasets_offline():
+        assert datasets.config.HF_HUB_OFFLINE is True
+        # Not cached: the loader must give up without reaching for the network (a
+        # ConnectionError naming offline mode), and quickly.
+        with pytest.raises(ConnectionError, match="someone/not-cached"):
+            datasets.load_dataset("someone/not-cached", cache_dir=str(tmp_path))
+    assert datasets.config.HF_HUB_OFFLINE == was

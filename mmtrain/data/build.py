@@ -2,8 +2,11 @@
 
 The trainer makes two calls. :func:`read_sources`, before any weights load:
 
-1. resolve ``--dataset_names`` (files, or registered names such as ``synthetic``);
-2. load and check every record of every file (no image is opened);
+1. resolve ``--dataset_names``: JSON/JSONL files, registered names such as
+   ``synthetic``, or what ``datasets`` reads (Parquet and Arrow files, ``save_to_disk``
+   folders, Hub names in the local cache: :mod:`mmtrain.data.hub`);
+2. load and check every record of every source (no image is opened; embedded images
+   stay in their memory-mapped tables, which the datasets read them back from);
 3. take ``--dataset_samples`` from each file (a seeded subset) and split off eval
    (``--eval_ratio`` per file, seeded, or the ``--eval_dataset_names`` files);
 4. check that every image file of the records taken exists (one ``stat`` each, many at
@@ -32,17 +35,19 @@ import numpy as np
 
 from mmtrain.data.dataset import BadImageError, ConversationDataset, Entry, split_turns
 from mmtrain.data.formats import DataError, load_records
+from mmtrain.data.hub import dataset_records, is_json, open_dataset
+from mmtrain.data.images import ImageStore, parse_embedded
 from mmtrain.data.streaming import ShardStream, shard_files
 from mmtrain.data.synthetic import generate_synthetic
 from mmtrain.data.template import check_template, encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER
 
-# name -> function(data_args, seed) returning the path of a JSON file.
+# name -> function(data_args, seed) returning the path of a JSON file, or a datasets.Dataset.
 DATASET_REGISTRY: dict[str, Callable] = {}
 
 
 def register_dataset(name: str, build: Callable) -> None:
-    """Make ``name`` usable in ``--dataset_names``; ``build(data_args, seed)`` returns a JSON path."""
+    """Make ``name`` usable in ``--dataset_names``; ``build(data_args, seed)`` returns a JSON path or a ``datasets.Dataset``."""
     DATASET_REGISTRY[name] = build
 
 
@@ -54,13 +59,24 @@ def _synthetic(data_args, seed: int) -> str:
 register_dataset("synthetic", _synthetic)
 
 
-def resolve_dataset(name: str, data_args, seed: int) -> str:
-    """A registered name's generated file, or ``name`` itself as a path."""
+def resolve_dataset(name: str, data_args, seed: int):
+    """A registered name's generated file or ``datasets.Dataset``, or ``name`` itself (a path or a Hub name)."""
     if name in DATASET_REGISTRY:
         return DATASET_REGISTRY[name](data_args, seed)
-    if not os.path.isfile(name):
-        raise DataError(f"--dataset_names {name!r} is neither a file nor a registered dataset ({', '.join(sorted(DATASET_REGISTRY))})")
     return name
+
+
+def load_source(resolved, name: str, folder: str | None, data_args, tables: dict) -> tuple[str, list[dict]]:
+    """``(source name, canonical records)`` of one resolved dataset; a ``datasets`` table is kept in ``tables`` for its images."""
+    columns = data_args.column_map()
+    if isinstance(resolved, str) and is_json(resolved):
+        return resolved, load_records(resolved, folder, columns)
+    if isinstance(resolved, str):
+        source, table = open_dataset(resolved, data_args.dataset_split)
+    else:
+        source, table = name, resolved
+    tables[source] = table
+    return source, dataset_records(table, source, folder, columns)
 
 
 def _main_process_first(main_process_first):
@@ -197,6 +213,7 @@ class Sources:
     eval: list[dict]
     report: dict  # per file: records, selected, requested, train, eval; and the missing-image counts
     shards: list[tuple[str, str | None]] = field(default_factory=list)  # --streaming: (shard file, image folder), none read
+    images: ImageStore = field(default_factory=ImageStore)  # where the embedded images of these records are read back
 
 
 # Records whose images are looked up at once; a stat is I/O-bound, so threads overlap
@@ -207,12 +224,12 @@ MISSING_NAMED = 5  # missing files named in the error; the count covers them all
 
 def _missing_images(records: list[tuple[str, int, dict]]) -> list[tuple[str, int, str]]:
     """(data file, record number, image path) of every image file that does not exist, in record order."""
-    paths = sorted({p for _, _, r in records for p in r["images"]})
+    paths = sorted({p for _, _, r in records for p in r["images"] if parse_embedded(p) is None})
     if not paths:
         return []
     with ThreadPoolExecutor(max_workers=min(STAT_THREADS, len(paths))) as pool:
         exists = dict(zip(paths, pool.map(os.path.isfile, paths)))
-    return [(source, index, p) for source, index, r in records for p in r["images"] if not exists[p]]
+    return [(source, index, p) for source, index, r in records for p in r["images"] if not exists.get(p, True)]
 
 
 def _check_images(taken: list[tuple[str, int, dict]], on_bad_sample: str, counts: dict) -> set[int]:
@@ -248,10 +265,11 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
 
     folders = list(data_args.image_folder)
     sources: dict[str, dict] = {}
+    tables: dict = {}
     train_taken, eval_taken = [], []  # (data file, record number, record)
-    for i, path in enumerate(paths):
+    for i, resolved in enumerate(paths):
         folder = folders[0] if len(folders) == 1 else (folders[i] if folders else None)
-        records = load_records(path, folder)
+        path, records = load_source(resolved, data_args.dataset_names[i], folder, data_args, tables)
         spec = data_args.dataset_samples[0] if len(data_args.dataset_samples) == 1 else data_args.dataset_samples[i]
         rows, wanted = _select(len(records), spec, seed, i)
         train_rows, eval_rows = _split(rows, 0.0 if eval_paths else data_args.eval_ratio, seed, i)
@@ -263,9 +281,9 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
         info["eval"] += len(eval_rows)
         train_taken += [(path, int(r), records[r]) for r in train_rows]
         eval_taken += [(path, int(r), records[r]) for r in eval_rows]
-    for path in eval_paths:
+    for name, resolved in zip(data_args.eval_dataset_names, eval_paths):
         folder = folders[0] if len(folders) == 1 else None
-        records = load_records(path, folder)
+        path, records = load_source(resolved, name, folder, data_args, tables)
         info = sources.setdefault(path, {"records": 0, "selected": 0, "train": 0, "eval": 0})
         info["records"] += len(records)
         info["selected"] += len(records)
@@ -279,7 +297,7 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
     report = {"sources": sources, **counts}
     if shards:
         report["shards"] = len(shards)
-    return Sources(train=train, eval=evaluation, report=report, shards=shards)
+    return Sources(train=train, eval=evaluation, report=report, shards=shards, images=ImageStore(tables))
 
 
 def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, image_tokens, counts, seed, rank, world_size) -> ShardStream:
@@ -291,7 +309,7 @@ def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, im
 
     return ShardStream(
         shards, encode, rank=rank, world_size=world_size, seed=seed, buffer_size=data_args.shuffle_buffer_size,
-        on_bad_sample=data_args.on_bad_sample,
+        on_bad_sample=data_args.on_bad_sample, columns=data_args.column_map(),
     )
 
 
@@ -334,6 +352,7 @@ def build_datasets(
         on_bad_sample=data_args.on_bad_sample,
         max_images=data_args.most_images(),
         seed=seed,
+        image_store=sources.images,
     )
     train = ConversationDataset(
         _table(train_records), train_entries, tokenizer, image_tokens, image_processor,

@@ -1,7 +1,9 @@
 """The torch Dataset: canonical records in, token ids + labels + pixel values out.
 
-Records are held in an Arrow table (``datasets``); images stay on disk as paths and
-are decoded in ``__getitem__`` (so in DataLoader workers), never kept in memory.
+Records are held in an Arrow table (``datasets``); images stay where they lie (files, or
+cells of the memory-mapped datasets they came from, read through an
+:class:`~mmtrain.data.images.ImageStore`) and are decoded in ``__getitem__`` (so in
+DataLoader workers), never kept in memory.
 
 Each *entry* is a record plus how many of its question/answer pairs are kept (the
 over-length policy may drop trailing ones). With ``concatenate > 1`` each item joins
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 
 from mmtrain.data.formats import DataError
+from mmtrain.data.images import ImageStore, describe, parse_embedded
 from mmtrain.data.tar_shards import open_member
 from mmtrain.data.template import encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
@@ -54,20 +57,36 @@ def split_turns(turns: list[dict]) -> tuple[dict | None, list[dict]]:
     return None, turns
 
 
-def load_images(images: list[tuple[str, str, int]], image_processor, empty_shape: tuple[int, int, int]) -> torch.Tensor:
-    """Decode ``(path, source file, record index)`` images and preprocess them to ``[n, 3, H, W]``."""
+def load_images(
+    images: list[tuple[str, str, int]], image_processor, empty_shape: tuple[int, int, int], store: ImageStore | None = None
+) -> torch.Tensor:
+    """Decode ``(image, source file, record index)`` images and preprocess them to ``[n, 3, H, W]``.
+
+    An image is a file path, a tar shard's member, or an image embedded in a dataset's
+    rows, read back through ``store`` (:mod:`mmtrain.data.images`).
+    """
     if not images:
         return torch.zeros((0, *empty_shape), dtype=torch.float32)
-    decoded = []
-    for path, source, index in images:
-        try:
-            with Image.open(open_member(path) or path) as image:  # a tar shard's member, or a file
-                decoded.append(image.convert("RGB"))
-        except FileNotFoundError:
-            raise BadImageError(f"{source}: record {index}: image file {path} not found") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise BadImageError(f"{source}: record {index}: image file {path} cannot be decoded: {err}") from None
+    decoded = [_decode(path, source, index, store) for path, source, index in images]
     return image_processor(images=decoded, return_tensors="pt")["pixel_values"].to(torch.float32)
+
+
+def _decode(path: str, source: str, index: int, store: ImageStore | None) -> Image.Image:
+    what = f"image file {path}"
+    try:
+        if parse_embedded(path) is not None:
+            what = f"{describe(path)} (embedded)"
+            opened = (store or ImageStore()).open(path)
+        else:
+            opened = open_member(path) or path  # a tar shard's member, or a file
+        if isinstance(opened, Image.Image):
+            return opened.convert("RGB")
+        with Image.open(opened) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise BadImageError(f"{source}: record {index}: {what} not found") from None
+    except (OSError, ValueError, IndexError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"{source}: record {index}: {what} cannot be decoded: {err}") from None
 
 
 def image_shape(image_processor) -> tuple[int, int, int]:
@@ -113,8 +132,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         concatenate: int = 1,
         max_images: int = 8,
         seed: int = 0,
+        image_store: ImageStore | None = None,
     ):
         self.records = records
+        self.image_store = image_store or ImageStore()
         self.entries = entries
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
@@ -242,7 +263,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": load_images(images, self.image_processor, self._empty_shape),
+            "pixel_values": load_images(images, self.image_processor, self._empty_shape, self.image_store),
         }
 
     def record_item(self, record: dict, entry: Entry) -> dict:
@@ -277,6 +298,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         encoded = self._encode(turns[:-1], add_generation_prompt=True)
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
-            "pixel_values": load_images(images, self.image_processor, self._empty_shape),
+            "pixel_values": load_images(images, self.image_processor, self._empty_shape, self.image_store),
             "answer": turns[-1]["text"].strip(),
         }

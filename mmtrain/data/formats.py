@@ -1,6 +1,7 @@
 """Readers for conversation files, and the structural checks every record must pass.
 
-Two on-disk formats are understood, both as a JSON array or as JSON Lines:
+Two layouts are understood, in JSON arrays, JSON Lines, or the ``datasets`` files of
+:mod:`mmtrain.data.hub`, and any other through a ``--dataset_columns`` mapping:
 
 * LLaVA: ``{"image": "a.png" | "images": [...], "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}``
   with ``from`` one of human/user, gpt/assistant, system.
@@ -10,7 +11,7 @@ Two on-disk formats are understood, both as a JSON array or as JSON Lines:
 Both become one canonical record::
 
     {"turns": [{"role": "system"|"user"|"assistant", "text": str}, ...],  # <image> marks each image
-     "images": [absolute image paths, in placeholder order],
+     "images": [absolute image paths or embedded references (mmtrain.data.images), in placeholder order],
      "source": file path, "index": record index in that file}
 
 Every record is checked here, before training starts, without opening any image: a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 
+from mmtrain.data.images import embedded_ref, is_image_struct, is_pil, parse_embedded
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER
 
 ROLE_ALIASES = {
@@ -41,14 +43,36 @@ def _where(source: str, index: int) -> str:
     return f"{source}: record {index}"
 
 
-def _as_list_of_paths(value, source: str, index: int, key: str) -> list[str]:
+def _image_values(value, source: str, index: int, column: str, folder: str | None) -> list[str]:
+    """The image strings of one column's value: paths (joined to ``folder``) or embedded references.
+
+    A value is a path, a ``datasets.Image`` struct (``{"bytes", "path"}``: its bytes, else
+    its path), a decoded PIL image, or a list of those.
+    """
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise DataError(f"{_where(source, index)}: '{key}' must be a path or a list of paths, got {type(value).__name__}")
+    values = value if isinstance(value, list) else [value]
+    images = []
+    for k, v in enumerate(values):
+        if isinstance(v, str):
+            images.append(v if parse_embedded(v) or not folder or os.path.isabs(v) else os.path.join(folder, v))
+        elif is_image_struct(v):
+            if v.get("bytes") is not None:
+                if not isinstance(v["bytes"], (bytes, bytearray)):
+                    raise DataError(f"{_where(source, index)}: column {column!r} image {k}: 'bytes' must be bytes, got {type(v['bytes']).__name__}")
+                images.append(embedded_ref(source, index, column, k))
+            elif isinstance(v.get("path"), str) and v["path"]:
+                images += _image_values(v["path"], source, index, column, folder)
+            else:
+                raise DataError(f"{_where(source, index)}: column {column!r} image {k} has neither 'bytes' nor a 'path'")
+        elif is_pil(v) or isinstance(v, (bytes, bytearray)):
+            images.append(embedded_ref(source, index, column, k))
+        else:
+            raise DataError(
+                f"{_where(source, index)}: column {column!r} must hold image paths or images ({{'bytes', 'path'}} structs), "
+                f"got {type(v).__name__}"
+            )
+    return images
 
 
 def _message_text(content, source: str, index: int, turn: int) -> str:
@@ -78,44 +102,67 @@ def _message_text(content, source: str, index: int, turn: int) -> str:
     return text
 
 
-def normalize_record(raw, source: str, index: int, image_folder: str) -> dict:
+def _conversation(raw: dict, columns: dict, where: str) -> tuple[list, str, str]:
+    """(the turns, their role key, their text key): a --dataset_columns mapping, else LLaVA, else messages."""
+    if "messages" in columns:
+        name = columns["messages"]
+        if raw.get(name) is None:
+            raise DataError(f"{where}: no column {name!r} (named by --dataset_columns messages={name})")
+    elif raw.get("conversations") is not None:
+        name = "conversations"
+    elif raw.get("messages") is not None:
+        name = "messages"
+    else:
+        raise DataError(f"{where}: no 'conversations' (LLaVA) or 'messages' column; name yours with --dataset_columns messages=COLUMN")
+    turns = raw[name]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: column {name!r} must be a list of turns, got {type(turns).__name__}")
+    first = turns[0] if turns and isinstance(turns[0], dict) else {}
+    role_key = columns.get("role") or ("from" if "from" in first and "role" not in first else "role")
+    text_key = columns.get("content") or ("value" if "value" in first and "content" not in first else "content")
+    return turns, role_key, text_key
+
+
+def normalize_record(raw, source: str, index: int, image_folder: str | None, columns: dict | None = None) -> dict:
     """Check one raw record and return it in canonical form (see the module docstring).
 
-    Raises :class:`DataError` naming ``source`` and ``index`` on any structural problem:
-    no turns, an unknown role, turns out of order, a last turn that is not an answer,
-    or ``<image>`` placeholders that do not match the number of images.
+    ``columns`` is the ``--dataset_columns`` mapping (which column holds the turns, which
+    the images, which keys the role and text, which role values mean user, assistant,
+    system). Raises :class:`DataError` naming ``source`` and ``index`` on any structural
+    problem: no turns, an unknown role, turns out of order, a last turn that is not an
+    answer, an image value that is neither a path nor an image, or ``<image>``
+    placeholders that do not match the number of images.
     """
+    columns = columns or {}
     where = _where(source, index)
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("conversations") is not None:
-        turns_raw, role_key, text_key = raw["conversations"], "from", "value"
-    elif raw.get("messages") is not None:
-        turns_raw, role_key, text_key = raw["messages"], "role", "content"
-    else:
-        raise DataError(f"{where}: no 'conversations' (LLaVA) or 'messages' list")
-    if not isinstance(turns_raw, list) or not turns_raw:
+    turns_raw, role_key, text_key = _conversation(raw, columns, where)
+    if not turns_raw:
         raise DataError(f"{where}: the conversation is empty")
+    aliases = {**ROLE_ALIASES, **{str(columns[r]).lower(): r for r in ("user", "assistant", "system") if r in columns}}
 
-    images = _as_list_of_paths(raw.get("image"), source, index, "image") + _as_list_of_paths(
-        raw.get("images"), source, index, "images"
-    )
+    if "images" in columns:
+        if columns["images"] not in raw:
+            raise DataError(f"{where}: no column {columns['images']!r} (named by --dataset_columns images={columns['images']})")
+        image_columns = [columns["images"]]
+    else:
+        image_columns = ["image", "images"]
+    images = [i for c in image_columns for i in _image_values(raw.get(c), source, index, c, image_folder)]
     turns = []
     for t, turn in enumerate(turns_raw):
         if not isinstance(turn, dict):
             raise DataError(f"{where}, turn {t}: expected an object with '{role_key}' and '{text_key}'")
-        role = ROLE_ALIASES.get(str(turn.get(role_key)).lower()) if turn.get(role_key) is not None else None
+        role = aliases.get(str(turn.get(role_key)).lower()) if turn.get(role_key) is not None else None
         if role is None:
             raise DataError(
-                f"{where}, turn {t}: unknown role {turn.get(role_key)!r} (valid: {', '.join(sorted(ROLE_ALIASES))})"
+                f"{where}, turn {t}: unknown role {turn.get(role_key)!r} in '{role_key}' (valid: {', '.join(sorted(aliases))})"
             )
         content = turn.get(text_key)
-        if role_key == "role":
+        if isinstance(content, (str, list)):
             text = _message_text(content, source, index, t)
-        elif isinstance(content, str):
-            text = content
         else:
-            raise DataError(f"{where}, turn {t}: '{text_key}' must be a string, got {type(content).__name__}")
+            raise DataError(f"{where}, turn {t}: '{text_key}' must be a string or a list of parts, got {type(content).__name__}")
         turns.append({"role": role, "text": text})
 
     # Order: an optional system turn, then user/assistant pairs, ending on an answer.
@@ -142,7 +189,7 @@ def normalize_record(raw, source: str, index: int, image_folder: str) -> dict:
 
     return {
         "turns": turns,
-        "images": [p if os.path.isabs(p) else os.path.join(image_folder, p) for p in images],
+        "images": images,
         "source": source,
         "index": index,
     }
@@ -193,10 +240,11 @@ def _explain_unreadable(path: str, err: Exception) -> None:
     raise DataError(f"{path}: cannot load: {err}") from None
 
 
-def load_records(path: str, image_folder: str | None = None) -> list[dict]:
+def load_records(path: str, image_folder: str | None = None, columns: dict | None = None) -> list[dict]:
     """Load and check every record of ``path``; return canonical records in file order.
 
-    ``image_folder`` resolves relative image paths (default: the folder of ``path``).
+    ``image_folder`` resolves relative image paths (default: the folder of ``path``);
+    ``columns`` is the ``--dataset_columns`` mapping.
     Images are not opened here; a missing file is found when the sample is read.
     """
     if not os.path.isfile(path):
@@ -205,4 +253,4 @@ def load_records(path: str, image_folder: str | None = None) -> list[dict]:
     table = _read_raw(path)
     if len(table) == 0:
         raise DataError(f"{path}: no records")
-    return [normalize_record(raw, path, i, folder) for i, raw in enumerate(table)]
+    return [normalize_record(raw, path, i, folder, columns) for i, raw in enumerate(table)]

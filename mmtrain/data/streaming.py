@@ -3,8 +3,8 @@
 Nothing is read up front: host memory holds one shuffle buffer, whatever the dataset's
 size. The pieces, each from the library made for it where one fits:
 
-* the shards (``--dataset_names`` globs of ``.jsonl`` / ``.parquet`` files, or ``.tar``
-  files in the WebDataset layout, see :mod:`mmtrain.data.tar_shards`) become one
+* the shards (``--dataset_names`` globs of ``.jsonl`` / ``.parquet`` / ``.arrow`` files,
+  or ``.tar`` files in the WebDataset layout, see :mod:`mmtrain.data.tar_shards`) become one
   ``datasets`` streaming :class:`datasets.IterableDataset` per epoch, its shard order
   permuted from ``--seed`` and the epoch, and ``split_dataset_by_node`` gives every
   process its own part (whole shards when their count divides by the process count,
@@ -18,6 +18,10 @@ size. The pieces, each from the library made for it where one fits:
   (:meth:`ShardStream.hold_back`) and the buffer's RNG: a checkpoint stores it per process
   and the resumed run continues with the next sample. The records before the position
   in its shard are read again by ``datasets`` to get there, but not parsed.
+
+A Parquet or Arrow shard's embedded images (``datasets.Image`` values) never enter the
+buffer: each waits there as a reference to its shard, row and column
+(:mod:`mmtrain.data.images`), read back from the shard when the sample is encoded.
 
 Every record keeps a stable id, ``shard:record``, which ``--record_samples`` writes. A
 record that is not valid JSON (a truncated shard, say) names its shard, record and byte
@@ -35,11 +39,14 @@ import numpy as np
 
 from mmtrain.data.dataset import BadImageError
 from mmtrain.data.formats import DataError, normalize_record
+from mmtrain.data.images import strip_embedded
 from mmtrain.data.tar_shards import read_tar
 
 logger = logging.getLogger(__name__)
 
-SHARD_SUFFIXES = (".jsonl", ".parquet", ".tar")
+SHARD_SUFFIXES = (".jsonl", ".parquet", ".arrow", ".tar")
+# Rows of a Parquet or Arrow shard read at once: their embedded images are dropped as each batch is read.
+TABLE_BATCH = 64
 
 
 def shard_files(patterns: list[str], folders: list[str]) -> list[tuple[str, str | None]]:
@@ -68,14 +75,8 @@ def _read_shards(shards: list[str]):
         if path.endswith(".tar"):
             yield from read_tar(path)
             continue
-        if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            index = 0
-            for batch in pq.ParquetFile(path).iter_batches():
-                for row in batch.to_pylist():
-                    yield {"source": path, "index": index, "offset": -1, "line": json.dumps(row), "images": "", "error": ""}
-                    index += 1
+        if path.endswith((".parquet", ".arrow")):
+            yield from _read_table(path)
             continue
         with open(path, "rb") as f:
             offset, index = 0, 0
@@ -84,6 +85,39 @@ def _read_shards(shards: list[str]):
                     yield {"source": path, "index": index, "offset": offset, "line": line.decode("utf-8", errors="replace"), "images": "", "error": ""}
                     index += 1
                 offset += len(line)
+
+
+def _read_table(path: str):
+    """The rows of a Parquet or Arrow (``datasets``' stream format) shard, read by pyarrow, each as JSON text.
+
+    An embedded image is replaced by where it lies (:func:`mmtrain.data.images.strip_embedded`),
+    so the text that waits in the shuffle buffer, and in every checkpoint of it, holds none.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def row(index: int, values: dict | None, error: str = "") -> dict:
+        line = json.dumps(strip_embedded(values, path, index), default=str) if values is not None else ""
+        return {"source": path, "index": index, "offset": -1, "line": line, "images": "", "error": error}
+
+    index = 0
+    try:
+        if path.endswith(".parquet"):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=TABLE_BATCH)
+            for batch in batches:
+                for values in batch.to_pylist():
+                    yield row(index, values)
+                    index += 1
+        else:
+            with pa.memory_map(path) as source:
+                for batch in pa.ipc.open_stream(source):
+                    for start in range(0, batch.num_rows, TABLE_BATCH):
+                        for values in batch.slice(start, TABLE_BATCH).to_pylist():
+                            yield row(index, values)
+                            index += 1
+    except (OSError, pa.ArrowException) as err:
+        where = f"after record {index - 1}" if index else "before its first record"
+        yield row(index, None, f"{path}: shard cannot be read {where}: {err}")
 
 
 class ShardStream:
@@ -95,8 +129,12 @@ class ShardStream:
     position.
     """
 
-    def __init__(self, shards: list[tuple[str, str | None]], encode, *, rank: int, world_size: int, seed: int, buffer_size: int, on_bad_sample: str):
+    def __init__(
+        self, shards: list[tuple[str, str | None]], encode, *, rank: int, world_size: int, seed: int, buffer_size: int, on_bad_sample: str,
+        columns: dict | None = None,
+    ):
         self.shards = shards
+        self.columns = columns or {}
         self.folders = dict(shards)
         self.encode = encode
         self.rank, self.world_size = rank, world_size
@@ -125,7 +163,7 @@ class ShardStream:
         """
         part = ShardStream(
             self.shards, self.encode, rank=self.rank * count + index, world_size=self.world_size * count, seed=self.seed,
-            buffer_size=self.buffer_size, on_bad_sample=self.on_bad_sample,
+            buffer_size=self.buffer_size, on_bad_sample=self.on_bad_sample, columns=self.columns,
         )
         part.epoch = self.epoch
         return part
@@ -204,7 +242,7 @@ class ShardStream:
                 continue
             sample_id = f"{raw['source']}:{raw['index']}"
             try:
-                record = normalize_record(self._parse(raw), raw["source"], raw["index"], self._folder(raw["source"]))
+                record = normalize_record(self._parse(raw), raw["source"], raw["index"], self._folder(raw["source"]), self.columns)
                 item = self.encode(record)
             except BadImageError as err:
                 if self.on_bad_sample != "skip":
