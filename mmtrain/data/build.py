@@ -73,6 +73,8 @@ def load_source(resolved, name: str, folder: str | None, data_args, tables: dict
         return resolved, load_records(resolved, folder, columns)
     if isinstance(resolved, str):
         source, table = open_dataset(resolved, data_args.dataset_split)
+        if folder is None and os.path.exists(resolved):  # relative image paths: beside the file, or in the folder
+            folder = resolved if os.path.isdir(resolved) else os.path.dirname(os.path.abspath(resolved))
     else:
         source, table = name, resolved
     tables[source] = table
