@@ -33,14 +33,14 @@ def shards(tmp_path_factory) -> Path:
     return folder
 
 
-def _flags(model_folders, shards: Path, out, **extra) -> list[str]:
+def _flags(model_folders, shards: Path, out, train_glob: str = "part-*.jsonl", eval_file: str = "eval.jsonl", **extra) -> list[str]:
     flags = common_flags(
         model_folders, shards, output_dir=out, max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=2,
         eval_generate=0, record_samples="true", export_each_epoch="false", num_train_epochs=3,
         save_total_limit=10, **extra,
     )
-    return flags + ["--streaming", "--shuffle_buffer_size", "6", "--dataset_names", str(shards / "part-*.jsonl"),
-                    "--eval_dataset_names", str(shards / "eval.jsonl")]
+    return flags + ["--streaming", "--shuffle_buffer_size", "6", "--dataset_names", str(shards / train_glob),
+                    "--eval_dataset_names", str(shards / eval_file)]
 
 
 def _samples(out: Path) -> dict[str, list[dict]]:
@@ -48,6 +48,7 @@ def _samples(out: Path) -> dict[str, list[dict]]:
 
 
 def _kill_and_resume(model_folders, shards: Path, tmp_path: Path, num_processes: int, **extra):
+    # ``extra`` may name other shards (train_glob, eval_file in the ``shards`` folder) beside the flags.
     """An uninterrupted run, and one killed after its step-4 checkpoint and resumed from it; both folders and the resume's output."""
     reference = tmp_path / "uninterrupted"
     launch(_flags(model_folders, shards, reference, **extra), config="zero0.yaml", num_processes=num_processes)
@@ -240,3 +241,29 @@ def test_tar_shards_train_through_the_entry_point_and_a_truncated_one_is_named(m
     proc = subprocess.run(command + ["--output_dir", str(tmp_path / "out2")], cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert f"{tars / 'part-2.tar'}: tar shard is truncated or damaged" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def parquet_shards(tmp_path_factory) -> Path:
+    """Hub-format Parquet shards (messages + embedded PNGs, written by datasets) and a Parquet eval file, no image file anywhere."""
+    from tests.hub_data import vqa_dataset, write_parquet_shards
+
+    folder = tmp_path_factory.mktemp("parquet-stream")
+    write_parquet_shards(folder, SHARDS, PER_SHARD)
+    vqa_dataset(4, start=100).to_parquet(str(folder / "eval.parquet"))
+    return folder
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_parquet_stream_with_embedded_images_trains_on_the_same_samples(model_folders, parquet_shards, tmp_path):
+    # With two loader workers, each reads half the shards; the images come out of the
+    # shards' rows as each sample is encoded, and the checkpointed buffer holds none.
+    reference, out, log = _kill_and_resume(
+        model_folders, parquet_shards, tmp_path, 1, train_glob="part-*.parquet", eval_file="eval.parquet", num_workers=2,
+    )
+    samples = _samples(reference)
+    assert samples == _samples(out)
+    epoch0 = sorted(i for line in samples["rank-0.jsonl"] if line["epoch"] == 0 for i in line["indices"])
+    assert epoch0 == sorted(f"{parquet_shards / f'part-{s}.parquet'}:{i}" for s in range(SHARDS) for i in range(PER_SHARD))
+    saved = (out / "checkpoints" / f"step-{SAVE_EVERY:08d}" / "stream" / "rank-0.json").read_text()
+    assert "embedded:" in saved and "PNG" not in saved and len(saved) < 20_000, len(saved)
