@@ -27,6 +27,8 @@ from mmtrain.data.formats import DataError, normalize_record
 from mmtrain.data.images import strip_embedded
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
+# A name ending so is a file that is not there, never a Hub name.
+DATA_SUFFIXES = (".json", ".jsonl", *TABLE_SUFFIXES)
 # Rows converted to Python at once while checking: their images' bytes are dropped as each batch is read.
 CHECK_BATCH = 64
 
@@ -78,6 +80,8 @@ def open_dataset(name: str, split: str):
                 except Exception as err:
                     raise DataError(f"--dataset_names {name!r}: a folder that is neither a save_to_disk folder nor data files datasets reads: {err}") from None
             return _split_of(name, loaded, split)
+        if name.endswith(DATA_SUFFIXES) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+            raise DataError(f"--dataset_names {name!r}: no such file or folder")
         return _cached_hub_dataset(name, split)
 
 

@@ -70,6 +70,11 @@ def test_each_shape_trains_on_its_embedded_images_in_order(kind, tmp_path, monke
     assert len(images) == ROWS and all(isinstance(p, str) and p.startswith("embedded:") for p in images)
     (table,) = bundle.train.image_store.tables.values()
     assert table.cache_files, "the source table is held in memory, not memory-mapped"
+    # The vision-feature cache keys an image by its pixels: an embedded image read again gets the same key.
+    from mmtrain.model.vision_cache import image_key
+
+    first, again = bundle.train[0]["pixel_values"][0], bundle.train[0]["pixel_values"][0]
+    assert image_key(first) == image_key(again) != image_key(bundle.train[1]["pixel_values"][0])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -160,6 +165,21 @@ def test_a_hub_name_not_in_the_cache_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(DataError, match=r"--dataset_names 'someone/not-here' is not a file, a folder or a registered dataset, and no Hub dataset of that name is in .*empty-cache"):
         read_sources(_args(["someone/not-here"]))
+
+
+def test_a_path_that_is_not_there_is_not_taken_for_a_hub_name(tmp_path):
+    with pytest.raises(DataError, match=r"--dataset_names '.*gone.parquet': no such file or folder"):
+        read_sources(_args([str(tmp_path / "gone.parquet")]))
+
+
+def test_a_damaged_parquet_shard_is_named(tmp_path, image_processor):
+    pattern = write_parquet_shards(tmp_path, shards=1, per_shard=3)
+    data = (tmp_path / "part-0.parquet").read_bytes()
+    (tmp_path / "part-0.parquet").write_bytes(data[: len(data) // 2])
+    stream = _image_stream(pattern, image_processor)
+    stream.start()
+    with pytest.raises(DataError, match=r"part-0.parquet: shard cannot be read before its first record"):
+        _drain(stream)
 
 
 def test_a_missing_split_names_the_splits_there(tmp_path):
