@@ -57,7 +57,8 @@ def shard_files(patterns: list[str], folders: list[str]) -> list[tuple[str, str 
         paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         paths = [p for p in paths if os.path.isfile(p)]
         if not paths:
-            raise DataError(f"--dataset_names {pattern!r} matches no shard file")
+            folder_hint = f" (a folder streams as its shard files, e.g. {os.path.join(pattern, '*.arrow')})" if os.path.isdir(pattern) else ""
+            raise DataError(f"--dataset_names {pattern!r} matches no shard file{folder_hint}")
         for path in paths:
             if not path.endswith(SHARD_SUFFIXES):
                 raise DataError(f"--dataset_names {pattern!r}: shard {path} is not {' or '.join(SHARD_SUFFIXES)}")

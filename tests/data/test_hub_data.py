@@ -319,3 +319,12 @@ def test_a_corrupt_image_in_a_stream_is_an_error_or_a_counted_skip(tmp_path, ima
     stream.start()
     assert [i for i, _, _ in _drain(stream)] == ["part-0.parquet:0", "part-0.parquet:2"]
     assert stream.skipped_bad_samples == 1
+
+
+def test_a_save_to_disk_folder_streams_as_its_arrow_files(tmp_path, image_processor):
+    vqa_dataset(3).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"matches no shard file \(a folder streams as its shard files, e\.g\. .*saved/\*\.arrow\)"):
+        shard_files([str(tmp_path / "saved")], [])
+    stream = _image_stream(str(tmp_path / "saved" / "*.arrow"), image_processor)
+    stream.start()
+    assert [answer for _, answer, _ in sorted(_drain(stream))] == [color_of(i) for i in range(3)]
