@@ -24,7 +24,7 @@ import contextlib
 import os
 
 from mmtrain.data.formats import DataError, normalize_record
-from mmtrain.data.images import strip_embedded
+from mmtrain.data.images import strip_embedded, without_image_bytes
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 # A name ending so is a file that is not there, never a Hub name.
@@ -121,7 +121,8 @@ def dataset_records(table, source: str, image_folder: str | None, columns: dict 
     records, index = [], 0
     # Arrow format: each value as stored (an image as its struct), not decoded by its feature.
     for batch in table.with_format("arrow").iter(batch_size=CHECK_BATCH):
-        for row in batch.to_pylist():
+        for row in without_image_bytes(batch).to_pylist():
             records.append(normalize_record(strip_embedded(row, source, index), source, index, image_folder, columns))
             index += 1
     return records
+

@@ -74,6 +74,35 @@ def strip_embedded(row: dict, source: str, index: int) -> dict:
     return out
 
 
+def without_image_bytes(batch):
+    """A pyarrow table or record batch with each binary value (an image's bytes) replaced by ``b""``, nulls kept.
+
+    What checking a record and placing its images need (:func:`strip_embedded` makes a
+    reference of any bytes there are). Only validity bitmaps are read, so the images'
+    pages of a memory-mapped table are never touched, nor copied into Python.
+    """
+    import pyarrow as pa
+
+    return pa.table([_hollow(column) for column in batch.columns], names=batch.column_names)
+
+
+def _hollow(array):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(array, pa.ChunkedArray):
+        return pa.chunked_array([_hollow(chunk) for chunk in array.chunks], type=array.type)
+    kind = array.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pc.if_else(pc.is_valid(array), pa.scalar(b"", kind), pa.scalar(None, kind))
+    if pa.types.is_struct(kind):
+        return pa.StructArray.from_arrays([_hollow(child) for child in array.flatten()], fields=list(kind), mask=array.is_null())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        build = pa.ListArray if pa.types.is_list(kind) else pa.LargeListArray
+        return build.from_arrays(array.offsets, _hollow(array.values), type=kind, mask=array.is_null())
+    return array
+
+
 class ImageStore:
     """Reads embedded images back from the datasets they came from.
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from mmtrain.data.dataset import BadImageError
 from mmtrain.data.formats import DataError, normalize_record
-from mmtrain.data.images import strip_embedded
+from mmtrain.data.images import strip_embedded, without_image_bytes
 from mmtrain.data.tar_shards import read_tar
 
 logger = logging.getLogger(__name__)
@@ -106,14 +106,14 @@ def _read_table(path: str):
         if path.endswith(".parquet"):
             batches = pq.ParquetFile(path).iter_batches(batch_size=TABLE_BATCH)
             for batch in batches:
-                for values in batch.to_pylist():
+                for values in without_image_bytes(batch).to_pylist():
                     yield row(index, values)
                     index += 1
         else:
             with pa.memory_map(path) as source:
                 for batch in pa.ipc.open_stream(source):
                     for start in range(0, batch.num_rows, TABLE_BATCH):
-                        for values in batch.slice(start, TABLE_BATCH).to_pylist():
+                        for values in without_image_bytes(batch.slice(start, TABLE_BATCH)).to_pylist():
                             yield row(index, values)
                             index += 1
     except (OSError, pa.ArrowException) as err:

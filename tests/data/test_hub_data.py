@@ -328,3 +328,32 @@ def test_a_save_to_disk_folder_streams_as_its_arrow_files(tmp_path, image_proces
     stream = _image_stream(str(tmp_path / "saved" / "*.arrow"), image_processor)
     stream.start()
     assert [answer for _, answer, _ in sorted(_drain(stream))] == [color_of(i) for i in range(3)]
+
+
+def test_checking_every_record_reads_no_image_bytes(tmp_path):
+    import os
+    import tracemalloc
+
+    import datasets
+
+    from mmtrain.data.hub import dataset_records
+
+    # Twenty 1 MB images (never decoded while checking, so any bytes do), one of them missing.
+    rows = vqa_dataset(20).to_dict()
+    rows["images"] = [[{"bytes": os.urandom(1 << 20), "path": None}] for _ in range(20)]
+    rows["images"][7] = []
+    datasets.Dataset.from_dict(rows, features=vqa_dataset(1).features).save_to_disk(str(tmp_path / "big"))
+    table = datasets.load_from_disk(str(tmp_path / "big"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"big: record 7: 1 <image> placeholders but 0 images"):
+            dataset_records(table, str(tmp_path / "big"), None, None)
+        rows["images"][7] = rows["images"][6]
+        datasets.Dataset.from_dict(rows, features=vqa_dataset(1).features).save_to_disk(str(tmp_path / "big2"))
+        tracemalloc.reset_peak()
+        records = dataset_records(datasets.load_from_disk(str(tmp_path / "big2")), "big2", None, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(records) == 20 and all(r["images"][0].startswith("embedded:") for r in records)
+    assert peak < 4 << 20, f"checking 20 MB of images allocated {peak / 2**20:.1f} MiB"
