@@ -246,6 +246,11 @@ class VisionEncoder(nn.Module):
         if max(keep, 1) < len(layer_list):
             del layer_list[max(keep, 1) :]
             config.num_hidden_layers = max(keep, 1)
+            if hasattr(config, "stage_names"):
+                # Backbone configs (DINOv2, ViT...) name a stage per layer, and their saved
+                # output stage must be one of them for the folder to load again.
+                config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, config.num_hidden_layers + 1)]
+                config.set_output_features_output_indices(out_features=None, out_indices=None)
         self.feature_layer = -1 if keep > 0 else 0
         self.hidden_size = config.hidden_size
         self.num_patches = layout.patches + (1 if self.keep_cls else 0)
