@@ -59,7 +59,7 @@ class VLMConfig:
     )
     vis_proj: str = field(default="mlp", metadata=_doc(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
     vision_feature_layer: int = field(
-        default=-2, metadata=_doc("Hidden layer of the vision encoder whose output is projected (-2: second to last, as LLaVA).")
+        default=-2, metadata=_doc("Hidden layer of the vision encoder (of each, when two are fused) whose output is projected (-2: second to last, as LLaVA and prismatic).")
     )
     vision_keep_cls: bool = field(default=False, metadata=_doc("Keep the CLS token of towers that have one (CLIP, DINOv2; dropped by default). Register tokens are always dropped."))
     perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
@@ -71,7 +71,10 @@ class VLMConfig:
     lang_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the LM."))
     vis_lora_dim: int = field(default=0, metadata=_doc("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
     vis_lora_module_name: str = field(
-        default="encoder.layers.", metadata=_doc("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
+        default="encoder.layers.", metadata=_doc(
+            "LoRA goes on every Linear of the vision encoder whose name contains this scope "
+            "(the layer lists: CLIP, SigLIP, SigLIP2 encoder.layers.; DINOv2 encoder.layer.; ViT layers.)."
+        ),
     )
     vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
     vis_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the vision encoder."))

@@ -118,8 +118,10 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
         probe = copy.deepcopy(config)
         probe.num_hidden_layers = 1  # the token count does not depend on the depth
         try:
+            # The class itself, not AutoModel.from_config: that one builds under
+            # deepspeed.zero.Init once a ZeRO-3 run has begun, which a meta probe must not.
             with torch.device("meta"):
-                tower = AutoModel.from_config(probe)
+                tower = MODEL_MAPPING[type(config)](probe)
                 out = tower(pixel_values=torch.empty(1, *pixel_shape), output_hidden_states=True)
         except Exception as e:  # whatever the tower raises, the message names it and the flag
             raise ConfigError(

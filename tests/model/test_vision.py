@@ -297,3 +297,22 @@ def test_budget_and_memory_count_both_fused_towers(towers, model_folders):
         estimates["dinov2"].vision_transient, estimates["siglip"].vision_transient + first_features
     )
     assert fused_estimate.frozen_weights > max(e.frozen_weights for e in estimates.values())
+
+
+@pytest.mark.parametrize(
+    ("processor", "says"),
+    [
+        (dict(size={"shortest_edge": 64}, do_center_crop=False), "gives images of shapes"),  # the size follows the image
+        (dict(size={"shortest_edge": 96}, crop_size={"height": 96, "width": 96}), "cannot run on 96x96 images"),  # CLIP has 64 px positions
+    ],
+)
+def test_a_processor_the_tower_cannot_take_is_refused_before_weights_load(model_folders, tmp_path, processor, says):
+    from transformers import CLIPImageProcessorPil
+
+    from mmtrain.model.builder import check_model_config
+
+    folder = tmp_path / "clip"
+    presets.preset_config("tiny-clip").save_pretrained(folder)  # a config and a processor, no weights at all
+    CLIPImageProcessorPil(**processor).save_pretrained(folder)
+    with pytest.raises(ConfigError, match=f"--vision_model_name_or_path '{folder}': .*{says}"):
+        check_model_config(_args(model_folders, str(folder)))
