@@ -316,3 +316,15 @@ def test_a_processor_the_tower_cannot_take_is_refused_before_weights_load(model_
     CLIPImageProcessorPil(**processor).save_pretrained(folder)
     with pytest.raises(ConfigError, match=f"--vision_model_name_or_path '{folder}': .*{says}"):
         check_model_config(_args(model_folders, str(folder)))
+
+
+def test_the_second_encoder_flag_is_checked_and_part_of_the_models_identity():
+    from mmtrain.args import ModelArguments, parse_args
+
+    with pytest.raises(ConfigError, match="--vision_model_name_or_path_2 'tiny-llama' is a language preset"):
+        parse_args(["--vision_model_name_or_path_2", "tiny-llama"])
+    record = ModelArguments().identity()
+    del record["vision_model_name_or_path_2"]  # checkpoints written before the flag existed: one encoder
+    assert ModelArguments().differences(record) == []
+    fused = ModelArguments(vision_model_name_or_path="tiny-dinov2", vision_model_name_or_path_2="tiny-siglip")
+    assert "--vision_model_name_or_path_2: recorded None, now 'tiny-siglip'" in fused.differences(record)
