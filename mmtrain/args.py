@@ -509,8 +509,11 @@ def check_fp8_flags(model_args: ModelArguments, train_args: TrainArguments) -> N
 
 def validate_paths(model_args: ModelArguments) -> None:
     """Each model flag must name a preset or a folder holding a Hugging Face config."""
-    for flag, kind in (("lm_model_name_or_path", "language"), ("vision_model_name_or_path", "vision")):
+    flags = (("lm_model_name_or_path", "language"), ("vision_model_name_or_path", "vision"), ("vision_model_name_or_path_2", "vision"))
+    for flag, kind in flags:
         value = getattr(model_args, flag)
+        if value is None:  # the optional second vision encoder
+            continue
         if presets.is_preset(value):
             if presets.PRESETS[value].kind != kind:
                 raise ConfigError(f"--{flag} {value!r} is a {presets.PRESETS[value].kind} preset; {kind} presets: {', '.join(presets.preset_names(kind))}")

@@ -15,6 +15,11 @@ biases):
 * ``vit`` and ``perceiver``: no. LLaVA has no transformer block or cross-attention
   resampler in its projector, and the perceiver changes the number of image tokens.
 
+Vision towers: LLaVA calls its tower with ``pixel_values`` alone and reads one hidden
+layer, dropping the first token ("default") or none ("full"). So a tower that needs more
+inputs (SigLIP2's patch mask and grid), one with tokens besides the CLS token before its
+patches (DINOv2's registers), and two fused towers (LLaVA holds one) are refused.
+
 Models trained with MMCA attention export their weights, but LLaVA runs ordinary
 causal attention, so the exported model would not compute what was trained: refused.
 
@@ -249,6 +254,30 @@ def check_prompts(folder: str, built, template: str, system_prompt: str) -> list
     return problems
 
 
+def check_llava_vision(config, model_dir: str) -> None:
+    """Refuse (from configs alone) a vision encoder LLaVA's vision tower cannot be."""
+    from mmtrain.model.vision import tower_specs
+
+    specs = tower_specs(config)
+    if len(specs) > 1:
+        raise ConfigError(
+            f"--model {model_dir} fuses two vision encoders; LlavaForConditionalGeneration holds one vision tower, "
+            "so its features cannot be made there (the mmtrain export itself loads with mmtrain.model.load_pretrained)"
+        )
+    tower, layout = type(specs[0].config).__name__, specs[0].layout
+    if layout.patchified:
+        raise ConfigError(
+            f"--model {model_dir}: its {tower} tower needs pixel_attention_mask and spatial_shapes beside the pixels, "
+            "and LlavaForConditionalGeneration calls its vision tower with pixel_values alone"
+        )
+    if layout.prefix_tokens > 1:
+        raise ConfigError(
+            f"--model {model_dir}: its {tower} tower puts {layout.prefix_tokens} tokens before the patches "
+            f"({layout.registers} registers), and LLaVA's feature selection drops at most one (the CLS token): "
+            "they would become image tokens"
+        )
+
+
 def export_llava(model_dir: str, out: str) -> str:
     """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA folder at ``out``."""
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -264,6 +293,7 @@ def export_llava(model_dir: str, out: str) -> str:
             f"--model {model_dir} was trained with MMCA attention ({config.mmca_image_attention}), which LLaVA's "
             "ordinary causal attention cannot run: the export would compute something else"
         )
+    check_llava_vision(config, model_dir)
     template, system_prompt = prompt_format(model_dir)
     built = load_pretrained(model_dir)
     chat_template = chat_template_for(built.tokenizer, template, system_prompt)
@@ -304,7 +334,7 @@ def export_llava(model_dir: str, out: str) -> str:
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1 if has_cls else 0,
+        num_additional_image_tokens=vlm.vision.prefix_tokens,
         chat_template=chat_template,
     )
     processor.save_pretrained(out)

@@ -47,8 +47,7 @@ class Chat:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"--image {path}: cannot read the image: {e}") from None
         if not images:
-            size = self.built.model.vision.image_size
-            return torch.zeros(0, 3, size, size)
+            return torch.zeros(0, *self.built.model.vision.pixel_shape)
         return self.built.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def encode_prompt(self, turns: list[dict]) -> list[int]:
@@ -65,7 +64,7 @@ class Chat:
         prompt = with_placeholders(prompt, len(images))
         model = self.built.model
         with torch.no_grad():
-            new_features = list(model.encode_images(self._pixels(list(images)).to(model.vision.tower.device)))
+            new_features = list(model.encode_images(self._pixels(list(images)).to(next(model.vision.parameters()).device)))
         history = self.turns if keep else []
         features = (self.features if keep else []) + new_features
         turns = history + [{"role": "user", "text": prompt}]

@@ -9,11 +9,22 @@ so presets and a user's checkpoint go through the very same ``from_pretrained`` 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
 
-from transformers import CLIPVisionConfig, LlamaConfig, PretrainedConfig, Qwen2Config, SiglipVisionConfig
+from transformers import (
+    CLIPVisionConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Siglip2VisionConfig,
+    SiglipVisionConfig,
+    ViTConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,37 @@ def _tiny_siglip() -> SiglipVisionConfig:
     return SiglipVisionConfig(**_TINY_VISION_SHAPE)
 
 
+def _tiny_siglip2() -> Siglip2VisionConfig:
+    # No image_size: SigLIP2 reads a fixed grid of sqrt(num_patches) patches a side (8 x 8 = 64 px here).
+    shape = {k: v for k, v in _TINY_VISION_SHAPE.items() if k != "image_size"}
+    return Siglip2VisionConfig(num_patches=64, **shape)
+
+
+def _tiny_dinov2() -> Dinov2Config:
+    shape = {k: v for k, v in _TINY_VISION_SHAPE.items() if k != "intermediate_size"}
+    return Dinov2Config(mlp_ratio=2, **shape)
+
+
+def _tiny_dinov2_registers() -> Dinov2WithRegistersConfig:
+    shape = {k: v for k, v in _TINY_VISION_SHAPE.items() if k != "intermediate_size"}
+    return Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **shape)
+
+
+def _tiny_vit() -> ViTConfig:
+    return ViTConfig(**_TINY_VISION_SHAPE)
+
+
+def _dinov2_large_224() -> Dinov2Config:
+    # DINOv2 ViT-L/14 as its image processor runs it: 224 px crops, 16 x 16 patches
+    return Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=14)
+
+
+def _siglip_so400m_224() -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=224, patch_size=14
+    )
+
+
 def _clip(hidden: int, layers: int, heads: int, mlp: int, image: int, patch: int, proj: int):
     def build() -> CLIPVisionConfig:
         return CLIPVisionConfig(
@@ -116,6 +158,12 @@ PRESETS: dict[str, Preset] = {
         Preset("llama-2-13b", "language", _llama_2(5120, 40, 40, 13824), "LLaMA-2-13B shape (13.0 B)"),
         Preset("tiny-clip", "vision", _tiny_clip, "CLIP vision tower, 3 layers, 64 px, patch 8 (tests, CPU demo)"),
         Preset("tiny-siglip", "vision", _tiny_siglip, "SigLIP vision tower, 3 layers, 64 px, patch 8 (tests)"),
+        Preset("tiny-siglip2", "vision", _tiny_siglip2, "SigLIP2 vision tower at a fixed 8x8 grid, 3 layers, 64 px, patch 8 (tests)"),
+        Preset("tiny-dinov2", "vision", _tiny_dinov2, "DINOv2 tower (CLS), 3 layers, 64 px, patch 8 (tests)"),
+        Preset("tiny-dinov2-registers", "vision", _tiny_dinov2_registers, "DINOv2 with 4 registers (+ CLS), 3 layers, 64 px, patch 8 (tests)"),
+        Preset("tiny-vit", "vision", _tiny_vit, "ViT tower (CLS), 3 layers, 64 px, patch 8: the generic path (tests)"),
+        Preset("dinov2-large-224", "vision", _dinov2_large_224, "DINOv2 ViT-L/14 at 224 px, 256 patches (0.30 B)"),
+        Preset("siglip-so400m-14-224", "vision", _siglip_so400m_224, "SigLIP So400m/14 at 224 px, 256 patches (0.43 B)"),
         Preset(
             "clip-vit-large-patch14-336",
             "vision",
@@ -223,9 +271,20 @@ def build_preset_image_processor(config: PretrainedConfig):
     except ImportError:  # older transformers: the default classes are PIL-backed
         from transformers import CLIPImageProcessor, SiglipImageProcessor
 
+    if isinstance(config, Siglip2VisionConfig):
+        size = math.isqrt(config.num_patches) * config.patch_size
+        return SiglipImageProcessor(size={"height": size, "width": size})
     size = config.image_size
     if isinstance(config, SiglipVisionConfig):
         return SiglipImageProcessor(size={"height": size, "width": size})
+    if isinstance(config, (Dinov2Config, Dinov2WithRegistersConfig)):
+        from transformers import BitImageProcessorPil
+
+        # DINOv2's own processing (ImageNet statistics), at the preset's size
+        return BitImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+        )
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
@@ -235,7 +294,7 @@ def materialize_preset(name: str, folder: str | os.PathLike, seed: int = 0) -> s
     Returns the folder. Existing folders holding the same preset are reused.
     """
     import torch
-    from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
     folder = os.fspath(folder)
     marker = os.path.join(folder, "mmtrain_preset.txt")
@@ -248,8 +307,7 @@ def materialize_preset(name: str, folder: str | os.PathLike, seed: int = 0) -> s
         model = AutoModelForCausalLM.from_config(config)
         build_preset_tokenizer().save_pretrained(folder)
     else:
-        cls = SiglipVisionModel if isinstance(config, SiglipVisionConfig) else CLIPVisionModel
-        model = cls(config)
+        model = AutoModel.from_config(config)
         build_preset_image_processor(config).save_pretrained(folder)
     model.save_pretrained(folder)
     with open(marker, "w") as f:

@@ -121,6 +121,10 @@ Hugging Face LLaMA/Qwen2 decoder layer is counted instead:
   every layer's output lives until the tower returns: (L_v + 1)·T·d_v·w per image (T
   tokens, CLS included), plus one layer's working set T·(5d_v + 2i_v)·w. With vision
   LoRA its layers store T·(14d_v + 4i_v + 12r)·w/2 each (2T·d_v·w with checkpointing).
+  Two fused towers (``--vision_model_name_or_path_2``) run one after the other: the
+  transient is the larger of the first's and the second's plus the first's returned
+  features; with LoRA their stored activations add up. d_v of the projector is the sum
+  of the two widths.
 
 Peak = model states + buffers + max(activations + logits, vision transient, optimizer
 step transient): the vision tower runs before the LM's activations pile up, and the

@@ -97,13 +97,10 @@ class ModelFacts:
     image_tokens: int  # LM positions of one image's features
     patches: int  # vision features fed to the projector
     perceiver_queries: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int  # layers actually run (after the read-out layer)
-    vision_tokens: int  # tokens inside the tower (CLS included)
+    vision_hidden: int  # width of the features fed to the projector (both towers' when fused)
+    vision_towers: tuple  # VisionTowerFacts of each tower, in the order they run
     vision_trainable: bool
     vision_lora_rank: int
-    image_size: int
     # Frozen Linear weights --fp8_base / --fp8_vision would hold in float8, and their scales (one per output channel).
     fp8_base_weights: int = 0
     fp8_base_scales: int = 0
@@ -118,6 +115,33 @@ class ModelFacts:
     def persistent(self, threshold: int, trainable: bool) -> int:
         """Engine parameters small enough to stay whole at stage 3."""
         return sum(n for n, t, e in self.params if e and t == trainable and n < threshold)
+
+
+@dataclass(frozen=True)
+class VisionTowerFacts:
+    """One vision tower's shapes, as the memory model needs them."""
+
+    hidden: int
+    intermediate: int
+    layers: int  # layers actually run (after the read-out layer)
+    tokens: int  # tokens inside the tower (CLS and registers included)
+    pixels: int  # values of one image's pixel tensor (C x H x W)
+    features: int  # values of one image's features it returns (patches x width)
+
+
+def _tower_facts(part) -> VisionTowerFacts:
+    config = part.tower.config
+    layout = part.layout
+    intermediate = getattr(config, "intermediate_size", None) or int(config.hidden_size * getattr(config, "mlp_ratio", 4))
+    c, h, w = layout.pixel_shape
+    return VisionTowerFacts(
+        hidden=config.hidden_size,
+        intermediate=intermediate,
+        layers=config.num_hidden_layers,
+        tokens=layout.patches + layout.prefix_tokens,
+        pixels=c * h * w,
+        features=part.num_patches * part.hidden_size,
+    )
 
 
 def _key(model_args: ModelArguments) -> tuple:
@@ -169,9 +193,6 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
     fp8 = {part: convertible_linears(root, scopes) for part, (root, scopes) in float8_scopes(model).items()}
 
     vision = model.vision
-    vconfig = vision.tower.config
-    has_cls = type(vconfig).__name__.startswith("CLIP")
-    grid = (vconfig.image_size // vconfig.patch_size) ** 2
     projector = model.projector
     facts = ModelFacts(
         params=params,
@@ -192,13 +213,10 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
         image_tokens=built.image_tokens.per_image,
         patches=vision.num_patches,
         perceiver_queries=getattr(projector, "num_tokens", 0),
-        vision_hidden=vconfig.hidden_size,
-        vision_intermediate=vconfig.intermediate_size,
-        vision_layers=vconfig.num_hidden_layers,
-        vision_tokens=grid + (1 if has_cls else 0),
+        vision_hidden=vision.hidden_size,
+        vision_towers=tuple(_tower_facts(part) for part in vision.parts),
         vision_trainable=model.vision_trainable,
         vision_lora_rank=model_args.vis_lora_dim,
-        image_size=vconfig.image_size,
         fp8_base_weights=sum(numel(m.weight) for m in fp8["base"]),
         fp8_base_scales=sum(m.out_features for m in fp8["base"]),
         fp8_vision_weights=sum(numel(m.weight) for m in fp8["vision"]),

@@ -114,19 +114,27 @@ def _projector_activation_bytes(facts: ModelFacts, images: int, w: int) -> int:
 
 
 def _vision_transient_bytes(facts: ModelFacts, images: int, w: int) -> int:
-    t, dv, iv = facts.vision_tokens, facts.vision_hidden, facts.vision_intermediate
-    hidden_states = (facts.vision_layers + 1) * t * dv * w
-    layer = t * (5 * dv + 2 * iv) * w
-    pixels = 3 * facts.image_size**2 * w
-    return images * (hidden_states + layer + pixels)
+    """The frozen towers under no_grad; fused towers run one after the other, the first's features kept."""
+    peak, kept = 0, 0
+    for tower in facts.vision_towers:
+        t, dv, iv = tower.tokens, tower.hidden, tower.intermediate
+        hidden_states = (tower.layers + 1) * t * dv * w
+        layer = t * (5 * dv + 2 * iv) * w
+        peak = max(peak, kept + images * (hidden_states + layer + tower.pixels * w))
+        kept += images * tower.features * w
+    return peak
 
 
 def _vision_trained_activation_bytes(facts: ModelFacts, images: int, w: int, checkpointing: bool) -> int:
-    t, dv, iv, r = facts.vision_tokens, facts.vision_hidden, facts.vision_intermediate, facts.vision_lora_rank
-    layer = int(t * (14 * dv + 4 * iv + 12 * r) * w / 2)
-    if checkpointing:
-        return images * (facts.vision_layers * 2 * t * dv * w // 2 + layer)
-    return images * facts.vision_layers * layer
+    total, r = 0, facts.vision_lora_rank
+    for tower in facts.vision_towers:
+        t, dv, iv = tower.tokens, tower.hidden, tower.intermediate
+        layer = int(t * (14 * dv + 4 * iv + 12 * r) * w / 2)
+        if checkpointing:
+            total += images * (tower.layers * 2 * t * dv * w // 2 + layer)
+        else:
+            total += images * tower.layers * layer
+    return total
 
 
 def stage3_gathered_parameters(facts: ModelFacts, setup: MemorySetup) -> int:

@@ -21,7 +21,7 @@ from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
 from mmtrain.model import varlen_attention
 from mmtrain.model.tokens import ImageTokens, add_image_tokens
-from mmtrain.model.vision import build_vision_encoder, load_image_processor, load_vision_config
+from mmtrain.model.vision import build_vision_encoder, load_image_processor, tower_specs
 from mmtrain.model.vlm import VisionLanguageModel
 
 logger = logging.getLogger("mmtrain")
@@ -39,7 +39,7 @@ class BuiltModel:
 
 def check_model_config(config: VLMConfig) -> None:
     """Everything about the model settings that can fail, checked from configs alone (no weights)."""
-    load_vision_config(config.vision_model_name_or_path)
+    tower_specs(config)  # each tower's config and image processor, and that fused grids agree
     lm_config = load_language_config(config.lm_model_name_or_path)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
@@ -75,7 +75,7 @@ def build_model(
     ``preset_device`` is where presets draw their random weights (the trainer passes
     its GPU at ZeRO 0-2; at ZeRO-3 ``zero.Init`` places them).
     """
-    vision_config = load_vision_config(config.vision_model_name_or_path)
+    vision_specs = tower_specs(config)
     lm_config = load_language_config(config.lm_model_name_or_path)
     config = config.model_config()  # a subclass (the command line's) may carry more than the model
     vision_trainable = config.vision_trainable
@@ -84,11 +84,11 @@ def build_model(
     vision_ctx = frozen_vision_context if (frozen_vision_context and not vision_trainable) else contextlib.nullcontext()
 
     tokenizer = load_tokenizer(config.lm_model_name_or_path)
-    image_processor = load_image_processor(config, vision_config)
+    image_processor = load_image_processor(config, vision_specs)
     with device_ctx:
         with vision_ctx:
             vision = build_vision_encoder(
-                config, dtype=dtype, config=vision_config, strict=strict, weights=not meta, preset_device=preset_device
+                config, dtype=dtype, specs=vision_specs, strict=strict, weights=not meta, preset_device=preset_device
             )
         language_model = build_language_model(
             config, dtype=dtype, config=lm_config, strict=strict, weights=not meta, preset_device=preset_device
@@ -144,7 +144,8 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
     if speed.gradient_checkpointing:
         enable_checkpointing(lm)
         if model.vision_trainable:
-            enable_checkpointing(model.vision.tower)
+            for part in model.vision.parts:
+                enable_checkpointing(part.tower)
     if speed.gradient_checkpointing_layers:
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
@@ -174,10 +175,11 @@ def float8_scopes(model: VisionLanguageModel) -> dict[str, tuple[nn.Module, list
     """Where ``--fp8_base`` and ``--fp8_vision`` convert frozen Linears: ``{part: (root, scopes)}``.
 
     The LM's decoder layers only (its embeddings and ``lm_head`` are outside them), and
-    the whole vision tower.
+    the whole vision tower (both, when fused).
     """
-    lm, tower = model.language_model, model.vision.tower
-    return {"base": (lm, list(decoder_layers(lm))), "vision": (tower, [tower])}
+    lm, vision = model.language_model, model.vision
+    towers = [part.tower for part in vision.parts]
+    return {"base": (lm, list(decoder_layers(lm))), "vision": (towers[0] if len(towers) == 1 else vision, towers)}
 
 
 def _install_new_token_rows(language_model: nn.Module, image_tokens: ImageTokens, vocab_size: int, config) -> None:

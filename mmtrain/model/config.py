@@ -29,7 +29,7 @@ ATTENTION_KERNELS = ("sdpa", "eager")
 CONFIG_VERSION = 1
 # Identity settings added after checkpoints recording an identity existed, with the value
 # every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
-ADDED_TO_IDENTITY = {"lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False}
+ADDED_TO_IDENTITY = {"lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None}
 
 
 def _doc(text: str, **kw) -> dict:
@@ -45,13 +45,23 @@ class VLMConfig:
     )
     vision_model_name_or_path: str = field(
         default="tiny-clip",
-        metadata=_doc("Vision encoder: a local CLIP/SigLIP folder or a preset (" + ", ".join(presets.preset_names("vision")) + ")."),
+        metadata=_doc(
+            "Vision encoder: a local Hugging Face vision-transformer folder (CLIP, SigLIP, SigLIP2, DINOv2, ViT, ...) "
+            "or a preset (" + ", ".join(presets.preset_names("vision")) + ")."
+        ),
+    )
+    vision_model_name_or_path_2: Optional[str] = field(
+        default=None,
+        metadata=_doc(
+            "A second vision encoder whose features are fused with the first's (concatenated per patch, as prismatic's "
+            "DINOv2 + SigLIP): both must have the same patch grid. Each image goes through each encoder's own image processor."
+        ),
     )
     vis_proj: str = field(default="mlp", metadata=_doc(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
     vision_feature_layer: int = field(
-        default=-2, metadata=_doc("Hidden layer of the vision encoder whose output is projected (-2: second to last, as LLaVA).")
+        default=-2, metadata=_doc("Hidden layer of the vision encoder (of each, when two are fused) whose output is projected (-2: second to last, as LLaVA and prismatic).")
     )
-    vision_keep_cls: bool = field(default=False, metadata=_doc("Keep the CLS token of CLIP towers (dropped by default)."))
+    vision_keep_cls: bool = field(default=False, metadata=_doc("Keep the CLS token of towers that have one (CLIP, DINOv2; dropped by default). Register tokens are always dropped."))
     perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
     lang_lora_dim: int = field(default=16, metadata=_doc("LoRA rank on the language model (0: no LoRA)."))
     lang_lora_module_name: str = field(
@@ -61,7 +71,10 @@ class VLMConfig:
     lang_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the LM."))
     vis_lora_dim: int = field(default=0, metadata=_doc("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
     vis_lora_module_name: str = field(
-        default="encoder.layers.", metadata=_doc("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
+        default="encoder.layers.", metadata=_doc(
+            "LoRA goes on every Linear of the vision encoder whose name contains this scope "
+            "(the layer lists: CLIP, SigLIP, SigLIP2 encoder.layers.; DINOv2 encoder.layer.; ViT layers.)."
+        ),
     )
     vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
     vis_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the vision encoder."))
@@ -107,6 +120,8 @@ class VLMConfig:
             raise ConfigError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
         if self.only_optimize_lora and self.train_full_embeddings:
             raise ConfigError("--only_optimize_lora and --train_full_embeddings contradict each other; pick one")
+        if self.vision_model_name_or_path_2 == "":
+            self.vision_model_name_or_path_2 = None  # an empty flag: one encoder
         if self.attn_implementation not in ATTENTION_KERNELS:
             raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: valid are {', '.join(ATTENTION_KERNELS)}")
 
@@ -176,7 +191,7 @@ class VLMConfig:
             "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
             "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
-            "train_lm_head",
+            "train_lm_head", "vision_model_name_or_path_2",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -194,12 +209,13 @@ class VLMConfig:
                 lines.append(f"--{k}: recorded {was!r}, now {v!r}")
         return lines
 
-    def exported(self, language_model: str, vision_encoder: str) -> "VLMConfig":
-        """The config of this model's export: its own folders, LoRA fused, the tower ending at the layer read."""
+    def exported(self, language_model: str, vision_encoder: str, vision_encoder_2: str | None = None) -> "VLMConfig":
+        """The config of this model's export: its own folders, LoRA fused, the towers ending at the layer read."""
         values = asdict(self.model_config())
         values.update(
             lm_model_name_or_path=language_model,
             vision_model_name_or_path=vision_encoder,
+            vision_model_name_or_path_2=vision_encoder_2 if self.vision_model_name_or_path_2 else None,
             vision_feature_layer=-1,
             lang_lora_dim=0,
             vis_lora_dim=0,

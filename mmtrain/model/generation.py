@@ -77,7 +77,7 @@ def generate(
     if image_features is None:
         vision = model.vision
         pixels = [im.to(device) for im in images if im.shape[0]]
-        pixels = torch.cat(pixels) if pixels else torch.zeros(0, 3, vision.image_size, vision.image_size, device=device)
+        pixels = torch.cat(pixels) if pixels else torch.zeros(0, *vision.pixel_shape, device=device)
         features = model.encode_images(pixels)
     else:
         features = torch.cat([f.to(device) for f in image_features])

@@ -7,8 +7,9 @@ An export folder holds standard pieces, each loadable on its own::
     language_model/            AutoModelForCausalLM folder (LoRA fused, new token rows
                                written into the embedding table) + tokenizer; its config
                                and generation config carry the tokenizer's bos/eos/pad ids
-    vision_encoder/            CLIP/SigLIP vision folder (LoRA fused, cut at the layer
-                               read) + image processor
+    vision_encoder/            the vision tower's folder (LoRA fused, cut at the layer
+                               read) + its image processor
+    vision_encoder_2/          the second tower's, when two are fused
     projector.safetensors      the projector's weights
 
 LoRA is fused into a *copy* of the weights (``merge_lora_state_dict``), so the model in
@@ -37,6 +38,7 @@ EXPORT_CONFIG = "mmtrain_config.json"
 EXPORT_FORMAT = 2  # 1: before the model config was saved (still loads; see _legacy_config)
 LANGUAGE_DIR = "language_model"
 VISION_DIR = "vision_encoder"
+VISION_DIR_2 = "vision_encoder_2"
 
 
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -110,17 +112,20 @@ def save_pretrained(
     save_torch_state_dict({k: v.contiguous() for k, v in lm_tensors.items()}, lm_dir)
     tokenizer.save_pretrained(lm_dir)
 
-    vision_dir = os.path.join(folder, VISION_DIR)
-    vision = model.vision
-    vision.tower.config.save_pretrained(vision_dir)
-    save_torch_state_dict({k: v.contiguous() for k, v in _split(state, "vision_encoder.tower.").items()}, vision_dir)
-    image_processor.save_pretrained(vision_dir)
+    fused = len(model.vision.parts) == 2
+    processors = image_processor.processors if fused else [image_processor]
+    prefixes = ("vision_encoder.first.tower.", "vision_encoder.second.tower.") if fused else ("vision_encoder.tower.",)
+    for part, processor, prefix, name in zip(model.vision.parts, processors, prefixes, (VISION_DIR, VISION_DIR_2)):
+        vision_dir = os.path.join(folder, name)
+        part.tower.config.save_pretrained(vision_dir)
+        save_torch_state_dict({k: v.contiguous() for k, v in _split(state, prefix).items()}, vision_dir)
+        processor.save_pretrained(vision_dir)
 
     save_file({k: v.contiguous() for k, v in _split(state, "projector.").items()}, os.path.join(folder, "projector.safetensors"))
     manifest = {
         "format_version": EXPORT_FORMAT,
         # folder paths relative to the export, so it can be moved
-        "model": config.exported(LANGUAGE_DIR, VISION_DIR).to_dict(),
+        "model": config.exported(LANGUAGE_DIR, VISION_DIR, VISION_DIR_2).to_dict(),
         "trained_with": config.to_dict(),
         "image_tokens_per_image": model.image_tokens.per_image,
         "original_vocab_size": model.image_tokens.original_vocab_size,
@@ -150,6 +155,8 @@ def export_config(folder: str) -> tuple[VLMConfig, dict]:
         raise ConfigError(f"{path}: export format {version} is not one this mmtrain reads (1, {EXPORT_FORMAT})")
     config.lm_model_name_or_path = os.path.join(folder, config.lm_model_name_or_path)
     config.vision_model_name_or_path = os.path.join(folder, config.vision_model_name_or_path)
+    if config.vision_model_name_or_path_2:
+        config.vision_model_name_or_path_2 = os.path.join(folder, config.vision_model_name_or_path_2)
     return config, manifest
 
 

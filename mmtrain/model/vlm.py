@@ -25,7 +25,7 @@ from mmtrain.batch import label_positions
 from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
 from mmtrain.model.varlen_attention import varlen_lm_kwargs
-from mmtrain.model.vision import VisionEncoder
+from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
 
 @dataclass
@@ -40,7 +40,7 @@ class VLMOutput(ModelOutput):
 class VisionLanguageModel(nn.Module):
     def __init__(
         self,
-        vision_encoder: VisionEncoder,
+        vision_encoder: VisionEncoder | FusedVisionEncoder,
         projector: nn.Module,
         language_model: nn.Module,
         image_tokens: ImageTokens,
@@ -55,7 +55,7 @@ class VisionLanguageModel(nn.Module):
         self.vision_encoder = vision_encoder
 
     @property
-    def vision(self) -> VisionEncoder:
+    def vision(self) -> VisionEncoder | FusedVisionEncoder:
         return self.vision_encoder
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class VisionLanguageModel(nn.Module):
                 # The fallback for a trained (LoRA) encoder: its attention cannot run on an
                 # empty batch, and under ZeRO-3 every rank must run it. One blank image goes
                 # through and contributes exactly zero (its features are sliced away).
-                blank = pixel_values.new_zeros(1, 3, vision.image_size, vision.image_size, dtype=dtype)
+                blank = pixel_values.new_zeros(1, *vision.pixel_shape, dtype=dtype)
                 features = vision(blank)
                 return features[:0] + 0.0 * features.sum()
             return vision(pixel_values.to(dtype))
@@ -142,7 +142,7 @@ class VisionLanguageModel(nn.Module):
         if image_features is None:
             if pixel_values is None:
                 vision = self.vision
-                pixel_values = torch.zeros(0, 3, vision.image_size, vision.image_size, device=input_ids.device)
+                pixel_values = torch.zeros(0, *vision.pixel_shape, device=input_ids.device)
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
         body = self.language_model.get_decoder()

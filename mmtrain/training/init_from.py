@@ -114,7 +114,7 @@ def check_source(path: str, config: VLMConfig, parts: list[str]) -> InitSource:
                 problems.append(f"{part}: {name} is {list(source_shapes[name])} in the {kind}, {list(shapes[name])} here")
         source.names[part] = mine
     if problems:
-        differ = [f"--{k} {recorded.get(k)!r} there, {getattr(config, k)!r} here" for k in _ARCHITECTURE + ("lm_model_name_or_path", "vision_model_name_or_path") if k in recorded and recorded.get(k) != getattr(config, k)]
+        differ = [f"--{k} {recorded.get(k)!r} there, {getattr(config, k)!r} here" for k in _ARCHITECTURE + ("lm_model_name_or_path", "vision_model_name_or_path", "vision_model_name_or_path_2") if k in recorded and recorded.get(k) != getattr(config, k)]
         raise ConfigError(
             f"--init_from {path!r} does not fit this model: " + "; ".join(problems) + (f" (settings: {'; '.join(differ)})" if differ else "")
         )

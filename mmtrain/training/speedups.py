@@ -202,6 +202,8 @@ def make_vision_cache(accelerator, model, model_args, output_dir: str) -> Vision
         "preset_seed": model_args.preset_seed,
         "dtype": str(next(vlm.vision.parameters()).dtype),
     }
+    if model_args.vision_model_name_or_path_2:
+        identity["vision_model_name_or_path_2"] = model_args.vision_model_name_or_path_2  # absent for one encoder, so older caches still match
     if any(isinstance(m, Float8FrozenLinear) for m in vlm.vision.modules()):
         identity["fp8_vision"] = True  # other features than the bf16 tower's; absent otherwise, so older caches still match
     return VisionFeatureCache(vlm.encode_images, directory=directory, identity=identity)
