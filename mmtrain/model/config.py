@@ -29,7 +29,9 @@ ATTENTION_KERNELS = ("sdpa", "eager")
 CONFIG_VERSION = 1
 # Identity settings added after checkpoints recording an identity existed, with the value
 # every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
-ADDED_TO_IDENTITY = {"lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False}
+ADDED_TO_IDENTITY = {
+    "lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vlm_name_or_path": "", "image_markup": "mmtrain",
+}
 
 
 def _doc(text: str, **kw) -> dict:
@@ -46,6 +48,21 @@ class VLMConfig:
     vision_model_name_or_path: str = field(
         default="tiny-clip",
         metadata=_doc("Vision encoder: a local CLIP/SigLIP folder or a preset (" + ", ".join(presets.preset_names("vision")) + ")."),
+    )
+    vlm_name_or_path: str = field(
+        default="",
+        metadata=_doc(
+            "Start from a transformers LLaVA folder (LlavaForConditionalGeneration, llava-hf layout): its vision tower, "
+            "projector (as mlp), LM, image token, tokenizer, image processor and chat template; its vision_feature_layer and "
+            "vision_feature_select_strategy set --vision_feature_layer and --vision_keep_cls, and both model paths name it."
+        ),
+    )
+    image_markup: Literal["mmtrain", "llava"] = field(
+        default="mmtrain",
+        metadata=_doc(
+            "How an image sits in the sequence: mmtrain (<im_start>, one <image> per feature, <im_end>; tokens added) or "
+            "llava (the tokenizer's own <image> per feature, nothing added; set by --vlm_name_or_path)."
+        ),
     )
     vis_proj: str = field(default="mlp", metadata=_doc(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
     vision_feature_layer: int = field(
@@ -92,6 +109,10 @@ class VLMConfig:
     preset_seed: int = field(default=0, metadata=_doc("Seed of the random weights of preset models."))
 
     def __post_init__(self):
+        if self.vlm_name_or_path:
+            from mmtrain.model.llava_import import resolve
+
+            resolve(self)  # reads the folder's config only
         if self.vis_proj not in PROJECTORS:
             raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
         for name in ("lang_lora_dim", "vis_lora_dim"):
@@ -176,7 +197,7 @@ class VLMConfig:
             "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
             "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
-            "train_lm_head",
+            "train_lm_head", "vlm_name_or_path", "image_markup",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -200,6 +221,7 @@ class VLMConfig:
         values.update(
             lm_model_name_or_path=language_model,
             vision_model_name_or_path=vision_encoder,
+            vlm_name_or_path="",  # the export holds the pieces itself; image_markup stays
             vision_feature_layer=-1,
             lang_lora_dim=0,
             vis_lora_dim=0,
