@@ -173,8 +173,9 @@ def read_folder(path: str) -> LlavaFolder:
         )
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{FLAG} {path!r}: cannot read its LLaVA config: {e}") from None
+    except Exception as e:  # transformers validates each field, with errors of several classes
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"{FLAG} {path!r}: cannot read its LLaVA config: {reason}") from None
     vision, text = config.vision_config, config.text_config
     if type(vision) not in _TOWERS:
         valid = ", ".join(sorted({c.__name__ for c in _TOWERS}))
