@@ -70,3 +70,51 @@ def write_tiny_llava(folder, *, vision: str = "tiny-clip", strategy: str = "defa
     )
     processor.save_pretrained(folder)
     return folder
+
+
+# Plain transformers, no mmtrain: each folder's own processor and chat template make the
+# prompt and greedy generate() answers (kept from stopping for 8 tokens); the ids and
+# answers are written to a JSON file, the pixels and the prompt's logits beside each folder.
+GENERATE_SCRIPT = """
+import json, sys
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+out_path, device, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
+out = {}
+image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8))
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+for folder in folders:
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        logits = model(**inputs).logits[0]
+    torch.save({"pixel_values": inputs["pixel_values"].cpu(), "logits": logits.cpu()}, folder + ".outputs.pt")
+    out[folder] = {"input_ids": inputs["input_ids"][0].tolist(), "new": ids[0, inputs["input_ids"].shape[1]:].tolist()}
+assert not any(name.startswith("mmtrain") for name in sys.modules), "mmtrain was imported"
+json.dump(out, open(out_path, "w"))
+"""
+
+
+def plain_transformers_generate(tmp_path, *folders, device: str = "cpu") -> dict:
+    """``{folder: {"input_ids", "new"}}`` from GENERATE_SCRIPT, run in a process of its own outside the repository."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "generate_plain.py"
+    script.write_text(GENERATE_SCRIPT)
+    out = tmp_path / "generated.json"
+    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if device != "cpu":  # the GPU's libraries are found through the environment
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), device, *map(str, folders)], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -9,9 +9,7 @@ weights load.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
@@ -21,7 +19,7 @@ from safetensors.torch import load_file
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.model import build_model
 from mmtrain.model.pretrained import EXPORT_CONFIG, load_pretrained, save_pretrained
-from tests.llava_folders import write_tiny_llava
+from tests.llava_folders import plain_transformers_generate, write_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -58,48 +56,6 @@ def test_imported_model_computes_what_the_llava_folder_computes(tmp_path, vision
     assert len(rows) == 1 and torch.equal(rows[0][1][0], reference.get_input_embeddings().weight[tokens.image_id])
 
 
-# Plain transformers, no mmtrain: each folder's own processor and chat template make the
-# prompt, greedy generate() answers; the ids, pixels and answers are written out.
-GENERATE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    out = {}
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
-    for folder in sys.argv[2:]:
-        processor = AutoProcessor.from_pretrained(folder)
-        model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[image], text=prompt, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-            logits = model(**inputs).logits[0]
-        torch.save({"pixel_values": inputs["pixel_values"], "logits": logits}, folder + ".outputs.pt")
-        out[folder] = {"input_ids": inputs["input_ids"][0].tolist(), "new": ids[0, inputs["input_ids"].shape[1]:].tolist()}
-    assert not any(name.startswith("mmtrain") for name in sys.modules), "mmtrain was imported"
-    json.dump(out, open(sys.argv[1], "w"))
-    """
-)
-
-
-def _plain_transformers_generate(tmp_path, *folders) -> dict:
-    script = tmp_path / "generate.py"
-    script.write_text(GENERATE_SCRIPT)
-    out = tmp_path / "generated.json"
-    # run outside the repository so that mmtrain cannot be imported by accident
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out), *map(str, folders)],
-        cwd=tmp_path, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
 def test_round_trip_gives_the_folders_tensors_and_generation(tmp_path, llava_folder):
     """Import, train 0 steps (the export the trainer writes), export as LLaVA: the same tensors, the same answer."""
     from mmtrain.export import export_llava
@@ -123,7 +79,7 @@ def test_round_trip_gives_the_folders_tensors_and_generation(tmp_path, llava_fol
     assert {k.split(".layer_norm")[0].split(".mlp")[0].split(".self_attn")[0] for k in set(original) - set(again)} == {
         "vision_tower.encoder.layers.2"
     }
-    generated = _plain_transformers_generate(tmp_path, llava_folder, out)
+    generated = plain_transformers_generate(tmp_path, llava_folder, out)
     assert generated[llava_folder] == generated[str(out)]
     assert len(generated[llava_folder]["new"]) == 8
     # and the reloaded mmtrain export gives the same logits as the folder
@@ -179,7 +135,7 @@ def test_lora_run_on_a_llava_folder_learns_and_exports_to_plain_transformers(tmp
     export = sorted(out.glob("epoch-*"))[-1]
     llava_out = tmp_path / "llava"
     export_llava(str(export), str(llava_out))
-    generated = _plain_transformers_generate(tmp_path, llava_out)[str(llava_out)]
+    generated = plain_transformers_generate(tmp_path, llava_out)[str(llava_out)]
     outputs = torch.load(f"{llava_out}.outputs.pt")
     reloaded = load_pretrained(str(export))
     ids = torch.tensor(generated["input_ids"])
