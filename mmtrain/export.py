@@ -21,9 +21,11 @@ causal attention, so the exported model would not compute what was trained: refu
 Prompts: the folder's chat template renders the prompt format the model was trained
 with (the ``template`` and ``system_prompt`` recorded in the export): the bos token where
 training put one, each image as ``<im_start><image><im_end>`` (the processor expands
-``<image>`` into one token per patch), and the ``plain`` template's ``### Image k:``,
-``### Question:`` and ``### Answer:`` headers, or, for ``--template chat``, the
-tokenizer's own chat template. So in plain transformers::
+``<image>`` into one token per patch; a model started from a LLaVA folder,
+``--vlm_name_or_path``, keeps LLaVA's lone ``<image>``), and the ``plain`` template's
+``### Image k:``, ``### Question:`` and ``### Answer:`` headers, or, for
+``--template chat``, the tokenizer's own chat template (one that reads content parts,
+such as a LLaVA folder's, is given the messages as they are). So in plain transformers::
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

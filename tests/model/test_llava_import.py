@@ -168,6 +168,23 @@ def test_init_from_a_stage_one_export_of_an_imported_run(tmp_path, llava_folder)
     assert torch.equal(stage2.model.projector.linear_2.bias, stage1.model.projector.linear_2.bias)
 
 
+@pytest.mark.parametrize(
+    ("flags", "trained_layers"),
+    [
+        (dict(lm_training="frozen", lang_lora_dim=0), set()),
+        (dict(lm_training="last_layers", lm_trainable_layers=1, lang_lora_dim=0), {3}),
+        (dict(lm_training="full", lang_lora_dim=0), {0, 1, 2, 3}),
+    ],
+)
+def test_lm_training_modes_on_an_imported_model(llava_folder, flags, trained_layers):
+    built = build_model(ModelArguments(vlm_name_or_path=llava_folder, **flags))
+    trained = [n for n, p in built.model.named_parameters() if p.requires_grad]
+    assert {n.split(".")[0] for n in trained} >= {"projector", "language_model"}
+    assert not [n for n in trained if n.startswith("vision_encoder.")]
+    layers = {int(n.split("layers.")[1].split(".")[0]) for n in trained if ".layers." in n}
+    assert layers == trained_layers
+
+
 # --- bad input: one line naming the flag, before any weights load ------------------------
 
 
