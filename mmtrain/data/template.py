@@ -172,7 +172,14 @@ def chat_template_takes_parts(tokenizer) -> bool:
             return False
         return _PROBE in text
 
-    return not renders(_PROBE) and renders([{"type": "text", "text": _PROBE}])
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _TAKES_PARTS:  # asked once per template, not once per sample
+        _TAKES_PARTS[key] = not renders(_PROBE) and renders([{"type": "text", "text": _PROBE}])
+    return _TAKES_PARTS[key]
+
+
+_TAKES_PARTS: dict[str, bool] = {}
 
 
 def content_parts(text: str) -> list[dict]:

@@ -168,6 +168,21 @@ def test_init_from_a_stage_one_export_of_an_imported_run(tmp_path, llava_folder)
     assert torch.equal(stage2.model.projector.linear_2.bias, stage1.model.projector.linear_2.bias)
 
 
+def test_chat_templates_that_read_content_parts_get_parts(llava_folder):
+    from mmtrain import presets
+    from mmtrain.data.formats import _message_text
+    from mmtrain.data.template import chat_template_takes_parts, content_parts
+
+    assert chat_template_takes_parts(build_model(ModelArguments(vlm_name_or_path=llava_folder, lang_lora_dim=0), meta=True).tokenizer)
+    assert not chat_template_takes_parts(presets.build_preset_tokenizer())  # string contents, as an LM's own template
+    for parts in (
+        [{"type": "image"}, {"type": "text", "text": "What color?"}],
+        [{"type": "text", "text": "Is "}, {"type": "image"}, {"type": "text", "text": " like "}, {"type": "image"}],
+        [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which?\n"}],
+    ):
+        assert content_parts(_message_text(parts, "test", 0, 0)) == parts
+
+
 @pytest.mark.parametrize(
     ("flags", "trained_layers"),
     [
