@@ -274,7 +274,8 @@ class TrainArguments:
         default=None,
         metadata=_help(
             "Start from an earlier run's trained parts: an export (OUTPUT/epoch-N) or a checkpoint "
-            "(OUTPUT/checkpoints/step-N); data, schedule and optimizer start afresh. See --init_parts."
+            "(OUTPUT/checkpoints/step-N); data, schedule and optimizer start afresh. See --init_parts. "
+            "(A transformers LLaVA folder is a whole model: --vlm_name_or_path.)"
         ),
     )
     init_parts: list[str] = field(

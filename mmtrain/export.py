@@ -26,9 +26,11 @@ causal attention, so the exported model would not compute what was trained: refu
 Prompts: the folder's chat template renders the prompt format the model was trained
 with (the ``template`` and ``system_prompt`` recorded in the export): the bos token where
 training put one, each image as ``<im_start><image><im_end>`` (the processor expands
-``<image>`` into one token per patch), and the ``plain`` template's ``### Image k:``,
-``### Question:`` and ``### Answer:`` headers, or, for ``--template chat``, the
-tokenizer's own chat template. So in plain transformers::
+``<image>`` into one token per patch; a model started from a LLaVA folder,
+``--vlm_name_or_path``, keeps LLaVA's lone ``<image>``), and the ``plain`` template's
+``### Image k:``, ``### Question:`` and ``### Answer:`` headers, or, for
+``--template chat``, the tokenizer's own chat template (one that reads content parts,
+such as a LLaVA folder's, is given the messages as they are). So in plain transformers::
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -56,7 +58,7 @@ import torch
 
 from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
-from mmtrain.data.template import encode_conversation
+from mmtrain.data.template import chat_template_takes_parts, encode_conversation
 from mmtrain.generate import GenerateArguments
 from mmtrain.model.pretrained import export_config, load_pretrained, prompt_format, special_token_ids
 from mmtrain.model.tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN
@@ -160,6 +162,20 @@ _CHAT_WRAPPER = (
 )
 
 
+# --template chat with a template that reads content parts (a VLM processor's own, such as
+# a LLaVA folder's that the run started from): the messages go to it as they are, the
+# recorded system prompt in front unless the conversation has its own; bos as above.
+_PARTS_WRAPPER = (
+    "{%- set system = __SYSTEM__ -%}"
+    "{%- if system.strip() and not (messages and messages[0]['role'] == 'system') -%}"
+    "{%- set messages = [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}] + messages -%}"
+    "{%- endif -%}"
+    "{% set rendered %}{{ '' }}__TEMPLATE__{{ '' }}{% endset %}"
+    "{%- set rendered = rendered.replace(__PLACEHOLDER__, __IMAGE__) -%}"
+    "__OUTPUT__"
+)
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether ``tokenizer(text)`` puts the bos token in front by itself."""
     bos = tokenizer.bos_token_id
@@ -168,8 +184,11 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return tokenizer("a")["input_ids"][:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
-def chat_template_for(tokenizer, template: str, system_prompt: str) -> str:
+def chat_template_for(tokenizer, template: str, system_prompt: str, markup: str = "mmtrain") -> str:
     """A chat template rendering the prompts ``encode_conversation`` makes for ``template``.
+
+    ``markup`` is how the model reads an image (``ImageTokens.markup``): ``<im_start>``
+    ``<image>`` ``<im_end>``, or LLaVA's ``<image>`` alone.
 
     Rendered text goes through ``processor(text=...)``, which tokenises it with the
     tokenizer's own special tokens; training put bos in front of every sample. So bos is
@@ -182,7 +201,7 @@ def chat_template_for(tokenizer, template: str, system_prompt: str) -> str:
     values = {
         "__SYSTEM__": _literal(system_prompt),
         "__PLACEHOLDER__": _literal(IMAGE_PLACEHOLDER),
-        "__IMAGE__": _literal(IMAGE_MARKUP),
+        "__IMAGE__": _literal(IMAGE_MARKUP if markup == "mmtrain" else IMAGE_TOKEN),
     }
     own = ""
     if template == "plain":
@@ -200,7 +219,7 @@ def chat_template_for(tokenizer, template: str, system_prompt: str) -> str:
             output = "{{- rendered[" + str(len(bos)) + ":] if rendered.startswith(" + _literal(bos) + ") else rendered -}}"
         else:
             output = "{{- ('' if rendered.startswith(" + _literal(bos) + ") else " + _literal(bos) + ") ~ rendered -}}"
-        text = _CHAT_WRAPPER.replace("__OUTPUT__", output)
+        text = (_PARTS_WRAPPER if chat_template_takes_parts(tokenizer) else _CHAT_WRAPPER).replace("__OUTPUT__", output)
     else:
         raise ConfigError(f"the export records template {template!r}, which this mmtrain cannot render")
     for key, value in values.items():
@@ -296,7 +315,7 @@ def export_llava(model_dir: str, out: str) -> str:
     check_llava_vision(config, model_dir)
     template, system_prompt = prompt_format(model_dir)
     built = load_pretrained(model_dir)
-    chat_template = chat_template_for(built.tokenizer, template, system_prompt)
+    chat_template = chat_template_for(built.tokenizer, template, system_prompt, markup=built.image_tokens.markup)
     vlm = built.model
     vision_config = vlm.vision.tower.config
     has_cls = vlm.vision.has_cls

@@ -122,6 +122,8 @@ def _encode_chat(builder: _Builder, turns: list[dict], system_prompt: str, add_g
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
         {"role": t["role"], "content": t["text"]} for t in turns
     ]
+    if chat_template_takes_parts(tok):
+        messages = [{"role": m["role"], "content": content_parts(m["content"])} for m in messages]
 
     def render(msgs, generation_prompt):
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
@@ -154,6 +156,50 @@ def _encode_chat(builder: _Builder, turns: list[dict], system_prompt: str, add_g
         builder.labels.insert(0, IGNORE_INDEX)
         turn_ends = [e + 1 for e in turn_ends]
     return EncodedConversation(builder.ids, builder.labels, builder.num_images, turn_ends, prefix_length or 0)
+
+
+_PROBE = "mmtrain-probe-text"
+
+
+def chat_template_takes_parts(tokenizer) -> bool:
+    """Whether the tokenizer's chat template reads contents as lists of parts (a VLM processor's, such as
+    LLaVA's) rather than strings: it renders a string content's text only in the parts form."""
+
+    def renders(content) -> bool:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        except Exception:  # a template that cannot read this form at all
+            return False
+        return _PROBE in text
+
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _TAKES_PARTS:  # asked once per template, not once per sample
+        _TAKES_PARTS[key] = not renders(_PROBE) and renders([{"type": "text", "text": _PROBE}])
+    return _TAKES_PARTS[key]
+
+
+_TAKES_PARTS: dict[str, bool] = {}
+
+
+def content_parts(text: str) -> list[dict]:
+    """A text with ``<image>`` placeholders as the content parts a processor's template reads.
+
+    The inverse of how records' part lists become text (``mmtrain.data.formats``): the one
+    newline set between an image and its neighbour goes, so ``"<image>\nWhat?"`` is
+    ``[image, "What?"]`` as a processor is given it.
+    """
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    parts: list[dict] = []
+    for k, piece in enumerate(pieces):
+        if k:
+            parts.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if k < len(pieces) - 1 and piece.endswith("\n"):
+            piece = piece[:-1]
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def encode_conversation(

@@ -15,6 +15,7 @@ from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decode
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.fp8 import convert_frozen_linears
 from mmtrain.model.fused_lora import fuse_lora_layers
+from mmtrain.model.llava_import import read_folder
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
 from mmtrain.model.mmca import enable_mmca, uses_mmca
@@ -39,8 +40,13 @@ class BuiltModel:
 
 def check_model_config(config: VLMConfig) -> None:
     """Everything about the model settings that can fail, checked from configs alone (no weights)."""
-    tower_specs(config)  # each tower's config and image processor, and that fused grids agree
-    lm_config = load_language_config(config.lm_model_name_or_path)
+    if config.vlm_name_or_path:
+        if config.vision_model_name_or_path_2:
+            raise ConfigError("--vision_model_name_or_path_2 cannot be used with --vlm_name_or_path: a LLaVA folder holds one vision tower")
+        lm_config = read_folder(config.vlm_name_or_path).text_config
+    else:
+        tower_specs(config)  # each tower's config and image processor, and that fused grids agree
+        lm_config = load_language_config(config.lm_model_name_or_path)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
         raise ConfigError(f"--lm_trainable_layers {config.lm_trainable_layers}: the LM has only {layers} decoder layers")
@@ -75,31 +81,43 @@ def build_model(
     ``preset_device`` is where presets draw their random weights (the trainer passes
     its GPU at ZeRO 0-2; at ZeRO-3 ``zero.Init`` places them).
     """
-    vision_specs = tower_specs(config)
-    lm_config = load_language_config(config.lm_model_name_or_path)
+    llava = read_folder(config.vlm_name_or_path) if config.vlm_name_or_path else None
+    if llava is not None:
+        vision_specs, lm_config = None, llava.text_config
+    else:
+        vision_specs = tower_specs(config)
+        lm_config = load_language_config(config.lm_model_name_or_path)
     config = config.model_config()  # a subclass (the command line's) may carry more than the model
     vision_trainable = config.vision_trainable
     trainable_dtype = trainable_dtype or dtype
     device_ctx = torch.device("meta") if meta else contextlib.nullcontext()
     vision_ctx = frozen_vision_context if (frozen_vision_context and not vision_trainable) else contextlib.nullcontext()
 
-    tokenizer = load_tokenizer(config.lm_model_name_or_path)
-    image_processor = load_image_processor(config, vision_specs)
+    tokenizer = llava.tokenizer() if llava else load_tokenizer(config.lm_model_name_or_path)
+    image_processor = llava.image_processor() if llava else load_image_processor(config, vision_specs)
     with device_ctx:
         with vision_ctx:
-            vision = build_vision_encoder(
-                config, dtype=dtype, specs=vision_specs, strict=strict, weights=not meta, preset_device=preset_device
+            if llava is not None:
+                vision = llava.vision_encoder(config, dtype=dtype, weights=not meta)
+            else:
+                vision = build_vision_encoder(
+                    config, dtype=dtype, specs=vision_specs, strict=strict, weights=not meta, preset_device=preset_device
+                )
+        if llava is not None:
+            language_model = llava.language_model(config, dtype=dtype, weights=not meta)
+        else:
+            language_model = build_language_model(
+                config, dtype=dtype, config=lm_config, strict=strict, weights=not meta, preset_device=preset_device
             )
-        language_model = build_language_model(
-            config, dtype=dtype, config=lm_config, strict=strict, weights=not meta, preset_device=preset_device
-        )
         if config.enable_mmca_attention:
             enable_mmca(language_model, config.mmca_image_attention)
         lm_dim = language_model.get_input_embeddings().embedding_dim
         projector = build_projector(
             config.vis_proj, vision.hidden_size, lm_dim, vision.num_patches, config.perceiver_num_queries
         ).to(trainable_dtype)
-        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens)
+        if llava is not None and not meta:
+            llava.load_projector(projector)
+        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup)
         _install_new_token_rows(language_model, image_tokens, len(tokenizer), lm_config)
 
         lora_targets: dict[str, list[str]] = {}
@@ -187,7 +205,7 @@ def _install_new_token_rows(language_model: nn.Module, image_tokens: ImageTokens
     if isinstance(base, NewTokenEmbedding):
         return
     first_new = image_tokens.original_vocab_size
-    embedding = NewTokenEmbedding(base, first_new, vocab_size - first_new, init_std=getattr(config, "initializer_range", 0.02))
+    embedding = NewTokenEmbedding(base, first_new, image_tokens.num_new_rows(vocab_size), init_std=getattr(config, "initializer_range", 0.02))
     language_model.set_input_embeddings(embedding)
 
 

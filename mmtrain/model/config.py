@@ -29,7 +29,10 @@ ATTENTION_KERNELS = ("sdpa", "eager")
 CONFIG_VERSION = 1
 # Identity settings added after checkpoints recording an identity existed, with the value
 # every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
-ADDED_TO_IDENTITY = {"lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None}
+ADDED_TO_IDENTITY = {
+    "lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None,
+    "vlm_name_or_path": "", "image_markup": "mmtrain",
+}
 
 
 def _doc(text: str, **kw) -> dict:
@@ -55,6 +58,21 @@ class VLMConfig:
         metadata=_doc(
             "A second vision encoder whose features are fused with the first's (concatenated per patch, as prismatic's "
             "DINOv2 + SigLIP): both must have the same patch grid. Each image goes through each encoder's own image processor."
+        ),
+    )
+    vlm_name_or_path: str = field(
+        default="",
+        metadata=_doc(
+            "Start from a transformers LLaVA folder (LlavaForConditionalGeneration, llava-hf layout): its vision tower, "
+            "projector (as mlp), LM, image token, tokenizer, image processor and chat template; its vision_feature_layer and "
+            "vision_feature_select_strategy set --vision_feature_layer and --vision_keep_cls, and both model paths name it."
+        ),
+    )
+    image_markup: Literal["mmtrain", "llava"] = field(
+        default="mmtrain",
+        metadata=_doc(
+            "How an image sits in the sequence: mmtrain (<im_start>, one <image> per feature, <im_end>; tokens added) or "
+            "llava (the tokenizer's own <image> per feature, nothing added; set by --vlm_name_or_path)."
         ),
     )
     vis_proj: str = field(default="mlp", metadata=_doc(f"Projector from vision to LM width: one of {', '.join(PROJECTORS)}."))
@@ -105,6 +123,10 @@ class VLMConfig:
     preset_seed: int = field(default=0, metadata=_doc("Seed of the random weights of preset models."))
 
     def __post_init__(self):
+        if self.vlm_name_or_path:
+            from mmtrain.model.llava_import import resolve
+
+            resolve(self)  # reads the folder's config only
         if self.vis_proj not in PROJECTORS:
             raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
         for name in ("lang_lora_dim", "vis_lora_dim"):
@@ -191,7 +213,7 @@ class VLMConfig:
             "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
             "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
-            "train_lm_head", "vision_model_name_or_path_2",
+            "train_lm_head", "vision_model_name_or_path_2", "vlm_name_or_path", "image_markup",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -216,6 +238,7 @@ class VLMConfig:
             lm_model_name_or_path=language_model,
             vision_model_name_or_path=vision_encoder,
             vision_model_name_or_path_2=vision_encoder_2 if self.vision_model_name_or_path_2 else None,
+            vlm_name_or_path="",  # the export holds the pieces itself; image_markup stays
             vision_feature_layer=-1,
             lang_lora_dim=0,
             vis_lora_dim=0,

@@ -141,7 +141,7 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
     return layout
 
 
-def _pixel_shape(image_processor, name: str, flag: str) -> tuple[int, int, int]:
+def processor_pixel_shape(image_processor, name: str, flag: str) -> tuple[int, int, int]:
     """The [C, H, W] ``image_processor`` gives; it must not depend on the image."""
     shapes = {
         tuple(image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"].shape[1:])
@@ -206,7 +206,7 @@ def tower_specs(model_config) -> list[TowerSpec]:
             continue
         config = load_vision_config(name, flag)
         processor = load_image_processor_for(name, config, flag)
-        specs.append(TowerSpec(name, flag, config, processor, tower_layout(config, _pixel_shape(processor, name, flag), name, flag)))
+        specs.append(TowerSpec(name, flag, config, processor, tower_layout(config, processor_pixel_shape(processor, name, flag), name, flag)))
     if len(specs) == 2:
         a, b = specs
         if a.layout.grid != b.layout.grid:

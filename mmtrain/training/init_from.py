@@ -26,6 +26,7 @@ from mmtrain import compat
 from mmtrain.model.builder import build_model
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.errors import ConfigError
+from mmtrain.model.llava_import import looks_like_llava_folder
 from mmtrain.model.lora import is_lora_parameter
 from mmtrain.model.pretrained import EXPORT_CONFIG, LANGUAGE_DIR
 from mmtrain.training.checkpoint import MANIFEST
@@ -78,6 +79,11 @@ def check_source(path: str, config: VLMConfig, parts: list[str]) -> InitSource:
         kind = "checkpoint"
         manifest = _read_json(os.path.join(path, MANIFEST))
         recorded = manifest.get("model_config") or manifest.get("model") or {}
+    elif looks_like_llava_folder(path):
+        raise ConfigError(
+            f"--init_from {path!r} is a transformers LLaVA folder, which is a whole model rather than an earlier run's "
+            f"parts: start from it with --vlm_name_or_path {path}"
+        )
     else:
         raise ConfigError(
             f"--init_from {path!r} is neither an export ({EXPORT_CONFIG}) nor a checkpoint ({MANIFEST}); "

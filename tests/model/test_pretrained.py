@@ -175,7 +175,7 @@ def test_llava_export_checks_its_prompts_against_training(tmp_path, tiny_args, m
     assert not [w for w in caught if "tokenise differently" in str(w.message)]
 
     right = export.chat_template_for
-    monkeypatch.setattr(export, "chat_template_for", lambda tok, template, system: right(tok, template, "Be brief."))
+    monkeypatch.setattr(export, "chat_template_for", lambda tok, template, system, **kw: right(tok, template, "Be brief.", **kw))
     with pytest.warns(UserWarning, match="tokenise differently") as record:
         export.export_llava(str(folder), str(tmp_path / "llava-wrong"))
     message = str(record[0].message)
