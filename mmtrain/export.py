@@ -288,11 +288,14 @@ def export_llava(model_dir: str, out: str) -> str:
     llava = LlavaForConditionalGeneration(config).to(torch.float32)
     llava.model.vision_tower.load_state_dict(vlm.vision.tower.state_dict(), strict=True)
     llava.model.multi_modal_projector.load_state_dict(vlm.projector.state_dict(), strict=True)
-    lm_state = vlm.language_model.state_dict()
-    body = {k[len("model.") :]: v for k, v in lm_state.items() if k.startswith("model.")}
-    body = {k.replace("embed_tokens.base.weight", "embed_tokens.weight"): v for k, v in body.items() if not k.endswith("new_rows")}
+    # LLaVA holds the LM's decoder (model of LLaMA, gpt_neox of GPT-NeoX, ...) and its head apart.
+    # The reloaded export's table already holds the new rows: its own rows stay out.
+    decoder = vlm.language_model.get_decoder()
+    table = _module_name(decoder, decoder.get_input_embeddings())
+    body = {k: v for k, v in decoder.state_dict().items() if not k.endswith(".new_rows")}
+    body = {(f"{table}.weight" if k == f"{table}.base.weight" else k): v for k, v in body.items()}
     llava.model.language_model.load_state_dict(body, strict=True)
-    llava.lm_head.load_state_dict({"weight": lm_state["lm_head.weight"]}, strict=True)
+    llava.lm_head.load_state_dict(vlm.language_model.get_output_embeddings().state_dict(), strict=True)
     llava.generation_config = GenerationConfig(**token_ids, **GENERATION_DEFAULTS)
     llava.save_pretrained(out)
     # A copy: the checks below encode with the tokenizer's own template, as training did.
@@ -319,6 +322,10 @@ def export_llava(model_dir: str, out: str) -> str:
             stacklevel=2,
         )
     return out
+
+
+def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in root.named_modules() if m is module)
 
 
 @dataclass
