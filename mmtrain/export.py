@@ -274,6 +274,17 @@ def export_llava(model_dir: str, out: str) -> str:
     # carried the tokenizer's ids export correctly too.
     token_ids = special_token_ids(built.tokenizer)
     text_config = {**vlm.language_model.config.to_dict(), **token_ids}
+    decoder = vlm.language_model.get_decoder()
+    table = _module_name(decoder, decoder.get_input_embeddings())
+    untie = bool(text_config.get("tie_word_embeddings")) and table != LLAVA_TIED_TABLE
+    if untie:
+        # LLaVA ties its head to model.language_model.embed_tokens only: the head is written as a copy
+        text_config["tie_word_embeddings"] = False
+        warnings.warn(
+            f"{out}: the LM ties its output head to its input table {table!r}, which transformers' LLaVA can tie only "
+            f"when named {LLAVA_TIED_TABLE!r}; the head is written as an untied copy (the same numbers)",
+            stacklevel=2,
+        )
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config,
@@ -283,6 +294,7 @@ def export_llava(model_dir: str, out: str) -> str:
         vision_feature_select_strategy="default" if (has_cls and vlm.vision.drop_cls) else "full",
         image_seq_length=built.image_tokens.per_image,
         multimodal_projector_bias=True,
+        **({"tie_word_embeddings": False} if untie else {}),
     )
     config.vision_config.model_type = vision_config.model_type
     llava = LlavaForConditionalGeneration(config).to(torch.float32)
@@ -290,8 +302,6 @@ def export_llava(model_dir: str, out: str) -> str:
     llava.model.multi_modal_projector.load_state_dict(vlm.projector.state_dict(), strict=True)
     # LLaVA holds the LM's decoder (model of LLaMA, gpt_neox of GPT-NeoX, ...) and its head apart.
     # The reloaded export's table already holds the new rows: its own rows stay out.
-    decoder = vlm.language_model.get_decoder()
-    table = _module_name(decoder, decoder.get_input_embeddings())
     body = {k: v for k, v in decoder.state_dict().items() if not k.endswith(".new_rows")}
     body = {(f"{table}.weight" if k == f"{table}.base.weight" else k): v for k, v in body.items()}
     llava.model.language_model.load_state_dict(body, strict=True)
@@ -322,6 +332,10 @@ def export_llava(model_dir: str, out: str) -> str:
             stacklevel=2,
         )
     return out
+
+
+# The name of the LM's input table that LlavaForConditionalGeneration ties its head to.
+LLAVA_TIED_TABLE = "embed_tokens"
 
 
 def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", {"drop": ("num_key_value_heads",)}),
     "falcon": ("FalconConfig", {"drop": ("intermediate_size", "num_key_value_heads")}),
 }
+# families whose input table is not named embed_tokens (GPT-NeoX: embed_in, Falcon: word_embeddings)
+TABLE_NOT_EMBED_TOKENS = {"gpt_neox", "falcon"}
 SHAPE = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=1024,
@@ -58,9 +61,9 @@ def _family_config(family: str):
     return getattr(transformers, class_name)(**values)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def family_folders(tmp_path_factory):
-    """family(name) -> a tiny random LM folder of that family with the presets' tokenizer, written once."""
+    """family(name) -> a tiny random LM folder of that family with the presets' tokenizer, written once per module."""
     from transformers import AutoModelForCausalLM
 
     from mmtrain import presets
@@ -81,9 +84,9 @@ def family_folders(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained_families(family_folders, model_folders, tmp_path_factory):
-    """family(name) -> (export folder, LLaVA folder): trained in this process, once per session.
+    """family(name) -> (export folder, LLaVA folder, LLaVA export's warnings about an untied head): trained in this process, once per module.
 
     A family that fails keeps its error, raised again wherever it is asked for, so each
     failure names its family.
@@ -94,9 +97,9 @@ def trained_families(family_folders, model_folders, tmp_path_factory):
     from mmtrain.train import main
 
     root = tmp_path_factory.mktemp("lm-family-runs")
-    runs: dict[str, tuple[str, str] | Exception] = {}
+    runs: dict[str, tuple | Exception] = {}
 
-    def run(family: str) -> tuple[str, str]:
+    def run(family: str) -> tuple[str, str, list[str]]:
         if family not in runs:
             out = root / family
             flags = {
@@ -112,19 +115,17 @@ def trained_families(family_folders, model_folders, tmp_path_factory):
                 "eval_generate": 0,
                 "output_dir": str(out),
             }
-            threads = torch.get_num_threads()
-            # one thread: a tiny model's steps are all overhead, which more threads on a busy machine multiply
-            os.environ["MMTRAIN_CPU_THREADS"] = "1"
             try:
                 result = main([item for k, v in flags.items() for item in (f"--{k}", str(v))])
                 assert result["global_step"] == 3, result
-                export_llava(str(out / "epoch-0"), str(out / "llava"))
-                runs[family] = (str(out / "epoch-0"), str(out / "llava"))
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    export_llava(str(out / "epoch-0"), str(out / "llava"))
+                untied = [str(w.message) for w in caught if "untied copy" in str(w.message)]
+                runs[family] = (str(out / "epoch-0"), str(out / "llava"), untied)
             except Exception as e:  # kept, and raised again for this family's tests
                 runs[family] = e
             finally:
-                os.environ.pop("MMTRAIN_CPU_THREADS")
-                torch.set_num_threads(threads)
                 # the Accelerator's state is process-wide: leave none behind for the next run
                 AcceleratorState._reset_state(reset_partial_state=True)
                 GradientState._reset_state()
@@ -135,10 +136,21 @@ def trained_families(family_folders, model_folders, tmp_path_factory):
     return run
 
 
-@pytest.fixture(autouse=True)
-def _deepspeed_on_cpu(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """A tiny model's steps are all overhead, which more threads on a busy machine multiply: one thread, here and in main."""
+    threads, env = torch.get_num_threads(), {k: os.environ.get(k) for k in ("MMTRAIN_CPU_THREADS", "DS_ACCELERATOR")}
+    os.environ["MMTRAIN_CPU_THREADS"] = "1"
     if not torch.cuda.is_available():
-        monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what main sets on CPU; undone after the test
+        os.environ["DS_ACCELERATOR"] = "cpu"  # what main sets on CPU
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 QUESTION = "What color is the shape?"
@@ -187,7 +199,7 @@ def _mmtrain_answer(export: str, image: str, max_new_tokens: int) -> tuple[list[
     return prompt, ids
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def plain_transformers_answers(trained_families, tmp_path_factory):
     """{family: what plain transformers answers from its LLaVA folder}, one subprocess for every family that trained."""
     from PIL import Image
@@ -198,7 +210,7 @@ def plain_transformers_answers(trained_families, tmp_path_factory):
     cases = {}
     for family in FAMILIES:
         try:
-            _, llava = trained_families(family)
+            _, llava, _ = trained_families(family)
         except Exception:
             continue  # its own tests report it
         cases[family] = {"llava": llava, "question": QUESTION, "image": str(image), "max_new_tokens": 6}
@@ -218,15 +230,20 @@ def plain_transformers_answers(trained_families, tmp_path_factory):
 def test_family_trains_and_exports_with_no_family_flag(family, trained_families):
     from mmtrain.model.pretrained import load_pretrained
 
-    export, llava = trained_families(family)
+    export, llava, untied = trained_families(family)
     config = json.loads((Path(llava) / "config.json").read_text())
-    assert config["model_type"] == "llava" and config["text_config"]["model_type"] == _family_config(family).model_type
+    lm_config = _family_config(family)
+    assert config["model_type"] == "llava" and config["text_config"]["model_type"] == lm_config.model_type
     load_pretrained(export)  # strict: every tensor present, none unexpected
+    # LLaVA ties a head only to a table named embed_tokens: Falcon's tied head (word_embeddings) is written untied, said once
+    ties_elsewhere = lm_config.tie_word_embeddings and family in TABLE_NOT_EMBED_TOKENS
+    assert len(untied) == (1 if ties_elsewhere else 0), untied
+    assert config["text_config"]["tie_word_embeddings"] == (lm_config.tie_word_embeddings and not ties_elsewhere)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plain_transformers_answers_as_mmtrain_does(family, trained_families, plain_transformers_answers):
-    export, _ = trained_families(family)
+    export, _, _ = trained_families(family)
     image, answers = plain_transformers_answers
     got = answers[family]
     assert "error" not in got, got.get("error")
