@@ -44,7 +44,11 @@ def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 def _language_model_tensors(state: dict, model: VisionLanguageModel, vocab_size: int) -> tuple[dict, int]:
-    """LM tensors in the LM's own names, with the new rows folded into the table."""
+    """LM tensors in the LM's own names, with the new rows folded into the table.
+
+    A head tied to the table (Gemma, SmolLM3, ...) is not written: transformers ties it
+    to the table again on loading, new rows included.
+    """
     lm = _split(state, "language_model.")
     # the NewTokenEmbedding, under the LM's own name for its table (embed_tokens, embed_in, word_embeddings, ...)
     rows_key = next(k for k in lm if k.endswith(".new_rows"))
@@ -59,7 +63,10 @@ def _language_model_tensors(state: dict, model: VisionLanguageModel, vocab_size:
     lm[emb_key.replace(".base.weight", ".weight")] = table
     head = model.language_model.get_output_embeddings()
     head_key = next((f"{n}.weight" for n, m in model.language_model.named_modules() if head is not None and m is head), None)
-    if head_key in lm and lm[head_key].shape[0] < rows:
+    tied = head is not None and head.weight is model.language_model.get_input_embeddings().base.weight
+    if head_key in lm and tied:
+        del lm[head_key]
+    elif head_key in lm and lm[head_key].shape[0] < rows:
         # New tokens are never prediction targets: their output rows are zero.
         head = lm[head_key]
         grown = torch.zeros(rows, head.shape[1], dtype=head.dtype)

@@ -175,6 +175,7 @@ PLAIN_SCRIPT = textwrap.dedent(
             inputs = processor(images=[Image.open(case["image"]).convert("RGB")], text=prompt, return_tensors="pt")
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=case["max_new_tokens"], do_sample=False)
+                torch.save(model(**inputs).logits[0], case["logits"])
             results[family] = {"prompt": inputs["input_ids"][0].tolist(), "ids": ids[0, inputs["input_ids"].shape[1]:].tolist()}
         except Exception as e:
             results[family] = {"error": f"{type(e).__name__}: {e}"}
@@ -185,8 +186,8 @@ PLAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def _mmtrain_answer(export: str, image: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy new ids) of the reloaded export, prompted as mmtrain.generate prompts."""
+def _mmtrain_answer(export: str, image: str, max_new_tokens: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """(prompt ids, greedy new ids, the prompt's logits) of the reloaded export, prompted as mmtrain.generate prompts."""
     from mmtrain.generate import Chat, with_placeholders
     from mmtrain.model.generation import SamplingOptions, generate
 
@@ -194,9 +195,12 @@ def _mmtrain_answer(export: str, image: str, max_new_tokens: int) -> tuple[list[
     built = chat.built
     prompt = chat.encode_prompt([{"role": "user", "text": with_placeholders(QUESTION, 1)}])
     tok = built.tokenizer
-    ids = generate(built.model, [torch.tensor(prompt)], [chat._pixels([image])], eos_token_id=tok.eos_token_id,
+    pixels = chat._pixels([image])
+    ids = generate(built.model, [torch.tensor(prompt)], [pixels], eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id, options=chat.options)[0]
-    return prompt, ids
+    with torch.no_grad():
+        logits = built.model(torch.tensor([prompt]), pixel_values=pixels, return_logits=True).logits[0]
+    return prompt, ids, logits[:, : built.image_tokens.original_vocab_size]
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +217,8 @@ def plain_transformers_answers(trained_families, tmp_path_factory):
             _, llava, _ = trained_families(family)
         except Exception:
             continue  # its own tests report it
-        cases[family] = {"llava": llava, "question": QUESTION, "image": str(image), "max_new_tokens": 6}
+        cases[family] = {"llava": llava, "question": QUESTION, "image": str(image), "max_new_tokens": 6,
+                         "logits": str(root / f"{family}-logits.pt")}
     (root / "cases.json").write_text(json.dumps(cases))
     (root / "plain.py").write_text(PLAIN_SCRIPT)
     elsewhere = root / "elsewhere"  # outside the repository: mmtrain cannot be imported by accident
@@ -223,7 +228,11 @@ def plain_transformers_answers(trained_families, tmp_path_factory):
         cwd=elsewhere, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(image), json.loads((root / "answers.json").read_text())
+    answers = json.loads((root / "answers.json").read_text())
+    for family, answer in answers.items():
+        if "error" not in answer:
+            answer["logits"] = torch.load(cases[family]["logits"])
+    return str(image), answers
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -235,10 +244,13 @@ def test_family_trains_and_exports_with_no_family_flag(family, trained_families)
     lm_config = _family_config(family)
     assert config["model_type"] == "llava" and config["text_config"]["model_type"] == lm_config.model_type
     load_pretrained(export)  # strict: every tensor present, none unexpected
-    # LLaVA ties a head only to a table named embed_tokens: Falcon's tied head (word_embeddings) is written untied, said once
-    ties_elsewhere = lm_config.tie_word_embeddings and family in TABLE_NOT_EMBED_TOKENS
+    # A tied head stays tied (Gemma, SmolLM3, Cohere, ...). LLaVA ties a head only to a table named embed_tokens:
+    # Falcon's (word_embeddings) is written untied, said once.
+    exported = json.loads((Path(export) / "language_model" / "config.json").read_text())
+    assert exported["tie_word_embeddings"] == lm_config.tie_word_embeddings
+    ties_elsewhere = exported["tie_word_embeddings"] and family in TABLE_NOT_EMBED_TOKENS
     assert len(untied) == (1 if ties_elsewhere else 0), untied
-    assert config["text_config"]["tie_word_embeddings"] == (lm_config.tie_word_embeddings and not ties_elsewhere)
+    assert config["text_config"]["tie_word_embeddings"] == (exported["tie_word_embeddings"] and not ties_elsewhere)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -247,8 +259,10 @@ def test_plain_transformers_answers_as_mmtrain_does(family, trained_families, pl
     image, answers = plain_transformers_answers
     got = answers[family]
     assert "error" not in got, got.get("error")
-    prompt, expected = _mmtrain_answer(export, image, max_new_tokens=6)
+    prompt, expected, logits = _mmtrain_answer(export, image, max_new_tokens=6)
     assert got["prompt"] == prompt, "the LLaVA folder's chat template prompts otherwise than training"
+    # every position: the image's framing tokens (new rows) and the image features feed all that follows
+    torch.testing.assert_close(got["logits"][:, : logits.shape[1]], logits, rtol=1e-4, atol=1e-4)
     eos = 1
     body = got["ids"][: got["ids"].index(eos)] if eos in got["ids"] else got["ids"]
     assert body == expected and expected, (got["ids"], expected)
