@@ -292,3 +292,23 @@ def test_reloaded_export_computes_what_the_trained_model_computes(family, family
         got = reloaded.model(ids, pixel_values=pixels, return_logits=True).logits
     vocab = built.image_tokens.original_vocab_size
     torch.testing.assert_close(got[..., :vocab], expected[..., :vocab], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt_neox", "falcon"])  # embed_tokens (tied or not), embed_in, word_embeddings
+def test_a_new_run_starts_from_the_export_of_each_layout(family, trained_families, family_folders, tiny_args):
+    """--init_from an export takes the projector and the new tokens' rows from the LM's own table name."""
+    from safetensors.torch import load_file
+
+    from mmtrain.model import build_model
+    from mmtrain.model.pretrained import load_pretrained
+    from mmtrain.training.init_from import check_source, load_parts
+
+    export, _, _ = trained_families(family)
+    config = tiny_args(lm_model_name_or_path=family_folders(family), lang_lora_dim=4)
+    source = check_source(export, config, ["projector", "new_rows"])
+    built = build_model(config)
+    load_parts(built.model, source)
+    for key, value in load_file(Path(export) / "projector.safetensors").items():
+        torch.testing.assert_close(built.model.projector.state_dict()[key], value)
+    trained = load_pretrained(export).model.language_model.get_input_embeddings()
+    torch.testing.assert_close(built.model.language_model.get_input_embeddings().new_rows, trained.new_rows)
