@@ -98,3 +98,11 @@ def test_gemma2_runs_eager_attention_said_in_the_log(tiny_args, tmp_path, caplog
     # MMCA is made of SDPA calls, which would drop Gemma 2's capped logits: refused before any weights load
     with pytest.raises(ConfigError, match="--enable_mmca_attention: MMCA computes its attention through SDPA, and Gemma2ForCausalLM cannot run sdpa"):
         check_model_config(tiny_args(lm_model_name_or_path=str(tmp_path / "gemma2"), enable_mmca_attention=True))
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.base.weight", "gpt_neox.embed_in.base.weight", "transformer.word_embeddings.base.weight"])
+def test_the_input_table_is_counted_as_embeddings_whatever_the_lm_calls_it(name):
+    from mmtrain.model.counting import component_of
+
+    assert component_of(f"language_model.{name}") == "LM input embeddings"
+    assert component_of(f"language_model.{name.replace('base.weight', 'new_rows')}") == "new token embeddings"
