@@ -265,6 +265,41 @@ def attn_implementation(config) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+# The class flags transformers checks before it lets a model run an attention
+# implementation (``PreTrainedModel.get_correct_attn_implementation``): asked for
+# explicitly, an implementation whose flag is False is a ValueError at construction.
+_ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
+
+
+def supports_attention(model_class: type, name: str) -> bool:
+    """Whether transformers lets ``model_class`` run attention implementation ``name`` (eager always).
+
+    Read from the private class flags ``_supports_sdpa`` / ``_supports_flex_attn``, which
+    transformers itself checks, so that the choice is made from the class before any
+    weights load. Were a flag renamed this would answer False, and mmtrain would run
+    such a model with eager attention: slower, never wrong (the test catches it).
+    """
+    if name == "eager":
+        return True
+    flag = _ATTENTION_SUPPORT_FLAGS.get(name)
+    if flag is None:
+        raise ValueError(f"unknown attention implementation {name!r}: known are eager, {', '.join(_ATTENTION_SUPPORT_FLAGS)}")
+    return bool(getattr(model_class, flag, False))
+
+
+def embedding_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """The factor a transformers embedding table multiplies its rows by (Gemma's ``sqrt(hidden)``), or None.
+
+    Gemma, Gemma 2 and Gemma 3 look up through a ``...ScaledWordEmbedding`` whose forward
+    multiplies by its undocumented ``embed_scale`` buffer. mmtrain's trainable new-token
+    rows sit beside the table (``NewTokenEmbedding``) and must be scaled alike, since an
+    export writes them into the table. Were the buffer renamed this would answer None and
+    the new tokens would read unscaled rows in training only (the test catches it).
+    """
+    scale = getattr(embedding, "embed_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
 def sdpa_mask_materialized(*args, **kwargs) -> torch.Tensor:
     """transformers' SDPA boolean mask ``[batch, 1, q, kv]`` (True: attend), always built, never None.
 

@@ -323,6 +323,17 @@ def export_llava(model_dir: str, out: str) -> str:
     # carried the tokenizer's ids export correctly too.
     token_ids = special_token_ids(built.tokenizer)
     text_config = {**vlm.language_model.config.to_dict(), **token_ids}
+    decoder = vlm.language_model.get_decoder()
+    table = _module_name(decoder, decoder.get_input_embeddings())
+    untie = bool(text_config.get("tie_word_embeddings")) and table != LLAVA_TIED_TABLE
+    if untie:
+        # LLaVA ties its head to model.language_model.embed_tokens only: the head is written as a copy
+        text_config["tie_word_embeddings"] = False
+        warnings.warn(
+            f"{out}: the LM ties its output head to its input table {table!r}, which transformers' LLaVA can tie only "
+            f"when named {LLAVA_TIED_TABLE!r}; the head is written as an untied copy (the same numbers)",
+            stacklevel=2,
+        )
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config,
@@ -332,16 +343,18 @@ def export_llava(model_dir: str, out: str) -> str:
         vision_feature_select_strategy="default" if (has_cls and vlm.vision.drop_cls) else "full",
         image_seq_length=built.image_tokens.per_image,
         multimodal_projector_bias=True,
+        **({"tie_word_embeddings": False} if untie else {}),
     )
     config.vision_config.model_type = vision_config.model_type
     llava = LlavaForConditionalGeneration(config).to(torch.float32)
     llava.model.vision_tower.load_state_dict(vlm.vision.tower.state_dict(), strict=True)
     llava.model.multi_modal_projector.load_state_dict(vlm.projector.state_dict(), strict=True)
-    lm_state = vlm.language_model.state_dict()
-    body = {k[len("model.") :]: v for k, v in lm_state.items() if k.startswith("model.")}
-    body = {k.replace("embed_tokens.base.weight", "embed_tokens.weight"): v for k, v in body.items() if not k.endswith("new_rows")}
+    # LLaVA holds the LM's decoder (model of LLaMA, gpt_neox of GPT-NeoX, ...) and its head apart.
+    # The reloaded export's table already holds the new rows: its own rows stay out.
+    body = {k: v for k, v in decoder.state_dict().items() if not k.endswith(".new_rows")}
+    body = {(f"{table}.weight" if k == f"{table}.base.weight" else k): v for k, v in body.items()}
     llava.model.language_model.load_state_dict(body, strict=True)
-    llava.lm_head.load_state_dict({"weight": lm_state["lm_head.weight"]}, strict=True)
+    llava.lm_head.load_state_dict(vlm.language_model.get_output_embeddings().state_dict(), strict=True)
     llava.generation_config = GenerationConfig(**token_ids, **GENERATION_DEFAULTS)
     llava.save_pretrained(out)
     # A copy: the checks below encode with the tokenizer's own template, as training did.
@@ -368,6 +381,14 @@ def export_llava(model_dir: str, out: str) -> str:
             stacklevel=2,
         )
     return out
+
+
+# The name of the LM's input table that LlavaForConditionalGeneration ties its head to.
+LLAVA_TIED_TABLE = "embed_tokens"
+
+
+def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in root.named_modules() if m is module)
 
 
 @dataclass

@@ -199,6 +199,42 @@ def test_transformers_config_attn_implementation_is_what_models_dispatch_to():
         assert compat.attn_implementation(object()) is None
 
 
+def test_transformers_attention_support_flags_decide_what_a_model_class_may_run():
+    """What supports_attention answers is what transformers does when asked: builds with it, or refuses."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+
+    gemma2 = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, pad_token_id=None)
+    with pinned("transformers", "PreTrainedModel._supports_sdpa / _supports_flex_attn"):
+        assert compat.supports_attention(LlamaForCausalLM, "sdpa") and compat.supports_attention(LlamaForCausalLM, "eager")
+        assert not compat.supports_attention(Gemma2ForCausalLM, "sdpa")  # it caps attention logits
+        assert compat.supports_attention(Gemma2ForCausalLM, "flex_attention")
+        for config, cls in ((_tiny_llama_config(), LlamaForCausalLM), (Gemma2Config(**gemma2), Gemma2ForCausalLM)):
+            for name in ("sdpa", "eager", "flex_attention"):
+                if compat.supports_attention(cls, name):
+                    model = AutoModelForCausalLM.from_config(config, attn_implementation=name)
+                    assert compat.attn_implementation(model.config) == name
+                else:
+                    with pytest.raises(ValueError, match="does not support"):
+                        AutoModelForCausalLM.from_config(config, attn_implementation=name)
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        compat.supports_attention(LlamaForCausalLM, "mmtrain_compat_probe")
+
+
+def test_transformers_scaled_embeddings_multiply_by_their_embed_scale():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=8, pad_token_id=None)
+    table = AutoModelForCausalLM.from_config(config).get_input_embeddings()
+    ids = torch.tensor([[3, 5, 7]])
+    with pinned("transformers", "ScaledWordEmbedding.embed_scale"):
+        scale = compat.embedding_scale(table)
+        assert scale is not None and float(scale) == pytest.approx(16**0.5)
+        torch.testing.assert_close(table(ids), table.weight[ids] * scale)
+    assert compat.embedding_scale(nn.Embedding(4, 2)) is None
+
+
 def test_transformers_sdpa_mask_takes_allow_is_causal_skip():
     from transformers.masking_utils import sdpa_mask
 

@@ -9,14 +9,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmtrain.model.config import SpeedOptions, VLMConfig
+from mmtrain.model.config import LORA_SCOPE_AUTO, SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
-from mmtrain.model.decoder_layers import checkpoint_first_layers, compile_decoder_layers, decoder_layers, enable_checkpointing
+from mmtrain.model.decoder_layers import (
+    checkpoint_first_layers,
+    compile_decoder_layers,
+    decoder_layer_scope,
+    decoder_layers,
+    enable_checkpointing,
+)
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.fp8 import convert_frozen_linears
 from mmtrain.model.fused_lora import fuse_lora_layers
 from mmtrain.model.llava_import import read_folder
-from mmtrain.model.language import NewTokenEmbedding, build_language_model, load_language_config, load_tokenizer
+from mmtrain.model.language import NewTokenEmbedding, build_language_model, language_attention, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
 from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
@@ -50,6 +56,8 @@ def check_model_config(config: VLMConfig) -> None:
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
         raise ConfigError(f"--lm_trainable_layers {config.lm_trainable_layers}: the LM has only {layers} decoder layers")
+    if config.enable_mmca_attention and (why := language_attention(lm_config, "sdpa")[1]):
+        raise ConfigError(f"--enable_mmca_attention: MMCA computes its attention through SDPA, and {why}")
     if getattr(lm_config, "tie_word_embeddings", False) and config.train_lm_head != config.train_full_embeddings:
         raise ConfigError(
             f"--lm_model_name_or_path {config.lm_model_name_or_path!r} ties its output head to the input embeddings, so "
@@ -125,7 +133,7 @@ def build_model(
             lora_targets["language_model"] = apply_lora(
                 language_model,
                 rank=config.lang_lora_dim,
-                scope=config.lang_lora_module_name,
+                scope=lora_scope(language_model, config.lang_lora_module_name),
                 alpha=config.lang_lora_alpha,
                 dropout=config.lang_lora_dropout,
                 flag="--lang_lora_module_name",
@@ -187,6 +195,15 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
         logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")
 
 
+
+
+def lora_scope(language_model: nn.Module, scope: str) -> str:
+    """``--lang_lora_module_name`` as a scope of module names: ``auto`` is the LM's decoder layers, found from the model."""
+    if scope != LORA_SCOPE_AUTO:
+        return scope
+    found = decoder_layer_scope(language_model)
+    logger.info(f"LoRA scope: {found!r}, the LM's decoder layers (--lang_lora_module_name {LORA_SCOPE_AUTO})")
+    return found
 
 
 def float8_scopes(model: VisionLanguageModel) -> dict[str, tuple[nn.Module, list[nn.Module]]]:

@@ -33,6 +33,13 @@ ADDED_TO_IDENTITY = {
     "lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None,
     "vlm_name_or_path": "", "image_markup": "mmtrain",
 }
+# --lang_lora_module_name auto: the decoder layers, wherever the LM keeps them.
+LORA_SCOPE_AUTO = "auto"
+# Identity settings whose default changed, {setting: (earlier default, new default)}. The
+# two name the same model: --lang_lora_module_name was "model.layers.", which matched only
+# in LMs whose decoder layers are at model.layers, exactly the Linears "auto" finds there
+# (elsewhere it matched nothing, and no run could be recorded with it).
+SAME_AS_BEFORE = {"lang_lora_module_name": ("model.layers.", LORA_SCOPE_AUTO)}
 
 
 def _doc(text: str, **kw) -> dict:
@@ -83,7 +90,11 @@ class VLMConfig:
     perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
     lang_lora_dim: int = field(default=16, metadata=_doc("LoRA rank on the language model (0: no LoRA)."))
     lang_lora_module_name: str = field(
-        default="model.layers.", metadata=_doc("LoRA goes on every Linear of the LM whose name contains this scope.")
+        default=LORA_SCOPE_AUTO,
+        metadata=_doc(
+            "LoRA goes on every Linear of the LM whose name contains this scope; auto: every Linear of the LM's "
+            "decoder layers, found from the model (model.layers. of LLaMA, gpt_neox.layers. of GPT-NeoX, transformer.h. of Falcon)."
+        ),
     )
     lang_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the LM (default: 4 x the rank, scale 4)."))
     lang_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the LM."))
@@ -222,12 +233,13 @@ class VLMConfig:
 
         A setting the record lacks counts as different, except those added to the identity
         after records were first written (:data:`ADDED_TO_IDENTITY`): an older record ran
-        with their value there.
+        with their value there. A changed default and its earlier value that build the
+        same model (:data:`SAME_AS_BEFORE`) are not a difference.
         """
         lines = []
         for k, v in self.identity().items():
             was = recorded.get(k, ADDED_TO_IDENTITY.get(k))
-            if was != v:
+            if was != v and {was, v} != set(SAME_AS_BEFORE.get(k, ())):
                 lines.append(f"--{k}: recorded {was!r}, now {v!r}")
         return lines
 

@@ -35,7 +35,8 @@ def component_of(name: str) -> str:
         return "LM LoRA"
     if name.endswith(".new_rows"):
         return "new token embeddings"
-    if "embed_tokens" in name or name.endswith("wte.weight"):
+    # NewTokenEmbedding's frozen table is `<the LM's table name>.base.weight` (embed_tokens, embed_in, word_embeddings, ...)
+    if "embed_tokens" in name or name.endswith(("wte.weight", ".base.weight")):
         return "LM input embeddings"
     return "language model"
 

@@ -1,6 +1,7 @@
 """Per-decoder-layer switches of the language model: selective checkpointing and regional compilation.
 
-Both act on the repeated blocks of the LM (``model.layers``), one block at a time:
+Both act on the repeated blocks of the LM (``model.layers``, ``gpt_neox.layers``,
+``transformer.h``: :func:`decoder_layers` finds them in the model), one block at a time:
 
 * **selective activation checkpointing** recomputes only the first N blocks in
   backward. Memory falls by about N/num_layers of the blocks' activations, while the
@@ -24,11 +25,50 @@ from mmtrain.model.errors import ConfigError
 
 
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
-    """The LM's repeated decoder blocks (``model.layers`` of LLaMA, Qwen2, Mistral, ...)."""
-    layers = getattr(language_model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ConfigError(f"{type(language_model).__name__} has no list of decoder layers at model.layers")
+    """The LM's repeated decoder blocks, found from the model itself.
+
+    The decoder (``get_decoder()``: ``model`` of LLaMA, Qwen2, Gemma, ...; ``gpt_neox`` of
+    GPT-NeoX; ``transformer`` of Falcon) holds them as its ``layers`` ModuleList, or,
+    where it names them otherwise (Falcon's ``h``), as a ModuleList of one block class
+    with ``num_hidden_layers`` entries (the longest such list when none has that many),
+    the decoder's own children first.
+    """
+    layers, _ = _find_decoder_layers(language_model)
     return layers
+
+
+def decoder_layer_scope(language_model: nn.Module) -> str:
+    """The qualified name of :func:`decoder_layers` with a trailing dot (``model.layers.``, ``gpt_neox.layers.``,
+    ``transformer.h.``): what ``--lang_lora_module_name auto`` stands for."""
+    _, name = _find_decoder_layers(language_model)
+    return f"{name}."
+
+
+def _find_decoder_layers(language_model: nn.Module) -> tuple[nn.ModuleList, str]:
+    get_decoder = getattr(language_model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else language_model
+    decoder = decoder if isinstance(decoder, nn.Module) else language_model
+    layers = getattr(decoder, "layers", None)
+    if not (isinstance(layers, nn.ModuleList) and len(layers)):
+        expected = getattr(getattr(language_model, "config", None), "num_hidden_layers", None)
+        # the decoder's own lists first: a list deeper down (a layer's experts) is a part of one block
+        for modules in (decoder.children(), decoder.modules()):
+            lists = [m for m in modules if isinstance(m, nn.ModuleList) and len(m) and _one_block_class(m)]
+            matching = [m for m in lists if len(m) == expected] or lists
+            layers = max(matching, key=len, default=None)
+            if layers is not None:
+                break
+    if layers is None:
+        raise ConfigError(
+            f"{type(language_model).__name__} has no list of decoder layers (no ModuleList of one block class in "
+            f"{type(decoder).__name__}); for LoRA, give --lang_lora_module_name a scope of module names"
+        )
+    name = next(n for n, m in language_model.named_modules() if m is layers)
+    return layers, name
+
+
+def _one_block_class(modules: nn.ModuleList) -> bool:
+    return len({type(m) for m in modules}) == 1
 
 
 def enable_checkpointing(model: nn.Module) -> None:

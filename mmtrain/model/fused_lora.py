@@ -81,7 +81,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2 if ctx.needs_input_grad[4] else None, xa, weight, weight_scale, lora_a, lora_b)
         ctx.scale = scale
         ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        # [tokens, out]: shaped like x outside (_lora_linear), where the view is autograd's own, so
+        # that an LM may change the output in place (Falcon adds its attention into the MLP's)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,6 +100,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             grad_b = g.t() @ (xa * ctx.scale)
         return grad_x, None, None, None, grad_a, grad_b, None
+
+
+def _lora_linear(x, weight, weight_scale, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+    out = _LoraLinearFunction.apply(x, weight, weight_scale, bias, lora_a, lora_b, scale)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
@@ -136,10 +143,10 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         if fp8 is None:
             weight = weight.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(x, weight, weight_scale, bias, a, b, scale)
+            return _lora_linear(x, weight, weight_scale, bias, a, b, scale)
     if fp8 is not None and bias is not None:
         bias = bias.to(x.dtype)  # the float8 product comes out in the input's dtype
-    return _LoraLinearFunction.apply(x, weight, weight_scale, bias, a, b, scale)
+    return _lora_linear(x, weight, weight_scale, bias, a, b, scale)
 
 
 def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:

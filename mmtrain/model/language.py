@@ -7,6 +7,7 @@ from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from mmtrain import compat, presets
+from mmtrain.model.attention import attention_for, choose_attention
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
@@ -25,6 +26,16 @@ def load_language_config(name_or_path: str, flag: str = "--lm_model_name_or_path
             "(LLaMA, Qwen2, Mistral, ... are supported)"
         )
     return config
+
+
+def causal_lm_class(config: PretrainedConfig) -> type:
+    """The transformers class ``AutoModelForCausalLM`` builds for ``config``."""
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def language_attention(config: PretrainedConfig, requested: str) -> tuple[str, str | None]:
+    """The attention implementation the LM of ``config`` is built with, and why it is not ``requested`` (None: it is)."""
+    return attention_for(causal_lm_class(config), requested)
 
 
 def load_tokenizer(name_or_path: str):
@@ -47,6 +58,9 @@ def build_language_model(
 ) -> nn.Module:
     """Load the LM from its folder (or a preset with seeded random weights).
 
+    Its attention is ``--attn_implementation`` where the LM's class supports it, else
+    eager, said in the log (:mod:`mmtrain.model.attention`).
+
     Under an active ZeRO-3 config (Accelerate sets one before we are called) both
     paths construct the weights partitioned through ``deepspeed.zero.Init``.
     ``preset_device`` is where a preset's random weights are drawn (see
@@ -54,16 +68,17 @@ def build_language_model(
     """
     name = model_args.lm_model_name_or_path
     config = config or load_language_config(name)
+    attention = choose_attention(causal_lm_class(config), model_args.attn_implementation)
     if presets.is_preset(name) or not weights:  # weights=False: shapes only (the meta device)
         with presets.seeded_init(model_args.preset_seed, preset_device if weights else None):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     return checked_from_pretrained(
         AutoModelForCausalLM,
         name,
         flag="--lm_model_name_or_path",
         strict_unexpected=strict,
         dtype=dtype,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=attention,
     )
 
 
@@ -124,4 +139,7 @@ class NewTokenEmbedding(nn.Module):
         out = self.base(base_ids)
         new_index = (input_ids - self.first_new_id).clamp(0, self.num_new - 1)
         new = nn.functional.embedding(new_index, self.new_rows).to(out.dtype)
+        scale = compat.embedding_scale(self.base)
+        if scale is not None:  # Gemma's tables scale what they look up: the new rows, read from the table once exported, too
+            new = new * scale.to(out.dtype)
         return torch.where(is_new[..., None], new, out)

@@ -50,6 +50,7 @@ from transformers import (
 
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
+from mmtrain.model.language import language_attention
 from mmtrain.model.tokens import IMAGE_TOKEN
 from mmtrain.model.vision import SUPPORTED as SUPPORTED_TOWERS, TowerLayout, VisionEncoder, processor_pixel_shape, tower_layout
 
@@ -126,12 +127,13 @@ class LlavaFolder:
         return VisionEncoder(tower, model_args.vision_feature_layer, model_args.vision_keep_cls, self.layout)
 
     def language_model(self, model_args, *, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+        attention, _ = language_attention(self.text_config, model_args.attn_implementation)  # the fallback, as for any LM
         if not weights:
-            return AutoModelForCausalLM.from_config(self.text_config, dtype=dtype, attn_implementation=model_args.attn_implementation)
+            return AutoModelForCausalLM.from_config(self.text_config, dtype=dtype, attn_implementation=attention)
         with _expected_extra_tensors():
             return checked_from_pretrained(
                 AutoModelForCausalLM, self.path, flag=FLAG, config=self.text_config, key_mapping=_LM_KEYS, dtype=dtype,
-                attn_implementation=model_args.attn_implementation,
+                attn_implementation=attention,
             )
 
     def load_projector(self, projector: torch.nn.Module) -> None:

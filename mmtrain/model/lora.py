@@ -1,7 +1,9 @@
 """LoRA through peft, scoped the way DeepSpeed-VisualChat scopes it, and fusing into a copy.
 
 ``--lang_lora_module_name model.layers.`` means: every ``nn.Linear`` whose qualified
-name contains ``model.layers.`` gets an adapter. We resolve that scope to an explicit
+name contains ``model.layers.`` gets an adapter. The default, ``auto``, is the LM's own
+decoder layers (``model.layers.``, ``gpt_neox.layers.``, ``transformer.h.``: see
+:func:`mmtrain.model.builder.lora_scope`). We resolve that scope to an explicit
 list of module names and hand it to peft, so a scope that matches nothing fails at
 once and the log can say exactly which modules were adapted.
 """

@@ -46,19 +46,29 @@ def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 def _language_model_tensors(state: dict, model: VisionLanguageModel, vocab_size: int) -> tuple[dict, int]:
-    """LM tensors in the LM's own names, with the new rows folded into the table."""
+    """LM tensors in the LM's own names, with the new rows folded into the table.
+
+    A head tied to the table (Gemma, SmolLM3, ...) is not written: transformers ties it
+    to the table again on loading, new rows included.
+    """
     lm = _split(state, "language_model.")
-    emb_key = next(k for k in lm if k.endswith("embed_tokens.base.weight"))
+    # the NewTokenEmbedding, under the LM's own name for its table (embed_tokens, embed_in, word_embeddings, ...)
+    rows_key = next(k for k in lm if k.endswith(".new_rows"))
+    emb_key = rows_key[: -len("new_rows")] + "base.weight"
     base = lm.pop(emb_key)
-    new_rows = lm.pop(emb_key.replace("base.weight", "new_rows"))
+    new_rows = lm.pop(rows_key)
     first_new = model.image_tokens.original_vocab_size
     rows = max(base.shape[0], vocab_size)
     table = torch.zeros(rows, base.shape[1], dtype=base.dtype)
     table[: base.shape[0]] = base
     table[first_new : first_new + new_rows.shape[0]] = new_rows.to(base.dtype)
     lm[emb_key.replace(".base.weight", ".weight")] = table
-    head_key = next((k for k in lm if k.endswith("lm_head.weight")), None)
-    if head_key is not None and lm[head_key].shape[0] < rows:
+    head = model.language_model.get_output_embeddings()
+    head_key = next((f"{n}.weight" for n, m in model.language_model.named_modules() if head is not None and m is head), None)
+    tied = head is not None and head.weight is model.language_model.get_input_embeddings().base.weight
+    if head_key in lm and tied:
+        del lm[head_key]
+    elif head_key in lm and lm[head_key].shape[0] < rows:
         # New tokens are never prediction targets: their output rows are zero.
         head = lm[head_key]
         grown = torch.zeros(rows, head.shape[1], dtype=head.dtype)

@@ -181,11 +181,12 @@ def _lm_files(folder: str) -> dict[str, str]:
         return {k: single for k in f.keys()}
 
 
-def _embedding_key(files: dict[str, str], folder: str) -> str:
-    keys = [k for k in files if k.endswith("embed_tokens.weight")]
-    if len(keys) != 1:
-        raise ConfigError(f"--init_from: {folder} has no single embed_tokens.weight to take the new rows from")
-    return keys[0]
+def _embedding_key(files: dict[str, str], folder: str, new_rows: str) -> str:
+    """The export's input table, under the LM's own name (embed_tokens, embed_in, word_embeddings, ...) of this model's ``new_rows``."""
+    key = new_rows.removeprefix("language_model.").removesuffix("new_rows") + "weight"
+    if key not in files:
+        raise ConfigError(f"--init_from: {folder} has no {key} to take the new rows from")
+    return key
 
 
 def _export_shapes(path: str, manifest: dict, model) -> dict[str, tuple | None]:
@@ -196,11 +197,11 @@ def _export_shapes(path: str, manifest: dict, model) -> dict[str, tuple | None]:
             shapes[f"projector.{key}"] = tuple(f.get_slice(key).get_shape())
     lm_dir = os.path.join(path, LANGUAGE_DIR)
     files = _lm_files(lm_dir)
-    key = _embedding_key(files, lm_dir)
+    new_rows = next(n for n, _ in model.named_parameters() if n.endswith(".new_rows"))
+    key = _embedding_key(files, lm_dir, new_rows)
     with safe_open(files[key], "pt") as f:
         rows, width = f.get_slice(key).get_shape()
     tokens = model.image_tokens
-    new_rows = next(n for n, _ in model.named_parameters() if n.endswith(".new_rows"))
     first, count = manifest.get("original_vocab_size"), dict(model.named_parameters())[new_rows].shape[0]
     if first != tokens.original_vocab_size or rows < first + count:
         # Another tokenizer: the rows would mean other tokens.
@@ -220,7 +221,7 @@ def _export_tensors(path: str, manifest: dict, wanted: dict[str, tuple]) -> dict
     if new_rows:
         lm_dir = os.path.join(path, LANGUAGE_DIR)
         files = _lm_files(lm_dir)
-        key = _embedding_key(files, lm_dir)
+        key = _embedding_key(files, lm_dir, new_rows[0])
         first = manifest["original_vocab_size"]
         with safe_open(files[key], "pt") as f:
             out[new_rows[0]] = f.get_slice(key)[first : first + wanted[new_rows[0]][0]]

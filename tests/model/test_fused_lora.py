@@ -101,6 +101,35 @@ def test_fused_equals_peft(monkeypatch, dtype, bias, autocast):
     assert calls.n == 2, "unfused layers are peft's again"
 
 
+class _AddsInPlace(_Block):
+    """An MLP whose output is changed in place, as Falcon adds its attention output into its MLP's."""
+
+    def forward(self, x):
+        y = self.out(torch.relu(self.proj(x)))
+        y += x[..., :16]
+        return y
+
+
+def test_fused_output_may_be_changed_in_place(monkeypatch):
+    torch.manual_seed(0)
+    block = _AddsInPlace(bias=True)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=12, target_modules=["proj", "out"]), block)
+    for name, param in block.named_parameters():
+        param.requires_grad_(".lora_" in name)
+        if ".lora_B" in name:
+            with torch.no_grad():
+                param.copy_(0.3 * torch.randn(param.shape))
+    x = torch.randn(3, 7, 24)
+    peft_run = _run(block, x)
+    calls = _Calls(monkeypatch)
+    fuse_lora_layers(block)
+    fused_run = _run(block, x)
+    assert calls.n == 2
+    torch.testing.assert_close(fused_run[0], peft_run[0], rtol=1e-5, atol=3e-6)
+    for name in peft_run[2]:
+        torch.testing.assert_close(fused_run[2][name], peft_run[2][name], rtol=1e-5, atol=3e-6, msg=name)
+
+
 def test_layers_it_does_not_cover_fall_back_to_peft(monkeypatch):
     calls = _Calls(monkeypatch)
     x = torch.randn(2, 5, 24)

@@ -104,6 +104,17 @@ def test_check_manifest_accepts_its_own_model_and_names_what_differs(tmp_path):
         check_manifest(path, args, TRAINABLE + ["projector.2.weight"])
 
 
+def test_checkpoints_of_the_earlier_lora_scope_default_resume_under_auto(tmp_path):
+    """--lang_lora_module_name was 'model.layers.' by default; 'auto' finds exactly those layers wherever that matched."""
+    args = ModelArguments(lang_lora_dim=8)
+    assert args.lang_lora_module_name == "auto"
+    earlier = _manifest(tmp_path / "earlier", args, model={**args.identity(), "lang_lora_module_name": "model.layers."})
+    assert check_manifest(earlier, args, TRAINABLE)
+    assert check_manifest(_manifest(tmp_path / "now", args), ModelArguments(lang_lora_dim=8, lang_lora_module_name="model.layers."), TRAINABLE)
+    with pytest.raises(ConfigError, match=r"--lang_lora_module_name: recorded 'self_attn\.', now 'auto'$"):
+        check_manifest(_manifest(tmp_path / "other", ModelArguments(lang_lora_dim=8, lang_lora_module_name="self_attn.")), args, TRAINABLE)
+
+
 def test_check_manifest_refuses_other_formats_and_older_records(tmp_path):
     args = ModelArguments()
     newer = _manifest(tmp_path / "newer", args, format_version=FORMAT_VERSION + 1)
