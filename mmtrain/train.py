@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every record read and every image file looked up before any weights load: a bad
     # path stops the run now, not hours into an epoch.
     sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first)
+    speedups.check_vision_cache_size(accelerator, model_args, sources.train)  # an in-memory cache its images would outgrow
 
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
     if init_source:

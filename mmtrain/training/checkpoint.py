@@ -65,6 +65,7 @@ from accelerate.utils import gather_object
 
 from mmtrain.model.errors import ConfigError
 from mmtrain.training import portable_state
+from mmtrain.training.host_memory import RssWatch
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -281,23 +282,26 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp, exist_ok=True)
         acc.wait_for_everyone()
-        if self.is_deepspeed:
-            acc.save_state(tmp, exclude_frozen_parameters=True)
-        else:
-            acc.save_state(tmp)
-        host_peaks = None
-        if self.model is not None:
-            # Every process takes part in each tensor's gather; only the main one keeps a host copy, one tensor at a time.
-            report = portable_state.write(
-                os.path.join(tmp, portable_state.PORTABLE_STATE), self.model, self.optimizer, self.is_deepspeed, writer=acc.is_main_process
-            )
-            self.last_write = report
-            host_peaks = gather_object([report.host_peak_bytes]) if acc.num_processes > 1 else [report.host_peak_bytes]
-        if self.stream is not None:
-            os.makedirs(os.path.join(tmp, STREAM_DIR), exist_ok=True)
-            with open(self._stream_file(tmp), "w") as f:
-                json.dump(self.stream.state_dict(), f)
-        acc.wait_for_everyone()
+        with RssWatch() as whole_save:
+            if self.is_deepspeed:
+                acc.save_state(tmp, exclude_frozen_parameters=True)
+            else:
+                acc.save_state(tmp)
+            cost = {}
+            if self.model is not None:
+                # Every process takes part in each tensor's gather; only the main one keeps a host copy, one tensor at a time.
+                with RssWatch() as portable:
+                    self.last_write = portable_state.write(
+                        os.path.join(tmp, portable_state.PORTABLE_STATE), self.model, self.optimizer, self.is_deepspeed,
+                        writer=acc.is_main_process,
+                    )
+                cost = {"portable_state_rss_growth": portable.growth, "portable_state_host_copy_peak": self.last_write.host_peak_bytes}
+            if self.stream is not None:
+                os.makedirs(os.path.join(tmp, STREAM_DIR), exist_ok=True)
+                with open(self._stream_file(tmp), "w") as f:
+                    json.dump(self.stream.state_dict(), f)
+        cost = {"save_rss_growth": whole_save.growth, "rss_before_save": whole_save.start, **cost}
+        per_rank = gather_object([cost]) if acc.num_processes > 1 else [cost]  # also the wait for every rank's files
         if acc.is_main_process:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
@@ -311,13 +315,11 @@ class Checkpointer:
                 "zero_stage": int(acc.state.deepspeed_plugin.zero_stage) if self.is_deepspeed else None,
                 **(asdict(self.layout) if self.layout else {}),
             }
-            if host_peaks is not None:
-                manifest["portable_state"] = {
-                    "tensors": self.last_write.tensors,
-                    "bytes": self.last_write.bytes_on_disk,
-                    # What writing it held in host memory beyond the run's own, per process (rank order).
-                    "host_peak_bytes_per_rank": host_peaks,
-                }
+            # What the save cost each process in host memory beyond what it held before (bytes,
+            # rank order): measured resident-set growth, and the portable state's own copies.
+            manifest["host_memory"] = {key: [rank.get(key) for rank in per_rank] for key in per_rank[0]}
+            if self.last_write is not None:
+                manifest["portable_state"] = {"tensors": self.last_write.tensors, "bytes": self.last_write.bytes_on_disk}
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(manifest, f, indent=2)
             swap_into_place(tmp, final)
