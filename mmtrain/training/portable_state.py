@@ -68,7 +68,9 @@ class WriteReport:
 
     tensors: int = 0  # tensors written (0 on the processes that do not write)
     bytes_on_disk: int = 0  # the file's size
-    host_peak_bytes: int = 0  # most bytes this process held at once in host copies made for the file
+    # Most host bytes this process held at once for the file: gathered tensors and copies
+    # to the host, not the parameters' or the optimizer's own memory.
+    host_peak_bytes: int = 0
 
 
 def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> WriteReport:
@@ -95,12 +97,10 @@ def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> Writ
             # Under DeepSpeed each getter is a collective: called on every process, one tensor at a time.
             value = ds.safe_get_full_fp32_param(p) if ds else None
             if value is not None:
-                report.host_peak_bytes = max(report.host_peak_bytes, _put(out, f"param/{name}", value))
+                _put_gathered(out, f"param/{name}", value, report)
                 del value
                 for k in MOMENTS:
-                    moment = ds.safe_get_full_optimizer_state(p, k)
-                    report.host_peak_bytes = max(report.host_peak_bytes, _put(out, f"{k}/{name}", moment))
-                    del moment
+                    _put_gathered(out, f"{k}/{name}", ds.safe_get_full_optimizer_state(p, k), report)
             elif out is not None:  # whole on this process: nothing to take part in elsewhere
                 value, moments = _local_master(p, optimizer, masters)
                 report.host_peak_bytes = max(report.host_peak_bytes, _put(out, f"param/{name}", value))
@@ -114,6 +114,12 @@ def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> Writ
         out.close()
         report.tensors, report.bytes_on_disk = len(out.entries), out.size
     return report
+
+
+def _put_gathered(out: StreamedSafetensors | None, key: str, tensor: torch.Tensor | None, report: WriteReport) -> None:
+    """Write a tensor DeepSpeed gathered whole (a new buffer on every process, on the host where the run is on the CPU)."""
+    held = tensor.nbytes if tensor is not None and tensor.device.type == "cpu" else 0
+    report.host_peak_bytes = max(report.host_peak_bytes, held + _put(out, key, tensor))
 
 
 def _put(out: StreamedSafetensors | None, key: str, tensor: torch.Tensor | None) -> int:
