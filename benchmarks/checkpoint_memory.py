@@ -14,6 +14,15 @@ most the main rank should hold at once), the bytes on disk, the prediction of
 ``mmtrain.memory`` and the provenance (device, versions, commit, command).
 
 Flags after ``--`` go to the trainer and override the workload's.
+
+``--portable_only`` measures the portable state alone, in this process: the run is set
+up as ``mmtrain.train`` sets it up (``--zero_stage`` picks the DeepSpeed stage, as
+``accelerate_configs/zeroN.yaml`` would), takes one optimizer step and writes the
+portable state to ``--sink``. For a 7B full fine-tune on one GPU, whose whole checkpoint
+(about 165 GiB: the engine's files and the portable state) does not fit a 64 GiB disk:
+
+    python benchmarks/checkpoint_memory.py --portable_only --zero_stage 2 --sink /dev/null --workload ref-7b \
+        --out benchmarks/results/checkpoint_memory_h200_ref7b_full.json -- --lm_training full --lang_lora_dim 0 --gradient_checkpointing true
 """
 
 from __future__ import annotations
@@ -65,6 +74,9 @@ def parse_options(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--output_dir", default=None, help="Where the run writes (default: a temporary folder, removed after).")
     parser.add_argument("--out", default=None, help="Result JSON file.")
     parser.add_argument("--timeout", type=int, default=3600)
+    parser.add_argument("--portable_only", action="store_true", help="Measure the portable state's write alone, in this process.")
+    parser.add_argument("--zero_stage", type=int, default=None, help="With --portable_only: DeepSpeed's ZeRO stage (default: no DeepSpeed).")
+    parser.add_argument("--sink", default=None, help="With --portable_only: where the state is written (default: under the run's folder).")
     return parser.parse_args(argv), passthrough
 
 
@@ -142,10 +154,85 @@ def device() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def measure_portable_only(opts, flags: list[str], output_dir: str) -> dict:
+    """One optimizer step of the trainer's set-up in this process, then the portable state written under watch."""
+    import torch
+    from types import SimpleNamespace
+
+    from mmtrain_run import accelerate_environment
+
+    cuda = torch.cuda.is_available()
+    os.environ.update(accelerate_environment(SimpleNamespace(zero_stage=opts.zero_stage, offload="none", precision="bf16" if cuda else "fp32")))
+    from mmtrain import compat
+    from mmtrain.args import parse_args
+    from mmtrain.data import build_datasets, read_sources
+    from mmtrain.training import distributed, portable_state, setup, speedups
+    from mmtrain.training.engine_view import EngineView
+    from mmtrain.training.host_memory import RssWatch, rss_bytes
+
+    distributed.prepare_environment()
+    model_args, data_args, train_args = parse_args(flags)
+    accelerator = distributed.make_accelerator(train_args)
+    data_args.num_workers = 0  # one batch is read
+    sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first)
+    built = setup.build_for_training(accelerator, model_args, train_args, data_args)
+    data = build_datasets(data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = setup.make_train_loader(accelerator, data.train, speedups.make_train_collator(built, model_args, data_args), data_args, train_args)
+    model = EngineView(built.model)
+    optimizer, scheduler, _ = setup.make_optimizer_and_schedule(accelerator, model, train_args, setup.batches_per_epoch(loader, 1))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    setup.place_outside_engine(accelerator, model)
+    out = model(**next(iter(loader)))
+    accelerator.backward(out.loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    trainable = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    largest = 4 * max(compat.full_numel(p) for p in trainable)
+    sink = opts.sink or os.path.join(output_dir, portable_state.PORTABLE_STATE)
+    deepspeed = distributed.deepspeed_plugin(accelerator) is not None
+    start = time.time()
+    with RssWatch() as watch:
+        report = portable_state.write(sink, model, optimizer, deepspeed, writer=accelerator.is_main_process)
+    return {
+        "mode": "portable_only",
+        "zero_stage": opts.zero_stage,
+        "sink": opts.sink or "<output_dir>/" + portable_state.PORTABLE_STATE,
+        "write_s": round(time.time() - start, 1),
+        "loss": out.loss.detach().item(),
+        "trainable_parameters": sum(compat.full_numel(p) for p in trainable),
+        "rss_before": watch.start,
+        "rss_after": rss_bytes(),
+        "per_rank": {"portable_state_rss_growth": [watch.growth], "portable_state_host_copy_peak": [report.host_peak_bytes]},
+        "portable_state": {"tensors": report.tensors, "bytes": report.bytes_on_disk, "largest_tensor_bytes": largest},
+        "portable_growth_over_largest_tensor": round(watch.growth / largest, 3),
+        "gpu_peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     opts, passthrough = parse_options(argv)
     output_dir = opts.output_dir or tempfile.mkdtemp(prefix="checkpoint-memory-")
     flags = trainer_flags(opts, passthrough, output_dir)
+    if opts.portable_only:
+        try:
+            measured = measure_portable_only(opts, flags, output_dir)
+        finally:
+            if opts.output_dir is None:
+                shutil.rmtree(output_dir, ignore_errors=True)
+        result = {
+            "benchmark": "checkpoint_memory", "device": device(), "versions": versions(), "git": git_commit(),
+            "command": ["python", "benchmarks/checkpoint_memory.py", *(sys.argv[1:] if argv is None else argv)],
+            "workload": opts.workload, "num_processes": 1, **measured,
+        }
+        _write(result, opts.out)
+        gib = 2**30
+        print(f"portable state of {measured['portable_state']['bytes'] / gib:.2f} GiB ({measured['portable_state']['tensors']} tensors, largest "
+              f"{measured['portable_state']['largest_tensor_bytes'] / gib:.3f} GiB) written in {measured['write_s']} s; RSS growth "
+              f"{measured['per_rank']['portable_state_rss_growth'][0] / gib:.3f} GiB = {measured['portable_growth_over_largest_tensor']} x the largest tensor")
+        return result
     cmd = launch_command(opts, flags)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.time()
@@ -181,10 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if opts.output_dir is None:
             shutil.rmtree(output_dir, ignore_errors=True)
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w") as f:
-            json.dump(result, f, indent=2)
+    _write(result, opts.out)
     gib = 2**30
     print(
         f"checkpoint of {result['portable_state']['bytes'] / gib:.2f} GiB portable state ({tensors} tensors, largest "
@@ -192,6 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{[round(v / gib, 3) for v in host['save_rss_growth']]} GiB, portable state {[round(v / gib, 3) for v in host['portable_state_rss_growth']]} GiB"
     )
     return result
+
+
+def _write(result: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

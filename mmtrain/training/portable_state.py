@@ -35,6 +35,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -181,7 +182,8 @@ class StreamedSafetensors:
         if self._next != len(self.entries):
             raise ValueError(f"{self.path}: {self._next} of {len(self.entries)} tensors written")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # not a device such as a benchmark's /dev/null
+            os.fsync(self._file.fileno())
         self._file.close()
 
     def abandon(self) -> None:

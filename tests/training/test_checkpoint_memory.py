@@ -62,8 +62,8 @@ def test_only_the_main_process_holds_the_portable_state_and_one_tensor_at_a_time
     # measured: neither process's resident set grew by more than a few tensors while saving,
     # where holding the state whole would have added all of it
     for rank in (0, 1):
-        assert per_rank["portable_state_rss_growth"][rank] < state / 5, (rank, per_rank)
-        assert per_rank["save_rss_growth"][rank] < state / 5, (rank, per_rank)
+        assert per_rank["portable_state_rss_growth"][rank] < state / 10, (rank, per_rank)
+        assert per_rank["save_rss_growth"][rank] < state / 10, (rank, per_rank)
     assert result["zero_stage"] == 2 and result["checkpoint_bytes_on_disk"] > state
     assert result["predicted"]["checkpoint_host"] >= largest
     assert result["command"][:2] == ["python", "benchmarks/checkpoint_memory.py"]
