@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> int:
     from mmtrain.data import DataError
+    from mmtrain.training.checkpoint import CheckpointError
     from mmtrain.training.loop import TrainingError
 
     try:
@@ -117,7 +118,7 @@ def cli() -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -79,6 +79,10 @@ ABANDONED_PREFIX = "abandoned-"
 logger = logging.getLogger("mmtrain")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (every process raises it together); the earlier ones are intact."""
+
+
 @dataclass
 class TrainerState:
     epoch: int = 0  # the epoch in progress
@@ -295,13 +299,23 @@ class Checkpointer:
                         os.path.join(tmp, portable_state.PORTABLE_STATE), self.model, self.optimizer, self.is_deepspeed,
                         writer=acc.is_main_process,
                     )
-                cost = {"portable_state_rss_growth": portable.growth, "portable_state_host_copy_peak": self.last_write.host_peak_bytes}
+                cost = {
+                    "portable_state_rss_growth": portable.growth,
+                    "portable_state_host_copy_peak": self.last_write.host_peak_bytes,
+                    "error": self.last_write.error,
+                }
             if self.stream is not None:
                 os.makedirs(os.path.join(tmp, STREAM_DIR), exist_ok=True)
                 with open(self._stream_file(tmp), "w") as f:
                     json.dump(self.stream.state_dict(), f)
         cost = {"save_rss_growth": whole_save.growth, "rss_before_save": whole_save.start, **cost}
         per_rank = gather_object([cost]) if acc.num_processes > 1 else [cost]  # also the wait for every rank's files
+        errors = [rank.pop("error", None) for rank in per_rank]
+        if any(errors):  # every process stops here, together
+            raise CheckpointError(
+                f"checkpoint {final} could not be written ({'; '.join(e for e in errors if e)}); the earlier checkpoints are "
+                f"intact, and {tmp} is removed at the next start"
+            )
         if acc.is_main_process:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(asdict(state), f, indent=2)

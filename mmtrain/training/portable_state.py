@@ -72,6 +72,9 @@ class WriteReport:
     # Most host bytes this process held at once for the file: gathered tensors and copies
     # to the host, not the parameters' or the optimizer's own memory.
     host_peak_bytes: int = 0
+    # Why the file could not be written (a full disk, say), None if it was. The writer
+    # goes on taking part in the other processes' gathers, so that all stop together.
+    error: str | None = None
 
 
 def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> WriteReport:
@@ -93,34 +96,40 @@ def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> Writ
     if writer:
         entries = [(f"{key}/{name}", compat.full_shape(p)) for name, p in params for key in ("param", *MOMENTS)]
         out = StreamedSafetensors(path, entries, {"optimizer_step": str(step)})
+    def put(key: str, tensor: torch.Tensor | None, gathered: bool) -> None:
+        nonlocal out
+        # A tensor DeepSpeed gathered is a new buffer on every process (on the host in a CPU run).
+        held = tensor.nbytes if gathered and tensor is not None and tensor.device.type == "cpu" else 0
+        try:
+            held += _put(out, key, tensor)
+        except OSError as e:
+            report.error = f"{path}: {e}"
+            out.abandon()
+            out = None
+        report.host_peak_bytes = max(report.host_peak_bytes, held)
+
     try:
         for name, p in params:
             # Under DeepSpeed each getter is a collective: called on every process, one tensor at a time.
             value = ds.safe_get_full_fp32_param(p) if ds else None
             if value is not None:
-                _put_gathered(out, f"param/{name}", value, report)
+                put(f"param/{name}", value, gathered=True)
                 del value
                 for k in MOMENTS:
-                    _put_gathered(out, f"{k}/{name}", ds.safe_get_full_optimizer_state(p, k), report)
+                    put(f"{k}/{name}", ds.safe_get_full_optimizer_state(p, k), gathered=True)
             elif out is not None:  # whole on this process: nothing to take part in elsewhere
                 value, moments = _local_master(p, optimizer, masters)
-                report.host_peak_bytes = max(report.host_peak_bytes, _put(out, f"param/{name}", value))
+                put(f"param/{name}", value, gathered=False)
                 for k in MOMENTS:
-                    report.host_peak_bytes = max(report.host_peak_bytes, _put(out, f"{k}/{name}", moments[k]))
+                    put(f"{k}/{name}", moments[k], gathered=False)
+        if out is not None:
+            out.close()
+            report.tensors, report.bytes_on_disk = len(out.entries), out.size
     except BaseException:
         if out is not None:
             out.abandon()
         raise
-    if out is not None:
-        out.close()
-        report.tensors, report.bytes_on_disk = len(out.entries), out.size
     return report
-
-
-def _put_gathered(out: StreamedSafetensors | None, key: str, tensor: torch.Tensor | None, report: WriteReport) -> None:
-    """Write a tensor DeepSpeed gathered whole (a new buffer on every process, on the host where the run is on the CPU)."""
-    held = tensor.nbytes if tensor is not None and tensor.device.type == "cpu" else 0
-    report.host_peak_bytes = max(report.host_peak_bytes, held + _put(out, key, tensor))
 
 
 def _put(out: StreamedSafetensors | None, key: str, tensor: torch.Tensor | None) -> int:

@@ -386,3 +386,23 @@ def test_portable_state_is_streamed_and_read_one_tensor_at_a_time(tmp_path, tiny
     # on the CPU the fp32 parameters are written from their own memory: no host copy at all
     assert manifest["host_memory"]["portable_state_host_copy_peak"] == [0]
     assert len(manifest["host_memory"]["save_rss_growth"]) == 1
+
+
+def test_a_portable_state_that_cannot_be_written_stops_the_save_and_keeps_the_earlier_ones(tmp_path, tiny_args, accelerator, monkeypatch):
+    from mmtrain.training import portable_state
+    from mmtrain.training.checkpoint import CheckpointError
+
+    checkpointer, step = _saving_run(tmp_path, tiny_args, accelerator, keep=2)
+    step()
+    checkpointer.save(TrainerState(global_step=1))
+
+    def disk_full(self, name, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(portable_state.StreamedSafetensors, "write", disk_full)
+    with pytest.raises(CheckpointError, match="step-00000002 could not be written .*No space left on device"):
+        checkpointer.save(TrainerState(global_step=2))
+    monkeypatch.undo()
+    assert _names(tmp_path) == ["step-00000001"]
+    assert not os.path.exists(tmp_path / "checkpoints" / "step-00000002.tmp" / "trainable_state.safetensors")
+    assert remove_partial_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoints" / "step-00000002.tmp")]
