@@ -40,6 +40,11 @@ class ModelArguments(VLMConfig):
         default=None,
         metadata=_help("Keep --cache_vision_features on disk in this folder (relative: under --output_dir) instead of in memory."),
     )
+    vision_cache_max_gb: Optional[float] = field(
+        default=None,
+        metadata=_help("Most GB of features the in-memory --cache_vision_features may hold per process; a run whose images need "
+                       "more is refused at start (default: half the host memory available, shared by this machine's processes)."),
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +53,8 @@ class ModelArguments(VLMConfig):
                 f"--cache_vision_features needs a frozen vision encoder, but --vis_lora_dim {self.vis_lora_dim} trains it "
                 "(its features change every step); drop one of the two"
             )
+        if self.vision_cache_max_gb is not None and self.vision_cache_max_gb <= 0:
+            raise ConfigError(f"--vision_cache_max_gb must be > 0, got {self.vision_cache_max_gb}")
         if self.vision_cache_dir is not None and not self.cache_vision_features:
             raise ConfigError("--vision_cache_dir is only used with --cache_vision_features; pass both or neither")
 

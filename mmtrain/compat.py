@@ -460,6 +460,15 @@ def full_numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter, also when ZeRO-3 holds only a shard of it (``ds_shape``).
+
+    Read by the portable checkpoint state, which writes each tensor's shape before any
+    value is gathered; were it renamed, ZeRO-3 shapes would be written empty.
+    """
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 # --- accelerate + transformers: the DeepSpeed config transformers sees ------------------
 #
 # ``from_pretrained`` builds weights under ``deepspeed.zero.Init`` when transformers holds

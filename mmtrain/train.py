@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every record read and every image file looked up before any weights load: a bad
     # path stops the run now, not hours into an epoch.
     sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first)
+    speedups.check_vision_cache_size(accelerator, model_args, sources.train)  # an in-memory cache its images would outgrow
 
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
     if init_source:
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> int:
     from mmtrain.data import DataError
+    from mmtrain.training.checkpoint import CheckpointError
     from mmtrain.training.loop import TrainingError
 
     try:
@@ -116,7 +118,7 @@ def cli() -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

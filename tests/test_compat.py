@@ -467,6 +467,8 @@ _ZERO3_PARAM = textwrap.dedent(
         "full_numel": compat.full_numel(weight),
         "local_numel": weight.numel(),
         "plain_numel": compat.full_numel(plain),
+        "full_shape": list(compat.full_shape(weight)),
+        "plain_shape": list(compat.full_shape(plain)),
     }))
     """
 )
@@ -502,6 +504,7 @@ def test_deepspeed_zero3_parameters_carry_ds_id_ds_numel_and_ds_shape():
         assert got["full_numel"] == 30 and got["local_numel"] == 0 and got["plain_numel"] == 30, got
     with pinned("deepspeed", "ZeRO-3 parameter attribute ds_shape (whole inside a gather)"):
         assert not got["gathered"] and got["gathered_inside"] and got["plain_gathered"], got
+        assert got["full_shape"] == [5, 6] and got["plain_shape"] == [5, 6], got
 
 
 def test_deepspeed_memory_estimators_take_counts():

@@ -313,3 +313,29 @@ def test_cli_takes_a_token_budget_as_one_full_row(capsys):
     assert capsys.readouterr().out == budget  # the same estimate as one row of 512 tokens
     assert main(["--lang_lora_dim", "4", "--max_tokens_per_batch", "-1"]) == 2
     assert "--max_tokens_per_batch must be >= 0" in capsys.readouterr().err
+
+
+def test_checkpoint_host_cost_is_one_tensor_or_one_partition_not_the_whole_state(full_lm):
+    """7B full fine-tune: a save adds at most one fp32 partition per rank (shrinking with GPUs), never the 80 GB state."""
+    facts = full_lm["7b"]
+    psi = facts.total(trainable=True)
+    largest = max(n for n, trainable, _ in facts.params if trainable)
+    assert largest == 4096 * 32000 or largest > 4096 * 32000  # the embedding table or the head, new rows included
+    costs = {}
+    for gpus in (1, 8):
+        for offload in ("none", "optimizer"):
+            est = estimate(facts, MemorySetup(zero_stage=2, offload=offload, num_gpus=gpus))
+            costs[gpus, offload] = est.checkpoint_host
+            assert est.checkpoint_disk == (12 + 2 + 12) * psi  # portable state, bf16 weights, fp32 master and moments
+            assert est.as_dict()["checkpoint_host"] == est.checkpoint_host
+    assert costs[1, "none"] == 4 * psi and costs[8, "none"] == 4 * -(-psi // 8)
+    assert costs[1, "optimizer"] == costs[8, "optimizer"] == 4 * largest < 1 * GiB
+    assert all(cost < 12 * psi / 2 for cost in costs.values())
+
+
+def test_cli_table_has_the_checkpoint_rows(capsys):
+    from mmtrain.memory import main
+
+    assert main(["--lang_lora_dim", "4", "--seq_len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint: host" in out and "checkpoint: disk" in out

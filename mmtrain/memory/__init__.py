@@ -71,6 +71,17 @@ Adam m and v)
   ``reduce_bucket_size`` elements (DeepSpeed's default 5e8, in the gradient dtype);
   stage 0 flattens all gradients for its all-reduce when N > 1 (wΨ_t).
 
+A checkpoint (``checkpoint: host``, ``checkpoint: disk``; host memory, not part of the
+GPU peak). The portable trainable state (:mod:`mmtrain.training.portable_state`) is
+written by the main rank one fp32 tensor at a time: 4·(largest trainable tensor) bytes
+(the embedding table or LM head with ``--lm_training full``), nothing on the other ranks.
+Accelerate's ``save_state`` writes each rank's engine files through ``torch.save``,
+which copies one device storage to the host at a time; the largest is one parameter
+group's flat fp32 partition, at most 4Ψ_t/N (none with optimizer offload: those are on
+the host already). The two happen one after the other, so a rank's peak is the larger.
+On disk: the portable state 12Ψ_t, the trainable weights wΨ_t and the optimizer's
+partitions 12Ψ_t (8Ψ_t in fp32), all ranks together.
+
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models", sec. 4.1: s·b·h·(34 + 5·a·s/h) bytes per GPT layer in 16-bit with
 dropout). That count does not fit the kernels used here, so each saved tensor of a
@@ -151,6 +162,7 @@ from mmtrain.memory.facts import GiB, OFFLOADS, PRECISIONS, MemorySetup, ModelFa
 from mmtrain.memory.predict import (
     SPEED_ORDER,
     MemoryEstimate,
+    checkpoint_cost,
     Recommendation,
     all_setups,
     deepspeed_estimate,
@@ -163,7 +175,7 @@ from mmtrain.memory.predict import (
 
 __all__ = [
     "GiB", "OFFLOADS", "PRECISIONS", "SPEED_ORDER", "MemoryEstimate", "MemorySetup", "ModelFacts", "Recommendation",
-    "all_setups", "deepspeed_estimate", "estimate", "fit_warning", "format_table", "largest_micro_batch", "lm_layer_activation_bytes", "main",
+    "all_setups", "checkpoint_cost", "deepspeed_estimate", "estimate", "fit_warning", "format_table", "largest_micro_batch", "lm_layer_activation_bytes", "main",
     "model_facts",
     "parse_bytes", "recommend", "ref_model_args", "stage3_gathered_parameters",
 ]

@@ -43,6 +43,8 @@ _ROWS = (
     ("host: gradients", "cpu_gradients"),
     ("host: optimizer", "cpu_optimizer_states"),
     ("DeepSpeed estimator", "deepspeed_model_states"),
+    ("checkpoint: host", "checkpoint_host"),
+    ("checkpoint: disk", "checkpoint_disk"),
 )
 
 
@@ -51,7 +53,7 @@ def format_table(estimates: list[MemoryEstimate]) -> str:
     lines = [f"{'GiB per GPU':<20}" + "".join(f"{e.setup.name:>{width}}" for e in estimates)]
     lines.append("-" * len(lines[0]))
     for label, attr in _ROWS:
-        if attr == "total" or attr == "cpu_weights":
+        if attr in ("total", "cpu_weights", "checkpoint_host"):
             lines.append("-" * len(lines[0]))
         lines.append(f"{label:<20}" + "".join(f"{in_gib(getattr(e, attr)):>{width}}" for e in estimates))
     return "\n".join(lines)

@@ -43,6 +43,10 @@ class MemoryEstimate:
     cpu_gradients: int = 0
     cpu_optimizer_states: int = 0
     deepspeed_model_states: int | None = None  # DeepSpeed's estimator, GPU bytes
+    # A checkpoint: host memory one save adds to a rank at most (beyond what it held
+    # before), and the bytes one checkpoint folder takes on disk (all ranks' files).
+    checkpoint_host: int = 0
+    checkpoint_disk: int = 0
 
     @property
     def model_states(self) -> int:
@@ -240,8 +244,23 @@ def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEs
         cpu_gradients=int(cpu_grads),
         cpu_optimizer_states=int(cpu_opt),
     )
+    est.checkpoint_host, est.checkpoint_disk = checkpoint_cost(facts, setup)
     est.deepspeed_model_states = deepspeed_estimate(facts, setup)
     return est
+
+
+def checkpoint_cost(facts: ModelFacts, setup: MemorySetup) -> tuple[int, int]:
+    """``(host bytes one save adds to a rank at most, bytes of one checkpoint on disk)`` (package docstring)."""
+    psi = facts.total(trainable=True)
+    largest = max((n for n, trainable, _ in facts.params if trainable), default=0)
+    w = PRECISIONS[setup.precision]
+    opt_bytes = 8 if setup.precision == "fp32" else 12
+    # The portable state: the main rank holds one fp32 tensor at a time.
+    portable = 4 * largest
+    # The engine's own files, written storage by storage: a flat fp32 partition of one
+    # parameter group is the largest copied from the device; offloaded ones are on the host already.
+    engine = 0 if setup.offload != "none" else 4 * math.ceil(psi / setup.num_gpus)
+    return max(portable, engine), (12 + w + opt_bytes) * psi
 
 
 def deepspeed_estimate(facts: ModelFacts, setup: MemorySetup) -> int | None:

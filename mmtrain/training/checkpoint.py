@@ -6,10 +6,16 @@ scheduler, and every process's python / numpy / torch / cuda RNG state) plus
 ``trainer_state.json`` (epoch, position inside the epoch, step, best eval loss),
 ``trainable_state.safetensors`` (the trainable state whole, see
 :mod:`mmtrain.training.portable_state`) and ``manifest.json`` (with the model's whole
-config, the process count and the batch layout). It is written under a ``.tmp`` name and
-renamed into place only when every rank has finished writing and the manifest is in it,
-so a kill at any moment leaves either the previous checkpoints or a ``.tmp`` folder that
-is ignored and removed.
+config, the process count, the batch layout and what the portable state cost). It is
+written under a ``.tmp`` name and renamed into place only when every rank has finished
+writing and the manifest is in it, so a kill at any moment leaves either the previous
+checkpoints or a ``.tmp`` folder that is ignored and removed. A step saved again (a
+finished run launched again with ``latest``) replaces its folder without a moment where
+neither copy is whole (:func:`swap_into_place`).
+
+``latest`` is the highest step. A resume from an older checkpoint of the same output
+folder moves the later ones into ``checkpoints/abandoned-<time>/`` (logged), so that
+``latest`` and rotation follow the resumed run, not the branch it left.
 
 Only trainable parameters are stored: the frozen ones come from the source folders the
 manifest names. Resuming checks that the model flags match the manifest's.
@@ -51,12 +57,15 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 
 import torch
+from accelerate.utils import gather_object
 
 from mmtrain.model.errors import ConfigError
 from mmtrain.training import portable_state
+from mmtrain.training.host_memory import RssWatch
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -64,6 +73,14 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 STREAM_DIR = "stream"
 FORMAT_VERSION = 1
+# A checkpoint being replaced by a new save of its step waits under this suffix until the new one is in place.
+ASIDE = ".old"
+ABANDONED_PREFIX = "abandoned-"
+logger = logging.getLogger("mmtrain")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (every process raises it together); the earlier ones are intact."""
 
 
 @dataclass
@@ -107,6 +124,55 @@ def resolve_resume(output_dir: str, resume: str | None) -> str | None:
             f"being written; pick a complete one under {checkpoint_root(output_dir)}"
         )
     return resume
+
+
+def checkpoint_step(path: str) -> int:
+    return int(_STEP_RE.match(os.path.basename(path)).group(1))
+
+
+def set_aside_later_checkpoints(output_dir: str, step: int, resumed_from: str) -> list[str]:
+    """Move this output folder's checkpoints past ``step`` into ``checkpoints/abandoned-<time>/``.
+
+    A resume from an older checkpoint starts a new branch of the run: the old branch's
+    later checkpoints would otherwise stay ``latest``, and rotation (``--save_total_limit``)
+    would delete the new branch's first checkpoints to keep them. They are kept, not
+    deleted, and logged. Returns their new paths.
+    """
+    later = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
+    if not later:
+        return []
+    root = checkpoint_root(output_dir)
+    folder = os.path.join(root, ABANDONED_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    base, n = folder, 1
+    while os.path.exists(folder):
+        n += 1
+        folder = f"{base}-{n}"
+    os.makedirs(folder)
+    moved = []
+    for path in later:
+        moved.append(os.path.join(folder, os.path.basename(path)))
+        os.replace(path, moved[-1])
+    logger.warning(
+        f"resumed from {resumed_from} (step {step}), older than this run's {', '.join(os.path.basename(p) for p in later)}: "
+        f"moved them to {folder} so that 'latest' and --save_total_limit follow the resumed run"
+    )
+    return moved
+
+
+def swap_into_place(tmp: str, final: str) -> None:
+    """Rename the finished ``tmp`` to ``final``; a ``final`` already there (a step saved again) is kept until then.
+
+    It is renamed aside (``final`` + ``.old``) first, the new one is renamed in, and only
+    then is the old one deleted: a kill at any moment leaves one whole checkpoint of the
+    step, under ``final`` or, between the two renames, aside, where
+    :func:`remove_partial_checkpoints` puts it back.
+    """
+    aside = final + ASIDE
+    if os.path.exists(final):
+        shutil.rmtree(aside, ignore_errors=True)  # stale: its step is whole under ``final``
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_manifest(path: str, config, trainable_names: list[str]) -> dict:
@@ -195,6 +261,7 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.seed = seed
         self.stream = stream
+        self.last_write: portable_state.WriteReport | None = None  # this process's share of the last save's portable state
         self.layout = None
         if per_device_train_batch_size is not None:
             micro = 1 if token_budget else per_device_train_batch_size
@@ -219,19 +286,37 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp, exist_ok=True)
         acc.wait_for_everyone()
-        if self.is_deepspeed:
-            acc.save_state(tmp, exclude_frozen_parameters=True)
-        else:
-            acc.save_state(tmp)
-        portable = portable_state.gather(self.model, self.optimizer, self.is_deepspeed) if self.model is not None else None
-        if self.stream is not None:
-            os.makedirs(os.path.join(tmp, STREAM_DIR), exist_ok=True)
-            with open(self._stream_file(tmp), "w") as f:
-                json.dump(self.stream.state_dict(), f)
-        acc.wait_for_everyone()
+        with RssWatch() as whole_save:
+            if self.is_deepspeed:
+                acc.save_state(tmp, exclude_frozen_parameters=True)
+            else:
+                acc.save_state(tmp)
+            cost = {}
+            if self.model is not None:
+                # Every process takes part in each tensor's gather; only the main one keeps a host copy, one tensor at a time.
+                with RssWatch() as portable:
+                    self.last_write = portable_state.write(
+                        os.path.join(tmp, portable_state.PORTABLE_STATE), self.model, self.optimizer, self.is_deepspeed,
+                        writer=acc.is_main_process,
+                    )
+                cost = {
+                    "portable_state_rss_growth": portable.growth,
+                    "portable_state_host_copy_peak": self.last_write.host_peak_bytes,
+                    "error": self.last_write.error,
+                }
+            if self.stream is not None:
+                os.makedirs(os.path.join(tmp, STREAM_DIR), exist_ok=True)
+                with open(self._stream_file(tmp), "w") as f:
+                    json.dump(self.stream.state_dict(), f)
+        cost = {"save_rss_growth": whole_save.growth, "rss_before_save": whole_save.start, **cost}
+        per_rank = gather_object([cost]) if acc.num_processes > 1 else [cost]  # also the wait for every rank's files
+        errors = [rank.pop("error", None) for rank in per_rank]
+        if any(errors):  # every process stops here, together
+            raise CheckpointError(
+                f"checkpoint {final} could not be written ({'; '.join(e for e in errors if e)}); the earlier checkpoints are "
+                f"intact, and {tmp} is removed at the next start"
+            )
         if acc.is_main_process:
-            if portable is not None:
-                portable_state.save(os.path.join(tmp, portable_state.PORTABLE_STATE), *portable)
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
             manifest = {
@@ -244,11 +329,14 @@ class Checkpointer:
                 "zero_stage": int(acc.state.deepspeed_plugin.zero_stage) if self.is_deepspeed else None,
                 **(asdict(self.layout) if self.layout else {}),
             }
+            # What the save cost each process in host memory beyond what it held before (bytes,
+            # rank order): measured resident-set growth, and the portable state's own copies.
+            manifest["host_memory"] = {key: [rank.get(key) for rank in per_rank] for key in per_rank[0]}
+            if self.last_write is not None:
+                manifest["portable_state"] = {"tensors": self.last_write.tensors, "bytes": self.last_write.bytes_on_disk}
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(manifest, f, indent=2)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            swap_into_place(tmp, final)
             for old in list_checkpoints(self.output_dir)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -268,6 +356,9 @@ class Checkpointer:
             self._load_same_count(path)
         if saved is not None and self.layout is not None:
             state.step_in_epoch = map_position(state.step_in_epoch, saved, self.layout, path, state.epoch)
+        if acc.is_main_process:
+            set_aside_later_checkpoints(self.output_dir, state.global_step, path)
+        acc.wait_for_everyone()
         return state
 
     def _stream_file(self, path: str) -> str:
@@ -335,7 +426,7 @@ class Checkpointer:
         # The saved per-process RNG streams belong to processes this run does not have.
         set_seed(self.seed + state.global_step, device_specific=True)
         if acc.is_main_process:
-            logging.getLogger("mmtrain").info(
+            logger.info(
                 f"{written_by}: loaded its whole trainable state ({len(self.trainable_names)} tensors, optimizer step {step}) "
                 f"and schedule; RNG re-seeded from --seed, step {state.global_step} and each process's rank"
             )
@@ -387,13 +478,29 @@ def quiet_save(verbose: bool = False):
 
 
 def remove_partial_checkpoints(output_dir: str) -> list[str]:
-    """Delete ``.tmp`` folders left by a run killed mid-save; returns what was removed."""
+    """Clean up after a run killed mid-save; returns what was removed.
+
+    ``.tmp`` folders (cut off while being written) are deleted. A checkpoint set aside
+    (``.old``) by a save of its step again is put back if the new one never arrived, and
+    deleted if it did (:func:`swap_into_place`).
+    """
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
-    removed = [os.path.join(root, n) for n in os.listdir(root) if n.endswith(".tmp")]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(".tmp"):
+            removed.append(path)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(ASIDE) and _STEP_RE.match(name[: -len(ASIDE)]):
+            final = path[: -len(ASIDE)]
+            if os.path.exists(final):
+                removed.append(path)
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)
+                logger.warning(f"put back {final}: a save of its step again was cut off before the new one was in place")
     return removed
 
 

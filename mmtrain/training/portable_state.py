@@ -3,9 +3,14 @@
 Beside what Accelerate and DeepSpeed write (per rank, partitioned at ZeRO 1-3), every
 checkpoint holds ``trainable_state.safetensors``: for each trainable parameter its full
 fp32 master value (``param/<name>``) and Adam moments (``exp_avg/<name>``,
-``exp_avg_sq/<name>``), and the optimizer's step count in the file's metadata. mmtrain's
-trainable state is small (projector, LoRA, new embedding rows: a few MB for the tiny
-presets, some hundreds of MB for a 7B model with LoRA), so a whole copy costs little.
+``exp_avg_sq/<name>``), and the optimizer's step count in the file's metadata. The
+state can be large (12 bytes a trainable parameter: some hundreds of MB for a 7B model
+with LoRA, about 80 GB with ``--lm_training full``), so it is never held whole: the file's
+header is written from the shapes alone, then each tensor is gathered (a collective
+under DeepSpeed, every process taking part), copied to the host by the main process
+only, written and let go before the next (:func:`write`). Host memory grows by one
+tensor on the main process (the largest is what the memory report counts) and not at
+all on the others. Loading reads one tensor at a time from the file, too.
 
 Under DeepSpeed it is gathered and scattered with DeepSpeed's public helpers
 (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` and
@@ -27,9 +32,14 @@ Megatron-style trainers pass to ``save_checkpoint`` themselves and Accelerate's
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from mmtrain import compat
 from mmtrain.model.errors import ConfigError
@@ -53,47 +63,177 @@ def _deepspeed_helpers(deepspeed: bool):
     return utils
 
 
-def gather(model, optimizer, deepspeed: bool) -> tuple[dict[str, torch.Tensor], int]:
-    """Every trainable parameter's full fp32 value and moments (on the CPU), and the step count.
+@dataclass
+class WriteReport:
+    """What one process spent writing the portable state (:func:`write`)."""
 
-    A collective under DeepSpeed: every process calls it, in the same order.
+    tensors: int = 0  # tensors written (0 on the processes that do not write)
+    bytes_on_disk: int = 0  # the file's size
+    # Most host bytes this process held at once for the file: gathered tensors and copies
+    # to the host, not the parameters' or the optimizer's own memory.
+    host_peak_bytes: int = 0
+    # Why the file could not be written (a full disk, say), None if it was. The writer
+    # goes on taking part in the other processes' gathers, so that all stop together.
+    error: str | None = None
+
+
+def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> WriteReport:
+    """Stream every trainable parameter's full fp32 value and Adam moments into ``path``, one tensor at a time.
+
+    A collective under DeepSpeed: every process calls it, in the same order, and takes
+    part in each tensor's gather; only the ``writer`` (the main process) copies the
+    gathered tensor to the host, writes it and lets it go before the next one, so its
+    host memory grows by one tensor at most and the others' not at all.
     """
     ds = _deepspeed_helpers(deepspeed)
     if ds is not None:
         compat.link_zero_optimizer_state(optimizer)
     masters = compat.fp32_masters(optimizer)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in _trainable(model):
-        value = ds.safe_get_full_fp32_param(p) if ds else None
-        if value is not None:
-            moments = {k: ds.safe_get_full_optimizer_state(p, k) for k in MOMENTS}
-        else:
-            value, moments = _local_master(p, optimizer, masters)
-        tensors[f"param/{name}"] = value.detach().float().cpu().contiguous()
-        for k, m in moments.items():
-            if m is None:  # no optimizer step yet
-                m = torch.zeros_like(tensors[f"param/{name}"])
-            tensors[f"{k}/{name}"] = m.detach().float().cpu().contiguous()
+    params = _trainable(model)
     step = compat.adam_step_count(optimizer) or 0
-    return tensors, step
+    report = WriteReport()
+    out = None
+    if writer:
+        entries = [(f"{key}/{name}", compat.full_shape(p)) for name, p in params for key in ("param", *MOMENTS)]
+        out = StreamedSafetensors(path, entries, {"optimizer_step": str(step)})
+    def put(key: str, tensor: torch.Tensor | None, gathered: bool) -> None:
+        nonlocal out
+        # A tensor DeepSpeed gathered is a new buffer on every process (on the host in a CPU run).
+        held = tensor.nbytes if gathered and tensor is not None and tensor.device.type == "cpu" else 0
+        try:
+            held += _put(out, key, tensor)
+        except OSError as e:
+            report.error = f"{path}: {e}"
+            out.abandon()
+            out = None
+        report.host_peak_bytes = max(report.host_peak_bytes, held)
+
+    try:
+        for name, p in params:
+            # Under DeepSpeed each getter is a collective: called on every process, one tensor at a time.
+            value = ds.safe_get_full_fp32_param(p) if ds else None
+            if value is not None:
+                put(f"param/{name}", value, gathered=True)
+                del value
+                for k in MOMENTS:
+                    put(f"{k}/{name}", ds.safe_get_full_optimizer_state(p, k), gathered=True)
+            elif out is not None:  # whole on this process: nothing to take part in elsewhere
+                value, moments = _local_master(p, optimizer, masters)
+                put(f"param/{name}", value, gathered=False)
+                for k in MOMENTS:
+                    put(f"{k}/{name}", moments[k], gathered=False)
+        if out is not None:
+            out.close()
+            report.tensors, report.bytes_on_disk = len(out.entries), out.size
+    except BaseException:
+        if out is not None:
+            out.abandon()
+        raise
+    return report
 
 
-def save(path: str, tensors: dict[str, torch.Tensor], step: int) -> None:
-    save_file(tensors, path, metadata={"optimizer_step": str(step)})
+def _put(out: StreamedSafetensors | None, key: str, tensor: torch.Tensor | None) -> int:
+    """Write ``tensor`` (None: no optimizer step yet, zeros) as fp32; returns the bytes of the host copy it took."""
+    if out is None:
+        return 0
+    if tensor is None:
+        host = torch.zeros(out.shape_of(key), dtype=torch.float32)
+        copied = host.nbytes
+    else:
+        tensor = tensor.detach()
+        host = tensor.to("cpu", torch.float32).contiguous()
+        # A tensor already in fp32 on the host is written from its own memory.
+        copied = 0 if host.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else host.nbytes
+    out.write(key, host)
+    return copied
 
 
-def read(path: str) -> tuple[dict[str, torch.Tensor], int]:
-    from safetensors import safe_open
+class StreamedSafetensors:
+    """One safetensors file written tensor by tensor, in the order of ``entries`` (name, shape; all fp32).
 
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "optimizer_step" not in metadata:
+    The format puts a JSON header of every tensor's dtype, shape and byte range before
+    the data; all of that is known before any value is, so the header is written first
+    and each value's bytes follow as they come, and nothing needs the whole state at once.
+    """
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        self.entries = entries
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        self._sizes: list[int] = []
+        for name, shape in entries:
+            size = 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._sizes.append(size)
+            offset += size
+        self._shapes = dict(entries)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self.size = 8 + len(text) + offset
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(text)))
+        self._file.write(text)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, shape = self.entries[self._next]
+        if name != expected or tensor.numel() != math.prod(shape) or tensor.dtype != torch.float32:
+            raise ValueError(f"{self.path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, expected {expected} {shape} float32 next")
+        if tensor.numel():
+            self._file.write(memoryview(tensor.numpy()).cast("B"))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.entries):
+            raise ValueError(f"{self.path}: {self._next} of {len(self.entries)} tensors written")
+        self._file.flush()
+        if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # not a device such as a benchmark's /dev/null
+            os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abandon(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+
+class PortableState:
+    """A written portable state, read one tensor at a time (``state[key]``, ``state.get(key)``)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self._file = safe_open(path, framework="pt")
+        self._keys = set(self._file.keys())
+        self.metadata = self._file.metadata() or {}
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self._file.get_tensor(key) if key in self._keys else None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def numel(self, key: str) -> int | None:
+        """Elements of ``key`` as the file's header gives them (nothing read), None if it has no such tensor."""
+        return math.prod(self._file.get_slice(key).get_shape()) if key in self._keys else None
+
+    def keys(self) -> set[str]:
+        return set(self._keys)
+
+
+def read(path: str) -> tuple[PortableState, int]:
+    state = PortableState(path)
+    if "optimizer_step" not in state.metadata:
         raise ConfigError(f"{path}: no optimizer_step in its metadata; it was not written by this trainer")
-    return load_file(path), int(metadata["optimizer_step"])
+    return state, int(state.metadata["optimizer_step"])
 
 
-def load_into(model, optimizer, tensors: dict[str, torch.Tensor], step: int, deepspeed: bool, source: str) -> None:
-    """Write ``tensors`` (from :func:`gather`, maybe on another process count) into a freshly prepared engine.
+def load_into(model, optimizer, tensors: PortableState, step: int, deepspeed: bool, source: str) -> None:
+    """Write ``tensors`` (from :func:`write`, maybe on another process count) into a freshly prepared engine.
 
     Sets the fp32 master copies, the compute-dtype weights the forward uses, the Adam
     moments and the step count. A collective under DeepSpeed, like :func:`gather`.
@@ -101,11 +241,11 @@ def load_into(model, optimizer, tensors: dict[str, torch.Tensor], step: int, dee
     params = _trainable(model)
     for name, p in params:
         for key in ("param", *MOMENTS):
-            value = tensors.get(f"{key}/{name}")
-            if value is None:
+            numel = tensors.numel(f"{key}/{name}")
+            if numel is None:
                 raise ConfigError(f"{source}: no {key}/{name}; it holds the trainable state of another model")
-            if value.numel() != compat.full_numel(p):
-                raise ConfigError(f"{source}: {key}/{name} has {value.numel()} elements, the model's parameter {compat.full_numel(p)}")
+            if numel != compat.full_numel(p):
+                raise ConfigError(f"{source}: {key}/{name} has {numel} elements, the model's parameter {compat.full_numel(p)}")
     ds = _deepspeed_helpers(deepspeed)
     compat.create_adam_state(optimizer, step)
     compat.link_zero_optimizer_state(optimizer)

@@ -10,6 +10,7 @@ flag                                      default     what it changes
 ``--pad_to_multiple_of``                  auto        padded lengths rounded up (64 on a GPU)
 ``--cache_vision_features``               off         loop swaps pixels for cached features
 ``--vision_cache_dir``                    memory      where those features live
+``--vision_cache_max_gb``                 auto        most an in-memory cache may hold
 ``--gradient_checkpointing_layers N``     0           checkpoint only the first N LM layers
 ``--torch_compile``                       auto        compile each LM decoder layer (auto: on
                                                       for CUDA)
@@ -183,6 +184,56 @@ def zero3_leaf_layers(accelerator, built: BuiltModel) -> int:
     set_z3_leaf_modules(lm, [type(layers[0])])
     logger.info(f"ZeRO-3: {len(layers)} LM decoder layers each gathered whole ({type(layers[0]).__name__} as a leaf module)")
     return len(layers)
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available for new allocations (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_vision_cache_size(accelerator, model_args, train_records: list[dict]) -> None:
+    """Refuse an in-memory feature cache the training images would outgrow, before any weights load.
+
+    The cache keeps one ``[patches, width]`` feature tensor in the compute dtype per
+    distinct image, in every process (about 1.2 MB a CLIP-L/336 image in bf16: hundreds
+    of GB for LLaVA's 558K pre-training images). The bound is ``--vision_cache_max_gb``,
+    or half the host memory available now, shared by this machine's processes.
+    """
+    if not model_args.cache_vision_features or model_args.vision_cache_dir is not None:
+        return
+    from mmtrain.memory.facts import GiB, model_facts
+
+    images = len({path for record in train_records for path in record.get("images") or ()})
+    facts = model_facts(model_args)
+    per_image = facts.patches * facts.vision_hidden * torch.finfo(distributed.compute_dtype(accelerator)).bits // 8
+    needed = images * per_image
+    if model_args.vision_cache_max_gb is not None:
+        limit, bound = int(model_args.vision_cache_max_gb * GiB), f"--vision_cache_max_gb {model_args.vision_cache_max_gb:g}"
+    else:
+        available = available_host_memory()
+        if available is None:
+            return
+        processes = distributed.local_process_count(accelerator)
+        limit = available // 2 // processes
+        bound = f"half the {available / GiB:.1f} GB of host memory available, shared by {processes} process(es) on this machine"
+    if needed > limit:
+        raise ConfigError(
+            f"--cache_vision_features would keep {images:,} images x {_size(per_image)} = {_size(needed)} of features in memory "
+            f"in each process, more than {bound} ({_size(limit)}); keep them on disk with --vision_cache_dir DIR, or raise "
+            "--vision_cache_max_gb"
+        )
+    logger.info(f"vision feature cache in memory: up to {images:,} images x {_size(per_image)} = {_size(needed)} per process")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.2f} MB"
 
 
 def make_vision_cache(accelerator, model, model_args, output_dir: str) -> VisionFeatureCache | None:

@@ -285,3 +285,135 @@ def test_checkpoint_of_another_process_count_loads_its_portable_state(tmp_path, 
         checkpointer(4).load(path)
     assert "written by 2 processes and this run has 1" in str(old.value) and "--num_processes 2" in str(old.value)
     assert "trainable_state.safetensors" in str(old.value) and "optimizer.bin" in str(old.value)
+
+
+def _saving_run(tmp_path, tiny_args, accelerator, keep):
+    """A Checkpointer over a tiny model with its portable state, and a step that changes the weights."""
+    from mmtrain.model import build_model
+
+    args = tiny_args()
+    model = build_model(args).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=keep, model=model, optimizer=optimizer)
+
+    def step():
+        loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return checkpointer, step
+
+
+def _names(output_dir) -> list[str]:
+    return [os.path.basename(p) for p in list_checkpoints(str(output_dir))]
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, tiny_args, accelerator, caplog):
+    """After a resume from step 4 of [4, 6], the new run's step 5 is not rotated out to keep the abandoned step 6."""
+    checkpointer, step = _saving_run(tmp_path, tiny_args, accelerator, keep=2)
+    for global_step in (2, 4, 6):
+        step()
+        checkpointer.save(TrainerState(global_step=global_step, step_in_epoch=global_step))
+    assert _names(tmp_path) == ["step-00000004", "step-00000006"]
+    abandoned = torch.load(tmp_path / "checkpoints" / "step-00000006" / "optimizer.bin", weights_only=True)
+
+    with caplog.at_level("WARNING", logger="mmtrain"):
+        checkpointer.load(str(tmp_path / "checkpoints" / "step-00000004"))
+    assert "step-00000006" in caplog.text and "abandoned-" in caplog.text
+    assert resolve_resume(str(tmp_path), "latest") == str(tmp_path / "checkpoints" / "step-00000004")
+    step()
+    checkpointer.save(TrainerState(global_step=5, step_in_epoch=5))
+    assert _names(tmp_path) == ["step-00000004", "step-00000005"]  # rotation kept the resumed run's own
+    assert resolve_resume(str(tmp_path), "latest") == str(tmp_path / "checkpoints" / "step-00000005")
+    # the abandoned branch is kept whole, out of the way
+    (aside,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert [p.name for p in aside.iterdir()] == ["step-00000006"]
+    kept = torch.load(aside / "step-00000006" / "optimizer.bin", weights_only=True)
+    assert torch.equal(kept["state"][0]["exp_avg"], abandoned["state"][0]["exp_avg"])
+    # a resume from the newest one moves nothing
+    checkpointer.load(str(tmp_path / "checkpoints" / "step-00000005"))
+    assert _names(tmp_path) == ["step-00000004", "step-00000005"]
+
+
+def test_a_kill_while_a_step_is_saved_again_loses_neither_copy(tmp_path, tiny_args, accelerator, monkeypatch):
+    """Saving step 3 again, killed just before the new folder is renamed in: the old step 3 comes back whole."""
+    checkpointer, step = _saving_run(tmp_path, tiny_args, accelerator, keep=3)
+    step()
+    final = tmp_path / "checkpoints" / "step-00000003"
+    checkpointer.save(TrainerState(global_step=3, tokens_seen=111))
+    step()
+
+    class Killed(Exception):
+        pass
+
+    replace = os.replace
+
+    def killed_before_the_new_one_is_in(src, dst):
+        if str(src).endswith(".tmp"):
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_one_is_in)
+    with pytest.raises(Killed):
+        checkpointer.save(TrainerState(global_step=3, tokens_seen=222))
+    monkeypatch.undo()
+    # what the next start finds and cleans up: the step is whole again, as it was
+    remove_partial_checkpoints(str(tmp_path))
+    assert _names(tmp_path) == ["step-00000003"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000003"]
+    assert json.loads((final / "trainer_state.json").read_text())["tokens_seen"] == 111
+    assert checkpointer.load(str(final)).tokens_seen == 111
+
+    # killed after the new one is in, before the old one is deleted: the new one stays, the old goes
+    checkpointer.save(TrainerState(global_step=3, tokens_seen=333))
+    (tmp_path / "checkpoints" / "step-00000003.old").mkdir()
+    (tmp_path / "checkpoints" / "step-00000003.old" / "manifest.json").write_text("{}")
+    assert remove_partial_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoints" / "step-00000003.old")]
+    assert json.loads((final / "trainer_state.json").read_text())["tokens_seen"] == 333
+
+
+def test_portable_state_is_streamed_and_read_one_tensor_at_a_time(tmp_path, tiny_args, accelerator):
+    """The streamed file is plain safetensors, holds the same values as the model, and says what it cost."""
+    from safetensors import safe_open
+
+    checkpointer, step = _saving_run(tmp_path, tiny_args, accelerator, keep=1)
+    step()
+    path = checkpointer.save(TrainerState(global_step=1))
+    file = os.path.join(path, "trainable_state.safetensors")
+    tensors = load_file(file)
+    model = checkpointer.model
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(tensors) == 3 * len(trainable)
+    for name, p in trainable.items():
+        assert torch.equal(tensors[f"param/{name}"], p.detach().float()), name
+        assert tensors[f"exp_avg/{name}"].shape == p.shape and tensors[f"exp_avg_sq/{name}"].abs().sum() > 0, name
+    with safe_open(file, framework="pt") as f:
+        assert f.metadata()["optimizer_step"] == "1"
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert manifest["portable_state"] == {"tensors": len(tensors), "bytes": os.path.getsize(file)}
+    # on the CPU the fp32 parameters are written from their own memory: no host copy at all
+    assert manifest["host_memory"]["portable_state_host_copy_peak"] == [0]
+    assert len(manifest["host_memory"]["save_rss_growth"]) == 1
+
+
+def test_a_portable_state_that_cannot_be_written_stops_the_save_and_keeps_the_earlier_ones(tmp_path, tiny_args, accelerator, monkeypatch):
+    from mmtrain.training import portable_state
+    from mmtrain.training.checkpoint import CheckpointError
+
+    checkpointer, step = _saving_run(tmp_path, tiny_args, accelerator, keep=2)
+    step()
+    checkpointer.save(TrainerState(global_step=1))
+
+    def disk_full(self, name, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(portable_state.StreamedSafetensors, "write", disk_full)
+    with pytest.raises(CheckpointError, match="step-00000002 could not be written .*No space left on device"):
+        checkpointer.save(TrainerState(global_step=2))
+    monkeypatch.undo()
+    assert _names(tmp_path) == ["step-00000001"]
+    assert not os.path.exists(tmp_path / "checkpoints" / "step-00000002.tmp" / "trainable_state.safetensors")
+    assert remove_partial_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoints" / "step-00000002.tmp")]
