@@ -55,7 +55,10 @@ class Loop:
         # The loss of every optimizer step is one mean over its answer tokens, on every
         # process and micro-batch, however batches are sized (mmtrain/training/weighting.py).
         self.step_tokens: torch.Tensor | None = None  # the current step's answer tokens, all processes
-        self.skipped_steps: set[int] = set()  # steps whose update an fp16 loss scaler skipped (overflow)
+        # fp16 runs under a loss scaler (DeepSpeed's, or Accelerate's GradScaler), which skips
+        # the update of a step whose gradients overflowed: see _settle.
+        self.loss_scaled = distributed.compute_dtype(accelerator) == torch.float16
+        self.skipped_steps: set[int] = set()  # steps whose update the fp16 loss scaler skipped
         self.pending: list[tuple] = []  # (step, loss, label tokens, tokens, samples) not yet read back from the device
         self.window = _Window()  # read-back values since the last log line
         self.sample_record = SampleRecord(accelerator, train_args.output_dir, train_args.record_samples)
@@ -173,10 +176,10 @@ class Loop:
             # not advance the schedule: it follows the updates actually applied. The flag is
             # the same on every process (the overflow check reduces over all of them).
             if self.acc.sync_gradients:
-                if self.optimizer.step_was_skipped:
-                    self.skipped_steps.add(self.state.global_step + 1)
-                else:
+                if not self.optimizer.step_was_skipped:
                     self.scheduler.step()
+                elif self.loss_scaled:
+                    self.skipped_steps.add(self.state.global_step + 1)
             self.optimizer.zero_grad(set_to_none=True)
         return out.loss.detach(), out.num_label_tokens.detach(), batch["attention_mask"].sum(), samples_in(batch)
 
@@ -189,11 +192,14 @@ class Loop:
         together (:meth:`_stop_on_non_finite`): a process that stopped alone would leave the
         others waiting in their next collective until the backend's timeout.
 
-        A non-finite loss in a step whose update an fp16 loss scaler skipped (DeepSpeed's,
-        or Accelerate's GradScaler) is the scaler's business, not an error: the weights did
-        not change, and the scaler lowers its scale and goes on (DeepSpeed stops by itself,
-        on every process, once the scale reaches its minimum). Under bf16 and fp32 there is
-        no scaler (bf16 has fp32's range), so every non-finite loss stops the run.
+        Overflow: under fp16, a non-finite loss in a step whose update the loss scaler
+        skipped (DeepSpeed's, or Accelerate's GradScaler) is the scaler's business, not an
+        error: the weights did not change, and the scaler lowers its scale and goes on
+        (DeepSpeed stops by itself, on every process, once the scale reaches its minimum).
+        bf16 has fp32's range and no scaler, so under bf16 and fp32 every non-finite loss
+        stops the run, even where DeepSpeed's optimizer skipped the update on seeing
+        non-finite gradients: the weights are then intact, but the cause (a sample, a
+        diverging run) would recur unseen.
         """
         pending, self.pending = self.pending, []
         first_bad = None  # (step, value) of this process's first non-finite loss in an applied step
