@@ -88,7 +88,8 @@ class _WorkerParts(torch.utils.data.IterableDataset):
 class StreamLoader:
     """Micro-batches of ``batch_size`` items from ``stream``, or as many as fit ``budget`` (tokens, images), on this process's device.
 
-    ``exhausted`` says whether the last iteration ran to the end of the epoch;
+    ``exhausted`` says whether the iteration has reached the end of its epoch (known from
+    the epoch's last window on, before that window trains);
     ``state_dict`` is the stream's position after the last batch handed out (with
     workers: every worker part's, and whose turn is next).
     """
@@ -142,15 +143,15 @@ class StreamLoader:
                     self._check_first_batch(everyone[:, 0, 0].long().tolist())
                 on_all = (everyone[:, :, 0] > 0).all(dim=0).long().cumprod(0)  # 1 up to the first batch some process lacks
                 taken = int(on_all.sum())
+                batches += taken
+                if taken < size:  # the epoch ends with this window: known before it trains, so a stop at its step sees the end
+                    self.exhausted, self.batches_last_epoch = True, batches
                 if taken:
-                    batches += taken
                     yield [self._ready(ids, batch) for ids, batch in window[:taken]], float(everyone[:, :taken, 1].sum())
                 if taken < size:
-                    break
+                    return
         finally:
             local.close()  # with workers: stops them now rather than when the generator is collected
-        self.exhausted = True
-        self.batches_last_epoch = batches
 
     def _check_first_batch(self, counts: list[int]) -> None:
         """The epoch's first micro-batch on every process (``counts`` samples) is a whole one, else all stop here together."""
