@@ -131,6 +131,11 @@ def _poisoned_lm(source: str, folder: Path) -> tuple[str, int]:
 
 @pytest.mark.slow
 def test_a_nan_loss_on_one_process_stops_both_with_the_step_the_process_and_the_value(model_folders, data_path, tmp_path):
+    assert_a_nan_on_one_process_stops_both(model_folders, data_path, tmp_path)
+
+
+def assert_a_nan_on_one_process_stops_both(model_folders, data_path, tmp_path: Path) -> None:
+    """Two processes at ZeRO-0 (gloo on CPU, NCCL on GPUs), one sample that makes a NaN loss on one of them: both stop, promptly, saying so."""
     lm, token = _poisoned_lm(model_folders["tiny-llama"], tmp_path / "lm")
     from transformers import AutoTokenizer
 
