@@ -131,7 +131,7 @@ class DataArguments:
         metadata=_help(
             "Token budget of each training micro-batch, per process, image tokens counted: as many whole samples as "
             "fit, packed into one row, each attending only to itself (replaces --per_device_train_batch_size; the "
-            "loss is then weighted by answer tokens across micro-batches, accumulation steps and processes). "
+            "loss, as with sample batches, is one mean over the answer tokens of each optimizer step). "
             "Longer samples follow --overlength_policy."
         ),
     )

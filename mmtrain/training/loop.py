@@ -52,10 +52,13 @@ class Loop:
         self.generation_examples = data.generation_examples(train_args.eval_generate) if train_args.eval_generate else []
         self.last_eval: dict = {}
         self.vision_cache = speedups.make_vision_cache(accelerator, model, model_args, train_args.output_dir)
-        # A token budget's micro-batches hold different numbers of answer tokens: the loss
-        # is then one mean over the step's answer tokens (mmtrain/training/weighting.py).
-        self.token_weighted = bool(data_args.max_tokens_per_batch)
+        # The loss of every optimizer step is one mean over its answer tokens, on every
+        # process and micro-batch, however batches are sized (mmtrain/training/weighting.py).
         self.step_tokens: torch.Tensor | None = None  # the current step's answer tokens, all processes
+        # fp16 runs under a loss scaler (DeepSpeed's, or Accelerate's GradScaler), which skips
+        # the update of a step whose gradients overflowed: see _settle.
+        self.loss_scaled = distributed.compute_dtype(accelerator) == torch.float16
+        self.skipped_steps: set[int] = set()  # steps whose update the fp16 loss scaler skipped
         self.pending: list[tuple] = []  # (step, loss, label tokens, tokens, samples) not yet read back from the device
         self.window = _Window()  # read-back values since the last log line
         self.sample_record = SampleRecord(accelerator, train_args.output_dir, train_args.record_samples)
@@ -130,20 +133,27 @@ class Loop:
         self.data.train.set_epoch(epoch)
 
     def micro_batches(self, loader):
-        """The loader's batches; token-weighted, a step's are read ahead to count their answer tokens first."""
-        if not self.token_weighted:
-            yield from loader
-            return
-        for group in weighting.step_groups(loader, self.acc.gradient_accumulation_steps):
-            self.step_tokens = weighting.step_label_tokens(self.acc, group)
+        """The loader's micro-batches, one optimizer step's at a time, with the step's answer tokens counted first.
+
+        Every loader goes through here, a stream's included: the loop, not Accelerate's
+        ``accumulate``, decides where a step ends, and an epoch's end closes the step in
+        progress (its last one may hold fewer micro-batches, with a loss of its own tokens),
+        so no gradient crosses an epoch's end and an epoch-end checkpoint holds none. A
+        stream agrees on its windows across processes itself (:meth:`StreamLoader.windows`).
+        """
+        accumulation = self.acc.gradient_accumulation_steps
+        if isinstance(loader, StreamLoader):
+            windows = ((group, torch.tensor(tokens, device=self.acc.device)) for group, tokens in loader.windows(accumulation, weighting.label_tokens))
+        else:
+            windows = ((group, weighting.step_label_tokens(self.acc, group)) for group in weighting.step_groups(loader, accumulation))
+        for group, tokens in windows:
+            self.step_tokens = tokens
             for i, batch in enumerate(group):
                 compat.set_sync_gradients(self.acc, i == len(group) - 1)
                 yield batch
 
     def _accumulate(self):
-        """``accelerator.accumulate``, or with the step boundary already set by :meth:`micro_batches`."""
-        if not self.token_weighted:
-            return self.acc.accumulate(self.model)
+        """Gradients synchronised across processes only at the step boundary :meth:`micro_batches` set."""
         return contextlib.nullcontext() if self.acc.sync_gradients else self.acc.no_sync(self.model)
 
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | int]:
@@ -151,46 +161,82 @@ class Loop:
 
         Returns the batch's mean loss, its answer tokens, its tokens and its samples as they
         are, device tensors included: reading them here would make the host wait for the
-        GPU every step. :meth:`_settle` reads a whole window of them at once. Under a token
-        budget the loss that is backpropagated is the batch's share of the step's token
-        mean (:meth:`micro_batches` has counted the step's answer tokens first).
+        GPU every step. :meth:`_settle` reads a whole window of them at once. The loss that
+        is backpropagated is the batch's share of the step's token mean
+        (:meth:`micro_batches` has counted the step's answer tokens first).
         """
         batch = speedups.encode_with_cache(self.vision_cache, batch)
         with self._accumulate():
             out = self.model(**batch)
-            loss = out.loss
-            if self.token_weighted:
-                loss = weighting.weighted_loss(loss, out.num_label_tokens, self.step_tokens, self.acc)
-            self.acc.backward(loss)
+            self.acc.backward(weighting.weighted_loss(out.loss, out.num_label_tokens, self.step_tokens, self.acc))
             if self.acc.sync_gradients and not self.deepspeed:
                 self._grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
             self.optimizer.step()
             # A step skipped on an fp16 overflow (GradScaler, or DeepSpeed's loss scaler) does
-            # not advance the schedule: it follows the updates actually applied.
-            if self.acc.sync_gradients and not self.optimizer.step_was_skipped:
-                self.scheduler.step()
+            # not advance the schedule: it follows the updates actually applied. The flag is
+            # the same on every process (the overflow check reduces over all of them).
+            if self.acc.sync_gradients:
+                if not self.optimizer.step_was_skipped:
+                    self.scheduler.step()
+                elif self.loss_scaled:
+                    self.skipped_steps.add(self.state.global_step + 1)
             self.optimizer.zero_grad(set_to_none=True)
         return out.loss.detach(), out.num_label_tokens.detach(), batch["attention_mask"].sum(), samples_in(batch)
 
     def _settle(self) -> None:
         """Read back the steps run since the last call: stop on a non-finite loss, count tokens.
 
-        Called before every log line, eval and checkpoint, so a bad step is reported with
-        its number and never reaches a checkpoint; the checkpoints already written are
-        those of finite steps.
+        Called before every log line, eval and checkpoint, on every process at the same
+        step, so a bad step is reported with its number and never reaches a checkpoint;
+        the checkpoints already written are those of finite steps. The processes decide
+        together (:meth:`_stop_on_non_finite`): a process that stopped alone would leave the
+        others waiting in their next collective until the backend's timeout.
+
+        Overflow: under fp16, a non-finite loss in a step whose update the loss scaler
+        skipped (DeepSpeed's, or Accelerate's GradScaler) is the scaler's business, not an
+        error: the weights did not change, and the scaler lowers its scale and goes on
+        (DeepSpeed stops by itself, on every process, once the scale reaches its minimum).
+        bf16 has fp32's range and no scaler, so under bf16 and fp32 every non-finite loss
+        stops the run, even where DeepSpeed's optimizer skipped the update on seeing
+        non-finite gradients: the weights are then intact, but the cause (a sample, a
+        diverging run) would recur unseen.
         """
         pending, self.pending = self.pending, []
+        first_bad = None  # (step, value) of this process's first non-finite loss in an applied step
         for step, loss, label_tokens, tokens, samples in pending:
             loss = float(loss)
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"loss is {loss} at step {step} (epoch {self.state.epoch}); stopping. "
-                    f"The last good checkpoint under {self.args.output_dir}/checkpoints is intact."
-                )
             tokens, samples = int(tokens), int(samples)
+            finite = math.isfinite(loss)
+            if not finite and step not in self.skipped_steps and first_bad is None:
+                first_bad = (step, loss)
+            if not finite and step in self.skipped_steps:
+                logger.warning(f"loss is {loss} at step {step} on process {self.acc.process_index}: the fp16 loss scaler skipped that step's update")
             self.state.tokens_seen += tokens
-            # token-weighted: the logged loss is the window's mean over answer tokens too
-            self.window.add(step, loss, float(label_tokens) if self.token_weighted else 1.0, tokens, samples)
+            # the logged loss is the window's mean over answer tokens, as the objective is
+            self.window.add(step, loss if finite else 0.0, float(label_tokens) if finite else 0.0, tokens, samples)
+        self.skipped_steps = {s for s in self.skipped_steps if s > self.state.global_step}
+        self._stop_on_non_finite(first_bad)
+
+    def _stop_on_non_finite(self, first_bad: tuple[int, float] | None) -> None:
+        """Every process learns of any process's non-finite loss, and all raise the same error here.
+
+        One small gather per call (a log line, an eval or a checkpoint, never per
+        micro-batch), at a point every process reaches at the same step.
+        """
+        mine = [float(first_bad[0]), first_bad[1]] if first_bad else [math.inf, 0.0]
+        if self.acc.num_processes == 1:
+            everyone = [mine]
+        else:
+            everyone = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).tolist()
+        step = min(s for s, _ in everyone)
+        if step == math.inf:
+            return
+        ranks = [rank for rank, (s, _) in enumerate(everyone) if s == step]
+        where = f"process {ranks[0]}" if len(ranks) == 1 else f"processes {', '.join(map(str, ranks))}"
+        raise TrainingError(
+            f"loss is {everyone[ranks[0]][1]} at step {int(step)} on {where} of {self.acc.num_processes} (epoch {self.state.epoch}); "
+            f"every process stops here. The last good checkpoint under {self.args.output_dir}/checkpoints is intact."
+        )
 
     def _save(self) -> None:
         self._settle()

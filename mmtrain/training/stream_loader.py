@@ -35,6 +35,9 @@ for a short sample to overtake a long one, so micro-batches fill a little less f
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
+
 import torch
 from accelerate.utils import send_to_device
 
@@ -85,7 +88,8 @@ class _WorkerParts(torch.utils.data.IterableDataset):
 class StreamLoader:
     """Micro-batches of ``batch_size`` items from ``stream``, or as many as fit ``budget`` (tokens, images), on this process's device.
 
-    ``exhausted`` says whether the last iteration ran to the end of the epoch;
+    ``exhausted`` says whether the iteration has reached the end of its epoch (known from
+    the epoch's last window on, before that window trains);
     ``state_dict`` is the stream's position after the last batch handed out (with
     workers: every worker part's, and whose turn is next).
     """
@@ -110,30 +114,59 @@ class StreamLoader:
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
+        """The epoch's micro-batches one by one (the processes agree before each)."""
+        for window, _ in self.windows(1, lambda batch: 0):
+            yield from window
+
+    def windows(self, size: int, weigh: Callable[[dict], float]) -> Iterator[tuple[list[dict], float]]:
+        """The epoch's micro-batches ``size`` at a time (an optimizer step's), each window with its weight summed over processes.
+
+        Each process reads up to ``size`` micro-batches ahead and one gather of their
+        sample counts and weights (``weigh(batch)``: the loop's answer tokens) tells
+        every process how many of them all processes have: the window is cut there, and
+        the epoch ends with a cut window, its batches still trained as a step of their
+        own. That is one exchange, and one wait of the host for it, per optimizer step
+        instead of per micro-batch. The position saved at a step's end (``state_dict``)
+        is that after the window's last batch: nothing read ahead is lost by a resume.
+        """
         self.exhausted = False
         local, resumed = self._worker_batches() if self.num_workers else self._own_batches()
         batches = 0
-        while True:
-            ids, batch = next(local, ([], None))
-            counts = self.accelerator.gather(torch.tensor([len(ids)], device=self.accelerator.device)).tolist()
-            # A worker's part may end with a short batch and a budget's batches vary, so then only an empty start is an error.
-            short = min(counts) < (self.batch_size if not self.num_workers and self.budget is None else 1)
-            if batches == 0 and self.stream.epoch == 0 and not resumed and short:
-                # Every process sees the same counts, so all stop here together.
-                raise DataError(
-                    f"the training stream holds fewer samples than one global batch ({self.batch_size} on each of "
-                    f"{self.accelerator.num_processes} processes; their parts start with {counts}): add shards or lower "
-                    "--per_device_train_batch_size" + (" or --num_workers" if self.num_workers else "")
-                )
-            if min(counts) == 0:
-                break
-            if self.record_samples:
-                batch[INDICES_KEY] = ids
-            batches += 1
-            yield send_to_device(batch, self.accelerator.device)
-        local.close()  # with workers: stops them now rather than when the generator is collected
-        self.exhausted = True
-        self.batches_last_epoch = batches
+        try:
+            while True:
+                window = list(itertools.islice(local, size))
+                sizes = torch.zeros(size, 2, dtype=torch.float64)  # (samples, weight) of each batch read; 0 samples: none
+                for i, (ids, batch) in enumerate(window):
+                    sizes[i, 0], sizes[i, 1] = len(ids), weigh(batch)
+                everyone = self.accelerator.gather(sizes.to(self.accelerator.device)).view(-1, size, 2).cpu()
+                if batches == 0 and self.stream.epoch == 0 and not resumed:
+                    self._check_first_batch(everyone[:, 0, 0].long().tolist())
+                on_all = (everyone[:, :, 0] > 0).all(dim=0).long().cumprod(0)  # 1 up to the first batch some process lacks
+                taken = int(on_all.sum())
+                batches += taken
+                if taken < size:  # the epoch ends with this window: known before it trains, so a stop at its step sees the end
+                    self.exhausted, self.batches_last_epoch = True, batches
+                if taken:
+                    yield [self._ready(ids, batch) for ids, batch in window[:taken]], float(everyone[:, :taken, 1].sum())
+                if taken < size:
+                    return
+        finally:
+            local.close()  # with workers: stops them now rather than when the generator is collected
+
+    def _check_first_batch(self, counts: list[int]) -> None:
+        """The epoch's first micro-batch on every process (``counts`` samples) is a whole one, else all stop here together."""
+        # A worker's part may end with a short batch and a budget's batches vary, so then only an empty start is an error.
+        if min(counts) < (self.batch_size if not self.num_workers and self.budget is None else 1):
+            raise DataError(
+                f"the training stream holds fewer samples than one global batch ({self.batch_size} on each of "
+                f"{self.accelerator.num_processes} processes; their parts start with {counts}): add shards or lower "
+                "--per_device_train_batch_size" + (" or --num_workers" if self.num_workers else "")
+            )
+
+    def _ready(self, ids: list[str], batch: dict) -> dict:
+        if self.record_samples:
+            batch[INDICES_KEY] = ids
+        return send_to_device(batch, self.accelerator.device)
 
     def _own_batches(self):
         """Batches read and collated in this process; and whether the stream continues a saved position."""

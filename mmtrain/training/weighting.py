@@ -1,17 +1,23 @@
 """The token-weighted loss: one mean over every answer token of an optimizer step.
 
-Under a token budget the micro-batches hold different numbers of answer tokens, so the
-mean of per-micro-batch means would weigh a token of a sparse micro-batch more than one
-of a dense micro-batch. The step's loss is instead the sum of its token losses over
-every micro-batch of every process, divided by the count of those tokens.
+Micro-batches hold different numbers of answer tokens (a token budget's by design, a
+sample count's whenever answers differ in length), so the mean of per-micro-batch means
+would weigh a token of a sparse micro-batch more than one of a dense micro-batch, and
+what is trained would change with the batching flags. Every step's loss is instead the
+sum of its token losses over every micro-batch of every process, divided by the count of
+those tokens, whatever sizes the batches: ``--per_device_train_batch_size``,
+``--max_tokens_per_batch``, any gradient accumulation and process count, in memory or
+streamed (the objective ``num_items_in_batch`` gives transformers' Trainer).
 
 How the count is known before the first backward: the loop reads a step's micro-batches
 ahead (they are on hand: the loader has made them) and counts their label tokens from
 the ``label_positions`` the collator computed on the CPU, so the count costs no read
 back from the GPU. One all-reduce per optimizer step sums it over processes; it stays a
-device tensor that the losses are divided by. (The alternative, an all-reduce of each
-micro-batch's count and a rescaling of the gradients at the step, would need the
-gradients in hand, which DeepSpeed keeps partitioned inside its engine.)
+device tensor that the losses are divided by. A stream's loader sums it in the one
+exchange per step in which its processes agree on the step's micro-batches
+(:meth:`mmtrain.training.stream_loader.StreamLoader.windows`). (The alternative, an
+all-reduce of each micro-batch's count and a rescaling of the gradients at the step,
+would need the gradients in hand, which DeepSpeed keeps partitioned inside its engine.)
 
 What each backward gets: Accelerate divides every loss by the accumulation steps (and
 DeepSpeed does the same inside ``backward``), and the data-parallel gradient reduction

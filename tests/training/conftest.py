@@ -129,3 +129,20 @@ def kill_after_checkpoint(proc, out: Path, step: int, timeout: float = 600, outp
             f"leaving {sorted(p.name for p in checkpoint.parent.iterdir())}"
         )
     return checkpoint
+
+
+def kill_and_resume(flags, tmp_path: Path, step: int, *, config: str, num_processes: int = 1, launcher_flags: tuple[str, ...] = ()):
+    """An uninterrupted run, and one SIGKILLed once checkpoint ``step`` is complete and resumed from that checkpoint.
+
+    ``flags(output_dir, **extra)`` gives a run's flags; the resume adds
+    ``resume_from_checkpoint``. Returns the uninterrupted run's folder, the resumed run's
+    folder and the resume's output. The checkpoint is named, not ``latest``: a fast run
+    may pass later ones before the kill lands.
+    """
+    reference = tmp_path / "uninterrupted"
+    launch(flags(reference), config=config, num_processes=num_processes, launcher_flags=launcher_flags)
+    out = tmp_path / "resumed"
+    proc = launch(flags(out), config=config, num_processes=num_processes, launcher_flags=launcher_flags, background=True)
+    checkpoint = kill_after_checkpoint(proc, out, step)
+    proc = launch(flags(out, resume_from_checkpoint=checkpoint), config=config, num_processes=num_processes, launcher_flags=launcher_flags)
+    return reference, out, proc.stdout + proc.stderr

@@ -76,15 +76,38 @@ def test_an_epoch_logs_every_step_evaluates_checkpoints_and_exports(train, tmp_p
     assert f"training finished at step {steps}\n  eval loss {evals[0]['loss']:.4f}" in report
 
 
-def test_logged_loss_is_the_mean_of_the_steps_since_the_last_line(train, tmp_path):
-    train(tmp_path / "every", logging_steps=1, max_steps=7)
+def _answer_tokens_per_step(model_folders, data_path, out) -> dict[int, int]:
+    """Answer tokens each optimizer step of a ``--record_samples`` run trained on (the generated set of SCHEDULE, seed 42)."""
+    from mmtrain.args import DataArguments, ModelArguments
+    from mmtrain.data import build_datasets
+    from mmtrain.model import build_model
+
+    built = build_model(ModelArguments(lm_model_name_or_path=model_folders["tiny-llama"], vision_model_name_or_path=model_folders["tiny-clip"]))
+    args = DataArguments(data_path=str(data_path), synthetic_num_samples=SAMPLES)
+    train_set = build_datasets(args, built.tokenizer, built.image_processor, built.image_tokens, seed=42).train
+    tokens: dict[int, int] = {}
+    for line in (out / "samples" / "rank-0.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        tokens[record["step"]] = tokens.get(record["step"], 0) + sum(int((train_set[i]["labels"][1:] != -100).sum()) for i in record["indices"])
+    return tokens
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_line(train, tmp_path, model_folders, data_path):
+    train(tmp_path / "every", logging_steps=1, max_steps=7, record_samples="true")
     every = train_losses(tmp_path / "every")
+    # the mean over the window's answer tokens, as each step's loss is over its own
+    tokens = _answer_tokens_per_step(model_folders, data_path, tmp_path / "every")
+    assert len(set(tokens.values())) > 1  # steps differ in answer tokens: a plain mean of their losses would differ
+
+    def token_mean(steps):
+        return sum(every[s] * tokens[s] for s in steps) / sum(tokens[s] for s in steps)
+
     third = train(tmp_path / "third", logging_steps=3, max_steps=7)
     assert third["global_step"] == 7
     logged = train_losses(tmp_path / "third")
     assert sorted(logged) == [3, 6]  # step 7 is past the last full window: not logged
-    assert logged[3] == pytest.approx((every[1] + every[2] + every[3]) / 3, rel=1e-5)
-    assert logged[6] == pytest.approx((every[4] + every[5] + every[6]) / 3, rel=1e-5)
+    assert logged[3] == pytest.approx(token_mean([1, 2, 3]), rel=1e-5)
+    assert logged[6] == pytest.approx(token_mean([4, 5, 6]), rel=1e-5)
 
     # --max_steps stopped it inside the epoch: a checkpoint there, an eval, no export
     state = json.loads((tmp_path / "third" / "checkpoints" / "step-00000007" / "trainer_state.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 from mmtrain.args import ConfigError, parse_args
 from mmtrain.data.synthetic import generate_synthetic
 
-from .conftest import REPO, common_flags, kill_after_checkpoint, launch, train_losses
+from .conftest import REPO, common_flags, kill_and_resume, launch, train_losses
 
 STEPS = 8
 SAVE_EVERY = 4  # inside epoch 0 on one process, inside epoch 1 on two
@@ -34,11 +34,11 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _flags(model_folders, shards: Path, out, train_glob: str = "part-*.jsonl", eval_file: str = "eval.jsonl", **extra) -> list[str]:
-    flags = common_flags(
-        model_folders, shards, output_dir=out, max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=2,
-        eval_generate=0, record_samples="true", export_each_epoch="false", num_train_epochs=3,
-        save_total_limit=10, **extra,
+    settings = dict(
+        max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=2, eval_generate=0, record_samples="true",
+        export_each_epoch="false", num_train_epochs=3, save_total_limit=10,
     )
+    flags = common_flags(model_folders, shards, output_dir=out, **{**settings, **extra})
     return flags + ["--streaming", "--shuffle_buffer_size", "6", "--dataset_names", str(shards / train_glob),
                     "--eval_dataset_names", str(shards / eval_file)]
 
@@ -47,22 +47,17 @@ def _samples(out: Path) -> dict[str, list[dict]]:
     return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted((out / "samples").glob("rank-*.jsonl"))}
 
 
-def _kill_and_resume(model_folders, shards: Path, tmp_path: Path, num_processes: int, **extra):
-    # ``extra`` may name other shards (train_glob, eval_file in the ``shards`` folder) beside the flags.
-    """An uninterrupted run, and one killed after its step-4 checkpoint and resumed from it; both folders and the resume's output."""
-    reference = tmp_path / "uninterrupted"
-    launch(_flags(model_folders, shards, reference, **extra), config="zero0.yaml", num_processes=num_processes)
-    out = tmp_path / "resumed"
-    proc = launch(_flags(model_folders, shards, out, **extra), config="zero0.yaml", num_processes=num_processes, background=True)
-    # Named, not "latest": a fast run may pass the epoch's end before the kill lands, and
-    # a resume from there would not test the position inside an epoch.
-    checkpoint = kill_after_checkpoint(proc, out, SAVE_EVERY)
-    proc = launch(_flags(model_folders, shards, out, resume_from_checkpoint=checkpoint, **extra), config="zero0.yaml", num_processes=num_processes)
+def _kill_and_resume(model_folders, shards: Path, tmp_path: Path, num_processes: int, *, step: int = SAVE_EVERY, steps: int = STEPS, **extra):
+    """An uninterrupted run, and one killed after its checkpoint ``step`` and resumed from it; both folders and the resume's output."""
+    reference, out, log = kill_and_resume(
+        lambda folder, **more: _flags(model_folders, shards, folder, max_steps=steps, **extra, **more), tmp_path, step,
+        config="zero0.yaml", num_processes=num_processes,
+    )
     expected, resumed = train_losses(reference), train_losses(out)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(SAVE_EVERY + 1, STEPS + 1):
-        assert resumed[step] == expected[step], f"step {step}: {resumed[step]} != {expected[step]}"
-    return reference, out, proc.stdout + proc.stderr
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for later in range(step + 1, steps + 1):
+        assert resumed[later] == expected[later], f"step {later}: {resumed[later]} != {expected[later]}"
+    return reference, out, log
 
 
 def _every_record(shards: Path) -> list[str]:
@@ -96,6 +91,26 @@ def test_killed_and_resumed_stream_under_a_token_budget_trains_on_the_same_sampl
     if num_processes == 1:  # with two, the epoch ends for both when the first part runs out
         assert sorted(i for line in lines if line["epoch"] == 0 for i in line["indices"]) == _every_record(shards)
     assert {len(line["indices"]) for line in lines} != {2}  # sized by tokens, not by --per_device_train_batch_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("num_processes", "accumulation"), [(1, 4), (2, 2)])
+def test_an_epoch_end_closes_the_accumulated_step_and_a_resume_there_is_exact(model_folders, shards, tmp_path, num_processes, accumulation):
+    # An epoch is 6 micro-batches of 2 on one process, 3 on each of two: one whole accumulated
+    # step and one of the rest, which the epoch's end closes. No gradient crosses into the
+    # next epoch, so the checkpoint at the epoch's end (step 2) holds everything: killed
+    # there and resumed, the run goes on as the uninterrupted one, across the next epoch end.
+    reference, out, _ = _kill_and_resume(
+        model_folders, shards, tmp_path, num_processes, step=2, steps=4, save_steps=0, gradient_accumulation_steps=accumulation,
+    )
+    state = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 2)
+    samples = _samples(reference)
+    assert samples == _samples(out) and len(samples) == num_processes
+    per_epoch = SHARDS * PER_SHARD // (2 * num_processes)
+    steps = [line["step"] for line in samples["rank-0.jsonl"]]
+    window = [1] * accumulation + [2] * (per_epoch - accumulation)
+    assert steps == window + [s + 2 for s in window]  # two epochs of two steps each
 
 
 @pytest.mark.slow
