@@ -57,13 +57,13 @@ class VLMConfig:
     lang_lora_module_name: str = field(
         default="model.layers.", metadata=_doc("LoRA goes on every Linear of the LM whose name contains this scope.")
     )
-    lang_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the LM (default: 4 x the rank, scale 4)."))
+    lang_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the LM (default: 2 x the rank, scale 2, as LLaVA-1.5: rank 128, alpha 256)."))
     lang_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the LM."))
     vis_lora_dim: int = field(default=0, metadata=_doc("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
     vis_lora_module_name: str = field(
         default="encoder.layers.", metadata=_doc("LoRA goes on every Linear of the vision encoder whose name contains this scope.")
     )
-    vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
+    vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 2 x the rank, scale 2)."))
     vis_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the vision encoder."))
     only_optimize_lora: bool = field(
         default=False, metadata=_doc("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")

@@ -256,7 +256,9 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
         embed_learning_rate=train_args.learning_rate_pretraining_components,
         components=component_settings(train_args),
     )
-    optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
+    optimizer = distributed.make_optimizer(
+        accelerator, groups, train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2), eps=train_args.adam_epsilon
+    )
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
     if batches_per_epoch is None:  # a stream: its length is known only at its end
         per_epoch, steps_per_epoch = [train_args.max_steps], "unknown: streamed"
@@ -273,7 +275,8 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
         logger.info(
             f"optimizer: {len(groups)} groups ({', '.join(_describe_group(g) for g in groups)}); "
             f"{total} steps ({steps_per_epoch}/epoch), warmup {warmup_steps(train_args.num_warmup_steps, total)}, "
-            f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}"
+            f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}, "
+            f"AdamW betas ({train_args.adam_beta1:g}, {train_args.adam_beta2:g}) eps {train_args.adam_epsilon:g}"
         )
     return optimizer, scheduler, total
 

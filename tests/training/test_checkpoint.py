@@ -274,3 +274,25 @@ def test_checkpoint_of_another_process_count_loads_its_portable_state(tmp_path, 
         checkpointer(4).load(path)
     assert "written by 2 processes and this run has 1" in str(old.value) and "--num_processes 2" in str(old.value)
     assert "trainable_state.safetensors" in str(old.value) and "optimizer.bin" in str(old.value)
+
+
+def test_resume_at_another_zero_stage_says_so(tmp_path, tiny_args, accelerator):
+    """A checkpoint of another ZeRO stage is named as such, not as "corrupt or incomplete?"."""
+    from mmtrain.model import build_model
+
+    args = tiny_args()
+    model = build_model(args).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=2)
+    path = checkpointer.save(TrainerState(epoch=0, step_in_epoch=1, global_step=1))
+    manifest_file = os.path.join(path, "manifest.json")
+    manifest = json.loads(open(manifest_file).read())
+    manifest["zero_stage"] = 3  # as a ZeRO-3 run of the same process count writes it
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ConfigError) as caught:
+        checkpointer.load(path)
+    message = str(caught.value)
+    assert "was written with DeepSpeed ZeRO-3 and this run uses no DeepSpeed" in message and "corrupt" not in message
