@@ -60,6 +60,7 @@ class Loop:
         self.window = _Window()  # read-back values since the last log line
         self.unreduced_tokens = 0  # this process's tokens read back but not yet summed over processes into tokens_seen
         self.logged_step = state.global_step  # the last step a train log line covers
+        self.dropped_before = getattr(data.train, "skipped_bad_samples", 0)  # bad samples dropped before this epoch
         self.sample_record = SampleRecord(accelerator, train_args.output_dir, train_args.record_samples)
 
     # -- the loop -------------------------------------------------------------------
@@ -274,6 +275,7 @@ class Loop:
 
     def _end_epoch(self) -> None:
         epoch = self.state.epoch
+        self._log_dropped(epoch)
         self._evaluate()
         if self.args.export_each_epoch:
             with self.window.paused():
@@ -281,6 +283,16 @@ class Loop:
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         self._save()
+
+    def _log_dropped(self, epoch: int) -> None:
+        """Under --on_bad_sample skip: how many training samples this epoch lost to unreadable images, all processes."""
+        if self.data_args.on_bad_sample != "skip":
+            return
+        total = getattr(self.data.train, "skipped_bad_samples", 0)
+        new, self.dropped_before = total - self.dropped_before, total
+        dropped = int(self.acc.reduce(torch.tensor(float(new), dtype=torch.float64, device=self.acc.device), "sum").item())
+        if dropped and self.acc.is_main_process:
+            logger.warning(f"epoch {epoch}: {dropped} training samples dropped, their images unreadable (--on_bad_sample skip)")
 
     def export(self, folder: str) -> None:
         """Fuse LoRA into a copy, save an HF-format folder (main process), training weights untouched."""

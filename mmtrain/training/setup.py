@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError, component_settings
+from mmtrain.data.dataset import DropBadItems
 from mmtrain.data.token_budget import TokenBudgetBatchSampler
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
@@ -202,13 +203,19 @@ def log_data_report(accelerator, report: dict) -> None:
         logger.info("data: " + json.dumps(report, default=str))
 
 
+def _dropping_bad_items(dataset, collator):
+    """The collator, taking out of each batch the items the dataset dropped (``--on_bad_sample skip``)."""
+    placeholder = getattr(dataset, "placeholder_item", None)
+    return DropBadItems(collator, placeholder) if placeholder is not None else collator
+
+
 def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=collator,
+        collate_fn=_dropping_bad_items(dataset, collator),
         num_workers=num_workers,
         generator=generator,
         persistent_workers=num_workers > 0,
@@ -232,7 +239,8 @@ def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> 
         return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
     sampler = TokenBudgetBatchSampler(dataset, data_args.max_tokens_per_batch, data_args.max_images_per_batch, train_args.seed)
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers, persistent_workers=data_args.num_workers > 0
+        dataset, batch_sampler=sampler, collate_fn=_dropping_bad_items(dataset, collator), num_workers=data_args.num_workers,
+        persistent_workers=data_args.num_workers > 0,
     )
 
 
@@ -243,7 +251,16 @@ def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int] | None:
     sampler = loader.batch_sampler
     if isinstance(sampler, TokenBudgetBatchSampler):
         return [len(sampler.plan(epoch)) for epoch in range(epochs)]
-    return [len(loader)] * epochs
+    dataset = loader.dataset
+    if not hasattr(dataset, "set_epoch"):
+        return [len(loader)] * epochs
+    # Concatenated samples are regrouped every epoch, each epoch its own count of them.
+    current, counts = dataset.epoch, []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        counts.append(len(loader))
+    dataset.set_epoch(current)
+    return counts
 
 
 def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: list[int] | None):
