@@ -1,7 +1,6 @@
 """The flags' defaults are a real run's (LLaVA-1.5-like); the embedded default reads its own recipe."""
 
 import pytest
-import torch
 import yaml
 
 from mmtrain.args import EMBEDDED_DEFAULT, ConfigError, embedded_default, parse_args, training_parser
