@@ -154,7 +154,8 @@ class DataArguments:
     pad_to_multiple_of: int = field(
         default=0,
         metadata=_help(
-            "Round each padded batch's length up to a multiple of this (1: no rounding; 0: 64 on a GPU, 1 on CPU). "
+            "Round each padded batch's length (with --packing or a token budget: each packed row's) up to a multiple "
+            "of this (1: no rounding; 0: 64 on a GPU, 1 on CPU). "
             "Fewer distinct shapes: kernels planned or compiled per shape are reused instead of rebuilt for every "
             "new length (+24%% tokens/s on a first pass over variable-length data on an H100)."
         ),
@@ -256,11 +257,22 @@ class TrainArguments:
     overwrite_output_dir: bool = field(default=False, metadata=_help("Allow an output folder that holds a different run."))
     per_device_train_batch_size: int = field(default=16, metadata=_help("Micro-batch per process."))
     per_device_eval_batch_size: int = field(default=32, metadata=_help("Eval batch per process."))
-    learning_rate: float = field(default=2e-3, metadata=_help("Learning rate of the projector and LoRA."))
+    learning_rate: float = field(
+        default=2e-4,
+        metadata=_help(
+            "Peak learning rate of everything that trains and has no rate of its own: the projector, LoRA "
+            "(LM and vision), the LM's own weights under --lm_training full/last_layers, and the new token rows "
+            "and embedding table (unless --learning_rate_pretraining_components is given). The --X_learning_rate "
+            "flags override it per component. LLaVA-1.5: 2e-4 for LoRA, 2e-5 for the whole LM, 1e-3 for stage 1's projector."
+        ),
+    )
     learning_rate_pretraining_components: Optional[float] = field(
         default=None, metadata=_help("Learning rate of parameters with 'embed' in their name (default: --learning_rate).")
     )
     weight_decay: float = field(default=0.0, metadata=_help("Weight decay (never on biases and norm weights)."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW's beta1 (LLaVA: 0.9)."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW's beta2 (LLaVA: 0.999)."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW's epsilon."))
     projector_learning_rate: Optional[float] = field(default=None, metadata=_help("Learning rate of the projector (default: --learning_rate)."))
     projector_weight_decay: Optional[float] = field(default=None, metadata=_help("Weight decay of the projector (default: --weight_decay)."))
     vision_learning_rate: Optional[float] = field(
@@ -292,7 +304,7 @@ class TrainArguments:
             "(adapters: from a checkpoint; an export has them fused)."
         ),
     )
-    num_train_epochs: int = field(default=12, metadata=_help("Epochs."))
+    num_train_epochs: int = field(default=1, metadata=_help("Epochs."))
     max_steps: int = field(default=-1, metadata=_help("Stop after this many optimizer steps (-1: run all epochs)."))
     gradient_accumulation_steps: Optional[int] = field(
         default=None, metadata=_help("Micro-batches per optimizer step (default: the Accelerate/DeepSpeed config, else 1).")
@@ -302,7 +314,7 @@ class TrainArguments:
     )
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=_help("Learning-rate schedule."))
     num_warmup_steps: float = field(
-        default=0.05, metadata=_help("Warmup: a step count (> 1) or a ratio of all optimizer steps (<= 1; exactly 1 means all steps).")
+        default=0.03, metadata=_help("Warmup: a step count (> 1) or a ratio of all optimizer steps (<= 1; exactly 1 means all steps).")
     )
     seed: int = field(default=42, metadata=_help("Seed of data order, splits, sampling and initialisation."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute LM (and vision LoRA) activations in backward."))
@@ -346,7 +358,13 @@ class TrainArguments:
     save_total_limit: int = field(default=2, metadata=_help("Checkpoints kept (the newest)."))
     export_each_epoch: bool = field(default=True, metadata=_help("Write a Hugging Face-format export at each epoch end."))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
-    eval_generate: int = field(default=256, metadata=_help("Held-out questions answered by greedy generation at each eval (0: off)."))
+    eval_generate: int = field(
+        default=0,
+        metadata=_help(
+            "Held-out questions answered by greedy generation at each eval, scored by exact match (0: off; "
+            "the processes share them)."
+        ),
+    )
     max_new_tokens: int = field(default=16, metadata=_help("Generation length for --eval_generate."))
     record_samples: bool = field(
         default=False,
@@ -383,6 +401,11 @@ class TrainArguments:
             self.learning_rate_pretraining_components = self.learning_rate
         if self.num_warmup_steps < 0 or (self.num_warmup_steps > 1 and self.num_warmup_steps != int(self.num_warmup_steps)):
             raise ConfigError(f"--num_warmup_steps must be a ratio in [0, 1] or a whole step count > 1, got {self.num_warmup_steps}")
+        for flag in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, flag) < 1.0:
+                raise ConfigError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"--adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.save_total_limit < 1:
             raise ConfigError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -433,12 +456,20 @@ def _file_to_argv(path: str) -> list[str]:
     return argv
 
 
-DESCRIPTION = """Train a vision-language model.
+# The embedded default's recipe: the demo's own hyper-parameters (the flags' defaults are a real run's).
+EMBEDDED_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny", "default.yaml")
+# Flags that name a model or data of one's own: with any of them (or --config) the run is not the embedded default.
+OWN_RUN_FLAGS = ("--config", "--lm_model_name_or_path", "--vision_model_name_or_path", "--dataset_names", "--eval_dataset_names")
+
+DESCRIPTION = f"""Train a vision-language model.
 
   accelerate launch [--config_file accelerate_configs/X.yaml] mmtrain/train.py [flags]
   python -m mmtrain.train [flags]
 
-With no flags it trains the embedded default (the tiny presets on a generated dataset).
+The defaults below are a real run's (LLaVA-1.5's LoRA stage 2: learning rate 2e-4, LoRA
+scale 2, AdamW betas 0.9/0.999, one epoch). Without --config, a model or data flag
+({', '.join(OWN_RUN_FLAGS[1:])}) it trains the embedded default, the tiny presets on a
+generated dataset, whose settings recipes/tiny/default.yaml holds (flags given still win).
 """
 
 
@@ -469,13 +500,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     Every error, a mistyped value or an unknown flag included, is a :class:`ConfigError`
     naming the flag; ``--help`` prints every flag and exits.
     """
-    argv = _expand_config(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if is_embedded_default(argv):
+        if not os.path.isfile(EMBEDDED_DEFAULT):
+            raise ConfigError(
+                "the embedded default (no --config, model or data flags) reads recipes/tiny/default.yaml of a source "
+                "checkout, which this installation lacks; pass --config FILE or the model and data flags"
+            )
+        argv = ["--config", EMBEDDED_DEFAULT, *argv]
+    argv = _expand_config(argv)
     model_args, data_args, train_args = training_parser().parse_or_raise(argv)
     validate_paths(model_args)
     check_batch_size_flags(argv, data_args)
     check_streaming_flags(model_args, data_args, train_args)
     check_fp8_flags(model_args, train_args)
     return model_args, data_args, train_args
+
+
+def is_embedded_default(argv: list[str]) -> bool:
+    """No --config and no flag naming a model or data: the run trains the embedded default (its recipe applies)."""
+    return not any(a == flag or a.startswith(flag + "=") for a in argv for flag in OWN_RUN_FLAGS)
+
+
+def embedded_default() -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """The embedded default's settings: what ``python -m mmtrain.train`` with no flags trains."""
+    return parse_args([])
 
 
 def check_batch_size_flags(argv: list[str], data_args: DataArguments) -> None:

@@ -71,5 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The console script's entry point: the exit status (0 done, 2 a bad flag or input)."""
+    return main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -187,5 +187,10 @@ def _interactive(chat: Chat, first_images: list[str]) -> None:
             pending = []
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The console script's entry point: the exit status (0 done, 2 a bad flag or input)."""
+    return main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,13 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The console script's entry point: the exit status (0 trained, 2 a bad flag or input, 1 training stopped)."""
     from mmtrain.data import DataError
     from mmtrain.training.checkpoint import CheckpointError
     from mmtrain.training.loop import TrainingError
 
     try:
-        main()
+        main(argv)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -201,9 +201,9 @@ def test_cheap_commands_run_as_written(newcomer_folder, capsys):
 
 
 def test_the_model_path_is_where_the_default_run_writes_its_last_export():
-    from mmtrain.args import TrainArguments
+    from mmtrain.args import embedded_default
 
-    defaults = TrainArguments()
+    _, _, defaults = embedded_default()  # what `python -m mmtrain.train` trains with no flags
     assert EXPORT == f"{defaults.output_dir}/epoch-{defaults.num_train_epochs - 1}"
     assert f"the last of its {defaults.num_train_epochs} is\n`{EXPORT}`" in README.read_text()
     models = {c.argv[c.argv.index("--model") + 1] for c in COMMANDS if "--model" in c.argv}

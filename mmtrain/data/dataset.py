@@ -24,7 +24,7 @@ from PIL import Image
 from mmtrain.data.formats import DataError
 from mmtrain.data.images import ImageStore, describe, parse_embedded
 from mmtrain.data.tar_shards import open_member
-from mmtrain.data.template import encode_conversation
+from mmtrain.data.template import IGNORE_INDEX, encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
 
 logger = logging.getLogger(__name__)
@@ -112,9 +112,13 @@ def join_conversation(pairs: list[tuple[dict, Entry]]) -> tuple[list[dict], list
 class ConversationDataset(torch.utils.data.Dataset):
     """Items ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "pixel_values": FloatTensor[n, 3, H, W]}``.
 
-    ``on_bad_sample="skip"`` replaces an item whose image is missing or corrupt with the
-    next readable one (deterministic) and counts it in :attr:`skipped_bad_samples`,
-    a counter shared with DataLoader workers.
+    ``on_bad_sample="skip"``: an item whose image turns out unreadable when it is loaded
+    (missing files were left out before any plan was made, in ``mmtrain.data.build``) is
+    dropped, not replaced: it comes back as ``None``, which :class:`DropBadItems` takes
+    out of its batch. Drops are counted in :attr:`skipped_bad_samples`, a counter shared
+    with DataLoader workers.
+
+    With ``concatenate > 1`` every epoch has its own number of items: its plan's.
     """
 
     def __init__(
@@ -155,12 +159,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._groups: list[tuple[int, ...]] | None = None
         self._groups_epoch = 0
         if concatenate > 1:
+            # Each epoch keeps its own plan whole (none is cut or wrapped to epoch 0's length):
+            # the samplers read the length when an epoch starts, after set_epoch.
             self._groups = self._plan(0)
-            # A fixed length across epochs: samplers (DistributedSampler included) size
-            # themselves once; later epochs' plans are cut or wrapped to this length.
-            self._length = len(self._groups)
-        else:
-            self._length = len(entries)
 
     # ----- grouping -------------------------------------------------------------------
 
@@ -200,10 +201,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _regroup(self) -> None:
         epoch = self.epoch
         if self.concatenate > 1 and epoch != self._groups_epoch:
-            groups = self._plan(epoch)
-            while len(groups) < self._length:
-                groups += groups[: self._length - len(groups)]
-            self._groups, self._groups_epoch = groups[: self._length], epoch
+            self._groups, self._groups_epoch = self._plan(epoch), epoch
+
+    def epoch_length(self, epoch: int) -> int:
+        """Items of ``epoch``: with concatenation its plan's groups, otherwise every entry."""
+        if self.concatenate <= 1:
+            return len(self.entries)
+        return len(self._groups) if epoch == self._groups_epoch else len(self._plan(epoch))
 
     def group(self, i: int) -> tuple[int, ...]:
         """Entry indices that make item ``i`` this epoch."""
@@ -232,7 +236,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         return int(self._skipped.value)
 
     def __len__(self) -> int:
-        return self._length
+        if self._groups is None:
+            return len(self.entries)
+        self._regroup()
+        return len(self._groups)
 
     def conversation(self, group: tuple[int, ...]) -> tuple[list[dict], list[tuple[str, str, int]]]:
         """Turns and ``(image path, source, record index)`` of the entries in ``group``, joined in order."""
@@ -271,22 +278,30 @@ class ConversationDataset(torch.utils.data.Dataset):
         turns, images = join_conversation([(record, entry)])
         return self._tensors(self._encode(turns), images)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict | None:
+        """Item ``i``; ``None`` for one dropped under ``--on_bad_sample skip`` (never another item in its place)."""
         if not 0 <= i < len(self):
             raise IndexError(i)
-        for step in range(len(self)):
-            j = (i + step) % len(self)
-            try:
-                return self._item(self.group(j))
-            except BadImageError as err:
-                if self.on_bad_sample != "skip":
-                    raise
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                    count = self._skipped.value
-                if count <= 10:
-                    logger.warning("skipping a bad sample (--on_bad_sample skip): %s", err)
-        raise DataError("every sample of the dataset has a missing or unreadable image")
+        try:
+            return self._item(self.group(i))
+        except BadImageError as err:
+            if self.on_bad_sample != "skip":
+                raise
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+                count = self._skipped.value
+            if count <= 10:
+                logger.warning("dropping a bad sample (--on_bad_sample skip): %s", err)
+            return None
+
+    def placeholder_item(self) -> dict:
+        """What stands in for a batch whose every item was dropped: one token, no image, nothing to learn (no label)."""
+        token = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return {
+            "input_ids": torch.tensor([token], dtype=torch.long),
+            "labels": torch.tensor([IGNORE_INDEX], dtype=torch.long),
+            "pixel_values": torch.zeros((0, *self._empty_shape), dtype=torch.float32),
+        }
 
     def generation_example(self, e: int) -> dict:
         """Entry ``e`` as a prompt for generation: the conversation up to its last question.
@@ -301,3 +316,20 @@ class ConversationDataset(torch.utils.data.Dataset):
             "pixel_values": load_images(images, self.image_processor, self._empty_shape, self.image_store),
             "answer": turns[-1]["text"].strip(),
         }
+
+
+class DropBadItems:
+    """Wrap a collator: items dropped by the dataset (``None``) leave their batch, which is collated smaller.
+
+    A batch whose every item was dropped becomes the dataset's :meth:`~ConversationDataset.placeholder_item`:
+    a step with nothing to learn, so that every process still runs the same steps.
+    """
+
+    def __init__(self, collator, placeholder):
+        self.collator = collator
+        self.placeholder = placeholder  # () -> an item as the dataset gives them
+        self.output_keys = getattr(collator, "output_keys", ())
+
+    def __call__(self, items: list):
+        kept = [item for item in items if item is not None]
+        return self.collator(kept or [self.placeholder()])

@@ -157,3 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(estimates))
         print(f"recommended for {in_gib(gpu_memory)} GiB GPUs: {rec.reason}")
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The console script's entry point: the exit status (0 done, 2 a bad flag or input)."""
+    return main(argv)

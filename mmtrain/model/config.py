@@ -96,7 +96,7 @@ class VLMConfig:
             "decoder layers, found from the model (model.layers. of LLaMA, gpt_neox.layers. of GPT-NeoX, transformer.h. of Falcon)."
         ),
     )
-    lang_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the LM (default: 4 x the rank, scale 4)."))
+    lang_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the LM (default: 2 x the rank, scale 2, as LLaVA-1.5: rank 128, alpha 256)."))
     lang_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the LM."))
     vis_lora_dim: int = field(default=0, metadata=_doc("LoRA rank on the vision encoder (0: no LoRA, encoder fully frozen)."))
     vis_lora_module_name: str = field(
@@ -105,7 +105,7 @@ class VLMConfig:
             "(the layer lists: CLIP, SigLIP, SigLIP2 encoder.layers.; DINOv2 encoder.layer.; ViT layers.)."
         ),
     )
-    vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 4 x the rank, scale 4)."))
+    vis_lora_alpha: Optional[float] = field(default=None, metadata=_doc("LoRA alpha on the vision encoder (default: 2 x the rank, scale 2)."))
     vis_lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout on the vision encoder."))
     only_optimize_lora: bool = field(
         default=False, metadata=_doc("Inside the LM and vision encoder train LoRA only (new-token embedding rows stay frozen too).")

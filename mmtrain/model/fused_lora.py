@@ -81,6 +81,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2 if ctx.needs_input_grad[4] else None, xa, weight, weight_scale, lora_a, lora_b)
         ctx.scale = scale
         ctx.x_shape = x.shape
+        if weight_scale is not None:
+            # The float8 path returns its view from here, as the GPU tier has verified it
+            # (compiled, with token budgets); the plain path shapes it outside.
+            return out.view(*x.shape[:-1], out.shape[-1])
         # [tokens, out]: shaped like x outside (_lora_linear), where the view is autograd's own, so
         # that an LM may change the output in place (Falcon adds its attention into the MLP's)
         return out
@@ -104,7 +108,7 @@ class _LoraLinearFunction(torch.autograd.Function):
 
 def _lora_linear(x, weight, weight_scale, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
     out = _LoraLinearFunction.apply(x, weight, weight_scale, bias, lora_a, lora_b, scale)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out if out.dim() == x.dim() else out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:

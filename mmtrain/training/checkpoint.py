@@ -242,6 +242,10 @@ def _trainable_only(state_dict: dict, trainable: set[str]) -> dict:
     return {k: v for k, v in state_dict.items() if k in trainable}
 
 
+# ZeRO stages whose optimizer state Accelerate saves in one layout (DeepSpeed's ZeRO-1 and 2 share an optimizer).
+_STATE_LAYOUT = {1: 2}
+
+
 class Checkpointer:
     """Saves and restores training state through Accelerate, trainable parameters only."""
 
@@ -353,6 +357,7 @@ class Checkpointer:
         if manifest.get("num_processes") != acc.num_processes:
             self._load_portable(path, manifest, saved, state)
         else:
+            self._check_same_zero_stage(path, manifest)
             self._load_same_count(path)
         if saved is not None and self.layout is not None:
             state.step_in_epoch = map_position(state.step_in_epoch, saved, self.layout, path, state.epoch)
@@ -377,6 +382,20 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {path} holds no stream position ({STREAM_DIR}/): it was not written by a --streaming run")
         with open(file) as f:
             self.stream.load_state_dict(json.load(f))
+
+    def _check_same_zero_stage(self, path: str, manifest: dict) -> None:
+        """Accelerate's state of one ZeRO stage (or of none) does not load into another: say so, not "corrupt"."""
+        now = int(self.accelerator.state.deepspeed_plugin.zero_stage) if self.is_deepspeed else None
+        was = manifest.get("zero_stage", now)
+        if _STATE_LAYOUT.get(was, was) != _STATE_LAYOUT.get(now, now):
+            def name(stage):
+                return "no DeepSpeed" if stage is None else f"DeepSpeed ZeRO-{stage}"
+
+            raise ConfigError(
+                f"checkpoint {path} was written with {name(was)} and this run uses {name(now)}: the optimizer state is laid "
+                f"out per stage. Resume with the Accelerate config it was written with ({name(was)}), or start afresh from "
+                "it with --init_from (trained parts only) or from an export (epoch-N)"
+            )
 
     def _load_same_count(self, path: str) -> None:
         """Everything back through Accelerate: weights, optimizer shards, scheduler, each process's RNG."""

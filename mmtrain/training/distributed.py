@@ -313,11 +313,11 @@ def _without_zero3_init(plugin):
         compat.reinstall_hf_deepspeed_config(plugin)
 
 
-def make_optimizer(accelerator, groups: list[dict], learning_rate: float):
-    """AdamW; DeepSpeed's CPU Adam when optimizer states are offloaded (its fast path)."""
+def make_optimizer(accelerator, groups: list[dict], learning_rate: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    """AdamW (``--adam_beta1/2``, ``--adam_epsilon``); DeepSpeed's CPU Adam when optimizer states are offloaded (its fast path)."""
     if offloads_optimizer(accelerator):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=learning_rate, betas=(0.9, 0.95), adamw_mode=True)
+        return DeepSpeedCPUAdam(groups, lr=learning_rate, betas=betas, eps=eps, adamw_mode=True)
     fused = accelerator.device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)

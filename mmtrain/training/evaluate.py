@@ -26,7 +26,9 @@ def evaluate_loss(accelerator, model, loader) -> dict[str, float]:
         loss_sum += sums.sum()
         tokens += counts.sum()
     model.train()
-    loss = (loss_sum / tokens.clamp(min=1)).item()
+    if tokens.item() == 0:  # no eval set (--eval_ratio 0) or no answer in it: there is no loss to report
+        return {"label_tokens": 0}
+    loss = (loss_sum / tokens).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "label_tokens": int(tokens.item())}
 
 
@@ -34,37 +36,53 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
+def share_of_questions(count: int, rank: int, world_size: int, *, equal: bool) -> list[int | None]:
+    """The questions (indices into ``count``) process ``rank`` answers: every ``world_size``-th, from ``rank``.
+
+    ``equal`` pads each share to the same length with ``None`` (a question answered again, not
+    counted): under ZeRO-3 each forward gathers parameters collectively, so every process
+    must run the same number of them.
+    """
+    share: list[int | None] = list(range(rank, count, world_size))
+    if equal:
+        share += [None] * (-(-count // world_size) - len(share))
+    return share
+
+
 @torch.no_grad()
 def evaluate_generation(accelerator, model, tokenizer, examples: list[dict], *, batch_size: int, max_new_tokens: int, zero3: bool) -> dict:
     """Greedy answers to held-out questions; exact match after light normalisation.
 
-    Every process answers the same questions: under ZeRO-3 each forward gathers
-    parameters collectively, so all ranks must run the same number of forwards.
+    The processes share the questions (:func:`share_of_questions`) and sum their hits.
     """
     if not examples:
         return {}
     model.eval()
+    share = share_of_questions(len(examples), accelerator.process_index, accelerator.num_processes, equal=zero3)
     correct = 0
     options = SamplingOptions(max_new_tokens=max_new_tokens)
     samples = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for start in range(0, len(share), batch_size):
+        chunk = share[start : start + batch_size]
+        asked = [examples[0 if i is None else i] for i in chunk]  # a padding slot asks question 0 again, uncounted
         outputs = generate(
             model,
-            [e["input_ids"] for e in chunk],
-            [e["pixel_values"] for e in chunk],
+            [e["input_ids"] for e in asked],
+            [e["pixel_values"] for e in asked],
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             options=options,
             synced_gpus=zero3 and accelerator.num_processes > 1,
         )
-        for e, ids in zip(chunk, outputs):
+        for i, e, ids in zip(chunk, asked, outputs):
+            if i is None:
+                continue
             answer = tokenizer.decode(ids, skip_special_tokens=True)
-            hit = normalize_answer(answer) == normalize_answer(e["answer"])
-            correct += hit
+            correct += normalize_answer(answer) == normalize_answer(e["answer"])
             if len(samples) < 4:
                 samples.append({"expected": e["answer"], "generated": answer})
     model.train()
+    correct = int(accelerator.reduce(torch.tensor(float(correct), device=accelerator.device), "sum").item())
     return {"exact_match": correct / len(examples), "majority_baseline": majority_baseline(examples), "questions": len(examples), "samples": samples}
 
 

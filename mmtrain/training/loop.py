@@ -61,6 +61,9 @@ class Loop:
         self.skipped_steps: set[int] = set()  # steps whose update the fp16 loss scaler skipped
         self.pending: list[tuple] = []  # (step, loss, label tokens, tokens, samples) not yet read back from the device
         self.window = _Window()  # read-back values since the last log line
+        self.unreduced_tokens = 0  # this process's tokens read back but not yet summed over processes into tokens_seen
+        self.logged_step = state.global_step  # the last step a train log line covers
+        self.dropped_before = getattr(data.train, "skipped_bad_samples", 0)  # bad samples dropped before this epoch
         self.sample_record = SampleRecord(accelerator, train_args.output_dir, train_args.record_samples)
 
     # -- the loop -------------------------------------------------------------------
@@ -97,8 +100,8 @@ class Loop:
                     continue
                 state.global_step += 1
                 progress.update(1)
-                if state.global_step % args.logging_steps == 0:
-                    self._log_train()
+                if state.global_step % args.logging_steps == 0 or self._done():
+                    self._log_train()  # at --max_steps too: the run's last window, however short
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
                     self._evaluate()
                 if args.save_steps and state.global_step % args.save_steps == 0 and not self._done():
@@ -106,6 +109,8 @@ class Loop:
                 if self._done():
                     break
             epoch_finished = not self._done() or self._at_epoch_end()
+            if epoch_finished and state.epoch + 1 >= args.num_train_epochs and state.global_step > self.logged_step:
+                self._log_train()  # the last epoch's last steps, short of --logging_steps
             if epoch_finished:
                 self._end_epoch()
             else:
@@ -211,7 +216,7 @@ class Loop:
                 first_bad = (step, loss)
             if not finite and step in self.skipped_steps:
                 logger.warning(f"loss is {loss} at step {step} on process {self.acc.process_index}: the fp16 loss scaler skipped that step's update")
-            self.state.tokens_seen += tokens
+            self.unreduced_tokens += tokens  # summed over processes when logged or saved (no extra sync per step)
             # the logged loss is the window's mean over answer tokens, as the objective is
             self.window.add(step, loss if finite else 0.0, float(label_tokens) if finite else 0.0, tokens, samples)
         self.skipped_steps = {s for s in self.skipped_steps if s > self.state.global_step}
@@ -240,8 +245,9 @@ class Loop:
 
     def _save(self) -> None:
         self._settle()
+        self._count_tokens()
         self.state.metrics_records = self.metrics.records
-        with quiet_save(self.args.verbose):
+        with self.window.paused(), quiet_save(self.args.verbose):
             path = self.checkpointer.save(self.state)
         if self.acc.is_main_process:
             logger.info(f"checkpoint {path}")
@@ -255,17 +261,29 @@ class Loop:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
+    def _count_tokens(self, reduced: float | None = None) -> None:
+        """Add every process's tokens read back since the last call to ``tokens_seen`` (``reduced``: that sum, already taken)."""
+        if reduced is None:
+            reduced = self.acc.reduce(torch.tensor(float(self.unreduced_tokens), dtype=torch.float64, device=self.acc.device), "sum").item()
+        self.state.tokens_seen += int(round(reduced))
+        self.unreduced_tokens = 0
+
     def _log_train(self) -> None:
         self._settle()
         loss_sum, weight, tokens, samples, steps, seconds = self.window.drain()
         # Every process saw its own tokens: report the global rates and per-step sizes.
-        totals = self.acc.reduce(torch.tensor([tokens, samples, loss_sum, weight], dtype=torch.float64, device=self.acc.device), "sum")
+        totals = self.acc.reduce(
+            torch.tensor([tokens, samples, loss_sum, weight, self.unreduced_tokens], dtype=torch.float64, device=self.acc.device), "sum"
+        )
+        self._count_tokens(totals[4].item())
+        self.logged_step = self.state.global_step
         values = {
             "loss": totals[2].item() / max(totals[3].item(), 1e-12),
             "tokens_per_s": totals[0].item() / seconds,
             "samples_per_s": totals[1].item() / seconds,
             "tokens_per_step": totals[0].item() / max(steps, 1),
             "samples_per_step": totals[1].item() / max(steps, 1),
+            "tokens_seen": self.state.tokens_seen,  # all processes, since the run began
         }
         norm = self._grad_norm_value()
         if norm is not None:
@@ -281,6 +299,10 @@ class Loop:
 
     def _evaluate(self) -> dict:
         self._settle()
+        with self.window.paused():  # eval time is not training time: tokens_per_s leaves it out
+            return self._evaluate_now()
+
+    def _evaluate_now(self) -> dict:
         result = evaluate_loss(self.acc, self.model, self.eval_loader)
         if self.generation_examples:
             gen = evaluate_generation(
@@ -292,19 +314,31 @@ class Loop:
             if self.acc.is_main_process and samples:
                 logger.info("eval answers: " + "; ".join(f"expected {s['expected']!r} got {s['generated']!r}" for s in samples))
         self.metrics.log("eval", self.state.global_step, self._epoch_progress(), result)
-        if self.state.best_eval_loss is None or result["loss"] < self.state.best_eval_loss:
+        if "loss" in result and (self.state.best_eval_loss is None or result["loss"] < self.state.best_eval_loss):
             self.state.best_eval_loss = result["loss"]
         self.last_eval = {**result, "step": self.state.global_step}
         return result
 
     def _end_epoch(self) -> None:
         epoch = self.state.epoch
+        self._log_dropped(epoch)
         self._evaluate()
         if self.args.export_each_epoch:
-            self.export(os.path.join(self.args.output_dir, f"epoch-{epoch}"))
+            with self.window.paused():
+                self.export(os.path.join(self.args.output_dir, f"epoch-{epoch}"))
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         self._save()
+
+    def _log_dropped(self, epoch: int) -> None:
+        """Under --on_bad_sample skip: how many training samples this epoch lost to unreadable images, all processes."""
+        if self.data_args.on_bad_sample != "skip":
+            return
+        total = getattr(self.data.train, "skipped_bad_samples", 0)
+        new, self.dropped_before = total - self.dropped_before, total
+        dropped = int(self.acc.reduce(torch.tensor(float(new), dtype=torch.float64, device=self.acc.device), "sum").item())
+        if dropped and self.acc.is_main_process:
+            logger.warning(f"epoch {epoch}: {dropped} training samples dropped, their images unreadable (--on_bad_sample skip)")
 
     def export(self, folder: str) -> None:
         """Fuse LoRA into a copy, save an HF-format folder (main process), training weights untouched."""
@@ -322,10 +356,11 @@ class Loop:
 
 
 class _Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines; its seconds leave out what ran :meth:`paused` (eval, exports, checkpoints)."""
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.excluded = 0.0  # seconds spent paused
         self.loss_sum = 0.0  # losses times their weights
         self.weight = 0.0
         self.tokens = 0
@@ -339,10 +374,20 @@ class _Window:
         self.samples += samples
         self.steps.add(step)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count as the window's training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
     def drain(self) -> tuple[float, float, int, int, int, float]:
-        """(weighted loss sum, weight, tokens, samples, optimizer steps, seconds) since the last drain."""
+        """(weighted loss sum, weight, tokens, samples, optimizer steps, training seconds) since the last drain."""
         now = time.perf_counter()
-        out = (self.loss_sum, self.weight, self.tokens, self.samples, len(self.steps), max(now - self.start, 1e-9))
+        seconds = max(now - self.start - self.excluded, 1e-9)
+        out = (self.loss_sum, self.weight, self.tokens, self.samples, len(self.steps), seconds)
         self.__init__()
         return out
 
@@ -351,6 +396,8 @@ def print_final_report(result: dict) -> None:
     lines = [f"training finished at step {result['global_step']}"]
     if "eval_loss" in result:
         lines.append(f"  eval loss {result['eval_loss']:.4f} (perplexity {result['eval_perplexity']:.3f}) over {result['eval_label_tokens']} answer tokens")
+    elif "eval_label_tokens" in result:
+        lines.append("  no eval loss: no eval set (--eval_ratio 0 and no --eval_dataset_names), or no answer tokens in it")
     if "eval_exact_match" in result:
         lines.append(
             f"  eval exact match {100 * result['eval_exact_match']:.1f}% on {result['eval_questions']} held-out questions "

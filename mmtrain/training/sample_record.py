@@ -30,7 +30,11 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return i, self.dataset[i]
+        item = self.dataset[i]
+        return None if item is None else (i, item)  # None: dropped (--on_bad_sample skip)
+
+    def placeholder_item(self):
+        return -1, self.dataset.placeholder_item()  # -1: no sample of the dataset
 
     # What the token-budget sampler reads of the dataset it plans (mmtrain/data/token_budget.py).
     @property

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError, component_settings
+from mmtrain.data.dataset import DropBadItems
 from mmtrain.data.token_budget import TokenBudgetBatchSampler
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
@@ -202,13 +203,19 @@ def log_data_report(accelerator, report: dict) -> None:
         logger.info("data: " + json.dumps(report, default=str))
 
 
+def _dropping_bad_items(dataset, collator):
+    """The collator, taking out of each batch the items the dataset dropped (``--on_bad_sample skip``)."""
+    placeholder = getattr(dataset, "placeholder_item", None)
+    return DropBadItems(collator, placeholder) if placeholder is not None else collator
+
+
 def make_loader(dataset, collator, batch_size: int, num_workers: int, *, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=collator,
+        collate_fn=_dropping_bad_items(dataset, collator),
         num_workers=num_workers,
         generator=generator,
         persistent_workers=num_workers > 0,
@@ -232,7 +239,8 @@ def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> 
         return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
     sampler = TokenBudgetBatchSampler(dataset, data_args.max_tokens_per_batch, data_args.max_images_per_batch, train_args.seed)
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.num_workers, persistent_workers=data_args.num_workers > 0
+        dataset, batch_sampler=sampler, collate_fn=_dropping_bad_items(dataset, collator), num_workers=data_args.num_workers,
+        persistent_workers=data_args.num_workers > 0,
     )
 
 
@@ -243,7 +251,16 @@ def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int] | None:
     sampler = loader.batch_sampler
     if isinstance(sampler, TokenBudgetBatchSampler):
         return [len(sampler.plan(epoch)) for epoch in range(epochs)]
-    return [len(loader)] * epochs
+    dataset = loader.dataset
+    if not hasattr(dataset, "set_epoch"):
+        return [len(loader)] * epochs
+    # Concatenated samples are regrouped every epoch, each epoch its own count of them.
+    current, counts = dataset.epoch, []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        counts.append(len(loader))
+    dataset.set_epoch(current)
+    return counts
 
 
 def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoch: list[int] | None):
@@ -256,7 +273,9 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
         embed_learning_rate=train_args.learning_rate_pretraining_components,
         components=component_settings(train_args),
     )
-    optimizer = distributed.make_optimizer(accelerator, groups, train_args.learning_rate)
+    optimizer = distributed.make_optimizer(
+        accelerator, groups, train_args.learning_rate, betas=(train_args.adam_beta1, train_args.adam_beta2), eps=train_args.adam_epsilon
+    )
     # batches_per_epoch is before sharding; every process sees 1/num_processes of them.
     if batches_per_epoch is None:  # a stream: its length is known only at its end
         per_epoch, steps_per_epoch = [train_args.max_steps], "unknown: streamed"
@@ -273,7 +292,8 @@ def make_optimizer_and_schedule(accelerator, model, train_args, batches_per_epoc
         logger.info(
             f"optimizer: {len(groups)} groups ({', '.join(_describe_group(g) for g in groups)}); "
             f"{total} steps ({steps_per_epoch}/epoch), warmup {warmup_steps(train_args.num_warmup_steps, total)}, "
-            f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}"
+            f"schedule {train_args.lr_scheduler_type}, clipping {distributed.max_grad_norm(accelerator, train_args)}, "
+            f"AdamW betas ({train_args.adam_beta1:g}, {train_args.adam_beta2:g}) eps {train_args.adam_epsilon:g}"
         )
     return optimizer, scheduler, total
 

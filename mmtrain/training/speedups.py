@@ -60,7 +60,7 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
         collator = PackingCollator(pad, data_args.max_tokens_per_batch, data_args.padding_multiple())
     elif data_args.packing:
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
-        collator = PackingCollator(pad, data_args.max_seq_len)
+        collator = PackingCollator(pad, data_args.max_seq_len, data_args.padding_multiple())
     else:
         collator = Collator(pad, data_args.padding_multiple())
     if model_args.cache_vision_features:

@@ -117,8 +117,25 @@ def test_bad_images_skipped_and_counted(tmp_path, mk, build, tokenizer):
     # The record with a missing file is left out when the records are read ...
     assert bundle.report["missing_image_records"] == 1 and bundle.report["missing_image_files"] == 1
     assert bundle.report["train_samples"] == 4
-    # ... the corrupt one is found when read, and the next readable record takes its place.
-    labels = [bundle.train[i]["labels"] for i in range(4)]
-    answers = [tokenizer.decode(l[l != -100]) for l in labels]
-    assert answers == ["a0</s>", "a2</s>", "a4</s>", "a4</s>"]
-    assert bundle.report["skipped_bad_samples"] == 1  # one per replaced read
+    # ... the corrupt one is found when read and dropped: nothing takes its place, no sample is seen twice.
+    items = [bundle.train[i] for i in range(4)]
+    assert items[2] is None
+    answers = [tokenizer.decode(item["labels"][item["labels"] != -100]) for item in items if item is not None]
+    assert answers == ["a0</s>", "a2</s>", "a4</s>"]
+    assert bundle.report["skipped_bad_samples"] == 1  # one per dropped read
+
+
+def test_a_batch_loses_its_dropped_items(tmp_path, mk, build, tokenizer):
+    """The trainer's loaders collate a batch without its dropped item; a batch of only dropped items is a placeholder."""
+    from mmtrain.data import Collator
+    from mmtrain.training.setup import make_loader
+
+    path = bad_image_file(tmp_path, mk)
+    train = build([path], on_bad_sample="skip").train
+    loader = make_loader(train, Collator(tokenizer.pad_token_id), 4, 0, shuffle=False, seed=0)
+    (batch,) = list(loader)
+    assert batch["input_ids"].shape[0] == 3  # four planned, the corrupt one dropped
+    # a batch of the corrupt item alone: one token, nothing to learn, so every process still steps
+    placeholder = make_loader(train, Collator(tokenizer.pad_token_id), 1, 0, shuffle=False, seed=0).collate_fn([train[2]])
+    assert placeholder["input_ids"].shape == (1, 1) and (placeholder["labels"] == -100).all()
+    assert placeholder["pixel_values"].shape[0] == 0

@@ -127,7 +127,8 @@ def test_concatenation_renumbers_and_reshuffles_per_epoch(tmp_path, mk, build, t
     epoch0 = groups
     train.set_epoch(1)
     epoch1 = [train.group(i) for i in range(len(train))]
-    assert epoch1 != epoch0 and len(epoch1) == len(epoch0)
+    assert epoch1 != epoch0
+    assert sorted(e for g in epoch1 for e in g) == list(range(8))  # every sample once again: none cut, none twice
     train.set_epoch(0)
     assert [train.group(i) for i in range(len(train))] == epoch0
     assert len(bundle.eval) == 0 or all(len(bundle.eval.group(i)) == 1 for i in range(len(bundle.eval)))
@@ -188,10 +189,32 @@ def test_persistent_workers_follow_set_epoch(tmp_path, mk, build, tokenizer):
     bundle = build([mk.json(tmp_path / "d.json", records)], dataset_concatenate_samples=4)
     train = bundle.train
     loader = torch.utils.data.DataLoader(
-        train, batch_size=len(train), num_workers=1, persistent_workers=True, collate_fn=Collator(tokenizer.pad_token_id)
+        train, batch_size=12, num_workers=1, persistent_workers=True, collate_fn=Collator(tokenizer.pad_token_id)
     )
     for epoch in (0, 1):
         train.set_epoch(epoch)
         (batch,) = list(loader)
         local = Collator(tokenizer.pad_token_id)([train[i] for i in range(len(train))])
         assert torch.equal(batch["input_ids"], local["input_ids"])
+
+
+def test_each_concatenated_epoch_has_its_own_length(tmp_path, mk, build):
+    """Epochs join different runs of samples: each keeps its whole plan (none cut or wrapped to epoch 0's length)."""
+    from torch.utils.data import DataLoader
+
+    from mmtrain.training.setup import batches_per_epoch
+
+    records = [mk.llava(f"Question {i}?", f"a{i}") for i in range(40)]
+    train = build([mk.json(tmp_path / "d.json", records)], eval_ratio=0, dataset_concatenate_samples=4).train
+    lengths = {}
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        groups = [train.group(i) for i in range(len(train))]
+        assert sorted(e for g in groups for e in g) == list(range(40)), epoch  # every sample exactly once
+        lengths[epoch] = len(train)
+    assert len(set(lengths.values())) > 1, lengths  # the plans differ in length, and each epoch keeps its own
+    assert [train.epoch_length(epoch) for epoch in range(6)] == [lengths[e] for e in range(6)]
+    train.set_epoch(0)
+    loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=list)
+    assert batches_per_epoch(loader, 6) == [-(-lengths[e] // 4) for e in range(6)]
+    assert train.epoch == 0 and len(train) == lengths[0]

@@ -164,3 +164,16 @@ def test_mask_builder_check_fails_loudly_when_packing_is_not_honoured(tiny_args,
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(ValueError, match="--packing"):
         check_packed_attention(built.model.language_model.config)
+
+
+def test_pad_to_multiple_of_applies_to_packed_rows(tiny_args):
+    """--packing --pad_to_multiple_of 64: the trainer's packing collator rounds each packed row up to 64."""
+    from mmtrain.args import DataArguments, ModelArguments
+    from mmtrain.training.speedups import make_train_collator
+
+    built = build_model(tiny_args())
+    data_args = DataArguments(packing=True, pad_to_multiple_of=64, max_seq_len=300)
+    collator = make_train_collator(built, ModelArguments(), data_args)
+    batch = collator(_items(built, [(0, 9), (1, 12), (0, 5)]))
+    assert batch["input_ids"].shape[1] % 64 == 0
+    assert int(batch["cu_seq_lens"][-1]) == batch["input_ids"].numel()  # the padding tails are blocks of their own

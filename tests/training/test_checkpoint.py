@@ -417,3 +417,25 @@ def test_a_portable_state_that_cannot_be_written_stops_the_save_and_keeps_the_ea
     assert _names(tmp_path) == ["step-00000001"]
     assert not os.path.exists(tmp_path / "checkpoints" / "step-00000002.tmp" / "trainable_state.safetensors")
     assert remove_partial_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoints" / "step-00000002.tmp")]
+
+
+def test_resume_at_another_zero_stage_says_so(tmp_path, tiny_args, accelerator):
+    """A checkpoint of another ZeRO stage is named as such, not as "corrupt or incomplete?"."""
+    from mmtrain.model import build_model
+
+    args = tiny_args()
+    model = build_model(args).model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=2)
+    path = checkpointer.save(TrainerState(epoch=0, step_in_epoch=1, global_step=1))
+    manifest_file = os.path.join(path, "manifest.json")
+    manifest = json.loads(open(manifest_file).read())
+    manifest["zero_stage"] = 3  # as a ZeRO-3 run of the same process count writes it
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ConfigError) as caught:
+        checkpointer.load(path)
+    message = str(caught.value)
+    assert "was written with DeepSpeed ZeRO-3 and this run uses no DeepSpeed" in message and "corrupt" not in message

@@ -1,5 +1,6 @@
 """DeepSpeed for real, two processes on CPU: stage parity, mixed modality at ZeRO-3, exact resume."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -81,6 +82,10 @@ def test_zero3_mixed_text_and_image_batches_with_vision_lora(model_folders, data
     assert all(math.isfinite(r["loss"]) for r in train)
     evals = [r for r in logged if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [10] and math.isfinite(evals[0]["loss"]) and evals[0]["questions"] == 2
+    # tokens_seen sums both ranks' tokens (one question each answered, too: the two are shared out)
+    assert [r["tokens_seen"] for r in train] == list(itertools.accumulate(round(r["tokens_per_step"]) for r in train))
+    state = json.loads((out / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["tokens_seen"] == train[-1]["tokens_seen"]
 
     # Each logged step sums both ranks' tokens and samples (one each): their ratio gives
     # the step's two sample lengths, which tell image samples from text-only ones.

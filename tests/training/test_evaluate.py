@@ -68,7 +68,7 @@ def built(tiny_args):
     from mmtrain.model import build_model
 
     torch.manual_seed(0)
-    built = build_model(tiny_args(lang_lora_dim=4))
+    built = build_model(tiny_args(lang_lora_dim=4, lang_lora_alpha=16))  # scale 4: the answers below were chosen at it
     with torch.no_grad():  # as if trained: LoRA's B starts at zero
         for p in built.model.parameters():
             if p.requires_grad:
@@ -156,3 +156,16 @@ def test_generation_is_scored_by_exact_match_after_normalisation(tmp_path, accel
     # the last two share a question: guessing its commonest answer gets one of them
     assert result["majority_baseline"] == pytest.approx(3 / 4) == majority_baseline(examples)
     assert evaluate_generation(accelerator, built.model, built.tokenizer, [], **run) == {}
+
+
+def test_processes_share_the_questions():
+    """Each process answers its own share; under ZeRO-3 the shares are padded to one length (collective forwards)."""
+    from mmtrain.training.evaluate import share_of_questions
+
+    shares = [share_of_questions(5, rank, 2, equal=False) for rank in range(2)]
+    assert shares == [[0, 2, 4], [1, 3]]
+    padded = [share_of_questions(5, rank, 2, equal=True) for rank in range(2)]
+    assert padded == [[0, 2, 4], [1, 3, None]]
+    assert sorted(i for share in padded for i in share if i is not None) == list(range(5))  # each question once
+    assert share_of_questions(1, 3, 4, equal=True) == [None]  # fewer questions than processes: still one forward each
+    assert share_of_questions(1, 3, 4, equal=False) == []

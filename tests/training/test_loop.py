@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -105,13 +107,20 @@ def test_logged_loss_is_the_mean_of_the_steps_since_the_last_line(train, tmp_pat
     third = train(tmp_path / "third", logging_steps=3, max_steps=7)
     assert third["global_step"] == 7
     logged = train_losses(tmp_path / "third")
-    assert sorted(logged) == [3, 6]  # step 7 is past the last full window: not logged
+    assert sorted(logged) == [3, 6, 7]  # step 7 ends the run: its window of one step is logged too
     assert logged[3] == pytest.approx(token_mean([1, 2, 3]), rel=1e-5)
     assert logged[6] == pytest.approx(token_mean([4, 5, 6]), rel=1e-5)
+    assert logged[7] == pytest.approx(every[7], rel=1e-5)
+    # tokens_seen counts every step's tokens, the last window's included, and the checkpoint holds the same count
+    records = [r for r in metrics(tmp_path / "every") if r["split"] == "train"]
+    assert [r["tokens_seen"] for r in records] == list(itertools.accumulate(round(r["tokens_per_step"]) for r in records))
+    third_records = [r for r in metrics(tmp_path / "third") if r["split"] == "train"]
+    assert third_records[-1]["tokens_seen"] == records[-1]["tokens_seen"]
 
     # --max_steps stopped it inside the epoch: a checkpoint there, an eval, no export
     state = json.loads((tmp_path / "third" / "checkpoints" / "step-00000007" / "trainer_state.json").read_text())
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 7, 7)
+    assert state["tokens_seen"] == records[-1]["tokens_seen"]
     assert [r["step"] for r in metrics(tmp_path / "third") if r["split"] == "eval"] == [7]
     assert not (tmp_path / "third" / "epoch-0").exists()
 
@@ -130,6 +139,28 @@ def test_final_report_without_and_with_eval(capsys):
         "  eval loss 1.2346 (perplexity 3.437) over 40 answer tokens",
         "  eval exact match 50.0% on 8 held-out questions (majority-answer baseline 25.0%: the most frequent answer to each question)",
     ]
+
+
+def test_no_eval_set_is_said_plainly(train, tmp_path, capsys):
+    """--eval_ratio 0: no eval loss of 0 over 0 answer tokens, but a line saying there is no eval set."""
+    result = train(tmp_path / "run", eval_ratio=0, eval_generate=0, max_steps=2)
+    report = capsys.readouterr().out
+    assert "eval loss 0.0000" not in report and "no eval loss: no eval set (--eval_ratio 0" in report, report
+    assert "eval_loss" not in result and result["eval_label_tokens"] == 0
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["best_eval_loss"] is None
+
+
+def test_a_log_window_leaves_out_paused_time():
+    """tokens_per_s is over training time: eval, exports and checkpoints run paused."""
+    from mmtrain.training.loop import _Window
+
+    window = _Window()
+    with window.paused():
+        time.sleep(0.3)
+    window.add(1, 1.0, 1.0, 100, 1)
+    *_, seconds = window.drain()
+    assert seconds < 0.1
 
 
 def test_overwrite_output_dir_removes_what_the_earlier_run_wrote_and_nothing_else(train, tmp_path):
