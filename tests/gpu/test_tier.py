@@ -215,6 +215,10 @@ def row_flags(model_folders, data_path, out, r: Row, **extra) -> list[str]:
         save_steps=SAVE_AT,
         save_total_limit=4,
         num_train_epochs=1,
+        # The tiny recipe's LoRA scale (4) and beta2 (0.95), which make a 2-layer model learn
+        # within one short epoch; the flags' own defaults are a real run's (LLaVA-1.5's).
+        lang_lora_alpha=16,
+        adam_beta2=0.95,
     )
     base.update(r.flags)
     base.update(extra)
