@@ -37,3 +37,41 @@ def tiny_args(model_folders):
         return ModelArguments(**values)
 
     return make
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state (private API, tests only), so that the next
+    Accelerator or in-process run starts as a fresh process would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def accelerator():
+    """A single-process CPU Accelerator; its process-wide state is reset afterwards."""
+    from accelerate import Accelerator
+
+    yield Accelerator(cpu=True)
+    reset_accelerate_state()
+
+
+@pytest.fixture
+def run_main(monkeypatch):
+    """``run_main(argv)`` -> ``mmtrain.train.main(argv)`` in this process (one process; DeepSpeed's
+    CPU accelerator where there is no GPU), Accelerate's state reset after each run."""
+    import torch
+
+    from mmtrain.train import main
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+    def run(argv):
+        try:
+            return main(argv)
+        finally:
+            reset_accelerate_state()
+
+    return run

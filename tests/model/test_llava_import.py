@@ -88,22 +88,8 @@ def test_round_trip_gives_the_folders_tensors_and_generation(tmp_path, llava_fol
 
 
 @pytest.fixture
-def train(monkeypatch, data_path):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from mmtrain.train import main
-
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-
-    def run(argv):
-        try:
-            return main(argv)
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-
-    return run
+def train(run_main):
+    return run_main
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..conftest import reset_accelerate_state
+
 # family -> (config class, what its config needs besides the shared sizes)
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
@@ -91,7 +93,6 @@ def trained_families(family_folders, model_folders, tmp_path_factory):
     A family that fails keeps its error, raised again wherever it is asked for, so each
     failure names its family.
     """
-    from accelerate.state import AcceleratorState, GradientState
 
     from mmtrain.export import export_llava
     from mmtrain.train import main
@@ -127,8 +128,7 @@ def trained_families(family_folders, model_folders, tmp_path_factory):
                 runs[family] = e
             finally:
                 # the Accelerator's state is process-wide: leave none behind for the next run
-                AcceleratorState._reset_state(reset_partial_state=True)
-                GradientState._reset_state()
+                reset_accelerate_state()
         if isinstance(runs[family], Exception):
             raise runs[family]
         return runs[family]

@@ -15,6 +15,7 @@ from PIL import Image
 from mmtrain import presets
 from mmtrain.model.errors import ConfigError
 
+from ..conftest import reset_accelerate_state
 from ..training.conftest import common_flags, train_losses
 
 
@@ -110,8 +111,6 @@ def test_fused_features_are_each_towers_own_concatenated(towers, model_folders):
 
 @pytest.fixture
 def train(monkeypatch, model_folders, tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     from mmtrain.train import main
 
     if not torch.cuda.is_available():
@@ -124,8 +123,7 @@ def train(monkeypatch, model_folders, tmp_path_factory):
             values = dict(synthetic_num_samples=20, per_device_train_batch_size=8, eval_generate=0)
             return main(common_flags(model_folders, data, output_dir=out, **{**values, **flags}))
         finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+            reset_accelerate_state()
 
     return run
 

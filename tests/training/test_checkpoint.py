@@ -142,17 +142,6 @@ def test_half_written_manifest_is_a_clear_error(tmp_path):
         check_manifest(path, args, TRAINABLE)
 
 
-@pytest.fixture
-def accelerator():
-    """A single-process CPU Accelerator; its process-wide state is reset afterwards."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_checkpointer_saves_trainable_weights_rotates_and_restores(tmp_path, tiny_args, accelerator):
     from mmtrain.model import build_model
 

@@ -53,17 +53,6 @@ def test_majority_baseline_counts_the_best_blind_guess_per_question():
 
 
 @pytest.fixture
-def accelerator():
-    """A single-process CPU Accelerator; its process-wide state is reset afterwards."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture
 def built(tiny_args):
     from mmtrain.model import build_model
 

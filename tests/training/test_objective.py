@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from .conftest import common_flags, launch, metrics
@@ -57,26 +56,6 @@ def _flags(model_folders, data_path, train_file: Path, eval_file: Path, out: Pat
     return flags + ["--eval_dataset_names", str(eval_file)]
 
 
-@pytest.fixture
-def run_here(monkeypatch):
-    """run_here(argv) -> ``mmtrain.train.main(argv)`` in this process (one process, fp32 on CPU)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from mmtrain.train import main
-
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-
-    def run(argv):
-        try:
-            return main(argv)
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-
-    return run
-
-
 def _first_step(out: Path) -> tuple[dict, dict]:
     (step,) = [r for r in metrics(out) if r["split"] == "train"]
     (evaluation,) = [r for r in metrics(out) if r["split"] == "eval"]
@@ -84,7 +63,7 @@ def _first_step(out: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_sample_batches_budgets_accumulation_and_two_processes_train_the_same_first_step(model_folders, data_path, tmp_path, run_here):
+def test_sample_batches_budgets_accumulation_and_two_processes_train_the_same_first_step(model_folders, data_path, tmp_path, run_main):
     train_file, eval_file = _dataset(tmp_path / "data", TRAIN)
     layouts = {
         "one batch": dict(per_device_train_batch_size=TRAIN),
@@ -93,7 +72,7 @@ def test_sample_batches_budgets_accumulation_and_two_processes_train_the_same_fi
         "token budget, accumulated": dict(max_tokens_per_batch=400, gradient_accumulation_steps=TRAIN),
     }
     for name, extra in layouts.items():
-        run_here(_flags(model_folders, data_path, train_file, eval_file, tmp_path / name, **extra))
+        run_main(_flags(model_folders, data_path, train_file, eval_file, tmp_path / name, **extra))
     two = tmp_path / "two processes"
     launch(
         _flags(model_folders, data_path, train_file, eval_file, two, per_device_train_batch_size=2, gradient_accumulation_steps=2),

@@ -13,7 +13,7 @@ import pytest
 from mmtrain.args import ConfigError, parse_args
 from mmtrain.data.synthetic import generate_synthetic
 
-from .conftest import REPO, common_flags, kill_and_resume, launch, train_losses
+from .conftest import REPO, common_flags, kill_and_resume, train_losses
 
 STEPS = 8
 SAVE_EVERY = 4  # inside epoch 0 on one process, inside epoch 1 on two
