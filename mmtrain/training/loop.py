@@ -63,7 +63,7 @@ class Loop:
         self.window = _Window()  # read-back values since the last log line
         self.unreduced_tokens = 0  # this process's tokens read back but not yet summed over processes into tokens_seen
         self.logged_step = state.global_step  # the last step a train log line covers
-        self.dropped_before = getattr(data.train, "skipped_bad_samples", 0)  # bad samples dropped before this epoch
+        self.dropped_before = self._dropped_so_far()  # bad samples dropped before this epoch
         self.sample_record = SampleRecord(accelerator, train_args.output_dir, train_args.record_samples)
 
     # -- the loop -------------------------------------------------------------------
@@ -330,11 +330,15 @@ class Loop:
         self.state.step_in_epoch = 0
         self._save()
 
+    def _dropped_so_far(self) -> int:
+        # a loop driven by a harness may have no data bundle (benchmarks/mmtrain_run.py)
+        return getattr(getattr(self.data, "train", None), "skipped_bad_samples", 0)
+
     def _log_dropped(self, epoch: int) -> None:
         """Under --on_bad_sample skip: how many training samples this epoch lost to unreadable images, all processes."""
         if self.data_args.on_bad_sample != "skip":
             return
-        total = getattr(self.data.train, "skipped_bad_samples", 0)
+        total = self._dropped_so_far()
         new, self.dropped_before = total - self.dropped_before, total
         dropped = int(self.acc.reduce(torch.tensor(float(new), dtype=torch.float64, device=self.acc.device), "sum").item())
         if dropped and self.acc.is_main_process:

@@ -55,10 +55,10 @@ def test_vision_lora_gets_gradients(tiny_args, checkpointing):
 
 
 def test_alpha_sets_the_scale(tiny_args):
-    built = build_model(tiny_args(lang_lora_dim=4, lang_lora_alpha=8))
-    assert set(lora_scalings(built.model).values()) == {2.0}
+    built = build_model(tiny_args(lang_lora_dim=4, lang_lora_alpha=16))
+    assert set(lora_scalings(built.model).values()) == {4.0}
     built = build_model(tiny_args(lang_lora_dim=4))
-    assert set(lora_scalings(built.model).values()) == {4.0}  # default alpha = 4 x rank
+    assert set(lora_scalings(built.model).values()) == {2.0}  # default alpha = 2 x rank, LLaVA's LoRA scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
