@@ -245,7 +245,7 @@ def test_questions_are_what_the_default_model_was_taught(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if skip_reason(c)], ids=str)
-def test_skipped_command(command):
+def test_skipped_command(command, tmp_path):
     """What can be checked without running it; then skipped, with the reason."""
     argv = list(command.argv)
     for word in argv:
@@ -256,9 +256,15 @@ def test_skipped_command(command):
 
         flags = argv[argv.index("mmtrain/train.py") + 1 :]
         # The user's own checkpoints (/models/...) stand in as the presets of the same architecture.
-        for flag, preset in (("--lm_model_name_or_path", "tiny-llama"), ("--vision_model_name_or_path", "tiny-clip")):
+        stand_ins = (("--lm_model_name_or_path", "tiny-llama"), ("--vision_model_name_or_path", "tiny-clip"),
+                     ("--vision_model_name_or_path_2", "tiny-siglip"))
+        for flag, preset in stand_ins:
             if flag in flags and flags[flags.index(flag) + 1].startswith("/"):
                 flags[flags.index(flag) + 1] = preset
+        if "--vlm_name_or_path" in flags:  # a released LLaVA checkpoint: a tiny LLaVA folder stands in
+            from tests.llava_folders import write_tiny_llava
+
+            flags[flags.index("--vlm_name_or_path") + 1] = write_tiny_llava(tmp_path / "llava")
         parse_args(flags)
     pytest.skip(skip_reason(command))
 
