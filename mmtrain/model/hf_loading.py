@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+from safetensors import safe_open
+
 from mmtrain.model.errors import ConfigError
 
 
@@ -29,3 +34,16 @@ def checked_from_pretrained(cls, path: str, *, flag: str, strict_unexpected: boo
 def _short(keys) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def safetensors_files(folder: str) -> dict[str, str] | None:
+    """Tensor name -> file of a folder's ``model.safetensors`` or sharded index; None when it holds neither."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}

@@ -49,7 +49,7 @@ from transformers import (
 )
 
 from mmtrain.model.errors import ConfigError
-from mmtrain.model.hf_loading import checked_from_pretrained
+from mmtrain.model.hf_loading import checked_from_pretrained, safetensors_files
 from mmtrain.model.language import language_attention
 from mmtrain.model.tokens import IMAGE_TOKEN
 from mmtrain.model.vision import SUPPORTED as SUPPORTED_TOWERS, TowerLayout, VisionEncoder, processor_pixel_shape, tower_layout
@@ -261,13 +261,7 @@ def _processor_chat_template(path: str) -> str | None:
 
 
 def _weight_files(folder: str) -> dict[str, str]:
-    """Tensor name -> file, for one model.safetensors or a sharded index."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(single):
+    files = safetensors_files(folder)
+    if files is None:
         raise ConfigError(f"{FLAG} {folder!r} holds no model.safetensors (nor a sharded index)")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
+    return files

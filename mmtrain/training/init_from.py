@@ -26,6 +26,7 @@ from mmtrain import compat
 from mmtrain.model.builder import build_model
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.errors import ConfigError
+from mmtrain.model.hf_loading import safetensors_files
 from mmtrain.model.llava_import import looks_like_llava_folder
 from mmtrain.model.lora import is_lora_parameter
 from mmtrain.model.pretrained import EXPORT_CONFIG, LANGUAGE_DIR
@@ -169,16 +170,10 @@ def _few(names: list[str]) -> str:
 
 
 def _lm_files(folder: str) -> dict[str, str]:
-    """Tensor name -> file of the LM folder's safetensors (one file or a sharded index)."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(single):
+    files = safetensors_files(folder)
+    if files is None:
         raise ConfigError(f"--init_from: {folder} holds no model.safetensors")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
+    return files
 
 
 def _embedding_key(files: dict[str, str], folder: str, new_rows: str) -> str:
