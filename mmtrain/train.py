@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file by `accelerate launch mmtrain/tra
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmtrain.args import ConfigError, parse_args
-from mmtrain.training.distributed import prepare_environment
+from mmtrain.training.distributed import close_process_group, prepare_environment
 
 logger = logging.getLogger("mmtrain")
 
@@ -121,6 +121,7 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        close_process_group()  # every process stops here, together (the loop and the checkpointer decide collectively)
         return 1
     return 0
 

@@ -116,6 +116,17 @@ def check_same_flags(accelerator, *flag_groups) -> None:
 CPU_THREADS_ENV = "MMTRAIN_CPU_THREADS"
 
 
+def close_process_group() -> None:
+    """Tear down the process group of a run that stopped on an error, as ``end_training`` does for one that finished.
+
+    Left to the interpreter's exit, gloo's worker threads can be destroyed while still
+    joinable, and the process aborts ("terminate called without an active exception")
+    instead of returning its exit status. Nothing here talks to the other processes.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def set_cpu_threads(accelerator) -> None:
     """A run that is one CPU process computes on every core it may use, however it was started.
 
