@@ -89,3 +89,34 @@ def preference_loss(
     if sft_weight > 0:
         loss = loss - sft_weight * policy_chosen.float() / chosen_tokens.clamp(min=1)
     return PreferenceLoss(loss, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+class PreferenceObjective:
+    """One pair batch through the reference and the policy: its per-pair :class:`PreferenceLoss`.
+
+    ``vlm`` is the model behind the prepared ``model`` (for its frozen encoder);
+    ``reference`` a :class:`mmtrain.training.reference.ReferencePolicy` of it. Each image
+    is encoded once per batch: the features serve the reference's and the policy's
+    forward, and within each both answers of its pair (``image_repeats``).
+    """
+
+    def __init__(self, vlm, reference, *, beta: float, kind: str, sft_weight: float):
+        self.vlm = vlm
+        self.reference = reference
+        self.beta = beta
+        self.kind = kind
+        self.sft_weight = sft_weight
+
+    def __call__(self, model, batch: dict) -> PreferenceLoss:
+        if batch.get("image_features") is None and not self.vlm.vision_trainable:
+            batch = dict(batch)
+            batch["image_features"] = self.vlm.encode_images(batch.pop("pixel_values"))
+        with self.reference.active():
+            reference = -model(**batch).loss_sum_per_sample
+        out = model(**batch, per_sample_grad=True)
+        policy, tokens = -out.loss_sum_per_sample, out.label_tokens_per_sample
+        pairs = policy.shape[0] // 2
+        return preference_loss(
+            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=self.beta, kind=self.kind,
+            chosen_tokens=tokens[:pairs], rejected_tokens=tokens[pairs:], sft_weight=self.sft_weight,
+        )
