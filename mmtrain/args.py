@@ -351,6 +351,21 @@ class TrainArguments:
     fp8_vision: bool = field(
         default=False, metadata=_help("As --fp8_base, for the frozen Linears of the vision tower (same requirements).")
     )
+    objective: Literal["sft", "dpo"] = field(
+        default="sft",
+        metadata=_help(
+            "sft: next-token loss on the answers. dpo: preference tuning on pairs ('chosen'/'rejected' answers to one "
+            "prompt) against the policy at the start of training (the reference)."
+        ),
+    )
+    dpo_beta: float = field(default=0.1, metadata=_help("With --objective dpo: the reward scale beta (DPO's KL strength)."))
+    dpo_loss: Literal["sigmoid", "ipo", "length_normalized"] = field(
+        default="sigmoid",
+        metadata=_help("With --objective dpo: sigmoid (DPO), ipo, or length_normalized (sigmoid on per-token log-ratios)."),
+    )
+    dpo_sft_weight: float = field(
+        default=0.0, metadata=_help("With --objective dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: off).")
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
@@ -412,6 +427,10 @@ class TrainArguments:
             raise ConfigError(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.gradient_checkpointing_layers < 0:
             raise ConfigError(f"--gradient_checkpointing_layers must be >= 0, got {self.gradient_checkpointing_layers}")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"--dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.dpo_sft_weight < 0:
+            raise ConfigError(f"--dpo_sft_weight must be >= 0, got {self.dpo_sft_weight}")
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
@@ -514,6 +533,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     check_batch_size_flags(argv, data_args)
     check_streaming_flags(model_args, data_args, train_args)
     check_fp8_flags(model_args, train_args)
+    check_dpo_flags(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
 
@@ -562,6 +582,36 @@ def check_fp8_flags(model_args: ModelArguments, train_args: TrainArguments) -> N
             "--fp8_base holds the LM's frozen Linear weights in float8, and --lm_training full trains all of them: "
             "nothing would be converted; drop one of them"
         )
+
+
+def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """What ``--objective dpo`` does not do (yet), refused naming the flag before any weights load.
+
+    The reference policy is the trained weights' starting values swapped in, or LoRA
+    switched off (:mod:`mmtrain.training.reference`): that needs the trained part small
+    and whole on every process, and one encoding of each image for both answers.
+    """
+    if train_args.objective != "dpo":
+        return
+    if model_args.lm_weights_train:
+        raise ConfigError(
+            f"--objective dpo keeps no frozen copy of the LM yet, which --lm_training {model_args.lm_mode} (or "
+            "--train_full_embeddings / --train_lm_head) would need as the reference; train LoRA, the projector or the new rows"
+        )
+    unsupported = {
+        "--vis_lora_dim": model_args.vis_lora_dim > 0,  # the reference would need a second, adapter-free encoding
+        "--max_tokens_per_batch": data_args.max_tokens_per_batch is not None,  # a pair is not yet one unit of a budget
+        "--packing": data_args.packing,
+        "--streaming": data_args.streaming,
+        "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
+        "--cache_vision_features": model_args.cache_vision_features,
+        "--fp8_base": train_args.fp8_base,
+        "--fp8_vision": train_args.fp8_vision,
+        "--torch_compile true": train_args.torch_compile == "true",
+    }
+    for flag, given in unsupported.items():
+        if given:
+            raise ConfigError(f"{flag} is not supported with --objective dpo yet; drop one of them")
 
 
 def validate_paths(model_args: ModelArguments) -> None:

@@ -10,7 +10,8 @@ key                 shape / dtype          meaning
 ``attention_mask``  [B, L] long            1 on real tokens, 0 on padding
 ``labels``          [B, L] long            target ids; -100 where no loss is taken
 ``pixel_values``    [N, 3, H, W] float     every image of the batch, sample by sample, in
-                                           placeholder order; N may be 0
+                                           placeholder order; N may be 0 (see
+                                           ``image_repeats`` for pairs)
 ``image_counts``    [B] long               images of each row; sums to N
 ==================  =====================  ===================================================
 
@@ -27,6 +28,11 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   then never sees a padding key, so the model drops the padding mask and attention
   keeps its causal kernel (the masked one computes every block of the square). Padding
   positions carry no label, so what they compute is never used.
+* ``image_repeats`` (a Python int > 1): the rows are that many groups of equal size
+  whose images are the same, in the same order (a preference pair's chosen rows, then
+  its rejected rows). ``pixel_values`` holds the first group's images once and the
+  model reuses their features for the other groups; ``image_counts`` still has one
+  entry per row. :class:`mmtrain.data.preference.PairCollator` sets it.
 * A packing collator (several samples per row) adds ``position_ids`` [B, L]
   (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
   sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
@@ -47,7 +53,7 @@ import torch
 IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch's cross-entropy skips)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
-OPTIONAL_KEYS = ("label_positions", "right_padded", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len")
+OPTIONAL_KEYS = ("label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len")
 VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
 
 

@@ -34,17 +34,21 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
 
     from mmtrain.data import Collator, build_datasets, read_sources
+    from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
     from mmtrain.training import distributed, init_from, sample_record, setup, speedups
     from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
-    from mmtrain.training.engine_view import EngineView
+    from mmtrain.training.engine_view import EngineView, unwrap_vlm
     from mmtrain.training.loop import Loop, print_final_report
     from mmtrain.training.metrics import MetricsLogger
+    from mmtrain.training.preference import PreferenceObjective
+    from mmtrain.training.reference import ReferencePolicy, check_reference_supported
 
     check_model_config(model_args)  # config files read and checked, still no weights
     init_source = init_from.check_source(train_args.init_from, model_args, train_args.init_parts) if train_args.init_from else None
     accelerator = distributed.make_accelerator(train_args)
     speedups.check_fp8(accelerator, train_args)  # float8 needs the device and ZeRO stage, known from here on
+    check_reference_supported(accelerator, train_args)  # --objective dpo: its reference needs whole tensors
     distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
     data_args.num_workers = distributed.loader_workers(  # -1: chosen for this device
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(train_args.seed)
     # Every record read and every image file looked up before any weights load: a bad
     # path stops the run now, not hours into an epoch.
-    sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first)
+    pairs = train_args.objective == "dpo"  # preference pairs: every record holds a chosen and a rejected answer
+    sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first, pairs=pairs)
     speedups.check_vision_cache_size(accelerator, model_args, sources.train)  # an in-memory cache its images would outgrow
 
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
@@ -68,10 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
     data = build_datasets(
         data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources,
         rank=accelerator.process_index, world_size=accelerator.num_processes,  # --streaming: each process reads its own shards
+        pairs=pairs,
     )
     setup.log_data_report(accelerator, data.report)
-    collator = Collator(built.tokenizer.pad_token_id, data_args.padding_multiple())
-    train_collator = speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
+    collator = (PairCollator if pairs else Collator)(built.tokenizer.pad_token_id, data_args.padding_multiple())
+    train_collator = collator if pairs else speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
     train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples)
     train_loader = setup.make_train_loader(accelerator, train_set, train_collator, data_args, train_args)  # samples or a token budget
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
@@ -90,6 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         for path in remove_partial_checkpoints(train_args.output_dir):
             logger.warning(f"removed a checkpoint cut off while being written: {path}")
     accelerator.wait_for_everyone()
+    # The reference policy is the model as it starts: its copies are taken before a resume loads.
+    objective = PreferenceObjective(
+        unwrap_vlm(accelerator, model), ReferencePolicy(unwrap_vlm(accelerator, model)),
+        beta=train_args.dpo_beta, kind=train_args.dpo_loss, sft_weight=train_args.dpo_sft_weight,
+    ) if pairs else None
     state = TrainerState()
     resume_path = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
     if resume_path:
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.init_trackers("mmtrain")
 
     metrics = MetricsLogger(accelerator, train_args.output_dir, train_args.enable_tensorboard)
-    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state, model_args, data_args, train_args, total_steps)
+    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state, model_args, data_args, train_args, total_steps, objective)
     result = loop.fit()
 
     accelerator.end_training()

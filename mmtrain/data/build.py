@@ -37,8 +37,9 @@ from mmtrain.data.dataset import BadImageError, ConversationDataset, Entry, spli
 from mmtrain.data.formats import DataError, load_records
 from mmtrain.data.hub import dataset_records, is_json, open_dataset
 from mmtrain.data.images import ImageStore, parse_embedded
+from mmtrain.data.preference import PreferenceDataset, fit_pair
 from mmtrain.data.streaming import ShardStream, shard_files
-from mmtrain.data.synthetic import generate_synthetic
+from mmtrain.data.synthetic import generate_synthetic, generate_synthetic_pairs
 from mmtrain.data.template import check_template, encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER
 
@@ -56,7 +57,13 @@ def _synthetic(data_args, seed: int) -> str:
     return generate_synthetic(os.path.join(data_args.data_path, f"synthetic-seed{seed}-n{n}"), n, seed)
 
 
+def _synthetic_pairs(data_args, seed: int) -> str:
+    n = data_args.synthetic_num_samples
+    return generate_synthetic_pairs(os.path.join(data_args.data_path, f"synthetic-pairs-seed{seed}-n{n}"), n, seed)
+
+
 register_dataset("synthetic", _synthetic)
+register_dataset("synthetic_pairs", _synthetic_pairs)
 
 
 def resolve_dataset(name: str, data_args, seed: int):
@@ -140,11 +147,12 @@ def _split(rows: np.ndarray, ratio: float, seed: int, source_index: int) -> tupl
     return np.sort(rows[shuffled[n_eval:]]), np.sort(rows[shuffled[:n_eval]])
 
 
-def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str) -> tuple[list[dict], list[Entry]]:
+def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str, pairs: bool = False) -> tuple[list[dict], list[Entry]]:
     """Measure each record and apply the over-length policy; returns kept records and entries."""
     kept, entries = [], []
+    fit = fit_pair if pairs else fit_record
     for record in records:
-        entry = fit_record(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept))
+        entry = fit(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept))
         if entry is not None:
             entries.append(entry)
             kept.append(record)
@@ -254,11 +262,26 @@ def _check_images(taken: list[tuple[str, int, dict]], on_bad_sample: str, counts
     return {i for i, (source, index, _) in enumerate(taken) if (source, index) in bad}
 
 
-def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
+def check_record_kind(records: list[dict], pairs: bool) -> None:
+    """Preference pairs for ``--objective dpo``, conversations otherwise: the first record of the wrong kind is an error naming it."""
+    for record in records:
+        if pairs and "rejected" not in record:
+            raise DataError(
+                f"{record['source']}: record {record['index']} is a conversation, not a preference pair: --objective dpo "
+                "needs 'chosen' and 'rejected' answers in every record"
+            )
+        if not pairs and "rejected" in record:
+            raise DataError(
+                f"{record['source']}: record {record['index']} is a preference pair ('chosen'/'rejected'): train pairs with --objective dpo"
+            )
+
+
+def read_sources(data_args, seed: int = 42, main_process_first=None, pairs: bool = False) -> Sources:
     """Steps 1-4 of the module docstring: every record read and checked, every image file looked up.
 
     ``main_process_first`` (e.g. ``accelerator.main_process_first``) lets one process
-    generate registered datasets while the others wait. Problems raise :class:`DataError`.
+    generate registered datasets while the others wait. ``pairs``: every record must be a
+    preference pair (``--objective dpo``), else none may be. Problems raise :class:`DataError`.
     """
     shards = shard_files(data_args.dataset_names, data_args.image_folder) if data_args.streaming else []
     with _main_process_first(main_process_first):
@@ -272,6 +295,7 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
     for i, resolved in enumerate(paths):
         folder = folders[0] if len(folders) == 1 else (folders[i] if folders else None)
         path, records = load_source(resolved, data_args.dataset_names[i], folder, data_args, tables)
+        check_record_kind(records, pairs)
         spec = data_args.dataset_samples[0] if len(data_args.dataset_samples) == 1 else data_args.dataset_samples[i]
         rows, wanted = _select(len(records), spec, seed, i)
         train_rows, eval_rows = _split(rows, 0.0 if eval_paths else data_args.eval_ratio, seed, i)
@@ -286,6 +310,7 @@ def read_sources(data_args, seed: int = 42, main_process_first=None) -> Sources:
     for name, resolved in zip(data_args.eval_dataset_names, eval_paths):
         folder = folders[0] if len(folders) == 1 else None
         path, records = load_source(resolved, name, folder, data_args, tables)
+        check_record_kind(records, pairs)
         info = sources.setdefault(path, {"records": 0, "selected": 0, "train": 0, "eval": 0})
         info["records"] += len(records)
         info["selected"] += len(records)
@@ -317,7 +342,7 @@ def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, im
 
 def build_datasets(
     data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None, sources: Sources | None = None,
-    rank: int = 0, world_size: int = 1,
+    rank: int = 0, world_size: int = 1, pairs: bool = False,
 ) -> DataBundle:
     """Build train and eval datasets from ``data_args`` (see the module docstring).
 
@@ -326,21 +351,22 @@ def build_datasets(
     hold the image tokens (``add_image_tokens``), and ``image_tokens`` is what that call
     returned. Structural problems raise :class:`DataError` here, before training. With
     ``--streaming`` the training set is a :class:`ShardStream` of process ``rank`` of
-    ``world_size``, whose records are checked as they are read.
+    ``world_size``, whose records are checked as they are read. ``pairs``: the records
+    are preference pairs, and both datasets :class:`PreferenceDataset`.
     """
     try:
         check_template(tokenizer, data_args.template)
     except ValueError as err:
         raise DataError(str(err)) from None
     if sources is None:
-        sources = read_sources(data_args, seed, main_process_first)
+        sources = read_sources(data_args, seed, main_process_first, pairs=pairs)
     counts = {
         f"{key}_{split}": 0
         for key in ("dropped_overlength", "truncated", "text_only", "images", "tokens", "longest_sample")
         for split in ("train", "eval")
     }
-    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train")
-    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval")
+    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train", pairs)
+    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval", pairs)
     if not train_entries and not data_args.streaming:
         raise DataError(
             f"no training samples left (dropped as longer than {data_args.longest_sample()} tokens, --max_seq_len or "
@@ -356,11 +382,12 @@ def build_datasets(
         seed=seed,
         image_store=sources.images,
     )
-    train = ConversationDataset(
+    kind = PreferenceDataset if pairs else ConversationDataset
+    train = kind(
         _table(train_records), train_entries, tokenizer, image_tokens, image_processor,
         concatenate=data_args.dataset_concatenate_samples, **common,
     )
-    evaluation = ConversationDataset(_table(eval_records), eval_entries, tokenizer, image_tokens, image_processor, **common)
+    evaluation = kind(_table(eval_records), eval_entries, tokenizer, image_tokens, image_processor, **common)
 
     report = {
         **sources.report,

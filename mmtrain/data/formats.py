@@ -8,11 +8,20 @@ Two layouts are understood, in JSON arrays, JSON Lines, or the ``datasets`` file
 * OpenAI-style messages: ``{"messages": [{"role": "user", "content": "..." | [{"type": "text", "text": ...}, {"type": "image"}]}],
   "images": [...]}``.
 
-Both become one canonical record::
+A preference pair (``--objective dpo``) is either layout cut after its last question, or
+a ``prompt`` (a string, or a list of messages: TRL's layout) instead of the turns, plus
+``chosen`` and ``rejected`` answers (strings, or one assistant message each)::
+
+    {"images": [...], "conversations" | "messages" | "prompt": ..., "chosen": "...", "rejected": "..."}
+
+Every record becomes one canonical record::
 
     {"turns": [{"role": "system"|"user"|"assistant", "text": str}, ...],  # <image> marks each image
      "images": [absolute image paths or embedded references (mmtrain.data.images), in placeholder order],
      "source": file path, "index": record index in that file}
+
+A pair's turns end on its chosen answer, and its canonical record adds
+``"rejected": str``, the other answer to the same turns.
 
 Every record is checked here, before training starts, without opening any image: a
 broken file should fail in the first second, not after an hour of training.
@@ -137,6 +146,8 @@ def normalize_record(raw, source: str, index: int, image_folder: str | None, col
     where = _where(source, index)
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if any(key in raw for key in PAIR_KEYS):
+        return _pair_record(raw, source, index, image_folder, columns)
     turns_raw, role_key, text_key = _conversation(raw, columns, where)
     if not turns_raw:
         raise DataError(f"{where}: the conversation is empty")
@@ -193,6 +204,58 @@ def normalize_record(raw, source: str, index: int, image_folder: str | None, col
         "source": source,
         "index": index,
     }
+
+
+PAIR_KEYS = ("chosen", "rejected")
+
+
+def _answer(value, source: str, index: int, key: str) -> str:
+    """A pair's answer as text: a string, or one assistant message (TRL's conversational layout)."""
+    where = _where(source, index)
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict):
+            raise DataError(f"{where}: {key!r} must be a string or a list of one assistant message, got {len(value)} items")
+        message = value[0]
+        role = message.get("role", message.get("from"))
+        if ROLE_ALIASES.get(str(role).lower()) != "assistant":
+            raise DataError(f"{where}: {key!r} holds a {role!r} message; it must be the assistant's answer")
+        value = _message_text(message.get("content", message.get("value")), source, index, 0)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string or a list of one assistant message, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: the {key!r} answer is empty")
+    if IMAGE_PLACEHOLDER in value:
+        raise DataError(f"{where}: the {key!r} answer holds {IMAGE_PLACEHOLDER}; images belong to the prompt")
+    return value
+
+
+def _pair_record(raw: dict, source: str, index: int, image_folder: str | None, columns: dict) -> dict:
+    """A preference pair's canonical record: its turns up to the last question, the chosen answer, and ``rejected``."""
+    where = _where(source, index)
+    for key in PAIR_KEYS:
+        if raw.get(key) is None:
+            other = PAIR_KEYS[1 - PAIR_KEYS.index(key)]
+            raise DataError(f"{where}: a preference pair needs both 'chosen' and 'rejected'; this record has {other!r} but no {key!r}")
+    chosen, rejected = _answer(raw["chosen"], source, index, "chosen"), _answer(raw["rejected"], source, index, "rejected")
+    conversation = {k: v for k, v in raw.items() if k not in (*PAIR_KEYS, "prompt")}
+    if raw.get("prompt") is not None:
+        prompt = raw["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list):
+            raise DataError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+        conversation[columns.get("messages", "messages")] = prompt
+    turns, role_key, text_key = _conversation(conversation, columns, where)
+    last = turns[-1] if turns and isinstance(turns[-1], dict) else {}
+    aliases = {**ROLE_ALIASES, **{str(columns[r]).lower(): r for r in ("user", "assistant", "system") if r in columns}}
+    if aliases.get(str(last.get(role_key)).lower()) == "assistant":
+        raise DataError(f"{where}: the prompt ends in an assistant turn; a pair's turns end on the question that 'chosen' and 'rejected' answer")
+    assistant = columns.get("assistant") or ("gpt" if role_key == "from" else "assistant")
+    name = next(key for key, value in conversation.items() if value is turns)
+    conversation[name] = [*turns, {role_key: assistant, text_key: chosen}]
+    record = normalize_record(conversation, source, index, image_folder, columns)
+    record["rejected"] = rejected
+    return record
 
 
 def _read_raw(path: str):

@@ -20,6 +20,11 @@ Some samples ask two questions about the same image (multi-turn). Answers are dr
 uniformly and every other attribute independently of the answer, so the question text
 alone predicts nothing beyond chance: :func:`majority_baseline` measures it.
 
+:func:`generate_synthetic_pairs` writes preference pairs of the same images and
+questions (``--objective dpo``): the chosen answer is the right one, the rejected one a
+wrong answer of the same question type, drawn uniformly, so again only the image tells
+them apart.
+
 The set is deterministic in ``seed`` and written once: to a temporary folder renamed
 into place when complete, so an interrupted run is never mistaken for a finished one
 and two processes generating at once both end up with the same complete folder.
@@ -198,6 +203,40 @@ def _records(num_samples: int, seed: int):
         yield i, shapes, turns
 
 
+# Every answer a question type can have: a pair's rejected answer is another of them.
+ANSWERS = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": NUMBER_WORDS[1:],
+    "position_horizontal": ("left", "right"),
+    "position_vertical": ("top", "bottom"),
+    "compare": ("first", "second"),
+}
+# The types whose answers a small encoder reads off quickly: pairs learn in a CPU minute.
+PAIR_QUESTION_TYPES = ("color", "position_horizontal", "position_vertical")
+
+
+def _write_pairs(folder: str, num_samples: int, seed: int) -> None:
+    os.makedirs(os.path.join(folder, "images"))
+    rng = random.Random(seed)
+    records = []
+    for i in range(num_samples):
+        kind = rng.choice(PAIR_QUESTION_TYPES)
+        shapes, [(question, answer, _)] = _single_question(kind, rng)
+        rel = f"images/{i:05d}_0.png"
+        render_shapes(shapes[0]).save(os.path.join(folder, rel), format="PNG")
+        rejected = rng.choice([a for a in ANSWERS[kind] if a != answer])
+        records.append({
+            "id": f"synthetic-pairs-{seed}-{i:05d}", "images": [rel],
+            "conversations": [{"from": "human", "value": "<image>\n" + question}],
+            "chosen": answer, "rejected": rejected, "question_types": [kind],
+        })
+    with open(os.path.join(folder, "train.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+        f.write(f"version={GENERATOR_VERSION} seed={seed} num_samples={num_samples}\n")
+
+
 def _write(folder: str, num_samples: int, seed: int) -> None:
     os.makedirs(os.path.join(folder, "images"))
     records = []
@@ -229,12 +268,22 @@ def _is_complete(folder: str, num_samples: int, seed: int) -> bool:
         return f.read().strip() == f"version={GENERATOR_VERSION} seed={seed} num_samples={num_samples}"
 
 
-def generate_synthetic(folder: str, num_samples: int = 3000, seed: int = 0) -> str:
+def generate_synthetic_pairs(folder: str, num_samples: int = 3000, seed: int = 0) -> str:
+    """Write synthetic preference pairs (colour and position questions) to ``folder`` and return the path of ``train.json``.
+
+    Each record: ``{"images": [path], "conversations": [the question], "chosen": the right
+    answer, "rejected": a wrong one of the same type}``. Written as :func:`generate_synthetic`.
+    """
+    return generate_synthetic(folder, num_samples, seed, writer=_write_pairs)
+
+
+def generate_synthetic(folder: str, num_samples: int = 3000, seed: int = 0, writer=None) -> str:
     """Write the synthetic VQA set to ``folder`` (LLaVA JSON + PNGs) and return the path of ``train.json``.
 
     Reuses a complete folder of the same seed and size. Generation happens in a
     private temporary folder renamed into place at the end; when two processes race,
     the first rename wins and the other discards its copy (both are identical).
+    ``writer(folder, num_samples, seed)``: another set's writer (the pairs').
     """
     folder = os.path.abspath(folder)
     train_json = os.path.join(folder, "train.json")
@@ -247,7 +296,7 @@ def generate_synthetic(folder: str, num_samples: int = 3000, seed: int = 0) -> s
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write(tmp, num_samples, seed)
+        (writer or _write)(tmp, num_samples, seed)
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -32,7 +32,7 @@ from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 class VLMOutput(ModelOutput):
     loss: torch.Tensor | None = None  # mean over label tokens of this batch (0 when it has none)
     num_label_tokens: torch.Tensor | None = None  # for token-weighted averages across batches
-    loss_sum_per_sample: torch.Tensor | None = None  # [B] summed token losses (exact eval averages)
+    loss_sum_per_sample: torch.Tensor | None = None  # [B] summed token losses (exact eval averages; a graph only when asked)
     label_tokens_per_sample: torch.Tensor | None = None  # [B]
     logits: torch.Tensor | None = None  # only when asked: [B, L, vocab]
 
@@ -76,10 +76,17 @@ class VisionLanguageModel(nn.Module):
         with torch.no_grad():
             return vision(pixel_values.to(dtype))
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with image k's projected features written on the k-th image span."""
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1) -> torch.Tensor:
+        """Token embeddings with image k's projected features written on the k-th image span.
+
+        ``image_repeats`` > 1: the features are those of the first ``1 / image_repeats`` of
+        the rows, whose images the later rows repeat in the same order (a preference
+        pair's two answers to one prompt): each image is encoded and projected once.
+        """
         embeds = self.language_model.get_input_embeddings()(input_ids)
         projected = self.projector(image_features.to(self._projector_dtype()))
+        if image_repeats > 1:
+            projected = projected.repeat(image_repeats, 1, 1)
         is_image = input_ids == self.image_tokens.image_id
         features = projected.shape[0] * projected.shape[1]
         if input_ids.device.type == "cpu" or not torch.is_grad_enabled():
@@ -125,7 +132,9 @@ class VisionLanguageModel(nn.Module):
         cu_seq_lens: torch.Tensor | None = None,
         max_segment_len: int | None = None,
         right_padded: bool = False,
+        image_repeats: int = 1,
         return_logits: bool = False,
+        per_sample_grad: bool = False,
         **lm_kwargs,
     ) -> VLMOutput:
         if document_ids is not None:
@@ -144,7 +153,7 @@ class VisionLanguageModel(nn.Module):
                 vision = self.vision
                 pixel_values = torch.zeros(0, *vision.pixel_shape, device=input_ids.device)
             image_features = self.encode_images(pixel_values)
-        embeds = self.embed(input_ids, image_features)
+        embeds = self.embed(input_ids, image_features, image_repeats)
         body = self.language_model.get_decoder()
         lm_kwargs = {
             **mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id),
@@ -159,11 +168,12 @@ class VisionLanguageModel(nn.Module):
         if labels is None:
             zero = hidden.new_zeros(())
             return VLMOutput(loss=zero, num_label_tokens=zero, logits=logits)
-        loss, count, per_sample, per_sample_count = causal_lm_loss(hidden, labels, head, label_positions)
+        # per_sample_grad: a preference objective differentiates each row's summed log-probability.
+        loss, count, per_sample, per_sample_count = causal_lm_loss(hidden, labels, head, label_positions, per_sample_grad=per_sample_grad)
         return VLMOutput(loss, count, per_sample, per_sample_count, logits)
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, positions: torch.Tensor | None = None):
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, positions: torch.Tensor | None = None, *, per_sample_grad: bool = False):
     """Next-token cross-entropy evaluated only where a label is set.
 
     Prompt, image and padding positions never reach the output head, so no
@@ -171,7 +181,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     are image or prompt tokens. ``positions`` are the flat indices of the set targets in
     ``labels[:, 1:]`` (the collators' ``label_positions``); given, nothing here waits for
     the device. Returns the mean loss, the number of label tokens, and per-sample loss
-    sums and label counts.
+    sums and label counts; the sums are detached unless ``per_sample_grad``.
     """
     targets = labels[:, 1:]
     if positions is None:
@@ -183,7 +193,7 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions + rows)
     logits = head(picked).float()
     token_losses = nn.functional.cross_entropy(logits, targets.reshape(-1).index_select(0, positions), reduction="none")
-    per_sample = hidden.new_zeros(labels.shape[0], dtype=token_losses.dtype).index_add(0, rows, token_losses.detach())
+    per_sample = hidden.new_zeros(labels.shape[0], dtype=token_losses.dtype).index_add(0, rows, token_losses if per_sample_grad else token_losses.detach())
     per_sample_count = torch.zeros_like(per_sample, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
     count = per_sample_count.sum()
     return token_losses.sum() / count.clamp(min=1), count, per_sample, per_sample_count

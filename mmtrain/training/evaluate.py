@@ -1,4 +1,4 @@
-"""Eval: token-weighted loss and perplexity, and exact-match accuracy by generation."""
+"""Eval: token-weighted loss and perplexity, preference metrics of held-out pairs, and exact-match accuracy by generation."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 
 from mmtrain.model.generation import SamplingOptions, generate
+from mmtrain.training.preference import METRICS
 
 
 @torch.no_grad()
@@ -97,3 +98,26 @@ def majority_baseline(examples: list[dict]) -> float:
     for e in examples:
         groups.setdefault(tuple(e["input_ids"].tolist()), Counter())[normalize_answer(e["answer"])] += 1
     return sum(c.most_common(1)[0][1] for c in groups.values()) / len(examples)
+
+
+@torch.no_grad()
+def evaluate_preference(accelerator, model, loader, objective) -> dict[str, float]:
+    """Held-out pairs under ``--objective dpo``: the loss and :data:`mmtrain.training.preference.METRICS`, means over every pair.
+
+    Per-pair values go through ``gather_for_metrics`` (the pairs Accelerate repeats to even
+    out the processes are dropped), so the means are exact.
+    """
+    model.eval()
+    sums = torch.zeros(1 + len(METRICS), dtype=torch.float64, device=accelerator.device)
+    pairs = 0
+    for batch in loader:
+        result = objective(model, batch)
+        values = torch.stack([result.loss, result.rewards_chosen, result.rewards_rejected, result.margin, result.accuracy], dim=1)
+        values = accelerator.gather_for_metrics(values.double())
+        sums += values.sum(dim=0)
+        pairs += values.shape[0]
+    model.train()
+    if pairs == 0:
+        return {"pairs": 0}
+    means = (sums / pairs).tolist()
+    return {"loss": means[0], **dict(zip(METRICS, means[1:])), "pairs": pairs}

@@ -15,10 +15,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mmtrain import compat
 from mmtrain.model.pretrained import save_pretrained
 from mmtrain.data.packing import samples_in
+from mmtrain.data.preference import pairs_in
 from mmtrain.training import distributed, speedups, weighting
 from mmtrain.training.checkpoint import TrainerState, quiet_save
 from mmtrain.training.engine_view import unwrap_vlm
-from mmtrain.training.evaluate import evaluate_generation, evaluate_loss
+from mmtrain.training.evaluate import evaluate_generation, evaluate_loss, evaluate_preference
+from mmtrain.training.preference import METRICS
 from mmtrain.training.sample_record import SampleRecord
 from mmtrain.training.stream_loader import StreamLoader
 
@@ -30,7 +32,7 @@ class TrainingError(RuntimeError):
 
 
 class Loop:
-    def __init__(self, accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state: TrainerState, model_args, data_args, train_args, total_steps: int):
+    def __init__(self, accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state: TrainerState, model_args, data_args, train_args, total_steps: int, objective=None):
         self.acc = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -46,6 +48,8 @@ class Loop:
         self.data_args = data_args
         self.args = train_args
         self.total_steps = total_steps
+        # --objective dpo: a mmtrain.training.preference.PreferenceObjective; each step's loss is a mean over its pairs.
+        self.objective = objective
         self.zero3 = distributed.zero_stage(accelerator) == 3
         self.max_grad_norm = distributed.max_grad_norm(accelerator, train_args)
         self.deepspeed = distributed.deepspeed_plugin(accelerator) is not None
@@ -59,7 +63,7 @@ class Loop:
         # the update of a step whose gradients overflowed: see _settle.
         self.loss_scaled = distributed.compute_dtype(accelerator) == torch.float16
         self.skipped_steps: set[int] = set()  # steps whose update the fp16 loss scaler skipped
-        self.pending: list[tuple] = []  # (step, loss, label tokens, tokens, samples) not yet read back from the device
+        self.pending: list[tuple] = []  # (step, loss, its weight, tokens, samples, preference metric sums) not yet read back
         self.window = _Window()  # read-back values since the last log line
         self.unreduced_tokens = 0  # this process's tokens read back but not yet summed over processes into tokens_seen
         self.logged_step = state.global_step  # the last step a train log line covers
@@ -150,7 +154,8 @@ class Loop:
         if isinstance(loader, StreamLoader):
             windows = ((group, torch.tensor(tokens, device=self.acc.device)) for group, tokens in loader.windows(accumulation, weighting.label_tokens))
         else:
-            windows = ((group, weighting.step_label_tokens(self.acc, group)) for group in weighting.step_groups(loader, accumulation))
+            count = pairs_in if self.objective else weighting.label_tokens
+            windows = ((group, weighting.step_label_tokens(self.acc, group, count)) for group in weighting.step_groups(loader, accumulation))
         for group, tokens in windows:
             self.step_tokens = tokens
             for i, batch in enumerate(group):
@@ -161,19 +166,26 @@ class Loop:
         """Gradients synchronised across processes only at the step boundary :meth:`micro_batches` set."""
         return contextlib.nullcontext() if self.acc.sync_gradients else self.acc.no_sync(self.model)
 
-    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | int]:
+    def train_step(self, batch) -> tuple:
         """One forward/backward (and optimizer step at the accumulation boundary).
 
-        Returns the batch's mean loss, its answer tokens, its tokens and its samples as they
-        are, device tensors included: reading them here would make the host wait for the
-        GPU every step. :meth:`_settle` reads a whole window of them at once. The loss that
-        is backpropagated is the batch's share of the step's token mean
-        (:meth:`micro_batches` has counted the step's answer tokens first).
+        Returns the batch's mean loss, its weight (answer tokens; pairs under DPO), its
+        tokens, its samples (pairs under DPO) and its preference metrics' sums (None for
+        SFT) as they are, device tensors included: reading them here would make the host
+        wait for the GPU every step. :meth:`_settle` reads a whole window of them at once.
+        The loss that is backpropagated is the batch's share of the step's mean
+        (:meth:`micro_batches` has counted the step's answer tokens, or pairs, first).
         """
         batch = speedups.encode_with_cache(self.vision_cache, batch)
         with self._accumulate():
-            out = self.model(**batch)
-            self.acc.backward(weighting.weighted_loss(out.loss, out.num_label_tokens, self.step_tokens, self.acc))
+            if self.objective is None:
+                out = self.model(**batch)
+                loss, weight, samples, extras = out.loss, out.num_label_tokens, samples_in(batch), None
+            else:
+                result = self.objective(self.model, batch)
+                loss, samples, extras = result.loss.mean(), pairs_in(batch), result.metric_sums()
+                weight = torch.tensor(float(samples), device=loss.device)
+            self.acc.backward(weighting.weighted_loss(loss, weight, self.step_tokens, self.acc))
             if self.acc.sync_gradients and not self.deepspeed:
                 self._grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
             self.optimizer.step()
@@ -186,7 +198,7 @@ class Loop:
                 elif self.loss_scaled:
                     self.skipped_steps.add(self.state.global_step + 1)
             self.optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach(), out.num_label_tokens.detach(), batch["attention_mask"].sum(), samples_in(batch)
+        return loss.detach(), weight.detach(), batch["attention_mask"].sum(), samples, extras
 
     def _settle(self) -> None:
         """Read back the steps run since the last call: stop on a non-finite loss, count tokens.
@@ -208,7 +220,7 @@ class Loop:
         """
         pending, self.pending = self.pending, []
         first_bad = None  # (step, value) of this process's first non-finite loss in an applied step
-        for step, loss, label_tokens, tokens, samples in pending:
+        for step, loss, label_tokens, tokens, samples, extras in pending:
             loss = float(loss)
             tokens, samples = int(tokens), int(samples)
             finite = math.isfinite(loss)
@@ -219,6 +231,8 @@ class Loop:
             self.unreduced_tokens += tokens  # summed over processes when logged or saved (no extra sync per step)
             # the logged loss is the window's mean over answer tokens, as the objective is
             self.window.add(step, loss if finite else 0.0, float(label_tokens) if finite else 0.0, tokens, samples)
+            if extras is not None and finite:
+                self.window.add_metrics(extras.double().cpu())
         self.skipped_steps = {s for s in self.skipped_steps if s > self.state.global_step}
         self._stop_on_non_finite(first_bad)
 
@@ -270,6 +284,7 @@ class Loop:
 
     def _log_train(self) -> None:
         self._settle()
+        preference = self.window.drain_metrics(len(METRICS))
         loss_sum, weight, tokens, samples, steps, seconds = self.window.drain()
         # Every process saw its own tokens: report the global rates and per-step sizes.
         totals = self.acc.reduce(
@@ -279,6 +294,7 @@ class Loop:
         self.logged_step = self.state.global_step
         values = {
             "loss": totals[2].item() / max(totals[3].item(), 1e-12),
+            **self._preference_means(preference, totals[3].item()),
             "tokens_per_s": totals[0].item() / seconds,
             "samples_per_s": totals[1].item() / seconds,
             "tokens_per_step": totals[0].item() / max(steps, 1),
@@ -292,6 +308,13 @@ class Loop:
             values[f"lr_{group.get('name', 'group')}"] = group["lr"]
         self.metrics.log("train", self.state.global_step, self._epoch_progress(), values)
 
+    def _preference_means(self, sums: torch.Tensor, pairs: float) -> dict[str, float]:
+        """Under DPO: the window's rewards, margin and accuracy, means over every process's pairs (the loss's weight)."""
+        if self.objective is None:
+            return {}
+        sums = self.acc.reduce(sums.to(self.acc.device), "sum")
+        return {name: value / max(pairs, 1e-12) for name, value in zip(METRICS, sums.tolist())}
+
     def _epoch_progress(self) -> float:
         if isinstance(self.train_loader, StreamLoader) and not self.train_loader.batches_last_epoch:
             return float(self.state.epoch)  # a stream's first epoch has no known length
@@ -303,7 +326,10 @@ class Loop:
             return self._evaluate_now()
 
     def _evaluate_now(self) -> dict:
-        result = evaluate_loss(self.acc, self.model, self.eval_loader)
+        if self.objective is None:
+            result = evaluate_loss(self.acc, self.model, self.eval_loader)
+        else:
+            result = evaluate_preference(self.acc, self.model, self.eval_loader, self.objective)
         if self.generation_examples:
             gen = evaluate_generation(
                 self.acc, unwrap_vlm(self.acc, self.model), self.built.tokenizer, self.generation_examples,
@@ -370,6 +396,15 @@ class _Window:
         self.tokens = 0
         self.samples = 0
         self.steps: set[int] = set()
+        self.metrics: torch.Tensor | None = None  # preference metric sums (DPO), summed on the host
+
+    def add_metrics(self, sums: torch.Tensor) -> None:
+        self.metrics = sums if self.metrics is None else self.metrics + sums
+
+    def drain_metrics(self, size: int) -> torch.Tensor:
+        """The preference metric sums since the last call (zeros when none), reset; call before :meth:`drain`."""
+        sums, self.metrics = self.metrics, None
+        return torch.zeros(size, dtype=torch.float64) if sums is None else sums
 
     def add(self, step: int, loss: float, weight: float, tokens: int, samples: int) -> None:
         self.loss_sum += loss * weight
@@ -398,10 +433,15 @@ class _Window:
 
 def print_final_report(result: dict) -> None:
     lines = [f"training finished at step {result['global_step']}"]
-    if "eval_loss" in result:
+    if "eval_perplexity" in result:
         lines.append(f"  eval loss {result['eval_loss']:.4f} (perplexity {result['eval_perplexity']:.3f}) over {result['eval_label_tokens']} answer tokens")
     elif "eval_label_tokens" in result:
         lines.append("  no eval loss: no eval set (--eval_ratio 0 and no --eval_dataset_names), or no answer tokens in it")
+    if "eval_accuracy" in result:
+        lines.append(
+            f"  eval preference accuracy {100 * result['eval_accuracy']:.1f}% on {result['eval_pairs']} held-out pairs "
+            f"(reward margin {result['eval_margin']:.4f}; 50% is the reference's tie)"
+        )
     if "eval_exact_match" in result:
         lines.append(
             f"  eval exact match {100 * result['eval_exact_match']:.1f}% on {result['eval_questions']} held-out questions "

@@ -53,9 +53,12 @@ def label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def step_label_tokens(accelerator, group: list[dict]) -> torch.Tensor:
-    """Answer tokens of one optimizer step summed over every process (a device tensor, not read back)."""
-    local = torch.tensor(float(sum(label_tokens(batch) for batch in group)), device=accelerator.device)
+def step_label_tokens(accelerator, group: list[dict], count=label_tokens) -> torch.Tensor:
+    """Answer tokens of one optimizer step summed over every process (a device tensor, not read back).
+
+    ``count``: another unit a step's loss is a mean over (a preference objective's pairs).
+    """
+    local = torch.tensor(float(sum(count(batch) for batch in group)), device=accelerator.device)
     return accelerator.reduce(local, "sum")
 
 

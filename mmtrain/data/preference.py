@@ -1,0 +1,83 @@
+"""Preference pairs as training items and batches (``--objective dpo``).
+
+A pair (:mod:`mmtrain.data.formats`: turns ending on the chosen answer, plus the rejected
+answer) is one dataset item holding both encodings and its images once. A batch of P
+pairs is 2P rows, the P chosen rows then the P rejected rows in the same order, with the
+pairs' images once and ``image_repeats = 2`` (:mod:`mmtrain.batch`): each image is
+encoded once and its features serve both answers. A pair is never split: both halves
+are in the same micro-batch, and batches count pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmtrain.data.collator import Collator
+from mmtrain.data.dataset import ConversationDataset, Entry, split_turns
+from mmtrain.data.template import IGNORE_INDEX, encode_conversation
+from mmtrain.model.tokens import IMAGE_PLACEHOLDER
+
+
+def with_answer(turns: list[dict], answer: str) -> list[dict]:
+    """The turns with their last (assistant) answer replaced by ``answer``."""
+    return [*turns[:-1], {"role": "assistant", "text": answer}]
+
+
+def fit_pair(record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0) -> Entry | None:
+    """A pair's entry (its longer half's length), or None when either half is longer than a sample may be (counted as dropped).
+
+    A pair is never truncated: dropping turns would cut the answers it compares.
+    """
+    lengths = []
+    for turns in (record["turns"], with_answer(record["turns"], record["rejected"])):
+        encoded = encode_conversation(turns, tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt)
+        lengths.append(len(encoded.input_ids))
+    if max(lengths) > data_args.longest_sample():
+        counts[f"dropped_overlength_{split}"] += 1
+        return None
+    _, body = split_turns(record["turns"])
+    num_images = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body)
+    counts[f"text_only_{split}"] += num_images == 0
+    counts[f"images_{split}"] += num_images
+    counts[f"tokens_{split}"] += sum(lengths)
+    counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], *lengths)
+    return Entry(row, len(body) // 2, max(lengths), num_images, encoded.prefix_length)
+
+
+class PreferenceDataset(ConversationDataset):
+    """Items ``{"input_ids", "labels"}`` of the chosen answer, ``{"rejected_input_ids", "rejected_labels"}``, and ``"pixel_values"`` once."""
+
+    def _item(self, group: tuple[int, ...]) -> dict:
+        turns, images = self.conversation(group)
+        rejected = self.records[self.entries[group[0]].row]["rejected"]
+        item = self._tensors(self._encode(turns), images)
+        other = self._encode(with_answer(turns, rejected))
+        item["rejected_input_ids"] = torch.tensor(other.input_ids, dtype=torch.long)
+        item["rejected_labels"] = torch.tensor(other.labels, dtype=torch.long)
+        return item
+
+    def placeholder_item(self) -> dict:
+        """A pair with nothing to learn (no label on either half), for a batch whose every pair was dropped."""
+        item = super().placeholder_item()
+        item["rejected_input_ids"] = item["input_ids"].clone()
+        item["rejected_labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+        return item
+
+
+class PairCollator(Collator):
+    """P pairs -> 2P padded rows (chosen rows, then rejected rows), their images once, ``image_repeats = 2``."""
+
+    output_keys = Collator.output_keys + ("image_repeats",)
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": i["input_ids"], "labels": i["labels"], "pixel_values": i["pixel_values"]} for i in items]
+        rows += [{"input_ids": i["rejected_input_ids"], "labels": i["rejected_labels"], "pixel_values": i["pixel_values"]} for i in items]
+        batch = super().__call__(rows)
+        batch["pixel_values"] = batch["pixel_values"][: sum(i["pixel_values"].shape[0] for i in items)]
+        batch["image_repeats"] = 2
+        return batch
+
+
+def pairs_in(batch: dict) -> int:
+    """Pairs in a pair batch (half its rows)."""
+    return batch["input_ids"].shape[0] // batch.get("image_repeats", 1)

@@ -1,0 +1,105 @@
+"""Preference pairs: the layouts read, the checks before weights load, one item per pair, and pair batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmtrain.args import DataArguments
+from mmtrain.data import DataError, build_datasets, load_records, read_sources
+from mmtrain.data.preference import PairCollator, pairs_in
+
+from .conftest import save_solid, write_json
+
+
+def _pairs(tmp_path, records, name="pairs.json"):
+    save_solid(tmp_path / "red.png", (255, 0, 0))
+    save_solid(tmp_path / "blue.png", (0, 0, 255))
+    return write_json(tmp_path / name, records)
+
+
+LAYOUTS = {
+    "llava": {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat color?"}], "chosen": "red", "rejected": "blue"},
+    "prompt": {"images": ["red.png"], "prompt": "<image>\nWhat color?", "chosen": "red", "rejected": "blue"},
+    "trl": {
+        "images": ["red.png"],
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+        "rejected": [{"role": "assistant", "content": "blue"}],
+    },
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_becomes_turns_ending_on_chosen_plus_rejected(tmp_path, layout):
+    (record,) = load_records(_pairs(tmp_path, [LAYOUTS[layout]]))
+    assert record["turns"] == [{"role": "user", "text": "<image>\nWhat color?"}, {"role": "assistant", "text": "red"}]
+    assert record["rejected"] == "blue"
+    assert record["images"] == [str(tmp_path / "red.png")]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rejected": None}, "pairs.json: record 1: a preference pair needs both 'chosen' and 'rejected'; this record has 'chosen' but no 'rejected'"),
+        ({"chosen": "  "}, "pairs.json: record 1: the 'chosen' answer is empty"),
+        ({"rejected": [{"role": "user", "content": "x"}]}, "pairs.json: record 1: 'rejected' holds a 'user' message"),
+        (
+            {"conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+            "pairs.json: record 1: the prompt ends in an assistant turn",
+        ),
+        ({"chosen": "<image> red"}, "pairs.json: record 1: the 'chosen' answer holds <image>"),
+    ],
+)
+def test_a_bad_pair_is_one_line_naming_file_and_record(tmp_path, change, message):
+    bad = {k: v for k, v in {**LAYOUTS["llava"], **change}.items() if v is not None}
+    with pytest.raises(DataError) as err:
+        load_records(_pairs(tmp_path, [LAYOUTS["llava"], bad]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pairs_and_conversations_each_need_their_objective(tmp_path):
+    path = _pairs(tmp_path, [LAYOUTS["llava"]])
+    with pytest.raises(DataError, match=r"record 0 is a preference pair \('chosen'/'rejected'\): train pairs with --objective dpo"):
+        read_sources(DataArguments(dataset_names=[path], eval_ratio=0.0))
+    sft = write_json(tmp_path / "sft.json", [{"image": "red.png", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}])
+    with pytest.raises(DataError, match="record 0 is a conversation, not a preference pair"):
+        read_sources(DataArguments(dataset_names=[sft], eval_ratio=0.0), pairs=True)
+
+
+def test_a_pair_is_one_item_and_a_batch_holds_chosen_rows_then_rejected_rows_with_images_once(tmp_path, tokenizer, image_tokens, image_processor):
+    records = [
+        LAYOUTS["llava"],
+        {"image": "blue.png", "conversations": [{"from": "human", "value": "<image>\nWhich?"}], "chosen": "blue sky", "rejected": "red"},
+        {"conversations": [{"from": "human", "value": "No image here?"}], "chosen": "yes", "rejected": "no it is not"},
+    ]
+    args = DataArguments(dataset_names=[_pairs(tmp_path, records)], eval_ratio=0.0)
+    data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
+    assert len(data.train) == 3
+    items = [data.train[i] for i in range(3)]
+    batch = PairCollator(tokenizer.pad_token_id)(items)
+    assert pairs_in(batch) == 3 and batch["image_repeats"] == 2
+    assert batch["input_ids"].shape[0] == 6
+    assert batch["pixel_values"].shape[0] == 2  # two pairs with one image each, once
+    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[1]["pixel_values"]]))
+    assert batch["image_counts"].tolist() == [1, 1, 0, 1, 1, 0]
+    for row, item in enumerate(items):
+        n, m = len(item["input_ids"]), len(item["rejected_input_ids"])
+        assert batch["input_ids"][row, :n].tolist() == item["input_ids"].tolist()
+        assert batch["input_ids"][3 + row, :m].tolist() == item["rejected_input_ids"].tolist()
+        # Same prompt, different answers: the labels cover each answer only.
+        chosen = tokenizer.decode([t for t in item["labels"].tolist() if t >= 0], skip_special_tokens=True)
+        rejected = tokenizer.decode([t for t in item["rejected_labels"].tolist() if t >= 0], skip_special_tokens=True)
+        assert (chosen.strip(), rejected.strip()) == (records[row]["chosen"], records[row]["rejected"])
+    # the image spans sit in the same places in both halves
+    image_id = image_tokens.image_id
+    for row in range(3):
+        assert ((batch["input_ids"][row] == image_id).sum() == (batch["input_ids"][3 + row] == image_id).sum())
+
+
+def test_a_pair_whose_longer_half_is_over_length_is_dropped_whole(tmp_path, tokenizer, image_tokens, image_processor):
+    long = {"conversations": [{"from": "human", "value": "Q?"}], "chosen": "yes", "rejected": " ".join(["word"] * 200)}
+    short = {"conversations": [{"from": "human", "value": "Q?"}], "chosen": "yes", "rejected": "no"}
+    args = DataArguments(dataset_names=[_pairs(tmp_path, [long, short])], eval_ratio=0.0, max_seq_len=64, overlength_policy="truncate_turns")
+    data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
+    assert len(data.train) == 1 and data.report["dropped_overlength_train"] == 1
