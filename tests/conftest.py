@@ -5,6 +5,9 @@ Everything loads through ``from_pretrained`` from these folders, exactly as a us
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +78,17 @@ def run_main(monkeypatch):
             reset_accelerate_state()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The embedded default, run once per session as a new user runs it: ``python -m mmtrain.train``, no flags, an empty folder.
+
+    Returns ``(folder it ran in, the finished process)``. Its own test checks what it
+    learned; the DPO recipe's test starts from its last checkpoint, as the recipe does.
+    """
+    folder = tmp_path_factory.mktemp("default-run")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "mmtrain.train"], cwd=folder, env=env, capture_output=True, text=True, timeout=1500)
+    return folder, proc

@@ -1,21 +1,14 @@
 """The embedded default: no flags, tiny presets, the generated dataset, CPU; it must learn."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.slow
-def test_default_run_learns_to_see(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def test_default_run_learns_to_see(default_run):
     # no flags at all: run from an empty folder, as a new user would from a checkout
-    proc = subprocess.run([sys.executable, "-m", "mmtrain.train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    tmp_path, proc = default_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = re.search(r"eval exact match ([\d.]+)% on (\d+) held-out questions \(majority-answer baseline ([\d.]+)%", proc.stdout)
     assert found, proc.stdout[-2000:]

@@ -66,9 +66,12 @@ class ReferencePolicy:
 
 
 def check_reference_supported(accelerator, train_args) -> None:
-    """What the reference's swap cannot do yet, refused before any weights load: ZeRO-3 (partitioned tensors), compiled layers."""
+    """What the reference's swap cannot do yet, refused before any weights load: ZeRO-3 (partitioned tensors).
+
+    Compiled layers are refused with the flags (``--torch_compile true``); ``auto`` leaves them off under DPO.
+    """
     from mmtrain.args import ConfigError
-    from mmtrain.training import distributed, speedups
+    from mmtrain.training import distributed
 
     if train_args.objective != "dpo":
         return
@@ -77,5 +80,3 @@ def check_reference_supported(accelerator, train_args) -> None:
             "--objective dpo is not supported at ZeRO-3 yet (its reference swaps whole trained tensors, which ZeRO-3 "
             "partitions); use a ZeRO 0-2 config with --config_file"
         )
-    if speedups.compiles(accelerator.device, train_args):
-        raise ConfigError("--objective dpo with compiled decoder layers is untested; pass --torch_compile false")

@@ -9,6 +9,7 @@ weights load, naming the flag.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,62 @@ def test_zero3_is_refused_before_weights_load(model_folders, data_path, tmp_path
     proc = launch(_flags(model_folders, data_path, tmp_path / "z3"), config="zero3.yaml", check=False)
     assert proc.returncode != 0 and "--objective dpo is not supported at ZeRO-3 yet" in proc.stderr
     assert "DPO reference" not in proc.stderr + proc.stdout  # stopped before the model was built
+
+
+@pytest.mark.slow
+def test_the_tiny_recipe_after_the_embedded_default_prefers_the_right_answers(default_run, tmp_path):
+    """recipes/tiny/dpo.yaml as its header runs it, from the default run's last checkpoint: held-out accuracy 50% -> >= 90%."""
+    folder, proc = default_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    start = folder / "outputs" / "default" / "checkpoints" / "step-00002028"
+    assert start.is_dir(), sorted(p.name for p in start.parent.iterdir())
+    out = tmp_path / "dpo"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "dpo.yaml"
+    proc = launch(
+        ["--config", str(recipe), "--init_from", str(start), "--output_dir", str(out), "--data_path", str(tmp_path / "data"), "--logging_steps", "1"],
+        config="single_process.yaml",
+    )
+    log = proc.stdout + proc.stderr
+    assert "took projector: 4 tensors" in log and "lm_lora:" in log  # the supervised model is the start
+    assert "DPO reference: the starting model" in log and "swapped for their starting copies" in log
+    records = metrics(out)
+    first = next(r for r in records if r["split"] == "train")
+    assert first["step"] == 1 and first["accuracy"] == 0.5 and first["margin"] == 0.0  # the policy starts as its reference
+    final = [r for r in records if r["split"] == "eval"][-1]
+    assert final["pairs"] >= 100
+    assert final["accuracy"] >= 0.9, [(r["step"], r["accuracy"]) for r in records if r["split"] == "eval"]
+    assert final["rewards_chosen"] > final["rewards_rejected"]
+
+
+@pytest.mark.slow
+def test_accumulated_batches_and_two_processes_at_zero2_train_the_same_first_step_as_one_batch(model_folders, data_path, tmp_path, run_main):
+    """8 pairs in one optimizer step: one batch; batches of 3, 3 and 2 accumulated; two DeepSpeed ZeRO-2 processes.
+
+    The step's loss is the mean over its pairs however they are batched (a mean of
+    per-batch means would weigh the last two pairs more), and the reference swap works
+    inside DeepSpeed's engine: the same gradient and held-out metrics after the step.
+    Every first-step loss is log 2 (policy = reference); the gradient tells them apart.
+    """
+    def flags(out, **extra):
+        return _flags(
+            model_folders, data_path, out, synthetic_num_samples=10, eval_ratio=0.2, max_steps=-1, num_train_epochs=1,
+            eval_steps=0, save_steps=0, lr_scheduler_type="constant", num_warmup_steps=0, **extra,
+        )
+
+    one, accumulated, two = tmp_path / "one", tmp_path / "accumulated", tmp_path / "two"
+    run_main(flags(one, per_device_train_batch_size=8))
+    run_main(flags(accumulated, per_device_train_batch_size=3, gradient_accumulation_steps=3))
+    launch(flags(two, per_device_train_batch_size=2, gradient_accumulation_steps=2), config="zero2.yaml", num_processes=2, launcher_flags=FP32)
+    (reference,) = [r for r in metrics(one) if r["split"] == "train"]
+    reference_eval = [r for r in metrics(one) if r["split"] == "eval"][-1]
+    assert reference["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for out in (accumulated, two):
+        (step,) = [r for r in metrics(out) if r["split"] == "train"]
+        assert step["samples_per_step"] == 8, out.name
+        assert step["loss"] == pytest.approx(reference["loss"], rel=1e-6), out.name
+        assert step["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), out.name
+        evaluation = [r for r in metrics(out) if r["split"] == "eval"][-1]
+        assert evaluation["pairs"] == reference_eval["pairs"] == 2
+        assert evaluation["loss"] == pytest.approx(reference_eval["loss"], rel=1e-5), out.name
+        for key in ("margin", "rewards_chosen"):  # differences of whole answers' log-probabilities: fp32 rounding of those
+            assert evaluation[key] == pytest.approx(reference_eval[key], abs=1e-5), (out.name, key)
