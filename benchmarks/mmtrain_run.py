@@ -177,7 +177,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     )
 
     def step(batch):
-        loss, _, tokens, _ = loop.train_step(batch)
+        loss, _, tokens, *_ = loop.train_step(batch)
         return loss, tokens, batch["input_ids"].numel()
 
     lengths = [timed.length(i) for i in range(n_timed)]

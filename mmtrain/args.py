@@ -592,6 +592,9 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     and whole on every process, and one encoding of each image for both answers.
     """
     if train_args.objective != "dpo":
+        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight"):
+            if getattr(train_args, name) != TrainArguments.__dataclass_fields__[name].default:
+                raise ConfigError(f"--{name} applies to --objective dpo only; add --objective dpo or drop --{name}")
         return
     if model_args.lm_weights_train:
         raise ConfigError(

@@ -71,6 +71,8 @@ def test_dpo_trains_from_a_reference_equal_to_the_starting_model(model_folders, 
         (["--torch_compile", "true"], "--torch_compile true is not supported with --objective dpo yet"),
         (["--dpo_beta", "0"], "--dpo_beta must be > 0"),
         (["--dpo_loss", "hinge"], "--dpo_loss"),
+        (["--objective", "sft", "--dpo_beta", "0.5"], "--dpo_beta applies to --objective dpo only"),
+        (["--objective", "sft", "--dpo_loss", "ipo"], "--dpo_loss applies to --objective dpo only"),
     ],
 )
 def test_unsupported_combinations_are_refused_naming_the_flag(model_folders, flags, message):
