@@ -103,3 +103,33 @@ def test_a_pair_whose_longer_half_is_over_length_is_dropped_whole(tmp_path, toke
     args = DataArguments(dataset_names=[_pairs(tmp_path, [long, short])], eval_ratio=0.0, max_seq_len=64, overlength_policy="truncate_turns")
     data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
     assert len(data.train) == 1 and data.report["dropped_overlength_train"] == 1
+
+
+def test_trl_pairs_in_parquet_with_embedded_images_are_items(tmp_path, tokenizer, image_tokens, image_processor):
+    """TRL's vision DPO layout as the Hub keeps it: prompt/chosen/rejected messages and a ``datasets.Image`` list, in Parquet."""
+    import datasets
+
+    from tests.hub_data import COLORS, png_bytes
+
+    part = {"type": datasets.Value("string"), "text": datasets.Value("string")}
+    message = datasets.List({"role": datasets.Value("string"), "content": datasets.List(part)})
+    features = datasets.Features({"prompt": message, "chosen": message, "rejected": message, "images": datasets.List(datasets.Image())})
+    names = ["red", "green", "blue", "red"]
+    data = {
+        "prompt": [[{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What colour?"}]}] for _ in names],
+        "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": n}]}] for n in names],
+        "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": "green" if n != "green" else "red"}]}] for n in names],
+        "images": [[{"bytes": png_bytes(COLORS[n]), "path": None}] for n in names],
+    }
+    path = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
+    args = DataArguments(dataset_names=[str(path)], eval_ratio=0.0)
+    data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
+    items = [data.train[i] for i in range(len(data.train))]
+    assert len(items) == 4
+    # each pair's own embedded image, decoded: the red one's first pixel is red, the blue one's blue
+    by_answer = {tokenizer.decode([t for t in i["labels"].tolist() if t >= 0], skip_special_tokens=True).strip(): i for i in items}
+    red, blue = by_answer["red"]["pixel_values"][0, :, 0, 0], by_answer["blue"]["pixel_values"][0, :, 0, 0]
+    assert red[0] > red[2] and blue[2] > blue[0]
+    batch = PairCollator(tokenizer.pad_token_id)(items)
+    assert pairs_in(batch) == 4 and batch["pixel_values"].shape[0] == 4
