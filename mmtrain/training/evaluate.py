@@ -112,7 +112,7 @@ def evaluate_preference(accelerator, model, loader, objective) -> dict[str, floa
     pairs = 0
     for batch in loader:
         result = objective(model, batch)
-        values = torch.stack([result.loss, result.rewards_chosen, result.rewards_rejected, result.margin, result.accuracy], dim=1)
+        values = torch.cat([result.loss.detach()[:, None], result.metrics()], dim=1)
         values = accelerator.gather_for_metrics(values.double())
         sums += values.sum(dim=0)
         pairs += values.shape[0]

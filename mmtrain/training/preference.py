@@ -49,9 +49,13 @@ class PreferenceLoss:
         """1 where the chosen answer's reward is higher, 0.5 on a tie, 0 where it is lower."""
         return (self.margin > 0).to(self.margin.dtype) + 0.5 * (self.margin == 0).to(self.margin.dtype)
 
+    def metrics(self) -> torch.Tensor:
+        """``[P, len(METRICS)]``: each pair's values in :data:`METRICS` order (detached)."""
+        return torch.stack([self.rewards_chosen, self.rewards_rejected, self.margin, self.accuracy], dim=1).detach()
+
     def metric_sums(self) -> torch.Tensor:
         """``[len(METRICS)]`` sums over the batch's pairs, in :data:`METRICS` order (summed across batches, divided by pairs when logged)."""
-        return torch.stack([self.rewards_chosen.sum(), self.rewards_rejected.sum(), self.margin.sum(), self.accuracy.sum()]).detach()
+        return self.metrics().sum(dim=0)
 
 
 def preference_loss(
