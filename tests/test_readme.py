@@ -147,6 +147,18 @@ def test_the_readme_is_a_guide_that_links_every_page():
         assert page in linked, f"the README links {page}"
 
 
+def test_the_architecture_section_names_every_module():
+    """The README's package tree is the package as it is: each module's file is named in it, and no file that is gone."""
+    text = README.read_text()
+    section = text[text.index("## Architecture") :]
+    tree = section[section.index("```") : section.index("```", section.index("```") + 3)]
+    tree = tree[tree.index("mmtrain/") : tree.index("\naccelerate_configs/")]  # the package's part of the tree
+    modules = {p.name for p in (REPO / "mmtrain").rglob("*.py") if p.name != "__init__.py"}
+    named = set(re.findall(r"[\w]+\.py", tree))
+    assert not sorted(modules - named), f"README architecture tree misses {sorted(modules - named)}"
+    assert not sorted(named - modules), f"README architecture tree names files that are gone: {sorted(named - modules)}"
+
+
 def _relative_links(page: Path) -> list[str]:
     """Targets of the page's Markdown links that are paths in the repository (not URLs, not anchors alone)."""
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links inside code blocks are not links
