@@ -3,7 +3,8 @@
 The package reads as the architecture: ``model/`` (vision encoder -> projector ->
 language model), ``data/`` (records -> template -> dataset -> collator), ``training/``
 (accelerator, loop, checkpoints), and the commands ``train``, ``budget``, ``memory``,
-``generate``, ``export`` and ``bench``.
+``generate`` and ``export`` (each ``python -m mmtrain.<command>``). The throughput
+benchmark is a script outside the package, ``benchmarks/bench.py``.
 """
 
 __version__ = "0.1.0"

@@ -1,5 +1,8 @@
 """The README is a script a newcomer follows: every command in its ``bash`` blocks works as written.
 
+The pages under ``docs/`` are held to the same rule, and every relative link of the
+README and of those pages must lead to a file of the repository.
+
 Each command is run here or listed in ``SKIPPED`` with the reason; one in neither fails
 :func:`test_every_command_is_run_or_skipped`, so a new command gets classified when it is
 written. The cheap ones run in README order in one fresh folder, with a tiny export
@@ -32,6 +35,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+README_MAX_LINES = 320  # a guide that links the rest, not a lab notebook
 EXPORT = "outputs/default/epoch-11"  # where the README's commands expect the default's last export
 
 # Command prefix -> why it is not run here. Checks that still apply are in test_skipped_command.
@@ -40,6 +45,7 @@ SKIPPED = {
     "bash scripts/run.sh test": "runs this whole test suite",
     "accelerate launch": "a training run (the same launch runs in tests/training); its flags are only parsed",
     "bash benchmarks/gpu_suite.sh": "needs GPUs (the GPU tier, tests/gpu)",
+    "python benchmarks/": "a benchmark (a GPU, or minutes of CPU; tests/test_bench.py runs its pieces)",
 }
 USER_PATHS = ("/models/", "/data/")  # folders of the reader's machine, not of this one
 # What the interactive chat is sent on stdin: the questions the README suggests, then the way out.
@@ -77,11 +83,24 @@ def readme_commands(text: str | None = None) -> list[Command]:
     return commands
 
 
+def without_assignments(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """The command after any leading ``NAME=value`` environment settings."""
+    i = 0
+    while i < len(argv) and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[i]):
+        i += 1
+    return argv[i:]
+
+
 def skip_reason(command: Command) -> str | None:
     if any(word.startswith(USER_PATHS) for word in command.argv):
         return f"names the user's own checkpoints and data ({', '.join(p + '...' for p in USER_PATHS)}); its flags are only parsed"
+    argv = without_assignments(command.argv)
     for prefix, reason in SKIPPED.items():
-        if command.argv[: len(prefix.split())] == tuple(prefix.split()):
+        words = prefix.split()
+        if prefix.endswith("/"):  # a folder: any script in it
+            if len(argv) > len(words) - 1 and argv[: len(words) - 1] == tuple(words[:-1]) and argv[len(words) - 1].startswith(words[-1]):
+                return reason
+        elif argv[: len(words)] == tuple(words):
             return reason
     return None
 
@@ -95,6 +114,7 @@ def is_runnable(command: Command) -> bool:
 
 
 COMMANDS = readme_commands()
+DOC_COMMANDS = [(page.name, command) for page in DOCS for command in readme_commands(page.read_text())]
 
 
 def test_readme_extraction_joins_continuations_and_quotes():
@@ -109,6 +129,54 @@ def test_every_command_is_run_or_skipped():
     # every CLI's --help is on the page
     helped = {c.argv[2] for c in COMMANDS if c.argv[:2] == ("python", "-m") and "--help" in c.argv}
     assert helped == {"mmtrain.train", "mmtrain.budget", "mmtrain.memory", "mmtrain.generate", "mmtrain.export"}
+
+
+def test_every_docs_command_is_run_or_skipped():
+    assert DOCS and DOC_COMMANDS, "docs/ has pages with commands"
+    unclassified = [f"{page}: {c}" for page, c in DOC_COMMANDS if not is_runnable(c) and skip_reason(c) is None]
+    assert not unclassified, f"docs commands neither run by this test nor in SKIPPED with a reason: {unclassified}"
+    assert not [f"{page}: {c}" for page, c in DOC_COMMANDS if c.argv[0] == "source"], "docs pages rely on the README's environment"
+
+
+def test_the_readme_is_a_guide_that_links_every_page():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_MAX_LINES})"
+    linked = {target.split("#")[0] for target in _relative_links(README)}
+    assert not [p.name for p in DOCS if f"docs/{p.name}" not in linked], "every docs/ page is reachable from the README"
+    for page in ("CHANGELOG.md", "benchmarks/README.md"):
+        assert page in linked, f"the README links {page}"
+
+
+def test_the_architecture_section_names_every_module():
+    """The README's package tree is the package as it is: each module's file is named in it, and no file that is gone."""
+    text = README.read_text()
+    section = text[text.index("## Architecture") :]
+    tree = section[section.index("```") : section.index("```", section.index("```") + 3)]
+    tree = tree[tree.index("mmtrain/") : tree.index("\naccelerate_configs/")]  # the package's part of the tree
+    modules = {p.name for p in (REPO / "mmtrain").rglob("*.py") if p.name != "__init__.py"}
+    named = set(re.findall(r"[\w]+\.py", tree))
+    assert not sorted(modules - named), f"README architecture tree misses {sorted(modules - named)}"
+    assert not sorted(named - modules), f"README architecture tree names files that are gone: {sorted(named - modules)}"
+
+
+def _relative_links(page: Path) -> list[str]:
+    """Targets of the page's Markdown links that are paths in the repository (not URLs, not anchors alone)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links inside code blocks are not links
+    targets = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text)
+    return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+@pytest.mark.parametrize("page", [README, *DOCS, REPO / "CHANGELOG.md", REPO / "benchmarks" / "README.md"], ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_lead_to_files(page):
+    assert page.is_file(), f"{page.relative_to(REPO)} is missing"
+    broken = [t for t in _relative_links(page) if not (page.parent / t.split("#")[0]).resolve().exists()]
+    assert not broken, f"{page.relative_to(REPO)} links to paths that do not exist: {broken}"
+
+
+def test_link_extraction_keeps_paths_only(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[a](docs/a.md) [b](https://x.org/b) [c](#here) [d](../e.md#part)\n```\n[f](not/a/link.md)\n```\n")
+    assert _relative_links(page) == ["docs/a.md", "../e.md#part"]
 
 
 def test_the_page_says_how_to_enter_the_environment():
@@ -175,22 +243,7 @@ def test_cheap_commands_run_as_written(newcomer_folder, capsys):
         if os.environ.get("MMTRAIN_SHOW_README_OUTPUT"):  # to read what the page's commands print, when one changes
             with capsys.disabled():
                 print(f"\n$ {command}\n{out[-1500:]}")
-        if "--help" in argv:
-            assert "usage:" in out and "--help" in out, out[:500]
-        elif argv[2] == "mmtrain.budget":
-            assert re.search(r"trainable: [\d,]+ of [\d,]+ parameters", out), out[-1000:]
-        elif argv[2] == "mmtrain.memory":
-            assert "recommended for" in out and "peak allocated" in out, out[-1000:]
-        elif argv[2] == "mmtrain.generate" and "--prompts_file" in argv:
-            rows = [json.loads(line) for line in out.splitlines()]
-            asked = [json.loads(line)["prompt"] for line in Path(argv[argv.index("--prompts_file") + 1]).read_text().splitlines()]
-            assert [r["prompt"] for r in rows] == asked and all(isinstance(r["answer"], str) for r in rows)
-        elif argv[2] == "mmtrain.generate" and "--interactive" in argv:
-            assert out.count("model>") == 2, out
-        elif argv[2] == "mmtrain.generate":
-            assert out.endswith("\n"), "generate printed no answer line"  # an untrained model may answer with nothing
-        elif argv[2] == "mmtrain.export":
-            assert (newcomer_folder / argv[argv.index("--out") + 1] / "config.json").is_file()
+        _check_output(command, out, newcomer_folder)
         ran.append(command)
     skipped = [(c, skip_reason(c)) for c in COMMANDS if not is_runnable(c)]
     with capsys.disabled():
@@ -198,6 +251,38 @@ def test_cheap_commands_run_as_written(newcomer_folder, capsys):
         for command, reason in skipped:
             print(f"  skipped `{command}`: {reason}")
     assert len(ran) >= 14
+
+
+def test_docs_cheap_commands_run_as_written(newcomer_folder):
+    ran = 0
+    for page, command in DOC_COMMANDS:
+        if is_runnable(command):
+            _check_output(command, _run_in_process(command, stdin=CHAT_INPUT if "--interactive" in command.argv else ""), newcomer_folder)
+            ran += 1
+    assert ran >= 2  # the training guide's budget and memory estimates
+
+
+def _check_output(command: Command, out: str, newcomer_folder: Path) -> None:
+    """What a runnable command of a page must print (or write) to count as working."""
+    argv = command.argv
+    if argv[:2] == ("python", "-c"):
+        return
+    if "--help" in argv:
+        assert "usage:" in out and "--help" in out, out[:500]
+    elif argv[2] == "mmtrain.budget":
+        assert re.search(r"trainable: [\d,]+ of [\d,]+ parameters", out), out[-1000:]
+    elif argv[2] == "mmtrain.memory":
+        assert "recommended for" in out and "peak allocated" in out, out[-1000:]
+    elif argv[2] == "mmtrain.generate" and "--prompts_file" in argv:
+        rows = [json.loads(line) for line in out.splitlines()]
+        asked = [json.loads(line)["prompt"] for line in Path(argv[argv.index("--prompts_file") + 1]).read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == asked and all(isinstance(r["answer"], str) for r in rows)
+    elif argv[2] == "mmtrain.generate" and "--interactive" in argv:
+        assert out.count("model>") == 2, out
+    elif argv[2] == "mmtrain.generate":
+        assert out.endswith("\n"), "generate printed no answer line"  # an untrained model may answer with nothing
+    elif argv[2] == "mmtrain.export":
+        assert (newcomer_folder / argv[argv.index("--out") + 1] / "config.json").is_file()
 
 
 def test_the_model_path_is_where_the_default_run_writes_its_last_export():
@@ -244,12 +329,12 @@ def test_questions_are_what_the_default_model_was_taught(tmp_path, monkeypatch):
         assert with_placeholders(prompt, len(images)) == drawn[images], f"`{command}`: {images} were drawn for {drawn[images]!r}"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if skip_reason(c)], ids=str)
+@pytest.mark.parametrize("command", [c for c in COMMANDS if skip_reason(c)] + [c for _, c in DOC_COMMANDS if skip_reason(c)], ids=str)
 def test_skipped_command(command, tmp_path):
     """What can be checked without running it; then skipped, with the reason."""
     argv = list(command.argv)
     for word in argv:
-        if re.match(r"^(scripts|benchmarks|accelerate_configs|mmtrain)/", word):
+        if re.match(r"^(scripts|benchmarks|accelerate_configs|mmtrain|recipes)/", word):
             assert (REPO / word).exists(), f"`{command}` names {word}, which is not in the repository"
     if argv[:2] == ["accelerate", "launch"]:
         from mmtrain.args import parse_args
