@@ -602,12 +602,10 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
             "--train_full_embeddings / --train_lm_head) would need as the reference; train LoRA, the projector or the new rows"
         )
     unsupported = {
-        "--vis_lora_dim": model_args.vis_lora_dim > 0,  # the reference would need a second, adapter-free encoding
         "--max_tokens_per_batch": data_args.max_tokens_per_batch is not None,  # a pair is not yet one unit of a budget
         "--packing": data_args.packing,
         "--streaming": data_args.streaming,
         "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
-        "--cache_vision_features": model_args.cache_vision_features,
         "--fp8_base": train_args.fp8_base,
         "--fp8_vision": train_args.fp8_vision,
         "--torch_compile true": train_args.torch_compile == "true",

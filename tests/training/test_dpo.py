@@ -34,8 +34,10 @@ def _flags(model_folders, data_path, out, **overrides):
     [
         {},  # LoRA (switched off for the reference) and the projector and new rows (swapped)
         {"lang_lora_dim": 0, "lm_training": "frozen", "dpo_loss": "ipo", "dpo_sft_weight": 0.5},  # projector and new rows only
+        # the vision tower's LoRA switched off too: the reference encodes the images itself
+        {"vis_lora_dim": 4, "dpo_loss": "length_normalized"},
     ],
-    ids=["lora", "projector_ipo_sft"],
+    ids=["lora", "projector_ipo_sft", "vision_lora"],
 )
 def test_dpo_trains_from_a_reference_equal_to_the_starting_model(model_folders, data_path, tmp_path, extra):
     out = tmp_path / "run"
@@ -48,7 +50,7 @@ def test_dpo_trains_from_a_reference_equal_to_the_starting_model(model_folders, 
     assert first["step"] == 1
     assert first["margin"] == 0.0 and first["accuracy"] == 0.5
     assert first["rewards_chosen"] == 0.0 and first["rewards_rejected"] == 0.0
-    if "dpo_loss" not in extra:
+    if extra.get("dpo_loss") != "ipo":  # sigmoid of a zero margin, per answer or per token
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     else:  # IPO: (0 - 1 / (2 beta))^2 = 1, plus the SFT term, the chosen answer's per-token NLL
         assert first["loss"] > 1.0
@@ -61,13 +63,26 @@ def test_dpo_trains_from_a_reference_equal_to_the_starting_model(model_folders, 
     assert "eval preference accuracy" in proc.stdout
 
 
+def test_cached_vision_features_train_the_same_pairs_as_encoding_each_epoch(model_folders, data_path, tmp_path):
+    """The frozen tower's features, cached in the first epoch, serve both passes of every pair in the second."""
+    runs = {}
+    for cache in ("false", "true"):
+        out = tmp_path / f"cache_{cache}"
+        flags = _flags(model_folders, data_path, out, cache_vision_features=cache, max_steps=-1, num_train_epochs=2, eval_steps=0)
+        proc = launch(flags, launcher_flags=FP32)
+        runs[cache] = [r["loss"] for r in metrics(out) if r["split"] == "train"]
+        if cache == "true":
+            assert "vision feature cache in memory" in proc.stdout + proc.stderr
+    assert len(runs["true"]) == 16  # 32 training pairs, 4 a step, two epochs
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--lang_lora_dim", "0", "--lm_training", "full"], "--objective dpo keeps no frozen copy of the LM yet"),
         (["--max_tokens_per_batch", "512"], "--max_tokens_per_batch is not supported with --objective dpo yet"),
         (["--packing", "true"], "--packing is not supported with --objective dpo yet"),
-        (["--vis_lora_dim", "4"], "--vis_lora_dim is not supported with --objective dpo yet"),
         (["--torch_compile", "true"], "--torch_compile true is not supported with --objective dpo yet"),
         (["--dpo_beta", "0"], "--dpo_beta must be > 0"),
         (["--dpo_loss", "hinge"], "--dpo_loss"),

@@ -30,12 +30,12 @@ def _train_a_little(model):
                 p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-@pytest.mark.parametrize("start", ["fresh_lora", "loaded_lora", "projector_only"])
+@pytest.mark.parametrize("start", ["fresh_lora", "loaded_lora", "projector_only", "vision_lora"])
 def test_the_reference_is_the_starting_model_and_leaving_restores_the_trained_one(tiny_args, start):
     from mmtrain.model import build_model
 
     lora = 0 if start == "projector_only" else 4
-    built = build_model(tiny_args(lang_lora_dim=lora))
+    built = build_model(tiny_args(lang_lora_dim=lora, vis_lora_dim=4 if start == "vision_lora" else 0))
     model = built.model.eval()
     torch.manual_seed(0)
     batch = _batch(built)
@@ -43,7 +43,7 @@ def test_the_reference_is_the_starting_model_and_leaving_restores_the_trained_on
         _train_a_little(model)
     starting = copy.deepcopy(model)
     reference = ReferencePolicy(model)
-    assert bool(reference.adapters) == (start == "fresh_lora")
+    assert bool(reference.adapters) == (start in ("fresh_lora", "vision_lora"))
     _train_a_little(model)
     trained = copy.deepcopy(model)
     storage = {name: p.data_ptr() for name, p in model.named_parameters()}
