@@ -15,7 +15,7 @@ import pytest
 
 from mmtrain.args import ConfigError, parse_args
 
-from .conftest import common_flags, launch, metrics
+from .conftest import common_flags, kill_and_resume, launch, metrics
 
 FP32 = ("--mixed_precision", "no")
 
@@ -160,3 +160,25 @@ def test_accumulated_batches_and_two_processes_at_zero2_train_the_same_first_ste
         assert evaluation["loss"] == pytest.approx(reference_eval["loss"], rel=1e-5), out.name
         for key in ("margin", "rewards_chosen"):  # differences of whole answers' log-probabilities: fp32 rounding of those
             assert evaluation[key] == pytest.approx(reference_eval[key], abs=1e-5), (out.name, key)
+
+
+def test_a_dpo_run_killed_after_a_checkpoint_resumes_with_the_same_reference_and_metrics(model_folders, data_path, tmp_path):
+    """SIGKILL after step 5's checkpoint, resume: steps 6-16 (into the second epoch) log the
+    uninterrupted run's losses, rewards and margins exactly. The reference is rebuilt from the
+    starting weights, not from the checkpoint's trained ones (which would zero every margin)."""
+
+    def flags(out, **extra):
+        return _flags(model_folders, data_path, out, max_steps=-1, num_train_epochs=2, eval_steps=0, save_steps=5, **extra)
+
+    reference, out, log = kill_and_resume(flags, tmp_path, 5, config="zero2.yaml", launcher_flags=FP32)
+    assert "resum" in log.lower()
+
+    def train(folder):
+        return {r["step"]: r for r in metrics(folder) if r["split"] == "train"}
+
+    expected, resumed = train(reference), train(out)
+    assert sorted(resumed) == list(range(1, 17)) and sorted(expected) == list(range(1, 17))
+    for step in range(6, 17):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"):
+            assert resumed[step][key] == expected[step][key], (step, key, resumed[step][key], expected[step][key])
+    assert any(expected[step]["margin"] != 0.0 for step in range(6, 17))
