@@ -602,8 +602,7 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
             "--train_full_embeddings / --train_lm_head) would need as the reference; train LoRA, the projector or the new rows"
         )
     unsupported = {
-        "--max_tokens_per_batch": data_args.max_tokens_per_batch is not None,  # a pair is not yet one unit of a budget
-        "--packing": data_args.packing,
+        "--packing": data_args.packing,  # rows of pairs without a budget (--max_tokens_per_batch packs whole pairs)
         "--streaming": data_args.streaming,
         "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
         "--fp8_base": train_args.fp8_base,

@@ -42,6 +42,11 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   ``max_segment_len`` (a Python int), the longest segment. Attention implementations
   named ``VARLEN_ATTENTION_PREFIX + kernel`` take the samples apart by these instead of a
   mask (``mmtrain.model.varlen_attention``).
+* ``label_samples`` [K] long and ``num_samples`` (a Python int): which of the batch's
+  ``num_samples`` samples each target of ``label_positions`` belongs to, where samples
+  are not rows (a token budget's pairs packed into one row): the model's per-sample loss
+  sums are then per sample, in this numbering.
+  :class:`mmtrain.data.preference.PairPackingCollator` sets them.
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ import torch
 IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch's cross-entropy skips)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
-OPTIONAL_KEYS = ("label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len")
+OPTIONAL_KEYS = (
+    "label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len",
+    "label_samples", "num_samples",
+)
 VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
 
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     setup.log_data_report(accelerator, data.report)
     collator = (PairCollator if pairs else Collator)(built.tokenizer.pad_token_id, data_args.padding_multiple())
-    train_collator = collator if pairs else speedups.make_train_collator(built, model_args, data_args)  # packing, image digests
+    train_collator = speedups.make_train_collator(built, model_args, data_args, pairs=pairs)  # packing or a budget's rows, image digests
     train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples)
     train_loader = setup.make_train_loader(accelerator, train_set, train_collator, data_args, train_args)  # samples or a token budget
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)

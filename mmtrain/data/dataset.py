@@ -48,6 +48,7 @@ class Entry:
     length: int
     num_images: int
     prefix_length: int
+    both_halves: int = 0  # a preference pair's tokens, chosen and rejected together (what a token budget counts)
 
 
 def split_turns(turns: list[dict]) -> tuple[dict | None, list[dict]]:

@@ -14,6 +14,7 @@ import torch
 
 from mmtrain.data.collator import Collator
 from mmtrain.data.dataset import ConversationDataset, Entry, split_turns
+from mmtrain.data.packing import PackingCollator
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
 from mmtrain.model.tokens import IMAGE_PLACEHOLDER
 
@@ -32,7 +33,8 @@ def fit_pair(record: dict, data_args, tokenizer, image_tokens, counts: dict, spl
     for turns in (record["turns"], with_answer(record["turns"], record["rejected"])):
         encoded = encode_conversation(turns, tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt)
         lengths.append(len(encoded.input_ids))
-    if max(lengths) > data_args.longest_sample():
+    # Under a token budget both halves share one micro-batch, so together they must fit it.
+    if max(lengths) > data_args.longest_sample() or (data_args.max_tokens_per_batch and sum(lengths) > data_args.max_tokens_per_batch):
         counts[f"dropped_overlength_{split}"] += 1
         return None
     _, body = split_turns(record["turns"])
@@ -41,11 +43,15 @@ def fit_pair(record: dict, data_args, tokenizer, image_tokens, counts: dict, spl
     counts[f"images_{split}"] += num_images
     counts[f"tokens_{split}"] += sum(lengths)
     counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], *lengths)
-    return Entry(row, len(body) // 2, max(lengths), num_images, encoded.prefix_length)
+    return Entry(row, len(body) // 2, max(lengths), num_images, encoded.prefix_length, both_halves=sum(lengths))
 
 
 class PreferenceDataset(ConversationDataset):
     """Items ``{"input_ids", "labels"}`` of the chosen answer, ``{"rejected_input_ids", "rejected_labels"}``, and ``"pixel_values"`` once."""
+
+    def item_sizes(self) -> list[tuple[int, int]]:
+        """``(tokens, images)`` of every pair for a token budget: both halves' tokens, each image once (encoded once)."""
+        return [(self.entries[i].both_halves, self.entries[i].num_images) for i in range(len(self))]
 
     def _item(self, group: tuple[int, ...]) -> dict:
         turns, images = self.conversation(group)
@@ -78,6 +84,35 @@ class PairCollator(Collator):
         return batch
 
 
+class PairPackingCollator(PackingCollator):
+    """A token budget's micro-batch of P pairs -> one packed row: the P chosen answers, then the P rejected ones.
+
+    The budget planned the pairs from both halves' tokens (:meth:`PreferenceDataset.item_sizes`),
+    so all 2P samples fit one row in that order, which is the order :class:`PairCollator`'s
+    rows have: the pairs' images once, ``image_repeats = 2``, and ``label_samples`` (each
+    label's sample, 0 .. 2P-1) with ``num_samples = 2P``, so the model sums each answer's
+    log-probability on its own (:func:`mmtrain.model.vlm.causal_lm_loss`).
+    """
+
+    output_keys = PackingCollator.output_keys + ("image_repeats", "label_samples", "num_samples")
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        halves = [{"input_ids": i["input_ids"], "labels": i["labels"], "pixel_values": i["pixel_values"]} for i in items]
+        halves += [{"input_ids": i["rejected_input_ids"], "labels": i["rejected_labels"], "pixel_values": i["pixel_values"]} for i in items]
+        total = sum(len(h["input_ids"]) for h in halves)
+        if total > self.max_seq_len:
+            raise ValueError(f"{len(items)} pairs of {total} tokens do not fit one packed row of {self.max_seq_len} (--max_tokens_per_batch)")
+        batch = super().__call__(halves)
+        documents = batch["document_ids"][:, 1:].reshape(-1)  # the sample of each target, as label_positions index them
+        batch["label_samples"] = documents.index_select(0, batch["label_positions"])
+        batch["num_samples"] = len(halves)
+        batch["pixel_values"] = batch["pixel_values"][: sum(i["pixel_values"].shape[0] for i in items)]
+        batch["image_repeats"] = 2
+        return batch
+
+
 def pairs_in(batch: dict) -> int:
-    """Pairs in a pair batch (half its rows)."""
+    """Pairs in a pair batch: half its rows, or half its packed samples."""
+    if "num_samples" in batch:
+        return batch["num_samples"] // 2
     return batch["input_ids"].shape[0] // batch.get("image_repeats", 1)

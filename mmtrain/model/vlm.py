@@ -131,6 +131,8 @@ class VisionLanguageModel(nn.Module):
         label_positions: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         max_segment_len: int | None = None,
+        label_samples: torch.Tensor | None = None,
+        num_samples: int | None = None,
         right_padded: bool = False,
         image_repeats: int = 1,
         return_logits: bool = False,
@@ -169,11 +171,16 @@ class VisionLanguageModel(nn.Module):
             zero = hidden.new_zeros(())
             return VLMOutput(loss=zero, num_label_tokens=zero, logits=logits)
         # per_sample_grad: a preference objective differentiates each row's summed log-probability.
-        loss, count, per_sample, per_sample_count = causal_lm_loss(hidden, labels, head, label_positions, per_sample_grad=per_sample_grad)
+        loss, count, per_sample, per_sample_count = causal_lm_loss(
+            hidden, labels, head, label_positions, per_sample_grad=per_sample_grad, samples=label_samples, num_samples=num_samples
+        )
         return VLMOutput(loss, count, per_sample, per_sample_count, logits)
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, positions: torch.Tensor | None = None, *, per_sample_grad: bool = False):
+def causal_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, positions: torch.Tensor | None = None, *,
+    per_sample_grad: bool = False, samples: torch.Tensor | None = None, num_samples: int | None = None,
+):
     """Next-token cross-entropy evaluated only where a label is set.
 
     Prompt, image and padding positions never reach the output head, so no
@@ -181,7 +188,8 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     are image or prompt tokens. ``positions`` are the flat indices of the set targets in
     ``labels[:, 1:]`` (the collators' ``label_positions``); given, nothing here waits for
     the device. Returns the mean loss, the number of label tokens, and per-sample loss
-    sums and label counts; the sums are detached unless ``per_sample_grad``.
+    sums and label counts; the sums are detached unless ``per_sample_grad``. A sample is
+    a row, or with ``samples`` (each position's sample, of ``num_samples``) a packed one.
     """
     targets = labels[:, 1:]
     if positions is None:
@@ -193,7 +201,8 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions + rows)
     logits = head(picked).float()
     token_losses = nn.functional.cross_entropy(logits, targets.reshape(-1).index_select(0, positions), reduction="none")
-    per_sample = hidden.new_zeros(labels.shape[0], dtype=token_losses.dtype).index_add(0, rows, token_losses if per_sample_grad else token_losses.detach())
-    per_sample_count = torch.zeros_like(per_sample, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
+    owner, owners = (rows, labels.shape[0]) if samples is None else (samples.to(hidden.device), num_samples)
+    per_sample = hidden.new_zeros(owners, dtype=token_losses.dtype).index_add(0, owner, token_losses if per_sample_grad else token_losses.detach())
+    per_sample_count = torch.zeros_like(per_sample, dtype=torch.long).index_add(0, owner, torch.ones_like(owner))
     count = per_sample_count.sum()
     return token_losses.sum() / count.clamp(min=1), count, per_sample, per_sample_count

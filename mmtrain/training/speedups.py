@@ -36,6 +36,7 @@ from mmtrain import compat
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
+from mmtrain.data.preference import PairCollator, PairPackingCollator
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
@@ -46,8 +47,12 @@ from mmtrain.training.engine_view import unwrap_vlm
 logger = logging.getLogger("mmtrain")
 
 
-def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollator:
-    """Padding (default) or packing; with the vision cache, image digests are taken in the workers."""
+def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = False) -> BatchCollator:
+    """Padding (default) or packing; with the vision cache, image digests are taken in the workers.
+
+    ``pairs``: preference pairs, padded (:class:`PairCollator`) or, under a token budget,
+    packed into one row per micro-batch (:class:`PairPackingCollator`).
+    """
     pad = built.tokenizer.pad_token_id
     if data_args.packing or data_args.max_tokens_per_batch:
         try:
@@ -56,8 +61,11 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
             raise ConfigError(str(err)) from None
     if data_args.max_tokens_per_batch:
         images = f", at most {data_args.max_images_per_batch} images" if data_args.max_images_per_batch else ""
-        logger.info(f"token budget: each micro-batch packs whole samples into one row of up to {data_args.max_tokens_per_batch} tokens{images}")
-        collator = PackingCollator(pad, data_args.max_tokens_per_batch, data_args.padding_multiple())
+        what = "whole pairs (both answers)" if pairs else "whole samples"
+        logger.info(f"token budget: each micro-batch packs {what} into one row of up to {data_args.max_tokens_per_batch} tokens{images}")
+        collator = (PairPackingCollator if pairs else PackingCollator)(pad, data_args.max_tokens_per_batch, data_args.padding_multiple())
+    elif pairs:
+        collator = PairCollator(pad, data_args.padding_multiple())
     elif data_args.packing:
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
         collator = PackingCollator(pad, data_args.max_seq_len, data_args.padding_multiple())

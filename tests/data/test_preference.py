@@ -7,7 +7,7 @@ import torch
 
 from mmtrain.args import DataArguments
 from mmtrain.data import DataError, build_datasets, load_records, read_sources
-from mmtrain.data.preference import PairCollator, pairs_in
+from mmtrain.data.preference import PairCollator, PairPackingCollator, pairs_in
 
 from .conftest import save_solid, write_json
 
@@ -103,6 +103,47 @@ def test_a_pair_whose_longer_half_is_over_length_is_dropped_whole(tmp_path, toke
     args = DataArguments(dataset_names=[_pairs(tmp_path, [long, short])], eval_ratio=0.0, max_seq_len=64, overlength_policy="truncate_turns")
     data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
     assert len(data.train) == 1 and data.report["dropped_overlength_train"] == 1
+
+
+THREE_PAIRS = [
+    LAYOUTS["llava"],
+    {"image": "blue.png", "conversations": [{"from": "human", "value": "<image>\nWhich?"}], "chosen": "blue sky", "rejected": "red"},
+    {"conversations": [{"from": "human", "value": "No image here?"}], "chosen": "yes", "rejected": "no it is not"},
+]
+
+
+def test_under_a_token_budget_pairs_count_both_halves_and_pack_into_one_row_chosen_then_rejected(tmp_path, tokenizer, image_tokens, image_processor):
+    args = DataArguments(dataset_names=[_pairs(tmp_path, THREE_PAIRS)], eval_ratio=0.0, max_tokens_per_batch=512)
+    data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
+    items = [data.train[i] for i in range(3)]
+    halves = [len(i["input_ids"]) for i in items] + [len(i["rejected_input_ids"]) for i in items]
+    assert data.train.item_sizes() == [(halves[k] + halves[3 + k], n) for k, n in enumerate((1, 1, 0))]
+    batch = PairPackingCollator(tokenizer.pad_token_id, 512)(items)
+    assert batch["input_ids"].shape == (1, sum(halves)) and pairs_in(batch) == 3 and batch["num_samples"] == 6
+    assert batch["image_repeats"] == 2 and batch["pixel_values"].shape[0] == 2
+    # chosen answers, then rejected ones, each its own document, in pair order
+    row, start = batch["input_ids"][0], 0
+    for k, sample in enumerate([i["input_ids"] for i in items] + [i["rejected_input_ids"] for i in items]):
+        assert row[start:start + len(sample)].tolist() == sample.tolist()
+        assert set(batch["document_ids"][0, start:start + len(sample)].tolist()) == {k}
+        start += len(sample)
+    # every target is owned by its sample: the answers' labels, sample by sample
+    targets = batch["labels"][:, 1:].reshape(-1).index_select(0, batch["label_positions"])
+    for k, item in enumerate(items):
+        for sample, labels in ((k, item["labels"]), (3 + k, item["rejected_labels"])):
+            assert targets[batch["label_samples"] == sample].tolist() == [t for t in labels[1:].tolist() if t >= 0]
+    with pytest.raises(ValueError, match="do not fit one packed row of 64"):
+        PairPackingCollator(tokenizer.pad_token_id, 64)(items)
+
+
+def test_a_pair_whose_two_halves_together_exceed_the_token_budget_is_dropped_whole(tmp_path, tokenizer, image_tokens, image_processor):
+    records = [{"conversations": [{"from": "human", "value": "Q?"}], "chosen": " ".join(["yes"] * 20), "rejected": " ".join(["no"] * 20)}, THREE_PAIRS[2]]
+    args = DataArguments(dataset_names=[_pairs(tmp_path, records)], eval_ratio=0.0, max_tokens_per_batch=48, max_seq_len=48)
+    data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=True), pairs=True)
+    assert len(data.train) == 1 and data.report["dropped_overlength_train"] == 1
+    unbudgeted = DataArguments(dataset_names=args.dataset_names, eval_ratio=0.0, max_seq_len=48)
+    kept = build_datasets(unbudgeted, tokenizer, image_processor, image_tokens, sources=read_sources(unbudgeted, pairs=True), pairs=True)
+    assert len(kept.train) == 2  # each half fits 48 tokens alone; both together do not
 
 
 def test_trl_pairs_in_parquet_with_embedded_images_are_items(tmp_path, tokenizer, image_tokens, image_processor):

@@ -139,11 +139,13 @@ ONE_GPU = [
     # (MMTRAIN_PACKED_ATTENTION; the choice on GPUs without FlashAttention-2), compiled.
     row("zero2", "budget", "compiled", "flex"),
     # Preference tuning (--objective dpo): LoRA switched off for the reference, or the
-    # projector and new rows swapped back; fp16's loss scaling; accumulation; offload.
+    # projector and new rows swapped back; fp16's loss scaling; accumulation; offload;
+    # a token budget's micro-batches of whole pairs in one packed row.
     row("zero2", "dpo", resume=True, export=False),
     row("single_process", "dpo", "ipo_sft", "grad_ckpt", "grad_accum", export=False),
     row("zero1", "dpo", "projector_only", "fp16", export=False),
     row("zero2_offload", "dpo", "workers", resume=True, export=False),
+    row("zero2", "dpo", "budget", "grad_accum", resume=True, export=False),  # whole pairs packed per micro-batch, varlen kernel
 ]
 
 # Two GPUs: every config on two processes.
