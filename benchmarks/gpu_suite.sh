@@ -24,8 +24,8 @@
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   dpo            benchmarks/dpo_bench.py: ref-7b LoRA DPO on 2048-token image pairs, mmtrain's --objective dpo
 #                  beside trl.DPOTrainer on transformers' LLaVA with the same weights, LoRA and pairs, each at the
-#                  largest batch of pairs that fits (a search from DPO_MMTRAIN_BATCH, default 2, and DPO_TRL_BATCH,
-#                  default 4); one JSON, about 8 minutes on one H200
+#                  largest batch of pairs that fits (a search from DPO_MMTRAIN_BATCH, default 4, and DPO_TRL_BATCH,
+#                  default 16); one JSON, about 8 minutes on one H200
 #   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex and its options,
 #                  FlashAttention-2 varlen, cuDNN dense) on one 16,384-token row, 2048-token samples and the mix
 #   varlen[:W]     fp8's budget runs (W: seq2048, mix, or both) with packed rows through flex attention and
@@ -80,7 +80,7 @@ else
     FULL=(--text_tokens 1470 1470)
     MMCA=(--preset llama-2-7b --layers 4 --seq 2048 --image_tokens 576 --dtype bf16 --device cuda)
     MEM=()
-    DPO=(--num_workers "${BENCH_WORKERS:-4}" --mmtrain_batch "${DPO_MMTRAIN_BATCH:-2}" --trl_batch "${DPO_TRL_BATCH:-4}")
+    DPO=(--num_workers "${BENCH_WORKERS:-4}" --mmtrain_batch "${DPO_MMTRAIN_BATCH:-4}" --trl_batch "${DPO_TRL_BATCH:-16}")
 fi
 
 missing() {  # the needed packages Python cannot import with PYTHONPATH=$1

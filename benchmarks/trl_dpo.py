@@ -109,7 +109,8 @@ def run_trl(opts, built, pairs, batch: int, device: torch.device, tmp: str) -> d
     llava, processor = llava_from_mmtrain(built, dtype, device)
     new_ids = list(range(built.image_tokens.original_vocab_size, built.image_tokens.original_vocab_size + built.model.language_model.get_input_embeddings().num_new))
     built.model = None  # mmtrain's copy is no longer needed
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     same = check_same_tokens(processor, pairs)
 
     lora = LoraConfig(
