@@ -26,6 +26,8 @@
 #                  beside trl.DPOTrainer on transformers' LLaVA with the same weights, LoRA and pairs, each at the
 #                  largest batch of pairs that fits (a search from DPO_MMTRAIN_BATCH, default 4, and DPO_TRL_BATCH,
 #                  default 16); one JSON, about 8 minutes on one H200
+#   dpo-gc         mmtrain's side of dpo alone with --gradient_checkpointing true (the search from DPO_MMTRAIN_GC_BATCH,
+#                  default 16): beside the dpo JSON's TRL row, at checkpointing on both sides
 #   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex and its options,
 #                  FlashAttention-2 varlen, cuDNN dense) on one 16,384-token row, 2048-token samples and the mix
 #   varlen[:W]     fp8's budget runs (W: seq2048, mix, or both) with packed rows through flex attention and
@@ -365,6 +367,13 @@ part_dpo() {
     run $PY benchmarks/dpo_bench.py "${DPO[@]}" --out "$OUT/dpo_bench_${TAG}.json"
 }
 
+part_dpo_gc() {
+    local first=${DPO_MMTRAIN_GC_BATCH:-16}
+    [ "$SMOKE" = 1 ] && first=2
+    run $PY benchmarks/dpo_bench.py "${DPO[@]}" --systems mmtrain --mmtrain_batch "$first" --gradient_checkpointing true \
+        --out "$OUT/dpo_bench_${TAG}_mmtrain_gc.json"
+}
+
 part_memory() {
     local rows=${1:-all}
     run $PY benchmarks/memory_validation.py "${MEM[@]}" --rows "$rows" --out "$OUT/memory_${TAG}_rows_${rows//,/_}.json"
@@ -387,6 +396,7 @@ for part in "$@"; do
         speed) part_speed ;;
         mmca) part_mmca ;;
         dpo) part_dpo ;;
+        dpo-gc) part_dpo_gc ;;
         attention) part_attention ;;
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;
