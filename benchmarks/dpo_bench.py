@@ -399,9 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": SCRIPT,
         "workload": "smoke" if opts.smoke else ("ref-7b" if (opts.lm, opts.vision) == REF_7B else "custom"),
-        "device": device_name(),
+        "device": None,  # read after the tries: naming the GPU opens a CUDA context here, which would hold memory beside theirs
         "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "versions": versions(),
+        "versions": None,  # after the tries too: importing DeepSpeed may touch the GPU
         "git": git_commit(),
         "command": " ".join(["python", SCRIPT, *raw]),
         "flags": {**asdict(opts), "mmtrain_passthrough": passthrough},
@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         if system in opts.systems:
             first = opts.mmtrain_batch if system == "mmtrain" else opts.trl_batch
             result[system] = search(raw, system, first, opts.max_batch)
+    result["device"], result["versions"] = device_name(), versions()
     compare(result)
     return _write(result, opts.out, summary_line(result))
 
