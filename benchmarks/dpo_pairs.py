@@ -122,3 +122,9 @@ class PreferencePairs(torch.utils.data.Dataset):
             columns["rejected"].append(self.tokenizer.decode(rejected))
             columns["images"].append([self.image(i)])
         return columns
+
+
+def pairs_for(opts, built, n: int) -> PreferencePairs:
+    """``n`` pairs of the bench's options (``tokens_per_half``, ``answer_tokens``, ``seed``) for the model ``built``."""
+    return PreferencePairs(n, built.tokenizer, built.image_tokens, built.image_processor, built.model.vision.image_size,
+                           tokens_per_half=opts.tokens_per_half, answer_tokens=opts.answer_tokens, seed=opts.seed)

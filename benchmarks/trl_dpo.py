@@ -98,14 +98,22 @@ def check_same_tokens(processor, pairs, n: int = 2) -> dict:
     return {"pairs_checked": n, "same_ids_labels_and_pixels": True}
 
 
-def run_trl(opts, built, pairs, batch: int, device: torch.device, tmp: str) -> dict:
-    """``opts.warmup`` + ``opts.steps`` steps of ``DPOTrainer`` at ``batch`` pairs; the timed steps' figures."""
+def run_trl(opts, model_args, batch: int, tmp: str) -> dict:
+    """``opts.warmup`` + ``opts.steps`` steps of ``DPOTrainer`` at ``batch`` pairs on the model ``model_args`` describes (without LoRA)."""
     import datasets
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from dpo_pairs import pairs_for
+    from mmtrain.model.builder import build_model
+
     dtype = torch.bfloat16
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(opts.seed)
+    with device:
+        built = build_model(model_args.model_config(), dtype=dtype, trainable_dtype=dtype, preset_device=device)
+    pairs = pairs_for(opts, built, (opts.warmup + opts.steps) * batch)
     llava, processor = llava_from_mmtrain(built, dtype, device)
     new_ids = list(range(built.image_tokens.original_vocab_size, built.image_tokens.original_vocab_size + built.model.language_model.get_input_embeddings().num_new))
     built.model = None  # mmtrain's copy is no longer needed
