@@ -448,3 +448,40 @@ def test_dpo_bench_search_doubles_until_out_of_memory_and_halves_below_a_guess(m
     assert "pairs_per_s" not in row and row["out_of_memory_at"] == [4, 2, 1]
     row = dpo_bench.search([], "mmtrain", 4, 4)  # the ceiling stops the doubling
     assert row["batch"] == 4 and row["out_of_memory_at"] == []
+
+
+@pytest.mark.skipif(TRL_MISSING, reason="trl is not installed here: TRL's side of benchmarks/dpo_bench.py runs only where it is")
+def test_dpo_bench_llava_scores_the_pairs_as_mmtrain_does():
+    """transformers' LLaVA made from mmtrain's model gives each half the summed answer log-probability mmtrain's gives it.
+
+    mmtrain's model carries fresh LoRA (B = 0, a no-op), as its DPO run starts; TRL's LLaVA is
+    built from the same flags without LoRA: the same weights, so both systems start from the
+    same policy and reference on the same pairs.
+    """
+    from accelerate.utils import set_seed
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from mmtrain.data.preference import PairCollator
+    from mmtrain.model.builder import build_model
+
+    dpo_bench, dpo_pairs, trl_dpo = _benchmark("dpo_bench"), _benchmark("dpo_pairs"), _benchmark("trl_dpo")
+    opts, rest = dpo_bench.parse_options(["--smoke"])
+    with_lora, _, train_args = dpo_bench.mmtrain_flags(opts, rest, batch=2, output_dir="unused", lora=True)
+    without, _, _ = dpo_bench.mmtrain_flags(opts, rest, batch=2, output_dir="unused", lora=False)
+    set_seed(train_args.seed)
+    ours = build_model(with_lora.model_config(), dtype=torch.float32)
+    torch.manual_seed(opts.seed)
+    plain = build_model(without.model_config(), dtype=torch.float32)
+    pairs = dpo_pairs.pairs_for(opts, ours, 2)
+    llava, processor = trl_dpo.llava_from_mmtrain(plain, torch.float32, torch.device("cpu"))
+
+    batch = PairCollator(ours.tokenizer.pad_token_id)([pairs[0], pairs[1]])
+    with torch.no_grad():
+        expected = -ours.model(**batch).loss_sum_per_sample
+        columns = pairs.trl_columns_of(range(2))
+        trl_batch = DataCollatorForVisionPreference(processor)([{k: columns[k][i] for k in columns} for i in range(2)])
+        logits = llava(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], pixel_values=trl_batch["pixel_values"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, trl_batch["input_ids"][:, 1:, None])[..., 0]
+    got = (logp * trl_batch["completion_mask"][:, 1:]).sum(dim=1)
+    assert expected.shape == got.shape == (4,)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
