@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         if system in opts.systems:
             first = opts.mmtrain_batch if system == "mmtrain" else opts.trl_batch
             result[system] = search(raw, system, first, opts.max_batch)
+            _write(result, opts.out)  # what is measured so far survives a command cut off by its time limit
     result["device"], result["versions"] = device_name(), versions()
     compare(result)
     return _write(result, opts.out, summary_line(result))
