@@ -22,6 +22,12 @@
 #                  with the packed rows under SDPA's materialised mask instead of flex attention
 #   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
+#   dpo            benchmarks/dpo_bench.py: ref-7b LoRA DPO on 2048-token image pairs, mmtrain's --objective dpo
+#                  beside trl.DPOTrainer on transformers' LLaVA with the same weights, LoRA and pairs, each at the
+#                  largest batch of pairs that fits (a search from DPO_MMTRAIN_BATCH, default 4, and DPO_TRL_BATCH,
+#                  default 16); one JSON, about 8 minutes on one H200
+#   dpo-gc         mmtrain's side of dpo alone with --gradient_checkpointing true (the search from DPO_MMTRAIN_GC_BATCH,
+#                  default 16): beside the dpo JSON's TRL row, at checkpointing on both sides
 #   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex and its options,
 #                  FlashAttention-2 varlen, cuDNN dense) on one 16,384-token row, 2048-token samples and the mix
 #   varlen[:W]     fp8's budget runs (W: seq2048, mix, or both) with packed rows through flex attention and
@@ -70,15 +76,17 @@ if [ "$SMOKE" = 1 ]; then
     FULL=(--text_tokens 48 48)
     MMCA=(--preset tiny-llama --seq 256 --image_tokens 64 --dtype fp32 --device cpu --warmup 1 --repeats 2)
     MEM=(--smoke)
+    DPO=(--smoke)
 else
     BENCH=(--num_workers "${BENCH_WORKERS:-4}")  # loader workers for mmtrain and the plain loop alike
     FULL=(--text_tokens 1470 1470)
     MMCA=(--preset llama-2-7b --layers 4 --seq 2048 --image_tokens 576 --dtype bf16 --device cuda)
     MEM=()
+    DPO=(--num_workers "${BENCH_WORKERS:-4}" --mmtrain_batch "${DPO_MMTRAIN_BATCH:-4}" --trl_batch "${DPO_TRL_BATCH:-16}")
 fi
 
 missing() {  # the needed packages Python cannot import with PYTHONPATH=$1
-    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets') if u.find_spec(m) is None))"
+    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets', 'trl') if u.find_spec(m) is None))"
 }
 if [ -n "$(missing "${PYTHONPATH:-}")" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     # Several suite invocations may start side by side (one per GPU): one installs, under a
@@ -355,6 +363,17 @@ part_mmca() {
     run $PY benchmarks/mmca_step_time.py "${MMCA[@]}" --output "$OUT/mmca_step_time_${TAG}.json"
 }
 
+part_dpo() {
+    run $PY benchmarks/dpo_bench.py "${DPO[@]}" --out "$OUT/dpo_bench_${TAG}.json"
+}
+
+part_dpo_gc() {
+    local first=${DPO_MMTRAIN_GC_BATCH:-16}
+    [ "$SMOKE" = 1 ] && first=2
+    run $PY benchmarks/dpo_bench.py "${DPO[@]}" --systems mmtrain --mmtrain_batch "$first" --gradient_checkpointing true \
+        --out "$OUT/dpo_bench_${TAG}_mmtrain_gc.json"
+}
+
 part_memory() {
     local rows=${1:-all}
     run $PY benchmarks/memory_validation.py "${MEM[@]}" --rows "$rows" --out "$OUT/memory_${TAG}_rows_${rows//,/_}.json"
@@ -376,6 +395,8 @@ for part in "$@"; do
         bench-mb) part_bench_mb ;;
         speed) part_speed ;;
         mmca) part_mmca ;;
+        dpo) part_dpo ;;
+        dpo-gc) part_dpo_gc ;;
         attention) part_attention ;;
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;

@@ -7,6 +7,7 @@ its CPU communication op once (cached under ~/.cache/torch_extensions).
 """
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -377,3 +378,111 @@ def test_results_name_the_code_they_ran(monkeypatch):
     monkeypatch.setenv("MMTRAIN_CODE_COMMIT", "0" * 40)
     info = provenance.git_commit()
     assert info["code_commit"] == "0" * 40 and len(info["commit"]) in (40, len("unknown"))
+
+
+TRL_MISSING = importlib.util.find_spec("trl") is None
+
+
+@pytest.fixture(scope="module")
+def dpo_smoke(tmp_path_factory):
+    """``benchmarks/dpo_bench.py --smoke`` once: mmtrain, and TRL where trl is installed; (JSON, stdout)."""
+    out = tmp_path_factory.mktemp("dpo") / "dpo.json"
+    systems = ["mmtrain"] if TRL_MISSING else ["mmtrain", "trl"]
+    cmd = [sys.executable, "benchmarks/dpo_bench.py", "--smoke", "--systems", *systems, "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_dpo_bench_smoke_runs_mmtrain_dpo_steps(dpo_smoke):
+    result, stdout = dpo_smoke
+    assert result["workload"] == "smoke" and result["command"].startswith("python benchmarks/dpo_bench.py --smoke")
+    assert result["git"]["commit"] and result["versions"]["torch"][0].isdigit()
+    mm = result["mmtrain"]
+    _positive(mm, "pairs_per_s", "tokens_per_s", "seconds", "trainable_params")
+    # two timed steps of two pairs, every half 160 tokens, no padding: all counted by the loop
+    assert mm["batch"] == 2 and mm["steps"] == 2 and mm["pairs"] == 4
+    assert mm["tokens"] == mm["tokens_counted_by_loop"] == 4 * 2 * 160
+    assert mm["tokens_per_s"] == pytest.approx(mm["pairs_per_s"] * 2 * 160)
+    assert mm["mmtrain_args"]["train"]["objective"] == "dpo" and mm["zero_stage"] == 2
+    assert mm["parameter_counts"]["LM LoRA"]["trainable"] > 0 and mm["parameter_counts"]["projector"]["trainable"] > 0
+    assert mm["out_of_memory_at"] == [] and [t["batch"] for t in mm["tries"]] == [2]
+    assert "mmtrain batch 2:" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TRL_MISSING, reason="trl is not installed here: TRL's side of benchmarks/dpo_bench.py runs only where it is "
+                    "(benchmarks/gpu_suite.sh installs trl 1.16.0 from the carried wheels); mmtrain's side is tested above")
+def test_dpo_bench_smoke_runs_trl_on_the_same_pairs_and_model(dpo_smoke):
+    result, stdout = dpo_smoke
+    mm, trl = result["mmtrain"], result["trl"]
+    assert result["versions"]["trl"][0].isdigit()
+    _positive(trl, "pairs_per_s", "tokens_per_s", "seconds")
+    assert trl["batch"] == 2 and trl["pairs"] == mm["pairs"] and trl["tokens"] == mm["tokens"]
+    # TRL's collated rows are mmtrain's ids, answer spans and pixels; the same parts train, the same size
+    assert trl["same_pairs_as_mmtrain"]["same_ids_labels_and_pixels"]
+    assert trl["trainable_params"] == mm["trainable_params"]
+    assert trl["dpo_config"]["max_length"] is None and trl["dpo_config"]["precompute_ref_log_probs"] is False
+    assert trl["dpo_config"]["gradient_checkpointing"] is True
+    assert result["ratio"]["pairs_per_s"] == pytest.approx(mm["pairs_per_s"] / trl["pairs_per_s"])
+    assert result["ratio"]["peak_allocated"] is None and result["target_met"] is None  # no GPU memory on a CPU
+    assert "mmtrain/TRL" in stdout
+
+
+def test_dpo_bench_search_doubles_until_out_of_memory_and_halves_below_a_guess(monkeypatch):
+    dpo_bench = _benchmark("dpo_bench")
+    fits_up_to = {"mmtrain": 5, "trl": 0}
+
+    def attempt(raw, system, batch):
+        if batch <= fits_up_to[system]:
+            return {"batch": batch, "pairs_per_s": float(batch), "tokens_per_s": 1.0}
+        return {"batch": batch, "out_of_memory": True, "error": "OutOfMemoryError"}
+
+    monkeypatch.setattr(dpo_bench, "attempt", attempt)
+    row = dpo_bench.search([], "mmtrain", 2, 64)
+    assert row["batch"] == 4 and row["out_of_memory_at"] == [8] and [t["batch"] for t in row["tries"]] == [2, 4, 8]
+    row = dpo_bench.search([], "mmtrain", 16, 64)
+    assert row["batch"] == 4 and row["out_of_memory_at"] == [16, 8]
+    row = dpo_bench.search([], "trl", 4, 64)
+    assert "pairs_per_s" not in row and row["out_of_memory_at"] == [4, 2, 1]
+    row = dpo_bench.search([], "mmtrain", 4, 4)  # the ceiling stops the doubling
+    assert row["batch"] == 4 and row["out_of_memory_at"] == []
+
+
+@pytest.mark.skipif(TRL_MISSING, reason="trl is not installed here: TRL's side of benchmarks/dpo_bench.py runs only where it is")
+def test_dpo_bench_llava_scores_the_pairs_as_mmtrain_does():
+    """transformers' LLaVA made from mmtrain's model gives each half the summed answer log-probability mmtrain's gives it.
+
+    mmtrain's model carries fresh LoRA (B = 0, a no-op), as its DPO run starts; TRL's LLaVA is
+    built from the same flags without LoRA: the same weights, so both systems start from the
+    same policy and reference on the same pairs.
+    """
+    from accelerate.utils import set_seed
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from mmtrain.data.preference import PairCollator
+    from mmtrain.model.builder import build_model
+
+    dpo_bench, dpo_pairs, trl_dpo = _benchmark("dpo_bench"), _benchmark("dpo_pairs"), _benchmark("trl_dpo")
+    opts, rest = dpo_bench.parse_options(["--smoke"])
+    with_lora, _, train_args = dpo_bench.mmtrain_flags(opts, rest, batch=2, output_dir="unused", lora=True)
+    without, _, _ = dpo_bench.mmtrain_flags(opts, rest, batch=2, output_dir="unused", lora=False)
+    set_seed(train_args.seed)
+    ours = build_model(with_lora.model_config(), dtype=torch.float32)
+    torch.manual_seed(opts.seed)
+    plain = build_model(without.model_config(), dtype=torch.float32)
+    pairs = dpo_pairs.pairs_for(opts, ours, 2)
+    llava, processor = trl_dpo.llava_from_mmtrain(plain, torch.float32, torch.device("cpu"))
+
+    batch = PairCollator(ours.tokenizer.pad_token_id)([pairs[0], pairs[1]])
+    with torch.no_grad():
+        expected = -ours.model(**batch).loss_sum_per_sample
+        columns = pairs.trl_columns_of(range(2))
+        trl_batch = DataCollatorForVisionPreference(processor)([{k: columns[k][i] for k in columns} for i in range(2)])
+        logits = llava(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], pixel_values=trl_batch["pixel_values"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, trl_batch["input_ids"][:, 1:, None])[..., 0]
+    got = (logp * trl_batch["completion_mask"][:, 1:]).sum(dim=1)
+    assert expected.shape == got.shape == (4,)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
