@@ -31,7 +31,7 @@
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
 #                  mmtrain in bfloat16 on the same samples
 #   equal-segments budget-seq2048's float8 run (BUDGET_TOKENS) three ways, each row of equal samples through:
-#                  cuDNN's dense causal kernel (the default), SDPA's own choice (MMTRAIN_CUDNN_ATTENTION=0),
+#                  cuDNN's dense causal kernel (the default), SDPA's own choice (--equal_segments_attention sdpa),
 #                  and flex attention's document mask (MMTRAIN_PACKED_ATTENTION=flex_attention);
 #                  EQUAL_ORDER reorders them (default "cudnn sdpa flex"), EQUAL_PROFILE=NAME profiles that one
 #   fp8-zero       budget-seq2048's float8 run (BUDGET_TOKENS) at each of FP8_STAGES (default "2 0 none":
@@ -254,7 +254,7 @@ part_zero3_prefetch() {  # ZeRO-3 at 2048 tokens on two GPUs, DeepSpeed's prefet
 }
 
 fp8_problem() {  # why float8 cannot run here (empty: it can)
-    $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
+    $PY -c "from mmtrain.model import fp8; import torch; print(fp8.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
 }
 
 fp8_flag() {  # --fp8_base where float8 can run, nothing elsewhere (the parts that run either way)
@@ -300,18 +300,18 @@ part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the d
 }
 
 part_equal_segments() {  # equal-segments: the attention of rows of equal samples, three ways, one after another
-    local t=${BUDGET_TOKENS:-16384} way extra profile env
+    local t=${BUDGET_TOKENS:-16384} way extra profile env choice
     [ "$SMOKE" = 1 ] && t=512
     extra=($(fp8_flag))
     for way in ${EQUAL_ORDER:-cudnn sdpa flex}; do
         profile=off; [ "${EQUAL_PROFILE:-}" = "$way" ] && profile=on
         case $way in
-            cudnn) env=() ;;
-            sdpa) env=(MMTRAIN_CUDNN_ATTENTION=0) ;;
-            flex) env=(MMTRAIN_PACKED_ATTENTION=flex_attention) ;;
+            cudnn) env=(); choice=() ;;
+            sdpa) env=(); choice=(--equal_segments_attention sdpa) ;;
+            flex) env=(MMTRAIN_PACKED_ATTENTION=flex_attention); choice=() ;;
             *) echo "equal-segments: unknown way $way"; return 2 ;;
         esac
-        run env "${env[@]}" $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" "${extra[@]}" \
+        run env "${env[@]}" $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" "${extra[@]}" "${choice[@]}" \
             --plain skip --bf16_baseline skip --profile $profile --out "$OUT/budget_${TAG}_${t}_seq2048_equal_${way}.json"
     done
 }

@@ -86,7 +86,7 @@ def apply_deepspeed_settings(accelerator, items: list[str]) -> None:
     """``--deepspeed_set KEY=VALUE``: into the DeepSpeed config the engine will be made from (dotted keys)."""
     if not items:
         return
-    from mmtrain import compat
+    from mmtrain.compat import accelerate as accelerate_compat
 
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -97,8 +97,8 @@ def apply_deepspeed_settings(accelerator, items: list[str]) -> None:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    if compat.zero3_init_enabled(plugin):
-        compat.reinstall_hf_deepspeed_config(plugin)  # zero.Init reads the config too
+    if accelerate_compat.zero3_init_enabled(plugin):
+        accelerate_compat.reinstall_hf_deepspeed_config(plugin)  # zero.Init reads the config too
 
 
 class _LoopSteps:
@@ -123,7 +123,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
 
     from accelerate.utils import set_seed
 
-    from mmtrain import compat
+    from mmtrain.compat import transformers as transformers_compat
     from mmtrain.model.builder import check_model_config
     from mmtrain.model.counting import count_parameters
     from mmtrain.training import distributed, setup, speedups
@@ -202,7 +202,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
         build_and_prepare_s=ready_s,
         weights_built_on_device=on_device,
         # what the LM's attention dispatches to (packed rows: the trainer's choice, speedups.packed_attention)
-        lm_attention=compat.attn_implementation(built.model.language_model.config),
+        lm_attention=transformers_compat.attn_implementation(built.model.language_model.config),
     )
     result["_profile_step"] = (step, loader)
     result["_keep"] = (accelerator, model, optimizer, loop)

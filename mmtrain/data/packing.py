@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from mmtrain import compat
+from mmtrain.compat import transformers as transformers_compat
 from mmtrain.batch import is_varlen_attention
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
 from mmtrain.data.template import IGNORE_INDEX
@@ -142,7 +142,7 @@ def check_packed_attention(config) -> None:
     import inspect
 
     import transformers
-    from mmtrain.compat import create_causal_mask
+    from mmtrain.compat.transformers import create_causal_mask
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1]])
     offered = {
@@ -163,7 +163,7 @@ def check_packed_attention(config) -> None:
         return
     if mask is not None and not isinstance(mask, torch.Tensor):
         return  # a flex-attention BlockMask: built from the same packed-sequence function
-    implementation = compat.attn_implementation(config)
+    implementation = transformers_compat.attn_implementation(config)
     if is_varlen_attention(implementation):
         return  # no mask by design: the batch's cu_seq_lens carry the samples' boundaries
     if mask is None:

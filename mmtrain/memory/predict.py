@@ -277,14 +277,14 @@ def deepspeed_estimate(facts: ModelFacts, setup: MemorySetup) -> int | None:
     nodes = math.ceil(setup.num_gpus / per_node)
     if setup.zero_stage < 3:
         with _quiet_import():
-            from mmtrain.compat import estimate_zero2_model_states_mem_needs
+            from mmtrain.compat.deepspeed import estimate_zero2_model_states_mem_needs
 
         _, gpu = estimate_zero2_model_states_mem_needs(
             total, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=setup.offload != "none"
         )
         return int(gpu)
     with _quiet_import():
-        from mmtrain.compat import estimate_zero3_model_states_mem_needs
+        from mmtrain.compat.deepspeed import estimate_zero3_model_states_mem_needs
 
     _, gpu, _ = estimate_zero3_model_states_mem_needs(
         total,

@@ -19,7 +19,7 @@ import logging
 
 import transformers
 
-from mmtrain import compat
+from mmtrain.compat import transformers as transformers_compat
 
 logger = logging.getLogger("mmtrain")
 
@@ -28,7 +28,7 @@ FALLBACK = "eager"
 
 def attention_for(model_class: type, requested: str) -> tuple[str, str | None]:
     """``(implementation, why)``: ``requested`` if ``model_class`` can run it (``why`` is None), else eager and the reason."""
-    if compat.supports_attention(model_class, requested):
+    if transformers_compat.supports_attention(model_class, requested):
         return requested, None
     return FALLBACK, f"{model_class.__name__} cannot run {requested} attention in transformers {transformers.__version__}"
 

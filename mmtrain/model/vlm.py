@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from mmtrain import compat
+from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import label_positions
 from mmtrain.model.mmca import mmca_lm_kwargs
 from mmtrain.model.tokens import ImageTokens
@@ -99,7 +99,7 @@ class VisionLanguageModel(nn.Module):
         else:
             # Training on an accelerator: the same check without making the host wait
             # for the device (the collator builds spans and images together).
-            compat.assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
+            torch_compat.assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
         # The n-th <image> position in row-major order takes feature row n, so image k
         # lands on span k. This is masked_scatter's placement, written as a gather and a
         # select: masked_scatter's backward (masked_select) reads a count back from the

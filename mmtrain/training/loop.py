@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mmtrain import compat
+from mmtrain.compat import accelerate as accelerate_compat
 from mmtrain.model.pretrained import save_pretrained
 from mmtrain.data.packing import samples_in
 from mmtrain.data.preference import pairs_in
@@ -159,7 +159,7 @@ class Loop:
         for group, tokens in windows:
             self.step_tokens = tokens
             for i, batch in enumerate(group):
-                compat.set_sync_gradients(self.acc, i == len(group) - 1)
+                accelerate_compat.set_sync_gradients(self.acc, i == len(group) - 1)
                 yield batch
 
     def _accumulate(self):

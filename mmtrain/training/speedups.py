@@ -32,11 +32,11 @@ import os
 
 import torch
 
-from mmtrain import compat
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator, check_packed_attention
 from mmtrain.model.builder import BuiltModel
+from mmtrain.model import fp8, varlen_attention
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
@@ -111,7 +111,7 @@ def check_fp8(accelerator, train_args) -> None:
             "compute dtype around each layer, and float8 partitions (weights with separate scales) are not supported; "
             "use ZeRO 0-2 (e.g. accelerate_configs/zero2.yaml) or drop the flag"
         )
-    problem = compat.float8_matmul_problem(accelerator.device)
+    problem = fp8.float8_matmul_problem(accelerator.device)
     if problem:
         raise ConfigError(f"{' and '.join(flags)} needs float8 tensor cores, but {problem}")
 
@@ -137,9 +137,9 @@ def packed_attention(accelerator, data_args) -> str | None:
     # keeps the materialised mask.
     kernel = os.environ.get("MMTRAIN_PACKED_ATTENTION")
     if kernel is None:
-        problem = compat.flash_attention_problem(accelerator.device, distributed.compute_dtype(accelerator))
+        problem = varlen_attention.flash_attention_problem(accelerator.device, distributed.compute_dtype(accelerator))
         return "flex_attention" if problem else "flash_varlen"
-    valid = ("flex_attention", "sdpa", *compat.VARLEN_KERNELS)
+    valid = ("flex_attention", "sdpa", *varlen_attention.VARLEN_KERNELS)
     if kernel not in valid:
         raise ConfigError(f"MMTRAIN_PACKED_ATTENTION={kernel!r}: valid are {', '.join(valid)}")
     return None if kernel == "sdpa" else kernel

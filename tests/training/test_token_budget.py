@@ -117,15 +117,15 @@ def test_packed_rows_take_the_offsets_on_cuda_and_flex_attention_where_flash_att
 
     import torch
 
-    from mmtrain import compat
     from mmtrain.args import DataArguments
+    from mmtrain.model import varlen_attention
     from mmtrain.training.speedups import packed_attention
 
     cuda, cpu = (SimpleNamespace(device=torch.device(d), mixed_precision="bf16") for d in ("cuda", "cpu"))
     budget = DataArguments(max_tokens_per_batch=4096)
-    monkeypatch.setattr(compat, "flash_attention_problem", lambda device, dtype: None)
+    monkeypatch.setattr(varlen_attention, "flash_attention_problem", lambda device, dtype: None)
     assert packed_attention(cuda, budget) == "flash_varlen"
-    monkeypatch.setattr(compat, "flash_attention_problem", lambda device, dtype: f"{device.type} {dtype}")
+    monkeypatch.setattr(varlen_attention, "flash_attention_problem", lambda device, dtype: f"{device.type} {dtype}")
     assert packed_attention(cuda, budget) == "flex_attention"
     assert packed_attention(cpu, budget) is None  # SDPA's mask: flex attention has no CPU backward
     assert packed_attention(cuda, DataArguments()) is None  # padded batches keep SDPA's causal kernel
