@@ -126,7 +126,7 @@ def make_kernel(name, lengths, heads, device):
         return make_flex(lengths, heads, device, kernel_options=FLEX_VARIANTS[name])
     if name == "flex_autotune":
         return make_flex(lengths, heads, device, mode="max-autotune-no-cudagraphs")
-    if name in varlen_attention.VARLEN_KERNELS:  # the trainer's own kernels (MMTRAIN_PACKED_ATTENTION)
+    if name in varlen_attention.VARLEN_KERNELS:  # the trainer's own kernels (--packed_attention)
         return lambda q, k, v: varlen_attention.varlen_attention(name, q, k, v, cu, max_len, None)
     if name == "cudnn_dense":
         if len(set(lengths)) != 1:

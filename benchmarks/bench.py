@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops_source": peak_source,
         "max_tokens_per_batch": data_args.max_tokens_per_batch,
         "fp8_base": train_args.fp8_base,
-        # the packed-row attention kernel when a measurement switch chose it (training/speedups.packed_attention)
-        "packed_attention_switch": os.environ.get("MMTRAIN_PACKED_ATTENTION"),
+        # --packed_attention as given (auto: mmtrain.model.attention.packed_kernel decides)
+        "packed_attention": train_args.packed_attention,
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
     timed_n = timed_samples(opts, data_args, image_tokens.span_length)

@@ -201,7 +201,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
         trainable_params=sum(c["trainable"] for c in counts.values()),
         build_and_prepare_s=ready_s,
         weights_built_on_device=on_device,
-        # what the LM's attention dispatches to (packed rows: the trainer's choice, speedups.packed_attention)
+        # what the LM's attention dispatches to (packed rows: the trainer's choice, mmtrain.model.attention.packed_kernel)
         lm_attention=transformers_compat.attn_implementation(built.model.language_model.config),
     )
     result["_profile_step"] = (step, loader)

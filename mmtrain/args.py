@@ -332,6 +332,14 @@ class TrainArguments:
             "training on a CUDA GPU (+16%% tokens/s on ref-7b, +27%% with MMCA), off otherwise."
         ),
     )
+    packed_attention: Literal["auto", "flash_varlen", "flex_attention", "sdpa"] = field(
+        default="auto",
+        metadata=_help(
+            "LM attention for the packed rows of --max_tokens_per_batch on a CUDA GPU. auto: FlashAttention-2's "
+            "variable-length kernel (each sample its own sequence) where it runs, else flex_attention (a document mask "
+            "that skips the blocks across samples); sdpa: SDPA under the whole row's mask. CPU runs always take sdpa."
+        ),
+    )
     fused_lora: bool = field(
         default=True,
         metadata=_help(
@@ -533,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     check_batch_size_flags(argv, data_args)
     check_streaming_flags(model_args, data_args, train_args)
     check_fp8_flags(model_args, train_args)
+    if train_args.packed_attention != "auto" and not data_args.max_tokens_per_batch:
+        raise ConfigError(f"--packed_attention {train_args.packed_attention} chooses the attention of --max_tokens_per_batch rows; add that flag or drop this one")
     check_dpo_flags(model_args, data_args, train_args)
     return model_args, data_args, train_args
 

@@ -5,7 +5,7 @@ attending only to itself. Flex attention gets them as a document block mask and 
 the blocks between samples; a variable-length kernel instead gets the samples'
 cumulative offsets in the flattened token stream and runs each as its own causal
 sequence, with no mask at all. FlashAttention-2's is the trainer's default on CUDA where
-it can run (``training/speedups.packed_attention``): on an H200 its attention took 18%
+it can run (:func:`mmtrain.model.attention.packed_kernel`): on an H200 its attention took 18%
 less time than flex attention on samples of 683-1582 tokens
 (``benchmarks/attention_kernels.py``), and float8 ref-7b trained 6.9% faster on them.
 
