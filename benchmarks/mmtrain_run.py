@@ -128,8 +128,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     from mmtrain.model.counting import count_parameters
     from mmtrain.training import distributed, setup, speedups
     from mmtrain.training.checkpoint import TrainerState
-    from mmtrain.training.engine_view import EngineView
-    from mmtrain.training.loop import Loop
+    from mmtrain.training.engine_view import EngineView, Prepared
+    from mmtrain.training.loop import Loop, LoopInputs, RunFlags
 
     check_model_config(model_args)
     accelerator = distributed.make_accelerator(train_args)
@@ -171,9 +171,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
               f"(weights drawn on the GPU: {on_device})", flush=True)
     # No eval, checkpoints or metrics: the bench calls train_step alone.
     loop = Loop(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader, eval_loader=None,
-        data=None, built=built, checkpointer=None, metrics=None, state=TrainerState(), model_args=model_args,
-        data_args=data_args, train_args=train_args, total_steps=total_steps,
+        Prepared(accelerator, model, optimizer, scheduler), LoopInputs(loader, None, None, built), RunFlags(model_args, data_args, train_args),
+        checkpointer=None, metrics=None, state=TrainerState(), total_steps=total_steps,
     )
 
     def step(batch):
