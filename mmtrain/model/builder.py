@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.attention import use_packed_attention
 from mmtrain.model.config import LORA_SCOPE_AUTO, SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
@@ -27,7 +28,7 @@ from mmtrain.model.language import NewTokenEmbedding, build_language_model, lang
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
 from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
-from mmtrain.model.tokens import ImageTokens, add_image_tokens
+from mmtrain.model.tokens import add_image_tokens
 from mmtrain.model.vision import build_vision_encoder, load_image_processor, tower_specs
 from mmtrain.model.vlm import VisionLanguageModel
 

@@ -22,8 +22,8 @@ from transformers.utils import ModelOutput
 
 from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import label_positions
+from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.mmca import mmca_lm_kwargs
-from mmtrain.model.tokens import ImageTokens
 from mmtrain.model.varlen_attention import varlen_lm_kwargs
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
