@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
@@ -26,6 +27,14 @@ from mmtrain.model.errors import ConfigError  # one error class for flags and mo
 
 def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
+
+
+def naming_flags(error: ConfigError) -> ConfigError:
+    """``error`` as the command line says it: each config field it names written as the flag of that name."""
+    message = str(error)
+    for name in error.fields:
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", f"--{name}", message)
+    return ConfigError(message)
 
 
 @dataclass
@@ -47,7 +56,10 @@ class ModelArguments(VLMConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ConfigError as e:
+            raise naming_flags(e) from None
         if self.cache_vision_features and self.vis_lora_dim > 0:
             raise ConfigError(
                 f"--cache_vision_features needs a frozen vision encoder, but --vis_lora_dim {self.vis_lora_dim} trains it "
