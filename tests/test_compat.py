@@ -303,7 +303,7 @@ def test_transformers_repeat_kv_repeats_each_kv_head_in_place():
 
 
 def test_transformers_create_causal_mask_splits_packed_samples():
-    from mmtrain.data.packing import check_packed_attention
+    from mmtrain.model.attention import check_packed_attention
 
     with pinned("transformers", "transformers.masking_utils.create_causal_mask with restarting position_ids"):
         assert transformers_compat.create_causal_mask.__module__ == "transformers.masking_utils"

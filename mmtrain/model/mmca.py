@@ -63,7 +63,6 @@ from transformers import AttentionInterface
 
 from mmtrain.compat import transformers as transformers_compat
 from mmtrain.compat.transformers import repeat_kv
-from mmtrain.model.attention import attention_for
 
 IMAGE_MASK_KWARG = "mmca_image_mask"
 IMAGE_ATTENTION = ("same_image", "self")
@@ -291,6 +290,8 @@ def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") 
     """Switch ``language_model`` (a transformers model) to MMCA; raises if it cannot dispatch it."""
     if image_attention not in IMAGE_ATTENTION:
         raise ValueError(f"image_attention {image_attention!r}: valid are {', '.join(IMAGE_ATTENTION)}")
+    from mmtrain.model.attention import attention_for  # attention.py imports this module
+
     _, why = attention_for(type(language_model), "sdpa")
     if why:  # e.g. capped attention logits, which MMCA's SDPA calls would drop
         raise ValueError(f"--enable_mmca_attention: MMCA computes its attention through SDPA, and {why}")

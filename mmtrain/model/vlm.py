@@ -23,8 +23,7 @@ from transformers.utils import ModelOutput
 from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import label_positions
 from mmtrain.image_tokens import ImageTokens
-from mmtrain.model.mmca import mmca_lm_kwargs
-from mmtrain.model.varlen_attention import varlen_lm_kwargs
+from mmtrain.model.attention import decoder_kwargs
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
 
@@ -155,11 +154,7 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features, image_repeats)
         body = self.language_model.get_decoder()
-        lm_kwargs = {
-            **mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id),
-            **varlen_lm_kwargs(self.language_model, cu_seq_lens, max_segment_len, input_ids.numel()),
-            **lm_kwargs,
-        }
+        lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
         hidden = body(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **lm_kwargs
         ).last_hidden_state

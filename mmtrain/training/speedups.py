@@ -34,7 +34,7 @@ import torch
 
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
-from mmtrain.data.packing import PackingCollator, check_packed_attention
+from mmtrain.data.packing import PackingCollator
 from mmtrain.model.builder import BuiltModel
 from mmtrain.model import attention, fp8
 from mmtrain.model.config import SpeedOptions
@@ -51,9 +51,9 @@ def make_train_collator(built: BuiltModel, model_args, data_args) -> BatchCollat
     pad = built.tokenizer.pad_token_id
     if data_args.packing or data_args.max_tokens_per_batch:
         try:
-            check_packed_attention(built.model.language_model.config)
+            attention.check_packed_attention(built.model.language_model.config)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"--packing / --max_tokens_per_batch: {err}") from None
     if data_args.max_tokens_per_batch:
         images = f", at most {data_args.max_images_per_batch} images" if data_args.max_images_per_batch else ""
         logger.info(f"token budget: each micro-batch packs whole samples into one row of up to {data_args.max_tokens_per_batch} tokens{images}")

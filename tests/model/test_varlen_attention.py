@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmtrain.data import Collator
-from mmtrain.data.packing import PackingCollator, check_packed_attention
+from mmtrain.data.packing import PackingCollator
+from mmtrain.model.attention import check_packed_attention
 from mmtrain.model import build_model
 from mmtrain.model import varlen_attention
 from mmtrain.model.config import SpeedOptions
