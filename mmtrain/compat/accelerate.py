@@ -12,7 +12,6 @@ from __future__ import annotations
 # ``set_deepspeed_weakref()``. Neither is documented.
 
 
-
 def zero3_init_enabled(plugin) -> bool:
     """Whether models are built partitioned (``zero.Init``) under accelerate's DeepSpeed ``plugin``.
 
@@ -23,18 +22,17 @@ def zero3_init_enabled(plugin) -> bool:
     return bool(plugin.zero3_init_flag)
 
 
-
 def reinstall_hf_deepspeed_config(plugin) -> None:
     """Hand transformers a fresh copy of ``plugin.deepspeed_config`` (what ``zero.Init`` will read).
 
     Needed after we edit the config following the Accelerator's creation (the stage-3
-    persistence threshold), and to restore it after :func:`unset_hf_deepspeed_config`.
+    persistence threshold), and to restore it after
+    :func:`mmtrain.compat.transformers.unset_hf_deepspeed_config`.
     Dropping ``plugin.dschf`` first mirrors accelerate's own context manager; the new
     object must stay referenced by the plugin or transformers' weak reference dies.
     """
     plugin.dschf = None
     plugin.set_deepspeed_weakref()
-
 
 
 def set_sync_gradients(accelerator, sync: bool) -> None:

@@ -65,7 +65,6 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-
 # --- optimizer state behind Accelerate's and DeepSpeed's wrappers ---------------------
 #
 # A resume on another process count writes each trainable parameter's Adam moments and
@@ -86,7 +85,6 @@ def base_optimizer(optimizer):
     while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
-
 
 
 def fp32_masters(optimizer) -> dict[int, tuple[torch.Tensor, int]]:
@@ -142,7 +140,6 @@ def link_zero_optimizer_state(optimizer) -> None:
         wrapper._lazy_init_hp_params_optimizer_state()
 
 
-
 def _estimate_zero2():
     # DeepSpeed's memory estimator, the form taking a parameter count instead of a model
     # (the documented ..._all_live variants need the model); returns (cpu_bytes, gpu_bytes).
@@ -157,7 +154,6 @@ def _estimate_zero3():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     return estimate_zero3_model_states_mem_needs
-
 
 
 _LAZY = {

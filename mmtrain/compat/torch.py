@@ -32,7 +32,6 @@ def assert_async(condition: torch.Tensor, message: str) -> None:
 BatchNormBase: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 
 
-
 def disable_inductor_matmul_padding() -> None:
     """Turn off inductor's matmul shape padding (``torch._inductor.config.shape_padding``).
 

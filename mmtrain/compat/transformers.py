@@ -108,7 +108,6 @@ def register_attention_mask(name: str, mask_function: Callable[..., torch.Tensor
     AttentionMaskInterface.register(name, mask_function)
 
 
-
 def unset_hf_deepspeed_config() -> None:
     """Drop the DeepSpeed config transformers holds, so ``is_deepspeed_zero3_enabled()`` is False.
 
@@ -121,7 +120,6 @@ def unset_hf_deepspeed_config() -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config as unset
 
     unset()
-
 
 
 def _repeat_kv():
@@ -142,7 +140,6 @@ def _create_causal_mask():
     from transformers.masking_utils import create_causal_mask
 
     return create_causal_mask
-
 
 
 _LAZY = {"repeat_kv": _repeat_kv, "create_causal_mask": _create_causal_mask}
