@@ -39,9 +39,9 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   above with the same meaning. It also adds ``cu_seq_lens`` [S + 1] int32: the
   cumulative starts of the S segments of the rows read end to end as one stream of
   ``B * L`` tokens (each packed sample, and each row's padding tail, is a segment), and
-  ``max_segment_len`` (a Python int), the longest segment. Attention implementations
-  named ``VARLEN_ATTENTION_PREFIX + kernel`` take the samples apart by these instead of a
-  mask (``mmtrain.model.varlen_attention``).
+  ``max_segment_len`` (a Python int), the longest segment. The model's variable-length
+  attention kernels take the samples apart by these instead of a mask
+  (``mmtrain.model.varlen_attention``).
 """
 
 from __future__ import annotations
@@ -54,12 +54,6 @@ IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
 OPTIONAL_KEYS = ("label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len")
-VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
-
-
-def is_varlen_attention(implementation: str | None) -> bool:
-    """Whether an attention implementation name is one of the variable-length kernels (sample offsets, no mask)."""
-    return bool(implementation) and implementation.startswith(VARLEN_ATTENTION_PREFIX)
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:

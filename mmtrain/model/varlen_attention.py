@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from mmtrain.batch import VARLEN_ATTENTION_PREFIX, is_varlen_attention
 from mmtrain.compat import torch as torch_compat
 from mmtrain.compat import transformers as transformers_compat
 
@@ -133,6 +132,7 @@ def cudnn_attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 KERNELS = (*VARLEN_KERNELS, "reference")
+VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
 # The registered names. None may contain "flash": transformers takes any such name for a
 # FlashAttention build or a Hub kernel to load (``is_flash_attention_requested``), and on a
 # GPU that failed with "Could not find the currently requested flash attention implementation".
@@ -140,6 +140,11 @@ _SHORT_NAMES = {"flash_varlen": "fa2", "reference": "reference"}
 OFFSETS_KWARG = "mmtrain_cu_seq_lens"
 LONGEST_KWARG = "mmtrain_max_segment_len"
 SEGMENT_LEN_KWARG = "mmtrain_segment_len"  # instead of the two above: every segment this long
+
+
+def is_varlen_attention(implementation: str | None) -> bool:
+    """Whether an attention implementation name is one of the variable-length kernels (sample offsets, no mask)."""
+    return bool(implementation) and implementation.startswith(VARLEN_ATTENTION_PREFIX)
 
 
 def implementation(kernel: str) -> str:
