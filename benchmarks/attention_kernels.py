@@ -7,7 +7,7 @@ sample (causal within it). This times the kernels that can do that on one row of
 - ``flex``: flex attention with a document-causal block mask, compiled (what mmtrain uses
   for packed rows on CUDA where FlashAttention-2 cannot run);
 - ``flash_varlen``: FlashAttention-2's variable-length kernel (``aten._flash_attention_forward``
-  with cumulative sequence offsets), the trainer's default (``compat.varlen_attention``).
+  with cumulative sequence offsets), the trainer's default (``mmtrain.model.varlen_attention.varlen_attention``).
   cuDNN's variable-length call (``aten._cudnn_attention_forward`` with offsets) was
   measured here on torch 2.11 at 5 TFLOP/s with wrong query and key gradients
   (``attention_kernels_h200_*.json`` at ca89e13) and is no longer offered;
@@ -43,7 +43,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 for _path in (HERE, os.path.dirname(HERE)):  # benchmarks/ (not a package) and this checkout's mmtrain
     if _path not in sys.path:
         sys.path.insert(0, _path)
-from mmtrain import compat  # noqa: E402
 from mmtrain.model import varlen_attention  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
@@ -127,8 +126,8 @@ def make_kernel(name, lengths, heads, device):
         return make_flex(lengths, heads, device, kernel_options=FLEX_VARIANTS[name])
     if name == "flex_autotune":
         return make_flex(lengths, heads, device, mode="max-autotune-no-cudagraphs")
-    if name in compat.VARLEN_KERNELS:  # the trainer's own kernels (MMTRAIN_PACKED_ATTENTION)
-        return lambda q, k, v: compat.varlen_attention(name, q, k, v, cu, max_len, None)
+    if name in varlen_attention.VARLEN_KERNELS:  # the trainer's own kernels (--packed_attention)
+        return lambda q, k, v: varlen_attention.varlen_attention(name, q, k, v, cu, max_len, None)
     if name == "cudnn_dense":
         if len(set(lengths)) != 1:
             return None

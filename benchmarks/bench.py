@@ -205,6 +205,11 @@ class BenchArguments:
         metadata={"help": "mmtrain on each of these process counts, one GPU each (e.g. 1 2): each count in processes of its own, "
                   "started with torch.distributed.run; with more than one, scaling efficiency against the first."},
     )
+    equal_segments_attention: Literal["cudnn", "sdpa"] = field(
+        default="cudnn",
+        metadata={"help": "Packed rows whose samples all have one length (under a variable-length kernel): cuDNN's dense "
+                  "causal kernel, as training has it, or SDPA's own choice (to measure one against the other)."},
+    )
     out: Optional[str] = field(default=None, metadata={"help": "JSON file to write."})
 
     def __post_init__(self):
@@ -349,7 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtrain.training.distributed import prepare_environment
 
     prepare_environment()  # before DeepSpeed is imported (through the set-up below)
+    from mmtrain.model.varlen_attention import use_cudnn_dense
     from mmtrain.training.speedups import should_compile
+
+    use_cudnn_dense(opts.equal_segments_attention == "cudnn")
 
     compiled = should_compile(torch.device("cuda" if cuda else "cpu"), train_args)  # as the run will decide
     tokenizer, image_tokens, image_size = image_token_layout(model_args)
@@ -375,8 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops_source": peak_source,
         "max_tokens_per_batch": data_args.max_tokens_per_batch,
         "fp8_base": train_args.fp8_base,
-        # the packed-row attention kernel when a measurement switch chose it (training/speedups.packed_attention)
-        "packed_attention_switch": os.environ.get("MMTRAIN_PACKED_ATTENTION"),
+        # --packed_attention as given (auto: mmtrain.model.attention.packed_kernel decides)
+        "packed_attention": train_args.packed_attention,
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
     timed_n = timed_samples(opts, data_args, image_tokens.span_length)

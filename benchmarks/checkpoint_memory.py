@@ -163,7 +163,7 @@ def measure_portable_only(opts, flags: list[str], output_dir: str) -> dict:
 
     cuda = torch.cuda.is_available()
     os.environ.update(accelerate_environment(SimpleNamespace(zero_stage=opts.zero_stage, offload="none", precision="bf16" if cuda else "fp32")))
-    from mmtrain import compat
+    from mmtrain.compat import deepspeed as deepspeed_compat
     from mmtrain.args import parse_args
     from mmtrain.data import build_datasets, read_sources
     from mmtrain.training import distributed, portable_state, setup, speedups
@@ -190,7 +190,7 @@ def measure_portable_only(opts, flags: list[str], output_dir: str) -> dict:
     if cuda:
         torch.cuda.synchronize()
     trainable = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
-    largest = 4 * max(compat.full_numel(p) for p in trainable)
+    largest = 4 * max(deepspeed_compat.full_numel(p) for p in trainable)
     sink = opts.sink or os.path.join(output_dir, portable_state.PORTABLE_STATE)
     deepspeed = distributed.deepspeed_plugin(accelerator) is not None
     start = time.time()
@@ -202,7 +202,7 @@ def measure_portable_only(opts, flags: list[str], output_dir: str) -> dict:
         "sink": opts.sink or "<output_dir>/" + portable_state.PORTABLE_STATE,
         "write_s": round(time.time() - start, 1),
         "loss": out.loss.detach().item(),
-        "trainable_parameters": sum(compat.full_numel(p) for p in trainable),
+        "trainable_parameters": sum(deepspeed_compat.full_numel(p) for p in trainable),
         "rss_before": watch.start,
         "rss_after": rss_bytes(),
         "per_rank": {"portable_state_rss_growth": [watch.growth], "portable_state_host_copy_peak": [report.host_peak_bytes]},

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The trainer with its float8 device check answered "runs here": torch's CPU _scaled_mm
 # (torch >= 2.13) computes float8 products with the same quantisation as the GPU, slowly,
 # so --fp8_base's effect on what the default run learns can be measured without a GPU.
-CPU_FLOAT8 = "from mmtrain import compat; compat.float8_matmul_problem = lambda device: None; from mmtrain.train import cli; cli()"
+CPU_FLOAT8 = "from mmtrain.model import fp8; fp8.float8_matmul_problem = lambda device: None; from mmtrain.train import cli; cli()"
 ENTRY_POINTS = {
     "python": [sys.executable, "-m", "mmtrain.train"],
     "python-cpu-float8": [sys.executable, "-c", CPU_FLOAT8],

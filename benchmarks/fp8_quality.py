@@ -43,9 +43,9 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mmtrain import compat, presets  # noqa: E402
+from mmtrain import presets  # noqa: E402
 from mmtrain.model.decoder_layers import decoder_layers  # noqa: E402
-from mmtrain.model.fp8 import convert_frozen_linears  # noqa: E402
+from mmtrain.model.fp8 import convert_frozen_linears, float8_matmul_problem  # noqa: E402
 from mmtrain.model.fused_lora import fuse_lora_layers  # noqa: E402
 from mmtrain.model.lora import apply_lora  # noqa: E402
 
@@ -135,7 +135,7 @@ def train(args, fp8: bool, data: list[torch.Tensor]) -> tuple[list[float], float
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    problem = compat.float8_matmul_problem(args.device)
+    problem = float8_matmul_problem(args.device)
     if problem:
         print(f"note: {problem}; torch's CPU float8 products give the same numbers, only slowly", flush=True)
     vocab = presets.preset_config(args.preset).vocab_size

@@ -31,14 +31,14 @@
 #   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex and its options,
 #                  FlashAttention-2 varlen, cuDNN dense) on one 16,384-token row, 2048-token samples and the mix
 #   varlen[:W]     fp8's budget runs (W: seq2048, mix, or both) with packed rows through flex attention and
-#                  FlashAttention-2's varlen kernel (MMTRAIN_PACKED_ATTENTION=flex_attention, flash_varlen)
+#                  FlashAttention-2's varlen kernel (--packed_attention flex_attention, flash_varlen)
 #   fp8[:W]        the frozen base in float8 (--fp8_base) on one GPU of compute capability >= 8.9:
 #                  budget-seq2048's and budget's first runs (BUDGET_TOKENS; W: seq2048, mix, or both)
 #                  with --fp8_base, profiled; each JSON also holds the plain loop's batch search and
 #                  mmtrain in bfloat16 on the same samples
 #   equal-segments budget-seq2048's float8 run (BUDGET_TOKENS) three ways, each row of equal samples through:
-#                  cuDNN's dense causal kernel (the default), SDPA's own choice (MMTRAIN_CUDNN_ATTENTION=0),
-#                  and flex attention's document mask (MMTRAIN_PACKED_ATTENTION=flex_attention);
+#                  cuDNN's dense causal kernel (the default), SDPA's own choice (--equal_segments_attention sdpa),
+#                  and flex attention's document mask (--packed_attention flex_attention);
 #                  EQUAL_ORDER reorders them (default "cudnn sdpa flex"), EQUAL_PROFILE=NAME profiles that one
 #   fp8-zero       budget-seq2048's float8 run (BUDGET_TOKENS) at each of FP8_STAGES (default "2 0 none":
 #                  ZeRO-2, ZeRO-0, no DeepSpeed): what ZeRO-2's per-tensor gradient copies cost on one GPU;
@@ -213,7 +213,7 @@ part_budget() {
     run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --out "$OUT/budget_${TAG}_${t}.json"
     run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --max_tokens_per_batch "$t" --enable_mmca_attention \
         --out "$OUT/budget_${TAG}_${t}_mmca.json"
-    MMTRAIN_PACKED_ATTENTION=sdpa run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile on --max_tokens_per_batch "$t" \
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile on --max_tokens_per_batch "$t" --packed_attention sdpa \
         --out "$OUT/budget_${TAG}_${t}_sdpa.json"
 }
 
@@ -262,7 +262,7 @@ part_zero3_prefetch() {  # ZeRO-3 at 2048 tokens on two GPUs, DeepSpeed's prefet
 }
 
 fp8_problem() {  # why float8 cannot run here (empty: it can)
-    $PY -c "from mmtrain import compat; import torch; print(compat.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
+    $PY -c "from mmtrain.model import fp8; import torch; print(fp8.float8_matmul_problem('cuda' if torch.cuda.is_available() else 'cpu') or '')"
 }
 
 fp8_flag() {  # --fp8_base where float8 can run, nothing elsewhere (the parts that run either way)
@@ -308,18 +308,18 @@ part_fp8_zero() {  # fp8-zero: the float8 2048-token budget run at ZeRO-2 (the d
 }
 
 part_equal_segments() {  # equal-segments: the attention of rows of equal samples, three ways, one after another
-    local t=${BUDGET_TOKENS:-16384} way extra profile env
+    local t=${BUDGET_TOKENS:-16384} way extra profile choice
     [ "$SMOKE" = 1 ] && t=512
     extra=($(fp8_flag))
     for way in ${EQUAL_ORDER:-cudnn sdpa flex}; do
         profile=off; [ "${EQUAL_PROFILE:-}" = "$way" ] && profile=on
         case $way in
-            cudnn) env=() ;;
-            sdpa) env=(MMTRAIN_CUDNN_ATTENTION=0) ;;
-            flex) env=(MMTRAIN_PACKED_ATTENTION=flex_attention) ;;
+            cudnn) choice=() ;;
+            sdpa) choice=(--equal_segments_attention sdpa) ;;
+            flex) choice=(--packed_attention flex_attention) ;;
             *) echo "equal-segments: unknown way $way"; return 2 ;;
         esac
-        run env "${env[@]}" $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" "${extra[@]}" \
+        run $PY benchmarks/bench.py "${BENCH[@]}" "${FULL[@]}" --max_tokens_per_batch "$t" "${extra[@]}" "${choice[@]}" \
             --plain skip --bf16_baseline skip --profile $profile --out "$OUT/budget_${TAG}_${t}_seq2048_equal_${way}.json"
     done
 }
@@ -332,7 +332,7 @@ part_varlen() {  # varlen[:seq2048|:mix]: the float8 budget runs with flex atten
         [ "$which" = all ] || [ "$which" = "$workload" ] || continue
         samples=(); [ "$workload" = seq2048 ] && samples=("${FULL[@]}")
         for kernel in flex_attention flash_varlen; do
-            MMTRAIN_PACKED_ATTENTION=$kernel run $PY benchmarks/bench.py "${BENCH[@]}" "${samples[@]}" --max_tokens_per_batch "$t" "${extra[@]}" \
+            run $PY benchmarks/bench.py "${BENCH[@]}" "${samples[@]}" --max_tokens_per_batch "$t" --packed_attention "$kernel" "${extra[@]}" \
                 --plain skip --bf16_baseline skip --profile off --out "$OUT/budget_${TAG}_${t}_${workload}_${kernel}.json"
         done
     done

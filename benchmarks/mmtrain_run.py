@@ -86,7 +86,7 @@ def apply_deepspeed_settings(accelerator, items: list[str]) -> None:
     """``--deepspeed_set KEY=VALUE``: into the DeepSpeed config the engine will be made from (dotted keys)."""
     if not items:
         return
-    from mmtrain import compat
+    from mmtrain.compat import accelerate as accelerate_compat
 
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -97,8 +97,8 @@ def apply_deepspeed_settings(accelerator, items: list[str]) -> None:
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    if compat.zero3_init_enabled(plugin):
-        compat.reinstall_hf_deepspeed_config(plugin)  # zero.Init reads the config too
+    if accelerate_compat.zero3_init_enabled(plugin):
+        accelerate_compat.reinstall_hf_deepspeed_config(plugin)  # zero.Init reads the config too
 
 
 class _LoopSteps:
@@ -123,13 +123,13 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
 
     from accelerate.utils import set_seed
 
-    from mmtrain import compat
+    from mmtrain.compat import transformers as transformers_compat
     from mmtrain.model.builder import check_model_config
     from mmtrain.model.counting import count_parameters
     from mmtrain.training import distributed, setup, speedups
     from mmtrain.training.checkpoint import TrainerState
-    from mmtrain.training.engine_view import EngineView
-    from mmtrain.training.loop import Loop
+    from mmtrain.training.engine_view import EngineView, Prepared
+    from mmtrain.training.loop import Loop, LoopInputs, RunFlags
 
     check_model_config(model_args)
     accelerator = distributed.make_accelerator(train_args)
@@ -171,9 +171,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
               f"(weights drawn on the GPU: {on_device})", flush=True)
     # No eval, checkpoints or metrics: the bench calls train_step alone.
     loop = Loop(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader, eval_loader=None,
-        data=None, built=built, checkpointer=None, metrics=None, state=TrainerState(), model_args=model_args,
-        data_args=data_args, train_args=train_args, total_steps=total_steps,
+        Prepared(accelerator, model, optimizer, scheduler), LoopInputs(loader, None, None, built), RunFlags(model_args, data_args, train_args),
+        checkpointer=None, metrics=None, state=TrainerState(), total_steps=total_steps,
     )
 
     def step(batch):
@@ -201,8 +200,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
         trainable_params=sum(c["trainable"] for c in counts.values()),
         build_and_prepare_s=ready_s,
         weights_built_on_device=on_device,
-        # what the LM's attention dispatches to (packed rows: the trainer's choice, speedups.packed_attention)
-        lm_attention=compat.attn_implementation(built.model.language_model.config),
+        # what the LM's attention dispatches to (packed rows: the trainer's choice, mmtrain.model.attention.packed_kernel)
+        lm_attention=transformers_compat.attn_implementation(built.model.language_model.config),
     )
     result["_profile_step"] = (step, loader)
     result["_keep"] = (accelerator, model, optimizer, loop)

@@ -3,8 +3,9 @@
 The package reads as the architecture: ``model/`` (vision encoder -> projector ->
 language model), ``data/`` (records -> template -> dataset -> collator), ``training/``
 (accelerator, loop, checkpoints), and the commands ``train``, ``budget``, ``memory``,
-``generate`` and ``export`` (each ``python -m mmtrain.<command>``). The throughput
-benchmark is a script outside the package, ``benchmarks/bench.py``.
+``generate`` and ``export``. Below both ``model/`` and ``data/`` lie the contracts they
+share (``batch``, ``image_tokens``) and ``compat/``, the one place that reaches into other
+libraries' internals; ``tests/test_layering.py`` keeps imports going down that tree.
 """
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
@@ -26,6 +27,14 @@ from mmtrain.model.errors import ConfigError  # one error class for flags and mo
 
 def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
+
+
+def naming_flags(error: ConfigError) -> ConfigError:
+    """``error`` as the command line says it: each config field it names written as the flag of that name."""
+    message = str(error)
+    for name in error.fields:
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", f"--{name}", message)
+    return ConfigError(message)
 
 
 @dataclass
@@ -47,7 +56,10 @@ class ModelArguments(VLMConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ConfigError as e:
+            raise naming_flags(e) from None
         if self.cache_vision_features and self.vis_lora_dim > 0:
             raise ConfigError(
                 f"--cache_vision_features needs a frozen vision encoder, but --vis_lora_dim {self.vis_lora_dim} trains it "
@@ -332,6 +344,14 @@ class TrainArguments:
             "training on a CUDA GPU (+16%% tokens/s on ref-7b, +27%% with MMCA), off otherwise."
         ),
     )
+    packed_attention: Literal["auto", "flash_varlen", "flex_attention", "sdpa"] = field(
+        default="auto",
+        metadata=_help(
+            "LM attention for the packed rows of --max_tokens_per_batch on a CUDA GPU. auto: FlashAttention-2's "
+            "variable-length kernel (each sample its own sequence) where it runs, else flex_attention (a document mask "
+            "that skips the blocks across samples); sdpa: SDPA under the whole row's mask. CPU runs always take sdpa."
+        ),
+    )
     fused_lora: bool = field(
         default=True,
         metadata=_help(
@@ -533,6 +553,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     check_batch_size_flags(argv, data_args)
     check_streaming_flags(model_args, data_args, train_args)
     check_fp8_flags(model_args, train_args)
+    if train_args.packed_attention != "auto" and not data_args.max_tokens_per_batch:
+        raise ConfigError(f"--packed_attention {train_args.packed_attention} chooses the attention of --max_tokens_per_batch rows; add that flag or drop this one")
     check_dpo_flags(model_args, data_args, train_args)
     return model_args, data_args, train_args
 

@@ -39,9 +39,9 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   above with the same meaning. It also adds ``cu_seq_lens`` [S + 1] int32: the
   cumulative starts of the S segments of the rows read end to end as one stream of
   ``B * L`` tokens (each packed sample, and each row's padding tail, is a segment), and
-  ``max_segment_len`` (a Python int), the longest segment. Attention implementations
-  named ``VARLEN_ATTENTION_PREFIX + kernel`` take the samples apart by these instead of a
-  mask (``mmtrain.model.varlen_attention``).
+  ``max_segment_len`` (a Python int), the longest segment. The model's variable-length
+  attention kernels take the samples apart by these instead of a mask
+  (``mmtrain.model.varlen_attention``).
 * ``label_samples`` [K] long and ``num_samples`` (a Python int): which of the batch's
   ``num_samples`` samples each target of ``label_positions`` belongs to, where samples
   are not rows (a token budget's pairs packed into one row): the model's per-sample loss
@@ -62,12 +62,6 @@ OPTIONAL_KEYS = (
     "label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len",
     "label_samples", "num_samples",
 )
-VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
-
-
-def is_varlen_attention(implementation: str | None) -> bool:
-    """Whether an attention implementation name is one of the variable-length kernels (sample offsets, no mask)."""
-    return bool(implementation) and implementation.startswith(VARLEN_ATTENTION_PREFIX)
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:

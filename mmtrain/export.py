@@ -60,8 +60,8 @@ from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
 from mmtrain.data.template import chat_template_takes_parts, encode_conversation
 from mmtrain.generate import GenerateArguments
+from mmtrain.image_tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN
 from mmtrain.model.pretrained import export_config, load_pretrained, prompt_format, special_token_ids
-from mmtrain.model.tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN
 
 EXPORTABLE_PROJECTORS = ("mlp",)
 # What mmtrain.generate does unless told otherwise, so that a bare generate() agrees.

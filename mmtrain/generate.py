@@ -24,9 +24,9 @@ from PIL import Image
 
 from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER
 from mmtrain.model.generation import SamplingOptions, generate
 from mmtrain.model.pretrained import load_pretrained, prompt_format
-from mmtrain.model.tokens import IMAGE_PLACEHOLDER
 
 
 class Chat:

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
     from mmtrain.training import distributed, init_from, sample_record, setup, speedups
-    from mmtrain.training.checkpoint import Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
-    from mmtrain.training.engine_view import EngineView, unwrap_vlm
-    from mmtrain.training.loop import Loop, print_final_report
+    from mmtrain.training.checkpoint import CheckpointSettings, Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
+    from mmtrain.training.engine_view import EngineView, Prepared, unwrap_vlm
+    from mmtrain.training.loop import Loop, LoopInputs, RunFlags, print_final_report
     from mmtrain.training.metrics import MetricsLogger
     from mmtrain.training.preference import PreferenceObjective
     from mmtrain.training.reference import ReferencePolicy, check_reference_supported
@@ -87,10 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     setup.place_outside_engine(accelerator, model)
 
     trainable_names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+    prepared = Prepared(accelerator, model, optimizer, scheduler)
     checkpointer = Checkpointer(
-        accelerator, train_args.output_dir, built.config, trainable_names, train_args.save_total_limit,
-        model=model, optimizer=optimizer, scheduler=scheduler, per_device_train_batch_size=train_args.per_device_train_batch_size, seed=train_args.seed,
-        token_budget=data_args.token_budget(), stream=train_loader if data_args.streaming else None,
+        prepared, built.config, trainable_names,
+        CheckpointSettings(train_args.output_dir, train_args.save_total_limit, seed=train_args.seed,
+                           per_device_train_batch_size=train_args.per_device_train_batch_size, token_budget=data_args.token_budget()),
+        stream=train_loader if data_args.streaming else None,
     )
     if accelerator.is_main_process:
         for path in remove_partial_checkpoints(train_args.output_dir):
@@ -110,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.init_trackers("mmtrain")
 
     metrics = MetricsLogger(accelerator, train_args.output_dir, train_args.enable_tensorboard)
-    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state, model_args, data_args, train_args, total_steps, objective)
+    loop = Loop(
+        prepared, LoopInputs(train_loader, eval_loader, data, built), RunFlags(model_args, data_args, train_args),
+        checkpointer=checkpointer, metrics=metrics, state=state, total_steps=total_steps, objective=objective,
+    )
     result = loop.fit()
 
     accelerator.end_training()

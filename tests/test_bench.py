@@ -19,7 +19,7 @@ import torch
 
 from mmtrain import memory
 from mmtrain.args import ConfigError
-from mmtrain.model.tokens import ImageTokens
+from mmtrain.image_tokens import ImageTokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")

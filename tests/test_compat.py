@@ -1,7 +1,7 @@
-"""Each private API mmtrain relies on (mmtrain/compat.py), checked against the installed releases.
+"""Each private API mmtrain relies on (mmtrain/compat/), checked against the installed releases.
 
 One test per use, on CPU, against the real libraries. A failure names the library, its
-installed version and what changed: update the helper in mmtrain/compat.py (and its
+installed version and what changed: update the helper in mmtrain/compat/ (and its
 call sites) before raising that library's upper bound in pyproject.toml.
 """
 
@@ -23,7 +23,15 @@ import pytest
 import torch
 from torch import nn
 
-from mmtrain import compat
+from mmtrain.compat import accelerate as accelerate_compat
+from mmtrain.compat import datasets as datasets_compat
+from mmtrain.compat import deepspeed as deepspeed_compat
+from mmtrain.compat import peft as peft_compat
+from mmtrain.compat import torch as torch_compat
+from mmtrain.compat import transformers as transformers_compat
+from mmtrain.data import tar_shards
+from mmtrain.model import fp8, varlen_attention
+from mmtrain.training import adam_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +43,8 @@ def pinned(library: str, what: str):
         yield
     except Exception as e:  # AttributeError, TypeError, KeyError, AssertionError: all mean the same here
         pytest.fail(
-            f"{library} {version(library)}: {what} is not what mmtrain/compat.py relies on "
-            f"({type(e).__name__}: {e}); adapt mmtrain/compat.py before allowing this release",
+            f"{library} {version(library)}: {what} is not what mmtrain/compat/ relies on "
+            f"({type(e).__name__}: {e}); adapt mmtrain/compat/ before allowing this release",
             pytrace=True,
         )
 
@@ -46,17 +54,17 @@ def pinned(library: str, what: str):
 
 def test_torch_assert_async_raises_on_a_false_cpu_tensor():
     with pinned("torch", "torch._assert_async(tensor, message)"):
-        compat.assert_async(torch.tensor(3) == 3, "must not raise")
+        torch_compat.assert_async(torch.tensor(3) == 3, "must not raise")
         with pytest.raises(RuntimeError, match="spans and features differ"):
-            compat.assert_async(torch.tensor(3) == 4, "spans and features differ")
+            torch_compat.assert_async(torch.tensor(3) == 4, "spans and features differ")
 
 
 def _float8_devices() -> list[str]:
     # torch's CPU _scaled_mm takes float8 inputs with row-wise scales from torch 2.13 on, so
     # the contract is checked on any machine with such a torch; a capable GPU checks the
     # cuBLASLt path too, which is the one training uses.
-    devices = ["cpu"] if compat.float8_row_wise_runs("cpu") else []
-    if torch.cuda.is_available() and compat.float8_matmul_problem("cuda") is None:
+    devices = ["cpu"] if fp8.float8_row_wise_runs("cpu") else []
+    if torch.cuda.is_available() and fp8.float8_matmul_problem("cuda") is None:
         devices.append("cuda")
     return devices
 
@@ -65,44 +73,44 @@ def _float8_devices() -> list[str]:
 def test_torch_scaled_mm_row_wise_multiplies_the_scales_back(device):
     with pinned("torch", "torch._scaled_mm(a, b_column_major, scale_a=[M, 1], scale_b=[1, N], out_dtype=bf16)"):
         gen = torch.Generator().manual_seed(0)
-        a = torch.randn(5, 32, generator=gen).to(compat.FLOAT8).to(device)  # M = 5: only K and N are aligned
-        b = torch.randn(48, 32, generator=gen).to(compat.FLOAT8).to(device)
+        a = torch.randn(5, 32, generator=gen).to(fp8.FLOAT8).to(device)  # M = 5: only K and N are aligned
+        b = torch.randn(48, 32, generator=gen).to(fp8.FLOAT8).to(device)
         scale_a = torch.rand(5, 1, generator=gen).add(0.5).to(device)
         scale_b = torch.rand(1, 48, generator=gen).add(0.5).to(device)
-        out = compat.float8_matmul(a, b, scale_a, scale_b, torch.bfloat16)
+        out = fp8.float8_matmul(a, b, scale_a, scale_b, torch.bfloat16)
         assert out.dtype == torch.bfloat16 and out.shape == (5, 48)
         want = (a.double() * scale_a.double()) @ (b.double() * scale_b.double().t()).t()
         torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
         # a transposed (non-contiguous) second operand is laid out before the call
         bt = b.t().contiguous().t()
-        torch.testing.assert_close(compat.float8_matmul(a, bt, scale_a, scale_b, torch.bfloat16), out)
+        torch.testing.assert_close(fp8.float8_matmul(a, bt, scale_a, scale_b, torch.bfloat16), out)
 
 
 def test_float8_row_wise_probe_agrees_with_the_product():
     """The probe says yes exactly where a row-wise product runs (torch 2.13's CPU backend does, 2.11's does not)."""
-    a = torch.ones(16, 16).to(compat.FLOAT8)
+    a = torch.ones(16, 16).to(fp8.FLOAT8)
     try:
-        compat.float8_matmul(a, a, torch.ones(16, 1), torch.ones(1, 16), torch.bfloat16)
+        fp8.float8_matmul(a, a, torch.ones(16, 1), torch.ones(1, 16), torch.bfloat16)
         runs = True
     except RuntimeError:
         runs = False
-    assert compat.float8_row_wise_runs("cpu") is runs
+    assert fp8.float8_row_wise_runs("cpu") is runs
 
 
 def test_torch_float8_matmul_refuses_unaligned_widths_and_other_dtypes():
-    a = torch.zeros(4, 40).to(compat.FLOAT8)
+    a = torch.zeros(4, 40).to(fp8.FLOAT8)
     with pytest.raises(ValueError, match="multiples of 16"):
-        compat.float8_matmul(a, torch.zeros(16, 40).to(compat.FLOAT8), torch.ones(4, 1), torch.ones(1, 16), torch.bfloat16)
+        fp8.float8_matmul(a, torch.zeros(16, 40).to(fp8.FLOAT8), torch.ones(4, 1), torch.ones(1, 16), torch.bfloat16)
     with pytest.raises(ValueError, match="float8_e4m3fn operands"):
-        compat.float8_matmul(torch.zeros(4, 32), torch.zeros(16, 32).to(compat.FLOAT8), torch.ones(4, 1), torch.ones(1, 16), torch.bfloat16)
-    assert compat.FLOAT8_MAX == 448.0
+        fp8.float8_matmul(torch.zeros(4, 32), torch.zeros(16, 32).to(fp8.FLOAT8), torch.ones(4, 1), torch.ones(1, 16), torch.bfloat16)
+    assert fp8.FLOAT8_MAX == 448.0
 
 
 def test_torch_float8_matmul_problem_names_the_device():
-    assert "the device is cpu" in compat.float8_matmul_problem("cpu")
+    assert "the device is cpu" in fp8.float8_matmul_problem("cpu")
     if torch.cuda.is_available():
-        capable = torch.cuda.get_device_capability(0) >= compat.FLOAT8_MIN_CAPABILITY
-        assert (compat.float8_matmul_problem("cuda:0") is None) == capable
+        capable = torch.cuda.get_device_capability(0) >= fp8.FLOAT8_MIN_CAPABILITY
+        assert (fp8.float8_matmul_problem("cuda:0") is None) == capable
 
 
 def _argument_names(op) -> list[str]:
@@ -110,28 +118,33 @@ def _argument_names(op) -> list[str]:
 
 
 def test_torch_cudnn_attention_op_takes_the_arguments_compat_passes():
-    # compat.cudnn_causal_attention passes attn_bias .. return_debug_mask positionally and reads output 0
+    # torch_compat.cudnn_causal_attention passes attn_bias .. return_debug_mask positionally and reads output 0
     op = torch.ops.aten._scaled_dot_product_cudnn_attention
     names = _argument_names(op)
     assert names[:8] == ["query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "return_debug_mask"]
     assert "scale" in names and op.default._schema.returns[0].name == "output"
     q = torch.zeros(1, 2, 4, 8)
-    assert not compat.cudnn_attention_takes(q, q)  # a CPU tensor: never
+    assert not varlen_attention.cudnn_attention_takes(q, q)  # a CPU tensor: never
     if torch.cuda.is_available():
         half = q.to("cuda", torch.bfloat16)
-        assert compat.cudnn_attention_takes(half, half) and not compat.cudnn_attention_takes(half, half[:, :1])
+        assert varlen_attention.cudnn_attention_takes(half, half) and not varlen_attention.cudnn_attention_takes(half, half[:, :1])
+        varlen_attention.use_cudnn_dense(False)  # a measurement leaves such rows to SDPA
+        try:
+            assert not varlen_attention.cudnn_attention_takes(half, half)
+        finally:
+            varlen_attention.use_cudnn_dense(True)
 
 
 def test_flash_attention_problem_names_what_is_missing():
-    assert compat.flash_attention_problem("cpu", torch.bfloat16) == "the device is cpu"
-    assert "float32" in compat.flash_attention_problem("cuda", torch.float32)  # dtype asked before the GPU
+    assert varlen_attention.flash_attention_problem("cpu", torch.bfloat16) == "the device is cpu"
+    assert "float32" in varlen_attention.flash_attention_problem("cuda", torch.float32)  # dtype asked before the GPU
     if torch.cuda.is_available():
-        capable = torch.cuda.get_device_capability(0) >= compat.FLASH_ATTENTION_MIN_CAPABILITY
-        assert (compat.flash_attention_problem("cuda:0", torch.bfloat16) is None) == capable
+        capable = torch.cuda.get_device_capability(0) >= varlen_attention.FLASH_ATTENTION_MIN_CAPABILITY
+        assert (varlen_attention.flash_attention_problem("cuda:0", torch.bfloat16) is None) == capable
 
 
 def test_torch_varlen_attention_ops_take_the_arguments_compat_passes():
-    # compat.varlen_attention calls these positionally: the order of the leading arguments
+    # varlen_attention.varlen_attention calls these positionally: the order of the leading arguments
     # and the keyword ``scale`` are what it relies on (the kernel itself needs CUDA).
     assert _argument_names(torch.ops.aten._flash_attention_forward)[:10] == [
         "query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal", "return_debug_mask"]
@@ -141,14 +154,14 @@ def test_torch_varlen_attention_ops_take_the_arguments_compat_passes():
     for op in (torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward):
         assert "scale" in _argument_names(op)
     with pytest.raises(ValueError, match="flash_varlen"):
-        compat.varlen_attention("tiled", *(torch.zeros(4, 2, 8) for _ in range(3)), torch.tensor([0, 4]), 4, None)
+        varlen_attention.varlen_attention("tiled", *(torch.zeros(4, 2, 8) for _ in range(3)), torch.tensor([0, 4]), 4, None)
 
 
 def test_torch_batchnorm_base_covers_every_batch_norm():
     with pinned("torch", "torch.nn.modules.batchnorm._BatchNorm"):
         for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d):
-            assert issubclass(cls, compat.BatchNormBase), cls.__name__
-        assert not issubclass(nn.LayerNorm, compat.BatchNormBase)
+            assert issubclass(cls, torch_compat.BatchNormBase), cls.__name__
+        assert not issubclass(nn.LayerNorm, torch_compat.BatchNormBase)
 
 
 def test_torch_inductor_matmul_padding_switch_exists_and_turns_off():
@@ -156,7 +169,7 @@ def test_torch_inductor_matmul_padding_switch_exists_and_turns_off():
     from torch._inductor.fx_passes import pad_mm
 
     with inductor_config.patch(shape_padding=True):  # restored on exit
-        compat.disable_inductor_matmul_padding()
+        torch_compat.disable_inductor_matmul_padding()
         assert inductor_config.shape_padding is False
         # the pass reads that switch before anything else: off, no product is considered for padding
         a = torch.randn(8, 12, device="cpu")
@@ -192,11 +205,11 @@ def test_transformers_config_attn_implementation_is_what_models_dispatch_to():
 
     with pinned("transformers", "config._attn_implementation"):
         model = AutoModelForCausalLM.from_config(_tiny_llama_config(), attn_implementation="eager")
-        assert compat.attn_implementation(model.config) == "eager"
+        assert transformers_compat.attn_implementation(model.config) == "eager"
         model.set_attn_implementation("sdpa")
-        assert compat.attn_implementation(model.config) == "sdpa"
-        assert compat.attn_implementation(_tiny_llama_config("mmtrain_compat_probe")) == "mmtrain_compat_probe"
-        assert compat.attn_implementation(object()) is None
+        assert transformers_compat.attn_implementation(model.config) == "sdpa"
+        assert transformers_compat.attn_implementation(_tiny_llama_config("mmtrain_compat_probe")) == "mmtrain_compat_probe"
+        assert transformers_compat.attn_implementation(object()) is None
 
 
 def test_transformers_attention_support_flags_decide_what_a_model_class_may_run():
@@ -206,19 +219,19 @@ def test_transformers_attention_support_flags_decide_what_a_model_class_may_run(
     gemma2 = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=8, pad_token_id=None)
     with pinned("transformers", "PreTrainedModel._supports_sdpa / _supports_flex_attn"):
-        assert compat.supports_attention(LlamaForCausalLM, "sdpa") and compat.supports_attention(LlamaForCausalLM, "eager")
-        assert not compat.supports_attention(Gemma2ForCausalLM, "sdpa")  # it caps attention logits
-        assert compat.supports_attention(Gemma2ForCausalLM, "flex_attention")
+        assert transformers_compat.supports_attention(LlamaForCausalLM, "sdpa") and transformers_compat.supports_attention(LlamaForCausalLM, "eager")
+        assert not transformers_compat.supports_attention(Gemma2ForCausalLM, "sdpa")  # it caps attention logits
+        assert transformers_compat.supports_attention(Gemma2ForCausalLM, "flex_attention")
         for config, cls in ((_tiny_llama_config(), LlamaForCausalLM), (Gemma2Config(**gemma2), Gemma2ForCausalLM)):
             for name in ("sdpa", "eager", "flex_attention"):
-                if compat.supports_attention(cls, name):
+                if transformers_compat.supports_attention(cls, name):
                     model = AutoModelForCausalLM.from_config(config, attn_implementation=name)
-                    assert compat.attn_implementation(model.config) == name
+                    assert transformers_compat.attn_implementation(model.config) == name
                 else:
                     with pytest.raises(ValueError, match="does not support"):
                         AutoModelForCausalLM.from_config(config, attn_implementation=name)
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        compat.supports_attention(LlamaForCausalLM, "mmtrain_compat_probe")
+        transformers_compat.supports_attention(LlamaForCausalLM, "mmtrain_compat_probe")
 
 
 def test_transformers_scaled_embeddings_multiply_by_their_embed_scale():
@@ -229,10 +242,10 @@ def test_transformers_scaled_embeddings_multiply_by_their_embed_scale():
     table = AutoModelForCausalLM.from_config(config).get_input_embeddings()
     ids = torch.tensor([[3, 5, 7]])
     with pinned("transformers", "ScaledWordEmbedding.embed_scale"):
-        scale = compat.embedding_scale(table)
+        scale = transformers_compat.embedding_scale(table)
         assert scale is not None and float(scale) == pytest.approx(16**0.5)
         torch.testing.assert_close(table(ids), table.weight[ids] * scale)
-    assert compat.embedding_scale(nn.Embedding(4, 2)) is None
+    assert transformers_compat.embedding_scale(nn.Embedding(4, 2)) is None
 
 
 def test_transformers_sdpa_mask_takes_allow_is_causal_skip():
@@ -241,10 +254,10 @@ def test_transformers_sdpa_mask_takes_allow_is_causal_skip():
     with pinned("transformers", "transformers.masking_utils.sdpa_mask(..., allow_is_causal_skip=)"):
         assert "allow_is_causal_skip" in inspect.signature(sdpa_mask).parameters
         causal = torch.ones(4, 4, dtype=torch.bool).tril()
-        mask = compat.sdpa_mask_materialized(batch_size=1, q_length=4, kv_length=4, allow_is_causal_skip=True)
+        mask = transformers_compat.sdpa_mask_materialized(batch_size=1, q_length=4, kv_length=4, allow_is_causal_skip=True)
         assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == (1, 1, 4, 4)
         assert torch.equal(mask[0, 0], causal), "True must mean 'may attend', causally"
-        padded = compat.sdpa_mask_materialized(batch_size=1, q_length=4, kv_length=4, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+        padded = transformers_compat.sdpa_mask_materialized(batch_size=1, q_length=4, kv_length=4, attention_mask=torch.tensor([[0, 1, 1, 1]]))
         assert torch.equal(padded[0, 0], causal & torch.tensor([False, True, True, True])), "padding must close its key"
 
 
@@ -252,9 +265,9 @@ def test_transformers_mask_builder_lookup_gives_sdpa_mask():
     from transformers.masking_utils import sdpa_mask
 
     with pinned("transformers", "AttentionMaskInterface()[name]"):
-        assert compat.attention_mask_builder("sdpa") is sdpa_mask
+        assert transformers_compat.attention_mask_builder("sdpa") is sdpa_mask
         padding = torch.tensor([[False, True, True, True]])  # transformers hands the builder a boolean 2D mask
-        mask = compat.attention_mask_builder("sdpa")(batch_size=1, q_length=4, kv_length=4, attention_mask=padding)
+        mask = transformers_compat.attention_mask_builder("sdpa")(batch_size=1, q_length=4, kv_length=4, attention_mask=padding)
         assert mask.dtype == torch.bool and not bool(mask[0, 0, 3, 0]) and bool(mask[0, 0, 3, 1])
 
 
@@ -266,10 +279,10 @@ def test_transformers_mask_interface_dispatches_to_a_registered_builder():
 
     def probe(*args, **kwargs):
         seen.update(kwargs)
-        return compat.sdpa_mask_materialized(*args, **kwargs)
+        return transformers_compat.sdpa_mask_materialized(*args, **kwargs)
 
     with pinned("transformers", "AttentionMaskInterface.register and create_causal_mask's dispatch"):
-        compat.register_attention_mask("mmtrain_compat_probe", probe)
+        transformers_compat.register_attention_mask("mmtrain_compat_probe", probe)
         config = _tiny_llama_config("mmtrain_compat_probe")
         offered = {
             "config": config, "inputs_embeds": torch.zeros(2, 3, 16), "input_embeds": torch.zeros(2, 3, 16),
@@ -285,15 +298,15 @@ def test_transformers_mask_interface_dispatches_to_a_registered_builder():
 def test_transformers_repeat_kv_repeats_each_kv_head_in_place():
     with pinned("transformers", "transformers.integrations.sdpa_attention.repeat_kv"):
         kv = torch.randn(2, 3, 5, 4)
-        assert torch.equal(compat.repeat_kv(kv, 2), kv.repeat_interleave(2, dim=1))
-        assert compat.repeat_kv(kv, 1) is kv
+        assert torch.equal(transformers_compat.repeat_kv(kv, 2), kv.repeat_interleave(2, dim=1))
+        assert transformers_compat.repeat_kv(kv, 1) is kv
 
 
 def test_transformers_create_causal_mask_splits_packed_samples():
-    from mmtrain.data.packing import check_packed_attention
+    from mmtrain.model.attention import check_packed_attention
 
     with pinned("transformers", "transformers.masking_utils.create_causal_mask with restarting position_ids"):
-        assert compat.create_causal_mask.__module__ == "transformers.masking_utils"
+        assert transformers_compat.create_causal_mask.__module__ == "transformers.masking_utils"
         for name in ("sdpa", "eager"):
             check_packed_attention(_tiny_llama_config(name))  # raises ValueError when samples would see each other
 
@@ -328,10 +341,10 @@ def test_peft_lora_layer_exposes_the_adapter_state_fused_lora_reads():
 
         layer = _adapted().proj
         assert isinstance(layer, Linear) and isinstance(layer, LoraLayer)
-        assert not compat.is_lora_linear(layer.base_layer, "default")
-        assert compat.is_lora_linear(layer, "default") and not compat.is_lora_linear(layer, "other")
-        assert compat.lora_runs_one_plain_adapter(layer, "default")
-        base, lora_a, lora_b, scale = compat.lora_parts(layer, "default")
+        assert not peft_compat.is_lora_linear(layer.base_layer, "default")
+        assert peft_compat.is_lora_linear(layer, "default") and not peft_compat.is_lora_linear(layer, "other")
+        assert peft_compat.lora_runs_one_plain_adapter(layer, "default")
+        base, lora_a, lora_b, scale = peft_compat.lora_parts(layer, "default")
         assert isinstance(base, nn.Linear) and (lora_a.in_features, lora_a.out_features, lora_b.out_features) == (6, 2, 5)
         assert scale == 3.0, "scaling must be lora_alpha / r"
         x = torch.randn(4, 6)
@@ -344,33 +357,33 @@ def test_peft_lora_flags_say_when_the_forward_is_not_one_plain_adapter():
         x = torch.randn(4, 6)
         layer = _adapted().proj
         layer.enable_adapters(False)
-        assert not compat.lora_runs_one_plain_adapter(layer, "default"), "disabled adapters"
+        assert not peft_compat.lora_runs_one_plain_adapter(layer, "default"), "disabled adapters"
         layer.enable_adapters(True)
         layer.merge()
-        assert not compat.lora_runs_one_plain_adapter(layer, "default"), "merged weights"
+        assert not peft_compat.lora_runs_one_plain_adapter(layer, "default"), "merged weights"
         layer.unmerge()
-        assert compat.lora_runs_one_plain_adapter(layer, "default")
-        assert not compat.lora_runs_one_plain_adapter(_adapted(lora_dropout=0.1).proj, "default"), "dropout"
+        assert peft_compat.lora_runs_one_plain_adapter(layer, "default")
+        assert not peft_compat.lora_runs_one_plain_adapter(_adapted(lora_dropout=0.1).proj, "default"), "dropout"
         dora = _adapted(use_dora=True).proj
-        assert not compat.lora_runs_one_plain_adapter(dora, "default"), "a variant (DoRA)"
-        base, lora_a, lora_b, scale = compat.lora_parts(dora, "default")
+        assert not peft_compat.lora_runs_one_plain_adapter(dora, "default"), "a variant (DoRA)"
+        base, lora_a, lora_b, scale = peft_compat.lora_parts(dora, "default")
         assert not torch.allclose(dora(x), base(x) + scale * lora_b(lora_a(x)), atol=1e-4), "DoRA must differ from plain LoRA"
         from peft import LoraConfig, inject_adapter_in_model
 
         block = _adapted()
         inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["proj"]), block, adapter_name="second")
         block.proj.set_adapter(["default", "second"])
-        assert not compat.lora_runs_one_plain_adapter(block.proj, "default"), "several active adapters"
+        assert not peft_compat.lora_runs_one_plain_adapter(block.proj, "default"), "several active adapters"
         block.proj.set_adapter("default")
-        assert compat.lora_runs_one_plain_adapter(block.proj, "default")
+        assert peft_compat.lora_runs_one_plain_adapter(block.proj, "default")
 
 
 def test_peft_lora_scaling_is_alpha_over_rank():
     with pinned("peft", "LoraLayer.scaling"):
         block = _adapted(r=4, lora_alpha=2)
-        assert compat.lora_scaling(block.proj, "default") == 0.5
-        assert compat.lora_scaling(block.proj, "other") is None
-        assert compat.lora_scaling(block.other, "default") is None
+        assert peft_compat.lora_scaling(block.proj, "default") == 0.5
+        assert peft_compat.lora_scaling(block.proj, "other") is None
+        assert peft_compat.lora_scaling(block.other, "default") is None
 
 
 def test_peft_lora_input_cast_goes_through_the_instance_method():
@@ -386,8 +399,8 @@ def test_peft_lora_input_cast_goes_through_the_instance_method():
 
             return cast_input
 
-        assert compat.wrap_lora_input_cast(layer, record)
-        assert not compat.wrap_lora_input_cast(_Block().proj, record)
+        assert peft_compat.wrap_lora_input_cast(layer, record)
+        assert not peft_compat.wrap_lora_input_cast(_Block().proj, record)
         out = layer(torch.randn(3, 6, dtype=torch.bfloat16))
         assert (torch.bfloat16, torch.float32) in calls, f"peft did not cast its input through _cast_input_dtype: {calls}"
         assert out.dtype == torch.bfloat16
@@ -396,9 +409,9 @@ def test_peft_lora_input_cast_goes_through_the_instance_method():
 def test_peft_state_dict_names_are_what_the_merge_reads():
     with pinned("peft", "LoRA state-dict names (base_layer, lora_A/lora_B.<adapter>)"):
         state = _adapted().state_dict()
-        a_name, b_name = compat.lora_weight_names("proj", "default")
-        assert {"proj" + compat.BASE_LAYER_MARK + "weight", a_name, b_name} <= state.keys(), sorted(state)
-        assert {k for k in state if compat.LORA_NAME_MARK in k} == {a_name, b_name}, sorted(state)
+        a_name, b_name = peft_compat.lora_weight_names("proj", "default")
+        assert {"proj" + peft_compat.BASE_LAYER_MARK + "weight", a_name, b_name} <= state.keys(), sorted(state)
+        assert {k for k in state if peft_compat.LORA_NAME_MARK in k} == {a_name, b_name}, sorted(state)
 
 
 # --- accelerate + transformers: the ZeRO-3 config transformers holds -----------------------
@@ -413,10 +426,10 @@ def _plugin(stage: int):
 
 def test_accelerate_zero3_init_flag_is_true_only_at_stage_3():
     with pinned("accelerate", "DeepSpeedPlugin.zero3_init_flag after construction"):
-        assert compat.zero3_init_enabled(_plugin(3))
+        assert accelerate_compat.zero3_init_enabled(_plugin(3))
         with pytest.warns(UserWarning):
             stage2 = _plugin(2)
-        assert not compat.zero3_init_enabled(stage2)
+        assert not accelerate_compat.zero3_init_enabled(stage2)
 
 
 def test_transformers_unset_and_accelerate_reinstall_of_the_deepspeed_config():
@@ -425,21 +438,21 @@ def test_transformers_unset_and_accelerate_reinstall_of_the_deepspeed_config():
     plugin = _plugin(3)
     try:
         with pinned("accelerate", "DeepSpeedPlugin.set_deepspeed_weakref / dschf"):
-            compat.reinstall_hf_deepspeed_config(plugin)
+            accelerate_compat.reinstall_hf_deepspeed_config(plugin)
             assert is_deepspeed_zero3_enabled(), "set_deepspeed_weakref did not hand transformers the stage-3 config"
         with pinned("transformers", "transformers.integrations.deepspeed.unset_hf_deepspeed_config"):
-            compat.unset_hf_deepspeed_config()
+            transformers_compat.unset_hf_deepspeed_config()
             assert not is_deepspeed_zero3_enabled(), "unset_hf_deepspeed_config left ZeRO-3 on"
         with pinned("accelerate", "DeepSpeedPlugin.set_deepspeed_weakref / dschf"):
             plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 1234
-            compat.reinstall_hf_deepspeed_config(plugin)
+            accelerate_compat.reinstall_hf_deepspeed_config(plugin)
             assert is_deepspeed_zero3_enabled()
             assert deepspeed_config()["zero_optimization"]["stage3_param_persistence_threshold"] == 1234, "edits made later are not seen"
             plugin.dschf = None
             gc.collect()
             assert not is_deepspeed_zero3_enabled(), "plugin.dschf no longer owns the object transformers refers to"
     finally:
-        compat.unset_hf_deepspeed_config()
+        transformers_compat.unset_hf_deepspeed_config()
 
 
 # --- DeepSpeed ------------------------------------------------------------------------------
@@ -449,7 +462,7 @@ _ZERO3_PARAM = textwrap.dedent(
     import json, os, sys
     import torch
     import deepspeed
-    from mmtrain import compat
+    from mmtrain.compat import deepspeed as deepspeed_compat
 
     deepspeed.init_distributed(dist_backend="gloo")
     with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
@@ -457,18 +470,18 @@ _ZERO3_PARAM = textwrap.dedent(
     plain = torch.nn.Parameter(torch.zeros(5, 6))
     weight = layer.weight
     with deepspeed.zero.GatheredParameters([weight]):
-        gathered_inside = compat.zero3_gathered(weight)
+        gathered_inside = deepspeed_compat.zero3_gathered(weight)
     print("RESULT " + json.dumps({
-        "gathered": compat.zero3_gathered(weight),
+        "gathered": deepspeed_compat.zero3_gathered(weight),
         "gathered_inside": gathered_inside,
-        "plain_gathered": compat.zero3_gathered(plain),
-        "partitioned": compat.is_zero3_partitioned(weight),
-        "plain_partitioned": compat.is_zero3_partitioned(plain),
-        "full_numel": compat.full_numel(weight),
+        "plain_gathered": deepspeed_compat.zero3_gathered(plain),
+        "partitioned": deepspeed_compat.is_zero3_partitioned(weight),
+        "plain_partitioned": deepspeed_compat.is_zero3_partitioned(plain),
+        "full_numel": deepspeed_compat.full_numel(weight),
         "local_numel": weight.numel(),
-        "plain_numel": compat.full_numel(plain),
-        "full_shape": list(compat.full_shape(weight)),
-        "plain_shape": list(compat.full_shape(plain)),
+        "plain_numel": deepspeed_compat.full_numel(plain),
+        "full_shape": list(deepspeed_compat.full_shape(weight)),
+        "plain_shape": list(deepspeed_compat.full_shape(plain)),
     }))
     """
 )
@@ -511,15 +524,15 @@ def test_deepspeed_memory_estimators_take_counts():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as mmtrain.training.distributed.prepare_environment
     with contextlib.redirect_stdout(sys.stderr), pinned("deepspeed", "estimate_zero{2,3}_model_states_mem_needs"):
-        cpu, gpu = compat.estimate_zero2_model_states_mem_needs(
+        cpu, gpu = deepspeed_compat.estimate_zero2_model_states_mem_needs(
             10**6, num_gpus_per_node=2, num_nodes=1, cpu_offload=False
         )
         assert gpu > 0 and cpu > 0
-        cpu, gpu, largest = compat.estimate_zero3_model_states_mem_needs(
+        cpu, gpu, largest = deepspeed_compat.estimate_zero3_model_states_mem_needs(
             10**6, 10**4, num_gpus_per_node=2, num_nodes=1, cpu_offload=True, cpu_offload_params=False
         )
         assert gpu > largest > 0 and cpu > 0
-        _, gpu_on_four, _ = compat.estimate_zero3_model_states_mem_needs(
+        _, gpu_on_four, _ = deepspeed_compat.estimate_zero3_model_states_mem_needs(
             10**6, 10**4, num_gpus_per_node=4, num_nodes=1, cpu_offload=True, cpu_offload_params=False
         )
         assert gpu_on_four < gpu, "more GPUs must mean fewer bytes per GPU"
@@ -538,12 +551,12 @@ def test_accelerate_sync_gradients_flag_decides_whether_the_prepared_optimizer_s
             model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
             before = model.weight.detach().clone()
             model(torch.ones(1, 2)).sum().backward()
-            compat.set_sync_gradients(accelerator, False)
+            accelerate_compat.set_sync_gradients(accelerator, False)
             assert not accelerator.sync_gradients
             optimizer.step()
             scheduler.step()
             assert torch.equal(model.weight, before) and optimizer.param_groups[0]["lr"] == 1.0
-            compat.set_sync_gradients(accelerator, True)
+            accelerate_compat.set_sync_gradients(accelerator, True)
             assert accelerator.sync_gradients
             optimizer.step()
             scheduler.step()
@@ -554,8 +567,9 @@ def test_accelerate_sync_gradients_flag_decides_whether_the_prepared_optimizer_s
 
 
 def test_compat_imports_no_deepspeed_accelerate_or_mmtrain_args():
+    modules = ", ".join(f"mmtrain.compat.{p.stem}" for p in (REPO / "mmtrain" / "compat").glob("*.py") if p.stem != "__init__")
     code = (
-        "import sys, mmtrain.compat; "
+        f"import sys, {modules}; "
         "bad = [m for m in ('deepspeed', 'accelerate', 'peft', 'mmtrain.args', 'mmtrain.data') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -578,8 +592,8 @@ def test_torch_adam_state_is_what_create_adam_state_makes():
         model(torch.randn(5, 4)).sum().backward()
         stepped.step()
         _, made = _two_group_adam()
-        compat.create_adam_state(made, 1)
-        assert compat.base_optimizer(made) is made and compat.adam_step_count(made) == compat.adam_step_count(stepped) == 1
+        adam_state.create_adam_state(made, 1)
+        assert deepspeed_compat.base_optimizer(made) is made and adam_state.adam_step_count(made) == adam_state.adam_step_count(stepped) == 1
         real = list(stepped.state.values())
         ours = [made.state[p] for g in made.param_groups for p in g["params"]]
         assert len(real) == len(ours) == 4
@@ -592,7 +606,7 @@ def test_torch_adam_state_is_what_create_adam_state_makes():
         ours[0]["exp_avg"].add_(1.0)
         made.param_groups[0]["params"][0].grad = torch.zeros(3, 4)
         made.step()
-        assert compat.adam_step_count(made) == 2
+        assert adam_state.adam_step_count(made) == 2
 
 
 _ZERO2_LINK = textwrap.dedent(
@@ -601,7 +615,8 @@ _ZERO2_LINK = textwrap.dedent(
     import torch
     import deepspeed
     from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-    from mmtrain import compat
+    from mmtrain.compat import deepspeed as deepspeed_compat
+    from mmtrain.training import adam_state
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = {"train_batch_size": 1, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
@@ -623,12 +638,12 @@ _ZERO2_LINK = textwrap.dedent(
         second_group_linked = True
     except ValueError:
         second_group_linked = False
-    compat.link_zero_optimizer_state(opt)
+    deepspeed_compat.link_zero_optimizer_state(opt)
     moments = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
 
     fresh, fresh_opt = engine()  # before any step: no optimizer state at all
-    compat.create_adam_state(fresh_opt, 7)
-    compat.link_zero_optimizer_state(fresh_opt)
+    adam_state.create_adam_state(fresh_opt, 7)
+    deepspeed_compat.link_zero_optimizer_state(fresh_opt)
     for p, m in zip(fresh.module.parameters(), moments):
         safe_set_full_optimizer_state(p, m, "exp_avg")
     back = [safe_get_full_optimizer_state(p, "exp_avg") for p in fresh.module.parameters()]
@@ -637,7 +652,7 @@ _ZERO2_LINK = textwrap.dedent(
     eng_loss = zero0(torch.randn(1, 4, dtype=torch.bfloat16)).float().sum()
     zero0.backward(eng_loss)
     zero0.step()
-    masters = compat.fp32_masters(zero0_opt)
+    masters = deepspeed_compat.fp32_masters(zero0_opt)
     zero0_params = list(zero0.module.parameters())
     def master(p):
         held, offset = masters[id(p)]
@@ -646,13 +661,13 @@ _ZERO2_LINK = textwrap.dedent(
         "zero0_masters": len(masters) == len(zero0_params) and all(
             torch.equal(master(p).to(p.dtype), p.data) and master(p).dtype == torch.float32 for p in zero0_params
         ),
-        "zero2_has_no_separate_masters": compat.fp32_masters(opt) == {},
-        "base_is_torch": type(compat.base_optimizer(opt)) is torch.optim.AdamW,
+        "zero2_has_no_separate_masters": deepspeed_compat.fp32_masters(opt) == {},
+        "base_is_torch": type(deepspeed_compat.base_optimizer(opt)) is torch.optim.AdamW,
         "second_group_linked_by_deepspeed": second_group_linked,
         "moments_nonzero": all(bool(m.abs().sum() > 0) for m in moments),
         "round_trip": all(torch.equal(a, b) for a, b in zip(moments, back)),
-        "fresh_step": compat.adam_step_count(fresh_opt),
-        "trained_step": compat.adam_step_count(opt),
+        "fresh_step": adam_state.adam_step_count(fresh_opt),
+        "trained_step": adam_state.adam_step_count(opt),
     }))
     """
 )
@@ -680,7 +695,7 @@ def test_tar_member_data_offset_points_at_the_members_bytes(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with tarfile.open(path, "r:") as tar:
         member = tar.getmember("a.png")
-        offset = compat.tar_member_data_offset(member)
+        offset = tar_shards.tar_member_data_offset(member)
     with open(path, "rb") as f:
         f.seek(offset)
         assert f.read(member.size) == b"image bytes", f"tarfile (Python {sys.version.split()[0]}) moved TarInfo.offset_data"
@@ -691,7 +706,7 @@ def test_datasets_offline_resolves_a_hub_name_from_the_cache_only(tmp_path):
     import datasets.config
 
     was = datasets.config.HF_HUB_OFFLINE
-    with compat.datasets_offline():
+    with datasets_compat.datasets_offline():
         assert datasets.config.HF_HUB_OFFLINE is True
         # Not cached: the loader must give up without reaching for the network (a
         # ConnectionError naming offline mode), and quickly.

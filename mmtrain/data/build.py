@@ -41,7 +41,7 @@ from mmtrain.data.preference import PreferenceDataset, fit_pair
 from mmtrain.data.streaming import ShardStream, shard_files
 from mmtrain.data.synthetic import generate_synthetic, generate_synthetic_pairs
 from mmtrain.data.template import check_template, encode_conversation
-from mmtrain.model.tokens import IMAGE_PLACEHOLDER
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER
 
 # name -> function(data_args, seed) returning the path of a JSON file, or a datasets.Dataset.
 DATASET_REGISTRY: dict[str, Callable] = {}

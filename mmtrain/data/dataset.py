@@ -25,7 +25,7 @@ from mmtrain.data.formats import DataError
 from mmtrain.data.images import ImageStore, describe, parse_embedded
 from mmtrain.data.tar_shards import open_member
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
-from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, ImageTokens
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import json
 import os
 
 from mmtrain.data.images import embedded_ref, is_image_struct, is_pil, parse_embedded
-from mmtrain.model.tokens import IMAGE_PLACEHOLDER
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER
 
 ROLE_ALIASES = {
     "human": "user",

@@ -98,7 +98,7 @@ def _split_of(name: str, loaded, split: str):
 def _cached_hub_dataset(name: str, split: str):
     import datasets
 
-    from mmtrain.compat import datasets_offline
+    from mmtrain.compat.datasets import datasets_offline
 
     cache = datasets_cache()
     where = cache or "the default datasets cache (HF_DATASETS_CACHE / HF_HOME unset)"

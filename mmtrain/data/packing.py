@@ -23,12 +23,8 @@ unchanged, and ``document_ids`` numbers the samples of a row 0, 1, ... (-1 on pa
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from mmtrain import compat
-from mmtrain.batch import is_varlen_attention
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
 from mmtrain.data.template import IGNORE_INDEX
 
@@ -128,52 +124,3 @@ def samples_in(batch: dict) -> int | torch.Tensor:
     if documents is None:
         return int(batch["input_ids"].shape[0])
     return (documents.amax(dim=1) + 1).sum()
-
-
-def check_packed_attention(config) -> None:
-    """Raise unless transformers' mask builder keeps packed samples apart for this LM's attention.
-
-    Packing relies on ``create_causal_mask`` reading restarts of ``position_ids`` as
-    sample boundaries when no 2D mask is given. A transformers release or an attention
-    implementation that does not would silently let samples attend to each other, so the
-    trainer asks the mask builder itself, with two samples of 3 and 2 tokens, before
-    training.
-    """
-    import inspect
-
-    import transformers
-    from mmtrain.compat import create_causal_mask
-
-    position_ids = torch.tensor([[0, 1, 2, 0, 1]])
-    offered = {
-        "config": config,
-        "inputs_embeds": torch.zeros(1, 5, 1),
-        "input_embeds": torch.zeros(1, 5, 1),
-        "attention_mask": None,
-        "cache": None,
-        "past_key_values": None,
-        "cache_position": torch.arange(5),
-        "position_ids": position_ids,
-    }
-    params = inspect.signature(create_causal_mask).parameters
-    try:
-        mask = create_causal_mask(**{k: v for k, v in offered.items() if k in params})
-    except TypeError as err:  # a mask-builder signature this check does not know: say so, do not block
-        warnings.warn(f"--packing / --max_tokens_per_batch: could not ask transformers' mask builder about packed samples ({err})", stacklevel=2)
-        return
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        return  # a flex-attention BlockMask: built from the same packed-sequence function
-    implementation = compat.attn_implementation(config)
-    if is_varlen_attention(implementation):
-        return  # no mask by design: the batch's cu_seq_lens carry the samples' boundaries
-    if mask is None:
-        allowed = None
-    else:
-        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        allowed = allowed.reshape(-1, 5, 5)[0]
-    if allowed is None or bool(allowed[3, 2]) or bool(allowed[4, 0]) or not bool(allowed[4, 3]):
-        raise ValueError(
-            f"--packing / --max_tokens_per_batch: transformers {transformers.__version__} with attention {implementation!r} does not turn "
-            "position_ids restarting at 0 into a per-sample mask, so packed samples would attend to each other; "
-            "train without packed rows or with another attention implementation"
-        )

@@ -16,7 +16,7 @@ from mmtrain.data.collator import Collator
 from mmtrain.data.dataset import ConversationDataset, Entry, split_turns
 from mmtrain.data.packing import PackingCollator
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
-from mmtrain.model.tokens import IMAGE_PLACEHOLDER
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER
 
 
 def with_answer(turns: list[dict], answer: str) -> list[dict]:

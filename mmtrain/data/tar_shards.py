@@ -24,7 +24,17 @@ import os
 import re
 import tarfile
 
-from mmtrain.compat import tar_member_data_offset
+
+def tar_member_data_offset(member) -> int:
+    """Where a tar member's bytes start in its archive (``TarInfo.offset_data``).
+
+    A streamed tar shard's buffer keeps where each image lies instead of its bytes, so
+    that a checkpoint of the buffer stays small. ``tarfile`` sets the attribute when it
+    reads a header, but it is not among the documented ones; ``tests/test_compat.py``
+    reads an image back through it.
+    """
+    return member.offset_data
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _REF = re.compile(r"^(?P<tar>.+\.tar):(?P<offset>\d+):(?P<size>\d+)$")

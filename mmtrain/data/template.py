@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmtrain.batch import IGNORE_INDEX
-from mmtrain.model.tokens import IMAGE_PLACEHOLDER, ImageTokens
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, ImageTokens
 
 TEMPLATES = ("plain", "chat")
 

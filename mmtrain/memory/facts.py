@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mmtrain.args import ConfigError, ModelArguments
+from mmtrain.model.config import VLMConfig
+from mmtrain.model.errors import ConfigError
 
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -144,15 +145,15 @@ def _tower_facts(part) -> VisionTowerFacts:
     )
 
 
-def _key(model_args: ModelArguments) -> tuple:
-    return tuple(sorted(asdict(model_args).items()))
+def _key(config: VLMConfig) -> tuple:
+    return tuple(sorted(asdict(config.model_config()).items()))
 
 
 _FACTS_CACHE: dict[tuple, ModelFacts] = {}
 
 
-def model_facts(model_args: ModelArguments) -> ModelFacts:
-    """Counts and shapes of ``model_args``'s model, from a meta-device build (cached)."""
+def model_facts(model_args: VLMConfig) -> ModelFacts:
+    """Counts and shapes of the model ``model_args`` describes (the command line's flags are one), from a meta-device build (cached)."""
     key = _key(model_args)
     if key in _FACTS_CACHE:
         return _FACTS_CACHE[key]
@@ -227,17 +228,17 @@ def model_facts(model_args: ModelArguments) -> ModelFacts:
 
 
 
-def ref_model_args(workload: str = "ref-7b") -> ModelArguments:
+def ref_model_args(workload: str = "ref-7b") -> VLMConfig:
     """The model of a reference workload (see the project's workload definitions)."""
     if workload == "ref-7b":
-        return ModelArguments(
+        return VLMConfig(
             lm_model_name_or_path="llama-2-7b",
             vision_model_name_or_path="clip-vit-large-patch14-336",
             vis_proj="mlp",
             lang_lora_dim=16,
         )
     if workload == "ref-13b":
-        return ModelArguments(
+        return VLMConfig(
             lm_model_name_or_path="llama-2-13b",
             vision_model_name_or_path="clip-vit-bigG-14",
             vis_proj="perceiver",

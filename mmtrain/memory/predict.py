@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from mmtrain.args import ModelArguments
 from mmtrain.memory.facts import GiB, LORA_KINDS, PRECISIONS, MemorySetup, ModelFacts, in_gib, model_facts
+from mmtrain.model.config import VLMConfig
 
 # Configurations from least to most communication and host traffic; :func:`recommend`
 # walks this ladder and takes the first that fits (without checkpointing if possible).
@@ -157,7 +157,7 @@ def stage3_gathered_parameters(facts: ModelFacts, setup: MemorySetup) -> int:
     return min(sum(partitioned), live)
 
 
-def estimate(model: ModelArguments | ModelFacts, setup: MemorySetup) -> MemoryEstimate:
+def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimate:
     """Predicted peak allocated bytes of one GPU for ``setup`` (see the package docstring)."""
     facts = model if isinstance(model, ModelFacts) else model_facts(model)
     n, stage, offload, w = setup.num_gpus, setup.zero_stage, setup.offload, PRECISIONS[setup.precision]
@@ -277,14 +277,14 @@ def deepspeed_estimate(facts: ModelFacts, setup: MemorySetup) -> int | None:
     nodes = math.ceil(setup.num_gpus / per_node)
     if setup.zero_stage < 3:
         with _quiet_import():
-            from mmtrain.compat import estimate_zero2_model_states_mem_needs
+            from mmtrain.compat.deepspeed import estimate_zero2_model_states_mem_needs
 
         _, gpu = estimate_zero2_model_states_mem_needs(
             total, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=setup.offload != "none"
         )
         return int(gpu)
     with _quiet_import():
-        from mmtrain.compat import estimate_zero3_model_states_mem_needs
+        from mmtrain.compat.deepspeed import estimate_zero3_model_states_mem_needs
 
     _, gpu, _ = estimate_zero3_model_states_mem_needs(
         total,
@@ -321,7 +321,7 @@ class Recommendation:
 
 
 def recommend(
-    model: ModelArguments | ModelFacts,
+    model: VLMConfig | ModelFacts,
     base: MemorySetup,
     gpu_memory: int,
     *,
@@ -346,7 +346,7 @@ def recommend(
     return Recommendation(None, budget, f"nothing fits in {in_gib(budget)} usable: lower the micro-batch or the sequence length, or add GPUs")
 
 
-def fit_warning(model: ModelArguments | ModelFacts, setup: MemorySetup, gpu_memory: int, *, reserved: int = GiB, margin: float = 0.05) -> str | None:
+def fit_warning(model: VLMConfig | ModelFacts, setup: MemorySetup, gpu_memory: int, *, reserved: int = GiB, margin: float = 0.05) -> str | None:
     """A warning when ``setup`` is predicted not to fit ``gpu_memory``, naming the estimate and what would fit; else None.
 
     What would fit: every rung of :data:`SPEED_ORDER` at this GPU count, with and without

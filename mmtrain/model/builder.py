@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmtrain.image_tokens import ImageTokens
+from mmtrain.model.attention import use_packed_attention
 from mmtrain.model.config import LORA_SCOPE_AUTO, SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
 from mmtrain.model.decoder_layers import (
@@ -26,8 +28,7 @@ from mmtrain.model.language import NewTokenEmbedding, build_language_model, lang
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
 from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
-from mmtrain.model import varlen_attention
-from mmtrain.model.tokens import ImageTokens, add_image_tokens
+from mmtrain.model.tokens import add_image_tokens
 from mmtrain.model.vision import build_vision_encoder, load_image_processor, tower_specs
 from mmtrain.model.vlm import VisionLanguageModel
 
@@ -175,21 +176,8 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
     if speed.gradient_checkpointing_layers:
         layers = checkpoint_first_layers(lm, speed.gradient_checkpointing_layers)
         logger.info(f"activation checkpointing on LM decoder layers {layers[0]}..{layers[-1]} only")
-    packed = speed.packed_attention
-    if packed and not uses_mmca(lm):
-        if packed in varlen_attention.KERNELS and (why := varlen_attention.unsupported(lm.config)):
-            logger.info(f"packed rows: flex attention instead of {packed}, which cannot compute this LM's attention: {why}")
-            packed = "flex_attention"
-        if packed in varlen_attention.KERNELS:
-            # The samples' offsets instead of a mask (mmtrain/model/varlen_attention.py).
-            lm.set_attn_implementation(varlen_attention.register(packed))
-            logger.info(f"packed rows: LM attention through {packed} (each sample its own sequence, no mask)")
-        else:
-            # Packed rows' samples are told apart by position_ids restarts; with flex attention
-            # transformers turns them into a BlockMask, so blocks between two samples are skipped
-            # instead of computed under a materialised [rows, 1, N, N] mask (SDPA).
-            lm.set_attn_implementation(packed)
-            logger.info(f"packed rows: LM attention through {packed} (a document mask that skips the blocks across samples)")
+    if speed.packed_attention and not uses_mmca(lm):
+        use_packed_attention(lm, speed.packed_attention)
     if speed.compile_decoder_layers:
         count = compile_decoder_layers(lm, hooks_outside=speed.compile_hooks_outside)
         logger.info(f"torch.compile: {count} LM decoder layers compiled (regional compilation)")

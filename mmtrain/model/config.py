@@ -139,42 +139,49 @@ class VLMConfig:
 
             resolve(self)  # reads the folder's config only
         if self.vis_proj not in PROJECTORS:
-            raise ConfigError(f"--vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}")
+            raise ConfigError(f"vis_proj {self.vis_proj!r} is not a projector; valid: {', '.join(PROJECTORS)}", fields=("vis_proj",))
         for name in ("lang_lora_dim", "vis_lora_dim"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", fields=(name,))
         for name in ("lang_lora_dropout", "vis_lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}", fields=(name,))
         if self.perceiver_num_queries < 1:
-            raise ConfigError(f"--perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}")
+            raise ConfigError(f"perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}", fields=("perceiver_num_queries",))
         self._check_lm_training()
+        lora = ("only_optimize_lora", "lang_lora_dim", "vis_lora_dim")
         if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
-            raise ConfigError("--only_optimize_lora needs --lang_lora_dim or --vis_lora_dim > 0")
+            raise ConfigError("only_optimize_lora needs lang_lora_dim or vis_lora_dim > 0", fields=lora)
         if self.only_optimize_lora and self.train_full_embeddings:
-            raise ConfigError("--only_optimize_lora and --train_full_embeddings contradict each other; pick one")
+            raise ConfigError(
+                "only_optimize_lora and train_full_embeddings contradict each other; pick one", fields=("only_optimize_lora", "train_full_embeddings")
+            )
         if self.vision_model_name_or_path_2 == "":
             self.vision_model_name_or_path_2 = None  # an empty flag: one encoder
         if self.attn_implementation not in ATTENTION_KERNELS:
-            raise ConfigError(f"--attn_implementation {self.attn_implementation!r}: valid are {', '.join(ATTENTION_KERNELS)}")
+            raise ConfigError(
+                f"attn_implementation {self.attn_implementation!r}: valid are {', '.join(ATTENTION_KERNELS)}", fields=("attn_implementation",)
+            )
 
     def _check_lm_training(self) -> None:
+        named = ("lm_training", "lang_lora_dim", "lm_trainable_layers", "only_optimize_lora")
         if self.lm_training not in LM_TRAINING:
-            raise ConfigError(f"--lm_training {self.lm_training!r}: valid are {', '.join(LM_TRAINING)}")
+            raise ConfigError(f"lm_training {self.lm_training!r}: valid are {', '.join(LM_TRAINING)}", fields=named)
         mode = self.lm_mode
         if mode == "lora" and self.lang_lora_dim == 0:
-            raise ConfigError("--lm_training lora needs --lang_lora_dim > 0")
+            raise ConfigError("lm_training lora needs lang_lora_dim > 0", fields=named)
         if mode in ("frozen", "full", "last_layers") and self.lang_lora_dim > 0:
             raise ConfigError(
-                f"--lm_training {mode} and --lang_lora_dim {self.lang_lora_dim} contradict each other; "
-                "set --lang_lora_dim 0 or --lm_training lora"
+                f"lm_training {mode} and lang_lora_dim {self.lang_lora_dim} contradict each other; "
+                "set lang_lora_dim 0 or lm_training lora",
+                fields=named,
             )
         if mode == "last_layers" and self.lm_trainable_layers < 1:
-            raise ConfigError(f"--lm_training last_layers needs --lm_trainable_layers >= 1, got {self.lm_trainable_layers}")
+            raise ConfigError(f"lm_training last_layers needs lm_trainable_layers >= 1, got {self.lm_trainable_layers}", fields=named)
         if mode != "last_layers" and self.lm_trainable_layers:
-            raise ConfigError(f"--lm_trainable_layers is only used with --lm_training last_layers (now {mode})")
+            raise ConfigError(f"lm_trainable_layers is only used with lm_training last_layers (now {mode})", fields=named)
         if mode in ("full", "last_layers") and self.only_optimize_lora:
-            raise ConfigError(f"--only_optimize_lora and --lm_training {mode} contradict each other; pick one")
+            raise ConfigError(f"only_optimize_lora and lm_training {mode} contradict each other; pick one", fields=named)
         # Resolved once, so that a saved config says what trained.
         if self.train_full_embeddings is None:
             self.train_full_embeddings = mode == "full"

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mmtrain import compat
-from mmtrain.model.fp8 import Float8FrozenLinear
+from mmtrain.compat import deepspeed as deepspeed_compat
+from mmtrain.model.fp8 import FLOAT8, Float8FrozenLinear
 from mmtrain.model.lora import is_lora_parameter
 from mmtrain.model.vlm import VisionLanguageModel
 
@@ -43,7 +43,7 @@ def component_of(name: str) -> str:
 
 def numel(param: nn.Parameter) -> int:
     """Full element count, also for a ZeRO-3 partitioned parameter."""
-    return compat.full_numel(param)
+    return deepspeed_compat.full_numel(param)
 
 
 @dataclass
@@ -68,7 +68,7 @@ def count_parameters(model: VisionLanguageModel) -> list[ComponentCount]:
         c.total += n
         if param.requires_grad:
             c.trainable += n
-        if param.dtype == compat.FLOAT8:
+        if param.dtype == FLOAT8:
             c.float8 += n
     for name, module in model.named_modules():
         if isinstance(module, Float8FrozenLinear):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmtrain import compat
+from mmtrain.compat import torch as torch_compat
 from mmtrain.model.errors import ConfigError
 
 
@@ -113,7 +113,7 @@ def compile_decoder_layers(language_model: nn.Module, *, hooks_outside: bool = F
     """
     if not hasattr(torch, "compile"):
         raise ConfigError("--torch_compile: this torch has no torch.compile")
-    compat.disable_inductor_matmul_padding()  # a torch bug with dynamic token counts (see there)
+    torch_compat.disable_inductor_matmul_padding()  # a torch bug with dynamic token counts (see there)
     layers = decoder_layers(language_model)
     for layer in layers:
         if hooks_outside:

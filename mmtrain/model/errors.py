@@ -5,5 +5,11 @@ class ConfigError(ValueError):
     """A model setting, folder or file that cannot work; the message names it and what would.
 
     The command line raises the same class for its own flags (``mmtrain.args``), so one
-    ``except`` catches every configuration error.
+    ``except`` catches every configuration error. Raised below the command line, the
+    message speaks of config fields, listed in ``fields``; the command line writes each
+    as the flag of the same name (:func:`mmtrain.args.naming_flags`).
     """
+
+    def __init__(self, message: str, *, fields: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)

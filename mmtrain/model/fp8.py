@@ -4,7 +4,7 @@ A frozen Linear needs two products per step: ``y = x @ W.T`` in forward and
 ``grad_x = grad_y @ W`` in backward (no weight gradient: ``W`` does not train). Here
 ``W`` is held in float8 e4m3 with one scale per output channel, computed once when the
 layer is converted, and each product runs on the float8 tensor cores
-(:func:`mmtrain.compat.float8_matmul`): the activations in forward and the output
+(:func:`float8_matmul`): the activations in forward and the output
 gradients in backward are quantised on the fly, one scale per row (per token). The
 layer holds one byte per weight instead of two; the bias, LoRA's low-rank term, the
 projector and the new embedding rows stay in bfloat16.
@@ -56,7 +56,79 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmtrain import compat
+from mmtrain.compat import torch as torch_compat
+
+# --- the float8 product ------------------------------------------------------------------
+# Everything that depends on ``torch._scaled_mm``'s contract (reached through
+# :func:`mmtrain.compat.torch.scaled_mm`) is in this block: the operand layout, the
+# alignment, the scale shapes and the hardware that runs it.
+
+FLOAT8 = torch.float8_e4m3fn  # 4 exponent bits, 3 mantissa bits: the format for weights and activations
+FLOAT8_MAX = float(torch.finfo(FLOAT8).max)  # 448: the largest finite value
+# cuBLASLt's float8 kernels need the reduction and output widths to be multiples of 16.
+FLOAT8_ALIGNMENT = 16
+# float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
+FLOAT8_MIN_CAPABILITY = (8, 9)
+
+
+def float8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b).T`` from float8 ``a`` [M, K] and ``b`` [N, K], both row-major.
+
+    ``scale_a`` is [M, 1] and ``scale_b`` [1, N], float32: one scale per row of each
+    operand (``_scaled_mm``'s row-wise mode; it multiplies them back onto the product).
+    ``_scaled_mm`` wants its second operand column-major, i.e. [K, N] with K contiguous,
+    which ``b.t()`` is without a copy: both operands must be K-major ("TN"), the only
+    layout cuBLASLt's float8 kernels take. Row-wise scaling on CUDA needs a bfloat16
+    output. K and N must be multiples of :data:`FLOAT8_ALIGNMENT`; M is free.
+    Were the signature or the layout rule changed, ``tests/test_compat.py`` fails on it.
+    """
+    if a.dtype != FLOAT8 or b.dtype != FLOAT8:
+        raise ValueError(f"float8_matmul takes {FLOAT8} operands, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[1] or a.shape[1] % FLOAT8_ALIGNMENT or b.shape[0] % FLOAT8_ALIGNMENT:
+        raise ValueError(f"float8_matmul: [M, K] @ [N, K].T needs equal K and K, N multiples of {FLOAT8_ALIGNMENT}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch_compat.scaled_mm(
+        a.contiguous(), b.contiguous().t(), scale_a.reshape(-1, 1).float(), scale_b.reshape(1, -1).float(), out_dtype
+    )
+
+
+_ROW_WISE: dict[str, bool] = {}
+
+
+def float8_row_wise_runs(device: torch.device | str) -> bool:
+    """Whether this torch's ``_scaled_mm`` takes row-wise scales on ``device``'s kind (a 16x16 probe, asked once).
+
+    CPU support came late: torch 2.11's CPU backend takes one scale per tensor only, 2.13's
+    also one per row. Training never computes float8 on a CPU (:func:`float8_matmul_problem`
+    refuses it); the tests that check the float8 numbers on a CPU ask this first.
+    """
+    kind = torch.device(device).type
+    if kind not in _ROW_WISE:
+        try:
+            a = torch.ones(16, 16, device=kind).to(FLOAT8)
+            float8_matmul(a, a, torch.ones(16, 1, device=kind), torch.ones(1, 16, device=kind), torch.bfloat16)
+            _ROW_WISE[kind] = True
+        except (RuntimeError, NotImplementedError):
+            _ROW_WISE[kind] = False
+    return _ROW_WISE[kind]
+
+
+def float8_matmul_problem(device: torch.device | str) -> str | None:
+    """Why :func:`float8_matmul` cannot run fast on ``device`` (None: it can).
+
+    torch's CPU ``_scaled_mm`` computes the right numbers (the tests use it) but without
+    float8 hardware it is slower than bfloat16, so training refuses it: a CPU or a GPU
+    below compute capability 8.9 is named with what was found.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the device is {device.type}, and float8 matrix products need a CUDA GPU of compute capability >= 8.9"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLOAT8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        need = ".".join(map(str, FLOAT8_MIN_CAPABILITY))
+        return f"the GPU is {name} (compute capability {major}.{minor}), and float8 matrix products need >= {need}"
+    return None
+
 
 # The smallest maximum a row is scaled by: an all-zero row (padding) must not divide by zero.
 _MIN_AMAX = 1e-12
@@ -73,15 +145,15 @@ def quantize_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> 
     """
     x = x.float() if column_scale is None else x.float() * column_scale.float()
     amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX)
-    scale = amax / compat.FLOAT8_MAX
-    q = (x / scale).clamp(-compat.FLOAT8_MAX, compat.FLOAT8_MAX).to(compat.FLOAT8)
+    scale = amax / FLOAT8_MAX
+    q = (x / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
     return q, scale
 
 
 def float8_linear_forward(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x2 @ W.T`` in bfloat16 for tokens ``x2`` [T, in] and the float8 ``weight`` [out, in] (scales [out])."""
     q, scale = quantize_rows(x2)
-    return compat.float8_matmul(q, weight, scale, weight_scale, torch.bfloat16)
+    return float8_matmul(q, weight, scale, weight_scale, torch.bfloat16)
 
 
 def float8_linear_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -89,7 +161,7 @@ def float8_linear_input_grad(grad_y: torch.Tensor, weight: torch.Tensor, weight_
     q, scale = quantize_rows(grad_y, weight_scale)
     weight_t = weight.t().contiguous()  # [in, out]: the reduction dimension (out) contiguous, as the kernel needs
     ones = torch.ones(1, weight_t.shape[0], dtype=torch.float32, device=weight.device)
-    return compat.float8_matmul(q, weight_t, scale, ones, torch.bfloat16)
+    return float8_matmul(q, weight_t, scale, ones, torch.bfloat16)
 
 
 class _Float8FrozenLinearFunction(torch.autograd.Function):
@@ -182,7 +254,7 @@ class Float8FrozenLinear(nn.Module):
             value = state_dict[key]
             if tuple(value.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"size mismatch for {key}: {tuple(value.shape)} vs {(self.out_features, self.in_features)}")
-            elif value.dtype == compat.FLOAT8:
+            elif value.dtype == FLOAT8:
                 if scale_key not in state_dict:
                     error_msgs.append(f"{key} is float8 but {scale_key} is missing")
                 else:
@@ -223,7 +295,7 @@ class Conversion:
             names = ", ".join(self.kept[:first]) + (", ..." if len(self.kept) > first else "")
             line += (
                 f"; {len(self.kept)} stay bfloat16 because their widths are not multiples of "
-                f"{compat.FLOAT8_ALIGNMENT} ({names})"
+                f"{FLOAT8_ALIGNMENT} ({names})"
             )
         return line
 
@@ -246,7 +318,7 @@ def _frozen_linears(root: nn.Module, scopes: list[nn.Module]):
 
 def aligned(linear: nn.Linear) -> bool:
     """Whether the float8 kernels take this Linear's widths (both multiples of 16)."""
-    return not (linear.in_features % compat.FLOAT8_ALIGNMENT or linear.out_features % compat.FLOAT8_ALIGNMENT)
+    return not (linear.in_features % FLOAT8_ALIGNMENT or linear.out_features % FLOAT8_ALIGNMENT)
 
 
 def convertible_linears(root: nn.Module, scopes: list[nn.Module]) -> list[nn.Linear]:

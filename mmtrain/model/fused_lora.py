@@ -42,7 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmtrain import compat
+from mmtrain.compat import deepspeed as deepspeed_compat
+from mmtrain.compat import peft as peft_compat
 from mmtrain.model.fp8 import float8_base, float8_linear_forward, float8_linear_input_grad
 
 
@@ -112,9 +113,9 @@ def _lora_linear(x, weight, weight_scale, bias, lora_a, lora_b, scale: float) ->
 
 
 def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
-    if not compat.lora_runs_one_plain_adapter(layer, adapter):
+    if not peft_compat.lora_runs_one_plain_adapter(layer, adapter):
         return False
-    base, lora_a, lora_b, _ = compat.lora_parts(layer, adapter)
+    base, lora_a, lora_b, _ = peft_compat.lora_parts(layer, adapter)
     if lora_a.bias is not None or lora_b.bias is not None:
         return False
     fp8 = float8_base(base)  # frozen by construction and never partitioned (refused at ZeRO-3)
@@ -122,7 +123,7 @@ def _fusable(layer: nn.Module, x: torch.Tensor, adapter: str) -> bool:
         if not isinstance(base, nn.Linear):
             return False
         weight = base.weight
-        if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or not compat.zero3_gathered(weight):
+        if weight.requires_grad or (base.bias is not None and base.bias.requires_grad) or not deepspeed_compat.zero3_gathered(weight):
             return False  # a trained base, or a ZeRO-3 weight not gathered here (hooks gather it around base_layer's forward)
     if torch.is_autocast_enabled(x.device.type):
         return True
@@ -134,7 +135,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     adapter = self._mmtrain_adapter
     if args or kwargs or not _fusable(self, x, adapter):
         return self._mmtrain_peft_forward(x, *args, **kwargs)
-    base, lora_a, lora_b, scale = compat.lora_parts(self, adapter)
+    base, lora_a, lora_b, scale = peft_compat.lora_parts(self, adapter)
     fp8 = float8_base(base)
     weight, weight_scale = (base.weight, None) if fp8 is None else (fp8.weight, fp8.weight_scale)
     bias, a, b = base.bias, lora_a.weight, lora_b.weight
@@ -157,7 +158,7 @@ def fuse_lora_layers(module: nn.Module, adapter: str = "default") -> int:
     """Give every peft LoRA ``Linear`` inside ``module`` the fused forward; returns how many (idempotent)."""
     count = 0
     for sub in module.modules():
-        if compat.is_lora_linear(sub, adapter):
+        if peft_compat.is_lora_linear(sub, adapter):
             if not hasattr(sub, "_mmtrain_peft_forward"):
                 sub._mmtrain_peft_forward = sub.forward
                 sub._mmtrain_adapter = adapter

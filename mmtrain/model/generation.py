@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from mmtrain.model.mmca import mmca_lm_kwargs
+from mmtrain.model.attention import decoder_kwargs
 from mmtrain.model.vlm import VisionLanguageModel
 
 
@@ -83,7 +83,7 @@ def generate(
         features = torch.cat([f.to(device) for f in image_features])
     lm = model.language_model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    extra = mmca_lm_kwargs(lm, ids, model.image_tokens.image_id)  # new tokens count as text
+    extra = decoder_kwargs(lm, ids, model.image_tokens.image_id)  # new tokens count as text; no packed rows here
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
     cache = {_cache_argument(decoder): DynamicCache()}
     hidden = decoder(

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from mmtrain import compat, presets
+from mmtrain import presets
+from mmtrain.compat import deepspeed as deepspeed_compat
+from mmtrain.compat import transformers as transformers_compat
 from mmtrain.model.attention import attention_for, choose_attention
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
@@ -83,7 +85,7 @@ def build_language_model(
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:
-    return compat.is_zero3_partitioned(param)
+    return deepspeed_compat.is_zero3_partitioned(param)
 
 
 class NewTokenEmbedding(nn.Module):
@@ -139,7 +141,7 @@ class NewTokenEmbedding(nn.Module):
         out = self.base(base_ids)
         new_index = (input_ids - self.first_new_id).clamp(0, self.num_new - 1)
         new = nn.functional.embedding(new_index, self.new_rows).to(out.dtype)
-        scale = compat.embedding_scale(self.base)
+        scale = transformers_compat.embedding_scale(self.base)
         if scale is not None:  # Gemma's tables scale what they look up: the new rows, read from the table once exported, too
             new = new * scale.to(out.dtype)
         return torch.where(is_new[..., None], new, out)

@@ -48,10 +48,10 @@ from transformers import (
     PretrainedConfig,
 )
 
+from mmtrain.image_tokens import IMAGE_TOKEN
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained, safetensors_files
 from mmtrain.model.language import language_attention
-from mmtrain.model.tokens import IMAGE_TOKEN
 from mmtrain.model.vision import SUPPORTED as SUPPORTED_TOWERS, TowerLayout, VisionEncoder, processor_pixel_shape, tower_layout
 
 FLAG = "--vlm_name_or_path"

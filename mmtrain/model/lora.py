@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from mmtrain import compat
+from mmtrain.compat import peft as peft_compat
 from mmtrain.model.errors import ConfigError
 
 ADAPTER = "default"
@@ -51,14 +51,14 @@ def apply_lora(module: nn.Module, *, rank: int, scope: str, alpha: float | None,
 
 
 def is_lora_parameter(name: str) -> bool:
-    return compat.LORA_NAME_MARK in name
+    return peft_compat.LORA_NAME_MARK in name
 
 
 def lora_scalings(module: nn.Module, prefix: str = "") -> dict[str, float]:
     """``{qualified name of each adapted layer: alpha / rank}``."""
     scalings = {}
     for name, sub in module.named_modules():
-        scale = compat.lora_scaling(sub, ADAPTER)
+        scale = peft_compat.lora_scaling(sub, ADAPTER)
         if scale is not None:
             scalings[f"{prefix}{name}"] = scale
     return scalings
@@ -75,12 +75,12 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scalings: dict[st
     for key, value in state_dict.items():
         if is_lora_parameter(key):
             continue
-        layer, sep, leaf = key.rpartition(compat.BASE_LAYER_MARK)
+        layer, sep, leaf = key.rpartition(peft_compat.BASE_LAYER_MARK)
         if sep and layer in scalings and leaf == "weight":
-            a_name, b_name = compat.lora_weight_names(layer, ADAPTER)
+            a_name, b_name = peft_compat.lora_weight_names(layer, ADAPTER)
             a, b = state_dict[a_name].float(), state_dict[b_name].float()
             value = (value.float() + scalings[layer] * (b @ a)).to(value.dtype)
-        merged[key.replace(compat.BASE_LAYER_MARK, ".")] = value
+        merged[key.replace(peft_compat.BASE_LAYER_MARK, ".")] = value
     return merged
 
 
@@ -98,7 +98,7 @@ def lora_inputs_follow_autocast(module: nn.Module) -> int:
     Under DeepSpeed the whole module, adapters included, is in the compute dtype, so
     there is no cast to skip.
     """
-    return sum(compat.wrap_lora_input_cast(sub, _cast_unless_autocast) for sub in module.modules())
+    return sum(peft_compat.wrap_lora_input_cast(sub, _cast_unless_autocast) for sub in module.modules())
 
 
 def _cast_unless_autocast(cast):

@@ -61,9 +61,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AttentionInterface
 
-from mmtrain import compat
-from mmtrain.compat import repeat_kv
-from mmtrain.model.attention import attention_for
+from mmtrain.compat import transformers as transformers_compat
+from mmtrain.compat.transformers import repeat_kv
 
 IMAGE_MASK_KWARG = "mmca_image_mask"
 IMAGE_ATTENTION = ("same_image", "self")
@@ -276,7 +275,7 @@ def mmca_mask(*args, **kwargs) -> torch.Tensor:
     The attention function intersects this mask with the text/image masks, so it must
     exist even when it would be a plain causal mask.
     """
-    return compat.sdpa_mask_materialized(*args, **kwargs)
+    return transformers_compat.sdpa_mask_materialized(*args, **kwargs)
 
 
 def register_mmca() -> None:
@@ -284,20 +283,22 @@ def register_mmca() -> None:
     AttentionInterface.register(ATTENTION_NAMES["same_image"], mmca_attention_forward)
     AttentionInterface.register(ATTENTION_NAMES["self"], mmca_self_attention_forward)
     for name in ATTENTION_NAMES.values():
-        compat.register_attention_mask(name, mmca_mask)
+        transformers_compat.register_attention_mask(name, mmca_mask)
 
 
 def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") -> None:
     """Switch ``language_model`` (a transformers model) to MMCA; raises if it cannot dispatch it."""
     if image_attention not in IMAGE_ATTENTION:
         raise ValueError(f"image_attention {image_attention!r}: valid are {', '.join(IMAGE_ATTENTION)}")
+    from mmtrain.model.attention import attention_for  # attention.py imports this module
+
     _, why = attention_for(type(language_model), "sdpa")
     if why:  # e.g. capped attention logits, which MMCA's SDPA calls would drop
         raise ValueError(f"--enable_mmca_attention: MMCA computes its attention through SDPA, and {why}")
     register_mmca()
     name = ATTENTION_NAMES[image_attention]
     language_model.set_attn_implementation(name)
-    if compat.attn_implementation(language_model.config) != name:
+    if transformers_compat.attn_implementation(language_model.config) != name:
         raise ValueError(
             f"--enable_mmca_attention: {type(language_model).__name__} does not route attention through "
             "transformers' AttentionInterface, so MMCA cannot be plugged in (LLaMA, Qwen2, Mistral, ... can)"
@@ -306,7 +307,7 @@ def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") 
 
 def uses_mmca(language_model: nn.Module) -> bool:
     config = getattr(language_model, "config", None)
-    return compat.attn_implementation(config) in ATTENTION_NAMES.values()
+    return transformers_compat.attn_implementation(config) in ATTENTION_NAMES.values()
 
 
 def mmca_lm_kwargs(language_model: nn.Module, input_ids: torch.Tensor, image_id: int) -> dict[str, torch.Tensor]:

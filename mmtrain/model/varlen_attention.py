@@ -5,7 +5,7 @@ attending only to itself. Flex attention gets them as a document block mask and 
 the blocks between samples; a variable-length kernel instead gets the samples'
 cumulative offsets in the flattened token stream and runs each as its own causal
 sequence, with no mask at all. FlashAttention-2's is the trainer's default on CUDA where
-it can run (``training/speedups.packed_attention``): on an H200 its attention took 18%
+it can run (:func:`mmtrain.model.attention.packed_kernel`): on an H200 its attention took 18%
 less time than flex attention on samples of 683-1582 tokens
 (``benchmarks/attention_kernels.py``), and float8 ref-7b trained 6.9% faster on them.
 
@@ -20,7 +20,7 @@ SDPA in a loop: any device, for tests.
 When every segment of a packed batch has the same length (samples of one fixed length
 filling the budget exactly), the stream is a plain batch of equal causal sequences: it
 is reshaped, without a copy, to ``[segments, heads, length, dim]`` and goes through
-cuDNN's dense causal kernel where it applies (``compat.cudnn_attention_takes``), else
+cuDNN's dense causal kernel where it applies (:func:`cudnn_attention_takes`), else
 through SDPA's causal kernels. On an H200 that took 35% less time than flex
 attention and 39% less than FlashAttention-2's varlen kernel on 2048-token samples
 (``attention_kernels_h200_2048.json``), and float8 ref-7b trained 3-4% faster than
@@ -35,10 +35,104 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from mmtrain import compat
-from mmtrain.batch import VARLEN_ATTENTION_PREFIX, is_varlen_attention
+from mmtrain.compat import torch as torch_compat
+from mmtrain.compat import transformers as transformers_compat
 
-KERNELS = (*compat.VARLEN_KERNELS, "reference")
+# --- FlashAttention-2's variable-length kernel --------------------------------------------
+# Reached through its private ops (:mod:`mmtrain.compat.torch`). cuDNN's op takes the same
+# offsets, but on torch 2.11 (an H200) it ran at 5 TFLOP/s and its query and key gradients
+# were wrong (benchmarks/README.md), so it is not offered.
+
+VARLEN_KERNELS = ("flash_varlen",)
+FLASH_ATTENTION_MIN_CAPABILITY = (8, 0)
+
+
+def flash_attention_problem(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention-2's kernel cannot take ``dtype`` activations on ``device`` (None: it can).
+
+    It needs a CUDA GPU of compute capability >= 8.0 (Ampere on) and 16-bit activations.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the device is {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the activations are {str(dtype).removeprefix('torch.')}, and it takes bfloat16 or float16"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLASH_ATTENTION_MIN_CAPABILITY:
+        return f"the GPU has compute capability {major}.{minor}, and it needs >= 8.0"
+    return None
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Causal attention per segment through FlashAttention-2's forward and backward ops (no weights: no other state)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, longest, scale):
+        out, lse, rng_state, unused = torch_compat.flash_attention_forward(q, k, v, offsets, longest, scale)
+        ctx.save_for_backward(q, k, v, out, lse, rng_state, unused, offsets)
+        ctx.longest, ctx.scale = longest, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, rng_state, unused, offsets = ctx.saved_tensors
+        dq, dk, dv = torch_compat.flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, offsets, ctx.longest, rng_state, unused, ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+
+def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
+    """Causal attention within each segment of a token stream: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D] (grouped heads as they are).
+
+    ``offsets`` (int32, [S + 1], on the device) are the segments' cumulative starts,
+    ``longest`` the longest segment. CUDA only.
+    """
+    if kernel not in VARLEN_KERNELS:
+        raise ValueError(f"varlen kernel {kernel!r}: valid are {', '.join(VARLEN_KERNELS)}")
+    offsets = offsets.to(device=q.device, dtype=torch.int32)
+    return _VarlenAttention.apply(q, k, v, offsets, longest, scale)
+
+
+# --- cuDNN's dense causal kernel (packed rows of equal samples) ----------------------------
+# SDPA picks FlashAttention first, and inside compiled code its choice cannot be steered to
+# cuDNN, so the op is called directly (:func:`mmtrain.compat.torch.cudnn_causal_attention`).
+
+# Asked once: compiled code reads a constant.
+_HAS_CUDNN = torch.backends.cudnn.is_available()
+# Whether equal-segment rows take cuDNN's kernel where it applies (False: SDPA's own choice).
+# Only measurements turn it off (:func:`use_cudnn_dense`).
+_cudnn_dense = True
+
+
+def use_cudnn_dense(enabled: bool) -> None:
+    """Let rows of equal samples take cuDNN's dense kernel (the default) or leave them to SDPA's own choice.
+
+    For measuring the kernels against each other; set before the first forward (compiled
+    code reads the value when it traces).
+    """
+    global _cudnn_dense
+    _cudnn_dense = bool(enabled)
+
+
+def cudnn_attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`mmtrain.compat.torch.cudnn_causal_attention` can take ``q`` [B, H, L, D] and ``k``: CUDA,
+    half precision, as many key as query heads, a head size cuDNN's kernel has (a multiple
+    of 8 up to 128). Shapes and dtypes only, so compiled code decides it while tracing."""
+    dim = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.shape[1] == q.shape[1]
+        and dim % 8 == 0
+        and dim <= 128
+        and _HAS_CUDNN
+        and _cudnn_dense
+    )
+
+
+KERNELS = (*VARLEN_KERNELS, "reference")
+VARLEN_ATTENTION_PREFIX = "mmtrain_varlen_"
 # The registered names. None may contain "flash": transformers takes any such name for a
 # FlashAttention build or a Hub kernel to load (``is_flash_attention_requested``), and on a
 # GPU that failed with "Could not find the currently requested flash attention implementation".
@@ -46,6 +140,11 @@ _SHORT_NAMES = {"flash_varlen": "fa2", "reference": "reference"}
 OFFSETS_KWARG = "mmtrain_cu_seq_lens"
 LONGEST_KWARG = "mmtrain_max_segment_len"
 SEGMENT_LEN_KWARG = "mmtrain_segment_len"  # instead of the two above: every segment this long
+
+
+def is_varlen_attention(implementation: str | None) -> bool:
+    """Whether an attention implementation name is one of the variable-length kernels (sample offsets, no mask)."""
+    return bool(implementation) and implementation.startswith(VARLEN_ATTENTION_PREFIX)
 
 
 def implementation(kernel: str) -> str:
@@ -83,8 +182,8 @@ def equal_segments_sdpa(query, key, value, segment: int, scale: float | None = N
         return t.unflatten(2, (length // segment, segment)).transpose(1, 2).flatten(0, 1)
 
     q, k, v = split(query), split(key), split(value)
-    if compat.cudnn_attention_takes(q, k):
-        out = compat.cudnn_causal_attention(q, k, v, scale)
+    if cudnn_attention_takes(q, k):
+        out = torch_compat.cudnn_causal_attention(q, k, v, scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != heads)
     return out.transpose(1, 2).reshape(batch, length, heads, dim)
@@ -111,7 +210,7 @@ def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dro
     if kernel == "reference":
         out = segments_sdpa(q, k, v, offsets, scaling)
     else:
-        out = compat.varlen_attention(kernel, q, k, v, offsets, longest, scaling)
+        out = varlen_attention(kernel, q, k, v, offsets, longest, scaling)
     return out.reshape(batch, length, heads, dim), None
 
 
@@ -121,7 +220,7 @@ def _mask(*args, attention_mask=None, **kwargs):
     the attention falls back to on unpacked batches."""
     if attention_mask is None:
         return None
-    return compat.attention_mask_builder("sdpa")(*args, attention_mask=attention_mask, **kwargs)
+    return transformers_compat.attention_mask_builder("sdpa")(*args, attention_mask=attention_mask, **kwargs)
 
 
 def _attention_function(kernel: str):
@@ -138,7 +237,7 @@ def register(kernel: str) -> str:
     """Make ``kernel`` a transformers attention implementation (idempotent); returns its name."""
     name = implementation(kernel)
     AttentionInterface.register(name, _attention_function(kernel))
-    compat.register_attention_mask(name, _mask)
+    transformers_compat.register_attention_mask(name, _mask)
     return name
 
 
@@ -162,7 +261,7 @@ def unsupported(config) -> str | None:
 
 
 def uses_varlen(language_model: nn.Module) -> bool:
-    return is_varlen_attention(compat.attn_implementation(getattr(language_model, "config", None)))
+    return is_varlen_attention(transformers_compat.attn_implementation(getattr(language_model, "config", None)))
 
 
 def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None, tokens: int) -> dict:

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from mmtrain import compat
+from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import label_positions
-from mmtrain.model.mmca import mmca_lm_kwargs
-from mmtrain.model.tokens import ImageTokens
-from mmtrain.model.varlen_attention import varlen_lm_kwargs
+from mmtrain.image_tokens import ImageTokens
+from mmtrain.model.attention import decoder_kwargs
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
 
@@ -99,7 +98,7 @@ class VisionLanguageModel(nn.Module):
         else:
             # Training on an accelerator: the same check without making the host wait
             # for the device (the collator builds spans and images together).
-            compat.assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
+            torch_compat.assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
         # The n-th <image> position in row-major order takes feature row n, so image k
         # lands on span k. This is masked_scatter's placement, written as a gather and a
         # select: masked_scatter's backward (masked_select) reads a count back from the
@@ -157,11 +156,7 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features, image_repeats)
         body = self.language_model.get_decoder()
-        lm_kwargs = {
-            **mmca_lm_kwargs(self.language_model, input_ids, self.image_tokens.image_id),
-            **varlen_lm_kwargs(self.language_model, cu_seq_lens, max_segment_len, input_ids.numel()),
-            **lm_kwargs,
-        }
+        lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
         hidden = body(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **lm_kwargs
         ).last_hidden_state

@@ -65,6 +65,7 @@ from accelerate.utils import gather_object
 
 from mmtrain.model.errors import ConfigError
 from mmtrain.training import portable_state
+from mmtrain.training.engine_view import Prepared
 from mmtrain.training.host_memory import RssWatch
 
 CHECKPOINT_DIR = "checkpoints"
@@ -246,25 +247,36 @@ def _trainable_only(state_dict: dict, trainable: set[str]) -> dict:
 _STATE_LAYOUT = {1: 2}
 
 
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Where checkpoints go, how many are kept, and the run facts a resume maps its position by."""
+
+    output_dir: str
+    keep: int  # --save_total_limit: the newest this many stay
+    seed: int = 0  # --seed: a resume on another process count re-seeds from it
+    # --per_device_train_batch_size: with it the manifest records the batch layout (a resume on
+    # another process count needs it); None for checkpoints never resumed on another count.
+    per_device_train_batch_size: int | None = None
+    token_budget: str | None = None  # the budget flags (DataArguments.token_budget()): micro-batches of one row
+
+
 class Checkpointer:
     """Saves and restores training state through Accelerate, trainable parameters only."""
 
-    def __init__(
-        self, accelerator, output_dir: str, config, trainable_names: list[str], keep: int, *,
-        model=None, optimizer=None, scheduler=None, per_device_train_batch_size: int | None = None, seed: int = 0,
-        token_budget: str | None = None, stream=None,
-    ):
-        """``model``, ``optimizer``, ``scheduler``: the prepared ones; with them each checkpoint also
-        carries the portable trainable state and can be resumed on another process count.
+    def __init__(self, prepared: Prepared, config, trainable_names: list[str], settings: CheckpointSettings, *, stream=None):
+        """``prepared``: the Accelerator, and the prepared model, optimizer and schedule; with those each
+        checkpoint also carries the portable trainable state and can be resumed on another process count.
         ``stream``: a ``--streaming`` loader, whose position each process saves as ``stream/rank-N.json``."""
+        accelerator = prepared.accelerator
         self.accelerator = accelerator
-        self.output_dir = output_dir
+        self.output_dir = settings.output_dir
         self.config = config  # the model's VLMConfig, saved with every checkpoint
         self.trainable_names = trainable_names
-        self.keep = keep
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.seed = seed
+        self.keep = settings.keep
+        self.model, self.optimizer, self.scheduler = prepared.model, prepared.optimizer, prepared.scheduler
+        self.seed = settings.seed
         self.stream = stream
+        per_device_train_batch_size, token_budget = settings.per_device_train_batch_size, settings.token_budget
         self.last_write: portable_state.WriteReport | None = None  # this process's share of the last save's portable state
         self.layout = None
         if per_device_train_batch_size is not None:

@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from mmtrain import compat
+from mmtrain.compat import accelerate as accelerate_compat
+from mmtrain.compat import transformers as transformers_compat
 from mmtrain.args import ConfigError, TrainArguments
 
 # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed-VisualChat's
@@ -261,8 +262,8 @@ def _complete_deepspeed_config(accelerator, train_args: TrainArguments) -> None:
     if stage == 3:
         zero.setdefault("stage3_param_persistence_threshold", PARAM_PERSISTENCE_THRESHOLD)
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-        if compat.zero3_init_enabled(plugin):
-            compat.reinstall_hf_deepspeed_config(plugin)  # so zero.Init sees the values above
+        if accelerate_compat.zero3_init_enabled(plugin):
+            accelerate_compat.reinstall_hf_deepspeed_config(plugin)  # so zero.Init sees the values above
 
 
 def _check_batch_sizes(config: dict, train_args: TrainArguments, num_processes: int) -> None:
@@ -307,7 +308,7 @@ def compute_dtype(accelerator) -> torch.dtype:
 def frozen_vision_context(accelerator):
     """At ZeRO-3, load the frozen vision encoder without ``zero.Init`` (it stays whole, outside the engine)."""
     plugin = deepspeed_plugin(accelerator)
-    if plugin is not None and compat.zero3_init_enabled(plugin):
+    if plugin is not None and accelerate_compat.zero3_init_enabled(plugin):
         return _without_zero3_init(plugin)
     return contextlib.nullcontext()
 
@@ -317,11 +318,11 @@ def _without_zero3_init(plugin):
     # transformers decides on zero.Init from the DeepSpeed config it was handed; Accelerate's
     # own zero3_init_context_manager(enable=False) re-installs a stage-3 config, so
     # from_pretrained would still partition. Remove the config for the duration instead.
-    compat.unset_hf_deepspeed_config()
+    transformers_compat.unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        compat.reinstall_hf_deepspeed_config(plugin)
+        accelerate_compat.reinstall_hf_deepspeed_config(plugin)
 
 
 def make_optimizer(accelerator, groups: list[dict], learning_rate: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):

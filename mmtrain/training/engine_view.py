@@ -14,6 +14,9 @@ Parameter names inside the engine are the model's own (``projector.``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,6 +52,17 @@ class EngineView(nn.Module):
         for prefix, module in self.outside().items():
             state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
         return state
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The Accelerator and what ``accelerator.prepare`` returned for training: the engine (an
+    :class:`EngineView`, wrapped), its optimizer and its schedule (None where a user needs none)."""
+
+    accelerator: Any
+    model: nn.Module | None = None
+    optimizer: Any = None
+    scheduler: Any = None
 
 
 def unwrap_vlm(accelerator, model) -> VisionLanguageModel:

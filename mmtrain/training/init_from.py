@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from mmtrain import compat
+from mmtrain.compat import deepspeed as deepspeed_compat
 from mmtrain.model.builder import build_model
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.errors import ConfigError
@@ -145,7 +145,7 @@ def load_parts(model: torch.nn.Module, source: InitSource) -> list[str]:
 
 def _copy_into(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     with torch.no_grad():
-        if compat.is_zero3_partitioned(param):
+        if deepspeed_compat.is_zero3_partitioned(param):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):

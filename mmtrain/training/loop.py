@@ -7,22 +7,28 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mmtrain import compat
+from mmtrain.compat import accelerate as accelerate_compat
 from mmtrain.model.pretrained import save_pretrained
 from mmtrain.data.packing import samples_in
 from mmtrain.data.preference import pairs_in
 from mmtrain.training import distributed, speedups, weighting
 from mmtrain.training.checkpoint import TrainerState, quiet_save
-from mmtrain.training.engine_view import unwrap_vlm
+from mmtrain.training.engine_view import Prepared, unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss, evaluate_preference
 from mmtrain.training.preference import METRICS
 from mmtrain.training.sample_record import SampleRecord
 from mmtrain.training.stream_loader import StreamLoader
+
+if TYPE_CHECKING:
+    from mmtrain.args import DataArguments, ModelArguments, TrainArguments
+    from mmtrain.model.builder import BuiltModel
 
 logger = logging.getLogger("mmtrain")
 
@@ -31,21 +37,45 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the last good checkpoint is intact."""
 
 
+@dataclass(frozen=True)
+class LoopInputs:
+    """What the loop reads: the prepared loaders (``eval_loader`` None: no evaluation), the datasets
+    they come from (:func:`mmtrain.data.build.build_datasets`'s result; generation examples, reports)
+    and the built model (tokenizer, config)."""
+
+    train_loader: Any
+    eval_loader: Any
+    data: Any
+    built: BuiltModel
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """The run's parsed flags, by group."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainArguments
+
+
 class Loop:
-    def __init__(self, accelerator, model, optimizer, scheduler, train_loader, eval_loader, data, built, checkpointer, metrics, state: TrainerState, model_args, data_args, train_args, total_steps: int, objective=None):
+    def __init__(self, prepared: Prepared, inputs: LoopInputs, flags: RunFlags, *, checkpointer, metrics, state: TrainerState, total_steps: int, objective=None):
+        """``checkpointer`` and ``metrics`` (a :class:`~mmtrain.training.metrics.MetricsLogger`) may be None for a
+        caller that only runs :meth:`train_step`; ``total_steps`` is the schedule's length."""
+        accelerator, model, data, train_args, model_args = prepared.accelerator, prepared.model, inputs.data, flags.train, flags.model
         self.acc = accelerator
         self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.train_loader = train_loader
-        self.eval_loader = eval_loader
+        self.optimizer = prepared.optimizer
+        self.scheduler = prepared.scheduler
+        self.train_loader = inputs.train_loader
+        self.eval_loader = inputs.eval_loader
         self.data = data
-        self.built = built
+        self.built = inputs.built
         self.checkpointer = checkpointer
         self.metrics = metrics
         self.state = state
         self.model_args = model_args
-        self.data_args = data_args
+        self.data_args = flags.data
         self.args = train_args
         self.total_steps = total_steps
         # --objective dpo: a mmtrain.training.preference.PreferenceObjective; each step's loss is a mean over its pairs.
@@ -159,7 +189,7 @@ class Loop:
         for group, tokens in windows:
             self.step_tokens = tokens
             for i, batch in enumerate(group):
-                compat.set_sync_gradients(self.acc, i == len(group) - 1)
+                accelerate_compat.set_sync_gradients(self.acc, i == len(group) - 1)
                 yield batch
 
     def _accumulate(self):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from mmtrain import compat
+from mmtrain.compat import torch as torch_compat
 from mmtrain.model.counting import component_of
 
 # Optimizer components: what each model component (mmtrain.model.counting) is tuned as.
@@ -45,7 +45,7 @@ def _normalization_parameters(model: nn.Module) -> set[int]:
     """
     ids: set[int] = set()
     for module in model.modules():
-        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, compat.BatchNormBase))
+        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, torch_compat.BatchNormBase))
         if is_norm or "norm" in type(module).__name__.lower():
             ids.update(id(p) for p in module.parameters(recurse=False))
     return ids

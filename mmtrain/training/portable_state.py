@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtrain import compat
+from mmtrain.compat import deepspeed as deepspeed_compat
 from mmtrain.model.errors import ConfigError
+from mmtrain.training import adam_state
 
 PORTABLE_STATE = "trainable_state.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -87,14 +88,14 @@ def write(path: str, model, optimizer, deepspeed: bool, *, writer: bool) -> Writ
     """
     ds = _deepspeed_helpers(deepspeed)
     if ds is not None:
-        compat.link_zero_optimizer_state(optimizer)
-    masters = compat.fp32_masters(optimizer)
+        deepspeed_compat.link_zero_optimizer_state(optimizer)
+    masters = deepspeed_compat.fp32_masters(optimizer)
     params = _trainable(model)
-    step = compat.adam_step_count(optimizer) or 0
+    step = adam_state.adam_step_count(optimizer) or 0
     report = WriteReport()
     out = None
     if writer:
-        entries = [(f"{key}/{name}", compat.full_shape(p)) for name, p in params for key in ("param", *MOMENTS)]
+        entries = [(f"{key}/{name}", deepspeed_compat.full_shape(p)) for name, p in params for key in ("param", *MOMENTS)]
         out = StreamedSafetensors(path, entries, {"optimizer_step": str(step)})
     def put(key: str, tensor: torch.Tensor | None, gathered: bool) -> None:
         nonlocal out
@@ -244,12 +245,12 @@ def load_into(model, optimizer, tensors: PortableState, step: int, deepspeed: bo
             numel = tensors.numel(f"{key}/{name}")
             if numel is None:
                 raise ConfigError(f"{source}: no {key}/{name}; it holds the trainable state of another model")
-            if numel != compat.full_numel(p):
-                raise ConfigError(f"{source}: {key}/{name} has {numel} elements, the model's parameter {compat.full_numel(p)}")
+            if numel != deepspeed_compat.full_numel(p):
+                raise ConfigError(f"{source}: {key}/{name} has {numel} elements, the model's parameter {deepspeed_compat.full_numel(p)}")
     ds = _deepspeed_helpers(deepspeed)
-    compat.create_adam_state(optimizer, step)
-    compat.link_zero_optimizer_state(optimizer)
-    masters = compat.fp32_masters(optimizer)
+    adam_state.create_adam_state(optimizer, step)
+    deepspeed_compat.link_zero_optimizer_state(optimizer)
+    masters = deepspeed_compat.fp32_masters(optimizer)
     for name, p in params:
         value = tensors[f"param/{name}"]
         if ds is not None and ds.safe_get_full_fp32_param(p) is not None:
@@ -269,9 +270,9 @@ def _local_master(p, optimizer, masters) -> tuple[torch.Tensor, dict[str, torch.
     """``p``'s fp32 master and Adam moments, as views into what the optimizer steps, where each process holds them whole.
 
     That is: no DeepSpeed (the parameter is its own master), or DeepSpeed at ZeRO 0 with a
-    mixed-precision wrapper that keeps masters apart (:func:`mmtrain.compat.fp32_masters`).
+    mixed-precision wrapper that keeps masters apart (:func:`mmtrain.compat.deepspeed.fp32_masters`).
     """
-    base = compat.base_optimizer(optimizer)
+    base = deepspeed_compat.base_optimizer(optimizer)
     if id(p) not in masters:
         state = base.state.get(p, {})
         return p.detach(), {k: state.get(k) for k in MOMENTS}
@@ -286,7 +287,7 @@ def _local_master(p, optimizer, masters) -> tuple[torch.Tensor, dict[str, torch.
 
 def _whole(p, ds):
     """A ZeRO-3 parameter gathered for writing (every rank writes the same value), else as it is."""
-    if ds is None or not compat.is_zero3_partitioned(p):
+    if ds is None or not deepspeed_compat.is_zero3_partitioned(p):
         return contextlib.nullcontext()
     import deepspeed
 

@@ -32,12 +32,12 @@ import os
 
 import torch
 
-from mmtrain import compat
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
-from mmtrain.data.packing import PackingCollator, check_packed_attention
+from mmtrain.data.packing import PackingCollator
 from mmtrain.data.preference import PairCollator, PairPackingCollator
 from mmtrain.model.builder import BuiltModel
+from mmtrain.model import attention, fp8
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
@@ -56,9 +56,9 @@ def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = 
     pad = built.tokenizer.pad_token_id
     if data_args.packing or data_args.max_tokens_per_batch:
         try:
-            check_packed_attention(built.model.language_model.config)
+            attention.check_packed_attention(built.model.language_model.config)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"--packing / --max_tokens_per_batch: {err}") from None
     if data_args.max_tokens_per_batch:
         images = f", at most {data_args.max_images_per_batch} images" if data_args.max_images_per_batch else ""
         what = "whole pairs (both answers)" if pairs else "whole samples"
@@ -92,7 +92,7 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
         gradient_checkpointing=train_args.gradient_checkpointing,
         gradient_checkpointing_layers=train_args.gradient_checkpointing_layers,
         lora_inputs_follow_autocast=plain_mixed_precision,
-        packed_attention=packed_attention(accelerator, data_args),
+        packed_attention=packed_attention(accelerator, data_args, train_args),
         fp8_base=train_args.fp8_base,
         fp8_vision=train_args.fp8_vision,
         # The originals are what exports are written from, and only the main process writes them.
@@ -119,38 +119,16 @@ def check_fp8(accelerator, train_args) -> None:
             "compute dtype around each layer, and float8 partitions (weights with separate scales) are not supported; "
             "use ZeRO 0-2 (e.g. accelerate_configs/zero2.yaml) or drop the flag"
         )
-    problem = compat.float8_matmul_problem(accelerator.device)
+    problem = fp8.float8_matmul_problem(accelerator.device)
     if problem:
         raise ConfigError(f"{' and '.join(flags)} needs float8 tensor cores, but {problem}")
 
 
-def packed_attention(accelerator, data_args) -> str | None:
-    """The LM kernel for token-budget rows on CUDA (None: SDPA with its mask, as on a CPU).
-
-    A budget row holds many samples. SDPA would take them under a materialised
-    ``[1, 1, N, N]`` mask and compute every block of the square. FlashAttention-2's
-    variable-length kernel takes the samples' offsets instead and computes each on its
-    own, and rows of equal samples go through cuDNN's dense kernel
-    (mmtrain/model/varlen_attention.py). Where FlashAttention-2 cannot run (a GPU older
-    than Ampere, 32-bit activations; the builder adds LMs with sliding windows or capped
-    logits), flex attention's document mask skips the blocks between samples. Float8
-    ref-7b on an H200 trained 6.9% faster on the mix through the offsets, and 3-4% faster
-    on 2048-token samples through cuDNN's dense kernel, than through flex attention
-    (benchmarks/README.md). On a CPU flex attention needs a compiler toolchain and runs
-    slower than SDPA, so CPU runs keep SDPA's mask, which gives the same numbers.
-    """
-    if not data_args.max_tokens_per_batch or accelerator.device.type != "cuda":
-        return None
-    # MMTRAIN_PACKED_ATTENTION chooses for measuring (benchmarks/gpu_suite.sh varlen): "sdpa"
-    # keeps the materialised mask.
-    kernel = os.environ.get("MMTRAIN_PACKED_ATTENTION")
-    if kernel is None:
-        problem = compat.flash_attention_problem(accelerator.device, distributed.compute_dtype(accelerator))
-        return "flex_attention" if problem else "flash_varlen"
-    valid = ("flex_attention", "sdpa", *compat.VARLEN_KERNELS)
-    if kernel not in valid:
-        raise ConfigError(f"MMTRAIN_PACKED_ATTENTION={kernel!r}: valid are {', '.join(valid)}")
-    return None if kernel == "sdpa" else kernel
+def packed_attention(accelerator, data_args, train_args) -> str | None:
+    """The LM kernel for this run's token-budget rows (``--packed_attention``; :func:`mmtrain.model.attention.packed_kernel`)."""
+    return attention.packed_kernel(
+        train_args.packed_attention, accelerator.device, distributed.compute_dtype(accelerator), bool(data_args.max_tokens_per_batch)
+    )
 
 
 def should_compile(device: torch.device, train_args) -> bool:

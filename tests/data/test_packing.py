@@ -7,7 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from mmtrain.data import Collator
-from mmtrain.data.packing import PackingCollator, check_packed_attention, first_fit_rows
+from mmtrain.data.packing import PackingCollator, first_fit_rows
+from mmtrain.model.attention import check_packed_attention
 from mmtrain.data.template import IGNORE_INDEX
 from mmtrain.model import build_model
 from tests.adapters import randomise_lora
@@ -162,7 +163,7 @@ def test_mask_builder_check_fails_loudly_when_packing_is_not_honoured(tiny_args,
 
     built = build_model(tiny_args())
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    with pytest.raises(ValueError, match="--packing"):
+    with pytest.raises(ValueError, match="packed samples would attend to each other"):
         check_packed_attention(built.model.language_model.config)
 
 

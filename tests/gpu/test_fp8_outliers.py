@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtrain import compat
+from mmtrain.model.fp8 import float8_matmul_problem
 from tests.model.fp8_outliers import frozen_linear, inlier_errors, layer_errors, lora_losses, outlier_activations
 
 
 @pytest.fixture
 def float8_gpu():
-    problem = compat.float8_matmul_problem("cuda") if torch.cuda.is_available() else "no CUDA device"
+    problem = float8_matmul_problem("cuda") if torch.cuda.is_available() else "no CUDA device"
     if problem:
         pytest.skip(f"float8 on this GPU: {problem}")
     return "cuda"

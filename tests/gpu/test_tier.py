@@ -93,24 +93,19 @@ FEATURES = {
     "dpo": {"objective": "dpo", "dpo_beta": "0.5", "eval_generate": "0", "eval_steps": "9"},
     "ipo_sft": {"dpo_loss": "ipo", "dpo_sft_weight": "0.5"},
     "projector_only": {"lang_lora_dim": "0"},  # the projector and new rows swapped for the reference
-}
-# Features that are environment switches (measurement choices, not flags).
-ENV_FEATURES = {
     # flex attention's document mask: what packed rows take where FlashAttention-2 cannot run
-    "flex": {"MMTRAIN_PACKED_ATTENTION": "flex_attention"},
+    "flex": {"packed_attention": "flex_attention"},
 }
 
 
 def row(config: str, *features: str, **kw) -> Row:
-    flags, env = {}, {}
+    flags = {}
     for f in features:
-        if f in ENV_FEATURES:
-            env.update(ENV_FEATURES[f])
-        elif f != "fp16":
+        if f != "fp16":
             flags.update(FEATURES[f])
     if "fp16" in features:
         kw["mixed_precision"] = "fp16"
-    return Row(config, features, flags, env=tuple(sorted(env.items())), **kw)
+    return Row(config, features, flags, **kw)
 
 
 # One GPU: every config, each feature at least twice, the bug cases of the GPU issue first.
@@ -136,7 +131,7 @@ ONE_GPU = [
     row("zero1", "fp8", "fp8_vision", "vision_lora", "grad_ckpt", "mmca_eager", export_tolerance=6e-2),
     row("single_process", "fp8", "compiled", llava=True, export_tolerance=6e-2),  # plain autocast; LLaVA from the originals
     # Packed rows through flex attention's mask instead of the samples' offsets
-    # (MMTRAIN_PACKED_ATTENTION; the choice on GPUs without FlashAttention-2), compiled.
+    # (--packed_attention flex_attention; the choice on GPUs without FlashAttention-2), compiled.
     row("zero2", "budget", "compiled", "flex"),
     # Preference tuning (--objective dpo): LoRA switched off for the reference, or the
     # projector and new rows swapped back; fp16's loss scaling; accumulation; offload;
@@ -516,8 +511,8 @@ def test_one_gpu_budget_rows_of_equal_samples_train_as_flex_attention_does(model
                  eval_ratio=0.05, eval_generate=0, save_steps=0, export_each_epoch="false")
     dense, flex = tmp_path / "dense", tmp_path / "flex"
     side_by_side(
-        dict(flags=common_flags(model_folders, tmp_path, output_dir=flex, **extra), config="zero2", processes=1, out=flex,
-             env={"MMTRAIN_PACKED_ATTENTION": "flex_attention"}),
+        dict(flags=common_flags(model_folders, tmp_path, output_dir=flex, packed_attention="flex_attention", **extra), config="zero2",
+             processes=1, out=flex),
         dict(flags=common_flags(model_folders, tmp_path, output_dir=dense, **extra), config="zero2", processes=1, out=dense),
     )
     got, want = assert_trained(dense), assert_trained(flex)

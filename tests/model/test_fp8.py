@@ -11,23 +11,22 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from mmtrain import compat
 from mmtrain.model import fused_lora
 from mmtrain.model.builder import build_model
 from mmtrain.model.config import SpeedOptions
-from mmtrain.model.fp8 import Float8FrozenLinear, convert_frozen_linears, quantize_rows
+from mmtrain.model.fp8 import FLOAT8, FLOAT8_MAX, float8_matmul_problem, float8_row_wise_runs, Float8FrozenLinear, convert_frozen_linears, quantize_rows
 from mmtrain.model.fused_lora import fuse_lora_layers
 
 
 # The tests below that compute on a CPU need its row-wise float8 product (torch >= 2.13).
 cpu_float8 = pytest.mark.skipif(
-    not compat.float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales"
+    not float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales"
 )
 
 
 def _devices() -> list[str]:
-    devices = ["cpu"] if compat.float8_row_wise_runs("cpu") else []
-    if torch.cuda.is_available() and compat.float8_matmul_problem("cuda") is None:
+    devices = ["cpu"] if float8_row_wise_runs("cpu") else []
+    if torch.cuda.is_available() and float8_matmul_problem("cuda") is None:
         devices.append("cuda")
     return devices
 
@@ -61,7 +60,7 @@ def test_one_layer_error_against_fp64_beside_bf16(device):
     bf16 = nn.Linear(128, 96).to(device, torch.bfloat16).requires_grad_(False)
     bf16.load_state_dict(linear.state_dict())
     fp8 = Float8FrozenLinear(linear.to(torch.bfloat16), keep_original=False, device=torch.device(device))
-    assert fp8.weight.dtype == compat.FLOAT8 and fp8.weight_scale.dtype == torch.float32
+    assert fp8.weight.dtype == FLOAT8 and fp8.weight_scale.dtype == torch.float32
 
     errors = {}
     for name, layer in (("bf16", bf16), ("fp8", fp8)):
@@ -80,7 +79,7 @@ def test_weight_scales_are_per_output_channel():
     w = torch.tensor([[1.0, -2.0], [0.001, 0.0005]])
     q, scale = quantize_rows(w)
     assert scale.shape == (2, 1)
-    torch.testing.assert_close(scale.view(-1), torch.tensor([2.0, 0.001]) / compat.FLOAT8_MAX)
+    torch.testing.assert_close(scale.view(-1), torch.tensor([2.0, 0.001]) / FLOAT8_MAX)
     torch.testing.assert_close(q.float() * scale, w, rtol=0.07, atol=0)
     assert quantize_rows(torch.zeros(1, 16))[0].float().abs().sum() == 0  # an all-zero row stays zero, no NaN
 
@@ -225,7 +224,7 @@ def test_module_casts_move_the_float8_weights_but_keep_their_dtypes():
     layer = block.down.base_layer
     weight, scale = layer.weight.clone(), layer.weight_scale.clone()
     block.to(torch.float32)
-    assert layer.weight.dtype == compat.FLOAT8 and layer.weight_scale.dtype == torch.float32
+    assert layer.weight.dtype == FLOAT8 and layer.weight_scale.dtype == torch.float32
     assert torch.equal(layer.weight.float(), weight.float()) and torch.equal(layer.weight_scale, scale)
     assert layer.bias.dtype == torch.float32 and block.down.lora_A["default"].weight.dtype == torch.float32
     block.to("meta")
@@ -245,7 +244,7 @@ def test_state_dict_holds_the_original_weights():
     other = _lora_block(seed=1)
     convert_frozen_linears(other, [other], keep_original=False)
     state = other.state_dict()
-    assert state["up.base_layer.weight"].dtype == compat.FLOAT8 and "up.base_layer.weight_scale" in state
+    assert state["up.base_layer.weight"].dtype == FLOAT8 and "up.base_layer.weight_scale" in state
     block.load_state_dict(state)
     torch.testing.assert_close(block.up.base_layer.weight.float(), other.up.base_layer.weight.float(), rtol=0, atol=0)
 
@@ -266,7 +265,7 @@ def test_builder_converts_the_lm_decoder_layers_only(tiny_args, caplog):
     layers = lm.config.num_hidden_layers
     assert len(fp8) == 7 * layers and all(".layers." in n and n.endswith(".base_layer") for n in fp8)
     assert lm.get_output_embeddings().weight.dtype == torch.bfloat16
-    assert all(p.dtype != compat.FLOAT8 for n, p in built.model.named_parameters() if not n.startswith("language_model.") or p.requires_grad)
+    assert all(p.dtype != FLOAT8 for n, p in built.model.named_parameters() if not n.startswith("language_model.") or p.requires_grad)
     assert f"{7 * layers} frozen Linear layers hold float8 weights" in caplog.text
     # Same names and values as without float8: exports and LoRA merges read these.
     want, got = plain.model.state_dict(), built.model.state_dict()

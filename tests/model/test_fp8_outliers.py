@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtrain import compat
+from mmtrain.model.fp8 import float8_row_wise_runs
 
 from .fp8_outliers import frozen_linear, inlier_errors, layer_errors, lora_losses, outlier_activations
 
 pytestmark = pytest.mark.skipif(
-    not compat.float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales"
+    not float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales"
 )
 
 

@@ -86,6 +86,17 @@ def test_contradictory_lm_settings_are_named(flags, says):
         ModelArguments(lang_lora_dim=flags.pop("lang_lora_dim", 0), **flags)
 
 
+def test_the_model_config_names_fields_and_the_command_line_names_flags():
+    from mmtrain.model.config import VLMConfig
+
+    with pytest.raises(ConfigError) as below:
+        VLMConfig(lm_training="lora", lang_lora_dim=0)
+    assert str(below.value) == "lm_training lora needs lang_lora_dim > 0" and "lm_training" in below.value.fields
+    with pytest.raises(ConfigError) as cli:
+        ModelArguments(lm_training="lora", lang_lora_dim=0)
+    assert str(cli.value) == "--lm_training lora needs --lang_lora_dim > 0"
+
+
 def test_more_trained_layers_than_the_lm_has_is_caught_before_weights(tiny_args):
     with pytest.raises(ConfigError, match=f"--lm_trainable_layers 5: the LM has only {LAYERS} decoder layers"):
         check_model_config(tiny_args(lm_training="last_layers", lm_trainable_layers=5))

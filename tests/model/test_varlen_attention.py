@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmtrain.data import Collator
-from mmtrain.data.packing import PackingCollator, check_packed_attention
+from mmtrain.data.packing import PackingCollator
+from mmtrain.model.attention import check_packed_attention
 from mmtrain.model import build_model
 from mmtrain.model import varlen_attention
 from mmtrain.model.config import SpeedOptions
@@ -220,7 +221,7 @@ def test_a_sliding_window_lm_keeps_flex_attention_for_packed_rows(tiny_args, mod
     import logging
     import shutil
 
-    from mmtrain import compat
+    from mmtrain.compat import transformers as transformers_compat
 
     folder = tmp_path / "qwen2-window"
     shutil.copytree(model_folders["tiny-qwen2"], folder)
@@ -231,7 +232,7 @@ def test_a_sliding_window_lm_keeps_flex_attention_for_packed_rows(tiny_args, mod
     with caplog.at_level(logging.INFO, logger="mmtrain"):
         built = build_model(tiny_args(lm_model_name_or_path=str(folder)), speed=SpeedOptions(packed_attention="reference"))
     language = built.model.language_model
-    assert compat.attn_implementation(language.config) == "flex_attention" and not varlen_attention.uses_varlen(language)
+    assert transformers_compat.attn_implementation(language.config) == "flex_attention" and not varlen_attention.uses_varlen(language)
     assert "flex attention instead of reference" in caplog.text and "sliding_attention" in caplog.text
 
 

@@ -17,6 +17,7 @@ from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.training.checkpoint import (
     FORMAT_VERSION,
     BatchLayout,
+    CheckpointSettings,
     Checkpointer,
     TrainerState,
     check_manifest,
@@ -25,6 +26,7 @@ from mmtrain.training.checkpoint import (
     remove_partial_checkpoints,
     resolve_resume,
 )
+from mmtrain.training.engine_view import Prepared
 
 TRAINABLE = ["projector.0.weight", "projector.0.bias"]
 
@@ -150,7 +152,7 @@ def test_checkpointer_saves_trainable_weights_rotates_and_restores(tmp_path, tin
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=2)
+    checkpointer = Checkpointer(Prepared(accelerator), args, trainable, CheckpointSettings(str(tmp_path), keep=2))
 
     def step():
         loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
@@ -187,7 +189,7 @@ def test_checkpointer_saves_trainable_weights_rotates_and_restores(tmp_path, tin
     for name, value in weights().items():
         assert torch.equal(value, next_weights[name]), name
 
-    other = Checkpointer(accelerator, str(tmp_path), tiny_args(lang_lora_dim=8), trainable, keep=2)
+    other = Checkpointer(Prepared(accelerator), tiny_args(lang_lora_dim=8), trainable, CheckpointSettings(str(tmp_path), keep=2))
     with pytest.raises(ConfigError, match="--lang_lora_dim: recorded 4, now 8"):
         other.load(str(tmp_path / "checkpoints" / "step-00000003"))
 
@@ -241,8 +243,8 @@ def test_checkpoint_of_another_process_count_loads_its_portable_state(tmp_path, 
 
     def checkpointer(batch):
         return Checkpointer(
-            accelerator, str(tmp_path), args, trainable, keep=2, model=model, optimizer=optimizer, scheduler=scheduler,
-            per_device_train_batch_size=batch, seed=3,
+            Prepared(accelerator, model, optimizer, scheduler), args, trainable,
+            CheckpointSettings(str(tmp_path), keep=2, seed=3, per_device_train_batch_size=batch),
         )
 
     step()
@@ -285,7 +287,7 @@ def _saving_run(tmp_path, tiny_args, accelerator, keep):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=keep, model=model, optimizer=optimizer)
+    checkpointer = Checkpointer(Prepared(accelerator, model, optimizer), args, trainable, CheckpointSettings(str(tmp_path), keep=keep))
 
     def step():
         loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
@@ -417,7 +419,7 @@ def test_resume_at_another_zero_stage_says_so(tmp_path, tiny_args, accelerator):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpointer = Checkpointer(accelerator, str(tmp_path), args, trainable, keep=2)
+    checkpointer = Checkpointer(Prepared(accelerator), args, trainable, CheckpointSettings(str(tmp_path), keep=2))
     path = checkpointer.save(TrainerState(epoch=0, step_in_epoch=1, global_step=1))
     manifest_file = os.path.join(path, "manifest.json")
     manifest = json.loads(open(manifest_file).read())

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmtrain import compat
+from mmtrain.model import fp8
 
 from tests.training.conftest import CONFIGS, REPO, _free_port, common_flags, metrics
 
-# the trainer's own entry point, with compat's device check answering "float8 runs here"
+# the trainer's own entry point, with the float8 device check answering "float8 runs here"
 RUN = """import sys
 sys.path.insert(0, {repo!r})
-from mmtrain import compat
-compat.float8_matmul_problem = lambda device: None
+from mmtrain.model import fp8
+fp8.float8_matmul_problem = lambda device: None
 from mmtrain.train import cli
 sys.exit(cli())
 """
@@ -35,7 +35,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.skipif(not compat.float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales")
+@pytest.mark.skipif(not fp8.float8_row_wise_runs("cpu"), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales")
 @pytest.mark.parametrize("config", [None, "zero2.yaml"], ids=["python", "zero2"])
 def test_fp8_base_trains_and_exports_the_original_weights(tmp_path, model_folders, data_path, config):
     out = tmp_path / "run"

@@ -117,20 +117,34 @@ def test_packed_rows_take_the_offsets_on_cuda_and_flex_attention_where_flash_att
 
     import torch
 
-    from mmtrain import compat
-    from mmtrain.args import DataArguments
+    from mmtrain.args import DataArguments, TrainArguments
+    from mmtrain.model import varlen_attention
     from mmtrain.training.speedups import packed_attention
 
     cuda, cpu = (SimpleNamespace(device=torch.device(d), mixed_precision="bf16") for d in ("cuda", "cpu"))
-    budget = DataArguments(max_tokens_per_batch=4096)
-    monkeypatch.setattr(compat, "flash_attention_problem", lambda device, dtype: None)
-    assert packed_attention(cuda, budget) == "flash_varlen"
-    monkeypatch.setattr(compat, "flash_attention_problem", lambda device, dtype: f"{device.type} {dtype}")
-    assert packed_attention(cuda, budget) == "flex_attention"
-    assert packed_attention(cpu, budget) is None  # SDPA's mask: flex attention has no CPU backward
-    assert packed_attention(cuda, DataArguments()) is None  # padded batches keep SDPA's causal kernel
-    monkeypatch.setenv("MMTRAIN_PACKED_ATTENTION", "sdpa")
-    assert packed_attention(cuda, budget) is None
-    monkeypatch.setenv("MMTRAIN_PACKED_ATTENTION", "flash")
-    with pytest.raises(ConfigError, match="MMTRAIN_PACKED_ATTENTION='flash'"):
-        packed_attention(cuda, budget)
+    budget, auto = DataArguments(max_tokens_per_batch=4096), TrainArguments()
+    monkeypatch.setattr(varlen_attention, "flash_attention_problem", lambda device, dtype: None)
+    assert packed_attention(cuda, budget, auto) == "flash_varlen"
+    monkeypatch.setattr(varlen_attention, "flash_attention_problem", lambda device, dtype: f"{device.type} {dtype}")
+    assert packed_attention(cuda, budget, auto) == "flex_attention"
+    assert packed_attention(cpu, budget, auto) is None  # SDPA's mask: flex attention has no CPU backward
+    assert packed_attention(cuda, DataArguments(), auto) is None  # padded batches keep SDPA's causal kernel
+    assert packed_attention(cuda, budget, TrainArguments(packed_attention="sdpa")) is None
+    assert packed_attention(cuda, budget, TrainArguments(packed_attention="flash_varlen")) == "flash_varlen"  # as asked
+    assert packed_attention(cpu, budget, TrainArguments(packed_attention="flex_attention")) is None
+
+
+def test_packed_attention_is_a_flag_checked_before_any_weights(tmp_path):
+    from typing import get_args, get_type_hints
+
+    from mmtrain.args import TrainArguments
+    from mmtrain.model.attention import PACKED_CHOICES
+
+    assert set(get_args(get_type_hints(TrainArguments)["packed_attention"])) == set(PACKED_CHOICES)
+    flags = ["--lm_model_name_or_path", "tiny-llama", "--vision_model_name_or_path", "tiny-clip", "--output_dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match="--packed_attention flex_attention chooses the attention of --max_tokens_per_batch"):
+        parse_args([*flags, "--packed_attention", "flex_attention"])
+    with pytest.raises(ConfigError, match="--packed_attention"):
+        parse_args([*flags, "--max_tokens_per_batch", "512", "--packed_attention", "flash"])
+    _, _, train_args = parse_args([*flags, "--max_tokens_per_batch", "512", "--packed_attention", "sdpa"])
+    assert train_args.packed_attention == "sdpa"

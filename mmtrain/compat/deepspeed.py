@@ -1,0 +1,175 @@
+"""DeepSpeed internals: ZeRO-3 parameter attributes, where its optimizers keep state and masters, its memory estimators.
+
+deepspeed itself is imported only inside the functions that need it: its import is slow
+and must come after ``DS_ACCELERATOR`` is set
+(:func:`mmtrain.training.distributed.prepare_environment`). The estimators are DeepSpeed's
+own functions, resolved lazily by the module ``__getattr__``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: F401
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: F401
+
+
+# --- DeepSpeed: ZeRO-3 parameter attributes ---------------------------------------------
+#
+# ZeRO-3 (``deepspeed.zero.Init``) turns each parameter into a local shard, ``numel() ==
+# 0`` outside a gather, and records the full tensor's facts in ``ds_*`` attributes. They
+# are read by getattr because a plain parameter has none of them.
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partitioned parameter (gathered by DeepSpeed's hooks, not whole).
+
+    Every partitioned parameter carries ``ds_id``. Read by fused LoRA, which must fall
+    back to peft's forward there (the base weight is gathered around ``base_layer``'s
+    own forward), and by the new-token embedding, which must gather before reading
+    rows. Were it renamed, both would take a partitioned weight for a whole one.
+    """
+    return hasattr(param, "ds_id")
+
+
+def zero3_gathered(param: torch.Tensor) -> bool:
+    """Whether ``param`` holds its whole value now: not partitioned, or gathered by ZeRO-3 at this moment.
+
+    A partitioned parameter's local tensor is empty outside a gather and has its full
+    shape (``ds_shape``) inside one, e.g. within a decoder layer marked as a ZeRO-3 leaf
+    module, whose pre-forward hook gathers every weight of the layer at once. Read by
+    fused LoRA, which uses the base weight directly instead of calling ``base_layer``.
+    """
+    shape = getattr(param, "ds_shape", None)
+    return shape is None or param.shape == shape
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Element count of the whole parameter, also when ZeRO-3 holds only a shard of it.
+
+    A partitioned parameter's ``numel()`` is its (empty) local view; ``ds_numel`` is the
+    full count. Were it renamed, parameter counts (logs, budgets) would read 0 at ZeRO-3.
+    """
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter, also when ZeRO-3 holds only a shard of it (``ds_shape``).
+
+    Read by the portable checkpoint state, which writes each tensor's shape before any
+    value is gathered; were it renamed, ZeRO-3 shapes would be written empty.
+    """
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+# --- optimizer state behind Accelerate's and DeepSpeed's wrappers ---------------------
+#
+# A resume on another process count writes each trainable parameter's Adam moments and
+# step back into a freshly built engine. DeepSpeed's public setters
+# (``deepspeed.utils.safe_set_full_optimizer_state``) write into state that must already
+# exist, and ZeRO 1/2 and the bf16 optimizer create it at their first step. The helpers
+# below create it as that first step would.
+
+
+def base_optimizer(optimizer):
+    """The optimizer that holds the Adam state: torch's AdamW or DeepSpeed's CPU Adam.
+
+    Accelerate's ``AcceleratedOptimizer`` keeps what it wraps as ``.optimizer``; under
+    DeepSpeed that is the ZeRO (or bf16) optimizer, which keeps the base optimizer as
+    ``.optimizer`` too; the base optimizer has no such attribute. Were either renamed, this
+    would return a wrapper and :func:`mmtrain.training.adam_state.create_adam_state` would raise on its missing state.
+    """
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def fp32_masters(optimizer) -> dict[int, tuple[torch.Tensor, int]]:
+    """Where DeepSpeed's ZeRO-0 mixed-precision optimizers keep each parameter's fp32 master.
+
+    ``{id(param): (tensor the base optimizer steps, offset of the parameter in it)}``.
+    At ZeRO 0 with bf16 or fp16, DeepSpeed wraps the optimizer in ``FP16_Optimizer``
+    (fused: one flat fp32 copy per group, ``fp32_groups_flat``, the parameters
+    ``fp16_groups[i]`` laid out in order without padding) or ``FP16_UnfusedOptimizer``
+    (one fp32 copy per parameter, ``fp32_groups``). Neither links parameters to their
+    masters for ``safe_get_full_fp32_param``, which returns None there. Empty for any
+    other optimizer. Were the attributes renamed, a resume on another count would read
+    the compute-dtype weights and no moments; the compat test compares the masters with
+    the weights to catch that.
+    """
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "fp16_groups"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is None:
+        return {}
+    found = {}
+    if hasattr(wrapper, "fp32_groups_flat"):
+        for group, flat in zip(wrapper.fp16_groups, wrapper.fp32_groups_flat):
+            offset = 0
+            for p in group:
+                found[id(p)] = (flat, offset)
+                offset += p.numel()
+    elif hasattr(wrapper, "fp32_groups"):
+        for group, masters in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            found.update({id(p): (m, 0) for p, m in zip(group, masters)})
+    return found
+
+
+def link_zero_optimizer_state(optimizer) -> None:
+    """Point a ZeRO 1/2 or bf16 optimizer's per-parameter views at the base optimizer's state.
+
+    ``_lazy_init_hp_params_optimizer_state`` is what those optimizers run after their
+    first step, once (the ``_hp_optimizer_states_linked`` flag keeps it from running
+    again); DeepSpeed's ``safe_get/set_full_optimizer_state`` read and write through the
+    views it makes. DeepSpeed 0.19 runs it after stepping the *first* parameter group, when
+    the other groups have no state yet, so their parameters get no views and
+    ``safe_get_full_optimizer_state`` raises "exp_avg not found" for them. Clearing the
+    flag and linking again once every group has state makes the views for all; it only
+    creates views, so training is unchanged. ZeRO-3 reads the base state directly and has
+    no such method. Were either name changed, the getters would raise as above; the
+    compat test catches that first.
+    """
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is not None:
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _estimate_zero2():
+    # DeepSpeed's memory estimator, the form taking a parameter count instead of a model
+    # (the documented ..._all_live variants need the model); returns (cpu_bytes, gpu_bytes).
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs
+
+
+def _estimate_zero3():
+    # As above for ZeRO-3, taking the largest layer's parameter count too; returns
+    # (cpu_bytes, gpu_bytes, largest_layer_bytes).
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    return estimate_zero3_model_states_mem_needs
+
+
+_LAZY = {
+    "estimate_zero2_model_states_mem_needs": _estimate_zero2,
+    "estimate_zero3_model_states_mem_needs": _estimate_zero3,
+}
+
+
+def __getattr__(name: str):
+    loader = _LAZY.get(name)
+    if loader is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = loader()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
