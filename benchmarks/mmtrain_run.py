@@ -135,6 +135,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     accelerator = distributed.make_accelerator(train_args)
     apply_deepspeed_settings(accelerator, opts.deepspeed_set)
     speedups.check_fp8(accelerator, train_args)
+    speedups.check_quantize(accelerator, train_args)
     data_args.num_workers = distributed.loader_workers(data_args.num_workers, accelerator.device, local_processes=distributed.local_process_count(accelerator))
     set_seed(train_args.seed)
     on_device = opts.build_on_device == "on" or (
