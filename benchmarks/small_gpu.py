@@ -103,7 +103,8 @@ def run_capped(cap_gib: float, argv: list[str]) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), 0)
     started = time.perf_counter()
-    mm = bench.main(argv)
+    result = bench.main(argv)
+    mm = result.get("mmtrain", result)
     row = {"tokens_per_s": mm.get("tokens_per_s"), "wall_s": round(time.perf_counter() - started, 1)}
     if torch.cuda.is_available():
         row.update(max_memory_allocated=torch.cuda.max_memory_allocated(), max_memory_reserved=torch.cuda.max_memory_reserved())

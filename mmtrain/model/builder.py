@@ -172,6 +172,10 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
         lora_inputs_follow_autocast(model)
     if speed.fused_lora and (count := fuse_lora_layers(model)):
         logger.info(f"fused LoRA: {count} adapted layers add their low-rank term inside the base matrix product")
+        if speed.nf4_base or speed.nf4_vision:
+            # The fused product takes a plain or float8 weight; 4-bit codes are dequantised by
+            # bitsandbytes inside its own product, so those layers keep peft's forward (same numbers).
+            logger.info("fused LoRA: layers over an NF4 base keep peft's forward (bitsandbytes' 4-bit product is not fused)")
     if speed.gradient_checkpointing:
         enable_checkpointing(lm)
         if model.vision_trainable:
