@@ -42,11 +42,22 @@ The original weights are not kept.
 Loading a state dict takes a full-precision ``weight`` (a resumed engine's, or an export's)
 and quantises it; a weight equal to the layer's own dequantised one leaves the layer as it
 is, so a save and load round trip keeps the 4-bit codes exactly.
+
+The cost of a state dict. ``state_dict()`` builds every entry before a caller can drop
+any: DeepSpeed's ``save_checkpoint(exclude_frozen_parameters=True)`` and Accelerate's
+``save_state`` take the whole dict and only then remove the frozen weights. Dequantised
+weights would cost 2 bytes a weight at every checkpoint (13.5 GB for a 7B LM), more than
+the GPUs a 4-bit base is for. So the dequantised weight goes to host memory one layer at
+a time (a GPU transient of one layer), and a checkpoint, which keeps trainable state
+only, asks for the codes instead (:func:`codes_in_state_dict`): the frozen entries it
+drops cost half a byte a weight on the device, no copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +93,25 @@ def nf4_problem(device: torch.device | str) -> str | None:
     except Exception as e:  # a backend that lacks the device's kernels raises its own errors
         return f"bitsandbytes cannot run NF4 on {device.type} here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
+
+
+_STATE = threading.local()  # .codes: state_dict() writes the 4-bit codes (codes_in_state_dict)
+
+
+@contextlib.contextmanager
+def codes_in_state_dict():
+    """Inside it, NF4 layers put their packed codes in ``state_dict()`` instead of the dequantised weight.
+
+    For callers that drop the frozen entries anyway (checkpoints of trainable state): the
+    dict is built without dequantising anything. Such a dict does not load back into an
+    NF4 layer (its codes lack their block scales): exports must not be written inside it.
+    """
+    before = getattr(_STATE, "codes", False)
+    _STATE.codes = True
+    try:
+        yield
+    finally:
+        _STATE.codes = before
 
 
 def _bnb():
@@ -146,7 +176,10 @@ class NF4FrozenLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4 weight"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.dequantized()
+        if getattr(_STATE, "codes", False):
+            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        else:  # host memory, one layer dequantised on the device at a time (module docstring)
+            destination[prefix + "weight"] = self.dequantized().to("cpu")
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -154,7 +187,9 @@ class NF4FrozenLinear(nn.Module):
         key, bias_key = prefix + "weight", prefix + "bias"
         if key in state_dict:
             value = state_dict[key]
-            if tuple(value.shape) != (self.out_features, self.in_features):
+            if value.dtype == torch.uint8:
+                error_msgs.append(f"{key} holds 4-bit codes without their block scales (a checkpoint's frozen entry); load a full-precision weight")
+            elif tuple(value.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"size mismatch for {key}: {tuple(value.shape)} vs {(self.out_features, self.in_features)}")
             elif not torch.equal(value.to(self.weight.device, self.weight_dtype), self.dequantized()):
                 requantized = NF4FrozenLinear(_as_linear(value, self.weight_dtype), device=self.weight.device)

@@ -18,7 +18,7 @@ from mmtrain.model.builder import build_model  # noqa: E402
 from mmtrain.model.config import SpeedOptions  # noqa: E402
 from mmtrain.model.counting import count_parameters  # noqa: E402
 from mmtrain.model.lora import lora_scalings, merge_lora_state_dict  # noqa: E402
-from mmtrain.model.nf4 import BITS_PER_WEIGHT, NF4FrozenLinear, nf4_problem, quantize_frozen_linears  # noqa: E402
+from mmtrain.model.nf4 import BITS_PER_WEIGHT, NF4FrozenLinear, codes_in_state_dict, nf4_problem, quantize_frozen_linears  # noqa: E402
 
 
 def _linear(gen: torch.Generator, width_in: int = 128, width_out: int = 96, bias: bool = True) -> nn.Linear:
@@ -69,6 +69,16 @@ def test_state_dict_holds_the_dequantised_weight_and_a_round_trip_keeps_the_code
     layer.load_state_dict(other.state_dict())  # another full-precision weight: quantised on load
     assert not torch.equal(layer.weight, codes)
     assert ((layer.dequantized() - other.weight).norm() / other.weight.norm()).item() < 0.15
+
+
+def test_a_checkpoint_takes_the_codes_without_dequantising_and_they_do_not_load_as_weights():
+    layer = NF4FrozenLinear(_linear(torch.Generator().manual_seed(6)))
+    with codes_in_state_dict():
+        state = layer.state_dict()
+    assert state["weight"].dtype == torch.uint8 and state["weight"].data_ptr() == layer.weight.data_ptr()  # no copy
+    assert layer.state_dict()["weight"].dtype == torch.float32  # outside it: the dequantised weight again
+    with pytest.raises(RuntimeError, match="4-bit codes without their block scales"):
+        layer.load_state_dict(state)
 
 
 def test_only_frozen_linears_convert_and_lora_stays_trainable_over_the_codes():
