@@ -88,8 +88,10 @@ def bench_argv(rec: dict, *, smoke: bool, steps: int, warmup: int, out: str) -> 
         argv += ["--text_tokens", "64", str(min(1024, budget - 578)), "--num_workers", "4"]  # 576 image tokens + 2 markers
     if rec["gradient_checkpointing"]:
         argv += ["--gradient_checkpointing", "true"]
-    if rec["base"] == "nf4":
+    if rec["base"].startswith("nf4"):
         argv += ["--quantize_base", "nf4"]
+    if rec["base"] == "nf4+vision":
+        argv += ["--quantize_vision", "nf4"]
     if rec["base"] == "fp8":
         argv += ["--fp8_base", "true", "--bf16_baseline", "skip"]
     return argv

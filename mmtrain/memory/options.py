@@ -2,7 +2,7 @@
 
 ``python -m mmtrain.memory --gpu_memory 24GiB [model flags]`` prints, after the ZeRO
 ladder, one row per option: the frozen base in bfloat16, float8 (``--fp8_base``) or NF4
-(``--quantize_base nf4``); gradient checkpointing off or on; no offload (ZeRO-0),
+(``--quantize_base nf4``, and with ``--quantize_vision nf4`` the vision tower too); gradient checkpointing off or on; no offload (ZeRO-0),
 optimizer offload (ZeRO-2) or parameter offload (ZeRO-3, bfloat16 only: float8 and NF4
 are refused there); and a token budget (``--max_tokens_per_batch``) of 8192 down to 1024
 tokens. Each row has its predicted peak (:func:`mmtrain.memory.predict.estimate`, the
@@ -25,7 +25,8 @@ throughput, and these are predictions that ``benchmarks/small_gpu.py`` measures)
   (Ada, Hopper: compute capability >= 8.9): recommended only with ``--float8_gpu``.
 * NF4: each product dequantises its weight (read 4.127 bits, write and read back 2
   bytes a weight) in forward, in backward and in checkpointing's recomputation; that
-  traffic at 70% of the H200's 4.8 TB/s is added to the step.
+  traffic at 70% of the H200's 4.8 TB/s is added to the step (the vision tower's, with
+  ``--quantize_vision``, once: it runs forward only).
 * optimizer offload: the trainable weights and gradients cross PCIe each step (4 bytes
   each at 25 GB/s) and the CPU's Adam reads and writes 16 bytes each at 10 GB/s.
 * parameter offload: every weight crosses PCIe in bfloat16 once per forward and once
@@ -40,7 +41,7 @@ from mmtrain.memory.facts import GiB, MemorySetup, ModelFacts, in_gib
 from mmtrain.memory.predict import MemoryEstimate, estimate
 from mmtrain.model.nf4 import BITS_PER_WEIGHT
 
-BASES = ("bf16", "fp8", "nf4")
+BASES = ("bf16", "fp8", "nf4", "nf4+vision")  # nf4+vision: --quantize_vision nf4 too (large towers, e.g. ViT-bigG)
 TOKEN_BUDGETS = (8192, 4096, 2048, 1024)
 # (ZeRO stage, offload, Accelerate config) a single-GPU option runs with.
 RUNGS = ((0, "none", "zero0.yaml"), (2, "optimizer", "zero2_offload.yaml"), (3, "optimizer+params", "zero3_offload.yaml"))
@@ -83,8 +84,10 @@ def predicted_tokens_per_s(facts: ModelFacts, setup: MemorySetup, base: str, bud
     if base == "fp8":
         seconds /= FLOAT8_SPEEDUP
     passes = 3 if setup.gradient_checkpointing else 2
-    if base == "nf4":
+    if base.startswith("nf4"):
         seconds += passes * facts.nf4_base_weights * (BITS_PER_WEIGHT / 8 + 4) / H200_BANDWIDTH
+    if base == "nf4+vision":  # the tower runs forward only, under no_grad
+        seconds += facts.nf4_vision_weights * (BITS_PER_WEIGHT / 8 + 4) / H200_BANDWIDTH
     trainable = facts.total(trainable=True)
     if setup.offload != "none":
         seconds += trainable * 8 / PCIE + trainable * 16 / HOST_ADAM
@@ -101,12 +104,14 @@ def options(facts: ModelFacts, base: MemorySetup, gpu_memory: int, *, reserved: 
         for stage, offload, config_file in RUNGS:
             if weights != "bf16" and (stage == 3 or not facts.nf4_base_weights):
                 continue  # training refuses float8 and NF4 at ZeRO-3, and where no LM Linear is frozen
+            if weights == "nf4+vision" and not facts.nf4_vision_weights:
+                continue
             for ckpt in (False, True):
                 for tokens in TOKEN_BUDGETS:
                     setup = replace(
                         base, zero_stage=stage, offload=offload, num_gpus=1, micro_batch=1, seq_len=tokens,
-                        gradient_checkpointing=ckpt, fp8_base=weights == "fp8", nf4_base=weights == "nf4",
-                        fp8_vision=False, nf4_vision=False,
+                        gradient_checkpointing=ckpt, fp8_base=weights == "fp8", nf4_base=weights.startswith("nf4"),
+                        fp8_vision=False, nf4_vision=weights == "nf4+vision",
                     )
                     est = estimate(facts, setup)
                     rows.append(Option(weights, stage, offload, config_file, ckpt, tokens, est, est.total <= budget_bytes,
@@ -146,8 +151,10 @@ def command(option: Option, model_flags: list[str], seq_len: int) -> str:
         flags += ["--gradient_checkpointing", "true"]
     if option.base == "fp8":
         flags += ["--fp8_base", "true"]
-    if option.base == "nf4":
+    if option.base.startswith("nf4"):
         flags += ["--quantize_base", "nf4"]
+    if option.base == "nf4+vision":
+        flags += ["--quantize_vision", "nf4"]
     return f"accelerate launch --config_file accelerate_configs/{option.config_file} mmtrain/train.py " + " ".join(flags)
 
 
