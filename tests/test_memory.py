@@ -399,4 +399,4 @@ def test_cli_answers_the_small_gpu_question(capsys):
     assert main([*argv, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "--quantize_base nf4" in data["recommended_option"]["command"]
-    assert {o["base"] for o in data["options"]} == {"bf16", "fp8", "nf4"}
+    assert {o["base"] for o in data["options"]} == {"bf16", "fp8", "nf4", "nf4+vision"}
