@@ -5,7 +5,7 @@ ladder, one row per option: the frozen base in bfloat16, float8 (``--fp8_base``)
 (``--quantize_base nf4``, and with ``--quantize_vision nf4`` the vision tower too); gradient checkpointing off or on; no offload (ZeRO-0),
 optimizer offload (ZeRO-2) or parameter offload (ZeRO-3, bfloat16 only: float8 and NF4
 are refused there); and a token budget (``--max_tokens_per_batch``) of 8192 down to 1024
-tokens. Each row has its predicted peak (:func:`mmtrain.memory.predict.estimate`, the
+tokens, holding as many samples of ``--seq_len`` tokens (and their images) as fit. Each row has its predicted peak (:func:`mmtrain.memory.predict.estimate`, the
 same model as the ladder's), whether it fits the usable memory, and a predicted speed;
 the fastest option that fits is the recommendation, with its command.
 
@@ -108,8 +108,10 @@ def options(facts: ModelFacts, base: MemorySetup, gpu_memory: int, *, reserved: 
                 continue
             for ckpt in (False, True):
                 for tokens in TOKEN_BUDGETS:
+                    # A budget row packs whole samples of about --seq_len tokens: their images too.
+                    images = max(1, tokens // base.seq_len) * base.images_per_sample
                     setup = replace(
-                        base, zero_stage=stage, offload=offload, num_gpus=1, micro_batch=1, seq_len=tokens,
+                        base, zero_stage=stage, offload=offload, num_gpus=1, micro_batch=1, seq_len=tokens, images_per_sample=images,
                         gradient_checkpointing=ckpt, fp8_base=weights == "fp8", nf4_base=weights.startswith("nf4"),
                         fp8_vision=False, nf4_vision=weights == "nf4+vision",
                     )
