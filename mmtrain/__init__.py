@@ -9,6 +9,11 @@ language model), ``data/`` (records -> template -> dataset -> collator), ``train
 __version__ = "0.1.0"
 
 
+from mmtrain import compat as _compat  # noqa: E402
+
+_compat.quiet_bitsandbytes_cpu_notice()  # before peft imports bitsandbytes (mmtrain/compat.py says why)
+
+
 def load_pretrained(path: str, **kwargs):
     """Load an export (``OUTPUT/epoch-N``) for inference; see :func:`mmtrain.model.pretrained.load_pretrained`."""
     from mmtrain.model.pretrained import load_pretrained as _load
