@@ -141,3 +141,9 @@ def test_built_model_counts_nf4_weights_as_the_weights_they_stand_for(tiny_args)
 
 def test_the_probe_finds_that_this_cpu_runs_nf4():
     assert nf4_problem("cpu") is None
+
+
+def test_the_probe_names_a_device_bitsandbytes_cannot_run_on():
+    # the meta device has no data, so no backend can quantise there: the probe's failure branch, for real
+    problem = nf4_problem("meta")
+    assert problem is not None and problem.startswith("bitsandbytes cannot run NF4 on meta here (")
