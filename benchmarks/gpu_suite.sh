@@ -45,6 +45,7 @@
 #                  (--quantize_base nf4), with 6 outlier channels planted (NF4_OUTLIERS=N; FP8_LAYERS=N to cut)
 #   small-gpu      benchmarks/small_gpu.py: ref-7b with mmtrain.memory's recommended setting under caps of
 #                  12, 16, 24 and 48 GiB (torch.cuda.set_per_process_memory_fraction), peaks and tokens/s, ~8 min
+#                  (SMALL_GPU_CAPS="12 16" for some caps)
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
 #   variants       2048 tokens at micro-batch 6 beside the plain loop (profiled), at ZeRO-0, MMCA
@@ -347,10 +348,12 @@ part_nf4_quality() {
     run $PY benchmarks/fp8_quality.py --base nf4 --outlier_channels "${NF4_OUTLIERS:-6}" "${layers[@]}" --out "$OUT/nf4_quality_${TAG}.json"
 }
 
-part_small_gpu() {
-    local smoke=()
-    [ "$SMOKE" = 1 ] && smoke=(--caps 12 --steps 2 --warmup 1)
-    run $PY benchmarks/small_gpu.py "${smoke[@]}" --out "$OUT/small_gpu_${TAG}.json"
+part_small_gpu() {  # SMALL_GPU_CAPS="12 16" runs those caps only (each cap its own process, ~2 min on an H200)
+    local opts=(--caps ${SMALL_GPU_CAPS:-12 16 24 48})
+    [ "$SMOKE" = 1 ] && opts=(--caps 12 --steps 2 --warmup 1)
+    local name=small_gpu_${TAG}
+    [ -n "${SMALL_GPU_CAPS:-}" ] && name+="_${SMALL_GPU_CAPS// /_}"
+    run $PY benchmarks/small_gpu.py "${opts[@]}" --out "$OUT/$name.json"
 }
 
 part_default_fp8() {  # the embedded default, bfloat16 and with --fp8_base, side by side on this GPU

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--caps", type=float, nargs="+", default=list(CAPS_GIB), help="GiB caps, one process each.")
-    parser.add_argument("--steps", type=int, default=6, help="Timed steps per cap.")
+    parser.add_argument("--steps", type=int, default=4, help="Timed steps per cap.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (compilation happens here).")
     parser.add_argument("--float8_gpu", action="store_true", help="Let the recommendation take float8 (the small card has float8 tensor cores).")
     parser.add_argument("--out", default="outputs/small_gpu.json", help="The JSON written.")
