@@ -400,3 +400,6 @@ def test_cli_answers_the_small_gpu_question(capsys):
     data = json.loads(capsys.readouterr().out)
     assert "--quantize_base nf4" in data["recommended_option"]["command"]
     assert {o["base"] for o in data["options"]} == {"bf16", "fp8", "nf4", "nf4+vision"}
+    assert main(["--workload", "ref-13b", "--gpu_memory", "24GiB", "--compiled", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "--lm_model_name_or_path llama-2-13b --vision_model_name_or_path clip-vit-bigG-14 --vis_proj perceiver" in out

@@ -9,11 +9,11 @@ import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.cli import FlagParser
-from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, largest_micro_batch, model_facts
+from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, largest_micro_batch, model_facts, ref_model_args
 from mmtrain.memory.options import best, command, format_options, model_flags, options
 from mmtrain.memory.predict import MemoryEstimate, all_setups, estimate, recommend
 
@@ -96,6 +96,11 @@ class MemoryArguments:
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
+    workload: Optional[Literal["ref-7b", "ref-13b"]] = field(
+        default=None,
+        metadata={"help": "A reference workload's model instead of the model flags: ref-7b (llama-2-7b + CLIP ViT-L/336, LoRA 16) "
+                  "or ref-13b (llama-2-13b + ViT-bigG, perceiver projector, LoRA 16)."},
+    )
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
     def __post_init__(self):
@@ -140,6 +145,8 @@ def memory_parser() -> FlagParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         model_args, opts = memory_parser().parse_or_raise(argv)
+        if opts.workload:
+            model_args = ref_model_args(opts.workload)
         base = opts.setup()
         gpu_memory = parse_bytes(opts.gpu_memory)
         facts = model_facts(model_args)

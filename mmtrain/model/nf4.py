@@ -14,6 +14,13 @@ dequantised to the input's dtype (bfloat16 in GPU training: the compute dtype) f
 product and freed at once, so activations, LoRA, the projector, the embeddings and the
 output head stay bfloat16. The weight has no gradient and no optimizer state.
 
+Compilation: the layer traces into one graph with no break (bitsandbytes registers its
+4-bit operations with ``torch.library``), so ``--torch_compile`` compiles decoder layers
+over NF4 weights as over bfloat16 ones (checked with inductor on a CPU; the GPU tier
+compiles it on CUDA). Fused LoRA does not take NF4 layers: its fused product needs a plain
+or float8 weight, and bitsandbytes dequantises inside its own; those layers keep peft's
+forward, with the same numbers.
+
 Why not transformers' ``BitsAndBytesConfig``: it quantises while ``from_pretrained`` reads
 the weights, which presets (random weights drawn from a seed) and the LLaVA import do not
 go through, and its ``Params4bit`` lives as the parameter DeepSpeed casts and broadcasts.
