@@ -394,6 +394,7 @@ def test_nf4_quality_dry_run_plants_outliers_in_both_runs(tmp_path):
 
 
 def test_nf4_passes_through_to_training_and_the_memory_prediction():
+    pytest.importorskip("bitsandbytes")  # the training flags are checked, and --quantize_base needs it
     opts, rest = bench.parse_options(["--lm", "tiny-llama", "--vision", "tiny-clip", "--quantize_base", "nf4", "--plain", "skip"])
     assert rest == ["--quantize_base", "nf4"]
     _, _, train_args = bench.training_arguments(opts, rest, "unused")
