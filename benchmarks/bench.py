@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_base": train_args.fp8_base,
         # --packed_attention as given (auto: mmtrain.model.attention.packed_kernel decides)
         "packed_attention": train_args.packed_attention,
+        "quantize_base": train_args.quantize_base,
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
     timed_n = timed_samples(opts, data_args, image_tokens.span_length)
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
     # parent predicts for it.
     prediction = None
     if not worker:
-        prediction = memory_prediction(opts, model_args, 1, compiled, fp8_base=train_args.fp8_base, max_tokens=data_args.max_tokens_per_batch)
+        prediction = memory_prediction(opts, model_args, 1, compiled, fp8_base=train_args.fp8_base, max_tokens=data_args.max_tokens_per_batch,
+                                       nf4_base=train_args.quantize_base == "nf4")
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-") as output_dir:
         mm = run_mmtrain(opts, *training_arguments(opts, passthrough, output_dir), tokenizer, image_tokens, image_size, shape)
         result["mmtrain"] = _public(mm)
@@ -515,7 +517,7 @@ def launched_mmtrain(raw: list[str], n: int) -> dict:
 
 
 def memory_prediction(opts, model_args, num_processes: int, compiled: bool = False, fp8_base: bool = False,
-                      max_tokens: int | None = None) -> dict:
+                      max_tokens: int | None = None, nf4_base: bool = False) -> dict:
     """``mmtrain.memory``'s peak for this run's setup on ``num_processes`` GPUs.
 
     Micro-batches of ``--micro_batch`` samples of the longest length; with a token budget
@@ -529,7 +531,7 @@ def memory_prediction(opts, model_args, num_processes: int, compiled: bool = Fal
         setup = memory.MemorySetup(
             zero_stage=opts.zero_stage or 0, offload=opts.offload, num_gpus=num_processes, micro_batch=micro_batch,
             seq_len=longest, precision=opts.precision, gradient_checkpointing=bool(opts.gradient_checkpointing),
-            label_fraction=opts.label_fraction, compiled=compiled, fp8_base=fp8_base,
+            label_fraction=opts.label_fraction, compiled=compiled, fp8_base=fp8_base, nf4_base=nf4_base,
             **bucket_settings(opts.deepspeed_set),
         )
         est = memory.estimate(facts, setup)

@@ -1,4 +1,4 @@
-"""Does a float8 base (``--fp8_base``) train like the bfloat16 one? Per-step loss of both on the same samples.
+"""Does a float8 base (``--fp8_base``), or a 4-bit one (``--quantize_base nf4``, ``--base nf4``), train like the bfloat16 one? Per-step loss of both on the same samples.
 
 The language model of ref-7b (the ``llama-2-7b`` preset, random weights from one seed),
 LoRA rank 16 on every Linear of its decoder layers (as ref-7b trains), bfloat16. Two runs
@@ -21,12 +21,23 @@ Two tasks (``--task``):
   (on an H200: within 0.2% over the first pass, then about 20% less progress per visit;
   ``benchmarks/README.md``), and relative differences grow as the loss nears zero.
 
+``--base nf4`` converts the same Linears with :func:`mmtrain.model.nf4.quantize_frozen_linears`
+instead (bitsandbytes' NF4, double-quantised scales, bfloat16 compute); fused LoRA then
+leaves those layers to peft's forward, as in training.
+
+``--outlier_channels N`` plants, in both runs alike, N fixed hidden channels about
+``OUTLIER_FACTOR`` (100) times the others in the input of every decoder layer's
+attention and MLP (their two RMSNorm weights scaled there), as trained LLMs carry them
+("emergent outliers"; tests/model/fp8_outliers.py plants them in one layer): the
+quantised weights' error then meets activations of that size in every product.
+
 Reported: each step's relative difference ``|loss_fp8 - loss_bf16| / loss_bf16``, its
 mean and maximum, against the target of 1%.
 
     python benchmarks/fp8_quality.py --out benchmarks/results/fp8_quality_h200.json
     python benchmarks/fp8_quality.py --layers 8      # a quarter of the layers: faster, same per-layer shapes
     python benchmarks/fp8_quality.py --preset tiny-llama --steps 5 --device cpu   # a dry run (CPU float8 is slow but right)
+    python benchmarks/fp8_quality.py --base nf4 --outlier_channels 6 --out benchmarks/results/nf4_quality_h200.json
 """
 
 from __future__ import annotations
@@ -64,9 +75,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", choices=("fp8", "nf4"), default="fp8", help="How the compared run holds the frozen Linears.")
+    p.add_argument("--outlier_channels", type=int, default=0, help="Hidden channels planted ~100x larger in every layer's inputs (module docstring).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="JSON file to write.")
     return p.parse_args(argv)
+
+
+OUTLIER_FACTOR = 100.0
+
+
+def plant_outliers(model: torch.nn.Module, channels: int, seed: int) -> list[int]:
+    """Scale ``channels`` fixed hidden channels of every decoder layer's two input norms by :data:`OUTLIER_FACTOR`."""
+    hidden = model.config.hidden_size
+    picked = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed + 2))[:channels].tolist()
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[picked] *= OUTLIER_FACTOR
+    return picked
 
 
 def build(args, fp8: bool) -> torch.nn.Module:
@@ -85,9 +112,15 @@ def build(args, fp8: bool) -> torch.nn.Module:
                 if ".lora_B" in name:  # B starts at zero in training; a small start makes the adapters matter from step 1
                     torch.nn.init.normal_(param, std=1e-3)
     model.to(device)
-    if fp8:
+    if args.outlier_channels:
+        plant_outliers(model, args.outlier_channels, args.seed)
+    if fp8 and args.base == "fp8":
         conversion = convert_frozen_linears(model, list(decoder_layers(model)), keep_original=False, device=device)
         print(conversion.describe("base"), flush=True)
+    if fp8 and args.base == "nf4":
+        from mmtrain.model.nf4 import quantize_frozen_linears
+
+        print(quantize_frozen_linears(model, list(decoder_layers(model)), device=device).describe("base"), flush=True)
     fuse_lora_layers(model)
     model.config.use_cache = False
     return model.train()
@@ -135,7 +168,7 @@ def train(args, fp8: bool, data: list[torch.Tensor]) -> tuple[list[float], float
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    problem = float8_matmul_problem(args.device)
+    problem = float8_matmul_problem(args.device) if args.base == "fp8" else None
     if problem:
         print(f"note: {problem}; torch's CPU float8 products give the same numbers, only slowly", flush=True)
     vocab = presets.preset_config(args.preset).vocab_size
@@ -145,26 +178,27 @@ def main(argv=None) -> dict:
     diffs = [abs(a - b) / abs(b) for a, b in zip(fp8, bf16)]
     result = {
         "benchmark": "benchmarks/fp8_quality.py",
+        "base": args.base,
         "command": " ".join(["python", "benchmarks/fp8_quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"layers": args.layers or presets.preset_config(args.preset).num_hidden_layers},
         "loss_bf16": bf16,
-        "loss_fp8": fp8,
+        f"loss_{args.base}": fp8,
         "relative_difference": diffs,
         "mean_relative_difference": sum(diffs) / len(diffs),
         "max_relative_difference": max(diffs),
         "target_max_relative_difference": TARGET,
         "within_target": max(diffs) <= TARGET,
-        "seconds": {"bf16": bf16_s, "fp8": fp8_s},
+        "seconds": {"bf16": bf16_s, args.base: fp8_s},
     }
     for step in sorted({0, len(diffs) // 2, len(diffs) - 1}):
-        print(f"step {step}: bf16 {bf16[step]:.4f}  fp8 {fp8[step]:.4f}  relative difference {100 * diffs[step]:.3f}%")
+        print(f"step {step}: bf16 {bf16[step]:.4f}  {args.base} {fp8[step]:.4f}  relative difference {100 * diffs[step]:.3f}%")
     verdict = "within" if result["within_target"] else "NOT within"
     print(
         f"relative loss difference over {args.steps} steps: mean {100 * result['mean_relative_difference']:.3f}%, "
         f"max {100 * result['max_relative_difference']:.3f}% ({verdict} the {100 * TARGET:.0f}% target); "
-        f"loss {bf16[0]:.3f} -> {bf16[-1]:.3f} (bf16); {bf16_s:.0f} s bf16, {fp8_s:.0f} s fp8 (eager)",
+        f"loss {bf16[0]:.3f} -> {bf16[-1]:.3f} (bf16); {bf16_s:.0f} s bf16, {fp8_s:.0f} s {args.base} (eager)",
         flush=True,
     )
     if args.out:

@@ -47,6 +47,11 @@
 #   fp8-quality    benchmarks/fp8_quality.py: ref-7b's LM trained 100 steps bf16 beside float8 on the
 #                  same fresh batches of one Markov chain, the per-step relative loss difference
 #                  (target <= 1%); FP8_LAYERS=N keeps N decoder layers (default: all 32)
+#   nf4-quality    benchmarks/fp8_quality.py --base nf4: the same 100 steps bf16 beside a 4-bit NF4 base
+#                  (--quantize_base nf4), with 6 outlier channels planted (NF4_OUTLIERS=N; FP8_LAYERS=N to cut)
+#   small-gpu      benchmarks/small_gpu.py: ref-7b with mmtrain.memory's recommended setting under caps of
+#                  12, 16, 24 and 48 GiB (torch.cuda.set_per_process_memory_fraction), peaks and tokens/s, ~8 min
+#                  (SMALL_GPU_CAPS="12 16" for some caps)
 #   seq2048        every sample 2048 tokens: the defaults beside the plain loop (profiled), then
 #                  eager (no compile) with and without fused LoRA, and eager with MMCA on
 #   variants       2048 tokens at micro-batch 6 beside the plain loop (profiled), at ZeRO-0, MMCA
@@ -86,7 +91,7 @@ else
 fi
 
 missing() {  # the needed packages Python cannot import with PYTHONPATH=$1
-    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets', 'trl') if u.find_spec(m) is None))"
+    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets', 'trl', 'bitsandbytes') if u.find_spec(m) is None))"
 }
 if [ -n "$(missing "${PYTHONPATH:-}")" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     # Several suite invocations may start side by side (one per GPU): one installs, under a
@@ -345,6 +350,20 @@ part_fp8_quality() {
     run $PY benchmarks/fp8_quality.py "${layers[@]}" --out "$OUT/fp8_quality_${TAG}.json"
 }
 
+part_nf4_quality() {
+    local layers=()
+    [ -n "${FP8_LAYERS:-}" ] && layers=(--layers "$FP8_LAYERS")
+    run $PY benchmarks/fp8_quality.py --base nf4 --outlier_channels "${NF4_OUTLIERS:-6}" "${layers[@]}" --out "$OUT/nf4_quality_${TAG}.json"
+}
+
+part_small_gpu() {  # SMALL_GPU_CAPS="12 16" runs those caps only (each cap its own process, ~2 min on an H200)
+    local opts=(--caps ${SMALL_GPU_CAPS:-12 16 24 48})
+    [ "$SMOKE" = 1 ] && opts=(--caps 12 --steps 2 --warmup 1)
+    local name=small_gpu_${TAG}
+    [ -n "${SMALL_GPU_CAPS:-}" ] && name+="_${SMALL_GPU_CAPS// /_}"
+    run $PY benchmarks/small_gpu.py "${opts[@]}" --out "$OUT/$name.json"
+}
+
 part_default_fp8() {  # the embedded default, bfloat16 and with --fp8_base, side by side on this GPU
     fp8_runs_here default-fp8 || return 0
     run $PY benchmarks/default_run.py --out "$OUT/default_run_${TAG}.json" &
@@ -402,6 +421,8 @@ for part in "$@"; do
         fp8:*) part_fp8 "${part#fp8:}" ;;
         fp8-quality) part_fp8_quality ;;
         fp8-zero) part_fp8_zero ;;
+        nf4-quality) part_nf4_quality ;;
+        small-gpu) part_small_gpu ;;
         equal-segments) part_equal_segments ;;
         varlen) part_varlen all ;;
         varlen:*) part_varlen "${part#varlen:}" ;;

@@ -135,10 +135,13 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     accelerator = distributed.make_accelerator(train_args)
     apply_deepspeed_settings(accelerator, opts.deepspeed_set)
     speedups.check_fp8(accelerator, train_args)
+    speedups.check_quantize(accelerator, train_args)
     data_args.num_workers = distributed.loader_workers(data_args.num_workers, accelerator.device, local_processes=distributed.local_process_count(accelerator))
     set_seed(train_args.seed)
+    # A 4-bit base is drawn on the CPU and reaches the GPU quantised, as training does (setup.build_for_training).
     on_device = opts.build_on_device == "on" or (
         opts.build_on_device == "auto" and accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
+        and train_args.quantize_base != "nf4"
     )
     build_start = time.perf_counter()
     with (accelerator.device if on_device else contextlib.nullcontext()):

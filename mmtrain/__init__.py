@@ -11,6 +11,11 @@ libraries' internals; ``tests/test_layering.py`` keeps imports going down that t
 __version__ = "0.1.0"
 
 
+from mmtrain.compat import bitsandbytes as _bitsandbytes_compat  # noqa: E402
+
+_bitsandbytes_compat.quiet_bitsandbytes_cpu_notice()  # before peft imports bitsandbytes (mmtrain/compat/bitsandbytes.py says why)
+
+
 def load_pretrained(path: str, **kwargs):
     """Load an export (``OUTPUT/epoch-N``) for inference; see :func:`mmtrain.model.pretrained.load_pretrained`."""
     from mmtrain.model.pretrained import load_pretrained as _load

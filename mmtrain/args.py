@@ -371,6 +371,22 @@ class TrainArguments:
     fp8_vision: bool = field(
         default=False, metadata=_help("As --fp8_base, for the frozen Linears of the vision tower (same requirements).")
     )
+    quantize_base: Literal["none", "nf4"] = field(
+        default="none",
+        metadata=_help(
+            "nf4: hold the LM decoder layers' frozen Linear weights in 4 bits (bitsandbytes' NF4, double-quantised block "
+            "scales: 4.127 bits a weight), computing in bfloat16, under LoRA (QLoRA). Needs bitsandbytes "
+            "(pip install 'mmtrain[qlora]') and ZeRO 0-2; not with --fp8_base or --lm_training full. Exports hold the "
+            "dequantised weights with LoRA merged, in full precision."
+        ),
+    )
+    quantize_vision: Literal["none", "nf4"] = field(
+        default="none",
+        metadata=_help(
+            "nf4: as --quantize_base, for the frozen Linears of the vision tower (a few hundred MB saved; its features, "
+            "which the projector reads, change with it: off unless memory is that tight)."
+        ),
+    )
     objective: Literal["sft", "dpo"] = field(
         default="sft",
         metadata=_help(
@@ -555,6 +571,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     check_fp8_flags(model_args, train_args)
     if train_args.packed_attention != "auto" and not data_args.max_tokens_per_batch:
         raise ConfigError(f"--packed_attention {train_args.packed_attention} chooses the attention of --max_tokens_per_batch rows; add that flag or drop this one")
+    check_quantize_flags(model_args, train_args)
     check_dpo_flags(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
@@ -606,6 +623,31 @@ def check_fp8_flags(model_args: ModelArguments, train_args: TrainArguments) -> N
         )
 
 
+def check_quantize_flags(model_args: ModelArguments, train_args: TrainArguments) -> None:
+    """``--quantize_base`` / ``--quantize_vision``: what can be told from the flags and the installation.
+
+    The device and ZeRO-stage checks come once the Accelerator exists
+    (``mmtrain.training.speedups.check_quantize``), still before any weights load.
+    """
+    flags = [f"--{name} nf4" for name in ("quantize_base", "quantize_vision") if getattr(train_args, name) == "nf4"]
+    if not flags:
+        return
+    given = " and ".join(flags)
+    if train_args.quantize_base == "nf4" and model_args.lm_mode == "full":
+        raise ConfigError(
+            "--quantize_base nf4 holds the LM's frozen Linear weights in 4 bits, and --lm_training full trains all of them: "
+            "nothing would be quantised; use --lm_training lora (QLoRA) or drop --quantize_base"
+        )
+    if train_args.quantize_base == "nf4" and train_args.fp8_base:
+        raise ConfigError("--quantize_base nf4 and --fp8_base each hold the LM's frozen weights in another format; pick one")
+    if train_args.quantize_vision == "nf4" and train_args.fp8_vision:
+        raise ConfigError("--quantize_vision nf4 and --fp8_vision each hold the vision tower's frozen weights in another format; pick one")
+    from mmtrain.model.nf4 import bitsandbytes_installed
+
+    if not bitsandbytes_installed():
+        raise ConfigError(f"{given} needs bitsandbytes, which is not installed: pip install 'mmtrain[qlora]' (or bitsandbytes>=0.48), or drop the flag")
+
+
 def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     """What ``--objective dpo`` does not do (yet), refused naming the flag before any weights load.
 
@@ -629,6 +671,8 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
         "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
         "--fp8_base": train_args.fp8_base,
         "--fp8_vision": train_args.fp8_vision,
+        "--quantize_base nf4": train_args.quantize_base == "nf4",
+        "--quantize_vision nf4": train_args.quantize_vision == "nf4",
         "--torch_compile true": train_args.torch_compile == "true",
     }
     for flag, given in unsupported.items():

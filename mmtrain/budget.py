@@ -39,6 +39,12 @@ class BudgetArguments:
     )
     fp8_base: bool = field(default=False, metadata={"help": "Count the LM decoder layers' frozen Linears in float8, as training's --fp8_base holds them."})
     fp8_vision: bool = field(default=False, metadata={"help": "Count the vision tower's frozen Linears in float8 (training's --fp8_vision)."})
+    quantize_base: Literal["none", "nf4"] = field(
+        default="none", metadata={"help": "nf4: count the LM decoder layers' frozen Linears at 4.127 bits, as training's --quantize_base nf4 holds them."}
+    )
+    quantize_vision: Literal["none", "nf4"] = field(
+        default="none", metadata={"help": "nf4: count the vision tower's frozen Linears at 4.127 bits (training's --quantize_vision nf4)."}
+    )
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
     def __post_init__(self):
@@ -50,17 +56,38 @@ def budget_parser() -> FlagParser:
     return FlagParser((ModelArguments, BudgetArguments), prog="python -m mmtrain.budget", description=__doc__)
 
 
-def model_budget(model_args: ModelArguments, precision: str = "bf16", *, fp8_base: bool = False, fp8_vision: bool = False) -> list[ComponentBudget]:
-    """The budget table for ``model_args``, from a meta-device build (float8 layers converted there too)."""
+def model_budget(
+    model_args: ModelArguments, precision: str = "bf16", *, fp8_base: bool = False, fp8_vision: bool = False,
+    nf4_base: bool = False, nf4_vision: bool = False,
+) -> list[ComponentBudget]:
+    """The budget table for ``model_args``, from a meta-device build (float8 layers converted there too).
+
+    NF4 layers cannot be made on the meta device (bitsandbytes quantises real values): the
+    Linears they would replace (:func:`mmtrain.model.nf4.quantizable_linears`) are counted
+    at 4.127 bits instead.
+    """
     speed = SpeedOptions(fp8_base=fp8_base, fp8_vision=fp8_vision, fp8_keep_originals=False) if (fp8_base or fp8_vision) else None
     built = build_model(model_args, meta=True, speed=speed)
-    return budget_from_counts(count_parameters(built.model), precision)
+    counts = count_parameters(built.model)
+    if nf4_base or nf4_vision:
+        from mmtrain.model.builder import float8_scopes
+        from mmtrain.model.counting import component_of, numel
+        from mmtrain.model.nf4 import quantizable_linears
+
+        names = {id(m): n for n, m in built.model.named_modules()}
+        by_name = {c.name: c for c in counts}
+        for part, (root, scopes) in float8_scopes(built.model).items():
+            if (part == "base" and nf4_base) or (part == "vision" and nf4_vision):
+                for linear in quantizable_linears(root, scopes):
+                    by_name[component_of(names[id(linear)] + ".weight")].nf4 += numel(linear.weight)
+    return budget_from_counts(counts, precision)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         model_args, opts = budget_parser().parse_or_raise(argv)
-        rows = model_budget(model_args, opts.precision, fp8_base=opts.fp8_base, fp8_vision=opts.fp8_vision)
+        rows = model_budget(model_args, opts.precision, fp8_base=opts.fp8_base, fp8_vision=opts.fp8_vision,
+                            nf4_base=opts.quantize_base == "nf4", nf4_vision=opts.quantize_vision == "nf4")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

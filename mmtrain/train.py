@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_source = init_from.check_source(train_args.init_from, model_args, train_args.init_parts) if train_args.init_from else None
     accelerator = distributed.make_accelerator(train_args)
     speedups.check_fp8(accelerator, train_args)  # float8 needs the device and ZeRO stage, known from here on
+    speedups.check_quantize(accelerator, train_args)  # so does NF4
     check_reference_supported(accelerator, train_args)  # --objective dpo: its reference needs whole tensors
     distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads

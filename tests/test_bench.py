@@ -486,3 +486,40 @@ def test_dpo_bench_llava_scores_the_pairs_as_mmtrain_does():
     got = (logp * trl_batch["completion_mask"][:, 1:]).sum(dim=1)
     assert expected.shape == got.shape == (4,)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+def test_nf4_quality_dry_run_plants_outliers_in_both_runs(tmp_path):
+    """--base nf4: the same batches through a 4-bit base, with outlier channels planted alike in both runs."""
+    pytest.importorskip("bitsandbytes")
+    quality = _benchmark("fp8_quality")
+    out = tmp_path / "q.json"
+    result = quality.main(["--preset", "tiny-llama", "--base", "nf4", "--outlier_channels", "2", "--steps", "3", "--seq", "32",
+                           "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["base"] == "nf4"
+    assert len(result["loss_bf16"]) == len(result["loss_nf4"]) == 3 and result["loss_bf16"] != result["loss_nf4"]
+    args = quality.parse_args(["--preset", "tiny-llama", "--outlier_channels", "3", "--device", "cpu"])
+    plain, planted = quality.build(quality.parse_args(["--preset", "tiny-llama", "--device", "cpu"]), False), quality.build(args, False)
+    norm = planted.model.layers[0].input_layernorm.weight / plain.model.layers[0].input_layernorm.weight
+    assert sorted(set(norm.float().round().tolist())) == [1.0, quality.OUTLIER_FACTOR] and int((norm > 1).sum()) == 3
+
+
+def test_nf4_passes_through_to_training_and_the_memory_prediction():
+    pytest.importorskip("bitsandbytes")  # the training flags are checked, and --quantize_base needs it
+    opts, rest = bench.parse_options(["--lm", "tiny-llama", "--vision", "tiny-clip", "--quantize_base", "nf4", "--plain", "skip"])
+    assert rest == ["--quantize_base", "nf4"]
+    _, _, train_args = bench.training_arguments(opts, rest, "unused")
+    assert train_args.quantize_base == "nf4"
+    model_args, _, _ = bench.training_arguments(opts, rest, "unused")
+    plain = bench.memory_prediction(opts, model_args, 1)
+    nf4 = bench.memory_prediction(opts, model_args, 1, nf4_base=True)
+    assert nf4["setup"] == "zero2+nf4" and nf4["peak_bytes"] < plain["peak_bytes"]
+
+
+def test_small_gpu_runs_each_cap_with_the_recommended_setting():
+    small_gpu = _benchmark("small_gpu")
+    rec = small_gpu.recommendation(12, smoke=False, float8_gpu=False)
+    assert rec["base"] == "nf4" and rec["predicted_peak_gib"] < 12 and "--quantize_base nf4" in rec["command"]
+    argv = small_gpu.bench_argv(rec, smoke=False, steps=4, warmup=2, out="x.json")
+    assert argv[argv.index("--quantize_base") + 1] == "nf4" and argv[argv.index("--zero_stage") + 1] == str(rec["zero_stage"])
+    assert argv[argv.index("--max_tokens_per_batch") + 1] == str(rec["max_tokens_per_batch"])
+    assert ("--gradient_checkpointing" in argv) == rec["gradient_checkpointing"] and "--plain" in argv
+    assert bench.parse_options(argv)  # flags bench.py takes

@@ -122,3 +122,23 @@ def test_fp8_base_counts_the_converted_layers_at_one_byte(tiny_args):
     assert plain["language model"].weight_bytes - fp8["language model"].weight_bytes == saved
     assert fp8["LM LoRA"] == plain["LM LoRA"] and fp8["vision encoder"] == plain["vision encoder"]
     assert fp8["total"].total == plain["total"].total  # the same parameters, held in fewer bytes
+
+
+def test_nf4_counts_the_layers_it_would_quantise_at_4_127_bits(tiny_args):
+    """The meta budget with NF4 (which the meta device cannot quantise) equals the real quantised model's counts."""
+    pytest.importorskip("bitsandbytes")
+    import math
+
+    from mmtrain.model.config import SpeedOptions
+    from mmtrain.model.counting import budget_from_counts
+
+    args = tiny_args(lang_lora_dim=4)
+    plain = {r.name: r for r in model_budget(args)}
+    nf4 = {r.name: r for r in model_budget(args, nf4_base=True, nf4_vision=True)}
+    real = budget_from_counts(count_parameters(build_model(args, speed=SpeedOptions(nf4_base=True, nf4_vision=True)).model))
+    assert {r.name: r for r in real} == nf4
+    cfg = build_model(args).model.language_model.config
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    weights = cfg.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    assert plain["language model"].weight_bytes - nf4["language model"].weight_bytes == 2 * weights - math.ceil(weights * (4 + 8 / 64 + 32 / (64 * 256)) / 8)  # codes, absmaxes, their scales
+    assert nf4["vision encoder"].weight_bytes < plain["vision encoder"].weight_bytes and nf4["total"].total == plain["total"].total

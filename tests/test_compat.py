@@ -713,3 +713,19 @@ def test_datasets_offline_resolves_a_hub_name_from_the_cache_only(tmp_path):
         with pytest.raises(ConnectionError, match="someone/not-cached"):
             datasets.load_dataset("someone/not-cached", cache_dir=str(tmp_path))
     assert datasets.config.HF_HUB_OFFLINE == was
+
+
+def test_bitsandbytes_cpu_notice_stays_out_of_mmtrain_output():
+    """peft imports bitsandbytes when it is installed: no line of bitsandbytes' may reach an mmtrain command's stderr."""
+    pytest.importorskip("bitsandbytes")
+    code = "import mmtrain, peft, bitsandbytes, logging; logging.basicConfig(); import mmtrain.model.nf4"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "bitsandbytes" not in proc.stderr and "kernels" not in proc.stderr, proc.stderr
+    import importlib.util
+    import logging
+
+    from mmtrain.compat import bitsandbytes as bitsandbytes_compat
+
+    assert logging.getLogger(bitsandbytes_compat.BITSANDBYTES_CPU_LOGGER).level == logging.ERROR
+    assert importlib.util.find_spec(bitsandbytes_compat.BITSANDBYTES_CPU_LOGGER) is not None  # the module whose logger it is still exists

@@ -339,3 +339,67 @@ def test_cli_table_has_the_checkpoint_rows(capsys):
     assert main(["--lang_lora_dim", "4", "--seq_len", "256"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint: host" in out and "checkpoint: disk" in out
+
+
+def test_nf4_base_counts_its_weights_at_4_127_bits_and_one_dequantised_linear(ref7b):
+    # the same Linears float8 converts (all of llama-2-7b's are 16-aligned), every frozen one
+    assert ref7b.nf4_base_weights == ref7b.fp8_base_weights and ref7b.nf4_largest == 4096 * 11008
+    base = MemorySetup(micro_batch=2)
+    plain, nf4 = estimate(ref7b, base), estimate(ref7b, replace(base, nf4_base=True))
+    packed = -(-ref7b.nf4_base_weights * 4127 // 8000)  # 4 bits, an 8-bit absmax per 64, a float32 per 64 x 256
+    assert plain.frozen_weights - nf4.frozen_weights == pytest.approx(2 * ref7b.nf4_base_weights - packed - 2 * ref7b.nf4_largest, abs=2**20)
+    assert nf4.cpu_weights == plain.cpu_weights  # no originals kept: exports dequantise
+    assert nf4.setup.name == "zero0+nf4" and nf4.activations == plain.activations
+    with pytest.raises(ConfigError, match="refused at ZeRO stage 3"):
+        MemorySetup(zero_stage=3, nf4_base=True)
+    with pytest.raises(ConfigError, match="not both"):
+        MemorySetup(nf4_base=True, fp8_base=True)
+    assert all(s.nf4_base == (s.zero_stage < 3) for s in all_setups(MemorySetup(nf4_base=True)))
+
+
+@pytest.mark.parametrize("cap,base,offload", [(12, "nf4", "none"), (16, "nf4", "none"), (24, None, "none"), (48, None, "none")])
+def test_small_gpu_recommendations_fit_and_are_the_fastest_that_do(ref7b, cap, base, offload):
+    """What mmtrain.memory recommends for ref-7b on one GPU of 12-48 GiB (benchmarks/small_gpu.py measures these)."""
+    from mmtrain.memory.options import best, command, model_flags, options
+
+    rows = options(ref7b, MemorySetup(compiled=True), cap * GiB)
+    choice = best(rows)
+    usable = int(cap * GiB * 0.95) - GiB
+    assert choice is not None and choice.fits and choice.estimate.total <= usable
+    assert choice.base != "fp8"  # float8 only for --float8_gpu
+    assert all(o.tokens_per_s <= choice.tokens_per_s for o in rows if o.fits and o.base != "fp8")
+    assert base is None or choice.base == base
+    assert choice.offload == offload
+    # 7B in bfloat16 alone is 12.6 GiB: below 16 GiB only a 4-bit base (or parameter offload, far slower) fits
+    assert any(o.fits and o.base == "bf16" and o.offload == "none" for o in rows) == (cap >= 24)
+    run = command(choice, model_flags(ref_model_args("ref-7b")), 2048)
+    assert run.startswith(f"accelerate launch --config_file accelerate_configs/{choice.config_file} mmtrain/train.py --lm_model_name_or_path llama-2-7b")
+    assert f"--max_tokens_per_batch {choice.max_tokens_per_batch}" in run
+    assert ("--quantize_base nf4" in run) == (choice.base == "nf4")
+    assert ("--gradient_checkpointing true" in run) == choice.gradient_checkpointing
+
+
+def test_a_float8_gpu_may_be_recommended_float8_and_13b_needs_nf4_on_24_gib(ref7b):
+    from mmtrain.memory.options import best, options
+
+    assert best(options(ref7b, MemorySetup(compiled=True), 24 * GiB), float8_gpu=True).base == "fp8"
+    ref13b = model_facts(ref_model_args("ref-13b"))
+    choice = best(options(ref13b, MemorySetup(compiled=True), 24 * GiB))
+    assert choice.base == "nf4" and choice.fits
+
+
+def test_cli_answers_the_small_gpu_question(capsys):
+    from mmtrain.memory import main
+
+    argv = ["--lm_model_name_or_path", "llama-2-7b", "--vision_model_name_or_path", "clip-vit-large-patch14-336", "--gpu_memory", "12GiB"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s (H200, predicted)" in out and "nf4 zero0" in out and "bf16 zero0" in out and "fp8 zero0" in out
+    assert "fastest option that fits (float8 rows left out" in out and "--quantize_base nf4" in out
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "--quantize_base nf4" in data["recommended_option"]["command"]
+    assert {o["base"] for o in data["options"]} == {"bf16", "fp8", "nf4", "nf4+vision"}
+    assert main(["--workload", "ref-13b", "--gpu_memory", "24GiB", "--compiled", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "--lm_model_name_or_path llama-2-13b --vision_model_name_or_path clip-vit-bigG-14 --vis_proj perceiver" in out

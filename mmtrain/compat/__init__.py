@@ -1,4 +1,4 @@
-"""Every use of a private or undocumented API of torch, transformers, peft, accelerate, DeepSpeed or datasets, one module per library.
+"""Every use of a private or undocumented API of torch, transformers, peft, accelerate, DeepSpeed, datasets or bitsandbytes, one module per library.
 
 Nothing else in mmtrain reaches past a library's public surface: when it must, it goes
 through a helper here, whose comment says why we need the private thing and what breaks

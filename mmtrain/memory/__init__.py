@@ -41,6 +41,13 @@ Adam m and v)
   4 bytes per output channel for their scales; the main process keeps the originals in
   host memory (wΨ_8, under "host: weights"). The transient float8 copies of one layer's
   activation and transposed weight are not counted.
+* ``--quantize_base nf4`` / ``--quantize_vision nf4`` (stages 0-2; refused at stage 3): the
+  frozen Linears they quantise (Ψ_4, counted by ``mmtrain.model.nf4.quantizable_linears``)
+  take 4.127 bits each (4-bit codes, an 8-bit absmax per 64 weights and a float32 scale
+  per 256 absmaxes: the QLoRA paper's double quantisation) instead of w bytes; no
+  originals are kept. Each product dequantises one weight to w bytes and frees it: the
+  largest such Linear (w·m_4) is added. The options table (:mod:`mmtrain.memory.options`)
+  compares bfloat16, float8 and NF4 bases with checkpointing, offload and token budgets.
 * The frozen vision encoder without LoRA is never given to DeepSpeed (see
   ``mmtrain.training.engine_view``): it is replicated whole on every GPU at every stage, in the
   compute dtype, and runs under ``no_grad``.

@@ -9,11 +9,12 @@ import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.cli import FlagParser
-from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, largest_micro_batch, model_facts
+from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, largest_micro_batch, model_facts, ref_model_args
+from mmtrain.memory.options import best, command, format_options, model_flags, options
 from mmtrain.memory.predict import MemoryEstimate, all_setups, estimate, recommend
 
 
@@ -81,9 +82,25 @@ class MemoryArguments:
         metadata={"help": "The LM decoder layers' frozen Linears in float8 (training's --fp8_base): one byte a weight plus its scales; ZeRO 0-2."},
     )
     fp8_vision: bool = field(default=False, metadata={"help": "The vision tower's frozen Linears in float8 (training's --fp8_vision)."})
+    quantize_base: Literal["none", "nf4"] = field(
+        default="none",
+        metadata={"help": "The LM decoder layers' frozen Linears in 4-bit NF4 (training's --quantize_base): 4.127 bits a weight; ZeRO 0-2."},
+    )
+    quantize_vision: Literal["none", "nf4"] = field(
+        default="none", metadata={"help": "The vision tower's frozen Linears in NF4 (training's --quantize_vision)."}
+    )
+    float8_gpu: bool = field(
+        default=False,
+        metadata={"help": "The GPU has float8 tensor cores (Ada or Hopper, e.g. RTX 4090, L4, H100): float8 options may be recommended."},
+    )
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
+    workload: Optional[Literal["ref-7b", "ref-13b"]] = field(
+        default=None,
+        metadata={"help": "A reference workload's model instead of the model flags: ref-7b (llama-2-7b + CLIP ViT-L/336, LoRA 16) "
+                  "or ref-13b (llama-2-13b + ViT-bigG, perceiver projector, LoRA 16)."},
+    )
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
 
     def __post_init__(self):
@@ -114,6 +131,8 @@ class MemoryArguments:
             compiled=self.compiled,
             fp8_base=self.fp8_base,
             fp8_vision=self.fp8_vision,
+            nf4_base=self.quantize_base == "nf4",
+            nf4_vision=self.quantize_vision == "nf4",
             images_per_sample=self.images_per_sample,
             label_fraction=self.label_fraction,
         )
@@ -126,14 +145,19 @@ def memory_parser() -> FlagParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         model_args, opts = memory_parser().parse_or_raise(argv)
+        if opts.workload:
+            model_args = ref_model_args(opts.workload)
         base = opts.setup()
         gpu_memory = parse_bytes(opts.gpu_memory)
         facts = model_facts(model_args)
         estimates = [estimate(facts, s) for s in all_setups(base)]
         rec = recommend(facts, base, gpu_memory)
+        rows = options(facts, base, gpu_memory)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    choice = best(rows, float8_gpu=opts.float8_gpu)
+    run = command(choice, model_flags(model_args), base.seq_len) if choice else None
     if opts.json:
         print(
             json.dumps(
@@ -147,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                         "budget": rec.budget,
                         "reason": rec.reason,
                     },
+                    "options": [
+                        {
+                            "name": o.name, "base": o.base, "zero_stage": o.zero_stage, "offload": o.offload,
+                            "gradient_checkpointing": o.gradient_checkpointing, "max_tokens_per_batch": o.max_tokens_per_batch,
+                            "total": o.estimate.total, "fits": o.fits, "tokens_per_s_h200": round(o.tokens_per_s),
+                        }
+                        for o in rows
+                    ],
+                    "recommended_option": None if choice is None else {"name": choice.name, "command": run},
                 },
                 indent=2,
             )
@@ -156,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{facts.total():,} parameters, {trainable:,} trainable; {base.num_gpus} GPU(s), micro-batch {base.micro_batch} x {base.seq_len} tokens, {base.precision}")
         print(format_table(estimates))
         print(f"recommended for {in_gib(gpu_memory)} GiB GPUs: {rec.reason}")
+        print()
+        print(format_options(rows, gpu_memory))
+        if choice is None:
+            print(f"no single-GPU option fits {in_gib(gpu_memory)} GiB: lower --seq_len or add GPUs")
+        else:
+            note = "" if opts.float8_gpu else " (float8 rows left out: pass --float8_gpu for an Ada or Hopper GPU)"
+            print(f"fastest option that fits{note}: {choice.name}, {choice.tokens_per_s:,.0f} tokens/s predicted on an H200")
+            print(f"  {run}")
     return 0
 
 

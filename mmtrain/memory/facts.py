@@ -49,6 +49,8 @@ class MemorySetup:
     compiled: bool = False  # LM decoder layers compiled (--torch_compile; on by default on a GPU)
     fp8_base: bool = False  # LM decoder layers' frozen Linears in float8 (--fp8_base; ZeRO 0-2 only)
     fp8_vision: bool = False  # the vision tower's frozen Linears in float8 (--fp8_vision)
+    nf4_base: bool = False  # LM decoder layers' frozen Linears in 4-bit NF4 (--quantize_base nf4; ZeRO 0-2 only)
+    nf4_vision: bool = False  # the vision tower's frozen Linears in NF4 (--quantize_vision nf4)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -68,11 +70,16 @@ class MemorySetup:
             raise ConfigError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
         if (self.fp8_base or self.fp8_vision) and self.zero_stage == 3:
             raise ConfigError("float8 frozen weights (--fp8_base, --fp8_vision) are refused at ZeRO stage 3, as training refuses them")
+        if (self.nf4_base or self.nf4_vision) and self.zero_stage == 3:
+            raise ConfigError("4-bit frozen weights (--quantize_base, --quantize_vision) are refused at ZeRO stage 3, as training refuses them")
+        if (self.nf4_base and self.fp8_base) or (self.nf4_vision and self.fp8_vision):
+            raise ConfigError("a frozen weight is held in float8 or in NF4, not both")
 
     @property
     def name(self) -> str:
         off = {"none": "", "optimizer": "+off-opt", "optimizer+params": "+off-opt+par"}[self.offload]
         fp8 = ("+fp8" if self.fp8_base else "") + ("+fp8vis" if self.fp8_vision else "")
+        fp8 += ("+nf4" if self.nf4_base else "") + ("+nf4vis" if self.nf4_vision else "")
         return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "") + ("+compiled" if self.compiled else "") + fp8
 
 
@@ -107,6 +114,10 @@ class ModelFacts:
     fp8_base_scales: int = 0
     fp8_vision_weights: int = 0
     fp8_vision_scales: int = 0
+    # Frozen Linear weights --quantize_base / --quantize_vision nf4 would hold in 4 bits.
+    nf4_base_weights: int = 0
+    nf4_vision_weights: int = 0
+    nf4_largest: int = 0  # the largest of those Linears: one is dequantised at a time in each product
 
     def total(self, trainable: bool | None = None, engine: bool | None = None) -> int:
         return sum(
@@ -192,6 +203,9 @@ def model_facts(model_args: VLMConfig) -> ModelFacts:
     from mmtrain.model.fp8 import convertible_linears
 
     fp8 = {part: convertible_linears(root, scopes) for part, (root, scopes) in float8_scopes(model).items()}
+    from mmtrain.model.nf4 import quantizable_linears
+
+    nf4 = {part: quantizable_linears(root, scopes) for part, (root, scopes) in float8_scopes(model).items()}
 
     vision = model.vision
     projector = model.projector
@@ -222,6 +236,9 @@ def model_facts(model_args: VLMConfig) -> ModelFacts:
         fp8_base_scales=sum(m.out_features for m in fp8["base"]),
         fp8_vision_weights=sum(numel(m.weight) for m in fp8["vision"]),
         fp8_vision_scales=sum(m.out_features for m in fp8["vision"]),
+        nf4_base_weights=sum(numel(m.weight) for m in nf4["base"]),
+        nf4_vision_weights=sum(numel(m.weight) for m in nf4["vision"]),
+        nf4_largest=max((numel(m.weight) for m in nf4["base"] + nf4["vision"]), default=0),
     )
     _FACTS_CACHE[key] = facts
     return facts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from mmtrain.model.nf4 import BITS_PER_WEIGHT
 from mmtrain.memory.facts import GiB, LORA_KINDS, PRECISIONS, MemorySetup, ModelFacts, in_gib, model_facts
 from mmtrain.model.config import VLMConfig
 
@@ -178,6 +179,13 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
             if on:
                 frozen += weights + 4 * scales - w * weights
                 cpu_weights += w * weights
+        # NF4 frozen Linears: 4.127 bits a weight, block scales included (mmtrain/model/nf4.py);
+        # no originals are kept. Each product dequantises one weight to w bytes and frees it.
+        for on, weights in ((setup.nf4_base, facts.nf4_base_weights), (setup.nf4_vision, facts.nf4_vision_weights)):
+            if on:
+                frozen += math.ceil(weights * BITS_PER_WEIGHT / 8) - w * weights
+        if setup.nf4_base or setup.nf4_vision:
+            frozen += w * facts.nf4_largest
     else:
         keep_f = facts.persistent(setup.param_persistence_threshold, trainable=False)
         keep_t = facts.persistent(setup.param_persistence_threshold, trainable=True)
@@ -306,9 +314,9 @@ def _quiet_import():
 
 
 def all_setups(base: MemorySetup) -> list[MemorySetup]:
-    """``base`` at every rung of :data:`SPEED_ORDER` (the ZeRO-3 rungs without float8, which training refuses there)."""
+    """``base`` at every rung of :data:`SPEED_ORDER` (the ZeRO-3 rungs without float8 and NF4, which training refuses there)."""
     return [
-        replace(base, zero_stage=st, offload=off, **({"fp8_base": False, "fp8_vision": False} if st == 3 else {}))
+        replace(base, zero_stage=st, offload=off, **({"fp8_base": False, "fp8_vision": False, "nf4_base": False, "nf4_vision": False} if st == 3 else {}))
         for st, off in SPEED_ORDER
     ]
 

@@ -23,6 +23,7 @@ from mmtrain.model.decoder_layers import (
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.fp8 import convert_frozen_linears
 from mmtrain.model.fused_lora import fuse_lora_layers
+from mmtrain.model.nf4 import quantize_frozen_linears
 from mmtrain.model.llava_import import read_folder
 from mmtrain.model.language import NewTokenEmbedding, build_language_model, language_attention, load_language_config, load_tokenizer
 from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow_autocast
@@ -164,10 +165,18 @@ def apply_speed_options(model: VisionLanguageModel, speed: SpeedOptions) -> None
             root, scopes = float8_scopes(model)[part]
             conversion = convert_frozen_linears(root, scopes, keep_original=speed.fp8_keep_originals, device=speed.fp8_device)
             logger.info(conversion.describe(f"{part} (--fp8_{part})"))
+    for part, flag, wanted in (("base", "--quantize_base", speed.nf4_base), ("vision", "--quantize_vision", speed.nf4_vision)):
+        if wanted:
+            root, scopes = float8_scopes(model)[part]
+            logger.info(quantize_frozen_linears(root, scopes, device=speed.nf4_device).describe(f"{part} ({flag} nf4)"))
     if speed.lora_inputs_follow_autocast:
         lora_inputs_follow_autocast(model)
     if speed.fused_lora and (count := fuse_lora_layers(model)):
         logger.info(f"fused LoRA: {count} adapted layers add their low-rank term inside the base matrix product")
+        if speed.nf4_base or speed.nf4_vision:
+            # The fused product takes a plain or float8 weight; 4-bit codes are dequantised by
+            # bitsandbytes inside its own product, so those layers keep peft's forward (same numbers).
+            logger.info("fused LoRA: layers over an NF4 base keep peft's forward (bitsandbytes' 4-bit product is not fused)")
     if speed.gradient_checkpointing:
         enable_checkpointing(lm)
         if model.vision_trainable:
@@ -195,7 +204,7 @@ def lora_scope(language_model: nn.Module, scope: str) -> str:
 
 
 def float8_scopes(model: VisionLanguageModel) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
-    """Where ``--fp8_base`` and ``--fp8_vision`` convert frozen Linears: ``{part: (root, scopes)}``.
+    """Where ``--fp8_base`` and ``--fp8_vision`` (and ``--quantize_base``/``--quantize_vision``) convert frozen Linears: ``{part: (root, scopes)}``.
 
     The LM's decoder layers only (its embeddings and ``lm_head`` are outside them), and
     the whole vision tower (both, when fused).

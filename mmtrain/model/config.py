@@ -291,3 +291,8 @@ class SpeedOptions:
     fp8_vision: bool = False  # the vision tower's frozen Linears too
     fp8_keep_originals: bool = True  # keep the original weights on the CPU (needed where exports are written)
     fp8_device: object = None  # torch.device to quantise on (the GPU); None: where the weights are
+    # 4-bit NF4 frozen weights (mmtrain/model/nf4.py), for the same reason not part of VLMConfig:
+    # exports hold the dequantised weights with LoRA merged, a plain model.
+    nf4_base: bool = False  # the LM decoder layers' frozen Linears hold NF4 weights (--quantize_base nf4)
+    nf4_vision: bool = False  # the vision tower's frozen Linears too (--quantize_vision nf4)
+    nf4_device: object = None  # torch.device the codes are made on and kept (the GPU); None: where the weights are

@@ -6,6 +6,7 @@ these functions, from the very model object training builds (or its meta-device 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 from mmtrain.compat import deepspeed as deepspeed_compat
 from mmtrain.model.fp8 import FLOAT8, Float8FrozenLinear
 from mmtrain.model.lora import is_lora_parameter
+from mmtrain.model.nf4 import BITS_PER_WEIGHT, NF4FrozenLinear
 from mmtrain.model.vlm import VisionLanguageModel
 
 COMPONENTS = (
@@ -53,6 +55,7 @@ class ComponentCount:
     trainable: int = 0
     float8: int = 0  # frozen weights held in float8 (--fp8_base, --fp8_vision): one byte each
     float8_scales: int = 0  # their fp32 scales, one per output channel (buffers, not parameters)
+    nf4: int = 0  # frozen weights held in 4-bit NF4 (--quantize_base, --quantize_vision): 4.127 bits each, scales included
 
     @property
     def frozen(self) -> int:
@@ -62,9 +65,13 @@ class ComponentCount:
 def count_parameters(model: VisionLanguageModel) -> list[ComponentCount]:
     """Parameters per component (see ``COMPONENTS``), total and trainable."""
     counts = {name: ComponentCount(name) for name in COMPONENTS}
+    # An NF4 layer's parameter holds two codes a byte: counted as the weights it stands for.
+    nf4 = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4FrozenLinear)}
     for name, param in model.named_parameters():
         c = counts[component_of(name)]
-        n = numel(param)
+        n = nf4.get(id(param)) or numel(param)
+        if id(param) in nf4:
+            c.nf4 += n
         c.total += n
         if param.requires_grad:
             c.trainable += n
@@ -99,7 +106,7 @@ def budget_from_counts(counts: list[ComponentCount], precision: str = "bf16") ->
             total=c.total,
             trainable=c.trainable,
             frozen=c.frozen,
-            weight_bytes=(c.total - c.float8) * width + c.float8 + 4 * c.float8_scales,
+            weight_bytes=(c.total - c.float8 - c.nf4) * width + c.float8 + 4 * c.float8_scales + _nf4_bytes(c.nf4),
             gradient_bytes=c.trainable * width,
             optimizer_bytes=c.trainable * optimizer_per_param,
         )
@@ -107,6 +114,11 @@ def budget_from_counts(counts: list[ComponentCount], precision: str = "bf16") ->
     ]
     total = ComponentBudget("total", *[sum(getattr(r, f) for r in rows) for f in ("total", "trainable", "frozen", "weight_bytes", "gradient_bytes", "optimizer_bytes")])
     return rows + [total]
+
+
+def _nf4_bytes(weights: int) -> int:
+    """Bytes of ``weights`` NF4 weights with their double-quantised block scales (mmtrain/model/nf4.py)."""
+    return math.ceil(weights * BITS_PER_WEIGHT / 8)
 
 
 def _human(n: float, unit: str = "") -> str:

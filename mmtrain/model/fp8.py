@@ -305,7 +305,7 @@ def _is_frozen_linear(module: nn.Module) -> bool:
     return not weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
 
 
-def _frozen_linears(root: nn.Module, scopes: list[nn.Module]):
+def frozen_linears(root: nn.Module, scopes: list[nn.Module]):
     # (name relative to root, parent, attribute name, Linear) of each frozen plain nn.Linear in scopes
     inside = {id(m) for scope in scopes for m in scope.modules()}
     for parent_name, parent in list(root.named_modules()):
@@ -323,7 +323,7 @@ def aligned(linear: nn.Linear) -> bool:
 
 def convertible_linears(root: nn.Module, scopes: list[nn.Module]) -> list[nn.Linear]:
     """The Linears :func:`convert_frozen_linears` would convert (what the memory model counts at one byte)."""
-    return [linear for _, _, _, linear in _frozen_linears(root, scopes) if aligned(linear)]
+    return [linear for _, _, _, linear in frozen_linears(root, scopes) if aligned(linear)]
 
 
 def convert_frozen_linears(
@@ -337,7 +337,7 @@ def convert_frozen_linears(
     the float8 weights (None: where each weight is). Idempotent.
     """
     result = Conversion()
-    for name, parent, attribute, linear in _frozen_linears(root, scopes):
+    for name, parent, attribute, linear in frozen_linears(root, scopes):
         if not aligned(linear):
             result.kept.append(name)
             continue

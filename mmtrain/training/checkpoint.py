@@ -64,6 +64,7 @@ import torch
 from accelerate.utils import gather_object
 
 from mmtrain.model.errors import ConfigError
+from mmtrain.model.nf4 import codes_in_state_dict
 from mmtrain.training import portable_state
 from mmtrain.training.engine_view import Prepared
 from mmtrain.training.host_memory import RssWatch
@@ -303,10 +304,13 @@ class Checkpointer:
             os.makedirs(tmp, exist_ok=True)
         acc.wait_for_everyone()
         with RssWatch() as whole_save:
-            if self.is_deepspeed:
-                acc.save_state(tmp, exclude_frozen_parameters=True)
-            else:
-                acc.save_state(tmp)
+            # Frozen entries are dropped from the engine's state dict once it is built: NF4
+            # layers put their codes there, not a dequantised copy (mmtrain/model/nf4.py).
+            with codes_in_state_dict():
+                if self.is_deepspeed:
+                    acc.save_state(tmp, exclude_frozen_parameters=True)
+                else:
+                    acc.save_state(tmp)
             cost = {}
             if self.model is not None:
                 # Every process takes part in each tensor's gather; only the main one keeps a host copy, one tensor at a time.

@@ -109,7 +109,10 @@ def build_for_training(accelerator, model_args, train_args, data_args) -> BuiltM
     # Presets draw their random weights where they will train: at ZeRO 0-2 on the GPU
     # (seconds for 7B, where the launcher's one CPU thread per process took minutes);
     # at ZeRO-3 zero.Init places them.
-    on_gpu = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3
+    # With a 4-bit base they are drawn on the CPU, as a checkpoint folder is read, and each
+    # frozen Linear reaches the GPU as its 4-bit codes: the full-precision LM would not fit
+    # the GPUs a 4-bit base is for.
+    on_gpu = accelerator.device.type == "cuda" and distributed.zero_stage(accelerator) != 3 and train_args.quantize_base != "nf4"
     built = build_model(
         model_args.model_config(),
         speed=speedups.speed_options(accelerator, train_args, data_args),
@@ -159,6 +162,8 @@ def memory_setup(accelerator, data_args, train_args):
         compiled=speedups.compiles(accelerator.device, train_args),
         fp8_base=train_args.fp8_base,
         fp8_vision=train_args.fp8_vision,
+        nf4_base=train_args.quantize_base == "nf4",
+        nf4_vision=train_args.quantize_vision == "nf4",
     )
 
 

@@ -17,10 +17,12 @@ flag                                      default     what it changes
 ``--fused_lora``                          on          LoRA's scale and adds inside the GEMMs
 ``--fp8_base`` / ``--fp8_vision``         off         frozen Linears in float8 (not the same
                                                       numbers: see mmtrain/model/fp8.py)
+``--quantize_base`` / ``--quantize_vision`` none      frozen Linears in 4-bit NF4 (not the
+                                                      same numbers: mmtrain/model/nf4.py)
 (always, plain mixed precision)                       LoRA inputs stay in the autocast dtype
 ========================================  ==========  =========================================
 
-Each but float8 keeps the loss of the plain path (tests/model/test_speed_features.py,
+Each but float8 and NF4 keeps the loss of the plain path (tests/model/test_speed_features.py,
 tests/data/test_packing.py). The model options are decided here (:func:`speed_options`)
 and applied by the model's builder.
 """
@@ -40,6 +42,7 @@ from mmtrain.model.builder import BuiltModel
 from mmtrain.model import attention, fp8
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
+from mmtrain.model.nf4 import NF4FrozenLinear
 from mmtrain.model.vision_cache import ImageKeyCollator, VisionFeatureCache
 from mmtrain.training import distributed
 from mmtrain.training.engine_view import unwrap_vlm
@@ -98,6 +101,9 @@ def speed_options(accelerator, train_args, data_args) -> SpeedOptions:
         # The originals are what exports are written from, and only the main process writes them.
         fp8_keep_originals=accelerator.is_main_process,
         fp8_device=accelerator.device,
+        nf4_base=train_args.quantize_base == "nf4",
+        nf4_vision=train_args.quantize_vision == "nf4",
+        nf4_device=accelerator.device,
     )
 
 
@@ -129,6 +135,31 @@ def packed_attention(accelerator, data_args, train_args) -> str | None:
     return attention.packed_kernel(
         train_args.packed_attention, accelerator.device, distributed.compute_dtype(accelerator), bool(data_args.max_tokens_per_batch)
     )
+
+
+def check_quantize(accelerator, train_args) -> None:
+    """Refuse ``--quantize_base`` / ``--quantize_vision`` where they cannot run, once the Accelerator exists and
+    before any weights load.
+
+    At ZeRO-3 DeepSpeed partitions every parameter and gathers it in the compute dtype:
+    4-bit codes with block scales kept beside them are neither partitioned nor gathered by
+    it. On a device the installed bitsandbytes has no NF4 kernels for (a probe runs one
+    small product forward and backward there), nothing could train.
+    """
+    flags = [f"--{name} nf4" for name in ("quantize_base", "quantize_vision") if getattr(train_args, name) == "nf4"]
+    if not flags:
+        return
+    given = " and ".join(flags)
+    if distributed.zero_stage(accelerator) == 3:
+        raise ConfigError(
+            f"{given} cannot run at ZeRO-3: DeepSpeed would partition and gather the 4-bit codes without their block "
+            "scales; use ZeRO 0-2 (e.g. accelerate_configs/zero2.yaml), which with a 4-bit base leaves little to partition"
+        )
+    from mmtrain.model.nf4 import nf4_problem
+
+    problem = nf4_problem(accelerator.device)
+    if problem:
+        raise ConfigError(f"{given}: {problem}; train on a CUDA GPU or drop the flag")
 
 
 def should_compile(device: torch.device, train_args) -> bool:
@@ -245,6 +276,8 @@ def make_vision_cache(accelerator, model, model_args, output_dir: str) -> Vision
         identity["vision_model_name_or_path_2"] = model_args.vision_model_name_or_path_2  # absent for one encoder, so older caches still match
     if any(isinstance(m, Float8FrozenLinear) for m in vlm.vision.modules()):
         identity["fp8_vision"] = True  # other features than the bf16 tower's; absent otherwise, so older caches still match
+    if any(isinstance(m, NF4FrozenLinear) for m in vlm.vision.modules()):
+        identity["nf4_vision"] = True  # likewise
     return VisionFeatureCache(vlm.encode_images, directory=directory, identity=identity)
 
 

@@ -85,6 +85,9 @@ FEATURES = {
     # float8 frozen Linears; every width of the tiny presets is a multiple of 16, so all convert
     "fp8": {"fp8_base": "true"},
     "fp8_vision": {"fp8_vision": "true"},
+    # 4-bit NF4 frozen Linears (bitsandbytes)
+    "nf4": {"quantize_base": "nf4"},
+    "nf4_vision": {"quantize_vision": "nf4"},
     # the embedded default's way: preset names, built in the process (not loaded from folders)
     "presets": {"lm_model_name_or_path": "tiny-llama", "vision_model_name_or_path": "tiny-clip"},
     # Preference tuning on pairs the row writes (``_pairs_dataset``): the reference is the
@@ -130,6 +133,12 @@ ONE_GPU = [
     row("zero2", "fp8", "compiled", "budget", resume=True, export_tolerance=6e-2),
     row("zero1", "fp8", "fp8_vision", "vision_lora", "grad_ckpt", "mmca_eager", export_tolerance=6e-2),
     row("single_process", "fp8", "compiled", llava=True, export_tolerance=6e-2),  # plain autocast; LLaVA from the originals
+    # A 4-bit base (QLoRA). Unlike float8's, an NF4 export holds the weights the run computed
+    # with (the dequantised base with LoRA merged), so the export's fp32 eval loss is as close
+    # to training's bf16 one as a bfloat16 row's: the bf16 tolerance holds.
+    row("zero2", "nf4", "compiled", "budget", resume=True),
+    row("zero0", "nf4", "nf4_vision", "vision_lora", "grad_ckpt"),
+    row("single_process", "nf4", "compiled", "grad_ckpt_layers", resume=True),  # plain autocast
     # Packed rows through flex attention's mask instead of the samples' offsets
     # (--packed_attention flex_attention; the choice on GPUs without FlashAttention-2), compiled.
     row("zero2", "budget", "compiled", "flex"),
@@ -412,6 +421,11 @@ def _run_row(r: Row, model_folders, data_path, tmp_path, record) -> None:
             assert "stay bfloat16" not in log
             if "fp8_vision" in r.features:
                 assert "float8 vision (--fp8_vision):" in log
+        if "nf4" in r.features:
+            log = (out.parent / f"{out.name}.log").read_text()
+            assert "nf4 base (--quantize_base nf4): 28 frozen Linear layers hold 4-bit NF4 weights" in log, _tail(out)  # 4 layers x 7
+            if "nf4_vision" in r.features:
+                assert "nf4 vision (--quantize_vision nf4):" in log
         if r.export:
             folder = assert_export_reproduces_training(out, r)
             if r.llava:

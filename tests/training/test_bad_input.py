@@ -47,6 +47,11 @@ def test_config_file_values_are_used_and_flags_override(tmp_path):
         (["--num_warmup_steps", "2.5"], r"--num_warmup_steps must be a ratio"),
         (["--dataset_names", "a", "b", "--dataset_samples", "1", "2", "3"], r"--dataset_samples has 3 values for 2"),
         (["--fp8_base", "--lm_training", "full", "--lang_lora_dim", "0"], r"--fp8_base holds .* --lm_training full trains all of them"),
+        (["--quantize_base", "nf4", "--lm_training", "full", "--lang_lora_dim", "0"],
+         r"--quantize_base nf4 holds .* --lm_training full trains all of them: nothing would be quantised; use --lm_training lora"),
+        (["--quantize_base", "nf4", "--fp8_base"], r"--quantize_base nf4 and --fp8_base .*; pick one"),
+        (["--quantize_vision", "nf4", "--fp8_vision"], r"--quantize_vision nf4 and --fp8_vision .*; pick one"),
+        (["--quantize_base", "nf8"], r"--quantize_base"),
     ],
 )
 def test_bad_values_name_the_flag(argv, message):
@@ -193,4 +198,22 @@ def test_fp8_base_at_zero3_is_refused_with_the_reason(tmp_path, model_folders, d
     proc = launch(flags, config="zero3.yaml", check=False)
     assert proc.returncode != 0
     assert "--fp8_base cannot run at ZeRO-3" in proc.stderr and "float8 partitions" in proc.stderr
+    assert "safetensors" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--quantize_base", "--quantize_vision"])
+def test_nf4_without_bitsandbytes_is_refused_naming_the_extra(monkeypatch, flag):
+    # Python's own way of making a module unimportable: a None entry in sys.modules.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ConfigError, match=rf"{flag} nf4 needs bitsandbytes, which is not installed: pip install 'mmtrain\[qlora\]'"):
+        parse_args([flag, "nf4"])
+
+
+def test_nf4_at_zero3_is_refused_before_weights_load(tmp_path, model_folders, data_path):
+    pytest.importorskip("bitsandbytes")
+    lm = _lm_without_weights(tmp_path, model_folders)
+    flags = [*common_flags(model_folders, data_path, output_dir=tmp_path / "o", lm_model_name_or_path=lm), "--quantize_base", "nf4"]
+    proc = launch(flags, config="zero3.yaml", check=False)
+    assert proc.returncode != 0
+    assert "--quantize_base nf4 cannot run at ZeRO-3" in proc.stderr and "use ZeRO 0-2" in proc.stderr
     assert "safetensors" not in proc.stderr
