@@ -18,6 +18,7 @@ mmtrain/train.py`` train the same default identically; the last test checks it.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -350,6 +351,8 @@ def test_skipped_command(command, tmp_path):
             from tests.llava_folders import write_tiny_llava
 
             flags[flags.index("--vlm_name_or_path") + 1] = write_tiny_llava(tmp_path / "llava")
+        if any(f in flags for f in ("--quantize_base", "--quantize_vision")) and importlib.util.find_spec("bitsandbytes") is None:
+            pytest.skip(f"{skip_reason(command)}; its flags need bitsandbytes to parse (pip install 'mmtrain[qlora]')")
         parse_args(flags)
     pytest.skip(skip_reason(command))
 

@@ -128,13 +128,15 @@ def best(rows: list[Option], *, float8_gpu: bool = False) -> Option | None:
 
 
 def model_flags(model_args) -> list[str]:
-    """The model flags of ``model_args`` that differ from their defaults, as a command line has them."""
+    """The model flags of ``model_args`` (the flags, or a model config) that differ from their defaults, as a command line has them."""
     from dataclasses import fields
 
     from mmtrain.args import ModelArguments
 
     flags = []
     for f in fields(ModelArguments):
+        if not hasattr(model_args, f.name):  # a model config holds only the model's own fields
+            continue
         value = getattr(model_args, f.name)
         default = f.default
         if f.name in ("train_full_embeddings", "train_lm_head"):
