@@ -105,7 +105,7 @@ def build(args, fp8: bool) -> torch.nn.Module:
     with presets.seeded_init(args.seed, device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
         model.requires_grad_(False)
-        apply_lora(model, rank=args.lora_rank, scope="model.layers.", alpha=None, dropout=0.0, flag="--lora_rank")
+        apply_lora(model, rank=args.lora_rank, scope="model.layers.", alpha=None, dropout=0.0, field="lora_rank")
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 param.requires_grad_(True)

@@ -9,6 +9,7 @@ the same fields, and flags on the command line override it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -29,12 +30,43 @@ def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
 
 
+# Fields of the model's run-time options (``SpeedOptions``) whose flag has another name.
+FLAG_OF_FIELD = {"compile_decoder_layers": "torch_compile"}
+
+
 def naming_flags(error: ConfigError) -> ConfigError:
-    """``error`` as the command line says it: each config field it names written as the flag of that name."""
+    """``error`` as the command line says it: each config field it names written as its flag.
+
+    A field is rewritten where it stands as a word of the message (after a space or a
+    parenthesis, or first), not inside a path or a quoted value that happens to hold its
+    name. An error that names no fields is returned as it is.
+    """
+    if not error.fields:
+        return error
     message = str(error)
     for name in error.fields:
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", f"--{name}", message)
-    return ConfigError(message)
+        flag = "--" + FLAG_OF_FIELD.get(name, name)
+        message = re.sub(rf"(?<![^\s(]){re.escape(name)}(?![\w/-]|\.\w)", flag, message)
+    return ConfigError(message).with_traceback(error.__traceback__)
+
+
+def flags_in_errors(entry):
+    """A command line's entry point whose configuration errors name flags, not config fields.
+
+    What the model package raises speaks of its config's fields (:class:`ConfigError`
+    ``fields``); a command that takes flags rewrites them once, here, at its entry point.
+    """
+
+    @functools.wraps(entry)
+    def run(*args, **kwargs):
+        try:
+            return entry(*args, **kwargs)
+        except ConfigError as e:
+            if not e.fields:
+                raise
+            raise naming_flags(e) from None
+
+    return run
 
 
 @dataclass

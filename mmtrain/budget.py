@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from mmtrain.args import ConfigError, ModelArguments
+from mmtrain.args import ConfigError, ModelArguments, naming_flags
 from mmtrain.cli import FlagParser
 from mmtrain.model.builder import build_model
 from mmtrain.model.config import SpeedOptions
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = model_budget(model_args, opts.precision, fp8_base=opts.fp8_base, fp8_vision=opts.fp8_vision,
                             nf4_base=opts.quantize_base == "nf4", nf4_vision=opts.quantize_vision == "nf4")
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {naming_flags(e)}", file=sys.stderr)  # the model package's errors name config fields: written as flags
         return 2
     if opts.json:
         print(json.dumps({"precision": opts.precision, "components": [asdict(r) for r in rows]}, indent=2))

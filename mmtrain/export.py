@@ -56,7 +56,7 @@ from typing import Literal
 
 import torch
 
-from mmtrain.args import ConfigError
+from mmtrain.args import ConfigError, naming_flags
 from mmtrain.cli import FlagParser
 from mmtrain.data.template import chat_template_takes_parts, encode_conversation
 from mmtrain.generate import GenerateArguments
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_llava(args.model, args.out)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {naming_flags(e)}", file=sys.stderr)  # the model package's errors name config fields: written as flags
         return 2
     print(f"wrote {args.out}")
     return 0

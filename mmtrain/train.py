@@ -20,12 +20,13 @@ import sys
 if __package__ in (None, ""):  # run as a file by `accelerate launch mmtrain/train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmtrain.args import ConfigError, parse_args
+from mmtrain.args import ConfigError, flags_in_errors, parse_args
 from mmtrain.training.distributed import close_process_group, prepare_environment
 
 logger = logging.getLogger("mmtrain")
 
 
+@flags_in_errors  # the model package speaks of config fields; a run from flags hears of flags
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
     model_args, data_args, train_args = parse_args(argv)  # every flag checked; nothing loaded yet

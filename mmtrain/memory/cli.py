@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
-from mmtrain.args import ConfigError, ModelArguments
+from mmtrain.args import ConfigError, ModelArguments, naming_flags
 from mmtrain.cli import FlagParser
 from mmtrain.memory.facts import PRECISIONS, MemorySetup, in_gib, largest_micro_batch, model_facts, ref_model_args
 from mmtrain.memory.options import best, command, format_options, model_flags, options
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = recommend(facts, base, gpu_memory)
         rows = options(facts, base, gpu_memory)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {naming_flags(e)}", file=sys.stderr)  # the model package's errors name config fields: written as flags
         return 2
     choice = best(rows, float8_gpu=opts.float8_gpu)
     run = command(choice, model_flags(model_args), base.seq_len) if choice else None

@@ -50,20 +50,24 @@ def check_model_config(config: VLMConfig) -> None:
     """Everything about the model settings that can fail, checked from configs alone (no weights)."""
     if config.vlm_name_or_path:
         if config.vision_model_name_or_path_2:
-            raise ConfigError("--vision_model_name_or_path_2 cannot be used with --vlm_name_or_path: a LLaVA folder holds one vision tower")
+            raise ConfigError(
+                "vision_model_name_or_path_2 cannot be used with vlm_name_or_path: a LLaVA folder holds one vision tower",
+                fields=("vision_model_name_or_path_2", "vlm_name_or_path"),
+            )
         lm_config = read_folder(config.vlm_name_or_path).text_config
     else:
         tower_specs(config)  # each tower's config and image processor, and that fused grids agree
         lm_config = load_language_config(config.lm_model_name_or_path)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
-        raise ConfigError(f"--lm_trainable_layers {config.lm_trainable_layers}: the LM has only {layers} decoder layers")
+        raise ConfigError(f"lm_trainable_layers {config.lm_trainable_layers}: the LM has only {layers} decoder layers", fields=("lm_trainable_layers",))
     if config.enable_mmca_attention and (why := language_attention(lm_config, "sdpa")[1]):
-        raise ConfigError(f"--enable_mmca_attention: MMCA computes its attention through SDPA, and {why}")
+        raise ConfigError(f"enable_mmca_attention: MMCA computes its attention through SDPA, and {why}", fields=("enable_mmca_attention",))
     if getattr(lm_config, "tie_word_embeddings", False) and config.train_lm_head != config.train_full_embeddings:
         raise ConfigError(
-            f"--lm_model_name_or_path {config.lm_model_name_or_path!r} ties its output head to the input embeddings, so "
-            f"--train_lm_head ({config.train_lm_head}) and --train_full_embeddings ({config.train_full_embeddings}) must agree"
+            f"lm_model_name_or_path {config.lm_model_name_or_path!r} ties its output head to the input embeddings, so "
+            f"train_lm_head ({config.train_lm_head}) and train_full_embeddings ({config.train_full_embeddings}) must agree",
+            fields=("lm_model_name_or_path", "train_lm_head", "train_full_embeddings"),
         )
 
 
@@ -138,7 +142,7 @@ def build_model(
                 scope=lora_scope(language_model, config.lang_lora_module_name),
                 alpha=config.lang_lora_alpha,
                 dropout=config.lang_lora_dropout,
-                flag="--lang_lora_module_name",
+                field="lang_lora_module_name",
             )
         if config.vis_lora_dim:
             lora_targets["vision_encoder"] = apply_lora(
@@ -147,7 +151,7 @@ def build_model(
                 scope=config.vis_lora_module_name,
                 alpha=config.vis_lora_alpha,
                 dropout=config.vis_lora_dropout,
-                flag="--vis_lora_module_name",
+                field="vis_lora_module_name",
             )
         model = VisionLanguageModel(vision, projector, language_model, image_tokens, vision_trainable=vision_trainable)
     set_trainable(model, config, trainable_dtype)

@@ -61,7 +61,8 @@ def _find_decoder_layers(language_model: nn.Module) -> tuple[nn.ModuleList, str]
     if layers is None:
         raise ConfigError(
             f"{type(language_model).__name__} has no list of decoder layers (no ModuleList of one block class in "
-            f"{type(decoder).__name__}); for LoRA, give --lang_lora_module_name a scope of module names"
+            f"{type(decoder).__name__}); for LoRA, give lang_lora_module_name a scope of module names",
+            fields=("lang_lora_module_name",),
         )
     name = next(n for n, m in language_model.named_modules() if m is layers)
     return layers, name
@@ -93,13 +94,17 @@ def checkpoint_first_layers(language_model: nn.Module, n: int) -> list[int]:
     """
     layers = decoder_layers(language_model)
     if not 0 <= n <= len(layers):
-        raise ConfigError(f"--gradient_checkpointing_layers {n}: the language model has {len(layers)} decoder layers")
+        raise ConfigError(
+            f"gradient_checkpointing_layers {n}: the language model has {len(layers)} decoder layers", fields=("gradient_checkpointing_layers",)
+        )
     if n == 0:
         return []
     enable_checkpointing(language_model)
     for index, layer in enumerate(layers):
         if not hasattr(layer, "gradient_checkpointing"):
-            raise ConfigError(f"--gradient_checkpointing_layers: {type(layer).__name__} has no per-layer checkpointing switch")
+            raise ConfigError(
+                f"gradient_checkpointing_layers: {type(layer).__name__} has no per-layer checkpointing switch", fields=("gradient_checkpointing_layers",)
+            )
         layer.gradient_checkpointing = index < n
     return list(range(n))
 
@@ -112,7 +117,7 @@ def compile_decoder_layers(language_model: nn.Module, *, hooks_outside: bool = F
     release them on exit) run eagerly around the compiled code instead of inside it.
     """
     if not hasattr(torch, "compile"):
-        raise ConfigError("--torch_compile: this torch has no torch.compile")
+        raise ConfigError("compile_decoder_layers: this torch has no torch.compile", fields=("compile_decoder_layers",))
     torch_compat.disable_inductor_matmul_padding()  # a torch bug with dynamic token counts (see there)
     layers = decoder_layers(language_model)
     for layer in layers:

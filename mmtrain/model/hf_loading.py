@@ -10,13 +10,14 @@ from safetensors import safe_open
 from mmtrain.model.errors import ConfigError
 
 
-def checked_from_pretrained(cls, path: str, *, flag: str, strict_unexpected: bool = False, **kwargs):
+def checked_from_pretrained(cls, path: str, *, field: str, strict_unexpected: bool = False, **kwargs):
     """Load ``cls`` from ``path``; a missing tensor (or, if ``strict_unexpected``, an extra one) is an error.
 
     transformers initialises missing weights randomly and only warns; for a frozen
     7B model that is a silent disaster, so we make it an error that names the folder.
     Unexpected tensors are normal when taking the vision half of a full CLIP checkpoint,
-    so they are only fatal where we wrote the folder ourselves (exports).
+    so they are only fatal where we wrote the folder ourselves (exports). ``field`` is
+    the config field that named ``path``.
     """
     model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     problems = []
@@ -27,7 +28,7 @@ def checked_from_pretrained(cls, path: str, *, flag: str, strict_unexpected: boo
     if strict_unexpected and info.get("unexpected_keys"):
         problems.append(f"unexpected tensors: {_short(info['unexpected_keys'])}")
     if problems:
-        raise ConfigError(f"{flag} {path!r} does not match its config: " + "; ".join(problems))
+        raise ConfigError(f"{field} {path!r} does not match its config: " + "; ".join(problems), fields=(field,))
     return model
 
 

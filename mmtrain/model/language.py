@@ -14,18 +14,19 @@ from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
 
-def load_language_config(name_or_path: str, flag: str = "--lm_model_name_or_path") -> PretrainedConfig:
+def load_language_config(name_or_path: str, field: str = "lm_model_name_or_path") -> PretrainedConfig:
     """The LM's config; any architecture ``AutoModelForCausalLM`` knows is accepted."""
     if presets.is_preset(name_or_path):
         return presets.preset_config(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{flag} {name_or_path!r}: cannot read a Hugging Face config: {e}") from None
+        raise ConfigError(f"{field} {name_or_path!r}: cannot read a Hugging Face config: {e}", fields=(field,)) from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(
-            f"{flag} {name_or_path!r} holds a {type(config).__name__}, which has no causal-LM class in transformers "
-            "(LLaMA, Qwen2, Mistral, ... are supported)"
+            f"{field} {name_or_path!r} holds a {type(config).__name__}, which has no causal-LM class in transformers "
+            "(LLaMA, Qwen2, Mistral, ... are supported)",
+            fields=(field,),
         )
     return config
 
@@ -46,7 +47,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--lm_model_name_or_path {name_or_path!r} has no loadable tokenizer: {e}") from None
+        raise ConfigError(f"lm_model_name_or_path {name_or_path!r} has no loadable tokenizer: {e}", fields=("lm_model_name_or_path",)) from None
 
 
 def build_language_model(
@@ -60,7 +61,7 @@ def build_language_model(
 ) -> nn.Module:
     """Load the LM from its folder (or a preset with seeded random weights).
 
-    Its attention is ``--attn_implementation`` where the LM's class supports it, else
+    Its attention is ``attn_implementation`` where the LM's class supports it, else
     eager, said in the log (:mod:`mmtrain.model.attention`).
 
     Under an active ZeRO-3 config (Accelerate sets one before we are called) both
@@ -77,7 +78,7 @@ def build_language_model(
     return checked_from_pretrained(
         AutoModelForCausalLM,
         name,
-        flag="--lm_model_name_or_path",
+        field="lm_model_name_or_path",
         strict_unexpected=strict,
         dtype=dtype,
         attn_implementation=attention,

@@ -54,7 +54,7 @@ from mmtrain.model.hf_loading import checked_from_pretrained, safetensors_files
 from mmtrain.model.language import language_attention
 from mmtrain.model.vision import SUPPORTED as SUPPORTED_TOWERS, TowerLayout, VisionEncoder, processor_pixel_shape, tower_layout
 
-FLAG = "--vlm_name_or_path"
+FIELD = "vlm_name_or_path"  # the config field naming the folder: what its errors speak of
 SUPPORTED_CLASS = "LlavaForConditionalGeneration"
 SUPPORTED_TYPE = "llava"
 # The folder's keys, in the layout transformers writes (language_model.model.*) and in
@@ -82,7 +82,7 @@ class LlavaFolder:
     @functools.cached_property
     def layout(self) -> TowerLayout:
         """Where the tower's patch features are, at the size of the folder's image processor."""
-        return tower_layout(self.vision_config, processor_pixel_shape(self.image_processor(), self.path, FLAG), self.path, FLAG)
+        return tower_layout(self.vision_config, processor_pixel_shape(self.image_processor(), self.path, FIELD), self.path, FIELD)
 
     @property
     def has_cls(self) -> bool:
@@ -96,15 +96,16 @@ class LlavaFolder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{FLAG} {self.path!r} has no loadable tokenizer: {e}") from None
+            raise ConfigError(f"{FIELD} {self.path!r} has no loadable tokenizer: {e}", fields=(FIELD,)) from None
         template = _processor_chat_template(self.path)
         if template and not tokenizer.chat_template:
             tokenizer.chat_template = template  # --template chat renders the folder's own prompts
         token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
         if token_id != self.config.image_token_id:
             raise ConfigError(
-                f"{FLAG} {self.path!r}: its config's image token is id {self.config.image_token_id}, but its tokenizer "
-                f"has {IMAGE_TOKEN!r} at {token_id}"
+                f"{FIELD} {self.path!r}: its config's image token is id {self.config.image_token_id}, but its tokenizer "
+                f"has {IMAGE_TOKEN!r} at {token_id}",
+                fields=(FIELD,),
             )
         return tokenizer
 
@@ -112,14 +113,14 @@ class LlavaFolder:
         try:
             return AutoImageProcessor.from_pretrained(self.path)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{FLAG} {self.path!r} has no image processor: {e}") from None
+            raise ConfigError(f"{FIELD} {self.path!r} has no image processor: {e}", fields=(FIELD,)) from None
 
     def vision_encoder(self, model_args, *, dtype: torch.dtype, weights: bool = True) -> VisionEncoder:
         model_cls = MODEL_MAPPING[type(self.vision_config)]
         if weights:
             with _expected_extra_tensors():
                 tower = checked_from_pretrained(
-                    model_cls, self.path, flag=FLAG, config=self.vision_config, key_mapping=_VISION_KEYS, dtype=dtype,
+                    model_cls, self.path, field=FIELD, config=self.vision_config, key_mapping=_VISION_KEYS, dtype=dtype,
                     attn_implementation=model_args.attn_implementation,
                 )
         else:
@@ -132,7 +133,7 @@ class LlavaFolder:
             return AutoModelForCausalLM.from_config(self.text_config, dtype=dtype, attn_implementation=attention)
         with _expected_extra_tensors():
             return checked_from_pretrained(
-                AutoModelForCausalLM, self.path, flag=FLAG, config=self.text_config, key_mapping=_LM_KEYS, dtype=dtype,
+                AutoModelForCausalLM, self.path, field=FIELD, config=self.text_config, key_mapping=_LM_KEYS, dtype=dtype,
                 attn_implementation=attention,
             )
 
@@ -147,7 +148,7 @@ class LlavaFolder:
         try:
             projector.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
-            raise ConfigError(f"{FLAG} {self.path!r}: its multi_modal_projector does not fit an mlp projector: {e}") from None
+            raise ConfigError(f"{FIELD} {self.path!r}: its multi_modal_projector does not fit an mlp projector: {e}", fields=(FIELD,)) from None
 
 
 @contextlib.contextmanager
@@ -166,49 +167,53 @@ def read_folder(path: str) -> LlavaFolder:
     """The folder's config, checked: its class, towers and projector must be what mmtrain builds."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise ConfigError(f"{FLAG} {path!r} is not a folder with a config.json")
+        raise ConfigError(f"{FIELD} {path!r} is not a folder with a config.json", fields=(FIELD,))
     try:
         with open(config_file) as f:
             raw = json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{FLAG} {config_file}: not JSON ({e})") from None
+        raise ConfigError(f"{FIELD} {config_file}: not JSON ({e})", fields=(FIELD,)) from None
     architectures = raw.get("architectures") or []
     model_type = raw.get("model_type")
     if model_type != SUPPORTED_TYPE or any(a != SUPPORTED_CLASS for a in architectures):
         held = ", ".join(architectures) or "no architectures"
         raise ConfigError(
-            f"{FLAG} {path!r} holds {held} (model_type {model_type!r}); supported: {SUPPORTED_CLASS} "
-            f"(model_type {SUPPORTED_TYPE!r}, the llava-hf layout)"
+            f"{FIELD} {path!r} holds {held} (model_type {model_type!r}); supported: {SUPPORTED_CLASS} "
+            f"(model_type {SUPPORTED_TYPE!r}, the llava-hf layout)",
+            fields=(FIELD,),
         )
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers validates each field, with errors of several classes
         reason = " ".join(str(e).split())
-        raise ConfigError(f"{FLAG} {path!r}: cannot read its LLaVA config: {reason}") from None
+        raise ConfigError(f"{FIELD} {path!r}: cannot read its LLaVA config: {reason}", fields=(FIELD,)) from None
     vision, text = config.vision_config, config.text_config
     missing = [k for k in ("hidden_size", "num_hidden_layers", "patch_size") if not isinstance(getattr(vision, k, None), int)]
     if missing or type(vision) not in MODEL_MAPPING:
-        raise ConfigError(f"{FLAG} {path!r}: its vision tower is a {type(vision).__name__}; supported: {SUPPORTED_TOWERS}")
+        raise ConfigError(f"{FIELD} {path!r}: its vision tower is a {type(vision).__name__}; supported: {SUPPORTED_TOWERS}", fields=(FIELD,))
     if type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ConfigError(f"{FLAG} {path!r}: its text config {type(text).__name__} has no causal-LM class in transformers")
+        raise ConfigError(f"{FIELD} {path!r}: its text config {type(text).__name__} has no causal-LM class in transformers", fields=(FIELD,))
     if config.projector_hidden_act != "gelu" or not getattr(config, "multimodal_projector_bias", True):
         raise ConfigError(
-            f"{FLAG} {path!r}: its projector (act {config.projector_hidden_act!r}, bias "
-            f"{getattr(config, 'multimodal_projector_bias', True)}) is not the mlp projector (Linear -> GELU -> Linear with biases)"
+            f"{FIELD} {path!r}: its projector (act {config.projector_hidden_act!r}, bias "
+            f"{getattr(config, 'multimodal_projector_bias', True)}) is not the mlp projector (Linear -> GELU -> Linear with biases)",
+            fields=(FIELD,),
         )
     if not isinstance(config.vision_feature_layer, int):
         raise ConfigError(
-            f"{FLAG} {path!r}: vision_feature_layer {config.vision_feature_layer} concatenates several layers; "
-            "one layer is supported"
+            f"{FIELD} {path!r}: vision_feature_layer {config.vision_feature_layer} concatenates several layers; "
+            "one layer is supported",
+            fields=(FIELD,),
         )
     strategy = config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
-        raise ConfigError(f"{FLAG} {path!r}: vision_feature_select_strategy {strategy!r}; supported: default, full")
+        raise ConfigError(f"{FIELD} {path!r}: vision_feature_select_strategy {strategy!r}; supported: default, full", fields=(FIELD,))
     folder = LlavaFolder(path, config)
     if strategy == "default" and not folder.has_cls:
         raise ConfigError(
-            f"{FLAG} {path!r}: vision_feature_select_strategy 'default' drops the first feature, and its "
-            f"{type(vision).__name__} tower has no CLS token there (only 'full' fits it)"
+            f"{FIELD} {path!r}: vision_feature_select_strategy 'default' drops the first feature, and its "
+            f"{type(vision).__name__} tower has no CLS token there (only 'full' fits it)",
+            fields=(FIELD,),
         )
     return folder
 
@@ -222,8 +227,9 @@ def resolve(model_config) -> None:
     folder = read_folder(model_config.vlm_name_or_path)
     if model_config.vis_proj != "mlp":
         raise ConfigError(
-            f"--vis_proj {model_config.vis_proj!r}: {FLAG} {folder.path!r} brings its own projector, an mlp; "
-            "drop --vis_proj or give --vis_proj mlp"
+            f"vis_proj {model_config.vis_proj!r}: {FIELD} {folder.path!r} brings its own projector, an mlp; "
+            "drop vis_proj or give vis_proj mlp",
+            fields=("vis_proj", FIELD),
         )
     model_config.lm_model_name_or_path = folder.path
     model_config.vision_model_name_or_path = folder.path
@@ -263,5 +269,5 @@ def _processor_chat_template(path: str) -> str | None:
 def _weight_files(folder: str) -> dict[str, str]:
     files = safetensors_files(folder)
     if files is None:
-        raise ConfigError(f"{FLAG} {folder!r} holds no model.safetensors (nor a sharded index)")
+        raise ConfigError(f"{FIELD} {folder!r} holds no model.safetensors (nor a sharded index)", fields=(FIELD,))
     return files

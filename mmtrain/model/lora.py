@@ -28,17 +28,17 @@ def lora_targets(module: nn.Module, scope: str) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and scope in name]
 
 
-def apply_lora(module: nn.Module, *, rank: int, scope: str, alpha: float | None, dropout: float, flag: str) -> list[str]:
+def apply_lora(module: nn.Module, *, rank: int, scope: str, alpha: float | None, dropout: float, field: str) -> list[str]:
     """Inject LoRA adapters in place; returns the adapted module names.
 
     Adapters start as an exact no-op (B = 0), so a freshly adapted model computes what
-    the base model computes.
+    the base model computes. ``field`` is the config field that gave ``scope`` (named if it matches nothing).
     """
     targets = lora_targets(module, scope)
     if not targets:
         linears = sorted({n.rsplit(".", 1)[0] for n, m in module.named_modules() if isinstance(m, nn.Linear) and "." in n})
         hint = ", ".join(linears[:6]) + (" ..." if len(linears) > 6 else "")
-        raise ConfigError(f"{flag} {scope!r} matches no Linear layer; Linear layers live under: {hint}")
+        raise ConfigError(f"{field} {scope!r} matches no Linear layer; Linear layers live under: {hint}", fields=(field,))
     config = LoraConfig(
         r=rank,
         lora_alpha=float(alpha if alpha is not None else DEFAULT_ALPHA_PER_RANK * rank),

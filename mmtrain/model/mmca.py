@@ -63,6 +63,7 @@ from transformers import AttentionInterface
 
 from mmtrain.compat import transformers as transformers_compat
 from mmtrain.compat.transformers import repeat_kv
+from mmtrain.model.errors import ConfigError
 
 IMAGE_MASK_KWARG = "mmca_image_mask"
 IMAGE_ATTENTION = ("same_image", "self")
@@ -294,14 +295,15 @@ def enable_mmca(language_model: nn.Module, image_attention: str = "same_image") 
 
     _, why = attention_for(type(language_model), "sdpa")
     if why:  # e.g. capped attention logits, which MMCA's SDPA calls would drop
-        raise ValueError(f"--enable_mmca_attention: MMCA computes its attention through SDPA, and {why}")
+        raise ConfigError(f"enable_mmca_attention: MMCA computes its attention through SDPA, and {why}", fields=("enable_mmca_attention",))
     register_mmca()
     name = ATTENTION_NAMES[image_attention]
     language_model.set_attn_implementation(name)
     if transformers_compat.attn_implementation(language_model.config) != name:
-        raise ValueError(
-            f"--enable_mmca_attention: {type(language_model).__name__} does not route attention through "
-            "transformers' AttentionInterface, so MMCA cannot be plugged in (LLaMA, Qwen2, Mistral, ... can)"
+        raise ConfigError(
+            f"enable_mmca_attention: {type(language_model).__name__} does not route attention through "
+            "transformers' AttentionInterface, so MMCA cannot be plugged in (LLaMA, Qwen2, Mistral, ... can)",
+            fields=("enable_mmca_attention",),
         )
 
 

@@ -116,7 +116,7 @@ class PerceiverProjector(nn.Module):
 
 
 def build_projector(kind: str, vision_dim: int, lm_dim: int, num_patches: int, num_queries: int = 64) -> nn.Module:
-    """The projector named by ``--vis_proj``."""
+    """The projector named by the config's ``vis_proj``."""
     if kind == "baseline":
         return BaselineProjector(vision_dim, lm_dim, num_patches)
     if kind == "mlp":
@@ -125,4 +125,4 @@ def build_projector(kind: str, vision_dim: int, lm_dim: int, num_patches: int, n
         return ViTProjector(vision_dim, lm_dim, num_patches)
     if kind == "perceiver":
         return PerceiverProjector(vision_dim, lm_dim, num_patches, num_queries)
-    raise ConfigError(f"--vis_proj {kind!r} is not a projector; valid: {', '.join(PROJECTORS)}")
+    raise ConfigError(f"vis_proj {kind!r} is not a projector; valid: {', '.join(PROJECTORS)}", fields=("vis_proj",))

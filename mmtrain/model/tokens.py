@@ -21,7 +21,7 @@ def add_image_tokens(tokenizer, per_image: int, markup: str = "mmtrain") -> Imag
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         return ImageTokens(image_id=image_id, start_id=None, end_id=None, per_image=per_image, original_vocab_size=image_id)
     if markup != "mmtrain":
-        raise ConfigError(f"--image_markup {markup!r}: valid are {', '.join(IMAGE_MARKUPS)}")
+        raise ConfigError(f"image_markup {markup!r}: valid are {', '.join(IMAGE_MARKUPS)}", fields=("image_markup",))
     vocab_before = len(tokenizer)
     missing = [t for t in NEW_TOKENS if t not in tokenizer.get_vocab()]
     if missing:

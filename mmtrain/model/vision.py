@@ -47,8 +47,9 @@ from mmtrain import presets
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
-FLAG = "--vision_model_name_or_path"
-FLAG_2 = "--vision_model_name_or_path_2"
+# The config fields naming the towers (the first, and the second fused with it).
+FIELD = "vision_model_name_or_path"
+FIELD_2 = "vision_model_name_or_path_2"
 # Full checkpoints (text + vision): their vision half is taken.
 COMPOSITE_CONFIGS = (CLIPConfig, SiglipConfig, Siglip2Config)
 # Towers whose forward takes patch rows + pixel_attention_mask + spatial_shapes.
@@ -60,7 +61,7 @@ SUPPORTED = (
 )
 
 
-def load_vision_config(name_or_path: str, flag: str = FLAG) -> PretrainedConfig:
+def load_vision_config(name_or_path: str, field: str = FIELD) -> PretrainedConfig:
     """The vision tower's config, from a preset or a folder; what cannot be a tower fails here."""
     if presets.is_preset(name_or_path):
         config = presets.preset_config(name_or_path)
@@ -68,13 +69,13 @@ def load_vision_config(name_or_path: str, flag: str = FLAG) -> PretrainedConfig:
         try:
             config = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{flag} {name_or_path!r}: cannot read a Hugging Face config: {e}") from None
+            raise ConfigError(f"{field} {name_or_path!r}: cannot read a Hugging Face config: {e}", fields=(field,)) from None
     if isinstance(config, COMPOSITE_CONFIGS):
         config = config.vision_config
     missing = [k for k in _REQUIRED if not isinstance(getattr(config, k, None), int)]
     if missing or type(config) not in MODEL_MAPPING:
         why = f"no {', '.join(missing)}" if missing else "no transformers AutoModel class"
-        raise ConfigError(f"{flag} {name_or_path!r} holds a {type(config).__name__} ({why}); supported: {SUPPORTED}")
+        raise ConfigError(f"{field} {name_or_path!r} holds a {type(config).__name__} ({why}); supported: {SUPPORTED}", fields=(field,))
     return config
 
 
@@ -100,7 +101,7 @@ class TowerLayout:
 _LAYOUTS: dict[tuple, TowerLayout] = {}
 
 
-def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], name: str, flag: str = FLAG) -> TowerLayout:
+def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], name: str, field: str = FIELD) -> TowerLayout:
     """The layout of ``config``'s tower at ``pixel_shape``, measured on the meta device (cached)."""
     key = (type(config), config.to_json_string(), tuple(pixel_shape))
     if key in _LAYOUTS:
@@ -108,7 +109,9 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
     channels, height, width = pixel_shape
     patch = config.patch_size
     if height % patch or width % patch:
-        raise ConfigError(f"{flag} {name!r}: its image processor gives {height}x{width} images, not a multiple of the patch size {patch}")
+        raise ConfigError(
+            f"{field} {name!r}: its image processor gives {height}x{width} images, not a multiple of the patch size {patch}", fields=(field,)
+        )
     grid = (height // patch, width // patch)
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     patchified = isinstance(config, PATCHIFIED_CONFIGS)
@@ -123,32 +126,36 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
             with torch.device("meta"):
                 tower = MODEL_MAPPING[type(config)](probe)
                 out = tower(pixel_values=torch.empty(1, *pixel_shape), output_hidden_states=True)
-        except Exception as e:  # whatever the tower raises, the message names it and the flag
+        except Exception as e:  # whatever the tower raises, the message names it and the field
             raise ConfigError(
-                f"{flag} {name!r}: {type(config).__name__}'s model cannot run on {height}x{width} images from its "
-                f"image processor: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"{field} {name!r}: {type(config).__name__}'s model cannot run on {height}x{width} images from its "
+                f"image processor: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                fields=(field,),
             ) from None
         states = getattr(out, "hidden_states", None)
         last = states[-1] if states else None
         if last is None or last.dim() != 3 or last.shape[1] < grid[0] * grid[1] + registers:
             shape = None if last is None else tuple(last.shape)
             raise ConfigError(
-                f"{flag} {name!r}: {type(tower).__name__} returns hidden_states of shape {shape}, not "
-                f"[images, tokens, width] with {grid[0]}x{grid[1]} patch tokens; supported: {SUPPORTED}"
+                f"{field} {name!r}: {type(tower).__name__} returns hidden_states of shape {shape}, not "
+                f"[images, tokens, width] with {grid[0]}x{grid[1]} patch tokens; supported: {SUPPORTED}",
+                fields=(field,),
             )
         layout = TowerLayout(tuple(pixel_shape), grid, last.shape[1] - grid[0] * grid[1], registers, False)
     _LAYOUTS[key] = layout
     return layout
 
 
-def processor_pixel_shape(image_processor, name: str, flag: str) -> tuple[int, int, int]:
+def processor_pixel_shape(image_processor, name: str, field: str) -> tuple[int, int, int]:
     """The [C, H, W] ``image_processor`` gives; it must not depend on the image."""
     shapes = {
         tuple(image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"].shape[1:])
         for size in ((8, 8), (24, 8))
     }
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ConfigError(f"{flag} {name!r}: its image processor gives images of shapes {sorted(shapes)}; mmtrain needs one fixed [C, H, W]")
+        raise ConfigError(
+            f"{field} {name!r}: its image processor gives images of shapes {sorted(shapes)}; mmtrain needs one fixed [C, H, W]", fields=(field,)
+        )
     return next(iter(shapes))
 
 
@@ -174,14 +181,14 @@ def fixed_grid_processor(processor, config: Siglip2VisionConfig):
     )
 
 
-def load_image_processor_for(name: str, config: PretrainedConfig, flag: str = FLAG):
+def load_image_processor_for(name: str, config: PretrainedConfig, field: str = FIELD):
     """The tower's own image processor (a preset's is built), fixed to one size."""
     if presets.is_preset(name):
         return presets.build_preset_image_processor(config)
     try:
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{flag} {name!r} has no image processor (preprocessor_config.json): {e}") from None
+        raise ConfigError(f"{field} {name!r} has no image processor (preprocessor_config.json): {e}", fields=(field,)) from None
     if isinstance(config, PATCHIFIED_CONFIGS) and hasattr(processor, "max_num_patches"):
         processor = fixed_grid_processor(processor, config)
     return processor
@@ -189,10 +196,10 @@ def load_image_processor_for(name: str, config: PretrainedConfig, flag: str = FL
 
 @dataclass
 class TowerSpec:
-    """One tower as the model flags name it: its config, image processor and layout (no weights)."""
+    """One tower as the model config names it: its config, image processor and layout (no weights)."""
 
     name: str
-    flag: str
+    field: str  # the config field that names it
     config: PretrainedConfig
     image_processor: object
     layout: TowerLayout
@@ -201,21 +208,25 @@ class TowerSpec:
 def tower_specs(model_config) -> list[TowerSpec]:
     """The one or two towers ``model_config`` names; fused towers whose grids differ fail here."""
     specs = []
-    for name, flag in ((model_config.vision_model_name_or_path, FLAG), (model_config.vision_model_name_or_path_2, FLAG_2)):
+    for name, field in ((model_config.vision_model_name_or_path, FIELD), (model_config.vision_model_name_or_path_2, FIELD_2)):
         if not name:
             continue
-        config = load_vision_config(name, flag)
-        processor = load_image_processor_for(name, config, flag)
-        specs.append(TowerSpec(name, flag, config, processor, tower_layout(config, processor_pixel_shape(processor, name, flag), name, flag)))
+        config = load_vision_config(name, field)
+        processor = load_image_processor_for(name, config, field)
+        specs.append(TowerSpec(name, field, config, processor, tower_layout(config, processor_pixel_shape(processor, name, field), name, field)))
     if len(specs) == 2:
         a, b = specs
         if a.layout.grid != b.layout.grid:
             raise ConfigError(
-                f"{a.flag} {a.name!r} gives a {a.layout.grid[0]}x{a.layout.grid[1]} patch grid and {b.flag} {b.name!r} a "
-                f"{b.layout.grid[0]}x{b.layout.grid[1]} one: fused features need the same grid (image size / patch size)"
+                f"{a.field} {a.name!r} gives a {a.layout.grid[0]}x{a.layout.grid[1]} patch grid and {b.field} {b.name!r} a "
+                f"{b.layout.grid[0]}x{b.layout.grid[1]} one: fused features need the same grid (image size / patch size)",
+                fields=(a.field, b.field),
             )
         if model_config.vision_keep_cls:
-            raise ConfigError(f"--vision_keep_cls cannot be used with {FLAG_2}: fused features are concatenated per patch, and a CLS token is no patch")
+            raise ConfigError(
+                f"vision_keep_cls cannot be used with {FIELD_2}: fused features are concatenated per patch, and a CLS token is no patch",
+                fields=("vision_keep_cls", FIELD_2),
+            )
     return specs
 
 
@@ -237,7 +248,10 @@ class VisionEncoder(nn.Module):
         config = tower.config
         layers = config.num_hidden_layers
         if not -(layers + 1) <= feature_layer <= layers:
-            raise ConfigError(f"--vision_feature_layer {feature_layer} is outside [-{layers + 1}, {layers}] for this {layers}-layer encoder")
+            raise ConfigError(
+                f"vision_feature_layer {feature_layer} is outside [-{layers + 1}, {layers}] for this {layers}-layer encoder",
+                fields=("vision_feature_layer",),
+            )
         # Layers after the one we read are dead weight: dropping them saves their compute
         # and memory, and leaves no LoRA adapter without a gradient. hidden_states[i] is
         # the output of layer i (0: the embeddings), so keeping layers[:i] and reading the
@@ -365,7 +379,7 @@ def _build_tower(spec: TowerSpec, model_args, *, dtype, strict: bool, weights: b
         tower = checked_from_pretrained(
             model_cls,
             spec.name,
-            flag=spec.flag,
+            field=spec.field,
             strict_unexpected=strict,
             dtype=dtype,
             attn_implementation=model_args.attn_implementation,
@@ -382,7 +396,7 @@ def build_vision_encoder(
     weights: bool = True,
     preset_device: torch.device | None = None,
 ) -> VisionEncoder | FusedVisionEncoder:
-    """The encoder ``model_args`` names: one tower, or two fused (``--vision_model_name_or_path_2``)."""
+    """The encoder ``model_args`` names: one tower, or two fused (``vision_model_name_or_path_2``)."""
     specs = specs or tower_specs(model_args)
     parts = [_build_tower(s, model_args, dtype=dtype, strict=strict, weights=weights, preset_device=preset_device) for s in specs]
     return parts[0] if len(parts) == 1 else FusedVisionEncoder(*parts)

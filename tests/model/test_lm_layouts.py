@@ -68,7 +68,7 @@ def test_a_list_of_one_block_class_with_num_hidden_layers_entries_is_the_decoder
 
 
 def test_a_model_without_a_list_of_layers_is_a_clear_error():
-    with pytest.raises(ConfigError, match="has no list of decoder layers.*--lang_lora_module_name"):
+    with pytest.raises(ConfigError, match="has no list of decoder layers.*give lang_lora_module_name a scope"):
         decoder_layers(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -96,7 +96,7 @@ def test_gemma2_runs_eager_attention_said_in_the_log(tiny_args, tmp_path, caplog
     assert built.model(ids, return_logits=True).logits.isfinite().all()
 
     # MMCA is made of SDPA calls, which would drop Gemma 2's capped logits: refused before any weights load
-    with pytest.raises(ConfigError, match="--enable_mmca_attention: MMCA computes its attention through SDPA, and Gemma2ForCausalLM cannot run sdpa"):
+    with pytest.raises(ConfigError, match="^enable_mmca_attention: MMCA computes its attention through SDPA, and Gemma2ForCausalLM cannot run sdpa"):
         check_model_config(tiny_args(lm_model_name_or_path=str(tmp_path / "gemma2"), enable_mmca_attention=True))
 
 

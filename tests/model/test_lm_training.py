@@ -97,8 +97,21 @@ def test_the_model_config_names_fields_and_the_command_line_names_flags():
     assert str(cli.value) == "--lm_training lora needs --lang_lora_dim > 0"
 
 
+def test_flags_replace_fields_only_where_a_field_stands_as_a_word():
+    from mmtrain.args import naming_flags
+
+    error = ConfigError("vis_proj 'x': vlm_name_or_path '/models/vis_proj' and vlm_name_or_path vis_proj/config.json", fields=("vis_proj", "vlm_name_or_path"))
+    assert str(naming_flags(error)) == "--vis_proj 'x': --vlm_name_or_path '/models/vis_proj' and --vlm_name_or_path vis_proj/config.json"
+    # a run-time option whose flag has another name, and a second encoder's field beside the first's
+    assert str(naming_flags(ConfigError("compile_decoder_layers: no", fields=("compile_decoder_layers",)))) == "--torch_compile: no"
+    both = ConfigError("vision_model_name_or_path 'a' and vision_model_name_or_path_2 'b'", fields=("vision_model_name_or_path", "vision_model_name_or_path_2"))
+    assert str(naming_flags(both)) == "--vision_model_name_or_path 'a' and --vision_model_name_or_path_2 'b'"
+    plain = ConfigError("--init_from x: no such folder")
+    assert naming_flags(plain) is plain
+
+
 def test_more_trained_layers_than_the_lm_has_is_caught_before_weights(tiny_args):
-    with pytest.raises(ConfigError, match=f"--lm_trainable_layers 5: the LM has only {LAYERS} decoder layers"):
+    with pytest.raises(ConfigError, match=f"^lm_trainable_layers 5: the LM has only {LAYERS} decoder layers"):
         check_model_config(tiny_args(lm_training="last_layers", lm_trainable_layers=5))
 
 

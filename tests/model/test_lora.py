@@ -27,8 +27,8 @@ def test_scope_selects_linear_layers_by_name(tiny_args):
     assert {t.split("layers.")[1].split(".")[0] for t in vis_targets} == {"0", "1"}
 
 
-def test_scope_matching_nothing_fails_naming_the_flag(tiny_args):
-    with pytest.raises(ConfigError, match=r"--vis_lora_module_name 'nowhere\.' matches no Linear layer"):
+def test_scope_matching_nothing_fails_naming_the_field(tiny_args):
+    with pytest.raises(ConfigError, match=r"^vis_lora_module_name 'nowhere\.' matches no Linear layer"):
         build_model(tiny_args(vis_lora_dim=2, vis_lora_module_name="nowhere."))
 
 

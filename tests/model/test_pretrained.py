@@ -70,6 +70,27 @@ def test_tampered_export_fails_to_load(tmp_path, tiny_args, piece):
         load_pretrained(str(folder))
 
 
+def test_an_export_that_fails_to_load_names_the_config_field_and_the_command_line_its_flag(tmp_path, tiny_args, capsys):
+    """Loading an export takes no flags: the error speaks of the export's config; mmtrain.generate and mmtrain.export name the flag."""
+    from mmtrain.export import main as export_main
+    from mmtrain.generate import main as generate_main
+
+    folder, _ = _export(tmp_path, tiny_args)
+    path = folder / "language_model" / "model.safetensors"
+    tensors = load_file(path)
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, path)
+    said = f"lm_model_name_or_path {str(folder / 'language_model')!r} does not match its config: missing tensors"
+    with pytest.raises(ConfigError) as below:
+        load_pretrained(str(folder))
+    assert str(below.value).startswith(said) and below.value.fields == ("lm_model_name_or_path",)
+    capsys.readouterr()
+    for main, argv in ((generate_main, ["--prompt", "hi", "--device", "cpu"]), (export_main, ["--out", str(tmp_path / "llava")])):
+        assert main(["--model", str(folder), *argv]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --{said}"), lines
+
+
 def test_unexpected_tensor_in_export_fails(tmp_path, tiny_args):
     folder, _ = _export(tmp_path, tiny_args)
     path = folder / "vision_encoder" / "model.safetensors"

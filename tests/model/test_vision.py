@@ -187,14 +187,15 @@ def test_fused_grids_that_differ_are_refused_in_one_line_naming_both_flags(tower
     with pytest.raises(ConfigError) as e:
         check_model_config(_args(model_folders, towers["dinov2"], coarse))
     message = str(e.value)
-    assert "\n" not in message and "--vision_model_name_or_path " in message and "--vision_model_name_or_path_2" in message
+    assert "\n" not in message and message.startswith("vision_model_name_or_path ") and " vision_model_name_or_path_2 " in message
+    assert e.value.fields == ("vision_model_name_or_path", "vision_model_name_or_path_2")
     assert "8x8" in message and "4x4" in message and towers["dinov2"] in message and coarse in message
 
 
 def test_fused_towers_refuse_keep_cls(towers, model_folders):
     from mmtrain.model.builder import check_model_config
 
-    with pytest.raises(ConfigError, match="--vision_keep_cls cannot be used with --vision_model_name_or_path_2"):
+    with pytest.raises(ConfigError, match="^vision_keep_cls cannot be used with vision_model_name_or_path_2"):
         check_model_config(_args(model_folders, towers["dinov2"], towers["siglip"], vision_keep_cls=True))
 
 
@@ -205,7 +206,7 @@ def test_configs_that_are_no_patch_token_tower_are_refused_naming_the_class(mode
 
     convnext = _save_tower(tmp_path / "convnext", ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]), ConvNextImageProcessorPil())
     for folder, name in ((convnext, "ConvNextConfig"), (model_folders["tiny-llama"], "LlamaConfig")):
-        with pytest.raises(ConfigError, match=f"--vision_model_name_or_path '{folder}' holds a {name}"):
+        with pytest.raises(ConfigError, match=f"^vision_model_name_or_path '{folder}' holds a {name}"):
             check_model_config(_args(model_folders, folder))
 
 
@@ -312,7 +313,7 @@ def test_a_processor_the_tower_cannot_take_is_refused_before_weights_load(model_
     folder = tmp_path / "clip"
     presets.preset_config("tiny-clip").save_pretrained(folder)  # a config and a processor, no weights at all
     CLIPImageProcessorPil(**processor).save_pretrained(folder)
-    with pytest.raises(ConfigError, match=f"--vision_model_name_or_path '{folder}': .*{says}"):
+    with pytest.raises(ConfigError, match=f"^vision_model_name_or_path '{folder}': .*{says}"):
         check_model_config(_args(model_folders, str(folder)))
 
 
