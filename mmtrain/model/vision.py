@@ -47,9 +47,7 @@ from mmtrain import presets
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
 
-# The config fields naming the towers (the first, and the second fused with it).
-FIELD = "vision_model_name_or_path"
-FIELD_2 = "vision_model_name_or_path_2"
+FIELD, FIELD_2 = "vision_model_name_or_path", "vision_model_name_or_path_2"  # the config fields naming the towers
 # Full checkpoints (text + vision): their vision half is taken.
 COMPOSITE_CONFIGS = (CLIPConfig, SiglipConfig, Siglip2Config)
 # Towers whose forward takes patch rows + pixel_attention_mask + spatial_shapes.
@@ -109,9 +107,8 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
     channels, height, width = pixel_shape
     patch = config.patch_size
     if height % patch or width % patch:
-        raise ConfigError(
-            f"{field} {name!r}: its image processor gives {height}x{width} images, not a multiple of the patch size {patch}", fields=(field,)
-        )
+        problem = f"its image processor gives {height}x{width} images, not a multiple of the patch size {patch}"
+        raise ConfigError(f"{field} {name!r}: {problem}", fields=(field,))
     grid = (height // patch, width // patch)
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     patchified = isinstance(config, PATCHIFIED_CONFIGS)
@@ -129,8 +126,7 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
         except Exception as e:  # whatever the tower raises, the message names it and the field
             raise ConfigError(
                 f"{field} {name!r}: {type(config).__name__}'s model cannot run on {height}x{width} images from its "
-                f"image processor: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                fields=(field,),
+                f"image processor: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", fields=(field,)
             ) from None
         states = getattr(out, "hidden_states", None)
         last = states[-1] if states else None
@@ -138,8 +134,7 @@ def tower_layout(config: PretrainedConfig, pixel_shape: tuple[int, int, int], na
             shape = None if last is None else tuple(last.shape)
             raise ConfigError(
                 f"{field} {name!r}: {type(tower).__name__} returns hidden_states of shape {shape}, not "
-                f"[images, tokens, width] with {grid[0]}x{grid[1]} patch tokens; supported: {SUPPORTED}",
-                fields=(field,),
+                f"[images, tokens, width] with {grid[0]}x{grid[1]} patch tokens; supported: {SUPPORTED}", fields=(field,)
             )
         layout = TowerLayout(tuple(pixel_shape), grid, last.shape[1] - grid[0] * grid[1], registers, False)
     _LAYOUTS[key] = layout
@@ -153,9 +148,8 @@ def processor_pixel_shape(image_processor, name: str, field: str) -> tuple[int, 
         for size in ((8, 8), (24, 8))
     }
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ConfigError(
-            f"{field} {name!r}: its image processor gives images of shapes {sorted(shapes)}; mmtrain needs one fixed [C, H, W]", fields=(field,)
-        )
+        problem = f"its image processor gives images of shapes {sorted(shapes)}; mmtrain needs one fixed [C, H, W]"
+        raise ConfigError(f"{field} {name!r}: {problem}", fields=(field,))
     return next(iter(shapes))
 
 
@@ -219,14 +213,11 @@ def tower_specs(model_config) -> list[TowerSpec]:
         if a.layout.grid != b.layout.grid:
             raise ConfigError(
                 f"{a.field} {a.name!r} gives a {a.layout.grid[0]}x{a.layout.grid[1]} patch grid and {b.field} {b.name!r} a "
-                f"{b.layout.grid[0]}x{b.layout.grid[1]} one: fused features need the same grid (image size / patch size)",
-                fields=(a.field, b.field),
+                f"{b.layout.grid[0]}x{b.layout.grid[1]} one: fused features need the same grid (image size / patch size)", fields=(a.field, b.field)
             )
         if model_config.vision_keep_cls:
-            raise ConfigError(
-                f"vision_keep_cls cannot be used with {FIELD_2}: fused features are concatenated per patch, and a CLS token is no patch",
-                fields=("vision_keep_cls", FIELD_2),
-            )
+            problem = "fused features are concatenated per patch, and a CLS token is no patch"
+            raise ConfigError(f"vision_keep_cls cannot be used with {FIELD_2}: {problem}", fields=("vision_keep_cls", FIELD_2))
     return specs
 
 
@@ -248,10 +239,8 @@ class VisionEncoder(nn.Module):
         config = tower.config
         layers = config.num_hidden_layers
         if not -(layers + 1) <= feature_layer <= layers:
-            raise ConfigError(
-                f"vision_feature_layer {feature_layer} is outside [-{layers + 1}, {layers}] for this {layers}-layer encoder",
-                fields=("vision_feature_layer",),
-            )
+            where = f"outside [-{layers + 1}, {layers}] for this {layers}-layer encoder"
+            raise ConfigError(f"vision_feature_layer {feature_layer} is {where}", fields=("vision_feature_layer",))
         # Layers after the one we read are dead weight: dropping them saves their compute
         # and memory, and leaves no LoRA adapter without a gradient. hidden_states[i] is
         # the output of layer i (0: the embeddings), so keeping layers[:i] and reading the
