@@ -110,9 +110,16 @@ def test_flags_replace_fields_only_where_a_field_stands_as_a_word():
     assert naming_flags(plain) is plain
 
 
-def test_more_trained_layers_than_the_lm_has_is_caught_before_weights(tiny_args):
+def test_more_trained_layers_than_the_lm_has_is_caught_before_weights(tiny_args, tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match=f"^lm_trainable_layers 5: the LM has only {LAYERS} decoder layers"):
         check_model_config(tiny_args(lm_training="last_layers", lm_trainable_layers=5))
+    # the same check, reached from training's command line, names the flag
+    from mmtrain.train import cli
+
+    flags = ["--lm_model_name_or_path", "tiny-llama", "--lang_lora_dim", "0", "--lm_training", "last_layers", "--lm_trainable_layers", "5"]
+    monkeypatch.setattr("sys.argv", ["mmtrain.train", *flags, "--output_dir", str(tmp_path / "out")])
+    assert cli() == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: --lm_trainable_layers 5: the LM has only {LAYERS} decoder layers"
 
 
 def test_export_of_a_fully_trained_lm_holds_its_weights(tmp_path, tiny_args):
