@@ -236,7 +236,7 @@ class VLMConfig:
         return {k: getattr(self, k) for k in keys}
 
     def differences(self, recorded: dict) -> list[str]:
-        """Settings whose value differs from a recorded :meth:`identity`, as readable lines.
+        """Settings whose value differs from a recorded :meth:`identity`, as readable lines naming the fields.
 
         A setting the record lacks counts as different, except those added to the identity
         after records were first written (:data:`ADDED_TO_IDENTITY`): an older record ran
@@ -247,7 +247,7 @@ class VLMConfig:
         for k, v in self.identity().items():
             was = recorded.get(k, ADDED_TO_IDENTITY.get(k))
             if was != v and {was, v} != set(SAME_AS_BEFORE.get(k, ())):
-                lines.append(f"--{k}: recorded {was!r}, now {v!r}")
+                lines.append(f"{k}: recorded {was!r}, now {v!r}")
         return lines
 
     def exported(self, language_model: str, vision_encoder: str, vision_encoder_2: str | None = None) -> "VLMConfig":

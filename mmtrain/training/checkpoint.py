@@ -188,7 +188,7 @@ def check_manifest(path: str, config, trainable_names: list[str]) -> dict:
         raise ConfigError(f"checkpoint {path}: format {manifest.get('format_version')} is not {FORMAT_VERSION}")
     diffs = config.differences(manifest["model"])
     if diffs:
-        raise ConfigError(f"checkpoint {path} is from a different model: " + "; ".join(diffs))
+        raise ConfigError(f"checkpoint {path} is from a different model: " + "; ".join(diffs), fields=tuple(config.identity()))
     if sorted(manifest["trainable_parameters"]) != sorted(trainable_names):
         raise ConfigError(f"checkpoint {path}: its trainable parameters differ from this model's")
     return manifest

@@ -71,7 +71,8 @@ def check_output_dir(accelerator, model_args, data_args, train_args) -> None:
         if diffs:
             raise ConfigError(
                 f"--output_dir {out!r} holds a run of a different model ({'; '.join(diffs)}); "
-                "pick another --output_dir or pass --overwrite_output_dir"
+                "pick another --output_dir or pass --overwrite_output_dir",
+                fields=tuple(model_args.identity()),  # the settings that differ, named as flags by the command line
             )
         if list_checkpoints(out) and train_args.resume_from_checkpoint is None:
             raise ConfigError(

@@ -326,4 +326,4 @@ def test_the_second_encoder_flag_is_checked_and_part_of_the_models_identity():
     del record["vision_model_name_or_path_2"]  # checkpoints written before the flag existed: one encoder
     assert ModelArguments().differences(record) == []
     fused = ModelArguments(vision_model_name_or_path="tiny-dinov2", vision_model_name_or_path_2="tiny-siglip")
-    assert "--vision_model_name_or_path_2: recorded None, now 'tiny-siglip'" in fused.differences(record)
+    assert "vision_model_name_or_path_2: recorded None, now 'tiny-siglip'" in fused.differences(record)

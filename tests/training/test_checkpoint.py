@@ -98,9 +98,9 @@ def test_check_manifest_accepts_its_own_model_and_names_what_differs(tmp_path):
     assert check_manifest(path, args, list(reversed(TRAINABLE)))["trainable_parameters"] == TRAINABLE  # order-free
     # settings that change neither which parameters exist nor what they mean may change
     assert check_manifest(path, ModelArguments(vis_proj="mlp", lang_lora_dim=8, attn_implementation="eager"), TRAINABLE)
-    with pytest.raises(ConfigError, match=r"different model: --vis_proj: recorded 'mlp', now 'vit'$"):
+    with pytest.raises(ConfigError, match=r"different model: vis_proj: recorded 'mlp', now 'vit'$"):
         check_manifest(path, ModelArguments(vis_proj="vit", lang_lora_dim=8), TRAINABLE)
-    with pytest.raises(ConfigError, match=r"--lang_lora_dim: recorded 8, now 4; --vis_lora_dim: recorded 0, now 2$"):
+    with pytest.raises(ConfigError, match=r"model: lang_lora_dim: recorded 8, now 4; vis_lora_dim: recorded 0, now 2$"):
         check_manifest(path, ModelArguments(vis_proj="mlp", lang_lora_dim=4, vis_lora_dim=2), TRAINABLE)
     with pytest.raises(ConfigError, match="trainable parameters differ"):
         check_manifest(path, args, TRAINABLE + ["projector.2.weight"])
@@ -113,7 +113,7 @@ def test_checkpoints_of_the_earlier_lora_scope_default_resume_under_auto(tmp_pat
     earlier = _manifest(tmp_path / "earlier", args, model={**args.identity(), "lang_lora_module_name": "model.layers."})
     assert check_manifest(earlier, args, TRAINABLE)
     assert check_manifest(_manifest(tmp_path / "now", args), ModelArguments(lang_lora_dim=8, lang_lora_module_name="model.layers."), TRAINABLE)
-    with pytest.raises(ConfigError, match=r"--lang_lora_module_name: recorded 'self_attn\.', now 'auto'$"):
+    with pytest.raises(ConfigError, match=r"model: lang_lora_module_name: recorded 'self_attn\.', now 'auto'$"):
         check_manifest(_manifest(tmp_path / "other", ModelArguments(lang_lora_dim=8, lang_lora_module_name="self_attn.")), args, TRAINABLE)
 
 
@@ -131,7 +131,7 @@ def test_check_manifest_refuses_other_formats_and_older_records(tmp_path):
     record = args.identity()
     del record["preset_seed"]
     older = _manifest(tmp_path / "older", args, model=record)
-    with pytest.raises(ConfigError, match="--preset_seed: recorded None, now 0"):
+    with pytest.raises(ConfigError, match="model: preset_seed: recorded None, now 0"):
         check_manifest(older, args, TRAINABLE)
 
 
@@ -190,7 +190,7 @@ def test_checkpointer_saves_trainable_weights_rotates_and_restores(tmp_path, tin
         assert torch.equal(value, next_weights[name]), name
 
     other = Checkpointer(Prepared(accelerator), tiny_args(lang_lora_dim=8), trainable, CheckpointSettings(str(tmp_path), keep=2))
-    with pytest.raises(ConfigError, match="--lang_lora_dim: recorded 4, now 8"):
+    with pytest.raises(ConfigError, match="model: lang_lora_dim: recorded 4, now 8"):
         other.load(str(tmp_path / "checkpoints" / "step-00000003"))
 
 
