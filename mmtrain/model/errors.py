@@ -6,8 +6,9 @@ class ConfigError(ValueError):
 
     The command line raises the same class for its own flags (``mmtrain.args``), so one
     ``except`` catches every configuration error. Raised below the command line, the
-    message speaks of config fields, listed in ``fields``; the command line writes each
-    as the flag of the same name (:func:`mmtrain.args.naming_flags`).
+    message speaks of config fields (of ``VLMConfig`` or ``SpeedOptions``), listed in
+    ``fields``; each command line writes them as its flags at its entry point
+    (:func:`mmtrain.args.naming_flags`).
     """
 
     def __init__(self, message: str, *, fields: tuple[str, ...] = ()):
