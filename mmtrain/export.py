@@ -56,7 +56,7 @@ from typing import Literal
 
 import torch
 
-from mmtrain.args import ConfigError, naming_flags
+from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
 from mmtrain.data.template import chat_template_takes_parts, encode_conversation
 from mmtrain.generate import GenerateArguments
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_llava(args.model, args.out)
     except ConfigError as e:
-        print(f"error: {naming_flags(e)}", file=sys.stderr)  # the model package's errors name config fields: written as flags
+        print(f"error: {e}", file=sys.stderr)  # an export's own config is what failed: its fields, not flags, are named
         return 2
     print(f"wrote {args.out}")
     return 0

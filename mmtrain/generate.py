@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import torch
 from PIL import Image
 
-from mmtrain.args import ConfigError, naming_flags
+from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
 from mmtrain.image_tokens import IMAGE_PLACEHOLDER
 from mmtrain.model.generation import SamplingOptions, generate
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _interactive(chat, args.image)
     except ConfigError as e:
-        print(f"error: {naming_flags(e)}", file=sys.stderr)  # the model package's errors name config fields: written as flags
+        print(f"error: {e}", file=sys.stderr)  # an export's own config is what failed: its fields, not flags, are named
         return 2
     return 0
 
