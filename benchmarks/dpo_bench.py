@@ -60,6 +60,7 @@ for _path in (HERE, ROOT):  # benchmarks/ is not a package: its modules, and thi
         sys.path.insert(0, _path)
 
 import torch  # noqa: E402
+from bench import _without  # noqa: E402  (one parser of option lists for the benches)
 
 from mmtrain.args import ConfigError  # noqa: E402
 from mmtrain.cli import FlagParser  # noqa: E402
@@ -173,19 +174,6 @@ def worker(opts, passthrough: list[str]) -> dict:
 # --------------------------------------------------------------------------------------
 # The search and the result
 # --------------------------------------------------------------------------------------
-
-
-def _without(raw: list[str], names: tuple[str, ...]) -> list[str]:
-    out, i = [], 0
-    while i < len(raw):
-        arg = raw[i]
-        i += 1
-        if arg.split("=", 1)[0] in names:
-            if "=" not in arg and i < len(raw) and not raw[i].startswith("--"):
-                i += 1
-        else:
-            out.append(arg)
-    return out
 
 
 def attempt(raw: list[str], system: str, batch: int) -> dict:

@@ -32,14 +32,14 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
 
     from accelerate.utils import set_seed
 
-    from mmtrain import compat
+    from mmtrain.compat import transformers as transformers_compat
     from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
     from mmtrain.model.counting import count_parameters
     from mmtrain.training import distributed, setup
     from mmtrain.training.checkpoint import TrainerState
-    from mmtrain.training.engine_view import EngineView, unwrap_vlm
-    from mmtrain.training.loop import Loop
+    from mmtrain.training.engine_view import EngineView, Prepared, unwrap_vlm
+    from mmtrain.training.loop import Loop, LoopInputs, RunFlags
     from mmtrain.training.preference import PreferenceObjective
     from mmtrain.training.reference import ReferencePolicy, check_reference_supported
 
@@ -65,9 +65,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
     vlm = unwrap_vlm(accelerator, model)
     objective = PreferenceObjective(vlm, ReferencePolicy(vlm), beta=train_args.dpo_beta, kind=train_args.dpo_loss, sft_weight=train_args.dpo_sft_weight)
     loop = Loop(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=loader, eval_loader=None,
-        data=None, built=built, checkpointer=None, metrics=None, state=TrainerState(), model_args=model_args,
-        data_args=data_args, train_args=train_args, total_steps=total_steps, objective=objective,
+        Prepared(accelerator, model, optimizer, scheduler), LoopInputs(loader, None, None, built), RunFlags(model_args, data_args, train_args),
+        checkpointer=None, metrics=None, state=TrainerState(), total_steps=total_steps, objective=objective,
     )
 
     def step(batch_):
@@ -97,7 +96,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
         "gradient_checkpointing": train_args.gradient_checkpointing,
         "torch_compile": train_args.torch_compile,
         "fused_lora": train_args.fused_lora,
-        "lm_attention": compat.attn_implementation(built.model.language_model.config),
+        "lm_attention": transformers_compat.attn_implementation(built.model.language_model.config),
         "mmtrain_args": {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(train_args)},
     }
     for key in ("peak_allocated_bytes", "peak_allocated_gib", "peak_reserved_bytes", "static_allocated_bytes"):

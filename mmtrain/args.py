@@ -684,19 +684,15 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     """What ``--objective dpo`` does not do (yet), refused naming the flag before any weights load.
 
     The reference policy is the trained weights' starting values swapped in, or LoRA
-    switched off (:mod:`mmtrain.training.reference`): that needs the trained part small
-    and whole on every process, and one encoding of each image for both answers.
+    switched off (:mod:`mmtrain.training.reference`): that needs the trained part whole on
+    every process (no ZeRO-3); with the LM's own weights trained, the starting copy is a
+    frozen copy of them (``mmtrain.memory --objective dpo`` counts it).
     """
     if train_args.objective != "dpo":
         for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight"):
             if getattr(train_args, name) != TrainArguments.__dataclass_fields__[name].default:
                 raise ConfigError(f"--{name} applies to --objective dpo only; add --objective dpo or drop --{name}")
         return
-    if model_args.lm_weights_train:
-        raise ConfigError(
-            f"--objective dpo keeps no frozen copy of the LM yet, which --lm_training {model_args.lm_mode} (or "
-            "--train_full_embeddings / --train_lm_head) would need as the reference; train LoRA, the projector or the new rows"
-        )
     unsupported = {
         "--packing": data_args.packing,  # rows of pairs without a budget (--max_tokens_per_batch packs whole pairs)
         "--streaming": data_args.streaming,

@@ -403,3 +403,35 @@ def test_cli_answers_the_small_gpu_question(capsys):
     assert main(["--workload", "ref-13b", "--gpu_memory", "24GiB", "--compiled", "true"]) == 0
     out = capsys.readouterr().out
     assert "--lm_model_name_or_path llama-2-13b --vision_model_name_or_path clip-vit-bigG-14 --vis_proj perceiver" in out
+
+
+# Preference tuning (--objective dpo): pairs are two rows with their images once, and the
+# reference keeps a starting copy of every trained tensor but fresh LoRA.
+
+
+def test_dpo_pairs_are_two_rows_with_images_once_and_lora_needs_no_copy(ref7b):
+    sft, dpo = estimate(ref7b, MemorySetup(micro_batch=2)), estimate(ref7b, MemorySetup(micro_batch=2, preference_pairs=True))
+    rows = estimate(ref7b, MemorySetup(micro_batch=4))  # the same four rows as SFT samples, each with its own image
+    assert dpo.logits == rows.logits and dpo.vision_transient == sft.vision_transient < rows.vision_transient
+    assert sft.activations < dpo.activations < rows.activations
+    lora = ref7b.counts["LM LoRA"]["trainable"]
+    copies = 2 * (ref7b.total(trainable=True) - lora)  # projector and new rows, bf16
+    assert dpo.frozen_weights - sft.frozen_weights == copies and copies < 2 * lora  # LoRA is switched off, not copied
+
+
+def test_dpo_with_the_whole_lm_trained_keeps_a_frozen_copy_of_it(full_lm):
+    facts = full_lm["7b"]
+    sft = estimate(facts, MemorySetup(zero_stage=2, num_gpus=8))
+    dpo = estimate(facts, MemorySetup(zero_stage=2, num_gpus=8, preference_pairs=True))
+    assert dpo.frozen_weights - sft.frozen_weights == 2 * facts.total(trainable=True)  # ~13.5 GB at 7B, whole on each GPU
+    assert dpo.frozen_weights - sft.frozen_weights > 12 * GiB
+
+
+def test_cli_counts_dpo_pairs(capsys):
+    from mmtrain.memory import main
+
+    assert main(["--lang_lora_dim", "4", "--seq_len", "256", "--micro_batch", "2", "--json"]) == 0
+    sft = json.loads(capsys.readouterr().out)
+    assert main(["--lang_lora_dim", "4", "--seq_len", "256", "--micro_batch", "2", "--objective", "dpo", "--json"]) == 0
+    dpo = json.loads(capsys.readouterr().out)
+    assert dpo["estimates"][0]["setup"]["preference_pairs"] and dpo["estimates"][0]["activations"] > sft["estimates"][0]["activations"]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmtrain.compat import lazy_attributes
+
 if TYPE_CHECKING:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: F401
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: F401
@@ -162,14 +164,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    loader = _LAZY.get(name)
-    if loader is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = loader()
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

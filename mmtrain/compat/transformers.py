@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from mmtrain.compat import lazy_attributes
+
 if TYPE_CHECKING:
     from transformers.integrations.sdpa_attention import repeat_kv  # noqa: F401
     from transformers.masking_utils import create_causal_mask  # noqa: F401
@@ -145,14 +147,4 @@ def _create_causal_mask():
 _LAZY = {"repeat_kv": _repeat_kv, "create_causal_mask": _create_causal_mask}
 
 
-def __getattr__(name: str):
-    loader = _LAZY.get(name)
-    if loader is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = loader()
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -237,6 +237,8 @@ def _pair_record(raw: dict, source: str, index: int, image_folder: str | None, c
             other = PAIR_KEYS[1 - PAIR_KEYS.index(key)]
             raise DataError(f"{where}: a preference pair needs both 'chosen' and 'rejected'; this record has {other!r} but no {key!r}")
     chosen, rejected = _answer(raw["chosen"], source, index, "chosen"), _answer(raw["rejected"], source, index, "rejected")
+    if chosen.strip() == rejected.strip():  # every margin would stay 0: the pair teaches nothing
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same answer; a preference pair needs two different ones")
     conversation = {k: v for k, v in raw.items() if k not in (*PAIR_KEYS, "prompt")}
     if raw.get("prompt") is not None:
         prompt = raw["prompt"]

@@ -93,6 +93,10 @@ class MemoryArguments:
         default=False,
         metadata={"help": "The GPU has float8 tensor cores (Ada or Hopper, e.g. RTX 4090, L4, H100): float8 options may be recommended."},
     )
+    objective: Literal["sft", "dpo"] = field(
+        default="sft",
+        metadata={"help": "training's --objective: dpo counts --micro_batch in pairs (two rows, images once) and the reference's starting copies."},
+    )
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
@@ -135,6 +139,7 @@ class MemoryArguments:
             nf4_vision=self.quantize_vision == "nf4",
             images_per_sample=self.images_per_sample,
             label_fraction=self.label_fraction,
+            preference_pairs=self.objective == "dpo",
         )
 
 

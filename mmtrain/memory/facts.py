@@ -51,6 +51,9 @@ class MemorySetup:
     fp8_vision: bool = False  # the vision tower's frozen Linears in float8 (--fp8_vision)
     nf4_base: bool = False  # LM decoder layers' frozen Linears in 4-bit NF4 (--quantize_base nf4; ZeRO 0-2 only)
     nf4_vision: bool = False  # the vision tower's frozen Linears in NF4 (--quantize_vision nf4)
+    # --objective dpo: micro_batch counts pairs (two rows each, images once), and the
+    # reference keeps a starting copy of every trained tensor but fresh LoRA (switched off)
+    preference_pairs: bool = False
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):

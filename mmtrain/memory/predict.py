@@ -195,6 +195,12 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
         else:
             frozen, trainable, cpu_weights = w * (psi_v + keep_f) + part_f, w * keep_t + part_t, 0
 
+    if setup.preference_pairs and stage < 3:
+        # DPO's reference (mmtrain/training/reference.py): the starting values of every trained
+        # tensor but fresh LoRA, whole on every rank; with the whole LM trained, a frozen copy of it.
+        lora = sum(facts.counts.get(part, {}).get("trainable", 0) for part in ("LM LoRA", "vision LoRA"))
+        frozen += w * max(psi_t - lora, 0)
+
     # Gradients and optimizer states of trainable parameters only.
     shard = psi_t if stage == 0 else math.ceil(psi_t / n)
     grads = w * (psi_t if stage < 2 else math.ceil(psi_t / n))
@@ -215,9 +221,10 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
         buffers += w * stage3_gathered_parameters(facts, setup)
 
     # Activations of one micro-batch.
-    b, s = setup.micro_batch, setup.seq_len
+    rows = 2 if setup.preference_pairs else 1  # a pair is its chosen and its rejected row
+    b, s = setup.micro_batch * rows, setup.seq_len
     tokens = b * s
-    images = b * setup.images_per_sample
+    images = setup.micro_batch * setup.images_per_sample  # a pair's images are encoded once
     h, i = facts.hidden, facts.intermediate
     layer = lm_layer_activation_bytes(facts, tokens, w, compiled=setup.compiled)
     trained_layer = lm_layer_activation_bytes(facts, tokens, w, compiled=setup.compiled, trained=True)

@@ -1,14 +1,14 @@
 """The reference policy of preference tuning: the model as it was when training started, run by the same forward.
 
-No second model is built. The frozen base is shared; what trains is small (LoRA, the
-projector, the new token rows: ``--objective dpo`` refuses more, see
-:func:`mmtrain.args.check_dpo_flags`), so the reference is the trained model with
+No second model is built. The frozen base is shared, so the reference is the trained
+model with
 
 * its LoRA adapters switched off, when they started as a no-op (B = 0, a fresh run):
   peft's own switch (``BaseTunerLayer.enable_adapters``, what ``PeftModel.disable_adapter``
   does for a wrapped model; the fused LoRA forward steps aside for disabled layers);
 * every other trained tensor (the projector, the new rows, LoRA loaded with
-  ``--init_from``) pointed at a copy of its starting values, and back, around the
+  ``--init_from``, the LM's own weights under ``--lm_training full`` or ``last_layers``,
+  whose copies are then a frozen copy of them) pointed at a copy of its starting values, and back, around the
   reference's forward. The swap exchanges storage (``Parameter.data``), so it copies
   nothing per batch however large the trained tensors are (a rank-128 LoRA loaded with
   ``--init_from`` is ~0.3 GB at 7B); the parameter objects the optimizer and DeepSpeed's
@@ -44,9 +44,12 @@ class ReferencePolicy:
         self.params = [p for _, p in kept]
         self.initial = [p.detach().clone() for p in self.params]
         copied = sum(p.numel() for p in self.params)
+        size = sum(p.numel() * p.element_size() for p in self.params) / 2**30
+        lm = [name for name, _ in kept if name.startswith("language_model.") and not is_lora_parameter(name)]
         how = [f"{len(self.adapters)} LoRA layers switched off"] if self.adapters else []
         if self.params:
-            how.append(f"{len(self.params)} trained tensors ({copied:,} values) swapped for their starting copies")
+            copy = f"{len(self.params)} trained tensors ({copied:,} values, {size:.2f} GiB) swapped for their starting copies"
+            how.append(copy + (f", a frozen copy of the {len(lm)} LM tensors that train" if lm else ""))
         logger.info(f"DPO reference: the starting model, {' and '.join(how) or 'nothing trains'}")
 
     @contextlib.contextmanager

@@ -165,6 +165,7 @@ def memory_setup(accelerator, data_args, train_args):
         fp8_vision=train_args.fp8_vision,
         nf4_base=train_args.quantize_base == "nf4",
         nf4_vision=train_args.quantize_vision == "nf4",
+        preference_pairs=train_args.objective == "dpo",
     )
 
 

@@ -49,6 +49,7 @@ def test_every_layout_becomes_turns_ending_on_chosen_plus_rejected(tmp_path, lay
             "pairs.json: record 1: the prompt ends in an assistant turn",
         ),
         ({"chosen": "<image> red"}, "pairs.json: record 1: the 'chosen' answer holds <image>"),
+        ({"chosen": "blue "}, "pairs.json: record 1: 'chosen' and 'rejected' are the same answer"),
     ],
 )
 def test_a_bad_pair_is_one_line_naming_file_and_record(tmp_path, change, message):

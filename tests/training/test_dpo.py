@@ -38,8 +38,9 @@ def _flags(model_folders, data_path, out, **overrides):
         {"vis_lora_dim": 4, "dpo_loss": "length_normalized"},
         # whole pairs packed into one row per micro-batch, by both answers' tokens
         {"max_tokens_per_batch": 512, "gradient_accumulation_steps": 2},
+        {"lang_lora_dim": 0, "lm_training": "full"},  # the reference: a frozen copy of the LM's starting weights
     ],
-    ids=["lora", "projector_ipo_sft", "vision_lora", "token_budget"],
+    ids=["lora", "projector_ipo_sft", "vision_lora", "token_budget", "full_lm"],
 )
 def test_dpo_trains_from_a_reference_equal_to_the_starting_model(model_folders, data_path, tmp_path, extra):
     out = tmp_path / "run"
@@ -47,6 +48,8 @@ def test_dpo_trains_from_a_reference_equal_to_the_starting_model(model_folders, 
     assert "DPO reference: the starting model" in proc.stdout + proc.stderr
     if "max_tokens_per_batch" in extra:
         assert "packs whole pairs (both answers) into one row" in proc.stdout + proc.stderr
+    if extra.get("lm_training") == "full":
+        assert "a frozen copy of the" in proc.stdout + proc.stderr and "LM tensors that train" in proc.stdout + proc.stderr
     records = metrics(out)
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
@@ -84,7 +87,6 @@ def test_cached_vision_features_train_the_same_pairs_as_encoding_each_epoch(mode
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--lang_lora_dim", "0", "--lm_training", "full"], "--objective dpo keeps no frozen copy of the LM yet"),
         (["--packing", "true"], "--packing is not supported with --objective dpo yet"),
         (["--torch_compile", "true"], "--torch_compile true is not supported with --objective dpo yet"),
         (["--dpo_beta", "0"], "--dpo_beta must be > 0"),

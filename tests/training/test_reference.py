@@ -30,12 +30,13 @@ def _train_a_little(model):
                 p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-@pytest.mark.parametrize("start", ["fresh_lora", "loaded_lora", "projector_only", "vision_lora"])
+@pytest.mark.parametrize("start", ["fresh_lora", "loaded_lora", "projector_only", "vision_lora", "full_lm"])
 def test_the_reference_is_the_starting_model_and_leaving_restores_the_trained_one(tiny_args, start):
     from mmtrain.model import build_model
 
-    lora = 0 if start == "projector_only" else 4
-    built = build_model(tiny_args(lang_lora_dim=lora, vis_lora_dim=4 if start == "vision_lora" else 0))
+    lora = 0 if start in ("projector_only", "full_lm") else 4
+    extra = {"lm_training": "full"} if start == "full_lm" else {}
+    built = build_model(tiny_args(lang_lora_dim=lora, vis_lora_dim=4 if start == "vision_lora" else 0, **extra))
     model = built.model.eval()
     torch.manual_seed(0)
     batch = _batch(built)
