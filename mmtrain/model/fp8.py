@@ -190,7 +190,34 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-class Float8FrozenLinear(nn.Module):
+class FrozenPackedLinear(nn.Module):
+    """A frozen Linear whose weight is held packed (float8 codes, NF4 codes) beside its scales.
+
+    Module-wide casts (``.to(dtype)``, ``.float()``, ``.bfloat16()``: DeepSpeed's engine, the
+    trainer placing the frozen vision tower) would turn the codes and the scales into the
+    cast's dtype. Here both only move to the device the cast names (the subclass moves its
+    scales in :meth:`_move_scales`); the bias follows the cast like any frozen weight.
+    """
+
+    weight_format = "packed"
+
+    def _move_scales(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        device = fn(torch.empty(0, device=self.weight.device)).device
+        if device != self.weight.device:
+            self.weight = nn.Parameter(self.weight.detach().to(device), requires_grad=False)
+            self._move_scales(device)
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self.weight_format} weight"
+
+
+class Float8FrozenLinear(FrozenPackedLinear):
     """A frozen ``nn.Linear`` whose weight is float8 with per-output-channel scales.
 
     ``weight`` is a frozen float8 parameter [out, in] (counted as a parameter, one byte
@@ -198,6 +225,8 @@ class Float8FrozenLinear(nn.Module):
     leaves float8 parameters and float32 buffers alone (it casts fp16/bf16/fp32
     parameters only). ``original`` is the weight as loaded (its own dtype) on the CPU, or None.
     """
+
+    weight_format = "float8"
 
     def __init__(self, linear: nn.Linear, *, keep_original: bool, device: torch.device | None = None):
         super().__init__()
@@ -220,21 +249,8 @@ class Float8FrozenLinear(nn.Module):
                 out = out + self.bias.to(dtype)
         return out
 
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (``.to(dtype)``, ``.float()``, ``.bfloat16()``: the trainer places the
-        # frozen vision tower with one) treat float8 as a floating-point dtype and would turn
-        # the weight, and the fp32 scales, into the cast's dtype. Here both only move to the
-        # device the cast names; the bias follows the cast like any frozen weight.
-        device = fn(torch.empty(0, device=self.weight.device)).device
-        if device != self.weight.device:
-            self.weight = nn.Parameter(self.weight.detach().to(device), requires_grad=False)
-            self.weight_scale = self.weight_scale.to(device)
-        if self.bias is not None:
-            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8 weight"
+    def _move_scales(self, device: torch.device) -> None:
+        self.weight_scale = self.weight_scale.to(device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The original weight, so that exports and LoRA merges read what the model was.

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmtrain.model.fp8 import frozen_linears
+from mmtrain.model.fp8 import FrozenPackedLinear, frozen_linears
 
 QUANT_TYPE = "nf4"
 BLOCK_SIZE = 64  # weights per absmax (QLoRA's choice, bitsandbytes' default)
@@ -127,7 +127,7 @@ def _bnb():
     return bitsandbytes
 
 
-class NF4FrozenLinear(nn.Module):
+class NF4FrozenLinear(FrozenPackedLinear):
     """A frozen ``nn.Linear`` whose weight is held in NF4 with double-quantised block scales.
 
     ``weight`` is a frozen uint8 parameter holding two 4-bit codes a byte (what DeepSpeed's
@@ -137,6 +137,8 @@ class NF4FrozenLinear(nn.Module):
     the Linear had them; ``weight_dtype`` the dtype the weight was loaded in (what
     ``state_dict()`` writes).
     """
+
+    weight_format = "nf4"
 
     def __init__(self, linear: nn.Linear, *, device: torch.device | None = None):
         super().__init__()
@@ -167,20 +169,8 @@ class NF4FrozenLinear(nn.Module):
         """The weight the layer computes with, ``[out, in]`` in :attr:`weight_dtype`."""
         return _bnb().functional.dequantize_4bit(self.weight.detach(), self.quant_state).to(self.weight_dtype)
 
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (``.to(dtype)``, ``.bfloat16()``: DeepSpeed's engine, the trainer
-        # placing the frozen vision tower) would reach the codes and the block scales; both
-        # only move to the device the cast names. The bias follows the cast like any frozen weight.
-        device = fn(torch.empty(0, device=self.weight.device)).device
-        if device != self.weight.device:
-            self.weight = nn.Parameter(self.weight.detach().to(device), requires_grad=False)
-            self.quant_state.to(device)
-        if self.bias is not None:
-            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4 weight"
+    def _move_scales(self, device: torch.device) -> None:
+        self.quant_state.to(device)  # the block scales (and their own scales) travel with the codes
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if getattr(_STATE, "codes", False):
