@@ -33,6 +33,10 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   its rejected rows). ``pixel_values`` holds the first group's images once and the
   model reuses their features for the other groups; ``image_counts`` still has one
   entry per row. :class:`mmtrain.data.preference.PairCollator` sets it.
+* ``image_sizes`` [N, 2] long: with AnyRes tiles, each image's original ``(height, width)``;
+  ``pixel_values`` then holds each image's tiles (its whole image first), image after
+  image, ``image_counts`` still counts images, and an image's span has
+  ``ImageTokens.count(size)`` positions (:mod:`mmtrain.image_tokens`).
 * A packing collator (several samples per row) adds ``position_ids`` [B, L]
   (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
   sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
@@ -60,7 +64,7 @@ IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
 OPTIONAL_KEYS = (
     "label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len",
-    "label_samples", "num_samples",
+    "label_samples", "num_samples", "image_sizes",
 )
 
 

@@ -61,6 +61,7 @@ from mmtrain.cli import FlagParser
 from mmtrain.data.template import chat_template_takes_parts, encode_conversation
 from mmtrain.generate import GenerateArguments
 from mmtrain.image_tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN
+from mmtrain.model.anyres import NEWLINE
 from mmtrain.model.pretrained import export_config, load_pretrained, prompt_format, special_token_ids
 
 EXPORTABLE_PROJECTORS = ("mlp",)
@@ -251,21 +252,23 @@ def _as_turns(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "text": _message_text(m["content"], "check", 0, t)} for t, m in enumerate(messages)]
 
 
-def check_prompts(folder: str, built, template: str, system_prompt: str) -> list[str]:
+def check_prompts(folder: str, built, template: str, system_prompt: str, processor_class=None) -> list[str]:
     """Where the exported processor's prompts differ from training's ids (empty: nowhere)."""
     from PIL import Image
-    from transformers import LlavaProcessor
 
-    processor = LlavaProcessor.from_pretrained(folder)
+    processor = (processor_class or _classes("llava")[2]).from_pretrained(folder)
     size = built.model.vision.image_size
     problems = []
     for name, messages in _CHECKED_CONVERSATIONS.items():
-        images = [Image.new("RGB", (size, size)) for m in messages for p in m["content"] if p["type"] == "image"]
+        # images of two shapes: with tiles, each gets its own grid and token count
+        shapes = [(size * (1 + k % 2), size) for k in range(8)]
+        count = sum(p["type"] == "image" for m in messages for p in m["content"])
+        images = [Image.new("RGB", shapes[k]) for k in range(count)]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         got = processor(images=images or None, text=prompt)["input_ids"][0]
         expected = encode_conversation(
             _as_turns(messages), built.tokenizer, built.image_tokens, template=template, system_prompt=system_prompt,
-            add_generation_prompt=True,
+            add_generation_prompt=True, image_sizes=[(im.height, im.width) for im in images],
         ).input_ids
         if list(got) != expected:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
@@ -273,11 +276,18 @@ def check_prompts(folder: str, built, template: str, system_prompt: str) -> list
     return problems
 
 
-def check_llava_vision(config, model_dir: str) -> None:
+def check_llava_vision(config, model_dir: str, anyres: bool = False) -> None:
     """Refuse (from configs alone) a vision encoder LLaVA's vision tower cannot be."""
     from mmtrain.model.vision import tower_specs
 
     specs = tower_specs(config)
+    tile = specs[0].layout.pixel_shape[1]
+    size = getattr(specs[0].config, "image_size", None)
+    if anyres and size != tile:
+        raise ConfigError(
+            f"--model {model_dir}: its {type(specs[0].config).__name__} tower's config says image_size {size} but its image "
+            f"processor gives {tile} px tiles; LLaVA-NeXT tiles by the config's image_size, so it would cut other tiles"
+        )
     if len(specs) > 1:
         raise ConfigError(
             f"--model {model_dir} fuses two vision encoders; LlavaForConditionalGeneration holds one vision tower, "
@@ -297,22 +307,12 @@ def check_llava_vision(config, model_dir: str) -> None:
         )
 
 
-def export_llava(model_dir: str, out: str) -> str:
-    """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA folder at ``out``."""
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def export_llava(model_dir: str, out: str, format: str = "llava") -> str:
+    """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA (or, with AnyRes tiles, LLaVA-NeXT) folder at ``out``."""
+    from transformers import GenerationConfig
 
     config, _ = export_config(model_dir)  # what the export is, read before any weights
-    if config.vis_proj not in EXPORTABLE_PROJECTORS:
-        raise ConfigError(
-            f"--model {model_dir}: the {config.vis_proj!r} projector has no exact LLaVA equivalent "
-            f"(exportable: {', '.join(EXPORTABLE_PROJECTORS)}); see `python -m mmtrain.export --help`"
-        )
-    if config.enable_mmca_attention:
-        raise ConfigError(
-            f"--model {model_dir} was trained with MMCA attention ({config.mmca_image_attention}), which LLaVA's "
-            "ordinary causal attention cannot run: the export would compute something else"
-        )
-    check_llava_vision(config, model_dir)
+    check_exportable(config, model_dir, format)
     template, system_prompt = prompt_format(model_dir)
     built = load_pretrained(model_dir)
     chat_template = chat_template_for(built.tokenizer, template, system_prompt, markup=built.image_tokens.markup)
@@ -334,43 +334,53 @@ def export_llava(model_dir: str, out: str) -> str:
             f"when named {LLAVA_TIED_TABLE!r}; the head is written as an untied copy (the same numbers)",
             stacklevel=2,
         )
-    config = LlavaConfig(
+    common = dict(
         vision_config=vision_config.to_dict(),
         text_config=text_config,
         image_token_index=built.image_tokens.image_id,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,  # the exported encoder already ends at the layer mmtrain read
         vision_feature_select_strategy="default" if (has_cls and vlm.vision.drop_cls) else "full",
-        image_seq_length=built.image_tokens.per_image,
         multimodal_projector_bias=True,
         **({"tie_word_embeddings": False} if untie else {}),
     )
-    config.vision_config.model_type = vision_config.model_type
-    llava = LlavaForConditionalGeneration(config).to(torch.float32)
-    llava.model.vision_tower.load_state_dict(vlm.vision.tower.state_dict(), strict=True)
-    llava.model.multi_modal_projector.load_state_dict(vlm.projector.state_dict(), strict=True)
+    anyres = built.image_tokens.anyres
+    model_class, config_class, processor_class = _classes(format)
+    if anyres is None:
+        hf_config = config_class(**common, image_seq_length=built.image_tokens.per_image)
+    else:
+        hf_config = config_class(**common, image_grid_pinpoints=[list(p) for p in anyres.pinpoints])
+    hf_config.vision_config.model_type = vision_config.model_type
+    hf = model_class(hf_config).to(torch.float32)
+    hf.model.vision_tower.load_state_dict(vlm.vision.tower.state_dict(), strict=True)
+    projector = {k: v for k, v in vlm.projector.state_dict().items() if k != NEWLINE}
+    hf.model.multi_modal_projector.load_state_dict(projector, strict=True)
+    if anyres is not None:
+        with torch.no_grad():
+            hf.model.image_newline.copy_(getattr(vlm.projector, NEWLINE))
     # LLaVA holds the LM's decoder (model of LLaMA, gpt_neox of GPT-NeoX, ...) and its head apart.
     # The reloaded export's table already holds the new rows: its own rows stay out.
     body = {k: v for k, v in decoder.state_dict().items() if not k.endswith(".new_rows")}
     body = {(f"{table}.weight" if k == f"{table}.base.weight" else k): v for k, v in body.items()}
-    llava.model.language_model.load_state_dict(body, strict=True)
-    llava.lm_head.load_state_dict(vlm.language_model.get_output_embeddings().state_dict(), strict=True)
-    llava.generation_config = GenerationConfig(**token_ids, **GENERATION_DEFAULTS)
-    llava.save_pretrained(out)
+    hf.model.language_model.load_state_dict(body, strict=True)
+    hf.lm_head.load_state_dict(vlm.language_model.get_output_embeddings().state_dict(), strict=True)
+    hf.generation_config = GenerationConfig(**token_ids, **GENERATION_DEFAULTS)
+    hf.save_pretrained(out)
     # A copy: the checks below encode with the tokenizer's own template, as training did.
     tokenizer = copy.deepcopy(built.tokenizer)
     tokenizer.chat_template = chat_template
-    processor = LlavaProcessor(
-        image_processor=built.image_processor,
+    processor = processor_class(
+        # LLaVA-NeXT's processor tiles as training did: the very tiler mmtrain used
+        image_processor=built.image_processor if anyres is None else built.image_processor.tiler,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=vlm.vision.prefix_tokens,
         chat_template=chat_template,
     )
     processor.save_pretrained(out)
-    problems = check_prompts(out, built, template, system_prompt)
+    problems = check_prompts(out, built, template, system_prompt, processor_class)
     if problems:
         # Training tokenised the prompt piece by piece around each image and header; a
         # tokenizer that merges across those seams, or adds tokens of its own, gives other
@@ -381,6 +391,48 @@ def export_llava(model_dir: str, out: str) -> str:
             stacklevel=2,
         )
     return out
+
+
+def _classes(format: str):
+    """(model, config, processor) classes of transformers that ``format`` writes."""
+    import transformers
+
+    names = FORMATS[format]
+    return tuple(getattr(transformers, name) for name in names)
+
+
+# --format: the transformers classes written, (model, config, processor).
+FORMATS = {
+    "llava": ("LlavaForConditionalGeneration", "LlavaConfig", "LlavaProcessor"),
+    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig", "LlavaNextProcessor"),
+}
+
+
+def check_exportable(config, model_dir: str, format: str) -> None:
+    """Refuse (from the export's config alone) what the ``format``'s transformers class cannot compute."""
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: valid are {', '.join(FORMATS)}")
+    if config.vis_proj not in EXPORTABLE_PROJECTORS:
+        raise ConfigError(
+            f"--model {model_dir}: the {config.vis_proj!r} projector has no exact LLaVA equivalent "
+            f"(exportable: {', '.join(EXPORTABLE_PROJECTORS)}); see `python -m mmtrain.export --help`"
+        )
+    if config.enable_mmca_attention:
+        raise ConfigError(
+            f"--model {model_dir} was trained with MMCA attention ({config.mmca_image_attention}), which LLaVA's "
+            "ordinary causal attention cannot run: the export would compute something else"
+        )
+    if config.anyres and format != "llava_next":
+        raise ConfigError(
+            f"--model {model_dir} encodes images as AnyRes tiles, which LlavaForConditionalGeneration cannot lay out: "
+            "use --format llava_next"
+        )
+    if not config.anyres and format == "llava_next":
+        raise ConfigError(
+            f"--model {model_dir} encodes each image as one fixed square (no image_grid_pinpoints or anyres_max_tiles); "
+            "LLaVA-NeXT always tiles: use --format llava"
+        )
+    check_llava_vision(config, model_dir, anyres=config.anyres)
 
 
 # The name of the LM's input table that LlavaForConditionalGeneration ties its head to.
@@ -395,14 +447,17 @@ def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
 class ExportArguments:
     model: str = field(metadata={"help": "An mmtrain export folder (OUTPUT/epoch-N)."})
     out: str = field(metadata={"help": "The folder to write."})
-    format: Literal["llava"] = field(default="llava", metadata={"help": "The model class to write: transformers' LLaVA."})
+    format: Literal["llava", "llava_next"] = field(
+        default="llava",
+        metadata={"help": "The model class to write: transformers' LLaVA, or LLaVA-NeXT for a model trained with AnyRes tiles."},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(ExportArguments, prog="python -m mmtrain.export", description=__doc__.split("\n\n")[0], epilog=__doc__)
     (args,) = parser.parse(argv)
     try:
-        export_llava(args.model, args.out)
+        export_llava(args.model, args.out, args.format)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)  # an export's own config is what failed: its fields, not flags, are named
         return 2

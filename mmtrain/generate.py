@@ -37,9 +37,10 @@ class Chat:
         self.template, self.system_prompt = prompt_format(model_dir)
         self.options = options
         self.turns: list[dict] = []
-        self.features: list[torch.Tensor] = []  # one [patches, dim] per image so far
+        self.features: list[torch.Tensor] = []  # one [tiles, patches, dim] per image so far (one tile without AnyRes)
+        self.sizes: list[tuple[int, int]] = []  # each image's (height, width)
 
-    def _pixels(self, paths: list[str]) -> torch.Tensor:
+    def _pixels(self, paths: list[str]):
         images = []
         for path in paths:
             try:
@@ -47,15 +48,16 @@ class Chat:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"--image {path}: cannot read the image: {e}") from None
         if not images:
-            return torch.zeros(0, *self.built.model.vision.pixel_shape)
-        return self.built.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            return torch.zeros(0, *self.built.model.vision.pixel_shape), []
+        sizes = [(image.height, image.width) for image in images]
+        return self.built.image_processor(images=images, return_tensors="pt")["pixel_values"], sizes
 
-    def encode_prompt(self, turns: list[dict]) -> list[int]:
+    def encode_prompt(self, turns: list[dict], image_sizes=None) -> list[int]:
         from mmtrain.data import encode_conversation
 
         encoded = encode_conversation(
             turns, self.built.tokenizer, self.built.image_tokens, template=self.template,
-            system_prompt=self.system_prompt, add_generation_prompt=True,
+            system_prompt=self.system_prompt, add_generation_prompt=True, image_sizes=image_sizes,
         )
         return encoded.input_ids
 
@@ -63,21 +65,26 @@ class Chat:
         """Answer ``prompt`` about ``images`` (after earlier turns when ``keep``)."""
         prompt = with_placeholders(prompt, len(images))
         model = self.built.model
+        pixels, new_sizes = self._pixels(list(images))
         with torch.no_grad():
-            new_features = list(model.encode_images(self._pixels(list(images)).to(next(model.vision.parameters()).device)))
+            encoded = model.encode_images(pixels.to(next(model.vision.parameters()).device))
+        anyres = self.built.image_tokens.anyres
+        tiles = [anyres.tiles(size) if anyres else 1 for size in new_sizes]
+        new_features = list(encoded.split(tiles)) if tiles else []
         history = self.turns if keep else []
         features = (self.features if keep else []) + new_features
+        sizes = (self.sizes if keep else []) + new_sizes
         turns = history + [{"role": "user", "text": prompt}]
-        ids = torch.tensor(self.encode_prompt(turns))
-        stacked = torch.stack(features) if features else None
+        ids = torch.tensor(self.encode_prompt(turns, sizes))
+        stacked = torch.cat(features) if features else self._no_features()
         out = generate(
             model, [ids], [], eos_token_id=self.built.tokenizer.eos_token_id, pad_token_id=self.built.tokenizer.pad_token_id,
-            options=self.options, image_features=[stacked] if stacked is not None else [self._no_features()],
+            options=self.options, image_features=[stacked], image_sizes=[torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)],
         )[0]
         answer = self.built.tokenizer.decode(out, skip_special_tokens=True).strip()
         if keep:
             self.turns = turns + [{"role": "assistant", "text": answer}]
-            self.features = features
+            self.features, self.sizes = features, sizes
         return answer
 
     def _no_features(self) -> torch.Tensor:

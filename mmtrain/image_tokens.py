@@ -10,6 +10,12 @@ A model started from a LLaVA folder keeps LLaVA's markup (``image_markup`` ``lla
 the folder's tokenizer already has ``<image>``, which stands alone for every feature
 position, and nothing is added; its row is the one new-token row.
 
+With AnyRes tiling (:class:`AnyRes`, LLaVA-NeXT's way) an image's feature positions
+depend on its size: the base image's features, then its tiles' features unpadded to the
+image's aspect ratio with one image-newline position per line. :meth:`ImageTokens.count`
+gives that number from the image's original ``(height, width)``, so data and model agree
+on it without either asking the other.
+
 ``mmtrain.data`` writes placeholders and lays out spans from :class:`ImageTokens`;
 ``mmtrain.model`` adds the tokens to the tokenizer (:func:`mmtrain.model.tokens.add_image_tokens`)
 and swaps the features in. Both import the contract from here; neither imports the other for it.
@@ -17,7 +23,7 @@ and swaps the features in. Both import the contract from here; neither imports t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<image>"
@@ -25,6 +31,77 @@ IMAGE_START = "<im_start>"
 IMAGE_END = "<im_end>"
 NEW_TOKENS = (IMAGE_START, IMAGE_TOKEN, IMAGE_END)
 IMAGE_MARKUPS = ("mmtrain", "llava")
+
+
+@dataclass(frozen=True)
+class AnyRes:
+    """AnyRes tiling: an image is resized into the best-fitting grid of tiles, plus the whole image as one base tile.
+
+    ``tile`` is the encoder's input side in pixels, ``side`` its patch grid's side (the
+    features of one tile are ``side x side``), ``pinpoints`` the grids allowed, as
+    ``(height, width)`` in pixels (multiples of ``tile``). The arithmetic is
+    transformers' LLaVA-NeXT's (its processor counts the same tokens).
+    """
+
+    tile: int
+    side: int
+    pinpoints: tuple[tuple[int, int], ...]
+
+    def best_resolution(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The pinpoint an image of ``(height, width)`` is resized into (the most of its pixels kept, then the least padding)."""
+        # transformers' own choice, so that an export's processor picks the same grid
+        from transformers.image_processing_utils import select_best_resolution
+
+        return tuple(select_best_resolution(tuple(image_size), [list(p) for p in self.pinpoints]))
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Tiles per column and per row of an image of ``(height, width)``."""
+        height, width = self.best_resolution(image_size)
+        return height // self.tile, width // self.tile
+
+    def tiles(self, image_size: tuple[int, int]) -> int:
+        """Encoder inputs of one image: the base image and its grid's tiles."""
+        rows, cols = self.grid(image_size)
+        return 1 + rows * cols
+
+    def unpadded(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Feature rows and columns of the tiles once the padding around the resized image is cut away."""
+        height, width = image_size
+        rows, cols = self.grid(image_size)
+        rows, cols = rows * self.side, cols * self.side
+        # The resized image fills the grid along its limiting side and is centred along
+        # the other; the features of the bands of padding are dropped (an even split).
+        if width / height > cols / rows:
+            kept = int(round(height * (cols / width), 7))
+            rows -= 2 * ((rows - kept) // 2)
+        else:
+            kept = int(round(width * (rows / height), 7))
+            cols -= 2 * ((cols - kept) // 2)
+        return rows, cols
+
+    def features(self, image_size: tuple[int, int]) -> int:
+        """Feature positions of one image: the base tile's, then each unpadded row and its newline."""
+        rows, cols = self.unpadded(image_size)
+        return self.side * self.side + rows * (cols + 1)
+
+
+def parse_pinpoints(text: str) -> tuple[tuple[int, int], ...]:
+    """``"672x336,336x672"`` (height x width, pixels) as pinpoints; raises ValueError naming what is wrong."""
+    pinpoints = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            height, width = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"{item!r} is not HEIGHTxWIDTH in pixels (e.g. 672x336)") from None
+        if height < 1 or width < 1:
+            raise ValueError(f"{item!r}: sizes must be positive")
+        pinpoints.append((height, width))
+    return tuple(pinpoints)
+
+
+def tile_grids(max_tiles: int, tile: int) -> tuple[tuple[int, int], ...]:
+    """Every grid of at most ``max_tiles`` tiles of ``tile`` pixels, as pinpoints (1x1 included)."""
+    return tuple((r * tile, c * tile) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if r * c <= max_tiles)
 
 
 @dataclass(frozen=True)
@@ -36,16 +113,27 @@ class ImageTokens:
     end_id: int | None
     per_image: int  # feature positions of one image (the projector's output length)
     original_vocab_size: int  # the first new token's id: len(tokenizer) before ours were added
+    anyres: AnyRes | None = field(default=None)  # tiles: an image's feature count follows its size
+
+    def count(self, image_size: tuple[int, int] | None = None) -> int:
+        """Feature positions of an image of ``(height, width)``: ``per_image`` unless tiled."""
+        if self.anyres is None:
+            return self.per_image
+        if image_size is None:
+            raise ValueError("with AnyRes tiles an image's token count needs its size")
+        return self.anyres.features(image_size)
 
     @property
     def span_length(self) -> int:
-        """Tokens one image occupies: start + features + end (features alone with LLaVA's markup)."""
+        """Tokens one untiled image occupies: start + features + end (features alone with LLaVA's markup)."""
         return len(self.span())
 
-    def span(self) -> list[int]:
+    def span(self, features: int | None = None) -> list[int]:
+        """An image's ids: ``features`` ``<image>`` tokens (default ``per_image``), between start and end in our markup."""
+        features = self.per_image if features is None else features
         if self.start_id is None:
-            return [self.image_id] * self.per_image
-        return [self.start_id] + [self.image_id] * self.per_image + [self.end_id]
+            return [self.image_id] * features
+        return [self.start_id] + [self.image_id] * features + [self.end_id]
 
     def num_new_rows(self, vocab_size: int) -> int:
         """Embedding rows that are new (trainable): ours three, or LLaVA's image token alone."""

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmtrain.data.dataset import BadImageError, ConversationDataset, Entry, split_turns
+from mmtrain.data.dataset import BadImageError, ConversationDataset, Entry, image_size, split_turns
 from mmtrain.data.formats import DataError, load_records
 from mmtrain.data.hub import dataset_records, is_json, open_dataset
 from mmtrain.data.images import ImageStore, parse_embedded
@@ -147,19 +147,37 @@ def _split(rows: np.ndarray, ratio: float, seed: int, source_index: int) -> tupl
     return np.sort(rows[shuffled[n_eval:]]), np.sort(rows[shuffled[:n_eval]])
 
 
-def _fit(records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str, pairs: bool = False) -> tuple[list[dict], list[Entry]]:
+def _fit(
+    records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str, pairs: bool = False, store: ImageStore | None = None,
+) -> tuple[list[dict], list[Entry]]:
     """Measure each record and apply the over-length policy; returns kept records and entries."""
     kept, entries = [], []
     fit = fit_pair if pairs else fit_record
     for record in records:
-        entry = fit(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept))
+        try:
+            sizes = record_image_sizes(record, image_tokens, store)
+        except BadImageError:
+            if data_args.on_bad_sample != "skip":
+                raise
+            counts[f"dropped_bad_image_{split}"] += 1
+            continue
+        entry = fit(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept), image_sizes=sizes)
         if entry is not None:
             entries.append(entry)
             kept.append(record)
     return kept, entries
 
 
-def fit_record(record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0) -> Entry | None:
+def record_image_sizes(record: dict, image_tokens, store: ImageStore | None = None) -> list[tuple[int, int]] | None:
+    """Each image's ``(height, width)``, read from its header, where tiles make an image's tokens follow its size (else None)."""
+    if image_tokens.anyres is None:
+        return None
+    return [image_size(path, record["source"], record["index"], store) for path in record["images"]]
+
+
+def fit_record(
+    record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0, image_sizes=None,
+) -> Entry | None:
     """Measure one record and apply the over-length policy: its entry, or None when it is dropped (counted).
 
     A sample is over-long when it has more tokens than :meth:`DataArguments.longest_sample`
@@ -169,7 +187,8 @@ def fit_record(record: dict, data_args, tokenizer, image_tokens, counts: dict, s
     limit = data_args.longest_sample()
     image_limit = data_args.max_images_per_batch
     encoded = encode_conversation(
-        record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt
+        record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt,
+        image_sizes=image_sizes,
     )
     _, body = split_turns(record["turns"])
     images_after = _images_after_each_pair(body)
@@ -331,7 +350,9 @@ def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, im
     """The ``--streaming`` training set: each record measured and encoded as it arrives, as a table's would be."""
 
     def encode(record: dict) -> dict | None:
-        entry = fit_record(record, data_args, tokenizer, image_tokens, counts, "train")
+        entry = fit_record(
+            record, data_args, tokenizer, image_tokens, counts, "train", image_sizes=record_image_sizes(record, image_tokens, encoder.image_store)
+        )
         return None if entry is None else encoder.record_item(record, entry)
 
     return ShardStream(
@@ -362,11 +383,11 @@ def build_datasets(
         sources = read_sources(data_args, seed, main_process_first, pairs=pairs)
     counts = {
         f"{key}_{split}": 0
-        for key in ("dropped_overlength", "truncated", "text_only", "images", "tokens", "longest_sample")
+        for key in ("dropped_overlength", "dropped_bad_image", "truncated", "text_only", "images", "tokens", "longest_sample")
         for split in ("train", "eval")
     }
-    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train", pairs)
-    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval", pairs)
+    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train", pairs, sources.images)
+    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval", pairs, sources.images)
     if not train_entries and not data_args.streaming:
         raise DataError(
             f"no training samples left (dropped as longer than {data_args.longest_sample()} tokens, --max_seq_len or "

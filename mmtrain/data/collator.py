@@ -37,14 +37,30 @@ class Collator(BatchCollator):
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
-        pixel_values = torch.cat([item["pixel_values"] for item in items], dim=0)
-        image_counts = torch.tensor([item["pixel_values"].shape[0] for item in items], dtype=torch.long)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": pixel_values,
-            "image_counts": image_counts,
+            **images_of([[item] for item in items]),
             "label_positions": label_positions(labels),
             "right_padded": True,
         }
+
+
+def images_of(rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """``pixel_values`` and ``image_counts`` of rows of items (and ``image_sizes`` when the items are tiled), row after row.
+
+    An item's ``pixel_values`` holds its images, or with AnyRes tiles each image's tiles
+    (then ``image_sizes`` has one ``(height, width)`` per image and counts the images).
+    """
+    items = [item for row in rows for item in row]
+    tiled = "image_sizes" in items[0]
+    out = {"pixel_values": torch.cat([item["pixel_values"] for item in items], dim=0)}
+    per_item = [len(item["image_sizes"]) if tiled else item["pixel_values"].shape[0] for item in items]
+    out["image_counts"] = torch.tensor(per_item, dtype=torch.long)
+    if len(rows) != len(items):  # several items per row: counts are per row
+        bounds = torch.tensor([0] + [len(row) for row in rows]).cumsum(0)
+        out["image_counts"] = torch.stack([out["image_counts"][a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    if tiled:
+        out["image_sizes"] = torch.cat([item["image_sizes"] for item in items], dim=0)
+    return out

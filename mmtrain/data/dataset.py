@@ -66,10 +66,45 @@ def load_images(
     An image is a file path, a tar shard's member, or an image embedded in a dataset's
     rows, read back through ``store`` (:mod:`mmtrain.data.images`).
     """
-    if not images:
-        return torch.zeros((0, *empty_shape), dtype=torch.float32)
-    decoded = [_decode(path, source, index, store) for path, source, index in images]
-    return image_processor(images=decoded, return_tensors="pt")["pixel_values"].to(torch.float32)
+    return pixel_inputs(decode_images(images, store), image_processor, empty_shape)["pixel_values"]
+
+
+def decode_images(images: list[tuple[str, str, int]], store: ImageStore | None = None) -> list[Image.Image]:
+    """The ``(image, source file, record index)`` images decoded (RGB); raises :class:`BadImageError` naming the record."""
+    return [_decode(path, source, index, store) for path, source, index in images]
+
+
+def pixel_inputs(decoded: list[Image.Image], image_processor, empty_shape: tuple[int, int, int]) -> dict:
+    """``{"pixel_values"}`` of decoded images, and their ``"image_sizes"`` when the processor tiles them (AnyRes)."""
+    if not decoded:
+        out = {"pixel_values": torch.zeros((0, *empty_shape), dtype=torch.float32)}
+        if getattr(image_processor, "anyres", None) is not None:
+            out["image_sizes"] = torch.zeros((0, 2), dtype=torch.long)
+        return out
+    processed = image_processor(images=decoded, return_tensors="pt")
+    out = {"pixel_values": processed["pixel_values"].to(torch.float32)}
+    if "image_sizes" in processed:
+        out["image_sizes"] = processed["image_sizes"].to(torch.long)
+    return out
+
+
+def image_size(path: str, source: str, index: int, store: ImageStore | None = None) -> tuple[int, int]:
+    """An image's ``(height, width)`` from its header, without decoding its pixels (AnyRes counts tokens from it)."""
+    what = f"image file {path}"
+    try:
+        if parse_embedded(path) is not None:
+            what = f"{describe(path)} (embedded)"
+            opened = (store or ImageStore()).open(path)
+        else:
+            opened = open_member(path) or path
+        if isinstance(opened, Image.Image):
+            return opened.height, opened.width
+        with Image.open(opened) as image:
+            return image.height, image.width
+    except FileNotFoundError:
+        raise BadImageError(f"{source}: record {index}: {what} not found") from None
+    except (OSError, ValueError, IndexError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"{source}: record {index}: {what} cannot be decoded: {err}") from None
 
 
 def _decode(path: str, source: str, index: int, store: ImageStore | None) -> Image.Image:
@@ -246,7 +281,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Turns and ``(image path, source, record index)`` of the entries in ``group``, joined in order."""
         return join_conversation([(self.records[self.entries[e].row], self.entries[e]) for e in group])
 
-    def _encode(self, turns, add_generation_prompt=False):
+    def _encode(self, turns, add_generation_prompt=False, decoded=()):
+        # AnyRes: an image's span follows its size (extra sizes, of images a cut dropped, are not read)
+        sizes = [(image.height, image.width) for image in decoded] if self.image_tokens.anyres is not None else None
         return encode_conversation(
             turns,
             self.tokenizer,
@@ -254,30 +291,34 @@ class ConversationDataset(torch.utils.data.Dataset):
             template=self.template,
             system_prompt=self.system_prompt,
             add_generation_prompt=add_generation_prompt,
+            image_sizes=sizes,
         )
 
     def _item(self, group: tuple[int, ...]) -> dict:
         turns, images = self.conversation(group)
-        encoded = self._encode(turns)
+        decoded = decode_images(images, self.image_store)
+        encoded = self._encode(turns, decoded=decoded)
         # The join was planned from a length bound; should a template still overshoot,
         # drop joined entries from the end rather than exceed --max_seq_len.
         while len(encoded.input_ids) > self.max_seq_len and len(group) > 1:
             group = group[:-1]
             turns, images = self.conversation(group)
-            encoded = self._encode(turns)
-        return self._tensors(encoded, images)
+            decoded = decoded[: len(images)]  # the images of a prefix of the group are a prefix of its images
+            encoded = self._encode(turns, decoded=decoded)
+        return self._tensors(encoded, decoded)
 
-    def _tensors(self, encoded, images) -> dict:
+    def _tensors(self, encoded, decoded: list[Image.Image]) -> dict:
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": load_images(images, self.image_processor, self._empty_shape, self.image_store),
+            **pixel_inputs(decoded, self.image_processor, self._empty_shape),
         }
 
     def record_item(self, record: dict, entry: Entry) -> dict:
         """One canonical record that is not in the table (a streamed one) as an item; raises :class:`BadImageError`."""
         turns, images = join_conversation([(record, entry)])
-        return self._tensors(self._encode(turns), images)
+        decoded = decode_images(images, self.image_store)
+        return self._tensors(self._encode(turns, decoded=decoded), decoded)
 
     def __getitem__(self, i: int) -> dict | None:
         """Item ``i``; ``None`` for one dropped under ``--on_bad_sample skip`` (never another item in its place)."""
@@ -301,7 +342,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return {
             "input_ids": torch.tensor([token], dtype=torch.long),
             "labels": torch.tensor([IGNORE_INDEX], dtype=torch.long),
-            "pixel_values": torch.zeros((0, *self._empty_shape), dtype=torch.float32),
+            **pixel_inputs([], self.image_processor, self._empty_shape),
         }
 
     def generation_example(self, e: int) -> dict:
@@ -311,10 +352,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         "answer": the reference last answer, stripped}``; raises :class:`BadImageError`.
         """
         turns, images = self.conversation((e,))
-        encoded = self._encode(turns[:-1], add_generation_prompt=True)
+        decoded = decode_images(images, self.image_store)
+        encoded = self._encode(turns[:-1], add_generation_prompt=True, decoded=decoded)
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
-            "pixel_values": load_images(images, self.image_processor, self._empty_shape, self.image_store),
+            **pixel_inputs(decoded, self.image_processor, self._empty_shape),
             "answer": turns[-1]["text"].strip(),
         }
 

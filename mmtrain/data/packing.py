@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, label_positions
+from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, images_of, label_positions
 from mmtrain.data.template import IGNORE_INDEX
 
 
@@ -79,7 +79,6 @@ class PackingCollator(BatchCollator):
         attention_mask = torch.zeros(shape, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         document_ids = torch.full(shape, -1, dtype=torch.long)
-        pixel_values, image_counts = [], []
         segments = []  # lengths of the samples and padding tails, rows end to end (the batch's cu_seq_lens)
         for r, row in enumerate(rows):
             start = 0
@@ -93,20 +92,17 @@ class PackingCollator(BatchCollator):
                 attention_mask[r, start:end] = 1
                 position_ids[r, start:end] = torch.arange(n)
                 document_ids[r, start:end] = doc
-                pixel_values.append(item["pixel_values"])
                 segments.append(n)
                 start = end
             # The padding tail restarts its positions too: a block of its own.
             position_ids[r, start:] = torch.arange(length - start)
             if length > start:
                 segments.append(length - start)
-            image_counts.append(sum(items[i]["pixel_values"].shape[0] for i in row))
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.cat(pixel_values, dim=0),
-            "image_counts": torch.tensor(image_counts, dtype=torch.long),
+            **images_of([[items[i] for i in row] for row in rows]),
             "label_positions": label_positions(labels),
             "position_ids": position_ids,
             "document_ids": document_ids,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mmtrain.data.collator import Collator
-from mmtrain.data.dataset import ConversationDataset, Entry, split_turns
+from mmtrain.data.dataset import ConversationDataset, Entry, decode_images, split_turns
 from mmtrain.data.packing import PackingCollator
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
 from mmtrain.image_tokens import IMAGE_PLACEHOLDER
@@ -24,14 +24,16 @@ def with_answer(turns: list[dict], answer: str) -> list[dict]:
     return [*turns[:-1], {"role": "assistant", "text": answer}]
 
 
-def fit_pair(record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0) -> Entry | None:
+def fit_pair(record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0, image_sizes=None) -> Entry | None:
     """A pair's entry (its longer half's length), or None when either half is longer than a sample may be (counted as dropped).
 
     A pair is never truncated: dropping turns would cut the answers it compares.
     """
     lengths = []
     for turns in (record["turns"], with_answer(record["turns"], record["rejected"])):
-        encoded = encode_conversation(turns, tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt)
+        encoded = encode_conversation(
+            turns, tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt, image_sizes=image_sizes
+        )
         lengths.append(len(encoded.input_ids))
     # Under a token budget both halves share one micro-batch, so together they must fit it.
     if max(lengths) > data_args.longest_sample() or (data_args.max_tokens_per_batch and sum(lengths) > data_args.max_tokens_per_batch):
@@ -56,8 +58,9 @@ class PreferenceDataset(ConversationDataset):
     def _item(self, group: tuple[int, ...]) -> dict:
         turns, images = self.conversation(group)
         rejected = self.records[self.entries[group[0]].row]["rejected"]
-        item = self._tensors(self._encode(turns), images)
-        other = self._encode(with_answer(turns, rejected))
+        decoded = decode_images(images, self.image_store)
+        item = self._tensors(self._encode(turns, decoded=decoded), decoded)
+        other = self._encode(with_answer(turns, rejected), decoded=decoded)
         item["rejected_input_ids"] = torch.tensor(other.input_ids, dtype=torch.long)
         item["rejected_labels"] = torch.tensor(other.labels, dtype=torch.long)
         return item
@@ -70,17 +73,29 @@ class PreferenceDataset(ConversationDataset):
         return item
 
 
+def halves(items: list[dict]) -> list[dict]:
+    """The pairs' chosen halves, then their rejected halves, each with its pair's images."""
+    images = [{k: i[k] for k in ("pixel_values", "image_sizes") if k in i} for i in items]
+    chosen = [{"input_ids": i["input_ids"], "labels": i["labels"], **im} for i, im in zip(items, images)]
+    return chosen + [{"input_ids": i["rejected_input_ids"], "labels": i["rejected_labels"], **im} for i, im in zip(items, images)]
+
+
+def first_group_images(batch: dict, items: list[dict]) -> None:
+    """Keep the chosen rows' images only (``image_repeats = 2``: the rejected rows reuse their features)."""
+    batch["pixel_values"] = batch["pixel_values"][: sum(i["pixel_values"].shape[0] for i in items)]
+    if "image_sizes" in batch:
+        batch["image_sizes"] = batch["image_sizes"][: sum(len(i["image_sizes"]) for i in items)]
+    batch["image_repeats"] = 2
+
+
 class PairCollator(Collator):
     """P pairs -> 2P padded rows (chosen rows, then rejected rows), their images once, ``image_repeats = 2``."""
 
     output_keys = Collator.output_keys + ("image_repeats",)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [{"input_ids": i["input_ids"], "labels": i["labels"], "pixel_values": i["pixel_values"]} for i in items]
-        rows += [{"input_ids": i["rejected_input_ids"], "labels": i["rejected_labels"], "pixel_values": i["pixel_values"]} for i in items]
-        batch = super().__call__(rows)
-        batch["pixel_values"] = batch["pixel_values"][: sum(i["pixel_values"].shape[0] for i in items)]
-        batch["image_repeats"] = 2
+        batch = super().__call__(halves(items))
+        first_group_images(batch, items)
         return batch
 
 
@@ -97,17 +112,15 @@ class PairPackingCollator(PackingCollator):
     output_keys = PackingCollator.output_keys + ("image_repeats", "label_samples", "num_samples")
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        halves = [{"input_ids": i["input_ids"], "labels": i["labels"], "pixel_values": i["pixel_values"]} for i in items]
-        halves += [{"input_ids": i["rejected_input_ids"], "labels": i["rejected_labels"], "pixel_values": i["pixel_values"]} for i in items]
-        total = sum(len(h["input_ids"]) for h in halves)
+        rows = halves(items)
+        total = sum(len(h["input_ids"]) for h in rows)
         if total > self.max_seq_len:
             raise ValueError(f"{len(items)} pairs of {total} tokens do not fit one packed row of {self.max_seq_len} (--max_tokens_per_batch)")
-        batch = super().__call__(halves)
+        batch = super().__call__(rows)
         documents = batch["document_ids"][:, 1:].reshape(-1)  # the sample of each target, as label_positions index them
         batch["label_samples"] = documents.index_select(0, batch["label_positions"])
-        batch["num_samples"] = len(halves)
-        batch["pixel_values"] = batch["pixel_values"][: sum(i["pixel_values"].shape[0] for i in items)]
-        batch["image_repeats"] = 2
+        batch["num_samples"] = len(rows)
+        first_group_images(batch, items)
         return batch
 
 

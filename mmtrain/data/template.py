@@ -42,9 +42,10 @@ class EncodedConversation:
 class _Builder:
     """Accumulates segments: untrained text is tokenised with placeholders turned into spans."""
 
-    def __init__(self, tokenizer, image_tokens: ImageTokens, literal_text: bool):
+    def __init__(self, tokenizer, image_tokens: ImageTokens, literal_text: bool, image_sizes=None):
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
+        self.image_sizes = list(image_sizes) if image_sizes is not None else None
         # User text is never allowed to smuggle in special tokens (an '</s>' typed in a
         # question must not end the turn); chat templates emit special tokens as text, so
         # their output must be parsed with them.
@@ -63,8 +64,14 @@ class _Builder:
             self.tokens(ids, trained)
 
     def image(self) -> None:
+        size = None
+        if self.image_tokens.anyres is not None:
+            if self.image_sizes is None or self.num_images >= len(self.image_sizes):
+                have = 0 if self.image_sizes is None else len(self.image_sizes)
+                raise ValueError(f"the conversation has more <image> placeholders than the {have} image sizes given (AnyRes tiles need each image's size)")
+            size = self.image_sizes[self.num_images]
         self.num_images += 1
-        self.tokens(self.image_tokens.span(), trained=False)
+        self.tokens(self.image_tokens.span(self.image_tokens.count(size)), trained=False)
 
     def text_with_images(self, text: str) -> None:
         pieces = text.split(IMAGE_PLACEHOLDER)
@@ -209,6 +216,7 @@ def encode_conversation(
     template: str = "plain",
     system_prompt: str = "",
     add_generation_prompt: bool = False,
+    image_sizes=None,
 ) -> EncodedConversation:
     """Token ids and labels for ``turns`` (canonical ``{"role", "text"}`` dicts, ``<image>`` marks).
 
@@ -216,7 +224,8 @@ def encode_conversation(
     yet and the ids end where the answer would start (``### Answer:\\n`` for ``plain``):
     this is how generation builds prompts for new questions with the training template.
     Every ``<image>`` becomes ``image_tokens.span()``; the caller supplies images in
-    placeholder order.
+    placeholder order. With AnyRes tiles (``image_tokens.anyres``) an image's span follows
+    its size: ``image_sizes`` gives each image's ``(height, width)`` in that order.
     """
     if template not in TEMPLATES:
         raise ValueError(f"--template {template!r}: valid are {', '.join(TEMPLATES)}")
@@ -225,10 +234,10 @@ def encode_conversation(
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--template chat: the tokenizer has no chat template; use --template plain")
-        return _encode_chat(_Builder(tokenizer, image_tokens, literal_text=False), turns, system_prompt, add_generation_prompt)
+        return _encode_chat(_Builder(tokenizer, image_tokens, literal_text=False, image_sizes=image_sizes), turns, system_prompt, add_generation_prompt)
     if tokenizer.eos_token_id is None:
         raise ValueError("--template plain needs a tokenizer with an eos token to end each answer")
-    return _encode_plain(_Builder(tokenizer, image_tokens, literal_text=True), turns, system_prompt, add_generation_prompt)
+    return _encode_plain(_Builder(tokenizer, image_tokens, literal_text=True, image_sizes=image_sizes), turns, system_prompt, add_generation_prompt)
 
 
 def check_template(tokenizer, template: str) -> None:

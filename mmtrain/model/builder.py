@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmtrain.image_tokens import ImageTokens
+from mmtrain.model.anyres import AnyResImageProcessor, add_newline, anyres_layout
 from mmtrain.model.attention import use_packed_attention
 from mmtrain.model.config import LORA_SCOPE_AUTO, SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
@@ -56,7 +57,7 @@ def check_model_config(config: VLMConfig) -> None:
             )
         lm_config = read_folder(config.vlm_name_or_path).text_config
     else:
-        tower_specs(config)  # each tower's config and image processor, and that fused grids agree
+        anyres_layout(config, tower_specs(config))  # each tower's config and image processor, fused grids, tile sizes
         lm_config = load_language_config(config.lm_model_name_or_path)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
@@ -109,6 +110,9 @@ def build_model(
 
     tokenizer = llava.tokenizer() if llava else load_tokenizer(config.lm_model_name_or_path)
     image_processor = llava.image_processor() if llava else load_image_processor(config, vision_specs)
+    anyres = anyres_layout(config, vision_specs) if llava is None else None
+    if anyres is not None:
+        image_processor = AnyResImageProcessor(image_processor, anyres)  # tiles, each as the tower's processor would
     with device_ctx:
         with vision_ctx:
             if llava is not None:
@@ -131,7 +135,9 @@ def build_model(
         ).to(trainable_dtype)
         if llava is not None and not meta:
             llava.load_projector(projector)
-        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup)
+        if anyres is not None:
+            add_newline(projector, lm_dim, trainable_dtype)
+        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres)
         _install_new_token_rows(language_model, image_tokens, len(tokenizer), lm_config)
 
         lora_targets: dict[str, list[str]] = {}

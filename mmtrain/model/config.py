@@ -23,6 +23,7 @@ from mmtrain import presets
 from mmtrain.model.errors import ConfigError
 
 PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
+ANYRES_PROJECTORS = ("mlp", "baseline", "vit")  # one output feature per input patch (the perceiver makes its own)
 # What of the language model trains; "auto" is LoRA when --lang_lora_dim > 0, else frozen.
 LM_TRAINING = ("auto", "frozen", "lora", "full", "last_layers")
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -31,7 +32,7 @@ CONFIG_VERSION = 1
 # every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
 ADDED_TO_IDENTITY = {
     "lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None,
-    "vlm_name_or_path": "", "image_markup": "mmtrain",
+    "vlm_name_or_path": "", "image_markup": "mmtrain", "image_grid_pinpoints": "", "anyres_max_tiles": 0,
 }
 # --lang_lora_module_name auto: the decoder layers, wherever the LM keeps them.
 LORA_SCOPE_AUTO = "auto"
@@ -87,6 +88,22 @@ class VLMConfig:
         default=-2, metadata=_doc("Hidden layer of the vision encoder (of each, when two are fused) whose output is projected (-2: second to last, as LLaVA and prismatic).")
     )
     vision_keep_cls: bool = field(default=False, metadata=_doc("Keep the CLS token of towers that have one (CLIP, DINOv2; dropped by default). Register tokens are always dropped."))
+    image_grid_pinpoints: str = field(
+        default="",
+        metadata=_doc(
+            "AnyRes tiles (LLaVA-NeXT's high resolution): the grids an image may be resized into, HEIGHTxWIDTH in pixels, "
+            "comma-separated, each a multiple of the encoder's image size (e.g. 672x336,336x672,672x672,1008x336,336x1008 "
+            "for a 336 px encoder). Each image is encoded whole plus as the tiles of its best-fitting grid, and its tile "
+            "features are unpadded to its aspect ratio with a learned newline per feature row. Empty: one fixed square."
+        ),
+    )
+    anyres_max_tiles: int = field(
+        default=0,
+        metadata=_doc(
+            "AnyRes tiles from a tile budget instead of --image_grid_pinpoints: every grid of at most this many tiles of the "
+            "encoder's image size (4: 1x1 ... 2x2, 1x4, 4x1), plus the whole image (0: off)."
+        ),
+    )
     perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
     lang_lora_dim: int = field(default=16, metadata=_doc("LoRA rank on the language model (0: no LoRA)."))
     lang_lora_module_name: str = field(
@@ -149,6 +166,7 @@ class VLMConfig:
         if self.perceiver_num_queries < 1:
             raise ConfigError(f"perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}", fields=("perceiver_num_queries",))
         self._check_lm_training()
+        self._check_anyres()
         lora = ("only_optimize_lora", "lang_lora_dim", "vis_lora_dim")
         if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
             raise ConfigError("only_optimize_lora needs lang_lora_dim or vis_lora_dim > 0", fields=lora)
@@ -187,6 +205,46 @@ class VLMConfig:
             self.train_full_embeddings = mode == "full"
         if self.train_lm_head is None:
             self.train_lm_head = mode == "full"
+
+    def _check_anyres(self) -> None:
+        named = ("image_grid_pinpoints", "anyres_max_tiles")
+        if self.image_grid_pinpoints and self.anyres_max_tiles:
+            raise ConfigError("image_grid_pinpoints and anyres_max_tiles both choose the tile grids; set one", fields=named)
+        if self.anyres_max_tiles < 0:
+            raise ConfigError(f"anyres_max_tiles must be >= 0, got {self.anyres_max_tiles}", fields=("anyres_max_tiles",))
+        if self.image_grid_pinpoints:
+            from mmtrain.image_tokens import parse_pinpoints
+
+            try:
+                parse_pinpoints(self.image_grid_pinpoints)
+            except ValueError as e:
+                raise ConfigError(f"image_grid_pinpoints {self.image_grid_pinpoints!r}: {e}", fields=("image_grid_pinpoints",)) from None
+        if not self.anyres:
+            return
+        # Tiles are laid out on their patch grid: each projected feature must stay one patch.
+        if self.vis_proj not in ANYRES_PROJECTORS:
+            why = "the perceiver makes its own number of tokens"
+            raise ConfigError(
+                f"AnyRes tiles need a projector that keeps one feature per patch ({', '.join(ANYRES_PROJECTORS)}), and with "
+                f"vis_proj {self.vis_proj!r} {why}", fields=(*named, "vis_proj"),
+            )
+        if self.vision_keep_cls:
+            raise ConfigError("AnyRes tiles lay features out on the patch grid, and a CLS token is no patch", fields=(*named, "vision_keep_cls"))
+        if self.vlm_name_or_path:
+            raise ConfigError(
+                "AnyRes tiles from a LLaVA folder are not supported yet: start from its parts (its vision tower and LM folders)",
+                fields=(*named, "vlm_name_or_path"),
+            )
+        if self.vision_model_name_or_path_2:
+            raise ConfigError(
+                "AnyRes tiles with two fused encoders are not supported: each tile would need both image processors' crops",
+                fields=(*named, "vision_model_name_or_path_2"),
+            )
+
+    @property
+    def anyres(self) -> bool:
+        """Images are encoded as AnyRes tiles (``image_grid_pinpoints`` or ``anyres_max_tiles``)."""
+        return bool(self.image_grid_pinpoints or self.anyres_max_tiles)
 
     @property
     def lm_mode(self) -> str:
@@ -231,7 +289,8 @@ class VLMConfig:
             "lm_model_name_or_path", "vision_model_name_or_path", "vis_proj", "vision_feature_layer", "vision_keep_cls",
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
             "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
-            "train_lm_head", "vision_model_name_or_path_2", "vlm_name_or_path", "image_markup",
+            "train_lm_head", "vision_model_name_or_path_2", "vlm_name_or_path", "image_markup", "image_grid_pinpoints",
+            "anyres_max_tiles",
         )
         return {k: getattr(self, k) for k in keys}
 

@@ -57,6 +57,7 @@ def generate(
     pad_token_id: int,
     options: SamplingOptions = SamplingOptions(),
     image_features: list[torch.Tensor] | None = None,
+    image_sizes: list[torch.Tensor] | None = None,
     synced_gpus: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt (stopping at eos, which is dropped).
@@ -64,6 +65,8 @@ def generate(
     ``prompts[i]`` are token ids with image spans already in place and ``images[i]`` its
     pixel values ``[n_i, 3, H, W]`` in span order. ``image_features[i]``, when given,
     replaces encoding ``images[i]`` (the chat keeps earlier turns' features this way).
+    With AnyRes tiles ``images[i]`` holds each image's tiles and ``image_sizes[i]`` the
+    images' ``(height, width)`` ``[n_i, 2]``.
     ``synced_gpus`` keeps decoding until ``max_new_tokens`` so that every rank runs the
     same number of forwards (ZeRO-3 gathers parameters collectively).
     """
@@ -81,13 +84,18 @@ def generate(
         features = model.encode_images(pixels)
     else:
         features = torch.cat([f.to(device) for f in image_features])
+    sizes = None
+    if model.image_tokens.anyres is not None:
+        if image_sizes is None:
+            raise ValueError("a model with AnyRes tiles generates from images with their sizes (image_sizes)")
+        sizes = torch.cat([s.reshape(-1, 2) for s in image_sizes]).to(torch.long)
     lm = model.language_model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     extra = decoder_kwargs(lm, ids, model.image_tokens.image_id)  # new tokens count as text; no packed rows here
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
     cache = {_cache_argument(decoder): DynamicCache()}
     hidden = decoder(
-        inputs_embeds=model.embed(ids, features), attention_mask=mask, position_ids=positions, use_cache=True, **cache, **extra,
+        inputs_embeds=model.embed(ids, features, image_sizes=sizes), attention_mask=mask, position_ids=positions, use_cache=True, **cache, **extra,
     ).last_hidden_state
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated = []

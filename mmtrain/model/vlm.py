@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import label_positions
 from mmtrain.image_tokens import ImageTokens
+from mmtrain.model.anyres import NEWLINE, pack_tiles
 from mmtrain.model.attention import decoder_kwargs
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
@@ -75,7 +76,24 @@ class VisionLanguageModel(nn.Module):
         with torch.no_grad():
             return vision(pixel_values.to(dtype))
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1) -> torch.Tensor:
+    def image_positions(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """The projected features of every image position, image after image: ``[positions, lm_dim]``.
+
+        Without tiles an image's positions are its projected patches; with AnyRes tiles
+        (``image_sizes`` given) they are its base tile's, then its unpadded grid's with a
+        newline per row (:func:`mmtrain.model.anyres.pack_tiles`).
+        """
+        projected = self.projector(image_features.to(self._projector_dtype()))
+        anyres = self.image_tokens.anyres
+        if anyres is None:
+            return projected.reshape(-1, projected.shape[-1])
+        if image_sizes is None:
+            raise ValueError("a model with AnyRes tiles needs the batch's image_sizes")
+        return pack_tiles(projected, image_sizes, anyres, getattr(self.projector, NEWLINE))
+
+    def embed(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings with image k's projected features written on the k-th image span.
 
         ``image_repeats`` > 1: the features are those of the first ``1 / image_repeats`` of
@@ -83,18 +101,15 @@ class VisionLanguageModel(nn.Module):
         pair's two answers to one prompt): each image is encoded and projected once.
         """
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        projected = self.projector(image_features.to(self._projector_dtype()))
+        projected = self.image_positions(image_features, image_sizes)
         if image_repeats > 1:
-            projected = projected.repeat(image_repeats, 1, 1)
+            projected = projected.repeat(image_repeats, 1)
         is_image = input_ids == self.image_tokens.image_id
-        features = projected.shape[0] * projected.shape[1]
+        features = projected.shape[0]
         if input_ids.device.type == "cpu" or not torch.is_grad_enabled():
             expected = int(is_image.sum())
             if expected != features:
-                raise ValueError(
-                    f"batch has {expected} <image> token positions but {projected.shape[0]} images x "
-                    f"{projected.shape[1]} tokens = {features} features"
-                )
+                raise ValueError(f"batch has {expected} <image> token positions but its images give {features} features")
         else:
             # Training on an accelerator: the same check without making the host wait
             # for the device (the collator builds spans and images together).
@@ -103,7 +118,7 @@ class VisionLanguageModel(nn.Module):
         # lands on span k. This is masked_scatter's placement, written as a gather and a
         # select: masked_scatter's backward (masked_select) reads a count back from the
         # device, which would stall every training step.
-        flat = projected.reshape(-1, projected.shape[-1]).to(embeds.dtype)
+        flat = projected.to(embeds.dtype)
         if flat.shape[0]:
             order = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view(is_image.shape)
             placed = flat.index_select(0, order.flatten()).view_as(embeds)  # backward: index_add, no read-back
@@ -125,6 +140,7 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,  # part of the batch contract; spans carry the order
+        image_sizes: torch.Tensor | None = None,  # with AnyRes tiles: each image's (height, width)
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         label_positions: torch.Tensor | None = None,
@@ -154,7 +170,7 @@ class VisionLanguageModel(nn.Module):
                 vision = self.vision
                 pixel_values = torch.zeros(0, *vision.pixel_shape, device=input_ids.device)
             image_features = self.encode_images(pixel_values)
-        embeds = self.embed(input_ids, image_features, image_repeats)
+        embeds = self.embed(input_ids, image_features, image_repeats, image_sizes)
         body = self.language_model.get_decoder()
         lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
         hidden = body(

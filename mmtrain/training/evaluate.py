@@ -73,6 +73,7 @@ def evaluate_generation(accelerator, model, tokenizer, examples: list[dict], *, 
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             options=options,
+            image_sizes=[e["image_sizes"] for e in asked] if "image_sizes" in asked[0] else None,
             synced_gpus=zero3 and accelerator.num_processes > 1,
         )
         for i, e, ids in zip(chunk, asked, outputs):

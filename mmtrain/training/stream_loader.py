@@ -46,6 +46,11 @@ from mmtrain.data.streaming import ShardStream
 from mmtrain.training.sample_record import INDICES_KEY
 
 
+def images_in(item: dict) -> int:
+    """Images of an encoded item (with AnyRes tiles its pixel rows are tiles; its sizes count the images)."""
+    return len(item["image_sizes"]) if "image_sizes" in item else item["pixel_values"].shape[0]
+
+
 def take_batch(stream: ShardStream, batch_size: int, budget: tuple[int, int | None] | None) -> list[tuple[str, dict]]:
     """The next micro-batch's ``(id, item)`` pairs: ``batch_size`` of them, or under a ``(tokens, images)`` budget as many as fit.
 
@@ -57,7 +62,7 @@ def take_batch(stream: ShardStream, batch_size: int, budget: tuple[int, int | No
         if pair is None:
             break
         if budget is not None:
-            more_tokens, more_images = len(pair[1]["input_ids"]), pair[1]["pixel_values"].shape[0]
+            more_tokens, more_images = len(pair[1]["input_ids"]), images_in(pair[1])
             if pairs and (tokens + more_tokens > budget[0] or (budget[1] is not None and images + more_images > budget[1])):
                 stream.hold_back()
                 break
