@@ -258,14 +258,15 @@ def _greedy_ids(built, template, system_prompt, question, images, max_new_tokens
     from mmtrain.model.generation import SamplingOptions, generate
 
     turns = [{"role": "user", "text": with_placeholders(question, len(images))}]
-    ids = encode_conversation(turns, built.tokenizer, built.image_tokens, template=template, system_prompt=system_prompt,
-                              add_generation_prompt=True).input_ids
     size = built.model.vision.image_size
-    pixels = (built.image_processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
-              if images else torch.zeros(0, 3, size, size))
+    decoded = [Image.open(p).convert("RGB") for p in images]
+    sizes = [(im.height, im.width) for im in decoded]
+    ids = encode_conversation(turns, built.tokenizer, built.image_tokens, template=template, system_prompt=system_prompt,
+                              add_generation_prompt=True, image_sizes=sizes).input_ids
+    pixels = built.image_processor(images=decoded, return_tensors="pt")["pixel_values"] if images else torch.zeros(0, 3, size, size)
     tok = built.tokenizer
     return generate(built.model, [torch.tensor(ids)], [pixels], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                    options=SamplingOptions(max_new_tokens=max_new_tokens))[0]
+                    options=SamplingOptions(max_new_tokens=max_new_tokens), image_sizes=[torch.tensor(sizes).reshape(-1, 2)])[0]
 
 
 def _same_tokens(hf_ids, mmtrain_ids, tokenizer) -> bool:
@@ -277,11 +278,16 @@ def _same_tokens(hf_ids, mmtrain_ids, tokenizer) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("template", "system_prompt"), [("plain", ""), ("chat", "You are a helpful assistant that looks at images.")]
+    ("template", "system_prompt", "tiles"),
+    [("plain", "", False), ("chat", "You are a helpful assistant that looks at images.", False), ("plain", "", True)],
+    ids=["plain", "chat", "anyres-llava-next"],
 )
-def test_exports_generate_what_mmtrain_generates(tmp_path, tiny_args, template, system_prompt):
+def test_exports_generate_what_mmtrain_generates(tmp_path, tiny_args, template, system_prompt, tiles):
     """transformers alone, from the LLaVA folder and from the export's LM folder, answers with
-    mmtrain.generate's tokens; and the reloaded export answers as the model in training did."""
+    mmtrain.generate's tokens; and the reloaded export answers as the model in training did.
+
+    With AnyRes tiles the folder is LLaVA-NeXT's, and the images are of each aspect class
+    (wide, tall, and one that fits a single tile), so each takes its own grid and token count."""
     from PIL import Image
 
     from mmtrain.data.template import encode_conversation
@@ -289,12 +295,16 @@ def test_exports_generate_what_mmtrain_generates(tmp_path, tiny_args, template, 
     from mmtrain.generate import Chat, with_placeholders
     from mmtrain.model.generation import SamplingOptions
 
-    paths = {"red": str(tmp_path / "red.png"), "blue": str(tmp_path / "blue.png")}
-    Image.new("RGB", (64, 64), (255, 0, 0)).save(paths["red"])
-    Image.new("RGB", (64, 64), (0, 0, 255)).save(paths["blue"])
-    cases = {name: (q, [paths[i] for i in images]) for name, (q, images) in GENERATION_CASES.items()}
+    paths = {"red": str(tmp_path / "red.png"), "blue": str(tmp_path / "blue.png"), "green": str(tmp_path / "green.png")}
+    shapes = {"red": (150, 60), "blue": (50, 170), "green": (40, 40)} if tiles else {c: (64, 64) for c in paths}
+    for color, rgb in (("red", (255, 0, 0)), ("blue", (0, 0, 255)), ("green", (0, 160, 0))):
+        image = Image.new("RGB", shapes[color], rgb)
+        image.putpixel((1, 1), (255, 255, 255))  # not flat: the tiles of one image differ
+        image.save(paths[color])
+    generation_cases = {**GENERATION_CASES, **({"tall image": ("What color is it?", ["blue"]), "small image": ("What color is it?", ["green"])} if tiles else {})}
+    cases = {name: (q, [paths[i] for i in images]) for name, (q, images) in generation_cases.items()}
 
-    args, built = _trained_model(tiny_args)
+    args, built = _trained_model(tiny_args, **({"anyres_max_tiles": 4} if tiles else {}))
     tok = built.tokenizer
     # A random model almost never emits eos. Swapping the output rows of eos and of a
     # token in the text-only answer makes that answer stop there, as a trained model
@@ -316,7 +326,7 @@ def test_exports_generate_what_mmtrain_generates(tmp_path, tiny_args, template, 
     folder = tmp_path / "export"
     save_pretrained(str(folder), built.model.state_dict(), built.model, tok, built.image_processor, args,
                     template=template, system_prompt=system_prompt)
-    export_llava(str(folder), str(tmp_path / "llava"))
+    export_llava(str(folder), str(tmp_path / "llava"), "llava_next" if tiles else "llava")
 
     chat = Chat(str(folder), options=SamplingOptions(max_new_tokens=8))
     reloaded = chat.built
@@ -358,8 +368,9 @@ def test_exports_generate_what_mmtrain_generates(tmp_path, tiny_args, template, 
     for name, ids in expected.items():
         question, images = cases.get(name, cases["one image"])
         user = {"role": "user", "text": with_placeholders(question, len(images))}
+        sizes = [Image.open(p).size[::-1] for p in images]
         prompt = encode_conversation([user], reloaded.tokenizer, reloaded.image_tokens, template=template,
-                                     system_prompt=system_prompt, add_generation_prompt=True).input_ids
+                                     system_prompt=system_prompt, add_generation_prompt=True, image_sizes=sizes).input_ids
         assert got[name]["prompt"] == prompt, f"{name}: the chat template's prompt is not the one training used"
         stopped[name] = _same_tokens(got[name]["ids"], ids, reloaded.tokenizer)
         assert got[name]["text"] == reloaded.tokenizer.decode(ids, skip_special_tokens=True).strip(), name

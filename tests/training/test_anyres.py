@@ -1,0 +1,84 @@
+"""AnyRes tiles through the data pipeline and the real entry point.
+
+Images of every aspect class (wide, tall, small) take their own tile grids and token
+counts: each sample's length as measured up front is the length it encodes to (so a token
+budget stays exact), and a run under a token budget killed after a checkpoint resumes to
+the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image
+
+from mmtrain.data.synthetic import _single_question, render_shapes
+
+from .conftest import common_flags, kill_and_resume, train_losses
+
+# (width, height) of the canvases the 64 px synthetic scenes are set on
+CANVASES = [(160, 64), (64, 150), (40, 40), (200, 120), (64, 64)]
+
+
+@pytest.fixture(scope="module")
+def aspect_data(tmp_path_factory):
+    """A LLaVA-format JSON of 40 one-image questions whose images have five shapes."""
+    folder = tmp_path_factory.mktemp("aspects")
+    rng = random.Random(0)
+    records = []
+    for i in range(40):
+        shapes, [(question, answer, _)] = _single_question("color", rng)
+        scene = render_shapes(shapes[0])
+        width, height = CANVASES[i % len(CANVASES)]
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(scene.resize((min(64, width), min(64, height))), (0, 0))
+        canvas.save(folder / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+    path = folder / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_measured_lengths_are_the_encoded_lengths_and_images_keep_their_grids(model_folders, aspect_data, data_path):
+    from mmtrain.args import DataArguments, ModelArguments
+    from mmtrain.data import build_datasets
+    from mmtrain.data.collator import Collator
+    from mmtrain.model import build_model
+
+    built = build_model(ModelArguments(
+        lm_model_name_or_path=model_folders["tiny-llama"], vision_model_name_or_path=model_folders["tiny-clip"], anyres_max_tiles=4,
+    ))
+    args = DataArguments(dataset_names=[str(aspect_data)], data_path=str(data_path), eval_ratio=0.0)
+    train = build_datasets(args, built.tokenizer, built.image_processor, built.image_tokens, seed=0).train
+    anyres = built.image_tokens.anyres
+    counts = set()
+    for i, entry in enumerate(train.entries):
+        item = train[i]
+        (size,) = item["image_sizes"].tolist()
+        assert len(item["input_ids"]) == entry.length, i
+        assert int((item["input_ids"] == built.image_tokens.image_id).sum()) == anyres.features(tuple(size))
+        assert item["pixel_values"].shape[0] == anyres.tiles(tuple(size))
+        counts.add(anyres.features(tuple(size)))
+    assert len(counts) >= 4
+    batch = Collator(built.tokenizer.pad_token_id)([train[i] for i in range(5)])
+    assert batch["image_counts"].tolist() == [1] * 5 and batch["image_sizes"].shape == (5, 2)
+    built.model(**batch).loss.backward()  # the five shapes' spans and features line up in one batch
+
+
+@pytest.mark.slow
+def test_a_tiled_run_under_a_token_budget_killed_and_resumed_gives_the_same_losses(model_folders, aspect_data, data_path, tmp_path):
+    def flags(out, **extra):
+        return common_flags(
+            model_folders, data_path, output_dir=out, dataset_names=str(aspect_data), anyres_max_tiles=4, max_tokens_per_batch=900,
+            eval_ratio=0.1, num_train_epochs=1, save_steps=3, eval_generate=2,
+            export_each_epoch="false", **extra,
+        )
+
+    reference, out, _ = kill_and_resume(flags, tmp_path, 3, config="single_process.yaml")
+    expected, resumed = train_losses(reference), train_losses(out)
+    assert len(expected) >= 6 and sorted(resumed) == sorted(expected)
+    for step in range(4, max(expected) + 1):
+        assert resumed[step] == expected[step], step
