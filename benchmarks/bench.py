@@ -105,7 +105,7 @@ from mmtrain_run import deepspeed_settings, run_mmtrain, timed_samples  # noqa: 
 from plain_loop import run_plain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 from timing import free_memory, profile_or_error  # noqa: E402
-from workload import image_token_layout  # noqa: E402
+from workload import image_token_layout, span_length  # noqa: E402
 
 TARGET_TOKENS_PER_S = 16_000  # ref-7b, bf16, one H100 (issue: speed on one H100)
 TARGET_RATIO = 2.0  # over the plain loop measured in the same run
@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     compiled = should_compile(torch.device("cuda" if cuda else "cpu"), train_args)  # as the run will decide
     tokenizer, image_tokens, image_size = image_token_layout(model_args)
-    longest = image_tokens.span_length + opts.text_tokens[1]
+    longest = span_length(image_tokens) + opts.text_tokens[1]
     if longest > opts.seq_len:
-        raise SystemExit(f"samples reach {longest} tokens (image span {image_tokens.span_length} + text {opts.text_tokens[1]}) > --seq_len {opts.seq_len}")
+        raise SystemExit(f"samples reach {longest} tokens (image span {span_length(image_tokens)} + text {opts.text_tokens[1]}) > --seq_len {opts.seq_len}")
     shape = lm_shape(opts.lm)
     device = device_name()
     peak_source = resolve_peak(opts, device)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         "git": git_commit(),
         "command": " ".join(["python", SCRIPT, *raw]),
         "flags": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()}, "mmtrain_passthrough": passthrough},
-        "lm": {**shape, "image_tokens_per_sample": image_tokens.span_length},
+        "lm": {**shape, "image_tokens_per_sample": span_length(image_tokens)},
         "flops_convention": CONVENTION,
         "peak_tflops": opts.peak_tflops,
         "peak_tflops_source": peak_source,
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quantize_base": train_args.quantize_base,
         "targets": {"tokens_per_s": TARGET_TOKENS_PER_S, "ratio_over_plain": TARGET_RATIO},
     }
-    timed_n = timed_samples(opts, data_args, image_tokens.span_length)
+    timed_n = timed_samples(opts, data_args, span_length(image_tokens))
 
     plain = None
     worker = WORKER_ENV in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1

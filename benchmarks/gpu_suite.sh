@@ -21,6 +21,9 @@
 #                  16384) beside the plain loop's batch search; with MMCA; and the same budget
 #                  with the packed rows under SDPA's materialised mask instead of flex attention
 #   budget-seq2048 the same budget with every sample 2048 tokens, beside the plain loop's batch search
+#   anyres         budget's mix with AnyRes tiles (--anyres_max_tiles 4: each image 672x672 px, the whole image and
+#                  2x2 tiles, 2,928 image tokens) beside the plain loop on the same token sequences, then budget's
+#                  first run (one 336 px image) for the tiled run's ratio to it, all on this machine
 #   mmca           benchmarks/mmca_step_time.py with its ref-7b options
 #   dpo            benchmarks/dpo_bench.py: ref-7b LoRA DPO on 2048-token image pairs, mmtrain's --objective dpo
 #                  beside trl.DPOTrainer on transformers' LLaVA with the same weights, LoRA and pairs, each at the
@@ -220,6 +223,13 @@ part_budget() {
         --out "$OUT/budget_${TAG}_${t}_mmca.json"
     run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile on --max_tokens_per_batch "$t" --packed_attention sdpa \
         --out "$OUT/budget_${TAG}_${t}_sdpa.json"
+}
+
+part_anyres() {
+    local t=${BUDGET_TOKENS:-16384}
+    [ "$SMOKE" = 1 ] && t=512
+    run $PY benchmarks/bench.py "${BENCH[@]}" --max_tokens_per_batch "$t" --anyres_max_tiles 4 --out "$OUT/budget_${TAG}_${t}_anyres4.json"
+    run $PY benchmarks/bench.py "${BENCH[@]}" --plain skip --profile off --max_tokens_per_batch "$t" --out "$OUT/budget_${TAG}_${t}_untiled.json"
 }
 
 part_budget_seq2048() {
@@ -430,6 +440,7 @@ for part in "$@"; do
         default-fp8) part_default_fp8 ;;
         budget) part_budget ;;
         budget-seq2048) part_budget_seq2048 ;;
+        anyres) part_anyres ;;
         seq2048) part_seq2048 ;;
         variants) part_variants ;;
         scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 
 from timing import across_ranks, timed_run
-from workload import SyntheticSamples
+from workload import SyntheticSamples, span_length
 
 
 def _free_port() -> int:
@@ -153,9 +153,9 @@ def run_mmtrain(opts, model_args, data_args, train_args, tokenizer, image_tokens
     counts = {c.name: {"total": c.total, "trainable": c.trainable} for c in count_parameters(built.model)}
 
     world = accelerator.num_processes
-    n_timed = timed_samples(opts, data_args, image_tokens.span_length) * world
+    n_timed = timed_samples(opts, data_args, span_length(image_tokens)) * world
     timed = SyntheticSamples(n_timed, image_tokens, opts.text_tokens, opts.label_fraction, image_size, tokenizer.bos_token_id, opts.seed)
-    warm = SyntheticSamples(timed_samples(opts, data_args, image_tokens.span_length, opts.warmup) * world, image_tokens, opts.text_tokens,
+    warm = SyntheticSamples(timed_samples(opts, data_args, span_length(image_tokens), opts.warmup) * world, image_tokens, opts.text_tokens,
                             opts.label_fraction, image_size, tokenizer.bos_token_id, opts.seed + 7919)
     collator = speedups.make_train_collator(built, model_args, data_args)
     if data_args.max_tokens_per_batch:  # the trainer's own budget sampler (seeded shuffle, as in training)

@@ -33,7 +33,9 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   its rejected rows). ``pixel_values`` holds the first group's images once and the
   model reuses their features for the other groups; ``image_counts`` still has one
   entry per row. :class:`mmtrain.data.preference.PairCollator` sets it.
-* ``image_sizes`` [N, 2] long: with AnyRes tiles, each image's original ``(height, width)``;
+* ``image_sizes`` (a Python list of N ``(height, width)`` int pairs, kept on the host: the
+  model lays tiles out from them without reading anything back from the device): with
+  AnyRes tiles, each image's original size;
   ``pixel_values`` then holds each image's tiles (its whole image first), image after
   image, ``image_counts`` still counts images, and an image's span has
   ``ImageTokens.count(size)`` positions (:mod:`mmtrain.image_tokens`).

@@ -435,3 +435,17 @@ def test_cli_counts_dpo_pairs(capsys):
     assert main(["--lang_lora_dim", "4", "--seq_len", "256", "--micro_batch", "2", "--objective", "dpo", "--json"]) == 0
     dpo = json.loads(capsys.readouterr().out)
     assert dpo["estimates"][0]["setup"]["preference_pairs"] and dpo["estimates"][0]["activations"] > sft["estimates"][0]["activations"]
+
+
+def test_anyres_tiles_count_the_largest_grid_s_tokens_and_tiles(ref7b):
+    """ref-7b with up to 4 tiles of 336 px: the costliest image fills the 4x1 grid (1344x336 px),
+    576 + 96 rows x (24 + 1) = 2,976 positions (2x2's 672x672 takes 2,928); the tower runs on five inputs."""
+    args = ref_model_args("ref-7b")
+    args.anyres_max_tiles = 4
+    tiled = model_facts(args)
+    assert (tiled.image_tokens, tiled.tiles_per_image) == (2976, 5)
+    assert (ref7b.image_tokens, ref7b.tiles_per_image) == (576, 1)
+    setup = MemorySetup(micro_batch=1, seq_len=4096)
+    plain, tiles = estimate(ref7b, setup), estimate(tiled, setup)
+    assert tiles.vision_transient == pytest.approx(5 * plain.vision_transient, rel=1e-6)
+    assert tiles.activations > plain.activations and tiles.logits < plain.logits  # more image positions, fewer text ones

@@ -61,6 +61,6 @@ def images_of(rows: list[list[dict]]) -> dict[str, torch.Tensor]:
     if len(rows) != len(items):  # several items per row: counts are per row
         bounds = torch.tensor([0] + [len(row) for row in rows]).cumsum(0)
         out["image_counts"] = torch.stack([out["image_counts"][a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
-    if tiled:
-        out["image_sizes"] = torch.cat([item["image_sizes"] for item in items], dim=0)
+    if tiled:  # host-side ints: the model lays the tiles out without reading anything back from the device
+        out["image_sizes"] = [tuple(size) for item in items for size in item["image_sizes"].tolist()]
     return out

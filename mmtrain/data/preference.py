@@ -84,7 +84,7 @@ def first_group_images(batch: dict, items: list[dict]) -> None:
     """Keep the chosen rows' images only (``image_repeats = 2``: the rejected rows reuse their features)."""
     batch["pixel_values"] = batch["pixel_values"][: sum(i["pixel_values"].shape[0] for i in items)]
     if "image_sizes" in batch:
-        batch["image_sizes"] = batch["image_sizes"][: sum(len(i["image_sizes"]) for i in items)]
+        batch["image_sizes"] = batch["image_sizes"][: sum(len(i["image_sizes"]) for i in items)]  # a list: sliced alike
     batch["image_repeats"] = 2
 
 

@@ -105,8 +105,8 @@ class ModelFacts:
     lora_linears: int  # adapted Linear layers in the LM
     lm_trained_layers: int  # decoder layers whose own weights train (--lm_training full / last_layers)
     projector: str
-    image_tokens: int  # LM positions of one image's features
-    patches: int  # vision features fed to the projector
+    image_tokens: int  # LM positions of one image's features (with AnyRes tiles, of the largest grid's image)
+    patches: int  # vision features fed to the projector (of one tile)
     perceiver_queries: int
     vision_hidden: int  # width of the features fed to the projector (both towers' when fused)
     vision_towers: tuple  # VisionTowerFacts of each tower, in the order they run
@@ -121,6 +121,7 @@ class ModelFacts:
     nf4_base_weights: int = 0
     nf4_vision_weights: int = 0
     nf4_largest: int = 0  # the largest of those Linears: one is dequantised at a time in each product
+    tiles_per_image: int = 1  # encoder inputs of one image: 1, or with AnyRes tiles the whole image and its largest grid's tiles
 
     def total(self, trainable: bool | None = None, engine: bool | None = None) -> int:
         return sum(
@@ -130,6 +131,14 @@ class ModelFacts:
     def persistent(self, threshold: int, trainable: bool) -> int:
         """Engine parameters small enough to stay whole at stage 3."""
         return sum(n for n, t, e in self.params if e and t == trainable and n < threshold)
+
+
+def _largest_image(image_tokens) -> tuple[int, int]:
+    """(LM positions, encoder inputs) of the costliest image: with AnyRes tiles one that fills the largest grid."""
+    anyres = image_tokens.anyres
+    if anyres is None:
+        return image_tokens.per_image, 1
+    return max((anyres.features(p), anyres.tiles(p)) for p in anyres.pinpoints)
 
 
 @dataclass(frozen=True)
@@ -228,7 +237,8 @@ def model_facts(model_args: VLMConfig) -> ModelFacts:
         lora_linears=len(targets),
         lm_trained_layers=trained_layers,
         projector=model_args.vis_proj,
-        image_tokens=built.image_tokens.per_image,
+        image_tokens=_largest_image(built.image_tokens)[0],
+        tiles_per_image=_largest_image(built.image_tokens)[1],
         patches=vision.num_patches,
         perceiver_queries=getattr(projector, "num_tokens", 0),
         vision_hidden=vision.hidden_size,

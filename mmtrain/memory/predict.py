@@ -224,7 +224,8 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
     rows = 2 if setup.preference_pairs else 1  # a pair is its chosen and its rejected row
     b, s = setup.micro_batch * rows, setup.seq_len
     tokens = b * s
-    images = setup.micro_batch * setup.images_per_sample  # a pair's images are encoded once
+    # a pair's images are encoded once; each image is its tiles with AnyRes
+    images = setup.micro_batch * setup.images_per_sample * facts.tiles_per_image
     h, i = facts.hidden, facts.intermediate
     layer = lm_layer_activation_bytes(facts, tokens, w, compiled=setup.compiled)
     trained_layer = lm_layer_activation_bytes(facts, tokens, w, compiled=setup.compiled, trained=True)

@@ -90,10 +90,13 @@ def add_newline(projector: nn.Module, lm_dim: int, dtype: torch.dtype) -> None:
     projector.register_parameter(NEWLINE, nn.Parameter(torch.randn(lm_dim, dtype=dtype) / math.sqrt(lm_dim)))
 
 
-def pack_tiles(projected: torch.Tensor, image_sizes: torch.Tensor, anyres: AnyRes, newline: torch.Tensor) -> torch.Tensor:
-    """Projected tile features ``[tiles, side * side, D]`` -> each image's positions, image after image: ``[positions, D]``."""
+def pack_tiles(projected: torch.Tensor, image_sizes, anyres: AnyRes, newline: torch.Tensor) -> torch.Tensor:
+    """Projected tile features ``[tiles, side * side, D]`` -> each image's positions, image after image: ``[positions, D]``.
+
+    ``image_sizes``: each image's ``(height, width)``, a list of pairs (a batch's) or a host tensor ``[n, 2]``.
+    """
     side = anyres.side
-    sizes = [tuple(s) for s in image_sizes.tolist()]
+    sizes = [tuple(s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
     out, start = [], 0
     for size in sizes:
         rows, cols = anyres.grid(size)

@@ -76,7 +76,7 @@ class VisionLanguageModel(nn.Module):
         with torch.no_grad():
             return vision(pixel_values.to(dtype))
 
-    def image_positions(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def image_positions(self, image_features: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """The projected features of every image position, image after image: ``[positions, lm_dim]``.
 
         Without tiles an image's positions are its projected patches; with AnyRes tiles
@@ -92,7 +92,7 @@ class VisionLanguageModel(nn.Module):
         return pack_tiles(projected, image_sizes, anyres, getattr(self.projector, NEWLINE))
 
     def embed(
-        self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1, image_sizes: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1, image_sizes=None
     ) -> torch.Tensor:
         """Token embeddings with image k's projected features written on the k-th image span.
 
@@ -140,7 +140,7 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,  # part of the batch contract; spans carry the order
-        image_sizes: torch.Tensor | None = None,  # with AnyRes tiles: each image's (height, width)
+        image_sizes: list | None = None,  # with AnyRes tiles: each image's (height, width), host-side
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         label_positions: torch.Tensor | None = None,

@@ -96,6 +96,8 @@ FEATURES = {
     "dpo": {"objective": "dpo", "dpo_beta": "0.5", "eval_generate": "0", "eval_steps": "9"},
     "ipo_sft": {"dpo_loss": "ipo", "dpo_sft_weight": "0.5"},
     "projector_only": {"lang_lora_dim": "0"},  # the projector and new rows swapped for the reference
+    # AnyRes tiles on images of five aspect ratios (the row writes them: ``row_data``)
+    "anyres": {"anyres_max_tiles": "4"},
     # flex attention's document mask: what packed rows take where FlashAttention-2 cannot run
     "flex": {"packed_attention": "flex_attention"},
 }
@@ -150,6 +152,10 @@ ONE_GPU = [
     row("zero1", "dpo", "projector_only", "fp16", export=False),
     row("zero2_offload", "dpo", "workers", resume=True, export=False),
     row("zero2", "dpo", "budget", "grad_accum", resume=True, export=False),  # whole pairs packed per micro-batch, varlen kernel
+    # AnyRes tiles: each image its own grid and token count, under a token budget and resumed;
+    # with vision LoRA at ZeRO-3 (every rank runs the tower on its own tiles), packed rows.
+    row("zero2", "anyres", "budget", "compiled", resume=True),
+    row("zero3", "anyres", "vision_lora", "packing"),
 ]
 
 # Two GPUs: every config on two processes.
@@ -244,7 +250,11 @@ def _pairs_dataset(folder: Path, n: int = 160) -> Path:
 
 
 def row_data(r: Row, tmp_path: Path) -> dict:
-    """Flags for the data a row writes itself (preference pairs), else none."""
+    """Flags for the data a row writes itself (preference pairs, images of several shapes), else none."""
+    if "anyres" in r.features:
+        from tests.aspect_data import write_aspect_dataset
+
+        return {"dataset_names": str(write_aspect_dataset(tmp_path / "aspects", 160))}
     return {"dataset_names": str(_pairs_dataset(tmp_path / "pairs"))} if "dpo" in r.features else {}
 
 
