@@ -1,9 +1,13 @@
-"""Export a trained model as transformers' own LLaVA, loadable without mmtrain.
+"""Export a trained model as transformers' own LLaVA (or LLaVA-NeXT), loadable without mmtrain.
 
     python -m mmtrain.export --model OUTPUT/epoch-N --format llava --out DIR
+    python -m mmtrain.export --model OUTPUT/epoch-N --format llava_next --out DIR   # trained with AnyRes tiles
 
 ``DIR`` then loads with ``AutoModelForImageTextToText.from_pretrained(DIR)`` and
-``AutoProcessor.from_pretrained(DIR)`` from plain transformers.
+``AutoProcessor.from_pretrained(DIR)`` from plain transformers. A model trained with
+AnyRes tiles (``--anyres_max_tiles`` / ``--image_grid_pinpoints``) is LLaVA-NeXT's
+computation exactly: its folder holds the grids, the learned newline and the tiling
+image processor training used; one without tiles is refused there, and the other way round.
 
 Which projectors map exactly onto LLaVA's projector (Linear -> GELU -> Linear, with
 biases):

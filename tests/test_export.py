@@ -67,6 +67,21 @@ def test_cli_refuses_models_llava_cannot_run_in_one_line(export, tmp_path, capsy
     assert captured.out == "" and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "fmt", "says"),
+    [
+        (dict(vis_proj="mlp", anyres_max_tiles=2), "llava", "encodes images as AnyRes tiles, which LlavaForConditionalGeneration cannot lay out: use --format llava_next"),
+        (dict(vis_proj="mlp"), "llava_next", "LLaVA-NeXT always tiles: use --format llava"),
+    ],
+)
+def test_cli_names_the_format_a_tiled_or_untiled_model_needs(export, tmp_path, capsys, flags, fmt, says):
+    folder = export(**flags)
+    out = tmp_path / "hf"
+    assert main(["--model", str(folder), "--out", str(out), "--format", fmt]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert says in line and str(folder) in line and not out.exists()
+
+
 @pytest.mark.parametrize("kind", ["empty folder", "missing folder", "a model folder"])
 def test_cli_names_a_folder_that_is_not_an_export(tmp_path, capsys, model_folders, kind):
     if kind == "a model folder":
