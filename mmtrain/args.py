@@ -97,6 +97,11 @@ class ModelArguments(VLMConfig):
                 f"--cache_vision_features needs a frozen vision encoder, but --vis_lora_dim {self.vis_lora_dim} trains it "
                 "(its features change every step); drop one of the two"
             )
+        if self.cache_vision_features and self.vision_max_patches:
+            raise ConfigError(
+                "--cache_vision_features keeps one fixed-size feature block per image, and --vision_max_patches gives each "
+                "image its own grid; drop one of the two"
+            )
         if self.vision_cache_max_gb is not None and self.vision_cache_max_gb <= 0:
             raise ConfigError(f"--vision_cache_max_gb must be > 0, got {self.vision_cache_max_gb}")
         if self.vision_cache_dir is not None and not self.cache_vision_features:

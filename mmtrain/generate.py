@@ -66,10 +66,10 @@ class Chat:
         prompt = with_placeholders(prompt, len(images))
         model = self.built.model
         pixels, new_sizes = self._pixels(list(images))
+        sized = self.built.image_tokens.sized
         with torch.no_grad():
-            encoded = model.encode_images(pixels.to(next(model.vision.parameters()).device))
-        anyres = self.built.image_tokens.anyres
-        tiles = [anyres.tiles(size) if anyres else 1 for size in new_sizes]
+            encoded = model.encode_images(pixels.to(next(model.vision.parameters()).device), new_sizes if sized else None)
+        tiles = [sized.tiles(size) if sized else 1 for size in new_sizes]
         new_features = list(encoded.split(tiles)) if tiles else []
         history = self.turns if keep else []
         features = (self.features if keep else []) + new_features

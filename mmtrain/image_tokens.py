@@ -10,8 +10,8 @@ A model started from a LLaVA folder keeps LLaVA's markup (``image_markup`` ``lla
 the folder's tokenizer already has ``<image>``, which stands alone for every feature
 position, and nothing is added; its row is the one new-token row.
 
-With AnyRes tiling (:class:`AnyRes`, LLaVA-NeXT's way) an image's feature positions
-depend on its size: the base image's features, then its tiles' features unpadded to the
+With AnyRes tiling (:class:`AnyRes`, LLaVA-NeXT's way) or at its native aspect ratio
+(SigLIP2's NaFlex, ``mmtrain.model.native_aspect``) an image's feature positions depend on its size: the base image's features, then its tiles' features unpadded to the
 image's aspect ratio with one image-newline position per line. :meth:`ImageTokens.count`
 gives that number from the image's original ``(height, width)``, so data and model agree
 on it without either asking the other.
@@ -114,14 +114,22 @@ class ImageTokens:
     per_image: int  # feature positions of one image (the projector's output length)
     original_vocab_size: int  # the first new token's id: len(tokenizer) before ours were added
     anyres: AnyRes | None = field(default=None)  # tiles: an image's feature count follows its size
+    # native aspect ratio (mmtrain.model.native_aspect.NativeAspect): each image its own patch grid,
+    # the count following its size too; anything with features(size) and tiles(size)
+    native: object | None = field(default=None)
+
+    @property
+    def sized(self):
+        """How an image's token count follows its size (None: every image takes ``per_image``)."""
+        return self.anyres or self.native
 
     def count(self, image_size: tuple[int, int] | None = None) -> int:
-        """Feature positions of an image of ``(height, width)``: ``per_image`` unless tiled."""
-        if self.anyres is None:
+        """Feature positions of an image of ``(height, width)``: ``per_image`` unless tiled or at its own aspect."""
+        if self.sized is None:
             return self.per_image
         if image_size is None:
-            raise ValueError("with AnyRes tiles an image's token count needs its size")
-        return self.anyres.features(image_size)
+            raise ValueError("with AnyRes tiles or native aspect ratios an image's token count needs its size")
+        return self.sized.features(image_size)
 
     @property
     def span_length(self) -> int:

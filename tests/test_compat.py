@@ -335,6 +335,17 @@ def _adapted(**config):
     return block
 
 
+def test_transformers_naflex_size_is_what_siglip2_s_processor_resizes_to():
+    from PIL import Image
+    from transformers import Siglip2ImageProcessorPil
+
+    processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=48)
+    for width, height in ((150, 40), (30, 100), (64, 64), (5, 7)):
+        shapes = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["spatial_shapes"].tolist()
+        rows, cols = (v // 8 for v in transformers_compat.naflex_size(height, width, 8, 48))
+        assert [[rows, cols]] == shapes and rows * cols <= 48
+
+
 def test_peft_lora_layer_exposes_the_adapter_state_fused_lora_reads():
     with pinned("peft", "LoRA Linear's adapter dicts and flags"):
         from peft.tuners.lora import Linear, LoraLayer

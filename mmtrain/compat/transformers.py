@@ -124,6 +124,19 @@ def unset_hf_deepspeed_config() -> None:
     unset()
 
 
+def naflex_size(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
+    """The size SigLIP2's NaFlex processor resizes an image to (its patch grid times the patch), as it computes it.
+
+    A function of transformers' SigLIP2 image-processing module, not of its public API; the
+    PIL backend's module is read first (the torchvision one imports torchvision).
+    """
+    try:
+        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+    except ImportError:
+        from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+    return tuple(get_image_size_for_max_num_patches(height, width, patch, max_patches))
+
+
 def _repeat_kv():
     # transformers' helper that expands grouped key/value heads to the query heads
     # ([B, kv_heads, T, D] -> [B, kv_heads * n_rep, T, D], each head repeated n_rep times

@@ -170,7 +170,7 @@ def _fit(
 
 def record_image_sizes(record: dict, image_tokens, store: ImageStore | None = None) -> list[tuple[int, int]] | None:
     """Each image's ``(height, width)``, read from its header, where tiles make an image's tokens follow its size (else None)."""
-    if image_tokens.anyres is None:
+    if image_tokens.sized is None:
         return None
     return [image_size(path, record["source"], record["index"], store) for path in record["images"]]
 

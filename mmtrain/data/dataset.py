@@ -78,7 +78,7 @@ def pixel_inputs(decoded: list[Image.Image], image_processor, empty_shape: tuple
     """``{"pixel_values"}`` of decoded images, and their ``"image_sizes"`` when the processor tiles them (AnyRes)."""
     if not decoded:
         out = {"pixel_values": torch.zeros((0, *empty_shape), dtype=torch.float32)}
-        if getattr(image_processor, "anyres", None) is not None:
+        if getattr(image_processor, "sized", None) is not None:  # tiles or native aspect: sizes travel with the pixels
             out["image_sizes"] = torch.zeros((0, 2), dtype=torch.long)
         return out
     processed = image_processor(images=decoded, return_tensors="pt")
@@ -283,7 +283,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _encode(self, turns, add_generation_prompt=False, decoded=()):
         # AnyRes: an image's span follows its size (extra sizes, of images a cut dropped, are not read)
-        sizes = [(image.height, image.width) for image in decoded] if self.image_tokens.anyres is not None else None
+        sizes = [(image.height, image.width) for image in decoded] if self.image_tokens.sized is not None else None
         return encode_conversation(
             turns,
             self.tokenizer,

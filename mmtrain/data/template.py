@@ -65,7 +65,7 @@ class _Builder:
 
     def image(self) -> None:
         size = None
-        if self.image_tokens.anyres is not None:
+        if self.image_tokens.sized is not None:
             if self.image_sizes is None or self.num_images >= len(self.image_sizes):
                 have = 0 if self.image_sizes is None else len(self.image_sizes)
                 raise ValueError(f"the conversation has more <image> placeholders than the {have} image sizes given (AnyRes tiles need each image's size)")

@@ -57,7 +57,7 @@ class AnyResImageProcessor:
     def __init__(self, tower_processor, anyres: AnyRes):
         from transformers import LlavaNextImageProcessorPil
 
-        self.anyres = anyres
+        self.anyres = self.sized = anyres
         self.tower_processor = tower_processor
         size = {"height": anyres.tile, "width": anyres.tile}
         self.tiler = LlavaNextImageProcessorPil(

@@ -11,6 +11,7 @@ from torch import nn
 
 from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.anyres import AnyResImageProcessor, add_newline, anyres_layout
+from mmtrain.model.native_aspect import NativeAspectProcessor, native_layout
 from mmtrain.model.attention import use_packed_attention
 from mmtrain.model.config import LORA_SCOPE_AUTO, SpeedOptions, VLMConfig
 from mmtrain.model.counting import ComponentCount, count_parameters, numel  # noqa: F401  (re-exported)
@@ -57,7 +58,9 @@ def check_model_config(config: VLMConfig) -> None:
             )
         lm_config = read_folder(config.vlm_name_or_path).text_config
     else:
-        anyres_layout(config, tower_specs(config))  # each tower's config and image processor, fused grids, tile sizes
+        specs = tower_specs(config)  # each tower's config and image processor, and that fused grids agree
+        anyres_layout(config, specs)  # tile sizes
+        native_layout(config, specs)
         lm_config = load_language_config(config.lm_model_name_or_path)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
@@ -113,6 +116,9 @@ def build_model(
     anyres = anyres_layout(config, vision_specs) if llava is None else None
     if anyres is not None:
         image_processor = AnyResImageProcessor(image_processor, anyres)  # tiles, each as the tower's processor would
+    native = native_layout(config, vision_specs) if llava is None else None
+    if native is not None:
+        image_processor = NativeAspectProcessor(vision_specs[0].name, native)  # the tower's own NaFlex processor
     with device_ctx:
         with vision_ctx:
             if llava is not None:
@@ -137,7 +143,9 @@ def build_model(
             llava.load_projector(projector)
         if anyres is not None:
             add_newline(projector, lm_dim, trainable_dtype)
-        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres)
+        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres, native=native)
+        if native is not None:
+            vision.read_native(native)
         _install_new_token_rows(language_model, image_tokens, len(tokenizer), lm_config)
 
         lora_targets: dict[str, list[str]] = {}

@@ -24,6 +24,7 @@ from mmtrain.model.errors import ConfigError
 
 PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
 ANYRES_PROJECTORS = ("mlp", "baseline", "vit")  # one output feature per input patch (the perceiver makes its own)
+NATIVE_PROJECTORS = ("mlp", "baseline")  # token by token: any number of patches per image
 # What of the language model trains; "auto" is LoRA when --lang_lora_dim > 0, else frozen.
 LM_TRAINING = ("auto", "frozen", "lora", "full", "last_layers")
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -32,7 +33,7 @@ CONFIG_VERSION = 1
 # every earlier run had (its LM trained as --lang_lora_dim said, its head frozen).
 ADDED_TO_IDENTITY = {
     "lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None,
-    "vlm_name_or_path": "", "image_markup": "mmtrain", "image_grid_pinpoints": "", "anyres_max_tiles": 0,
+    "vlm_name_or_path": "", "image_markup": "mmtrain", "image_grid_pinpoints": "", "anyres_max_tiles": 0, "vision_max_patches": 0,
 }
 # --lang_lora_module_name auto: the decoder layers, wherever the LM keeps them.
 LORA_SCOPE_AUTO = "auto"
@@ -102,6 +103,13 @@ class VLMConfig:
         metadata=_doc(
             "AnyRes tiles from a tile budget instead of --image_grid_pinpoints: every grid of at most this many tiles of the "
             "encoder's image size (4: 1x1 ... 2x2, 1x4, 4x1), plus the whole image (0: off)."
+        ),
+    )
+    vision_max_patches: int = field(
+        default=0,
+        metadata=_doc(
+            "Native aspect ratio for a SigLIP2 (NaFlex) tower: each image resized, keeping its aspect ratio, to at most this "
+            "many patches, read at its own grid (its token count follows its size). 0: the tower's fixed square grid."
         ),
     )
     perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
@@ -219,6 +227,8 @@ class VLMConfig:
                 parse_pinpoints(self.image_grid_pinpoints)
             except ValueError as e:
                 raise ConfigError(f"image_grid_pinpoints {self.image_grid_pinpoints!r}: {e}", fields=("image_grid_pinpoints",)) from None
+        if self.vision_max_patches:
+            self._check_native()
         if not self.anyres:
             return
         # Tiles are laid out on their patch grid: each projected feature must stay one patch.
@@ -240,6 +250,24 @@ class VLMConfig:
                 "AnyRes tiles with two fused encoders are not supported: each tile would need both image processors' crops",
                 fields=(*named, "vision_model_name_or_path_2"),
             )
+
+    def _check_native(self) -> None:
+        named = ("vision_max_patches",)
+        if self.vision_max_patches < 0:
+            raise ConfigError(f"vision_max_patches must be >= 0, got {self.vision_max_patches}", fields=named)
+        if self.anyres:
+            raise ConfigError(
+                "vision_max_patches reads each image at its own aspect ratio, AnyRes tiles cut it into a grid: pick one",
+                fields=(*named, "anyres_max_tiles", "image_grid_pinpoints"),
+            )
+        if self.vis_proj not in NATIVE_PROJECTORS:
+            raise ConfigError(
+                f"vision_max_patches: images of different patch counts go through the projector token by token "
+                f"({', '.join(NATIVE_PROJECTORS)}), which vis_proj {self.vis_proj!r} is not", fields=(*named, "vis_proj"),
+            )
+        for other, why in (("vision_model_name_or_path_2", "two fused towers share one fixed grid"), ("vlm_name_or_path", "a LLaVA folder's tower reads one fixed size")):
+            if getattr(self, other):
+                raise ConfigError(f"vision_max_patches cannot be used with {other}: {why}", fields=(*named, other))
 
     @property
     def anyres(self) -> bool:
@@ -290,7 +318,7 @@ class VLMConfig:
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
             "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
             "train_lm_head", "vision_model_name_or_path_2", "vlm_name_or_path", "image_markup", "image_grid_pinpoints",
-            "anyres_max_tiles",
+            "anyres_max_tiles", "vision_max_patches",
         )
         return {k: getattr(self, k) for k in keys}
 

@@ -77,18 +77,18 @@ def generate(
     for i, p in enumerate(prompts):
         ids[i, longest - len(p) :] = p.to(device)
         mask[i, longest - len(p) :] = 1
+    sizes = None
+    if model.image_tokens.sized is not None:
+        if image_sizes is None:
+            raise ValueError("a model whose image token counts follow image sizes generates from images with their sizes (image_sizes)")
+        sizes = torch.cat([s.reshape(-1, 2) for s in image_sizes]).to(torch.long)
     if image_features is None:
         vision = model.vision
         pixels = [im.to(device) for im in images if im.shape[0]]
         pixels = torch.cat(pixels) if pixels else torch.zeros(0, *vision.pixel_shape, device=device)
-        features = model.encode_images(pixels)
+        features = model.encode_images(pixels, sizes)
     else:
         features = torch.cat([f.to(device) for f in image_features])
-    sizes = None
-    if model.image_tokens.anyres is not None:
-        if image_sizes is None:
-            raise ValueError("a model with AnyRes tiles generates from images with their sizes (image_sizes)")
-        sizes = torch.cat([s.reshape(-1, 2) for s in image_sizes]).to(torch.long)
     lm = model.language_model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     extra = decoder_kwargs(lm, ids, model.image_tokens.image_id)  # new tokens count as text; no packed rows here

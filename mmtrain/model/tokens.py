@@ -6,13 +6,16 @@ from mmtrain.image_tokens import IMAGE_END, IMAGE_MARKUPS, IMAGE_START, IMAGE_TO
 from mmtrain.model.errors import ConfigError
 
 
-def add_image_tokens(tokenizer, per_image: int, markup: str = "mmtrain", anyres: AnyRes | None = None) -> ImageTokens:
+def add_image_tokens(
+    tokenizer, per_image: int, markup: str = "mmtrain", anyres: AnyRes | None = None, native=None
+) -> ImageTokens:
     """Add the image tokens to ``tokenizer`` (idempotent) and return their ids.
 
     With ``markup="llava"`` the tokenizer must already hold ``<image>``; nothing is added.
     A tokenizer without a pad token gets its eos token as pad: padding positions are
     masked out of attention and loss, so the choice never reaches training.
-    ``anyres``: images are tiled, and each image's token count follows its size.
+    ``anyres``: images are tiled; ``native``: read at their own aspect ratio. Either way each
+    image's token count follows its size.
     """
     if markup == "llava":
         if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -20,7 +23,7 @@ def add_image_tokens(tokenizer, per_image: int, markup: str = "mmtrain", anyres:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        return ImageTokens(image_id=image_id, start_id=None, end_id=None, per_image=per_image, original_vocab_size=image_id, anyres=anyres)
+        return ImageTokens(image_id=image_id, start_id=None, end_id=None, per_image=per_image, original_vocab_size=image_id, anyres=anyres, native=native)
     if markup != "mmtrain":
         raise ConfigError(f"image_markup {markup!r}: valid are {', '.join(IMAGE_MARKUPS)}", fields=("image_markup",))
     vocab_before = len(tokenizer)
@@ -39,4 +42,5 @@ def add_image_tokens(tokenizer, per_image: int, markup: str = "mmtrain", anyres:
         per_image=per_image,
         original_vocab_size=vocab_before,
         anyres=anyres,
+        native=native,
     )

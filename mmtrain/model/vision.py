@@ -24,7 +24,6 @@ channel axis (padded to the larger size), and the features are concatenated per 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +45,7 @@ from transformers import (
 from mmtrain import presets
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained
+from mmtrain.model.native_aspect import fixed_grid_processor, native_inputs
 
 FIELD, FIELD_2 = "vision_model_name_or_path", "vision_model_name_or_path_2"  # the config fields naming the towers
 # Full checkpoints (text + vision): their vision half is taken.
@@ -153,28 +153,6 @@ def processor_pixel_shape(image_processor, name: str, field: str) -> tuple[int, 
     return next(iter(shapes))
 
 
-def fixed_grid_processor(processor, config: Siglip2VisionConfig):
-    """A SigLIP2 (NaFlex) processor as a fixed-size one: resize to the tower's own grid, same normalisation.
-
-    NaFlex picks each image's grid from its aspect ratio; at a fixed resolution every
-    image is resized to ``side x side`` patches, ``side = sqrt(num_patches)`` (the
-    position-embedding grid the tower was trained with), as fixed-resolution SigLIP is.
-    """
-    from transformers import SiglipImageProcessorPil
-
-    side = math.isqrt(config.num_patches)
-    if side * side != config.num_patches:
-        raise ConfigError(f"{type(config).__name__}: num_patches {config.num_patches} is not a square grid")
-    size = side * config.patch_size
-    return SiglipImageProcessorPil(
-        size={"height": size, "width": size},
-        resample=getattr(processor, "resample", None) or Image.Resampling.BILINEAR,
-        rescale_factor=getattr(processor, "rescale_factor", 1 / 255),
-        image_mean=getattr(processor, "image_mean", [0.5, 0.5, 0.5]),
-        image_std=getattr(processor, "image_std", [0.5, 0.5, 0.5]),
-    )
-
-
 def load_image_processor_for(name: str, config: PretrainedConfig, field: str = FIELD):
     """The tower's own image processor (a preset's is built), fixed to one size."""
     if presets.is_preset(name):
@@ -262,12 +240,20 @@ class VisionEncoder(nn.Module):
         self.pixel_shape = layout.pixel_shape
         self.image_size = layout.pixel_shape[1]
         self.patch_size = config.patch_size
+        self.native = None
 
     @property
     def parts(self) -> list["VisionEncoder"]:
         return [self]
 
-    def _inputs(self, pixel_values: torch.Tensor) -> dict:
+    def read_native(self, native) -> None:
+        """Read images at their own aspect ratio (:mod:`mmtrain.model.native_aspect`): inputs are padded patch rows."""
+        self.native = native
+        self.pixel_shape = (native.max_patches, self.patch_size * self.patch_size * self.layout.pixel_shape[0])
+
+    def _inputs(self, pixel_values: torch.Tensor, grids=None) -> dict:
+        if self.native is not None:  # a blank image (a rank without images) is one patch
+            return native_inputs(pixel_values, grids if grids is not None else [(1, 1)] * pixel_values.shape[0])
         if not self.layout.patchified:
             return {"pixel_values": pixel_values}
         # SigLIP2 takes patch rows in its image processor's order: (row, column), then
@@ -279,8 +265,8 @@ class VisionEncoder(nn.Module):
         mask = torch.ones(n, gh * gw, dtype=torch.long, device=pixel_values.device)
         return {"pixel_values": rows, "pixel_attention_mask": mask, "spatial_shapes": grid}
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.tower(**self._inputs(pixel_values), output_hidden_states=True)
+    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        out = self.tower(**self._inputs(pixel_values, grids), output_hidden_states=True)
         features = out.hidden_states[self.feature_layer]
         patches = features[:, self.prefix_tokens :]
         if self.keep_cls:

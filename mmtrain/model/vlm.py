@@ -14,6 +14,7 @@ peers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import label_positions
 from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.anyres import NEWLINE, pack_tiles
+from mmtrain.model.native_aspect import valid_rows
 from mmtrain.model.attention import decoder_kwargs
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
@@ -58,9 +60,22 @@ class VisionLanguageModel(nn.Module):
     def vision(self) -> VisionEncoder | FusedVisionEncoder:
         return self.vision_encoder
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision features ``[num_images, num_patches, vision_dim]`` (no graph when frozen)."""
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """Vision features ``[num_images, num_patches, vision_dim]`` (no graph when frozen).
+
+        At native aspect ratios (``image_tokens.native``) each image's patch grid follows
+        from its size: ``image_sizes`` are needed, and each image's rows past its own
+        patches are padding.
+        """
         vision = self.vision
+        native = self.image_tokens.native
+        if native is not None and pixel_values.shape[0]:
+            if image_sizes is None:
+                raise ValueError("a model reading images at their native aspect ratio needs the batch's image_sizes")
+            grids = [native.grid(tuple(s)) for s in _pairs(image_sizes)]
+            run = functools.partial(vision, grids=grids)
+        else:
+            run = vision
         dtype = next(vision.parameters()).dtype
         if self.vision_trainable:
             if pixel_values.shape[0] == 0:
@@ -70,11 +85,11 @@ class VisionLanguageModel(nn.Module):
                 blank = pixel_values.new_zeros(1, *vision.pixel_shape, dtype=dtype)
                 features = vision(blank)
                 return features[:0] + 0.0 * features.sum()
-            return vision(pixel_values.to(dtype))
+            return run(pixel_values.to(dtype))
         if pixel_values.shape[0] == 0:
             return pixel_values.new_zeros(0, vision.num_patches, vision.hidden_size, dtype=dtype)
         with torch.no_grad():
-            return vision(pixel_values.to(dtype))
+            return run(pixel_values.to(dtype))
 
     def image_positions(self, image_features: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """The projected features of every image position, image after image: ``[positions, lm_dim]``.
@@ -83,6 +98,10 @@ class VisionLanguageModel(nn.Module):
         (``image_sizes`` given) they are its base tile's, then its unpadded grid's with a
         newline per row (:func:`mmtrain.model.anyres.pack_tiles`).
         """
+        native = self.image_tokens.native
+        if native is not None:  # each image's own patches, then token by token through the projector
+            grids = [native.grid(tuple(s)) for s in _pairs(image_sizes)] if image_features.shape[0] else []
+            return self.projector(valid_rows(image_features, grids).to(self._projector_dtype()))
         projected = self.projector(image_features.to(self._projector_dtype()))
         anyres = self.image_tokens.anyres
         if anyres is None:
@@ -169,7 +188,7 @@ class VisionLanguageModel(nn.Module):
             if pixel_values is None:
                 vision = self.vision
                 pixel_values = torch.zeros(0, *vision.pixel_shape, device=input_ids.device)
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, image_sizes)
         embeds = self.embed(input_ids, image_features, image_repeats, image_sizes)
         body = self.language_model.get_decoder()
         lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
@@ -186,6 +205,11 @@ class VisionLanguageModel(nn.Module):
             hidden, labels, head, label_positions, per_sample_grad=per_sample_grad, samples=label_samples, num_samples=num_samples
         )
         return VLMOutput(loss, count, per_sample, per_sample_count, logits)
+
+
+def _pairs(image_sizes) -> list[tuple[int, int]]:
+    """A batch's image sizes (a list of pairs, or a host tensor ``[n, 2]``) as ``(height, width)`` tuples."""
+    return [tuple(s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
 
 
 def causal_lm_loss(

@@ -114,7 +114,7 @@ class PreferenceObjective:
     def __call__(self, model, batch: dict) -> PreferenceLoss:
         if batch.get("image_features") is None and not self.vlm.vision_trainable:
             batch = dict(batch)
-            batch["image_features"] = self.vlm.encode_images(batch.pop("pixel_values"))
+            batch["image_features"] = self.vlm.encode_images(batch.pop("pixel_values"), batch.get("image_sizes"))
         with self.reference.active():
             reference = -model(**batch).loss_sum_per_sample
         out = model(**batch, per_sample_grad=True)
