@@ -98,6 +98,8 @@ FEATURES = {
     "projector_only": {"lang_lora_dim": "0"},  # the projector and new rows swapped for the reference
     # AnyRes tiles on images of five aspect ratios (the row writes them: ``row_data``)
     "anyres": {"anyres_max_tiles": "4"},
+    # SigLIP2 read at each image's own aspect ratio (NaFlex), on the same images
+    "native": {"vision_model_name_or_path": "tiny-siglip2", "vision_max_patches": "48"},
     # flex attention's document mask: what packed rows take where FlashAttention-2 cannot run
     "flex": {"packed_attention": "flex_attention"},
 }
@@ -156,6 +158,7 @@ ONE_GPU = [
     # with vision LoRA at ZeRO-3 (every rank runs the tower on its own tiles), packed rows.
     row("zero2", "anyres", "budget", "compiled", resume=True),
     row("zero3", "anyres", "vision_lora", "packing"),
+    row("zero2", "native", "budget", "compiled"),
 ]
 
 # Two GPUs: every config on two processes.
@@ -251,7 +254,7 @@ def _pairs_dataset(folder: Path, n: int = 160) -> Path:
 
 def row_data(r: Row, tmp_path: Path) -> dict:
     """Flags for the data a row writes itself (preference pairs, images of several shapes), else none."""
-    if "anyres" in r.features:
+    if "anyres" in r.features or "native" in r.features:
         from tests.aspect_data import write_aspect_dataset
 
         return {"dataset_names": str(write_aspect_dataset(tmp_path / "aspects", 160))}
