@@ -184,6 +184,13 @@ class DataArguments:
             "Longer samples follow --overlength_policy."
         ),
     )
+    max_image_tokens: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "Most image tokens in one sample, every image's span counted (with AnyRes tiles or --vision_max_patches each "
+            "image's own count, from its size); samples with more follow --overlength_policy (counted)."
+        ),
+    )
     max_images_per_batch: Optional[int] = field(
         default=None,
         metadata=_help("With --max_tokens_per_batch: most images in one micro-batch (the vision encoder's batch); samples with more follow --overlength_policy."),
@@ -230,6 +237,8 @@ class DataArguments:
             raise ConfigError(f"--num_workers must be >= 0, or -1 for the default, got {self.num_workers}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 8:
             raise ConfigError(f"--max_tokens_per_batch must be >= 8, got {self.max_tokens_per_batch}")
+        if self.max_image_tokens is not None and self.max_image_tokens < 1:
+            raise ConfigError(f"--max_image_tokens must be >= 1, got {self.max_image_tokens}")
         if self.max_images_per_batch is not None:
             if self.max_tokens_per_batch is None:
                 raise ConfigError("--max_images_per_batch is a limit of --max_tokens_per_batch batches; pass both or neither")

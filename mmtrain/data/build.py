@@ -182,7 +182,8 @@ def fit_record(
 
     A sample is over-long when it has more tokens than :meth:`DataArguments.longest_sample`
     (``--max_seq_len``, or a smaller ``--max_tokens_per_batch``) or, under an image budget,
-    more images than ``--max_images_per_batch``: a micro-batch could never hold it.
+    more images than ``--max_images_per_batch``: a micro-batch could never hold it; or
+    more image tokens than ``--max_image_tokens``.
     """
     limit = data_args.longest_sample()
     image_limit = data_args.max_images_per_batch
@@ -195,11 +196,14 @@ def fit_record(
     pairs = len(encoded.turn_ends)
     keep = pairs
     too_many_images = image_limit is not None and encoded.num_images > image_limit
-    if len(encoded.input_ids) > limit or too_many_images:
+    token_limit = getattr(data_args, "max_image_tokens", None)
+    image_tokens_after = _image_tokens_after(encoded, image_tokens.image_id) if token_limit is not None else [0] * pairs
+    too_many_image_tokens = token_limit is not None and image_tokens_after and image_tokens_after[-1] > token_limit
+    if len(encoded.input_ids) > limit or too_many_images or too_many_image_tokens:
         if data_args.overlength_policy == "truncate_turns":
             keep = sum(
-                1 for end, images in zip(encoded.turn_ends, images_after)
-                if end <= limit and (image_limit is None or images <= image_limit)
+                1 for end, images, spans in zip(encoded.turn_ends, images_after, image_tokens_after)
+                if end <= limit and (image_limit is None or images <= image_limit) and (token_limit is None or spans <= token_limit)
             )
         else:
             keep = 0
@@ -214,6 +218,16 @@ def fit_record(
     counts[f"tokens_{split}"] += length
     counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], length)
     return Entry(row, keep, length, num_images, encoded.prefix_length)
+
+
+def _image_tokens_after(encoded, image_id: int) -> list[int]:
+    """Image tokens up to the end of each question/answer pair of an encoded conversation."""
+    ids, totals, seen, start = encoded.input_ids, [], 0, 0
+    for end in encoded.turn_ends:
+        seen += sum(1 for t in ids[start:end] if t == image_id)
+        totals.append(seen)
+        start = end
+    return totals
 
 
 def _images_after_each_pair(body: list[dict]) -> list[int]:

@@ -36,7 +36,9 @@ def fit_pair(record: dict, data_args, tokenizer, image_tokens, counts: dict, spl
         )
         lengths.append(len(encoded.input_ids))
     # Under a token budget both halves share one micro-batch, so together they must fit it.
-    if max(lengths) > data_args.longest_sample() or (data_args.max_tokens_per_batch and sum(lengths) > data_args.max_tokens_per_batch):
+    cap = getattr(data_args, "max_image_tokens", None)
+    over_cap = cap is not None and encoded.input_ids.count(image_tokens.image_id) > cap
+    if over_cap or max(lengths) > data_args.longest_sample() or (data_args.max_tokens_per_batch and sum(lengths) > data_args.max_tokens_per_batch):
         counts[f"dropped_overlength_{split}"] += 1
         return None
     _, body = split_turns(record["turns"])

@@ -53,6 +53,19 @@ def test_measured_lengths_are_the_encoded_lengths_and_images_keep_their_grids(mo
     built.model(**batch).loss.backward()  # the five shapes' spans and features line up in one batch
 
 
+def test_samples_over_the_image_token_cap_are_dropped_and_counted(model_folders, aspect_data, data_path):
+    from mmtrain.args import DataArguments, ModelArguments
+    from mmtrain.data import build_datasets
+    from mmtrain.model import build_model
+
+    built = build_model(ModelArguments(lm_model_name_or_path=model_folders["tiny-llama"], vision_model_name_or_path=model_folders["tiny-clip"], anyres_max_tiles=4))
+    args = DataArguments(dataset_names=[str(aspect_data)], data_path=str(data_path), eval_ratio=0.0, max_image_tokens=200)
+    data = build_datasets(args, built.tokenizer, built.image_processor, built.image_tokens, seed=0)
+    kept = [int((data.train[i]["input_ids"] == built.image_tokens.image_id).sum()) for i in range(len(data.train))]
+    assert kept and max(kept) <= 200
+    assert data.static_report["dropped_overlength_train"] == 40 - len(kept) > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", SIZED)
 def test_a_run_under_a_token_budget_killed_and_resumed_gives_the_same_losses(model_folders, aspect_data, data_path, tmp_path, kind):
