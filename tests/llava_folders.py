@@ -72,6 +72,46 @@ def write_tiny_llava(folder, *, vision: str = "tiny-clip", strategy: str = "defa
     return folder
 
 
+def write_tiny_llava_next(folder, *, seed: int = 0, pinpoints=((64, 128), (128, 64), (128, 128), (64, 192))) -> str:
+    """Write a tiny random LLaVA-NeXT folder (CLIP tower of 64 px tiles, LLaMA LM, its grids and newline) and return its path."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from mmtrain import presets
+
+    folder = os.fspath(folder)
+    tokenizer = presets.build_preset_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    vision_config = presets.preset_config("tiny-clip")
+    text_config = presets.preset_config("tiny-llama")
+    text_config.vocab_size = len(tokenizer) + 5
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(text_config, key, getattr(tokenizer, key))
+    config = LlavaNextConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[list(p) for p in pinpoints],
+    )
+    config.vision_config.model_type = vision_config.model_type
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(folder)
+    size = vision_config.image_size
+    tiler = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=[list(p) for p in pinpoints],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=tiler, tokenizer=tokenizer, patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
 # Plain transformers, no mmtrain: each folder's own processor and chat template make the
 # prompt and greedy generate() answers (kept from stopping for 8 tokens); the ids and
 # answers are written to a JSON file, the pixels and the prompt's logits beside each folder.

@@ -59,6 +59,10 @@ class AnyResImageProcessor:
 
         self.anyres = self.sized = anyres
         self.tower_processor = tower_processor
+        if hasattr(tower_processor, "image_grid_pinpoints"):
+            # A LLaVA-NeXT folder's processor tiles by itself: what an export's tower folder keeps
+            # is a one-tile processor of the same statistics (the tiling follows from the config).
+            self.tower_processor = _one_tile_processor(tower_processor, anyres.tile)
         size = {"height": anyres.tile, "width": anyres.tile}
         self.tiler = LlavaNextImageProcessorPil(
             size=size,
@@ -83,6 +87,18 @@ class AnyResImageProcessor:
         pixels = out["pixel_values"]  # [n, most tiles, C, S, S], padded on the tile axis
         tiles = torch.cat([pixels[i, :count] for i, count in enumerate(counts)]) if counts else pixels.reshape(0, *pixels.shape[2:])
         return BatchFeature({"pixel_values": tiles, "image_sizes": sizes}, tensor_type=return_tensors)
+
+
+def _one_tile_processor(processor, tile: int):
+    try:
+        from transformers import CLIPImageProcessorPil as OneTile
+    except ImportError:  # older transformers: the default class is PIL-backed
+        from transformers import CLIPImageProcessor as OneTile
+    return OneTile(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, resample=processor.resample,
+        rescale_factor=processor.rescale_factor, image_mean=processor.image_mean, image_std=processor.image_std,
+        do_normalize=processor.do_normalize,
+    )
 
 
 def add_newline(projector: nn.Module, lm_dim: int, dtype: torch.dtype) -> None:

@@ -56,7 +56,9 @@ def check_model_config(config: VLMConfig) -> None:
                 "vision_model_name_or_path_2 cannot be used with vlm_name_or_path: a LLaVA folder holds one vision tower",
                 fields=("vision_model_name_or_path_2", "vlm_name_or_path"),
             )
-        lm_config = read_folder(config.vlm_name_or_path).text_config
+        folder = read_folder(config.vlm_name_or_path)
+        anyres_layout(config, [folder.tower_spec()])  # the grids against its tower's size
+        lm_config = folder.text_config
     else:
         specs = tower_specs(config)  # each tower's config and image processor, and that fused grids agree
         anyres_layout(config, specs)  # tile sizes
@@ -113,7 +115,7 @@ def build_model(
 
     tokenizer = llava.tokenizer() if llava else load_tokenizer(config.lm_model_name_or_path)
     image_processor = llava.image_processor() if llava else load_image_processor(config, vision_specs)
-    anyres = anyres_layout(config, vision_specs) if llava is None else None
+    anyres = anyres_layout(config, [llava.tower_spec()] if llava is not None else vision_specs)
     if anyres is not None:
         image_processor = AnyResImageProcessor(image_processor, anyres)  # tiles, each as the tower's processor would
     native = native_layout(config, vision_specs) if llava is None else None
@@ -139,10 +141,10 @@ def build_model(
         projector = build_projector(
             config.vis_proj, vision.hidden_size, lm_dim, vision.num_patches, config.perceiver_num_queries
         ).to(trainable_dtype)
-        if llava is not None and not meta:
-            llava.load_projector(projector)
         if anyres is not None:
             add_newline(projector, lm_dim, trainable_dtype)
+        if llava is not None and not meta:
+            llava.load_projector(projector)  # a LLaVA-NeXT folder's newline too
         image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres, native=native)
         if native is not None:
             vision.read_native(native)

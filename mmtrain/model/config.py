@@ -72,9 +72,11 @@ class VLMConfig:
     vlm_name_or_path: str = field(
         default="",
         metadata=_doc(
-            "Start from a transformers LLaVA folder (LlavaForConditionalGeneration, llava-hf layout): its vision tower, "
-            "projector (as mlp), LM, image token, tokenizer, image processor and chat template; its vision_feature_layer and "
-            "vision_feature_select_strategy set --vision_feature_layer and --vision_keep_cls, and both model paths name it."
+            "Start from a transformers LLaVA or LLaVA-NeXT folder (LlavaForConditionalGeneration, "
+            "LlavaNextForConditionalGeneration; llava-hf layout): its vision tower, projector (as mlp), LM, image token, "
+            "tokenizer, image processor and chat template (LLaVA-NeXT's grids as --image_grid_pinpoints, its newline too); "
+            "its vision_feature_layer and vision_feature_select_strategy set --vision_feature_layer and --vision_keep_cls, "
+            "and both model paths name it."
         ),
     )
     image_markup: Literal["mmtrain", "llava"] = field(
@@ -240,11 +242,6 @@ class VLMConfig:
             )
         if self.vision_keep_cls:
             raise ConfigError("AnyRes tiles lay features out on the patch grid, and a CLS token is no patch", fields=(*named, "vision_keep_cls"))
-        if self.vlm_name_or_path:
-            raise ConfigError(
-                "AnyRes tiles from a LLaVA folder are not supported yet: start from its parts (its vision tower and LM folders)",
-                fields=(*named, "vlm_name_or_path"),
-            )
         if self.vision_model_name_or_path_2:
             raise ConfigError(
                 "AnyRes tiles with two fused encoders are not supported: each tile would need both image processors' crops",

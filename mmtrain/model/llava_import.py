@@ -1,8 +1,8 @@
-"""Start from a released VLM: a transformers ``LlavaForConditionalGeneration`` folder.
+"""Start from a released VLM: a transformers ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration`` folder.
 
 ``--vlm_name_or_path FOLDER`` (the llava-hf layout: ``config.json`` of ``model_type``
-``llava``, safetensors, tokenizer, processor, chat template) makes the folder's pieces
-the model mmtrain builds:
+``llava`` or ``llava_next``, safetensors, tokenizer, processor, chat template) makes the
+folder's pieces the model mmtrain builds:
 
 * the vision tower, read at the folder's ``vision_feature_layer``, its CLS token dropped
   for ``vision_feature_select_strategy`` ``default`` and kept for ``full``;
@@ -13,10 +13,13 @@ the model mmtrain builds:
   (``image_markup`` ``llava``: no ``<im_start>``/``<im_end>`` are added), its embedding
   row being the new-token row that trains; the tokenizer carries the folder's chat
   template, which ``--template chat`` renders;
-* the image processor.
+* the image processor;
+* for LLaVA-NeXT, its grid pinpoints as ``image_grid_pinpoints`` (AnyRes tiles, laid out
+  as it lays them out: :mod:`mmtrain.model.anyres`) and its ``image_newline`` as the
+  projector's.
 
 Everything is read from the folder's config before any weights load; a folder of
-another class (LLaVA-NeXT, Qwen2-VL, Idefics3, ...) is refused naming its class. Each
+another class (Qwen2-VL, Idefics3, ...) is refused naming its class. Each
 piece is loaded alone from the folder's safetensors (transformers renames the folder's
 keys to the piece's own, either key layout), so a tensor missing for a piece is an
 error, never a random weight.
@@ -52,16 +55,17 @@ from mmtrain.image_tokens import IMAGE_TOKEN
 from mmtrain.model.errors import ConfigError
 from mmtrain.model.hf_loading import checked_from_pretrained, safetensors_files
 from mmtrain.model.language import language_attention
-from mmtrain.model.vision import SUPPORTED as SUPPORTED_TOWERS, TowerLayout, VisionEncoder, processor_pixel_shape, tower_layout
+from mmtrain.model.anyres import NEWLINE
+from mmtrain.model.vision import SUPPORTED as SUPPORTED_TOWERS, TowerLayout, TowerSpec, VisionEncoder, processor_pixel_shape, tower_layout
 
 FIELD = "vlm_name_or_path"  # the config field naming the folder: what its errors speak of
-SUPPORTED_CLASS = "LlavaForConditionalGeneration"
-SUPPORTED_TYPE = "llava"
+SUPPORTED = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}  # model_type: class
 # The folder's keys, in the layout transformers writes (language_model.model.*) and in
 # the one its own model holds (model.language_model.*), renamed to each piece's names.
 _LM_KEYS = {r"^model\.language_model\.": "model.", r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head."}
 _VISION_KEYS = {r"^model\.vision_tower\.": "", r"^vision_tower\.": ""}
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+_NEWLINE_KEYS = ("model.image_newline", "image_newline")
 
 
 @dataclass
@@ -79,10 +83,29 @@ class LlavaFolder:
     def text_config(self) -> PretrainedConfig:
         return self.config.text_config
 
+    @property
+    def tiled(self) -> bool:
+        """A LLaVA-NeXT folder: its images are AnyRes tiles."""
+        return self.config.model_type == "llava_next"
+
+    @property
+    def pinpoints(self) -> str:
+        """Its grids as ``image_grid_pinpoints`` reads them (``HEIGHTxWIDTH,...``)."""
+        return ",".join(f"{h}x{w}" for h, w in self.config.image_grid_pinpoints)
+
     @functools.cached_property
     def layout(self) -> TowerLayout:
-        """Where the tower's patch features are, at the size of the folder's image processor."""
-        return tower_layout(self.vision_config, processor_pixel_shape(self.image_processor(), self.path, FIELD), self.path, FIELD)
+        """Where the tower's patch features are, at the size of the folder's image processor (of one tile, when tiled)."""
+        if self.tiled:
+            size = self.vision_config.image_size  # LLaVA-NeXT cuts tiles of its tower's own size
+            shape = (self.vision_config.num_channels if hasattr(self.vision_config, "num_channels") else 3, size, size)
+        else:
+            shape = processor_pixel_shape(self.image_processor(), self.path, FIELD)
+        return tower_layout(self.vision_config, shape, self.path, FIELD)
+
+    def tower_spec(self) -> TowerSpec:
+        """The folder's tower as a :class:`TowerSpec` (what the AnyRes layout is checked against)."""
+        return TowerSpec(self.path, FIELD, self.vision_config, self.image_processor(), self.layout)
 
     @property
     def has_cls(self) -> bool:
@@ -145,6 +168,13 @@ class LlavaFolder:
             if prefix is not None:
                 with safe_open(file, "pt") as f:
                     tensors[key[len(prefix) :]] = f.get_tensor(key)
+        newline = hasattr(projector, NEWLINE)
+        for key, file in _weight_files(self.path).items():
+            if key in _NEWLINE_KEYS and newline:
+                with safe_open(file, "pt") as f:
+                    tensors[NEWLINE] = f.get_tensor(key)
+        if newline and NEWLINE not in tensors:
+            tensors[NEWLINE] = getattr(projector, NEWLINE).detach().clone()  # a LLaVA-1.5 folder tiled anew: the newline starts fresh
         try:
             projector.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
@@ -175,13 +205,10 @@ def read_folder(path: str) -> LlavaFolder:
         raise ConfigError(f"{FIELD} {config_file}: not JSON ({e})", fields=(FIELD,)) from None
     architectures = raw.get("architectures") or []
     model_type = raw.get("model_type")
-    if model_type != SUPPORTED_TYPE or any(a != SUPPORTED_CLASS for a in architectures):
+    if model_type not in SUPPORTED or any(a != SUPPORTED[model_type] for a in architectures):
         held = ", ".join(architectures) or "no architectures"
-        raise ConfigError(
-            f"{FIELD} {path!r} holds {held} (model_type {model_type!r}); supported: {SUPPORTED_CLASS} "
-            f"(model_type {SUPPORTED_TYPE!r}, the llava-hf layout)",
-            fields=(FIELD,),
-        )
+        supported = ", ".join(f"{c} (model_type {t!r})" for t, c in SUPPORTED.items())
+        raise ConfigError(f"{FIELD} {path!r} holds {held} (model_type {model_type!r}); supported, in the llava-hf layout: {supported}", fields=(FIELD,))
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers validates each field, with errors of several classes
@@ -236,13 +263,15 @@ def resolve(model_config) -> None:
     model_config.vision_feature_layer = folder.config.vision_feature_layer
     model_config.vision_keep_cls = folder.keep_cls
     model_config.image_markup = "llava"
+    if folder.tiled and not (model_config.image_grid_pinpoints or model_config.anyres_max_tiles):
+        model_config.image_grid_pinpoints = folder.pinpoints  # its own grids, unless the run asks for others
 
 
 def looks_like_llava_folder(path: str) -> bool:
     """Whether ``path`` is a transformers LLaVA folder (its config.json says so)."""
     try:
         with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type") == SUPPORTED_TYPE
+            return json.load(f).get("model_type") in SUPPORTED
     except (OSError, ValueError, AttributeError):
         return False
 

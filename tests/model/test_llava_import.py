@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mmtrain.args import ConfigError, ModelArguments
 from mmtrain.model import build_model
 from mmtrain.model.pretrained import EXPORT_CONFIG, load_pretrained, save_pretrained
-from tests.llava_folders import plain_transformers_generate, write_tiny_llava
+from tests.llava_folders import plain_transformers_generate, write_tiny_llava, write_tiny_llava_next
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,41 @@ def test_imported_model_computes_what_the_llava_folder_computes(tmp_path, vision
     # the one new-token row is the image token's, started from the folder's row
     rows = [(n, p) for n, p in built.model.named_parameters() if p.requires_grad and n.endswith(".new_rows")]
     assert len(rows) == 1 and torch.equal(rows[0][1][0], reference.get_input_embeddings().weight[tokens.image_id])
+
+
+def test_a_llava_next_folder_is_imported_with_its_tiles_and_computes_what_it_computes(tmp_path):
+    """A LLaVA-NeXT folder: its grids become AnyRes tiles and its newline the projector's; on images of
+    three shapes the imported model's logits are transformers' own; exported, the folder's tensors come back."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from mmtrain.data.dataset import pixel_inputs
+    from mmtrain.export import export_llava
+
+    folder = write_tiny_llava_next(tmp_path / "next")
+    args = ModelArguments(vlm_name_or_path=folder, lang_lora_dim=0)
+    assert args.image_grid_pinpoints == "64x128,128x64,128x128,64x192" and args.image_markup == "llava"
+    built = build_model(args)
+    reference = LlavaNextForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    torch.manual_seed(0)
+    images = [Image.fromarray((torch.rand(h, w, 3) * 255).to(torch.uint8).numpy()) for h, w in ((50, 130), (120, 40), (70, 70))]
+    messages = [{"role": "user", "content": [{"type": "image"}] * 3 + [{"type": "text", "text": "Which?"}]}]
+    inputs = processor(images=images, text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
+    ours = pixel_inputs(images, built.image_processor, (3, 64, 64))
+    counts = [built.image_tokens.count((im.height, im.width)) for im in images]
+    assert int((inputs["input_ids"] == built.image_tokens.image_id).sum()) == sum(counts) and len(set(counts)) == 3
+    with torch.no_grad():
+        got = built.model.eval()(inputs["input_ids"], return_logits=True, **ours).logits
+        expected = reference(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(built.model.projector.image_newline, reference.model.image_newline)
+
+    export = tmp_path / "export"
+    save_pretrained(str(export), built.model.state_dict(), built.model, built.tokenizer, built.image_processor, args, template="chat")
+    export_llava(str(export), str(tmp_path / "again"), "llava_next")
+    original, again = load_file(f"{folder}/model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert set(again) <= set(original) and [k for k in again if not torch.equal(again[k], original[k])] == []
 
 
 def test_round_trip_gives_the_folders_tensors_and_generation(tmp_path, llava_folder):
@@ -201,16 +236,17 @@ def test_another_vlm_class_is_refused_naming_it(tmp_path):
     idefics = tmp_path / "idefics3"
     Idefics3Config().save_pretrained(idefics)  # a config alone: the refusal must come before weights are looked for
     qwen = _write_config(tmp_path / "qwen2vl", architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl")
-    next_ = _write_config(tmp_path / "next", architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next")
+    video = _write_config(tmp_path / "video", architectures=["LlavaNextVideoForConditionalGeneration"], model_type="llava_next_video")
     for folder, held in ((str(idefics), "Idefics3ForConditionalGeneration"), (qwen, "Qwen2VLForConditionalGeneration"),
-                         (next_, "LlavaNextForConditionalGeneration")):
+                         (video, "LlavaNextVideoForConditionalGeneration")):
         if held.startswith("Idefics3"):
             held = "model_type 'idefics3'"  # a config saved without architectures still names its type
         with pytest.raises(ConfigError) as e:
             ModelArguments(vlm_name_or_path=folder)
         message = str(e.value)
         assert "\n" not in message and message.startswith(f"--vlm_name_or_path {folder!r}")
-        assert held in message and "supported: LlavaForConditionalGeneration" in message
+        assert held in message and "supported, in the llava-hf layout: LlavaForConditionalGeneration" in message
+        assert "LlavaNextForConditionalGeneration (model_type 'llava_next')" in message
 
 
 def test_the_command_line_refuses_it_before_weights(tmp_path, capsys, monkeypatch):
