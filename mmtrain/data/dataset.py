@@ -89,25 +89,16 @@ def pixel_inputs(decoded: list[Image.Image], image_processor, empty_shape: tuple
 
 
 def image_size(path: str, source: str, index: int, store: ImageStore | None = None) -> tuple[int, int]:
-    """An image's ``(height, width)`` from its header, without decoding its pixels (AnyRes counts tokens from it)."""
-    what = f"image file {path}"
-    try:
-        if parse_embedded(path) is not None:
-            what = f"{describe(path)} (embedded)"
-            opened = (store or ImageStore()).open(path)
-        else:
-            opened = open_member(path) or path
-        if isinstance(opened, Image.Image):
-            return opened.height, opened.width
-        with Image.open(opened) as image:
-            return image.height, image.width
-    except FileNotFoundError:
-        raise BadImageError(f"{source}: record {index}: {what} not found") from None
-    except (OSError, ValueError, IndexError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"{source}: record {index}: {what} cannot be decoded: {err}") from None
+    """An image's ``(height, width)`` from its header, without decoding its pixels (tiles count tokens from it)."""
+    return _read(path, source, index, store, lambda image: (image.height, image.width))
 
 
 def _decode(path: str, source: str, index: int, store: ImageStore | None) -> Image.Image:
+    return _read(path, source, index, store, lambda image: image.convert("RGB"))
+
+
+def _read(path: str, source: str, index: int, store: ImageStore | None, take):
+    """``take(image)`` of an opened image; a missing or unreadable one is a :class:`BadImageError` naming the record."""
     what = f"image file {path}"
     try:
         if parse_embedded(path) is not None:
@@ -116,9 +107,9 @@ def _decode(path: str, source: str, index: int, store: ImageStore | None) -> Ima
         else:
             opened = open_member(path) or path  # a tar shard's member, or a file
         if isinstance(opened, Image.Image):
-            return opened.convert("RGB")
+            return take(opened)
         with Image.open(opened) as image:
-            return image.convert("RGB")
+            return take(image)
     except FileNotFoundError:
         raise BadImageError(f"{source}: record {index}: {what} not found") from None
     except (OSError, ValueError, IndexError, Image.DecompressionBombError) as err:
