@@ -69,7 +69,7 @@ def _worker(rank: int, folders: dict, port: int, out_dir: str) -> None:
         lm_model_name_or_path=folders["tiny-llama"], vision_model_name_or_path=folders["tiny-clip"], lang_lora_dim=4, lang_lora_alpha=4
     )
     torch.manual_seed(0)  # the projector's initial weights: the same on both processes
-    built = build_model(args, speed=SpeedOptions(packed_attention="reference"))
+    built = build_model(args, speed=SpeedOptions(packed_attention="reference", fused_lora=True))
     model = built.model.train()
     randomise_lora(model)
     batches = _batches(built)
