@@ -164,7 +164,7 @@ class VisionLanguageModel(nn.Module):
             # its position_id (the batch's are already this process's columns), never a mask.
             rank, size = sequence_shard
             width = input_ids.shape[1] // size
-            embeds = embeds[:, rank * width : (rank + 1) * width]
+            embeds = embeds[:, rank * width : (rank + 1) * width].contiguous()  # a copy: the whole row's embeddings are freed
             attention_mask = None
         body = self.language_model.get_decoder()
         hidden = body(

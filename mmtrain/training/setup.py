@@ -161,6 +161,7 @@ def memory_setup(accelerator, data_args, train_args):
         seq_len=seq_len,
         precision=_precision(accelerator),
         gradient_checkpointing=train_args.gradient_checkpointing,
+        sequence_parallel=train_args.sequence_parallel_size,
         compiled=speedups.compiles(accelerator.device, train_args),
         fp8_base=train_args.fp8_base,
         fp8_vision=train_args.fp8_vision,
