@@ -177,13 +177,6 @@ def register_ulysses(language_model, implementation: str, size: int, micro_batch
     return mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
 
 
-def release_ulysses_groups() -> None:
-    """Forget the sequence-parallel groups of this process (a second registration in one process, tests only)."""
-    from deepspeed.runtime.sequence_parallel import parallel_state_sp
-
-    parallel_state_sp._release_sequence_parallel_groups()
-
-
 def _estimate_zero2():
     # DeepSpeed's memory estimator, the form taking a parameter count instead of a model
     # (the documented ..._all_live variants need the model); returns (cpu_bytes, gpu_bytes).
