@@ -5,7 +5,8 @@ its half of every row (:func:`mmtrain.data.sequence_shard.shard_batch`), DeepSpe
 all-to-all exchanging heads for positions inside each attention layer. The loss summed
 over the two halves and the gradients summed over the two processes must be those of one
 process computing the whole rows: packed rows of several samples with images (their
-segments kept apart by the varlen kernel after the exchange) and padded rows of one sample.
+segments kept apart by the varlen kernel after the exchange) and padded rows of one sample,
+with fused LoRA and activation checkpointing on (the recomputed layers exchange again).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _worker(rank: int, folders: dict, port: int, out_dir: str) -> None:
         lm_model_name_or_path=folders["tiny-llama"], vision_model_name_or_path=folders["tiny-clip"], lang_lora_dim=4, lang_lora_alpha=4
     )
     torch.manual_seed(0)  # the projector's initial weights: the same on both processes
-    built = build_model(args, speed=SpeedOptions(packed_attention="reference", fused_lora=True))
+    built = build_model(args, speed=SpeedOptions(packed_attention="reference", fused_lora=True, gradient_checkpointing=True))
     model = built.model.train()
     randomise_lora(model)
     batches = _batches(built)
