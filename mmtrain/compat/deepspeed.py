@@ -157,6 +157,19 @@ def link_zero_optimizer_state(optimizer) -> None:
 # two-process test of ``tests/training/test_sequence_parallel.py`` shows.
 
 
+def ulysses_problem() -> str | None:
+    """Why this DeepSpeed cannot run the Ulysses attention as :func:`register_ulysses` uses it (None: it can)."""
+    import inspect
+
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    except ImportError as err:
+        return f"DeepSpeed's Ulysses attention (deepspeed >= 0.18) cannot be imported: {err}"
+    if "disable_in_eval" not in inspect.signature(UlyssesSPAttentionHF.register_with_transformers).parameters:
+        return "this DeepSpeed's Ulysses attention cannot step aside in evaluation (no disable_in_eval); install deepspeed >= 0.18.5"
+    return None
+
+
 def register_ulysses(language_model, implementation: str, size: int, micro_batch: int):
     """Route ``language_model``'s attention (``implementation``, already set on it) through Ulysses over groups of ``size``.
 

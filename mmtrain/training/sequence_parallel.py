@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 
 from mmtrain.args import ConfigError
+from mmtrain.compat import deepspeed as deepspeed_compat
 from mmtrain.data.sequence_shard import ShardingCollator
 from mmtrain.model import sequence_parallel
 from mmtrain.model.builder import BuiltModel, language_config
@@ -61,6 +62,8 @@ def check_sequence_parallel(accelerator, model_args, train_args) -> None:
             f"{flag} runs through DeepSpeed's Ulysses attention: launch with a DeepSpeed Accelerate config "
             "(e.g. accelerate launch --config_file accelerate_configs/sp2_zero3.yaml)"
         )
+    if problem := deepspeed_compat.ulysses_problem():
+        raise ConfigError(f"{flag}: {problem}")
     processes = accelerator.num_processes
     if processes % size:
         raise ConfigError(f"{flag}: the run has {processes} processes, which groups of {size} cannot share; launch a multiple of {size}")
