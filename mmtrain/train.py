@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     checkpointer = Checkpointer(
         prepared, built.config, trainable_names,
         CheckpointSettings(train_args.output_dir, train_args.save_total_limit, seed=train_args.seed,
-                           per_device_train_batch_size=train_args.per_device_train_batch_size, token_budget=data_args.token_budget()),
+                           per_device_train_batch_size=train_args.per_device_train_batch_size, token_budget=data_args.token_budget(),
+                           sequence_parallel_size=train_args.sequence_parallel_size),
         stream=train_loader if data_args.streaming else None,
     )
     if accelerator.is_main_process:
