@@ -69,7 +69,8 @@
 #   memory-full[:ROWS]  the same for 7B with the whole LM trained (LLaVA's stage 2), ZeRO-3 on
 #                  two GPUs through torchrun (rows 0-2; needs a machine with two GPUs)
 #
-# When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
+# When DeepSpeed or its needs are missing (einops: its Ulysses attention, for the sp part and the
+# sequence-parallel tier rows), the wheels in .whl/ are installed into /tmp/site,
 # put first on PYTHONPATH. Results go to $OUT (default outputs/gpu_suite,
 # which git ignores); copy the ones to keep into benchmarks/results/.
 #
@@ -95,7 +96,7 @@ else
 fi
 
 missing() {  # the needed packages Python cannot import with PYTHONPATH=$1
-    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets', 'trl', 'bitsandbytes') if u.find_spec(m) is None))"
+    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'einops', 'datasets', 'trl', 'bitsandbytes') if u.find_spec(m) is None))"
 }
 if [ -n "$(missing "${PYTHONPATH:-}")" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     # Several suite invocations may start side by side (one per GPU): one installs, under a
