@@ -53,8 +53,9 @@ def test_process_counts_heads_and_deepspeed_are_checked_before_weights(model_fol
         _check(model_folders, accelerator, sequence_parallel_size=2)
 
 
-def test_heads_the_size_does_not_divide_are_refused_before_weights(model_folders, tmp_path):
-    """Launched as two processes under DeepSpeed: 3 does not divide 2 processes; tiny-llama's 4 heads do not split 3 ways either."""
+def test_a_size_the_process_count_does_not_divide_is_refused_before_weights(model_folders, tmp_path):
+    """Launched as two processes under DeepSpeed: groups of 3 cannot share 2 processes (one line, no weights loaded).
+    Heads a size does not divide: tests/model/test_sequence_parallel.py."""
     flags = _argv(model_folders, sequence_parallel_size=3, per_device_train_batch_size=1, output_dir=tmp_path / "run")
     proc = launch(flags, config="zero2.yaml", num_processes=2, check=False, timeout=300)
     assert proc.returncode != 0
