@@ -5,7 +5,8 @@
     python benchmarks/sequence_parallel.py --smoke --out /tmp/sp.json          # tiny presets on the CPU: the script itself
 
 Every run is the real entry point (``accelerate launch mmtrain/train.py``) with ZeRO-2 (the
-presets draw their random weights on the GPU), bfloat16, LoRA rank 16, the MLP projector, a
+presets draw their random weights on the GPU), bfloat16, eager decoder layers (compilation is
+off under the split, so off for one GPU too), LoRA rank 16, the MLP projector, a
 token budget of one sample per micro-batch, on a generated LLaVA-format dataset: samples of
 8 random 336x336 images and random words, each as close under ``--tokens`` as the presets'
 tokenizer allows (the answer, which carries the labels, is its last ``--answer_fraction``).
@@ -96,6 +97,7 @@ def run_flags(opts, data: dict, out: str, sp: int, checkpointing: bool) -> list[
         "eval_ratio": "0", "eval_generate": "0", "export_each_epoch": "false", "logging_steps": "1",
         "max_steps": str(opts.steps), "num_train_epochs": "1", "seed": "0", "learning_rate": "1e-4",
         "sequence_parallel_size": str(sp), "gradient_checkpointing": str(checkpointing).lower(), "output_dir": out,
+        "torch_compile": "false",  # off under the split; off for one GPU too, so both compute alike
     }
     return [part for k, v in flags.items() for part in (f"--{k}", v)]
 
