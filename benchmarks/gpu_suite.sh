@@ -64,11 +64,16 @@
 #   zero3-prefetch ZeRO-3, 2048-token samples, micro-batch 6, on SCALE_COUNTS GPUs (default 2) at each
 #                  of PREFETCH_SIZES (DeepSpeed's stage3_prefetch_bucket_size; default "5e7 2.2e8 4.5e8":
 #                  DeepSpeed's default, one and two of ref-7b's decoder layers)
+#   sp[:R]         benchmarks/sequence_parallel.py on two GPUs (needs 2; H200s: the split run needs ~100 GiB each): ref-7b,
+#                  samples of 32k tokens with 8 images, --sequence_parallel_size 2 against one GPU. R: memory (no checkpointing:
+#                  one GPU runs out of memory, two train; tokens/s per GPU), loss (checkpointing on both: the losses agree
+#                  within 1e-3), or all (both, ~10 min); SP_TOKENS=N changes the sample length
 #   memory[:ROWS]  benchmarks/memory_validation.py (ROWS: all, 0-7, 8-15, 0,3,...)
 #   memory-full[:ROWS]  the same for 7B with the whole LM trained (LLaVA's stage 2), ZeRO-3 on
 #                  two GPUs through torchrun (rows 0-2; needs a machine with two GPUs)
 #
-# When DeepSpeed or its needs are missing, the wheels in .whl/ are installed into /tmp/site,
+# When DeepSpeed or its needs are missing (einops: its Ulysses attention, for the sp part and the
+# sequence-parallel tier rows), the wheels in .whl/ are installed into /tmp/site,
 # put first on PYTHONPATH. Results go to $OUT (default outputs/gpu_suite,
 # which git ignores); copy the ones to keep into benchmarks/results/.
 #
@@ -94,7 +99,7 @@ else
 fi
 
 missing() {  # the needed packages Python cannot import with PYTHONPATH=$1
-    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'datasets', 'trl', 'bitsandbytes') if u.find_spec(m) is None))"
+    PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'einops', 'datasets', 'trl', 'bitsandbytes') if u.find_spec(m) is None))"
 }
 if [ -n "$(missing "${PYTHONPATH:-}")" ] && [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     # Several suite invocations may start side by side (one per GPU): one installs, under a
@@ -403,6 +408,13 @@ part_dpo_gc() {
         --out "$OUT/dpo_bench_${TAG}_mmtrain_gc.json"
 }
 
+part_sp() {  # sp[:memory|:loss|:all]
+    local runs=${1:-all} extra=()
+    [ "$SMOKE" = 1 ] && extra=(--smoke)
+    run $PY benchmarks/sequence_parallel.py "${extra[@]}" --runs "$runs" --tokens "${SP_TOKENS:-32768}" \
+        --out "$OUT/sequence_parallel_${TAG}_${runs}.json"
+}
+
 part_memory() {
     local rows=${1:-all}
     run $PY benchmarks/memory_validation.py "${MEM[@]}" --rows "$rows" --out "$OUT/memory_${TAG}_rows_${rows//,/_}.json"
@@ -444,6 +456,8 @@ for part in "$@"; do
         seq2048) part_seq2048 ;;
         variants) part_variants ;;
         scaling:*:*) IFS=: read -r _ stage workload <<< "$part"; part_scaling "$stage" "$workload" ;;
+        sp) part_sp all ;;
+        sp:*) part_sp "${part#sp:}" ;;
         memory) part_memory all ;;
         memory:*) part_memory "${part#memory:}" ;;
         memory-full) part_memory_full all ;;

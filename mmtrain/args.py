@@ -398,6 +398,16 @@ class TrainArguments:
             "that skips the blocks across samples); sdpa: SDPA under the whole row's mask. CPU runs always take sdpa."
         ),
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata=_help(
+            "Split each micro-batch's row across this many processes (sequence parallelism through DeepSpeed's Ulysses "
+            "attention): each computes the LM on 1/N of the positions, so activation memory per GPU is divided by N. "
+            "The N processes of a group train on the same micro-batch, so the data (and a --max_tokens_per_batch "
+            "budget) is per group. Needs a DeepSpeed config, a process count N divides, an LM whose attention heads "
+            "N divides, and one row per micro-batch (--max_tokens_per_batch, or --per_device_train_batch_size 1)."
+        ),
+    )
     fused_lora: bool = field(
         default=True,
         metadata=_help(
@@ -509,6 +519,8 @@ class TrainArguments:
             raise ConfigError(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.gradient_checkpointing_layers < 0:
             raise ConfigError(f"--gradient_checkpointing_layers must be >= 0, got {self.gradient_checkpointing_layers}")
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(f"--sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
         if self.dpo_beta <= 0:
             raise ConfigError(f"--dpo_beta must be > 0, got {self.dpo_beta}")
         if self.dpo_sft_weight < 0:
@@ -619,6 +631,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise ConfigError(f"--packed_attention {train_args.packed_attention} chooses the attention of --max_tokens_per_batch rows; add that flag or drop this one")
     check_quantize_flags(model_args, train_args)
     check_dpo_flags(model_args, data_args, train_args)
+    check_sequence_parallel_flags(model_args, data_args, train_args)
     return model_args, data_args, train_args
 
 
@@ -720,6 +733,42 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     for flag, given in unsupported.items():
         if given:
             raise ConfigError(f"{flag} is not supported with --objective dpo yet; drop one of them")
+
+
+def check_sequence_parallel_flags(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """What ``--sequence_parallel_size N`` (N > 1) cannot split, refused before any weights load.
+
+    The process count, the DeepSpeed config and the LM's heads are checked once the
+    Accelerator exists (:func:`mmtrain.training.sequence_parallel.check_sequence_parallel`).
+    """
+    size = train_args.sequence_parallel_size
+    if size == 1:
+        return
+    flag = f"--sequence_parallel_size {size}"
+    if model_args.enable_mmca_attention:
+        raise ConfigError(
+            f"{flag} cannot split MMCA (--enable_mmca_attention): MMCA computes attention under a mask of the whole row "
+            "(causal, packed samples, image columns), and DeepSpeed's Ulysses attention passes no mask to the attention it wraps"
+        )
+    if train_args.packed_attention in ("flex_attention", "sdpa"):
+        raise ConfigError(
+            f"{flag} cannot split --packed_attention {train_args.packed_attention}: DeepSpeed's Ulysses attention drops the "
+            "mask (and rebuilds flex attention's as plain causal), so packed samples would attend to each other; "
+            "leave --packed_attention auto (a variable-length kernel keeps the samples apart)"
+        )
+    if not data_args.max_tokens_per_batch and train_args.per_device_train_batch_size != 1:
+        raise ConfigError(
+            f"{flag} splits one row per micro-batch: pass --per_device_train_batch_size 1 (or --max_tokens_per_batch, "
+            f"one packed row), not {train_args.per_device_train_batch_size}"
+        )
+    refused = {
+        "--objective dpo": (train_args.objective == "dpo", "a pair's log-probability needs its whole rows on one process"),
+        "--streaming": (data_args.streaming, "each process reads its own shards, and a group needs the same rows"),
+        "--torch_compile true": (train_args.torch_compile == "true", "the attention's all-to-all runs inside each decoder layer"),
+    }
+    for other, (given, why) in refused.items():
+        if given:
+            raise ConfigError(f"{flag} is not supported with {other} ({why}); drop one of them")
 
 
 def validate_paths(model_args: ModelArguments) -> None:

@@ -53,6 +53,17 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   are not rows (a token budget's pairs packed into one row): the model's per-sample loss
   sums are then per sample, in this numbering.
   :class:`mmtrain.data.preference.PairPackingCollator` sets them.
+* ``sequence_shard`` (a Python tuple ``(rank, size)``): this process computes the LM on
+  columns ``rank`` of ``size`` equal, consecutive parts of each row, the other parts on
+  the other processes of its sequence-parallel group
+  (:mod:`mmtrain.data.sequence_shard`). ``input_ids``, ``pixel_values``,
+  ``image_counts``, ``document_ids``, ``cu_seq_lens`` and ``max_segment_len`` stay the
+  whole row's (every process embeds the whole row; attention sees all of it). Cut to
+  the process's ``L / size`` columns: ``attention_mask``; ``position_ids`` (each token's
+  position in its sample, set for every row); ``labels``, which then hold the *shifted*
+  targets (``labels[:, t]`` is the token predicted at column t, -100 where none is); and
+  ``label_positions``, the flat indices of the set targets in that ``[B, L / size]``
+  grid.
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
 OPTIONAL_KEYS = (
     "label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len",
-    "label_samples", "num_samples", "image_sizes",
+    "label_samples", "num_samples", "image_sizes", "sequence_shard",
 )
 
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtrain.data import Collator, build_datasets, read_sources
     from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
-    from mmtrain.training import distributed, init_from, sample_record, setup, speedups
+    from mmtrain.training import distributed, init_from, sample_record, sequence_parallel, setup, speedups
     from mmtrain.training.checkpoint import CheckpointSettings, Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
     from mmtrain.training.engine_view import EngineView, Prepared, unwrap_vlm
     from mmtrain.training.loop import Loop, LoopInputs, RunFlags, print_final_report
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_config(model_args)  # config files read and checked, still no weights
     init_source = init_from.check_source(train_args.init_from, model_args, train_args.init_parts) if train_args.init_from else None
     accelerator = distributed.make_accelerator(train_args)
+    sequence_parallel.check_sequence_parallel(accelerator, model_args, train_args)  # process count, DeepSpeed, the LM's heads
     speedups.check_fp8(accelerator, train_args)  # float8 needs the device and ZeRO stage, known from here on
     speedups.check_quantize(accelerator, train_args)  # so does NF4
     check_reference_supported(accelerator, train_args)  # --objective dpo: its reference needs whole tensors
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once
     if init_source:
         init_from.load_parts(built.model, init_source)  # an earlier run's trained parts, before the optimizer sees them
+    shard_rank = sequence_parallel.attach(accelerator, built, train_args)  # --sequence_parallel_size: Ulysses attention
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
@@ -79,8 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     setup.log_data_report(accelerator, data.report)
     collator = (PairCollator if pairs else Collator)(built.tokenizer.pad_token_id, data_args.padding_multiple())
-    train_collator = speedups.make_train_collator(built, model_args, data_args, pairs=pairs)  # packing or a budget's rows, image digests
+    train_collator = speedups.make_train_collator(  # packing or a budget's rows, image digests
+        built, model_args, data_args, pairs=pairs, row_multiple=train_args.sequence_parallel_size
+    )
     train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples)
+    train_collator = sequence_parallel.sharding(train_collator, shard_rank, train_args.sequence_parallel_size)  # this process's columns
     train_loader = setup.make_train_loader(accelerator, train_set, train_collator, data_args, train_args)  # samples or a token budget
     eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
 
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     checkpointer = Checkpointer(
         prepared, built.config, trainable_names,
         CheckpointSettings(train_args.output_dir, train_args.save_total_limit, seed=train_args.seed,
-                           per_device_train_batch_size=train_args.per_device_train_batch_size, token_budget=data_args.token_budget()),
+                           per_device_train_batch_size=train_args.per_device_train_batch_size, token_budget=data_args.token_budget(),
+                           sequence_parallel_size=train_args.sequence_parallel_size),
         stream=train_loader if data_args.streaming else None,
     )
     if accelerator.is_main_process:

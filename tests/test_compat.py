@@ -468,6 +468,24 @@ def test_transformers_unset_and_accelerate_reinstall_of_the_deepspeed_config():
 
 # --- DeepSpeed ------------------------------------------------------------------------------
 
+
+def test_deepspeed_ulysses_registration_takes_what_compat_passes():
+    """The keyword arguments ``register_ulysses`` passes, and the group accessors it reads, exist in this release.
+
+    What the registration does to the LM's attention is tested on two processes
+    (tests/model/test_sequence_parallel.py)."""
+    import inspect
+
+    with pinned("deepspeed", "UlyssesSPAttentionHF.register_with_transformers / parallel_state_sp"):
+        assert deepspeed_compat.ulysses_problem() is None
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+        params = inspect.signature(UlyssesSPAttentionHF.register_with_transformers).parameters
+        wanted = {"model_name_or_path", "core_attn_implementation", "sequence_parallel_size", "micro_batch_size", "seq_length_is_variable", "disable_in_eval"}
+        assert wanted <= set(params), sorted(wanted - set(params))
+        assert callable(parallel_state_sp.get_sequence_parallel_group) and callable(parallel_state_sp.get_sequence_parallel_rank)
+
 _ZERO3_PARAM = textwrap.dedent(
     """
     import json, os, sys

@@ -449,3 +449,27 @@ def test_anyres_tiles_count_the_largest_grid_s_tokens_and_tiles(ref7b):
     plain, tiles = estimate(ref7b, setup), estimate(tiled, setup)
     assert tiles.vision_transient == pytest.approx(5 * plain.vision_transient, rel=1e-6)
     assert tiles.activations > plain.activations and tiles.logits < plain.logits  # more image positions, fewer text ones
+
+
+def test_sequence_parallel_divides_the_lms_activations_not_the_images(ref7b):
+    """A 32k-token row of 8 images on 2 GPUs: each keeps half the LM's activations and logits; vision and projector stay whole."""
+    whole = estimate(ref7b, MemorySetup(zero_stage=3, num_gpus=2, seq_len=32768, images_per_sample=8, gradient_checkpointing=True))
+    split = estimate(ref7b, replace(whole.setup, sequence_parallel=2))
+    assert split.setup.name == "zero3+ckpt+sp2"
+    assert split.model_states == whole.model_states  # ZeRO partitions over both GPUs either way
+    assert split.vision_transient == whole.vision_transient
+    mask = 32768**2  # the boolean mask a whole row builds; a split row takes none
+    assert split.logits == pytest.approx(whole.logits / 2, abs=1)
+    projector = 8 * 576 * (1024 + 2 * 4096) * 2  # ref-7b's MLP projector over the row's 8 images, on each GPU
+    assert split.activations - projector == pytest.approx((whole.activations - projector - mask) / 2, rel=1e-3)
+    assert split.total < 0.7 * whole.total
+    with pytest.raises(ConfigError, match="sequence_parallel must be >= 1 and divide num_gpus"):
+        MemorySetup(num_gpus=2, sequence_parallel=4)
+
+
+def test_cli_takes_the_sequence_parallel_size(capsys):
+    from mmtrain.memory import main
+
+    assert main(["--workload", "ref-7b", "--num_gpus", "2", "--max_tokens_per_batch", "32768", "--sequence_parallel_size", "2", "--json"]) == 0
+    assert main(["--workload", "ref-7b", "--num_gpus", "2", "--sequence_parallel_size", "3"]) == 2
+    assert "--sequence_parallel_size must be >= 1 and divide --num_gpus (2), got 3" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""DeepSpeed internals: ZeRO-3 parameter attributes, where its optimizers keep state and masters, its memory estimators.
+"""DeepSpeed internals: ZeRO-3 parameter attributes, where its optimizers keep state and masters, its memory estimators,
+its Ulysses attention's registration.
 
 deepspeed itself is imported only inside the functions that need it: its import is slow
 and must come after ``DS_ACCELERATOR`` is set
@@ -140,6 +141,53 @@ def link_zero_optimizer_state(optimizer) -> None:
     if wrapper is not None:
         wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
+
+
+# --- DeepSpeed: Ulysses sequence parallelism (ALST) ---------------------------------------
+#
+# ``UlyssesSPAttentionHF.register_with_transformers`` is DeepSpeed's documented entry point,
+# but what it does reaches into transformers: it replaces the function registered under the
+# LM's attention implementation in ``ALL_ATTENTION_FUNCTIONS`` (process-wide) with a wrapper
+# that exchanges heads for positions around it, and it creates the group in the module
+# globals of ``deepspeed.runtime.sequence_parallel.parallel_state_sp``, once per process. The
+# wrapper drops any 4D mask (positions tell the samples apart), gathers ``position_ids``
+# from the group and calls the original function on the whole sequence with the layer's
+# other keyword arguments unchanged. A release that changes the registration, the group
+# module or what reaches the original function breaks sequence parallelism, which the
+# two-process test of ``tests/training/test_sequence_parallel.py`` shows.
+
+
+def ulysses_problem() -> str | None:
+    """Why this DeepSpeed cannot run the Ulysses attention as :func:`register_ulysses` uses it (None: it can)."""
+    import inspect
+
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    except ImportError as err:
+        return f"DeepSpeed's Ulysses attention (deepspeed >= 0.18) cannot be imported: {err}"
+    if "disable_in_eval" not in inspect.signature(UlyssesSPAttentionHF.register_with_transformers).parameters:
+        return "this DeepSpeed's Ulysses attention cannot step aside in evaluation (no disable_in_eval); install deepspeed >= 0.18.5"
+    return None
+
+
+def register_ulysses(language_model, implementation: str, size: int, micro_batch: int):
+    """Route ``language_model``'s attention (``implementation``, already set on it) through Ulysses over groups of ``size``.
+
+    Every process calls it at the same point (it creates the process groups). Returns
+    ``(group, rank in it)``. Evaluation (the module in eval mode) bypasses the exchange:
+    each process then runs whole rows of its own.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=language_model,
+        core_attn_implementation=implementation,
+        sequence_parallel_size=size,
+        micro_batch_size=micro_batch,
+        seq_length_is_variable=True,
+        disable_in_eval=True,
+    )
+    return mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
 
 
 def _estimate_zero2():

@@ -116,6 +116,9 @@ def samples_in(batch: dict) -> int | torch.Tensor:
 
     For a packed batch this is a 0-d tensor on the batch's device (not read back here).
     """
+    shard = batch.get("sequence_shard")
+    if shard is not None and shard[0] != 0:
+        return 0  # a row split across processes is counted once, by the first of them
     documents = batch.get("document_ids")
     if documents is None:
         return int(batch["input_ids"].shape[0])

@@ -144,6 +144,13 @@ Hugging Face LLaMA/Qwen2 decoder layer is counted instead:
   features; with LoRA their stored activations add up. d_v of the projector is the sum
   of the two widths.
 
+* Sequence parallelism (``--sequence_parallel_size`` k): each GPU of a group keeps the
+  LM activations of s·b/k positions (DeepSpeed's Ulysses attention holds all s positions
+  for a/k heads inside attention: the same bytes), the logits of its share of the labels,
+  and no mask; the vision tower and the projector run on all of the row's images on every
+  GPU of the group, so their terms are not divided. Model states are those of N GPUs:
+  ZeRO partitions over all of them.
+
 Peak = model states + buffers + max(activations + logits, vision transient, optimizer
 step transient): the vision tower runs before the LM's activations pile up, and the
 step runs after they are freed.

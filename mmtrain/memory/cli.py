@@ -72,6 +72,11 @@ class MemoryArguments:
         metadata={"help": "Training's token budget: the estimate is for its largest micro-batch, one packed row of this many tokens "
                   "(replaces --micro_batch and --seq_len; --images_per_sample then counts the images in that row)."},
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Training's --sequence_parallel_size: each row's positions split over this many GPUs (a divisor of "
+                  "--num_gpus); the LM's activations and logits per GPU are divided by it, the images' are not."},
+    )
     precision: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "Compute dtype."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the LM's activations in backward."})
     compiled: bool = field(
@@ -113,6 +118,8 @@ class MemoryArguments:
         for name in ("num_gpus", "micro_batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel_size < 1 or self.num_gpus % self.sequence_parallel_size:
+            raise ConfigError(f"--sequence_parallel_size must be >= 1 and divide --num_gpus ({self.num_gpus}), got {self.sequence_parallel_size}")
         if self.max_tokens_per_batch < 0:
             raise ConfigError(f"--max_tokens_per_batch must be >= 0 (0: no budget), got {self.max_tokens_per_batch}")
         if self.images_per_sample < 0:
@@ -132,6 +139,7 @@ class MemoryArguments:
             seq_len=seq_len,
             precision=self.precision,
             gradient_checkpointing=self.gradient_checkpointing,
+            sequence_parallel=self.sequence_parallel_size,
             compiled=self.compiled,
             fp8_base=self.fp8_base,
             fp8_vision=self.fp8_vision,

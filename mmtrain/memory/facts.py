@@ -54,6 +54,8 @@ class MemorySetup:
     # --objective dpo: micro_batch counts pairs (two rows each, images once), and the
     # reference keeps a starting copy of every trained tensor but fresh LoRA (switched off)
     preference_pairs: bool = False
+    # --sequence_parallel_size: each row's positions split over this many of the GPUs (a divisor of num_gpus)
+    sequence_parallel: int = 1
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -71,6 +73,8 @@ class MemorySetup:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.label_fraction <= 1.0:
             raise ConfigError(f"label_fraction must be in [0, 1], got {self.label_fraction}")
+        if self.sequence_parallel < 1 or self.num_gpus % self.sequence_parallel:
+            raise ConfigError(f"sequence_parallel must be >= 1 and divide num_gpus ({self.num_gpus}), got {self.sequence_parallel}")
         if (self.fp8_base or self.fp8_vision) and self.zero_stage == 3:
             raise ConfigError("float8 frozen weights (--fp8_base, --fp8_vision) are refused at ZeRO stage 3, as training refuses them")
         if (self.nf4_base or self.nf4_vision) and self.zero_stage == 3:
@@ -83,7 +87,8 @@ class MemorySetup:
         off = {"none": "", "optimizer": "+off-opt", "optimizer+params": "+off-opt+par"}[self.offload]
         fp8 = ("+fp8" if self.fp8_base else "") + ("+fp8vis" if self.fp8_vision else "")
         fp8 += ("+nf4" if self.nf4_base else "") + ("+nf4vis" if self.nf4_vision else "")
-        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "") + ("+compiled" if self.compiled else "") + fp8
+        sp = f"+sp{self.sequence_parallel}" if self.sequence_parallel > 1 else ""
+        return f"zero{self.zero_stage}{off}" + ("+ckpt" if self.gradient_checkpointing else "") + ("+compiled" if self.compiled else "") + fp8 + sp
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def options(facts: ModelFacts, base: MemorySetup, gpu_memory: int, *, reserved: 
                     # A budget row packs whole samples of about --seq_len tokens: their images too.
                     images = max(1, tokens // base.seq_len) * base.images_per_sample
                     setup = replace(
-                        base, zero_stage=stage, offload=offload, num_gpus=1, micro_batch=1, seq_len=tokens, images_per_sample=images,
+                        base, zero_stage=stage, offload=offload, num_gpus=1, sequence_parallel=1, micro_batch=1, seq_len=tokens, images_per_sample=images,
                         gradient_checkpointing=ckpt, fp8_base=weights == "fp8", nf4_base=weights.startswith("nf4"),
                         fp8_vision=False, nf4_vision=weights == "nf4+vision",
                     )

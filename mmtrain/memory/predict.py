@@ -223,7 +223,10 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
     # Activations of one micro-batch.
     rows = 2 if setup.preference_pairs else 1  # a pair is its chosen and its rejected row
     b, s = setup.micro_batch * rows, setup.seq_len
-    tokens = b * s
+    # Sequence parallelism: the LM holds 1/sp of each row's positions on each GPU (attention
+    # holds all positions for 1/sp of the heads: the same bytes); images and projector are the whole row's.
+    sp = setup.sequence_parallel
+    tokens = math.ceil(b * s / sp)
     # a pair's images are encoded once; each image is its tiles with AnyRes
     images = setup.micro_batch * setup.images_per_sample * facts.tiles_per_image
     h, i = facts.hidden, facts.intermediate
@@ -235,14 +238,14 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
     else:
         lm = (facts.layers - n_trained) * layer + n_trained * trained_layer
     working = int(tokens * (2 * i + 4 * h) * w / 2)
-    extras = tokens * (4 * h + h * w) + b * s * s
+    extras = tokens * (4 * h + h * w) + (b * s * s if sp == 1 else 0)  # split rows' attention takes no mask
     acts = lm + working + extras + _projector_activation_bytes(facts, images, w)
     if facts.vision_trainable:
         acts += _vision_trained_activation_bytes(facts, images, w, setup.gradient_checkpointing)
         vision_transient = 0
     else:
         vision_transient = _vision_transient_bytes(facts, images, w)
-    labels = int(setup.label_fraction * _text_tokens(facts, setup)) * b
+    labels = math.ceil(int(setup.label_fraction * _text_tokens(facts, setup)) * b / sp)
     logits = labels * facts.vocab * (w + 4 + 4 if w == 2 else 8)
 
     est = MemoryEstimate(

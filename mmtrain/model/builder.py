@@ -56,14 +56,12 @@ def check_model_config(config: VLMConfig) -> None:
                 "vision_model_name_or_path_2 cannot be used with vlm_name_or_path: a LLaVA folder holds one vision tower",
                 fields=("vision_model_name_or_path_2", "vlm_name_or_path"),
             )
-        folder = read_folder(config.vlm_name_or_path)
-        anyres_layout(config, [folder.tower_spec()])  # the grids against its tower's size
-        lm_config = folder.text_config
+        anyres_layout(config, [read_folder(config.vlm_name_or_path).tower_spec()])  # the grids against its tower's size
     else:
         specs = tower_specs(config)  # each tower's config and image processor, and that fused grids agree
         anyres_layout(config, specs)  # tile sizes
         native_layout(config, specs)
-        lm_config = load_language_config(config.lm_model_name_or_path)
+    lm_config = language_config(config)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
         raise ConfigError(f"lm_trainable_layers {config.lm_trainable_layers}: the LM has only {layers} decoder layers", fields=("lm_trainable_layers",))
@@ -75,6 +73,13 @@ def check_model_config(config: VLMConfig) -> None:
             f"train_lm_head ({config.train_lm_head}) and train_full_embeddings ({config.train_full_embeddings}) must agree",
             fields=("lm_model_name_or_path", "train_lm_head", "train_full_embeddings"),
         )
+
+
+def language_config(config: VLMConfig):
+    """The LM's Hugging Face config (from its folder, or a LLaVA folder's text config); no weights read."""
+    if config.vlm_name_or_path:
+        return read_folder(config.vlm_name_or_path).text_config
+    return load_language_config(config.lm_model_name_or_path)
 
 
 def build_model(

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from mmtrain.compat import torch as torch_compat
-from mmtrain.batch import label_positions
+from mmtrain.batch import IGNORE_INDEX, label_positions
 from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.anyres import NEWLINE, pack_tiles
 from mmtrain.model.native_aspect import valid_rows
@@ -168,6 +168,7 @@ class VisionLanguageModel(nn.Module):
         label_samples: torch.Tensor | None = None,
         num_samples: int | None = None,
         right_padded: bool = False,
+        sequence_shard: tuple[int, int] | None = None,
         image_repeats: int = 1,
         return_logits: bool = False,
         per_sample_grad: bool = False,
@@ -190,8 +191,17 @@ class VisionLanguageModel(nn.Module):
                 pixel_values = torch.zeros(0, *vision.pixel_shape, device=input_ids.device)
             image_features = self.encode_images(pixel_values, image_sizes)
         embeds = self.embed(input_ids, image_features, image_repeats, image_sizes)
-        body = self.language_model.get_decoder()
         lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
+        if sequence_shard is not None:
+            # Sequence parallelism (mmtrain.data.sequence_shard): the whole row was embedded,
+            # images included; this process computes the LM on its own columns, and the
+            # attention layers exchange the rest with the group. Every position is told by
+            # its position_id (the batch's are already this process's columns), never a mask.
+            rank, size = sequence_shard
+            width = input_ids.shape[1] // size
+            embeds = embeds[:, rank * width : (rank + 1) * width].contiguous()  # a copy: the whole row's embeddings are freed
+            attention_mask = None
+        body = self.language_model.get_decoder()
         hidden = body(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **lm_kwargs
         ).last_hidden_state
@@ -202,7 +212,8 @@ class VisionLanguageModel(nn.Module):
             return VLMOutput(loss=zero, num_label_tokens=zero, logits=logits)
         # per_sample_grad: a preference objective differentiates each row's summed log-probability.
         loss, count, per_sample, per_sample_count = causal_lm_loss(
-            hidden, labels, head, label_positions, per_sample_grad=per_sample_grad, samples=label_samples, num_samples=num_samples
+            hidden, labels, head, label_positions, per_sample_grad=per_sample_grad, samples=label_samples, num_samples=num_samples,
+            shifted=sequence_shard is not None,
         )
         return VLMOutput(loss, count, per_sample, per_sample_count, logits)
 
@@ -214,7 +225,7 @@ def _pairs(image_sizes) -> list[tuple[int, int]]:
 
 def causal_lm_loss(
     hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, positions: torch.Tensor | None = None, *,
-    per_sample_grad: bool = False, samples: torch.Tensor | None = None, num_samples: int | None = None,
+    per_sample_grad: bool = False, samples: torch.Tensor | None = None, num_samples: int | None = None, shifted: bool = False,
 ):
     """Next-token cross-entropy evaluated only where a label is set.
 
@@ -225,15 +236,24 @@ def causal_lm_loss(
     the device. Returns the mean loss, the number of label tokens, and per-sample loss
     sums and label counts; the sums are detached unless ``per_sample_grad``. A sample is
     a row, or with ``samples`` (each position's sample, of ``num_samples``) a packed one.
+
+    ``shifted``: ``labels`` are already the targets of ``hidden``'s positions (``labels[:, t]``
+    is predicted at position t, as a sequence-parallel shard holds them) and ``positions``
+    index that grid.
     """
-    targets = labels[:, 1:]
-    if positions is None:
-        positions = label_positions(labels)
+    if shifted:
+        targets = labels
+        if positions is None:
+            positions = (labels != IGNORE_INDEX).flatten().nonzero().flatten()
+    else:
+        targets = labels[:, 1:]
+        if positions is None:
+            positions = label_positions(labels)
     positions = positions.to(hidden.device)
     rows = torch.div(positions, targets.shape[1], rounding_mode="floor")
     # Target (row, col) is predicted from hidden (row, col): in the unshifted [B, L] grid
     # that is flat index position + row, which indexes a view of ``hidden`` (no copy).
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions + rows)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions if shifted else positions + rows)
     logits = head(picked).float()
     token_losses = nn.functional.cross_entropy(logits, targets.reshape(-1).index_select(0, positions), reduction="none")
     owner, owners = (rows, labels.shape[0]) if samples is None else (samples.to(hidden.device), num_samples)

@@ -205,6 +205,9 @@ class BatchLayout:
     # token budget: the plan is a function of the seed, the epoch and the budget only, so
     # a resume on another process count maps it in micro-batches, with the same budget.
     token_budget: str | None = None
+    # --sequence_parallel_size: the processes of a group take the same micro-batches, so an
+    # epoch is dealt out to num_processes / sequence_parallel_size groups.
+    sequence_parallel_size: int = 1
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> BatchLayout | None:
@@ -212,7 +215,12 @@ class BatchLayout:
             counts = {k: int(manifest[k]) for k in ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")}
         except (KeyError, TypeError, ValueError):
             return None  # written before the layout was recorded
-        return cls(**counts, token_budget=manifest.get("token_budget"))
+        return cls(**counts, token_budget=manifest.get("token_budget"), sequence_parallel_size=int(manifest.get("sequence_parallel_size", 1)))
+
+    @property
+    def batch_takers(self) -> int:
+        """Processes, or sequence-parallel groups, that each take their own micro-batches."""
+        return self.num_processes // self.sequence_parallel_size
 
 
 def map_position(step_in_epoch: int, saved: BatchLayout, now: BatchLayout, path: str, epoch: int) -> int:
@@ -225,8 +233,8 @@ def map_position(step_in_epoch: int, saved: BatchLayout, now: BatchLayout, path:
             f"and this run plans {now.token_budget or '--per_device_train_batch_size samples'}: the epoch's batches differ, so "
             "where it stopped cannot be found again; resume with the checkpoint's batch flags"
         )
-    consumed = step_in_epoch * saved.num_processes * saved.per_device_train_batch_size
-    per_batch_round = now.num_processes * now.per_device_train_batch_size
+    consumed = step_in_epoch * saved.batch_takers * saved.per_device_train_batch_size
+    per_batch_round = now.batch_takers * now.per_device_train_batch_size
     per_step = per_batch_round * now.gradient_accumulation_steps
     if consumed % per_step:
         raise ConfigError(
@@ -259,6 +267,7 @@ class CheckpointSettings:
     # another process count needs it); None for checkpoints never resumed on another count.
     per_device_train_batch_size: int | None = None
     token_budget: str | None = None  # the budget flags (DataArguments.token_budget()): micro-batches of one row
+    sequence_parallel_size: int = 1  # --sequence_parallel_size: groups of this many processes take the same micro-batches
 
 
 class Checkpointer:
@@ -282,7 +291,9 @@ class Checkpointer:
         self.layout = None
         if per_device_train_batch_size is not None:
             micro = 1 if token_budget else per_device_train_batch_size
-            self.layout = BatchLayout(accelerator.num_processes, micro, accelerator.gradient_accumulation_steps, token_budget)
+            self.layout = BatchLayout(
+                accelerator.num_processes, micro, accelerator.gradient_accumulation_steps, token_budget, settings.sequence_parallel_size
+            )
         self.is_deepspeed = accelerator.state.deepspeed_plugin is not None
         if not self.is_deepspeed:
             trainable = set(trainable_names)

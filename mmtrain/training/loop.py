@@ -120,6 +120,10 @@ class Loop:
 
     def _fit(self) -> dict:
         args, state = self.args, self.state
+        # Training mode from the first step, as after every evaluation: from_pretrained hands
+        # the LM over in eval mode, and what depends on the mode (DeepSpeed's Ulysses attention,
+        # which steps aside in eval mode; checkpointing; dropout) must not wait for an eval.
+        self.model.train()
         progress = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.acc.is_local_main_process, desc="train")
         while state.epoch < args.num_train_epochs and not self._done():
             self._set_epoch(state.epoch)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from mmtrain.args import ConfigError, component_settings
 from mmtrain.data.dataset import DropBadItems
+from mmtrain.data.sequence_shard import EpochShuffledBatches, GroupedBatches
 from mmtrain.data.token_budget import TokenBudgetBatchSampler
 from mmtrain.model.builder import BuiltModel, build_model
 from mmtrain.model.counting import budget_from_counts, count_parameters, format_table
@@ -160,6 +161,7 @@ def memory_setup(accelerator, data_args, train_args):
         seq_len=seq_len,
         precision=_precision(accelerator),
         gradient_checkpointing=train_args.gradient_checkpointing,
+        sequence_parallel=train_args.sequence_parallel_size,
         compiled=speedups.compiles(accelerator.device, train_args),
         fp8_base=train_args.fp8_base,
         fp8_vision=train_args.fp8_vision,
@@ -242,9 +244,16 @@ def make_train_loader(accelerator, dataset, collator, data_args, train_args) -> 
         return StreamLoader(
             accelerator, dataset, collator, train_args.per_device_train_batch_size, train_args.record_samples, data_args.num_workers, budget
         )
-    if not data_args.max_tokens_per_batch:
+    group = train_args.sequence_parallel_size
+    if not data_args.max_tokens_per_batch and group == 1:
         return make_loader(dataset, collator, train_args.per_device_train_batch_size, data_args.num_workers, shuffle=True, seed=train_args.seed)
-    sampler = TokenBudgetBatchSampler(dataset, data_args.max_tokens_per_batch, data_args.max_images_per_batch, train_args.seed)
+    if data_args.max_tokens_per_batch:
+        sampler = TokenBudgetBatchSampler(dataset, data_args.max_tokens_per_batch, data_args.max_images_per_batch, train_args.seed)
+    else:
+        sampler = EpochShuffledBatches(dataset, train_args.per_device_train_batch_size, train_args.seed)
+    if group > 1:
+        # The processes of a sequence-parallel group take the same micro-batches (mmtrain/data/sequence_shard.py).
+        sampler = GroupedBatches(sampler, group)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=_dropping_bad_items(dataset, collator), num_workers=data_args.num_workers,
         persistent_workers=data_args.num_workers > 0,
@@ -256,8 +265,10 @@ def batches_per_epoch(loader: DataLoader, epochs: int) -> list[int] | None:
     if isinstance(loader, StreamLoader):
         return None
     sampler = loader.batch_sampler
+    repeats = sampler.size if isinstance(sampler, GroupedBatches) else 1  # a sequence-parallel group's copies
+    sampler = sampler.batches if isinstance(sampler, GroupedBatches) else sampler
     if isinstance(sampler, TokenBudgetBatchSampler):
-        return [len(sampler.plan(epoch)) for epoch in range(epochs)]
+        return [repeats * len(sampler.plan(epoch)) for epoch in range(epochs)]
     dataset = loader.dataset
     if not hasattr(dataset, "set_epoch"):
         return [len(loader)] * epochs

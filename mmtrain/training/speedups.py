@@ -30,6 +30,7 @@ and applied by the model's builder.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -39,7 +40,7 @@ from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator
 from mmtrain.data.preference import PairCollator, PairPackingCollator
 from mmtrain.model.builder import BuiltModel
-from mmtrain.model import attention, fp8
+from mmtrain.model import attention, fp8, sequence_parallel
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.nf4 import NF4FrozenLinear
@@ -50,13 +51,15 @@ from mmtrain.training.engine_view import unwrap_vlm
 logger = logging.getLogger("mmtrain")
 
 
-def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = False) -> BatchCollator:
+def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = False, row_multiple: int = 1) -> BatchCollator:
     """Padding (default) or packing; with the vision cache, image digests are taken in the workers.
 
     ``pairs``: preference pairs, padded (:class:`PairCollator`) or, under a token budget,
-    packed into one row per micro-batch (:class:`PairPackingCollator`).
+    packed into one row per micro-batch (:class:`PairPackingCollator`). ``row_multiple``:
+    rows are also padded to a multiple of it (a sequence-parallel group's size).
     """
     pad = built.tokenizer.pad_token_id
+    multiple = math.lcm(data_args.padding_multiple(), row_multiple)
     if data_args.packing or data_args.max_tokens_per_batch:
         try:
             attention.check_packed_attention(built.model.language_model.config)
@@ -66,14 +69,14 @@ def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = 
         images = f", at most {data_args.max_images_per_batch} images" if data_args.max_images_per_batch else ""
         what = "whole pairs (both answers)" if pairs else "whole samples"
         logger.info(f"token budget: each micro-batch packs {what} into one row of up to {data_args.max_tokens_per_batch} tokens{images}")
-        collator = (PairPackingCollator if pairs else PackingCollator)(pad, data_args.max_tokens_per_batch, data_args.padding_multiple())
+        collator = (PairPackingCollator if pairs else PackingCollator)(pad, data_args.max_tokens_per_batch, multiple)
     elif pairs:
-        collator = PairCollator(pad, data_args.padding_multiple())
+        collator = PairCollator(pad, multiple)
     elif data_args.packing:
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
-        collator = PackingCollator(pad, data_args.max_seq_len, data_args.padding_multiple())
+        collator = PackingCollator(pad, data_args.max_seq_len, multiple)
     else:
-        collator = Collator(pad, data_args.padding_multiple())
+        collator = Collator(pad, multiple)
     if model_args.cache_vision_features:
         collator = ImageKeyCollator(collator)
     return collator
@@ -131,7 +134,13 @@ def check_fp8(accelerator, train_args) -> None:
 
 
 def packed_attention(accelerator, data_args, train_args) -> str | None:
-    """The LM kernel for this run's token-budget rows (``--packed_attention``; :func:`mmtrain.model.attention.packed_kernel`)."""
+    """The LM kernel for this run's token-budget rows (``--packed_attention``; :func:`mmtrain.model.attention.packed_kernel`).
+
+    Under sequence parallelism every row, packed or not, takes a varlen kernel, which
+    DeepSpeed's Ulysses attention wraps (:mod:`mmtrain.model.sequence_parallel`).
+    """
+    if train_args.sequence_parallel_size > 1:
+        return sequence_parallel.split_kernel(accelerator.device, distributed.compute_dtype(accelerator))
     return attention.packed_kernel(
         train_args.packed_attention, accelerator.device, distributed.compute_dtype(accelerator), bool(data_args.max_tokens_per_batch)
     )
@@ -173,7 +182,10 @@ def should_compile(device: torch.device, train_args) -> bool:
     if compile_layers and train_args.torch_compile == "auto":
         logger.info("torch.compile: on by default for CUDA (--torch_compile false turns it off)")
     elif torch.device(device).type == "cuda" and train_args.torch_compile == "auto":
-        logger.info("torch.compile: off under --objective dpo (compiled layers are not tested with its reference yet)")
+        why = "--objective dpo (compiled layers are not tested with its reference yet)" if train_args.objective == "dpo" else (
+            "--sequence_parallel_size (the attention's all-to-all runs inside each layer)"
+        )
+        logger.info(f"torch.compile: off under {why}")
     return compile_layers
 
 
@@ -181,7 +193,7 @@ def compiles(device: torch.device, train_args) -> bool:
     """Whether a run on ``device`` compiles its decoder layers (:func:`should_compile`'s decision, without the log line)."""
     if train_args.torch_compile != "auto":
         return train_args.torch_compile == "true"
-    return torch.device(device).type == "cuda" and train_args.objective != "dpo"
+    return torch.device(device).type == "cuda" and train_args.objective != "dpo" and train_args.sequence_parallel_size == 1
 
 
 def zero3_leaf_layers(accelerator, built: BuiltModel) -> int:

@@ -102,6 +102,9 @@ FEATURES = {
     "native": {"vision_model_name_or_path": "tiny-siglip2", "vision_max_patches": "48"},
     # flex attention's document mask: what packed rows take where FlashAttention-2 cannot run
     "flex": {"packed_attention": "flex_attention"},
+    # sequence parallelism: each row split over the two GPUs, DeepSpeed's Ulysses attention
+    # around FlashAttention-2's varlen kernel (mmtrain/training/sequence_parallel.py)
+    "sp2": {"sequence_parallel_size": "2"},
 }
 
 
@@ -173,6 +176,9 @@ TWO_GPUS = [
     row("zero3_offload", "packing", "grad_ckpt", "perceiver", gpus=2),
     row("zero3", "budget", "mmca_eager", "grad_accum", "long_epoch", gpus=2, resume=True),  # the token-weighted loss across ranks
     row("zero2", "budget", "compiled", "flex", "grad_accum", gpus=2),
+    # Sequence parallelism with ZeRO-3 (its shipped config), ZeRO-1 and float8, checkpointing, accumulation, resume.
+    row("sp2_zero3", "sp2", "budget", "grad_ckpt", "grad_accum", gpus=2, resume=True),
+    row("zero1", "sp2", "budget", "fp8", gpus=2, resume=True, export_tolerance=6e-2),
 ]
 
 
@@ -633,3 +639,25 @@ def test_streaming_budget_workers_kill_and_resume(gpus, model_folders, data_path
     assert max(resumed) == max(losses), (max(resumed), max(losses))
     for step in range(SAVE_AT + 1, max(losses) + 1):
         assert resumed[step] == pytest.approx(losses[step], rel=2e-2, abs=2e-2), f"step {step}: resumed {resumed[step]} vs {losses[step]}"
+
+
+@pytest.mark.gpus(2)
+def test_two_gpus_splitting_each_row_train_as_one_gpu(model_folders, data_path, tmp_path, record):
+    """--sequence_parallel_size 2 on two GPUs against one GPU on the same budget rows: each
+    row computed in two halves (Ulysses around FlashAttention-2's varlen kernel) or whole
+    (the varlen kernel alone). bf16 in another order: step 1 within 5e-3, each step within 2%."""
+    r = Row("zero2", ("sp2", "budget", "equivalence"), gpus=2, export=False)
+    record(r)
+    extra = dict(max_tokens_per_batch=512, max_steps=20, eval_generate=0, save_steps=0, export_each_epoch="false",
+                 lr_scheduler_type="constant", num_warmup_steps=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    side_by_side(
+        dict(flags=common_flags(model_folders, data_path, output_dir=one, **extra), config="zero2", processes=1, out=one, devices="0"),
+        dict(flags=common_flags(model_folders, data_path, output_dir=two, sequence_parallel_size=2, **extra), config="zero2", processes=2, out=two),
+    )
+    losses1, losses2 = assert_trained(one), assert_trained(two)
+    record(r, losses_one_gpu=[losses1[s] for s in sorted(losses1)], losses_two_gpus=[losses2[s] for s in sorted(losses2)])
+    assert losses1.keys() == losses2.keys()
+    assert losses1[1] == pytest.approx(losses2[1], rel=5e-3), f"step 1: whole rows {losses1[1]} vs split {losses2[1]}"
+    for step in losses1:
+        assert losses1[step] == pytest.approx(losses2[step], rel=2e-2, abs=2e-2), f"step {step}: whole {losses1[step]} vs split {losses2[step]}"

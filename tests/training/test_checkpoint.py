@@ -210,6 +210,18 @@ def test_map_position_carries_samples_consumed_over_to_another_layout():
     assert "--gradient_accumulation_steps 5" in message and "1 processes" in message and "8 samples per step" in message
 
 
+def test_map_position_counts_a_sequence_parallel_group_as_one_taker_of_batches():
+    """Two processes splitting each row take one micro-batch per round, as one process does."""
+    budget = "--max_tokens_per_batch 512"
+    split = BatchLayout(2, 1, 1, budget, sequence_parallel_size=2)
+    assert split.batch_takers == 1
+    assert map_position(6, split, BatchLayout(1, 1, 1, budget), "ck", 0) == 6
+    assert map_position(6, split, BatchLayout(2, 1, 1, budget), "ck", 0) == 3  # plain data parallelism: 3 rounds of 2
+    assert map_position(4, BatchLayout(4, 1, 1, budget, 2), split, "ck", 0) == 8
+    assert BatchLayout.from_manifest({"num_processes": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                                      "token_budget": budget, "sequence_parallel_size": 2}) == split
+
+
 def test_map_position_under_a_token_budget_counts_micro_batches():
     budget = "--max_tokens_per_batch 512"
     two = BatchLayout(2, 1, 1, budget)

@@ -17,6 +17,7 @@ EXPECTED = {
     "zero3.yaml": ("DEEPSPEED", 3, "none", "none"),
     "zero3_offload.yaml": ("DEEPSPEED", 3, "cpu", "cpu"),
     "multi_machine_zero2.yaml": ("DEEPSPEED", 2, "none", "none"),
+    "sp2_zero3.yaml": ("DEEPSPEED", 3, "none", "none"),
 }
 
 
@@ -52,3 +53,11 @@ def test_multi_machine_config_names_what_every_machine_needs():
     assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
     header = (CONFIGS / "multi_machine_zero2.yaml").read_text()
     assert "--machine_rank 0" in header and "--machine_rank 1" in header
+
+
+def test_sequence_parallel_config_launches_a_group_and_names_the_flag():
+    """Its process count is the group size its command passes (a run whose count the size does not divide is refused)."""
+    config = load_config_from_file(str(CONFIGS / "sp2_zero3.yaml"))
+    header = (CONFIGS / "sp2_zero3.yaml").read_text()
+    size = int(re.search(r"--sequence_parallel_size (\d+)", header).group(1))
+    assert config.num_processes == size == 2
