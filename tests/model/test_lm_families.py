@@ -195,7 +195,7 @@ def _mmtrain_answer(export: str, image: str, max_new_tokens: int) -> tuple[list[
     built = chat.built
     prompt = chat.encode_prompt([{"role": "user", "text": with_placeholders(QUESTION, 1)}])
     tok = built.tokenizer
-    pixels = chat._pixels([image])
+    pixels, _ = chat._pixels([image])
     ids = generate(built.model, [torch.tensor(prompt)], [pixels], eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id, options=chat.options)[0]
     with torch.no_grad():
