@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmtrain.data.formats import DataError
+from mmtrain.data.formats import BadImageError, DataError  # noqa: F401  (BadImageError re-exported)
 from mmtrain.data.images import ImageStore, describe, parse_embedded
 from mmtrain.data.tar_shards import open_member
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
-from mmtrain.image_tokens import IMAGE_PLACEHOLDER, ImageTokens
+from mmtrain.data.video import BadVideoError, decode_clip, describe_video, frame_list, sample_indices
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageTokens
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ logger = logging.getLogger(__name__)
 # longer number ("### Image 1:" -> "### Image 12:"): keeps concatenation's length
 # estimate safe without re-tokenising anything.
 _RENUMBER_SLACK = 2
-
-
-class BadImageError(DataError):
-    """An image file that is missing or cannot be decoded."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +122,31 @@ def _decode(path: str, source: str, index: int, store: ImageStore | None) -> Ima
         raise BadImageError(f"{source}: record {index}: {what} cannot be decoded: {err}") from None
 
 
+def decode_videos(videos: list[tuple[str, str, int]], max_frames: int, fps: float = 0.0, store: ImageStore | None = None) -> list[list[Image.Image]]:
+    """The sampled frames of each ``(video, source file, record index)``; raises :class:`BadVideoError` naming the record."""
+    decoded = []
+    for video, source, index in videos:
+        frames = frame_list(video)
+        if frames is None:
+            decoded.append(decode_clip(video, f"{source}: record {index}", max_frames, fps))
+            continue
+        try:
+            decoded.append(decode_images([(frames[k], source, index) for k in sample_indices(len(frames), max_frames)], store))
+        except BadImageError as err:
+            raise BadVideoError(f"{err} ({describe_video(video)})") from None
+    return decoded
+
+
+def video_inputs(decoded: list[list[Image.Image]], image_processor) -> dict:
+    """``{"pixel_values_videos", "video_frames"}`` of decoded videos (empty when none): frames at the tower's own size, never tiled."""
+    if not decoded:
+        return {}
+    frame_processor = getattr(image_processor, "tower_processor", image_processor)  # AnyRes tiles images only
+    frames = [frame for video in decoded for frame in video]
+    pixels = frame_processor(images=frames, return_tensors="pt")["pixel_values"].to(torch.float32)
+    return {"pixel_values_videos": pixels, "video_frames": torch.tensor([len(v) for v in decoded], dtype=torch.long)}
+
+
 def image_shape(image_processor) -> tuple[int, int, int]:
     """The [3, H, W] the processor produces (for the empty pixel tensor of text-only samples)."""
     return tuple(image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[1:])
@@ -143,6 +165,16 @@ def join_conversation(pairs: list[tuple[dict, Entry]]) -> tuple[list[dict], list
         used = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body)
         images += [(path, record["source"], record["index"]) for path in record["images"][:used]]
     return turns, images
+
+
+def join_videos(pairs: list[tuple[dict, Entry]]) -> list[tuple[str, str, int]]:
+    """``(video, source, record index)`` of the videos the kept turns of ``(record, entry)`` pairs use, in order."""
+    videos = []
+    for record, entry in pairs:
+        _, body = split_turns(record["turns"])
+        used = sum(t["text"].count(VIDEO_PLACEHOLDER) for t in body[: 2 * entry.keep_pairs])
+        videos += [(video, record["source"], record["index"]) for video in (record.get("videos") or [])[:used]]
+    return videos
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -173,8 +205,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_images: int = 8,
         seed: int = 0,
         image_store: ImageStore | None = None,
+        max_frames: int = 8,
+        video_fps: float = 0.0,
     ):
         self.records = records
+        self.max_frames = max_frames
+        self.video_fps = video_fps
         self.image_store = image_store or ImageStore()
         self.entries = entries
         self.tokenizer = tokenizer
@@ -281,7 +317,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Turns and ``(image path, source, record index)`` of the entries in ``group``, joined in order."""
         return join_conversation([(self.records[self.entries[e].row], self.entries[e]) for e in group])
 
-    def _encode(self, turns, add_generation_prompt=False, decoded=()):
+    def videos(self, group: tuple[int, ...]) -> list[tuple[str, str, int]]:
+        """``(video, source, record index)`` of the entries in ``group``, joined in order."""
+        return join_videos([(self.records[self.entries[e].row], self.entries[e]) for e in group])
+
+    def _decode_videos(self, videos) -> list[list[Image.Image]]:
+        return decode_videos(videos, self.max_frames, self.video_fps, self.image_store)
+
+    def _encode(self, turns, add_generation_prompt=False, decoded=(), videos=()):
         # AnyRes: an image's span follows its size (extra sizes, of images a cut dropped, are not read)
         sizes = [(image.height, image.width) for image in decoded] if self.image_tokens.anyres is not None else None
         return encode_conversation(
@@ -292,33 +335,38 @@ class ConversationDataset(torch.utils.data.Dataset):
             system_prompt=self.system_prompt,
             add_generation_prompt=add_generation_prompt,
             image_sizes=sizes,
+            video_frames=[len(video) for video in videos],
         )
 
     def _item(self, group: tuple[int, ...]) -> dict:
         turns, images = self.conversation(group)
         decoded = decode_images(images, self.image_store)
-        encoded = self._encode(turns, decoded=decoded)
+        videos = self._decode_videos(self.videos(group))
+        encoded = self._encode(turns, decoded=decoded, videos=videos)
         # The join was planned from a length bound; should a template still overshoot,
         # drop joined entries from the end rather than exceed --max_seq_len.
         while len(encoded.input_ids) > self.max_seq_len and len(group) > 1:
             group = group[:-1]
             turns, images = self.conversation(group)
             decoded = decoded[: len(images)]  # the images of a prefix of the group are a prefix of its images
-            encoded = self._encode(turns, decoded=decoded)
-        return self._tensors(encoded, decoded)
+            videos = videos[: len(self.videos(group))]  # and so are its videos
+            encoded = self._encode(turns, decoded=decoded, videos=videos)
+        return self._tensors(encoded, decoded, videos)
 
-    def _tensors(self, encoded, decoded: list[Image.Image]) -> dict:
+    def _tensors(self, encoded, decoded: list[Image.Image], videos: list[list[Image.Image]] = ()) -> dict:
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             **pixel_inputs(decoded, self.image_processor, self._empty_shape),
+            **video_inputs(list(videos), self.image_processor),
         }
 
     def record_item(self, record: dict, entry: Entry) -> dict:
         """One canonical record that is not in the table (a streamed one) as an item; raises :class:`BadImageError`."""
         turns, images = join_conversation([(record, entry)])
         decoded = decode_images(images, self.image_store)
-        return self._tensors(self._encode(turns, decoded=decoded), decoded)
+        videos = self._decode_videos(join_videos([(record, entry)]))
+        return self._tensors(self._encode(turns, decoded=decoded, videos=videos), decoded, videos)
 
     def __getitem__(self, i: int) -> dict | None:
         """Item ``i``; ``None`` for one dropped under ``--on_bad_sample skip`` (never another item in its place)."""
@@ -353,10 +401,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         """
         turns, images = self.conversation((e,))
         decoded = decode_images(images, self.image_store)
-        encoded = self._encode(turns[:-1], add_generation_prompt=True, decoded=decoded)
+        videos = self._decode_videos(self.videos((e,)))
+        encoded = self._encode(turns[:-1], add_generation_prompt=True, decoded=decoded, videos=videos)
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             **pixel_inputs(decoded, self.image_processor, self._empty_shape),
+            **video_inputs(videos, self.image_processor),
             "answer": turns[-1]["text"].strip(),
         }
 

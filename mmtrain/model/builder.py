@@ -31,6 +31,7 @@ from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow
 from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
 from mmtrain.model.tokens import add_image_tokens
+from mmtrain.model.video import check_video_grid, frame_positions
 from mmtrain.model.vision import build_vision_encoder, load_image_processor, tower_specs
 from mmtrain.model.vlm import VisionLanguageModel
 
@@ -57,7 +58,9 @@ def check_model_config(config: VLMConfig) -> None:
             )
         lm_config = read_folder(config.vlm_name_or_path).text_config
     else:
-        anyres_layout(config, tower_specs(config))  # each tower's config and image processor, fused grids, tile sizes
+        specs = tower_specs(config)
+        anyres_layout(config, specs)  # each tower's config and image processor, fused grids, tile sizes
+        check_video_grid(config, specs)
         lm_config = load_language_config(config.lm_model_name_or_path)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
@@ -137,7 +140,10 @@ def build_model(
             llava.load_projector(projector)
         if anyres is not None:
             add_newline(projector, lm_dim, trainable_dtype)
-        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres)
+        image_tokens = add_image_tokens(
+            tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres,
+            per_frame=frame_positions(config.video_pool, vision, projector),
+        )
         _install_new_token_rows(language_model, image_tokens, len(tokenizer), lm_config)
 
         lora_targets: dict[str, list[str]] = {}
@@ -159,7 +165,9 @@ def build_model(
                 dropout=config.vis_lora_dropout,
                 field="vis_lora_module_name",
             )
-        model = VisionLanguageModel(vision, projector, language_model, image_tokens, vision_trainable=vision_trainable)
+        model = VisionLanguageModel(
+            vision, projector, language_model, image_tokens, vision_trainable=vision_trainable, video_pool=config.video_pool
+        )
     set_trainable(model, config, trainable_dtype)
     if speed is not None:
         apply_speed_options(model, speed)
