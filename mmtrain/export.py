@@ -20,6 +20,15 @@ layer, dropping the first token ("default") or none ("full"). So a tower that ne
 inputs (SigLIP2's patch mask and grid), one with tokens besides the CLS token before its
 patches (DINOv2's registers), and two fused towers (LLaVA holds one) are refused.
 
+Videos (``--format llava_next_video``): LLaVA-NeXT-Video pools each frame's patch features
+on the grid before its projector, as ``--video_pool`` does, and has its own video token,
+as mmtrain's ``<video>``. Its image half is LLaVA-NeXT's, which always tiles, and its
+processor gives a frame a square grid's patches // 4 tokens whatever the pooling stride:
+so a model exports there when it was trained with AnyRes tiles and ``--video_pool 2`` on
+an even square grid; other video models are refused with that reason (a video model has
+no LLaVA or LLaVA-NeXT export, which could not read its videos). The processor's video
+half is written as its settings file (its class needs torchvision to be built).
+
 Models trained with MMCA attention export their weights, but LLaVA runs ordinary
 causal attention, so the exported model would not compute what was trained: refused.
 
