@@ -350,6 +350,18 @@ def _measure_videos(taken: list[tuple[str, int, dict]], data_args, counts: dict,
     return bad
 
 
+def check_videos_read(sources: Sources, reads_videos: bool) -> None:
+    """A record with a video for a model that reads none (``--video_pool 0``) is an error naming it, before any weights load."""
+    if reads_videos:
+        return
+    for record in sources.train + sources.eval:
+        if record.get("videos"):
+            raise DataError(
+                f"{record['source']}: record {record['index']} has a video, and the model reads none: set --video_pool "
+                "(1: frames unpooled; 2: LLaVA-NeXT-Video's 2x2 pooling)"
+            )
+
+
 def check_record_kind(records: list[dict], pairs: bool) -> None:
     """Preference pairs for ``--objective dpo``, conversations otherwise: the first record of the wrong kind is an error naming it."""
     for record in records:

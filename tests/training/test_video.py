@@ -138,11 +138,11 @@ def test_frames_are_pooled_before_the_projector_as_llava_next_video_pools(video_
     assert torch.allclose(pool_frames(features, (8, 8), 2), reference.vision_resampler(features), atol=1e-6)
 
 
-def test_a_video_model_trains_through_the_entry_point(model_folders, video_data, data_path, tmp_path):
+def test_a_video_model_trains_through_the_entry_point_under_a_budget(model_folders, video_data, data_path, tmp_path):
     out = tmp_path / "run"
     launch(common_flags(
         model_folders, data_path, output_dir=out, dataset_names=str(video_data), video_pool=2, max_frames=4, eval_ratio=0.2,
-        per_device_train_batch_size=4, max_steps=4, eval_generate=2, export_each_epoch="false",
+        max_tokens_per_batch=400, max_images_per_batch=9, max_steps=4, eval_generate=2, export_each_epoch="false",
     ))
     losses = train_losses(out)
     assert sorted(losses) == [1, 2, 3, 4] and all(0 < loss < 20 for loss in losses.values())
@@ -170,6 +170,35 @@ def test_a_clip_that_cannot_be_decoded_stops_the_run_naming_its_file_and_record(
     lines = [line for line in proc.stderr.splitlines() if "broken.mp4" in line]
     assert lines and f"{path}: record 1" in lines[-1] and "cannot be decoded" in lines[-1], proc.stderr[-2000:]
     assert "trainable" not in proc.stdout + proc.stderr  # no model was built
+
+
+def test_frames_are_sampled_uniformly_or_at_a_rate_and_counted_from_the_container(tmp_path):
+    from mmtrain.data.video import sample_indices, sampled_frame_count
+
+    assert sample_indices(5, 8) == [0, 1, 2, 3, 4]
+    assert sample_indices(23, 8) == [0, 3, 6, 9, 13, 16, 19, 22]  # spread, first and last kept
+    assert sample_indices(23, 8, fps=2, native_fps=10) == [0, 5, 10, 15, 20]  # every fifth frame of a 10 fps clip
+    assert sample_indices(23, 3, fps=2, native_fps=10) == [0, 10, 20]  # then thinned to --max_frames
+    assert sample_indices(4, 8, fps=30, native_fps=10) == [0, 1, 2, 3]  # no more frames than the clip has
+    pytest.importorskip("av")
+    write_clip(tmp_path / "c.mp4", [frame(COLORS["blue"], k % 12) for k in range(23)])
+    assert sampled_frame_count(str(tmp_path / "c.mp4"), "x", 8) == 8
+    assert sampled_frame_count(str(tmp_path / "c.mp4"), "x", 8, fps=2) == 5
+
+
+def test_videos_a_model_or_a_budget_cannot_take_are_refused_before_any_weights(video_data, data_path):
+    from mmtrain.args import DataArguments
+    from mmtrain.data import DataError, read_sources
+    from mmtrain.data.build import check_videos_read
+
+    sources = read_sources(DataArguments(dataset_names=[str(video_data)], data_path=str(data_path), eval_ratio=0.0))
+    check_videos_read(sources, reads_videos=True)
+    with pytest.raises(DataError, match=r"train.json: record 0 has a video, and the model reads none: set --video_pool"):
+        check_videos_read(sources, reads_videos=False)
+    # record 2's five frames (of --max_frames 8) can never fit a budget of four images
+    budget = DataArguments(dataset_names=[str(video_data)], data_path=str(data_path), eval_ratio=0.0, max_tokens_per_batch=400, max_images_per_batch=4)
+    with pytest.raises(DataError, match=r"train.json: record 2: video of 5 frame images .* gives 5 frames, more than --max_images_per_batch 4"):
+        read_sources(budget)
 
 
 def test_video_flags_are_checked_before_any_weights():
