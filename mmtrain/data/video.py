@@ -23,7 +23,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from mmtrain.data.formats import BadImageError
+from mmtrain.data.formats import BadImageError, DataError
 
 
 class BadVideoError(BadImageError):
@@ -65,8 +65,8 @@ def sample_indices(total: int, max_frames: int, fps: float = 0.0, native_fps: fl
 def _require_av(what: str):
     try:
         import av
-    except ImportError:
-        raise BadVideoError(f"{what}: reading video files needs PyAV (pip install 'mmtrain[video]', or pip install av)") from None
+    except ImportError:  # a setup to fix, not a bad sample to skip
+        raise DataError(f"{what}: reading video files needs PyAV (pip install 'mmtrain[video]', or pip install av)") from None
     return av
 
 

@@ -114,6 +114,7 @@ def test_a_llava_next_video_export_generates_what_mmtrain_generates(tmp_path, ti
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "generated.json").read_text())
+    print("video inputs made by", "LlavaNextVideoProcessor itself" if got["torchvision"] else "hand (no torchvision): frames given as images")
     for name, ids in expected.items():
         assert got[name]["prompt"] == prompts[name], f"{name}: the exported chat template's prompt is not the one training used"
         new = got[name]["ids"]
