@@ -51,7 +51,7 @@ class Entry:
     row: int
     keep_pairs: int
     length: int
-    num_images: int
+    num_images: int  # encoder inputs: its images and its videos' frames (what an image budget counts)
     prefix_length: int
     both_halves: int = 0  # a preference pair's tokens, chosen and rejected together (what a token budget counts)
 

@@ -3,8 +3,10 @@
 A tiny video dataset written here: videos given as frame images (the test draws them) in
 both data formats, and clip files written with PyAV where it is installed. Each sample's
 length measured up front is the length it encodes to, frames counted (so a budget stays
-exact); a short run trains on it through ``mmtrain/train.py``; a clip that cannot be
-decoded stops the run before any weights load, naming its file and record.
+exact); a run trains on it through ``mmtrain/train.py`` under a token budget and its
+export, written as LLaVA-NeXT-Video, answers a video prompt with the trained model's
+tokens; a clip that cannot be decoded stops the run before any weights load, naming its
+file and record.
 """
 
 from __future__ import annotations
@@ -138,16 +140,53 @@ def test_frames_are_pooled_before_the_projector_as_llava_next_video_pools(video_
     assert torch.allclose(pool_frames(features, (8, 8), 2), reference.vision_resampler(features), atol=1e-6)
 
 
-def test_a_video_model_trains_through_the_entry_point_under_a_budget(model_folders, video_data, data_path, tmp_path):
+def test_a_video_model_trains_under_a_budget_and_exports_as_llava_next_video(model_folders, video_data, data_path, tmp_path):
+    """train.py on the video data (AnyRes tiles for its one image, frames pooled 2x2), then its epoch export written as
+    LlavaNextVideoForConditionalGeneration, which answers a video prompt with the trained model's tokens."""
+    from transformers import AutoImageProcessor, LlavaNextProcessor, LlavaNextVideoForConditionalGeneration
+
+    from mmtrain.data.template import encode_conversation
+    from mmtrain.export import export_llava
+    from mmtrain.model.generation import SamplingOptions, generate
+    from mmtrain.model.pretrained import load_pretrained
+
     out = tmp_path / "run"
     launch(common_flags(
-        model_folders, data_path, output_dir=out, dataset_names=str(video_data), video_pool=2, max_frames=4, eval_ratio=0.2,
-        max_tokens_per_batch=400, max_images_per_batch=9, max_steps=4, eval_generate=2, export_each_epoch="false",
+        model_folders, data_path, output_dir=out, dataset_names=str(video_data), video_pool=2, anyres_max_tiles=4, max_frames=4,
+        eval_ratio=0.2, max_tokens_per_batch=400, max_images_per_batch=9, eval_generate=2,
     ))
     losses = train_losses(out)
-    assert sorted(losses) == [1, 2, 3, 4] and all(0 < loss < 20 for loss in losses.values())
+    assert len(losses) >= 4 and all(0 < loss < 20 for loss in losses.values())
     evaluated = [m for m in metrics(out) if m["split"] != "train"]
     assert evaluated and evaluated[-1]["loss"] > 0 and evaluated[-1]["questions"] == 2  # answers generated from videos
+
+    export_llava(str(out / "epoch-0"), str(tmp_path / "hf"), "llava_next_video")
+    frames = [frame(COLORS["green"], k) for k in range(4)]
+    built = load_pretrained(str(out / "epoch-0"))
+    ids = encode_conversation([{"role": "user", "text": "<video>\nWhat color is the moving square?"}], built.tokenizer, built.image_tokens,
+                              add_generation_prompt=True, video_frames=[4]).input_ids
+    video = built.image_processor.tower_processor(images=frames, return_tensors="pt")["pixel_values"]
+    tok = built.tokenizer
+    expected = generate(built.model, [torch.tensor(ids)], [torch.zeros(0, 3, 64, 64)], eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, options=SamplingOptions(max_new_tokens=6), image_sizes=[torch.zeros(0, 2)],
+                        videos=[video])[0]
+
+    hf = LlavaNextVideoForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    processor = LlavaNextProcessor.from_pretrained(str(tmp_path / "hf"))  # the image half: the video half needs torchvision
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What color is the moving square?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt.replace("<video>", "<video>" * (4 * 16)), return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids
+    tiler = AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))  # frames given as images: each its own base tile
+    pixels = torch.stack([tiler(images=[f], return_tensors="pt")["pixel_values"][0, 0] for f in frames])[None]
+    with torch.no_grad():
+        new = hf.generate(**inputs, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+        # the trained model answers in few tokens (often eos at once): the logits say more than the tokens
+        got = hf(**inputs, pixel_values_videos=pixels).logits
+        want = built.model(torch.tensor([ids]), pixel_values_videos=video, image_sizes=torch.zeros(0, 2, dtype=torch.long), return_logits=True).logits
+    assert (new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new) == expected
+    torch.testing.assert_close(got[..., : want.shape[-1]], want, rtol=1e-4, atol=1e-4)
+    assert want[0, -1].std() > 0.1  # not a flat answer
 
 
 def test_a_clip_that_cannot_be_decoded_stops_the_run_naming_its_file_and_record(model_folders, data_path, tmp_path):
