@@ -125,6 +125,24 @@ def test_measured_lengths_are_the_encoded_lengths_with_frames_counted(video_mode
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in built.model.projector.parameters())
 
 
+def test_joined_samples_keep_each_video_on_its_own_span(video_model, video_data, data_path):
+    from mmtrain.args import DataArguments
+    from mmtrain.data import build_datasets
+
+    tokens = video_model.image_tokens
+    args = DataArguments(dataset_names=[str(video_data)], data_path=str(data_path), eval_ratio=0.0, max_frames=6, dataset_concatenate_samples=3)
+    train = build_datasets(args, video_model.tokenizer, video_model.image_processor, tokens, seed=0).train
+    sizes = train.item_sizes()
+    assert any(len(train.group(i)) > 1 for i in range(len(train)))
+    for i in range(len(train)):
+        item = train[i]
+        frames = item["video_frames"].tolist()
+        assert len(frames) == len(train.group(i))  # one video a record
+        assert int((item["input_ids"] == tokens.video_id).sum()) == sum(frames) * tokens.per_frame
+        assert item["pixel_values_videos"].shape[0] == sum(frames)
+        assert len(item["input_ids"]) <= sizes[i][0] and sum(frames) + item["pixel_values"].shape[0] == sizes[i][1]
+
+
 def test_frames_are_pooled_before_the_projector_as_llava_next_video_pools(video_model):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoModel
 
