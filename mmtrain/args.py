@@ -152,6 +152,17 @@ class DataArguments:
         default=1, metadata=_help("Join 1..N random samples into one multi-image conversation (1: off).")
     )
     max_num_image_per_sample: int = field(default=8, metadata=_help("Most images in one sample after concatenation."))
+    max_frames: int = field(
+        default=8,
+        metadata=_help(
+            "Most frames sampled from one video (a clip file or a list of frame images): spread uniformly over it, or "
+            "taken at --video_fps and then thinned uniformly to this many. Each frame is one vision-encoder input."
+        ),
+    )
+    video_fps: float = field(
+        default=0.0,
+        metadata=_help("Frames per second sampled from a clip file, up to --max_frames (0: --max_frames spread uniformly over the clip)."),
+    )
     template: Literal["plain", "chat"] = field(
         default="plain", metadata=_help("plain: '### Question:/### Answer:' template; chat: the tokenizer's chat template.")
     )
@@ -233,6 +244,10 @@ class DataArguments:
         for value in self.dataset_samples:
             if value != "all" and not (value.isdigit() and int(value) > 0):
                 raise ConfigError(f"--dataset_samples value {value!r} is neither 'all' nor a positive count")
+        if self.max_frames < 1:
+            raise ConfigError(f"--max_frames must be >= 1, got {self.max_frames}")
+        if self.video_fps < 0:
+            raise ConfigError(f"--video_fps must be >= 0 (0: uniform), got {self.video_fps}")
         if self.num_workers < -1:
             raise ConfigError(f"--num_workers must be >= 0, or -1 for the default, got {self.num_workers}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 8:

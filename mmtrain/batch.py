@@ -39,6 +39,12 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   ``pixel_values`` then holds each image's tiles (its whole image first), image after
   image, ``image_counts`` still counts images, and an image's span has
   ``ImageTokens.count(size)`` positions (:mod:`mmtrain.image_tokens`).
+* ``pixel_values_videos`` [F, 3, H, W] float and ``video_frames`` [V] long: where the
+  batch has videos, the frames of every video (at the encoder's own size, never tiled),
+  video after video in ``<video>`` placeholder order, row after row, and each video's
+  frame count (summing to F). Video k's features go on ``<video>`` span k, which has
+  ``video_frames[k] * ImageTokens.per_frame`` positions; images keep their own spans.
+  A batch without videos has neither key.
 * A packing collator (several samples per row) adds ``position_ids`` [B, L]
   (restarting at 0 for each packed sample) and ``document_ids`` [B, L] (which packed
   sample a token belongs to, for a block-diagonal attention mask) and keeps the keys
@@ -77,7 +83,7 @@ IGNORE_INDEX = -100  # label of a position that takes no loss (the value PyTorch
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts")
 OPTIONAL_KEYS = (
     "label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len",
-    "label_samples", "num_samples", "image_sizes", "sequence_shard",
+    "label_samples", "num_samples", "image_sizes", "sequence_shard", "pixel_values_videos", "video_frames",
 )
 
 

@@ -24,6 +24,15 @@ layer, dropping the first token ("default") or none ("full"). So a tower that ne
 inputs (SigLIP2's patch mask and grid), one with tokens besides the CLS token before its
 patches (DINOv2's registers), and two fused towers (LLaVA holds one) are refused.
 
+Videos (``--format llava_next_video``): LLaVA-NeXT-Video pools each frame's patch features
+on the grid before its projector, as ``--video_pool`` does, and has its own video token,
+as mmtrain's ``<video>``. Its image half is LLaVA-NeXT's, which always tiles, and its
+processor gives a frame a square grid's patches // 4 tokens whatever the pooling stride:
+so a model exports there when it was trained with AnyRes tiles and ``--video_pool 2`` on
+an even square grid; other video models are refused with that reason (a video model has
+no LLaVA or LLaVA-NeXT export, which could not read its videos). The processor's video
+half is written as its settings file (its class needs torchvision to be built).
+
 Models trained with MMCA attention export their weights, but LLaVA runs ordinary
 causal attention, so the exported model would not compute what was trained: refused.
 
@@ -64,7 +73,7 @@ from mmtrain.args import ConfigError
 from mmtrain.cli import FlagParser
 from mmtrain.data.template import chat_template_takes_parts, encode_conversation
 from mmtrain.generate import GenerateArguments
-from mmtrain.image_tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN
+from mmtrain.image_tokens import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, IMAGE_TOKEN, VIDEO_PLACEHOLDER, VIDEO_TOKEN
 from mmtrain.model.anyres import NEWLINE
 from mmtrain.model.pretrained import export_config, load_pretrained, prompt_format, special_token_ids
 
@@ -72,6 +81,10 @@ EXPORTABLE_PROJECTORS = ("mlp",)
 # What mmtrain.generate does unless told otherwise, so that a bare generate() agrees.
 GENERATION_DEFAULTS = dict(do_sample=False, max_new_tokens=GenerateArguments.max_new_tokens)
 IMAGE_MARKUP = IMAGE_START + IMAGE_TOKEN + IMAGE_END
+VIDEO_MARKUP = IMAGE_START + VIDEO_TOKEN + IMAGE_END
+# LLaVA-NeXT-Video's processor gives a frame (its patches) // 4 tokens, whatever the
+# config's spatial_pool_stride: only 2 x 2 pooling counts as its model computes.
+EXPORTABLE_VIDEO_POOL = 2
 
 
 def _literal(text: str) -> str:
@@ -91,10 +104,12 @@ _CONTENT_MACRO = (
     "{%- set flat = namespace(text='') -%}"
     "{%- for part in content -%}"
     "{%- if part['type'] in ('image', 'image_url') -%}{%- set piece = __PLACEHOLDER__ -%}"
+    "{%- elif part['type'] == 'video' -%}{%- set piece = __VIDEO_PLACEHOLDER__ -%}"
     "{%- elif part['type'] == 'text' -%}{%- set piece = part['text'] -%}"
-    "{%- else -%}{{- raise_exception('unknown content part type ' ~ part['type'] ~ ' (valid: text, image)') -}}"
+    "{%- else -%}{{- raise_exception('unknown content part type ' ~ part['type'] ~ ' (valid: text, image, video)') -}}"
     "{%- endif -%}"
-    "{%- if flat.text and not flat.text.endswith('\\n') and (piece == __PLACEHOLDER__ or flat.text.endswith(__PLACEHOLDER__)) -%}"
+    "{%- set marks = (__PLACEHOLDER__, __VIDEO_PLACEHOLDER__) -%}"
+    "{%- if flat.text and not flat.text.endswith('\\n') and (piece in marks or flat.text.endswith(marks)) -%}"
     "{%- set flat.text = flat.text ~ '\\n' -%}"
     "{%- endif -%}"
     "{%- set flat.text = flat.text ~ piece -%}"
@@ -120,26 +135,37 @@ _SYSTEM = (
 _PLAIN_TEMPLATE = (
     _CONTENT_MACRO
     + _SYSTEM
-    + "{%- set ns = namespace(images=0, lead=0, leading=true) -%}"
+    + "{%- set ns = namespace(images=0, videos=0, lead=0, leading=true) -%}"
     "{{- __BOS__ -}}"
     "{%- if system.strip() -%}{{- system.strip() ~ '\\n\\n' -}}{%- endif -%}"
     "{%- for message in turns -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{%- set pieces = mm_text(message['content']).split(__PLACEHOLDER__) -%}"
+    "{%- set text = mm_text(message['content']) -%}"
+    # the kinds of the placeholders in order, then the text cut at every one of them
+    "{%- set kinds = namespace(list=[]) -%}"
+    "{%- for chunk in text.split(__PLACEHOLDER__) -%}"
+    "{%- for _ in chunk.split(__VIDEO_PLACEHOLDER__)[1:] -%}{%- set kinds.list = kinds.list + ['video'] -%}{%- endfor -%}"
+    "{%- if not loop.last -%}{%- set kinds.list = kinds.list + ['image'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set pieces = text.replace(__VIDEO_PLACEHOLDER__, __PLACEHOLDER__).split(__PLACEHOLDER__) -%}"
     "{%- set ns.lead = 0 -%}{%- set ns.leading = true -%}"
     "{%- for piece in pieces[:-1] -%}"
     "{%- if ns.leading and not piece.strip() -%}{%- set ns.lead = ns.lead + 1 -%}"
     "{%- else -%}{%- set ns.leading = false -%}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- for _ in range(ns.lead) -%}"
-    "{%- set ns.images = ns.images + 1 -%}"
-    "{{- '### Image ' ~ ns.images ~ ':\\n' ~ __IMAGE__ ~ '\\n\\n' -}}"
+    "{%- for kind in kinds.list[:ns.lead] -%}"
+    "{%- if kind == 'image' -%}{%- set ns.images = ns.images + 1 -%}{{- '### Image ' ~ ns.images ~ ':\\n' ~ __IMAGE__ ~ '\\n\\n' -}}"
+    "{%- else -%}{%- set ns.videos = ns.videos + 1 -%}{{- '### Video ' ~ ns.videos ~ ':\\n' ~ __VIDEO__ ~ '\\n\\n' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- set rest = pieces[ns.lead:] -%}"
     "{{- '### Question:\\n' ~ (rest[0].lstrip() if rest | length > 1 else rest[0].strip()) -}}"
     "{%- for piece in rest[1:] -%}"
-    "{%- set ns.images = ns.images + 1 -%}"
-    "{{- '\\n### Image ' ~ ns.images ~ ':\\n' ~ __IMAGE__ ~ '\\n' ~ (piece.rstrip() if loop.last else piece) -}}"
+    "{%- if kinds.list[ns.lead + loop.index0] == 'image' -%}"
+    "{%- set ns.images = ns.images + 1 -%}{{- '\\n### Image ' ~ ns.images ~ ':\\n' ~ __IMAGE__ -}}"
+    "{%- else -%}"
+    "{%- set ns.videos = ns.videos + 1 -%}{{- '\\n### Video ' ~ ns.videos ~ ':\\n' ~ __VIDEO__ -}}"
+    "{%- endif -%}"
+    "{{- '\\n' ~ (piece.rstrip() if loop.last else piece) -}}"
     "{%- endfor -%}"
     "{{- '\\n\\n### Answer:\\n' -}}"
     "{%- else -%}"
@@ -162,7 +188,7 @@ _CHAT_WRAPPER = (
     "{%- endfor -%}"
     "{%- set messages = ns.turns -%}"
     "{% set rendered %}{{ '' }}__TEMPLATE__{{ '' }}{% endset %}"
-    "{%- set rendered = rendered.replace(__PLACEHOLDER__, __IMAGE__) -%}"
+    "{%- set rendered = rendered.replace(__PLACEHOLDER__, __IMAGE__).replace(__VIDEO_PLACEHOLDER__, __VIDEO__) -%}"
     "__OUTPUT__"
 )
 
@@ -176,7 +202,7 @@ _PARTS_WRAPPER = (
     "{%- set messages = [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}] + messages -%}"
     "{%- endif -%}"
     "{% set rendered %}{{ '' }}__TEMPLATE__{{ '' }}{% endset %}"
-    "{%- set rendered = rendered.replace(__PLACEHOLDER__, __IMAGE__) -%}"
+    "{%- set rendered = rendered.replace(__PLACEHOLDER__, __IMAGE__).replace(__VIDEO_PLACEHOLDER__, __VIDEO__) -%}"
     "__OUTPUT__"
 )
 
@@ -207,6 +233,8 @@ def chat_template_for(tokenizer, template: str, system_prompt: str, markup: str 
         "__SYSTEM__": _literal(system_prompt),
         "__PLACEHOLDER__": _literal(IMAGE_PLACEHOLDER),
         "__IMAGE__": _literal(IMAGE_MARKUP if markup == "mmtrain" else IMAGE_TOKEN),
+        "__VIDEO_PLACEHOLDER__": _literal(VIDEO_PLACEHOLDER),
+        "__VIDEO__": _literal(VIDEO_MARKUP if markup == "mmtrain" else VIDEO_TOKEN),
     }
     own = ""
     if template == "plain":
@@ -277,7 +305,29 @@ def check_prompts(folder: str, built, template: str, system_prompt: str, process
         if list(got) != expected:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
             problems.append(f"{name}: token {at} is {list(got[at : at + 3])}, training has {expected[at : at + 3]}")
+    if built.image_tokens.video_id is not None:
+        problems += _check_video_prompt(processor, built, template, system_prompt)
     return problems
+
+
+def _check_video_prompt(processor, built, template: str, system_prompt: str, frames: int = 3) -> list[str]:
+    """The video prompt's ids against training's, its ``<video>`` expanded as LlavaNextVideoProcessor expands it.
+
+    The processor's video half needs torchvision to run; its token count is one line
+    (``replace_video_token``: a frame's patches // 4), done here on the rendered text.
+    """
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    side = built.model.vision.image_size // built.model.vision.patch_size
+    got = processor.tokenizer(prompt.replace(VIDEO_TOKEN, VIDEO_TOKEN * (side * side // 4 * frames)))["input_ids"]
+    expected = encode_conversation(
+        _as_turns(messages), built.tokenizer, built.image_tokens, template=template, system_prompt=system_prompt,
+        add_generation_prompt=True, video_frames=[frames],
+    ).input_ids
+    if list(got) == expected:
+        return []
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    return [f"one video: token {at} is {list(got[at : at + 3])}, training has {expected[at : at + 3]}"]
 
 
 def check_llava_vision(config, model_dir: str, anyres: bool = False) -> None:
@@ -312,7 +362,8 @@ def check_llava_vision(config, model_dir: str, anyres: bool = False) -> None:
 
 
 def export_llava(model_dir: str, out: str, format: str = "llava") -> str:
-    """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA (or, with AnyRes tiles, LLaVA-NeXT) folder at ``out``."""
+    """Write ``model_dir`` (an mmtrain export) as a transformers LLaVA folder at ``out``: LLaVA, LLaVA-NeXT (AnyRes
+    tiles) or LLaVA-NeXT-Video (AnyRes tiles and videos), as ``format`` names."""
     from transformers import GenerationConfig
 
     config, _ = export_config(model_dir)  # what the export is, read before any weights
@@ -350,6 +401,9 @@ def export_llava(model_dir: str, out: str, format: str = "llava") -> str:
     )
     anyres = built.image_tokens.anyres
     model_class, config_class, processor_class = _classes(format)
+    video = format == "llava_next_video"
+    if video:  # frames pooled before the projector, as mmtrain.model.video pools them
+        common.update(video_token_index=built.image_tokens.video_id, spatial_pool_mode="average", spatial_pool_stride=config.video_pool)
     if anyres is None:
         hf_config = config_class(**common, image_seq_length=built.image_tokens.per_image)
     else:
@@ -373,7 +427,10 @@ def export_llava(model_dir: str, out: str, format: str = "llava") -> str:
     # A copy: the checks below encode with the tokenizer's own template, as training did.
     tokenizer = copy.deepcopy(built.tokenizer)
     tokenizer.chat_template = chat_template
-    processor = processor_class(
+    # LLaVA-NeXT-Video's processor is LLaVA-NeXT's plus a video half, whose class cannot be
+    # built without torchvision: its image half is written, then named the video processor
+    # with its video settings (write_video_processor).
+    processor = (_classes("llava_next")[2] if video else processor_class)(
         # LLaVA-NeXT's processor tiles as training did: the very tiler mmtrain used
         image_processor=built.image_processor if anyres is None else built.image_processor.tiler,
         tokenizer=tokenizer,
@@ -384,7 +441,10 @@ def export_llava(model_dir: str, out: str, format: str = "llava") -> str:
         chat_template=chat_template,
     )
     processor.save_pretrained(out)
-    problems = check_prompts(out, built, template, system_prompt, processor_class)
+    if video:
+        write_video_processor(out, built.image_processor.tower_processor)
+    # The video half of LLaVA-NeXT-Video's processor needs torchvision to load; its image half is LLaVA-NeXT's.
+    problems = check_prompts(out, built, template, system_prompt, _classes("llava_next")[2] if video else processor_class)
     if problems:
         # Training tokenised the prompt piece by piece around each image and header; a
         # tokenizer that merges across those seams, or adds tokens of its own, gives other
@@ -395,6 +455,44 @@ def export_llava(model_dir: str, out: str, format: str = "llava") -> str:
             stacklevel=2,
         )
     return out
+
+
+# What of the tower's image processor a video processor keeps: frames are resized,
+# cropped and normalised as training's frames were (by that very processor).
+_VIDEO_PROCESSOR_KEYS = (
+    "do_resize", "size", "resample", "default_to_square", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std", "do_convert_rgb",
+)
+
+
+def write_video_processor(out: str, tower_processor) -> None:
+    """Make the LLaVA-NeXT processor saved at ``out`` LLaVA-NeXT-Video's: its files name that class and its
+    ``<video>`` token, and ``video_preprocessor_config.json`` sets LlavaNextVideoVideoProcessor up as the tower's
+    processor handles training's frames.
+
+    Written as files rather than by building the classes: transformers' video processors
+    need torchvision, which a CPU install may lack; the folder's users load it with theirs.
+    """
+    import os
+
+    from transformers.utils import VIDEO_PROCESSOR_NAME
+
+    settings = {k: v for k, v in tower_processor.to_dict().items() if k in _VIDEO_PROCESSOR_KEYS and v is not None}
+    settings.update(video_processor_type="LlavaNextVideoVideoProcessor", processor_class="LlavaNextVideoProcessor", do_sample_frames=False)
+    with open(os.path.join(out, VIDEO_PROCESSOR_NAME), "w") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            values = json.load(f)
+        if name == "processor_config.json":  # transformers 5 keeps the sub-processors' settings here too
+            values.update(video_token=VIDEO_TOKEN, video_processor=settings)
+        if name == "processor_config.json" or "processor_class" in values:
+            values["processor_class"] = "LlavaNextVideoProcessor"
+        with open(path, "w") as f:
+            json.dump(values, f, indent=2, sort_keys=True)
 
 
 def _classes(format: str):
@@ -409,6 +507,7 @@ def _classes(format: str):
 FORMATS = {
     "llava": ("LlavaForConditionalGeneration", "LlavaConfig", "LlavaProcessor"),
     "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig", "LlavaNextProcessor"),
+    "llava_next_video": ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoConfig", "LlavaNextVideoProcessor"),
 }
 
 
@@ -426,17 +525,45 @@ def check_exportable(config, model_dir: str, format: str) -> None:
             f"--model {model_dir} was trained with MMCA attention ({config.mmca_image_attention}), which LLaVA's "
             "ordinary causal attention cannot run: the export would compute something else"
         )
-    if config.anyres and format != "llava_next":
+    if config.video_pool and format != "llava_next_video":
+        raise ConfigError(
+            f"--model {model_dir} reads videos (video_pool {config.video_pool}), which {FORMATS[format][0]} cannot: "
+            "use --format llava_next_video (for a model trained with AnyRes tiles and video_pool 2)"
+        )
+    if format == "llava_next_video":
+        _check_video_export(config, model_dir)
+    if config.anyres and format == "llava":
         raise ConfigError(
             f"--model {model_dir} encodes images as AnyRes tiles, which LlavaForConditionalGeneration cannot lay out: "
             "use --format llava_next"
         )
-    if not config.anyres and format == "llava_next":
+    if not config.anyres and format != "llava":
         raise ConfigError(
             f"--model {model_dir} encodes each image as one fixed square (no image_grid_pinpoints or anyres_max_tiles); "
-            "LLaVA-NeXT always tiles: use --format llava"
+            f"{FORMATS[format][0]} always tiles images: use --format llava"
+            + (", which holds no videos (a model for LLaVA-NeXT-Video trains with AnyRes tiles)" if config.video_pool else "")
         )
     check_llava_vision(config, model_dir, anyres=config.anyres)
+    if format == "llava_next_video":
+        from mmtrain.model.vision import tower_specs
+
+        rows, cols = tower_specs(config)[0].layout.grid
+        if rows != cols or rows % 2:
+            raise ConfigError(
+                f"--model {model_dir}: its {rows}x{cols} patch grid pools to ({rows} // 2) x ({cols} // 2) cells a frame, and "
+                "LlavaNextVideoProcessor counts a square grid's patches // 4 per frame: the spans would differ"
+            )
+
+
+def _check_video_export(config, model_dir: str) -> None:
+    """What LlavaNextVideoForConditionalGeneration needs of a video model, from its config alone."""
+    if not config.video_pool:
+        raise ConfigError(f"--model {model_dir} reads no videos (video_pool 0): use --format llava_next (AnyRes tiles) or llava")
+    if config.video_pool != EXPORTABLE_VIDEO_POOL:
+        raise ConfigError(
+            f"--model {model_dir} pools video frames {config.video_pool} x {config.video_pool}; LlavaNextVideoProcessor always "
+            f"gives a frame its patches // 4 tokens, which is video_pool {EXPORTABLE_VIDEO_POOL} only"
+        )
 
 
 # The name of the LM's input table that LlavaForConditionalGeneration ties its head to.
@@ -451,9 +578,12 @@ def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
 class ExportArguments:
     model: str = field(metadata={"help": "An mmtrain export folder (OUTPUT/epoch-N)."})
     out: str = field(metadata={"help": "The folder to write."})
-    format: Literal["llava", "llava_next"] = field(
+    format: Literal["llava", "llava_next", "llava_next_video"] = field(
         default="llava",
-        metadata={"help": "The model class to write: transformers' LLaVA, or LLaVA-NeXT for a model trained with AnyRes tiles."},
+        metadata={
+            "help": "The model class to write: transformers' LLaVA, LLaVA-NeXT for a model trained with AnyRes tiles, or "
+            "LLaVA-NeXT-Video for one trained with AnyRes tiles and --video_pool 2."
+        },
     )
 
 

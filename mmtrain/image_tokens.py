@@ -16,6 +16,12 @@ image's aspect ratio with one image-newline position per line. :meth:`ImageToken
 gives that number from the image's original ``(height, width)``, so data and model agree
 on it without either asking the other.
 
+A video (``<video>``, on a model with ``video_pool`` set) is its sampled frames, each
+encoded at the tower's own resolution and pooled on the patch grid: its span is
+``<im_start>``, ``per_frame`` ``<video>`` tokens per frame, ``<im_end>``. Images and videos
+keep their own token, so each stream of features is written on its own positions in
+order (video k on ``<video>`` span k) and a LLaVA-NeXT-Video export keeps both ids.
+
 ``mmtrain.data`` writes placeholders and lays out spans from :class:`ImageTokens`;
 ``mmtrain.model`` adds the tokens to the tokenizer (:func:`mmtrain.model.tokens.add_image_tokens`)
 and swaps the features in. Both import the contract from here; neither imports the other for it.
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+VIDEO_TOKEN = "<video>"
 IMAGE_START = "<im_start>"
 IMAGE_END = "<im_end>"
 NEW_TOKENS = (IMAGE_START, IMAGE_TOKEN, IMAGE_END)
@@ -114,6 +122,8 @@ class ImageTokens:
     per_image: int  # feature positions of one image (the projector's output length)
     original_vocab_size: int  # the first new token's id: len(tokenizer) before ours were added
     anyres: AnyRes | None = field(default=None)  # tiles: an image's feature count follows its size
+    video_id: int | None = field(default=None)  # the <video> token: None when the model reads no videos
+    per_frame: int = field(default=0)  # feature positions of one video frame (after pooling)
     # native aspect ratio (mmtrain.model.native_aspect.NativeAspect): each image its own patch grid,
     # the count following its size too; anything with features(size) and tiles(size)
     native: object | None = field(default=None)
@@ -142,6 +152,13 @@ class ImageTokens:
         if self.start_id is None:
             return [self.image_id] * features
         return [self.start_id] + [self.image_id] * features + [self.end_id]
+
+    def video_span(self, frames: int) -> list[int]:
+        """A video's ids: ``frames * per_frame`` ``<video>`` tokens, between start and end in our markup."""
+        if self.video_id is None:
+            raise ValueError("this model reads no videos (its video_pool is 0)")
+        body = [self.video_id] * (frames * self.per_frame)
+        return body if self.start_id is None else [self.start_id, *body, self.end_id]
 
     def num_new_rows(self, vocab_size: int) -> int:
         """Embedding rows that are new (trainable): ours three, or LLaVA's image token alone."""

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate.utils import set_seed
 
     from mmtrain.data import Collator, build_datasets, read_sources
+    from mmtrain.data.build import check_videos_read
     from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
     from mmtrain.training import distributed, init_from, sample_record, sequence_parallel, setup, speedups
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     # path stops the run now, not hours into an epoch.
     pairs = train_args.objective == "dpo"  # preference pairs: every record holds a chosen and a rejected answer
     sources = read_sources(data_args, seed=train_args.seed, main_process_first=accelerator.main_process_first, pairs=pairs)
+    check_videos_read(sources, reads_videos=model_args.video_pool > 0)  # a video for a model without --video_pool
     speedups.check_vision_cache_size(accelerator, model_args, sources.train)  # an in-memory cache its images would outgrow
 
     built = setup.build_for_training(accelerator, model_args, train_args, data_args)  # the model config, made from the flags once

@@ -229,3 +229,41 @@ def test_chat_template_keeps_what_a_plain_prompt_looks_like(processors_by_tokeni
         f"<s>Be brief.\n\n### Image 1:\n{image}\n\n### Question:\nWhat shape is it?\n\n### Answer:\na red circle</s>"
         f"### Image 2:\n{image}\n\n### Question:\nAnd this one?\n\n### Answer:\n"
     )
+
+
+VIDEO_CONVERSATIONS = {
+    "one video": [{"role": "user", "content": [{"type": "video"}, _text("What moves?")]}],
+    "image then video": [{"role": "user", "content": [_image(), {"type": "video"}, _text("Same color?")]}],
+    "video inside the question": [{"role": "user", "content": "Does <image> appear in <video> ?"}],
+    "two turns": [
+        {"role": "user", "content": [{"type": "video"}, _text("What moves?")]},
+        {"role": "assistant", "content": [_text("a square")]},
+        {"role": "user", "content": [{"type": "video"}, _image(), _text("And here?")]},
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["preset", "no bos"])
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_chat_template_renders_videos_as_training_does(kind, template):
+    """Videos and images mixed: the rendered prompt, each placeholder expanded as the processors expand it, is training's ids."""
+    from mmtrain.data.template import encode_conversation
+    from mmtrain.model.tokens import add_image_tokens
+
+    tokenizer = _tokenizer(kind)
+    image_tokens = add_image_tokens(tokenizer, 9, per_frame=4)
+    rendering = copy.deepcopy(tokenizer)
+    rendering.chat_template = chat_template_for(tokenizer, template, "Be brief.")
+    for name, messages in VIDEO_CONVERSATIONS.items():
+        turns = _turns(messages)
+        frames = [2 + k for k in range(sum(t["text"].count("<video>") for t in turns))]
+        expected = encode_conversation(
+            turns, tokenizer, image_tokens, template=template, system_prompt="Be brief.", add_generation_prompt=True, video_frames=frames,
+        ).input_ids
+        rendered = rendering.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        pieces = rendered.replace("<image>", "<image>" * 9).split("<video>")
+        text = pieces[0] + "".join("<video>" * (4 * n) + piece for n, piece in zip(frames, pieces[1:]))
+        assert tokenizer(text)["input_ids"] == expected, f"{name}: {text[:300]!r}"
+        assert expected.count(image_tokens.video_id) == 4 * sum(frames) > 0, name
+    if template == "plain":  # images and videos numbered apart, each under its own heading
+        assert "### Video 2:\n<im_start><video><im_end>\n\n### Image 1:\n<im_start><image><im_end>\n\n### Question:" in rendered

@@ -9,10 +9,13 @@ The trainer makes two calls. :func:`read_sources`, before any weights load:
    stay in their memory-mapped tables, which the datasets read them back from);
 3. take ``--dataset_samples`` from each file (a seeded subset) and split off eval
    (``--eval_ratio`` per file, seeded, or the ``--eval_dataset_names`` files);
-4. check that every image file of the records taken exists (one ``stat`` each, many at
-   once): under ``--on_bad_sample error`` a missing one stops the run here, naming the
-   first ones with their file and record; under ``skip`` their records are dropped and
-   counted. A file that exists but does not decode is still found when it is read.
+4. check that every image (and video) file of the records taken exists (one ``stat``
+   each, many at once): under ``--on_bad_sample error`` a missing one stops the run here,
+   naming the first ones with their file and record; under ``skip`` their records are
+   dropped and counted. An image that exists but does not decode is still found when it
+   is read; a video clip is opened here to read its frame count (container metadata,
+   no frame decoded), so one that cannot be read, or whose frames alone exceed
+   ``--max_images_per_batch``, stops the run here naming its file and record.
    With ``--streaming`` the training globs are only expanded here (no shard is read), and
    only the eval files go through these steps.
 
@@ -41,7 +44,8 @@ from mmtrain.data.preference import PreferenceDataset, fit_pair
 from mmtrain.data.streaming import ShardStream, shard_files
 from mmtrain.data.synthetic import generate_synthetic, generate_synthetic_pairs
 from mmtrain.data.template import check_template, encode_conversation
-from mmtrain.image_tokens import IMAGE_PLACEHOLDER
+from mmtrain.data.video import BadVideoError, describe_video, sampled_frame_count, video_files
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 # name -> function(data_args, seed) returning the path of a JSON file, or a datasets.Dataset.
 DATASET_REGISTRY: dict[str, Callable] = {}
@@ -162,6 +166,9 @@ def _fit(
             counts[f"dropped_bad_image_{split}"] += 1
             continue
         entry = fit(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept), image_sizes=sizes)
+        if entry is not None and record.get("videos"):
+            counts[f"videos_{split}"] += len(join_video_frames(record, entry.keep_pairs))
+            counts[f"frames_{split}"] += sum(join_video_frames(record, entry.keep_pairs))
         if entry is not None:
             entries.append(entry)
             kept.append(record)
@@ -175,6 +182,21 @@ def record_image_sizes(record: dict, image_tokens, store: ImageStore | None = No
     return [image_size(path, record["source"], record["index"], store) for path in record["images"]]
 
 
+def record_video_frames(record: dict, data_args) -> list[int]:
+    """Each video's sampled frame count: as :func:`read_sources` recorded it, else read now (a streamed record)."""
+    if "video_frames" not in record:
+        where = f"{record['source']}: record {record['index']}"
+        record["video_frames"] = [sampled_frame_count(v, where, data_args.max_frames, data_args.video_fps) for v in record.get("videos") or []]
+    return list(record["video_frames"])
+
+
+def join_video_frames(record: dict, keep_pairs: int) -> list[int]:
+    """Frame counts of the videos the first ``keep_pairs`` question/answer pairs of ``record`` use."""
+    _, body = split_turns(record["turns"])
+    used = sum(t["text"].count(VIDEO_PLACEHOLDER) for t in body[: 2 * keep_pairs])
+    return list(record.get("video_frames") or [])[:used]
+
+
 def fit_record(
     record: dict, data_args, tokenizer, image_tokens, counts: dict, split: str, row: int = 0, image_sizes=None,
 ) -> Entry | None:
@@ -183,19 +205,26 @@ def fit_record(
     A sample is over-long when it has more tokens than :meth:`DataArguments.longest_sample`
     (``--max_seq_len``, or a smaller ``--max_tokens_per_batch``) or, under an image budget,
     more images than ``--max_images_per_batch``: a micro-batch could never hold it; or
-    more image tokens than ``--max_image_tokens``.
+    more image tokens than ``--max_image_tokens``. Each video frame is one image under the
+    image budget (one encoder input), and its tokens are counted.
     """
     limit = data_args.longest_sample()
     image_limit = data_args.max_images_per_batch
+    video_frames = record_video_frames(record, data_args)
+    if video_frames and image_tokens.video_id is None:
+        raise DataError(
+            f"{record['source']}: record {record['index']} has a video, and this model reads none: set --video_pool "
+            "(1: frames unpooled; 2: LLaVA-NeXT-Video's 2x2 pooling)"
+        )
     encoded = encode_conversation(
         record["turns"], tokenizer, image_tokens, template=data_args.template, system_prompt=data_args.system_prompt,
-        image_sizes=image_sizes,
+        image_sizes=image_sizes, video_frames=video_frames,
     )
     _, body = split_turns(record["turns"])
-    images_after = _images_after_each_pair(body)
+    images_after = _images_after_each_pair(body, video_frames)
     pairs = len(encoded.turn_ends)
     keep = pairs
-    too_many_images = image_limit is not None and encoded.num_images > image_limit
+    too_many_images = image_limit is not None and images_after and images_after[-1] > image_limit
     token_limit = getattr(data_args, "max_image_tokens", None)
     image_tokens_after = _image_tokens_after(encoded, image_tokens.image_id) if token_limit is not None else [0] * pairs
     too_many_image_tokens = token_limit is not None and image_tokens_after and image_tokens_after[-1] > token_limit
@@ -213,11 +242,12 @@ def fit_record(
         counts[f"truncated_{split}"] += 1
     length = encoded.turn_ends[keep - 1] if keep < pairs else len(encoded.input_ids)
     num_images = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body[: 2 * keep])
-    counts[f"text_only_{split}"] += num_images == 0
+    encoder_inputs = images_after[keep - 1]  # images and video frames
+    counts[f"text_only_{split}"] += encoder_inputs == 0
     counts[f"images_{split}"] += num_images
     counts[f"tokens_{split}"] += length
     counts[f"longest_sample_{split}"] = max(counts[f"longest_sample_{split}"], length)
-    return Entry(row, keep, length, num_images, encoded.prefix_length)
+    return Entry(row, keep, length, encoder_inputs, encoded.prefix_length)
 
 
 def _image_tokens_after(encoded, image_id: int) -> list[int]:
@@ -230,11 +260,14 @@ def _image_tokens_after(encoded, image_id: int) -> list[int]:
     return totals
 
 
-def _images_after_each_pair(body: list[dict]) -> list[int]:
-    """Images used up to the end of each question/answer pair of a conversation's turns."""
-    totals, seen = [], 0
+def _images_after_each_pair(body: list[dict], video_frames: list[int] = ()) -> list[int]:
+    """Encoder inputs (images, and each video's frames) used up to the end of each question/answer pair of a conversation's turns."""
+    totals, seen, videos = [], 0, 0
     for i, turn in enumerate(body):
         seen += turn["text"].count(IMAGE_PLACEHOLDER)
+        used = turn["text"].count(VIDEO_PLACEHOLDER)
+        seen += sum(video_frames[videos : videos + used])
+        videos += used
         if i % 2 == 1:
             totals.append(seen)
     return totals
@@ -267,12 +300,15 @@ MISSING_NAMED = 5  # missing files named in the error; the count covers them all
 
 def _missing_images(records: list[tuple[str, int, dict]]) -> list[tuple[str, int, str]]:
     """(data file, record number, image path) of every image file that does not exist, in record order."""
-    paths = sorted({p for _, _, r in records for p in r["images"] if parse_embedded(p) is None})
+    def files(record: dict) -> list[str]:
+        return [p for p in record["images"] if parse_embedded(p) is None] + [f for v in record.get("videos") or [] for f in video_files(v)]
+
+    paths = sorted({p for _, _, r in records for p in files(r)})
     if not paths:
         return []
     with ThreadPoolExecutor(max_workers=min(STAT_THREADS, len(paths))) as pool:
         exists = dict(zip(paths, pool.map(os.path.isfile, paths)))
-    return [(source, index, p) for source, index, r in records for p in r["images"] if not exists.get(p, True)]
+    return [(source, index, p) for source, index, r in records for p in files(r) if not exists.get(p, True)]
 
 
 def _check_images(taken: list[tuple[str, int, dict]], on_bad_sample: str, counts: dict) -> set[int]:
@@ -282,10 +318,12 @@ def _check_images(taken: list[tuple[str, int, dict]], on_bad_sample: str, counts
         return set()
     records = sorted({(source, index) for source, index, _ in missing})
     if on_bad_sample == "error":
+        videos = {f for _, _, r in taken for v in r.get("videos") or [] for f in video_files(v)}
+        kind = "image or video" if any(path in videos for _, _, path in missing) else "image"
         named = "; ".join(f"{source} record {index}: {path}" for source, index, path in missing[:MISSING_NAMED])
         more = f" (and {len(missing) - MISSING_NAMED} more)" if len(missing) > MISSING_NAMED else ""
         raise DataError(
-            f"{len(records)} record(s) name image files that do not exist ({len({p for _, _, p in missing})} file(s)): {named}{more}. "
+            f"{len(records)} record(s) name {kind} files that do not exist ({len({p for _, _, p in missing})} file(s)): {named}{more}. "
             "Fix the paths (relative ones are resolved against --image_folder, else the data file's folder), "
             "or pass --on_bad_sample skip to leave those records out"
         )
@@ -295,9 +333,54 @@ def _check_images(taken: list[tuple[str, int, dict]], on_bad_sample: str, counts
     return {i for i, (source, index, _) in enumerate(taken) if (source, index) in bad}
 
 
+def _measure_videos(taken: list[tuple[str, int, dict]], data_args, counts: dict, passed_over: set[int] = frozenset()) -> set[int]:
+    """Record each video's sampled frame count (``record["video_frames"]``, every record given one) from its container.
+
+    A clip that cannot be read is an error naming its file and record (``skip``: its
+    record's position is returned and counted); so is a video whose frames alone exceed
+    ``--max_images_per_batch``, which no micro-batch could hold. ``passed_over``: positions
+    already dropped (a missing file).
+    """
+    bad = set()
+    for i, (source, index, record) in enumerate(taken):
+        if i in passed_over:
+            continue
+        where = f"{source}: record {index}"
+        try:
+            record["video_frames"] = [sampled_frame_count(v, where, data_args.max_frames, data_args.video_fps) for v in record.get("videos") or []]
+        except BadVideoError:
+            if data_args.on_bad_sample != "skip":
+                raise
+            bad.add(i)
+            counts["bad_video_records"] += 1
+            continue
+        limit = data_args.max_images_per_batch
+        for video, frames in zip(record.get("videos") or [], record["video_frames"]):
+            if limit is not None and frames > limit:
+                raise DataError(
+                    f"{where}: {describe_video(video)} gives {frames} frames, more than --max_images_per_batch {limit} "
+                    "(each frame is one encoder input): lower --max_frames or raise the budget"
+                )
+    return bad
+
+
+def check_videos_read(sources: Sources, reads_videos: bool) -> None:
+    """A record with a video for a model that reads none (``--video_pool 0``) is an error naming it, before any weights load."""
+    if reads_videos:
+        return
+    for record in sources.train + sources.eval:
+        if record.get("videos"):
+            raise DataError(
+                f"{record['source']}: record {record['index']} has a video, and the model reads none: set --video_pool "
+                "(1: frames unpooled; 2: LLaVA-NeXT-Video's 2x2 pooling)"
+            )
+
+
 def check_record_kind(records: list[dict], pairs: bool) -> None:
     """Preference pairs for ``--objective dpo``, conversations otherwise: the first record of the wrong kind is an error naming it."""
     for record in records:
+        if pairs and record.get("videos"):
+            raise DataError(f"{record['source']}: record {record['index']} has a video; preference pairs (--objective dpo) take images only")
         if pairs and "rejected" not in record:
             raise DataError(
                 f"{record['source']}: record {record['index']} is a conversation, not a preference pair: --objective dpo "
@@ -350,8 +433,9 @@ def read_sources(data_args, seed: int = 42, main_process_first=None, pairs: bool
         info["eval"] += len(records)
         eval_taken += [(path, i, r) for i, r in enumerate(records)]
 
-    counts = {"missing_image_records": 0, "missing_image_files": 0}
+    counts = {"missing_image_records": 0, "missing_image_files": 0, "bad_video_records": 0}
     bad = _check_images(train_taken + eval_taken, data_args.on_bad_sample, counts)
+    bad |= _measure_videos(train_taken + eval_taken, data_args, counts, passed_over=bad)
     train = [r for i, (_, _, r) in enumerate(train_taken) if i not in bad]
     evaluation = [r for i, (_, _, r) in enumerate(eval_taken, start=len(train_taken)) if i not in bad]
     report = {"sources": sources, **counts}
@@ -397,7 +481,7 @@ def build_datasets(
         sources = read_sources(data_args, seed, main_process_first, pairs=pairs)
     counts = {
         f"{key}_{split}": 0
-        for key in ("dropped_overlength", "dropped_bad_image", "truncated", "text_only", "images", "tokens", "longest_sample")
+        for key in ("dropped_overlength", "dropped_bad_image", "truncated", "text_only", "images", "videos", "frames", "tokens", "longest_sample")
         for split in ("train", "eval")
     }
     train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train", pairs, sources.images)
@@ -416,6 +500,8 @@ def build_datasets(
         max_images=data_args.most_images(),
         seed=seed,
         image_store=sources.images,
+        max_frames=data_args.max_frames,
+        video_fps=data_args.video_fps,
     )
     kind = PreferenceDataset if pairs else ConversationDataset
     train = kind(

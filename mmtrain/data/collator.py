@@ -52,6 +52,7 @@ def images_of(rows: list[list[dict]]) -> dict[str, torch.Tensor]:
 
     An item's ``pixel_values`` holds its images, or with AnyRes tiles each image's tiles
     (then ``image_sizes`` has one ``(height, width)`` per image and counts the images).
+    Items with videos add ``pixel_values_videos`` and ``video_frames`` (:mod:`mmtrain.batch`).
     """
     items = [item for row in rows for item in row]
     tiled = "image_sizes" in items[0]
@@ -63,4 +64,8 @@ def images_of(rows: list[list[dict]]) -> dict[str, torch.Tensor]:
         out["image_counts"] = torch.stack([out["image_counts"][a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
     if tiled:  # host-side ints: the model lays the tiles out without reading anything back from the device
         out["image_sizes"] = [tuple(size) for item in items for size in item["image_sizes"].tolist()]
+    videos = [item for item in items if "video_frames" in item]
+    if videos:  # frames at the encoder's own size, video after video in placeholder order
+        out["pixel_values_videos"] = torch.cat([item["pixel_values_videos"] for item in videos], dim=0)
+        out["video_frames"] = torch.cat([item["video_frames"] for item in videos], dim=0)
     return out

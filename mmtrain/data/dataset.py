@@ -21,11 +21,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmtrain.data.formats import DataError
-from mmtrain.data.images import ImageStore, describe, parse_embedded
-from mmtrain.data.tar_shards import open_member
+# the decoding functions, re-exported where they were first defined
+from mmtrain.data.decode import (  # noqa: F401
+    BadImageError,
+    decode_images,
+    decode_videos,
+    image_shape,
+    image_size,
+    load_images,
+    pixel_inputs,
+    video_inputs,
+)
+from mmtrain.data.images import ImageStore
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
-from mmtrain.image_tokens import IMAGE_PLACEHOLDER, ImageTokens
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageTokens
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +44,6 @@ logger = logging.getLogger(__name__)
 _RENUMBER_SLACK = 2
 
 
-class BadImageError(DataError):
-    """An image file that is missing or cannot be decoded."""
-
-
 @dataclass(frozen=True)
 class Entry:
     """A record as it enters a sample: its row, the pairs kept, and its token/image counts."""
@@ -46,7 +51,7 @@ class Entry:
     row: int
     keep_pairs: int
     length: int
-    num_images: int
+    num_images: int  # encoder inputs: its images and its videos' frames (what an image budget counts)
     prefix_length: int
     both_halves: int = 0  # a preference pair's tokens, chosen and rejected together (what a token budget counts)
 
@@ -56,69 +61,6 @@ def split_turns(turns: list[dict]) -> tuple[dict | None, list[dict]]:
     if turns and turns[0]["role"] == "system":
         return turns[0], turns[1:]
     return None, turns
-
-
-def load_images(
-    images: list[tuple[str, str, int]], image_processor, empty_shape: tuple[int, int, int], store: ImageStore | None = None
-) -> torch.Tensor:
-    """Decode ``(image, source file, record index)`` images and preprocess them to ``[n, 3, H, W]``.
-
-    An image is a file path, a tar shard's member, or an image embedded in a dataset's
-    rows, read back through ``store`` (:mod:`mmtrain.data.images`).
-    """
-    return pixel_inputs(decode_images(images, store), image_processor, empty_shape)["pixel_values"]
-
-
-def decode_images(images: list[tuple[str, str, int]], store: ImageStore | None = None) -> list[Image.Image]:
-    """The ``(image, source file, record index)`` images decoded (RGB); raises :class:`BadImageError` naming the record."""
-    return [_decode(path, source, index, store) for path, source, index in images]
-
-
-def pixel_inputs(decoded: list[Image.Image], image_processor, empty_shape: tuple[int, int, int]) -> dict:
-    """``{"pixel_values"}`` of decoded images, and their ``"image_sizes"`` when the processor tiles them (AnyRes)."""
-    if not decoded:
-        out = {"pixel_values": torch.zeros((0, *empty_shape), dtype=torch.float32)}
-        if getattr(image_processor, "sized", None) is not None:  # tiles or native aspect: sizes travel with the pixels
-            out["image_sizes"] = torch.zeros((0, 2), dtype=torch.long)
-        return out
-    processed = image_processor(images=decoded, return_tensors="pt")
-    out = {"pixel_values": processed["pixel_values"].to(torch.float32)}
-    if "image_sizes" in processed:
-        out["image_sizes"] = processed["image_sizes"].to(torch.long)
-    return out
-
-
-def image_size(path: str, source: str, index: int, store: ImageStore | None = None) -> tuple[int, int]:
-    """An image's ``(height, width)`` from its header, without decoding its pixels (tiles count tokens from it)."""
-    return _read(path, source, index, store, lambda image: (image.height, image.width))
-
-
-def _decode(path: str, source: str, index: int, store: ImageStore | None) -> Image.Image:
-    return _read(path, source, index, store, lambda image: image.convert("RGB"))
-
-
-def _read(path: str, source: str, index: int, store: ImageStore | None, take):
-    """``take(image)`` of an opened image; a missing or unreadable one is a :class:`BadImageError` naming the record."""
-    what = f"image file {path}"
-    try:
-        if parse_embedded(path) is not None:
-            what = f"{describe(path)} (embedded)"
-            opened = (store or ImageStore()).open(path)
-        else:
-            opened = open_member(path) or path  # a tar shard's member, or a file
-        if isinstance(opened, Image.Image):
-            return take(opened)
-        with Image.open(opened) as image:
-            return take(image)
-    except FileNotFoundError:
-        raise BadImageError(f"{source}: record {index}: {what} not found") from None
-    except (OSError, ValueError, IndexError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"{source}: record {index}: {what} cannot be decoded: {err}") from None
-
-
-def image_shape(image_processor) -> tuple[int, int, int]:
-    """The [3, H, W] the processor produces (for the empty pixel tensor of text-only samples)."""
-    return tuple(image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[1:])
 
 
 def join_conversation(pairs: list[tuple[dict, Entry]]) -> tuple[list[dict], list[tuple[str, str, int]]]:
@@ -134,6 +76,16 @@ def join_conversation(pairs: list[tuple[dict, Entry]]) -> tuple[list[dict], list
         used = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in body)
         images += [(path, record["source"], record["index"]) for path in record["images"][:used]]
     return turns, images
+
+
+def join_videos(pairs: list[tuple[dict, Entry]]) -> list[tuple[str, str, int]]:
+    """``(video, source, record index)`` of the videos the kept turns of ``(record, entry)`` pairs use, in order."""
+    videos = []
+    for record, entry in pairs:
+        _, body = split_turns(record["turns"])
+        used = sum(t["text"].count(VIDEO_PLACEHOLDER) for t in body[: 2 * entry.keep_pairs])
+        videos += [(video, record["source"], record["index"]) for video in (record.get("videos") or [])[:used]]
+    return videos
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -164,8 +116,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_images: int = 8,
         seed: int = 0,
         image_store: ImageStore | None = None,
+        max_frames: int = 8,
+        video_fps: float = 0.0,
     ):
         self.records = records
+        self.max_frames = max_frames
+        self.video_fps = video_fps
         self.image_store = image_store or ImageStore()
         self.entries = entries
         self.tokenizer = tokenizer
@@ -272,7 +228,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Turns and ``(image path, source, record index)`` of the entries in ``group``, joined in order."""
         return join_conversation([(self.records[self.entries[e].row], self.entries[e]) for e in group])
 
-    def _encode(self, turns, add_generation_prompt=False, decoded=()):
+    def videos(self, group: tuple[int, ...]) -> list[tuple[str, str, int]]:
+        """``(video, source, record index)`` of the entries in ``group``, joined in order."""
+        return join_videos([(self.records[self.entries[e].row], self.entries[e]) for e in group])
+
+    def _decode_videos(self, videos) -> list[list[Image.Image]]:
+        return decode_videos(videos, self.max_frames, self.video_fps, self.image_store)
+
+    def _encode(self, turns, add_generation_prompt=False, decoded=(), videos=()):
         # AnyRes: an image's span follows its size (extra sizes, of images a cut dropped, are not read)
         sizes = [(image.height, image.width) for image in decoded] if self.image_tokens.sized is not None else None
         return encode_conversation(
@@ -283,33 +246,38 @@ class ConversationDataset(torch.utils.data.Dataset):
             system_prompt=self.system_prompt,
             add_generation_prompt=add_generation_prompt,
             image_sizes=sizes,
+            video_frames=[len(video) for video in videos],
         )
 
     def _item(self, group: tuple[int, ...]) -> dict:
         turns, images = self.conversation(group)
         decoded = decode_images(images, self.image_store)
-        encoded = self._encode(turns, decoded=decoded)
+        videos = self._decode_videos(self.videos(group))
+        encoded = self._encode(turns, decoded=decoded, videos=videos)
         # The join was planned from a length bound; should a template still overshoot,
         # drop joined entries from the end rather than exceed --max_seq_len.
         while len(encoded.input_ids) > self.max_seq_len and len(group) > 1:
             group = group[:-1]
             turns, images = self.conversation(group)
             decoded = decoded[: len(images)]  # the images of a prefix of the group are a prefix of its images
-            encoded = self._encode(turns, decoded=decoded)
-        return self._tensors(encoded, decoded)
+            videos = videos[: len(self.videos(group))]  # and so are its videos
+            encoded = self._encode(turns, decoded=decoded, videos=videos)
+        return self._tensors(encoded, decoded, videos)
 
-    def _tensors(self, encoded, decoded: list[Image.Image]) -> dict:
+    def _tensors(self, encoded, decoded: list[Image.Image], videos: list[list[Image.Image]] = ()) -> dict:
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             **pixel_inputs(decoded, self.image_processor, self._empty_shape),
+            **video_inputs(list(videos), self.image_processor),
         }
 
     def record_item(self, record: dict, entry: Entry) -> dict:
         """One canonical record that is not in the table (a streamed one) as an item; raises :class:`BadImageError`."""
         turns, images = join_conversation([(record, entry)])
         decoded = decode_images(images, self.image_store)
-        return self._tensors(self._encode(turns, decoded=decoded), decoded)
+        videos = self._decode_videos(join_videos([(record, entry)]))
+        return self._tensors(self._encode(turns, decoded=decoded, videos=videos), decoded, videos)
 
     def __getitem__(self, i: int) -> dict | None:
         """Item ``i``; ``None`` for one dropped under ``--on_bad_sample skip`` (never another item in its place)."""
@@ -344,10 +312,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         """
         turns, images = self.conversation((e,))
         decoded = decode_images(images, self.image_store)
-        encoded = self._encode(turns[:-1], add_generation_prompt=True, decoded=decoded)
+        videos = self._decode_videos(self.videos((e,)))
+        encoded = self._encode(turns[:-1], add_generation_prompt=True, decoded=decoded, videos=videos)
         return {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             **pixel_inputs(decoded, self.image_processor, self._empty_shape),
+            **video_inputs(videos, self.image_processor),
             "answer": turns[-1]["text"].strip(),
         }
 

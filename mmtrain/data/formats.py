@@ -8,6 +8,11 @@ Two layouts are understood, in JSON arrays, JSON Lines, or the ``datasets`` file
 * OpenAI-style messages: ``{"messages": [{"role": "user", "content": "..." | [{"type": "text", "text": ...}, {"type": "image"}]}],
   "images": [...]}``.
 
+Either layout may hold videos: ``"video": "clip.mp4"`` (a clip file) or ``"video": ["f0.png",
+"f1.png", ...]`` (its frames as images), or ``"videos": [...]`` of those, each marked by a
+``<video>`` placeholder in a user turn (or a ``{"type": "video"}`` part); without
+placeholders the videos go before the first question, as images do.
+
 A preference pair (``--objective dpo``) is either layout cut after its last question, or
 a ``prompt`` (a string, or a list of messages: TRL's layout) instead of the turns, plus
 ``chosen`` and ``rejected`` answers (strings, or one assistant message each)::
@@ -18,6 +23,7 @@ Every record becomes one canonical record::
 
     {"turns": [{"role": "system"|"user"|"assistant", "text": str}, ...],  # <image> marks each image
      "images": [absolute image paths or embedded references (mmtrain.data.images), in placeholder order],
+     "videos": [absolute clip paths, or frame paths as a JSON list (mmtrain.data.video), in <video> order],
      "source": file path, "index": record index in that file}
 
 A pair's turns end on its chosen answer, and its canonical record adds
@@ -33,7 +39,7 @@ import json
 import os
 
 from mmtrain.data.images import embedded_ref, is_image_struct, is_pil, parse_embedded
-from mmtrain.image_tokens import IMAGE_PLACEHOLDER
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 ROLE_ALIASES = {
     "human": "user",
@@ -46,6 +52,10 @@ ROLE_ALIASES = {
 
 class DataError(ValueError):
     """A data file or record that cannot be used; the message names the file and record."""
+
+
+class BadImageError(DataError):
+    """An image (or video) file that is missing or cannot be decoded."""
 
 
 def _where(source: str, index: int) -> str:
@@ -84,6 +94,31 @@ def _image_values(value, source: str, index: int, column: str, folder: str | Non
     return images
 
 
+def _video_values(raw: dict, source: str, index: int, folder: str | None) -> list[str]:
+    """A record's videos as canonical strings: a clip path, or its frame paths as a JSON list (joined to ``folder``)."""
+
+    def path(value, what: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{_where(source, index)}: {what} must be a file path, got {type(value).__name__}")
+        return value if not folder or os.path.isabs(value) else os.path.join(folder, value)
+
+    def video(value, what: str) -> str:
+        if isinstance(value, list):
+            if not value:
+                raise DataError(f"{_where(source, index)}: {what} is an empty list of frames")
+            return json.dumps([path(v, f"{what} frame {k}") for k, v in enumerate(value)])
+        return path(value, what)
+
+    videos = []
+    if raw.get("video") is not None:
+        videos.append(video(raw["video"], "'video'"))
+    if raw.get("videos") is not None:
+        if not isinstance(raw["videos"], list):
+            raise DataError(f"{_where(source, index)}: 'videos' must be a list of videos (paths or lists of frames)")
+        videos += [video(v, f"'videos' item {k}") for k, v in enumerate(raw["videos"])]
+    return videos
+
+
 def _message_text(content, source: str, index: int, turn: int) -> str:
     """Flatten an OpenAI-style content (a string or a list of parts) to text with <image> marks."""
     if isinstance(content, str):
@@ -100,12 +135,15 @@ def _message_text(content, source: str, index: int, turn: int) -> str:
             pieces.append(text)
         elif kind in ("image", "image_url"):
             pieces.append(IMAGE_PLACEHOLDER)
+        elif kind == "video":
+            pieces.append(VIDEO_PLACEHOLDER)
         else:
-            raise DataError(f"{_where(source, index)}, turn {turn}: unknown content part type {kind!r} (valid: text, image)")
-    # Parts are separate blocks; a newline after an image keeps the question readable.
+            raise DataError(f"{_where(source, index)}, turn {turn}: unknown content part type {kind!r} (valid: text, image, video)")
+    # Parts are separate blocks; a newline after an image or video keeps the question readable.
     text = ""
+    marks = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
     for piece in pieces:
-        if text and not text.endswith("\n") and (piece == IMAGE_PLACEHOLDER or text.endswith(IMAGE_PLACEHOLDER)):
+        if text and not text.endswith("\n") and (piece in marks or text.endswith(marks)):
             text += "\n"
         text += piece
     return text
@@ -188,19 +226,22 @@ def normalize_record(raw, source: str, index: int, image_folder: str | None, col
     if body[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last turn is a question with no answer")
 
-    for t, turn in enumerate(turns):
-        if turn["role"] != "user" and IMAGE_PLACEHOLDER in turn["text"]:
-            raise DataError(f"{where}, turn {t}: {IMAGE_PLACEHOLDER} placeholders are only allowed in user turns")
-    placeholders = sum(turn["text"].count(IMAGE_PLACEHOLDER) for turn in turns)
-    if placeholders == 0 and images:
-        # LLaVA convention: images without placeholders go before the first question.
-        body[0]["text"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + body[0]["text"]
-    elif placeholders != len(images):
-        raise DataError(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+    videos = _video_values(raw, source, index, image_folder)
+    for mark, items, what in ((VIDEO_PLACEHOLDER, videos, "videos"), (IMAGE_PLACEHOLDER, images, "images")):
+        for t, turn in enumerate(turns):
+            if turn["role"] != "user" and mark in turn["text"]:
+                raise DataError(f"{where}, turn {t}: {mark} placeholders are only allowed in user turns")
+        placeholders = sum(turn["text"].count(mark) for turn in turns)
+        if placeholders == 0 and items:
+            # LLaVA convention: images (and videos) without placeholders go before the first question.
+            body[0]["text"] = (mark + "\n") * len(items) + body[0]["text"]
+        elif placeholders != len(items):
+            raise DataError(f"{where}: {placeholders} {mark} placeholders but {len(items)} {what}")
 
     return {
         "turns": turns,
         "images": images,
+        "videos": videos,
         "source": source,
         "index": index,
     }
@@ -224,8 +265,9 @@ def _answer(value, source: str, index: int, key: str) -> str:
         raise DataError(f"{where}: {key!r} must be a string or a list of one assistant message, got {type(value).__name__}")
     if not value.strip():
         raise DataError(f"{where}: the {key!r} answer is empty")
-    if IMAGE_PLACEHOLDER in value:
-        raise DataError(f"{where}: the {key!r} answer holds {IMAGE_PLACEHOLDER}; images belong to the prompt")
+    for mark in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+        if mark in value:
+            raise DataError(f"{where}: the {key!r} answer holds {mark}; images and videos belong to the prompt")
     return value
 
 

@@ -16,12 +16,20 @@ end-of-turn token carry labels; everything else is -100.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from mmtrain.batch import IGNORE_INDEX
-from mmtrain.image_tokens import IMAGE_PLACEHOLDER, ImageTokens
+from mmtrain.image_tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageTokens
 
 TEMPLATES = ("plain", "chat")
+_MARKS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def split_visuals(text: str) -> tuple[list[str], list[str]]:
+    """``text`` cut at its ``<image>`` and ``<video>`` placeholders: (the n + 1 pieces, the n placeholders in order)."""
+    parts = _MARKS.split(text)
+    return parts[0::2], parts[1::2]
 
 
 @dataclass
@@ -31,6 +39,7 @@ class EncodedConversation:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    num_videos: int = 0
     # Sequence length right after each answer: where the sample may be cut when whole
     # turns are dropped from the end (so a cut never falls inside an image span).
     turn_ends: list[int] = field(default_factory=list)
@@ -42,10 +51,11 @@ class EncodedConversation:
 class _Builder:
     """Accumulates segments: untrained text is tokenised with placeholders turned into spans."""
 
-    def __init__(self, tokenizer, image_tokens: ImageTokens, literal_text: bool, image_sizes=None):
+    def __init__(self, tokenizer, image_tokens: ImageTokens, literal_text: bool, image_sizes=None, video_frames=None):
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
         self.image_sizes = list(image_sizes) if image_sizes is not None else None
+        self.video_frames = list(video_frames) if video_frames is not None else []
         # User text is never allowed to smuggle in special tokens (an '</s>' typed in a
         # question must not end the turn); chat templates emit special tokens as text, so
         # their output must be parsed with them.
@@ -53,6 +63,7 @@ class _Builder:
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.num_images = 0
+        self.num_videos = 0
 
     def tokens(self, ids: list[int], trained: bool) -> None:
         self.ids += ids
@@ -73,11 +84,27 @@ class _Builder:
         self.num_images += 1
         self.tokens(self.image_tokens.span(self.image_tokens.count(size)), trained=False)
 
+    def video(self) -> None:
+        if self.num_videos >= len(self.video_frames):
+            raise ValueError(f"the conversation has more <video> placeholders than the {len(self.video_frames)} frame counts given")
+        frames = self.video_frames[self.num_videos]
+        self.num_videos += 1
+        self.tokens(self.image_tokens.video_span(frames), trained=False)
+
+    def visual(self, mark: str) -> None:
+        self.image() if mark == IMAGE_PLACEHOLDER else self.video()
+
+    def header(self, mark: str) -> str:
+        """The plain template's heading of the next image or video: ``### Image k:`` or ``### Video k:``."""
+        if mark == IMAGE_PLACEHOLDER:
+            return f"### Image {self.num_images + 1}:\n"
+        return f"### Video {self.num_videos + 1}:\n"
+
     def text_with_images(self, text: str) -> None:
-        pieces = text.split(IMAGE_PLACEHOLDER)
+        pieces, marks = split_visuals(text)
         for k, piece in enumerate(pieces):
             if k:
-                self.image()
+                self.visual(marks[k - 1])
             self.text(piece)
 
 
@@ -99,20 +126,20 @@ def _encode_plain(builder: _Builder, turns: list[dict], system_prompt: str, add_
     turn_ends = []
     for turn in turns:
         if turn["role"] == "user":
-            pieces = turn["text"].split(IMAGE_PLACEHOLDER)
-            # Placeholders with only whitespace before them are the turn's leading images.
+            pieces, marks = split_visuals(turn["text"])
+            # Placeholders with only whitespace before them are the turn's leading images (and videos).
             lead = 0
             while lead < len(pieces) - 1 and not pieces[lead].strip():
                 lead += 1
-            for _ in range(lead):
-                builder.text(f"### Image {builder.num_images + 1}:\n")
-                builder.image()
+            for mark in marks[:lead]:
+                builder.text(builder.header(mark))
+                builder.visual(mark)
                 builder.text("\n\n")
             rest = pieces[lead:]
             builder.text("### Question:\n" + rest[0].lstrip() if len(rest) > 1 else "### Question:\n" + rest[0].strip())
-            for k, piece in enumerate(rest[1:], start=1):
-                builder.text(f"\n### Image {builder.num_images + 1}:\n")
-                builder.image()
+            for k, (mark, piece) in enumerate(zip(marks[lead:], rest[1:]), start=1):
+                builder.text("\n" + builder.header(mark))
+                builder.visual(mark)
                 builder.text("\n" + (piece.rstrip() if k == len(rest) - 1 else piece))
             builder.text("\n\n### Answer:\n")
         else:
@@ -120,7 +147,7 @@ def _encode_plain(builder: _Builder, turns: list[dict], system_prompt: str, add_
             builder.text(turn["text"].strip(), trained=True)
             builder.tokens([tok.eos_token_id], trained=True)
             turn_ends.append(len(builder.ids))
-    return EncodedConversation(builder.ids, builder.labels, builder.num_images, turn_ends, prefix_length)
+    return EncodedConversation(builder.ids, builder.labels, builder.num_images, builder.num_videos, turn_ends, prefix_length)
 
 
 def _encode_chat(builder: _Builder, turns: list[dict], system_prompt: str, add_generation_prompt: bool) -> EncodedConversation:
@@ -162,7 +189,7 @@ def _encode_chat(builder: _Builder, turns: list[dict], system_prompt: str, add_g
         builder.ids.insert(0, tok.bos_token_id)
         builder.labels.insert(0, IGNORE_INDEX)
         turn_ends = [e + 1 for e in turn_ends]
-    return EncodedConversation(builder.ids, builder.labels, builder.num_images, turn_ends, prefix_length or 0)
+    return EncodedConversation(builder.ids, builder.labels, builder.num_images, builder.num_videos, turn_ends, prefix_length or 0)
 
 
 _PROBE = "mmtrain-probe-text"
@@ -190,17 +217,17 @@ _TAKES_PARTS: dict[str, bool] = {}
 
 
 def content_parts(text: str) -> list[dict]:
-    """A text with ``<image>`` placeholders as the content parts a processor's template reads.
+    """A text with ``<image>`` (and ``<video>``) placeholders as the content parts a processor's template reads.
 
     The inverse of how records' part lists become text (``mmtrain.data.formats``): the one
     newline set between an image and its neighbour goes, so ``"<image>\nWhat?"`` is
     ``[image, "What?"]`` as a processor is given it.
     """
-    pieces = text.split(IMAGE_PLACEHOLDER)
+    pieces, marks = split_visuals(text)
     parts: list[dict] = []
     for k, piece in enumerate(pieces):
         if k:
-            parts.append({"type": "image"})
+            parts.append({"type": "image" if marks[k - 1] == IMAGE_PLACEHOLDER else "video"})
             piece = piece[1:] if piece.startswith("\n") else piece
         if k < len(pieces) - 1 and piece.endswith("\n"):
             piece = piece[:-1]
@@ -217,6 +244,7 @@ def encode_conversation(
     system_prompt: str = "",
     add_generation_prompt: bool = False,
     image_sizes=None,
+    video_frames=None,
 ) -> EncodedConversation:
     """Token ids and labels for ``turns`` (canonical ``{"role", "text"}`` dicts, ``<image>`` marks).
 
@@ -226,6 +254,8 @@ def encode_conversation(
     Every ``<image>`` becomes ``image_tokens.span()``; the caller supplies images in
     placeholder order. With AnyRes tiles (``image_tokens.anyres``) an image's span follows
     its size: ``image_sizes`` gives each image's ``(height, width)`` in that order.
+    Every ``<video>`` becomes ``image_tokens.video_span(frames)``, ``video_frames`` giving
+    each video's sampled frame count in placeholder order.
     """
     if template not in TEMPLATES:
         raise ValueError(f"--template {template!r}: valid are {', '.join(TEMPLATES)}")
@@ -234,10 +264,10 @@ def encode_conversation(
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--template chat: the tokenizer has no chat template; use --template plain")
-        return _encode_chat(_Builder(tokenizer, image_tokens, literal_text=False, image_sizes=image_sizes), turns, system_prompt, add_generation_prompt)
+        return _encode_chat(_Builder(tokenizer, image_tokens, literal_text=False, image_sizes=image_sizes, video_frames=video_frames), turns, system_prompt, add_generation_prompt)
     if tokenizer.eos_token_id is None:
         raise ValueError("--template plain needs a tokenizer with an eos token to end each answer")
-    return _encode_plain(_Builder(tokenizer, image_tokens, literal_text=True, image_sizes=image_sizes), turns, system_prompt, add_generation_prompt)
+    return _encode_plain(_Builder(tokenizer, image_tokens, literal_text=True, image_sizes=image_sizes, video_frames=video_frames), turns, system_prompt, add_generation_prompt)
 
 
 def check_template(tokenizer, template: str) -> None:

@@ -32,6 +32,7 @@ from mmtrain.model.lora import apply_lora, is_lora_parameter, lora_inputs_follow
 from mmtrain.model.mmca import enable_mmca, uses_mmca
 from mmtrain.model.projector import build_projector
 from mmtrain.model.tokens import add_image_tokens
+from mmtrain.model.video import check_video_grid, frame_positions
 from mmtrain.model.vision import build_vision_encoder, load_image_processor, tower_specs
 from mmtrain.model.vlm import VisionLanguageModel
 
@@ -61,6 +62,7 @@ def check_model_config(config: VLMConfig) -> None:
         specs = tower_specs(config)  # each tower's config and image processor, and that fused grids agree
         anyres_layout(config, specs)  # tile sizes
         native_layout(config, specs)
+        check_video_grid(config, specs)
     lm_config = language_config(config)
     layers = getattr(lm_config, "num_hidden_layers", None)
     if config.lm_mode == "last_layers" and layers is not None and config.lm_trainable_layers > layers:
@@ -150,7 +152,10 @@ def build_model(
             add_newline(projector, lm_dim, trainable_dtype)
         if llava is not None and not meta:
             llava.load_projector(projector)  # a LLaVA-NeXT folder's newline too
-        image_tokens = add_image_tokens(tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres, native=native)
+        image_tokens = add_image_tokens(
+            tokenizer, per_image=projector.num_tokens, markup=config.image_markup, anyres=anyres, native=native,
+            per_frame=frame_positions(config.video_pool, vision, projector),
+        )
         if native is not None:
             vision.read_native(native)
         _install_new_token_rows(language_model, image_tokens, len(tokenizer), lm_config)
@@ -174,7 +179,9 @@ def build_model(
                 dropout=config.vis_lora_dropout,
                 field="vis_lora_module_name",
             )
-        model = VisionLanguageModel(vision, projector, language_model, image_tokens, vision_trainable=vision_trainable)
+        model = VisionLanguageModel(
+            vision, projector, language_model, image_tokens, vision_trainable=vision_trainable, video_pool=config.video_pool
+        )
     set_trainable(model, config, trainable_dtype)
     if speed is not None:
         apply_speed_options(model, speed)

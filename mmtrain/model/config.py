@@ -34,6 +34,7 @@ CONFIG_VERSION = 1
 ADDED_TO_IDENTITY = {
     "lm_training": "auto", "lm_trainable_layers": 0, "train_lm_head": False, "vision_model_name_or_path_2": None,
     "vlm_name_or_path": "", "image_markup": "mmtrain", "image_grid_pinpoints": "", "anyres_max_tiles": 0, "vision_max_patches": 0,
+    "video_pool": 0,
 }
 # --lang_lora_module_name auto: the decoder layers, wherever the LM keeps them.
 LORA_SCOPE_AUTO = "auto"
@@ -114,6 +115,14 @@ class VLMConfig:
             "many patches, read at its own grid (its token count follows its size). 0: the tower's fixed square grid."
         ),
     )
+    video_pool: int = field(
+        default=0,
+        metadata=_doc(
+            "Videos: 0 reads none; k >= 1 adds the <video> token, encodes each sampled frame at the encoder's own image "
+            "size and average-pools its patch features k x k on the patch grid before the projector (1: no pooling; 2: "
+            "LLaVA-NeXT-Video's), so a frame takes (grid side // k)^2 positions."
+        ),
+    )
     perceiver_num_queries: int = field(default=64, metadata=_doc("Learned queries of the perceiver projector (image tokens per image)."))
     lang_lora_dim: int = field(default=16, metadata=_doc("LoRA rank on the language model (0: no LoRA)."))
     lang_lora_module_name: str = field(
@@ -177,6 +186,7 @@ class VLMConfig:
             raise ConfigError(f"perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}", fields=("perceiver_num_queries",))
         self._check_lm_training()
         self._check_anyres()
+        self._check_video()
         lora = ("only_optimize_lora", "lang_lora_dim", "vis_lora_dim")
         if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
             raise ConfigError("only_optimize_lora needs lang_lora_dim or vis_lora_dim > 0", fields=lora)
@@ -266,6 +276,36 @@ class VLMConfig:
             if getattr(self, other):
                 raise ConfigError(f"vision_max_patches cannot be used with {other}: {why}", fields=(*named, other))
 
+    def _check_video(self) -> None:
+        if self.video_pool < 0:
+            raise ConfigError(f"video_pool must be >= 0 (0: no videos), got {self.video_pool}", fields=("video_pool",))
+        if not self.video_pool:
+            return
+        if self.vision_max_patches:
+            raise ConfigError(
+                "videos with vision_max_patches are not supported: frames go through the encoder at its own fixed size",
+                fields=("video_pool", "vision_max_patches"),
+            )
+        if self.vlm_name_or_path:
+            raise ConfigError(
+                "videos from a LLaVA folder are not supported yet: start from its parts (its vision tower and LM folders)",
+                fields=("video_pool", "vlm_name_or_path"),
+            )
+        if self.enable_mmca_attention:
+            raise ConfigError("MMCA attention knows image spans only, not video spans", fields=("video_pool", "enable_mmca_attention"))
+        if self.video_pool > 1:
+            # Pooling works on the patch grid: each projected feature must stay one (pooled) patch.
+            if self.vis_proj not in ANYRES_PROJECTORS:
+                raise ConfigError(
+                    f"video_pool {self.video_pool} pools the patch grid, and the {self.vis_proj!r} projector makes its own "
+                    f"number of tokens (pooling works with {', '.join(ANYRES_PROJECTORS)}; or set video_pool 1)",
+                    fields=("video_pool", "vis_proj"),
+                )
+            if self.vision_keep_cls:
+                raise ConfigError(
+                    f"video_pool {self.video_pool} pools the patch grid, and a CLS token is no patch", fields=("video_pool", "vision_keep_cls")
+                )
+
     @property
     def anyres(self) -> bool:
         """Images are encoded as AnyRes tiles (``image_grid_pinpoints`` or ``anyres_max_tiles``)."""
@@ -315,7 +355,7 @@ class VLMConfig:
             "perceiver_num_queries", "lang_lora_dim", "lang_lora_module_name", "vis_lora_dim", "vis_lora_module_name",
             "only_optimize_lora", "train_full_embeddings", "preset_seed", "lm_training", "lm_trainable_layers",
             "train_lm_head", "vision_model_name_or_path_2", "vlm_name_or_path", "image_markup", "image_grid_pinpoints",
-            "anyres_max_tiles", "vision_max_patches",
+            "anyres_max_tiles", "vision_max_patches", "video_pool",
         )
         return {k: getattr(self, k) for k in keys}
 

@@ -58,6 +58,7 @@ def generate(
     options: SamplingOptions = SamplingOptions(),
     image_features: list[torch.Tensor] | None = None,
     image_sizes: list[torch.Tensor] | None = None,
+    videos: list[torch.Tensor | None] | None = None,
     synced_gpus: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt (stopping at eos, which is dropped).
@@ -66,7 +67,8 @@ def generate(
     pixel values ``[n_i, 3, H, W]`` in span order. ``image_features[i]``, when given,
     replaces encoding ``images[i]`` (the chat keeps earlier turns' features this way).
     With AnyRes tiles ``images[i]`` holds each image's tiles and ``image_sizes[i]`` the
-    images' ``(height, width)`` ``[n_i, 2]``.
+    images' ``(height, width)`` ``[n_i, 2]``. ``videos[i]``, where the prompt has video
+    spans, holds the frames of its videos ``[f_i, 3, H, W]`` in span order (None: none).
     ``synced_gpus`` keeps decoding until ``max_new_tokens`` so that every rank runs the
     same number of forwards (ZeRO-3 gathers parameters collectively).
     """
@@ -82,20 +84,28 @@ def generate(
         if image_sizes is None:
             raise ValueError("a model whose image token counts follow image sizes generates from images with their sizes (image_sizes)")
         sizes = torch.cat([s.reshape(-1, 2) for s in image_sizes]).to(torch.long)
+    frames = [v.to(device) for v in videos or [] if v is not None and v.shape[0]]
+    frames = torch.cat(frames) if frames else None
+    frame_features = None
     if image_features is None:
         vision = model.vision
         pixels = [im.to(device) for im in images if im.shape[0]]
         pixels = torch.cat(pixels) if pixels else torch.zeros(0, *vision.pixel_shape, device=device)
-        features = model.encode_images(pixels, sizes)
+        both = model.encode_images(pixels if frames is None else torch.cat([pixels, frames.to(pixels.dtype)]), None if frames is not None else sizes)
+        features, frame_features = both[: pixels.shape[0]], (None if frames is None else both[pixels.shape[0] :])
     else:
         features = torch.cat([f.to(device) for f in image_features])
+        frame_features = None if frames is None else model.encode_images(frames)
     lm = model.language_model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     extra = decoder_kwargs(lm, ids, model.image_tokens.image_id)  # new tokens count as text; no packed rows here
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
     cache = {_cache_argument(decoder): DynamicCache()}
     hidden = decoder(
-        inputs_embeds=model.embed(ids, features, image_sizes=sizes), attention_mask=mask, position_ids=positions, use_cache=True, **cache, **extra,
+        inputs_embeds=model.embed(
+            ids, features, image_sizes=sizes, video_positions=None if frame_features is None else model.video_positions(frame_features),
+        ),
+        attention_mask=mask, position_ids=positions, use_cache=True, **cache, **extra,
     ).last_hidden_state
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated = []

@@ -27,6 +27,7 @@ from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.anyres import NEWLINE, pack_tiles
 from mmtrain.model.native_aspect import valid_rows
 from mmtrain.model.attention import decoder_kwargs
+from mmtrain.model.video import patch_grid, pool_frames
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
 
 
@@ -48,8 +49,10 @@ class VisionLanguageModel(nn.Module):
         image_tokens: ImageTokens,
         *,
         vision_trainable: bool,
+        video_pool: int = 0,
     ):
         super().__init__()
+        self.video_pool = video_pool  # 0: no videos; k: each frame's patch grid pooled k x k (mmtrain.model.video)
         self.projector = projector
         self.language_model = language_model
         self.image_tokens = image_tokens
@@ -110,10 +113,24 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("a model with AnyRes tiles needs the batch's image_sizes")
         return pack_tiles(projected, image_sizes, anyres, getattr(self.projector, NEWLINE))
 
+    def video_positions(self, frame_features: torch.Tensor) -> torch.Tensor:
+        """The projected features of every video position, frame after frame: ``[positions, lm_dim]``.
+
+        ``frame_features`` are the encoder's ``[frames, patches, D]``; they are pooled on the
+        patch grid (``video_pool``) before the projector, as LLaVA-NeXT-Video pools.
+        """
+        pooled = pool_frames(frame_features, patch_grid(self.vision), self.video_pool)
+        projected = self.projector(pooled.to(self._projector_dtype()))
+        return projected.reshape(-1, projected.shape[-1])
+
     def embed(
-        self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1, image_sizes=None
+        self, input_ids: torch.Tensor, image_features: torch.Tensor, image_repeats: int = 1, image_sizes=None,
+        video_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image k's projected features written on the k-th image span.
+
+        ``video_positions`` (:meth:`video_positions`), when given, are written on the
+        ``<video>`` positions in the same way: video k on the k-th video span.
 
         ``image_repeats`` > 1: the features are those of the first ``1 / image_repeats`` of
         the rows, whose images the later rows repeat in the same order (a preference
@@ -123,25 +140,31 @@ class VisionLanguageModel(nn.Module):
         projected = self.image_positions(image_features, image_sizes)
         if image_repeats > 1:
             projected = projected.repeat(image_repeats, 1)
-        is_image = input_ids == self.image_tokens.image_id
-        features = projected.shape[0]
-        if input_ids.device.type == "cpu" or not torch.is_grad_enabled():
-            expected = int(is_image.sum())
-            if expected != features:
-                raise ValueError(f"batch has {expected} <image> token positions but its images give {features} features")
-        else:
-            # Training on an accelerator: the same check without making the host wait
-            # for the device (the collator builds spans and images together).
-            torch_compat.assert_async(is_image.sum() == features, "<image> token positions and image features differ in number")
-        # The n-th <image> position in row-major order takes feature row n, so image k
-        # lands on span k. This is masked_scatter's placement, written as a gather and a
-        # select: masked_scatter's backward (masked_select) reads a count back from the
-        # device, which would stall every training step.
-        flat = projected.to(embeds.dtype)
-        if flat.shape[0]:
-            order = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view(is_image.shape)
-            placed = flat.index_select(0, order.flatten()).view_as(embeds)  # backward: index_add, no read-back
-            embeds = torch.where(is_image[..., None], placed, embeds)
+        streams = [(self.image_tokens.image_id, projected, "<image>", "images")]
+        if self.image_tokens.video_id is not None:  # a batch without videos is checked to have no video span
+            streams.append((self.image_tokens.video_id, projected[:0] if video_positions is None else video_positions, "<video>", "videos"))
+        elif video_positions is not None:
+            raise ValueError("the batch has videos but this model reads none (its video_pool is 0)")
+        for token_id, positions, token, what in streams:
+            is_token = input_ids == token_id
+            features = positions.shape[0]
+            if input_ids.device.type == "cpu" or not torch.is_grad_enabled():
+                expected = int(is_token.sum())
+                if expected != features:
+                    raise ValueError(f"batch has {expected} {token} token positions but its {what} give {features} features")
+            else:
+                # Training on an accelerator: the same check without making the host wait
+                # for the device (the collator builds spans and pixels together).
+                torch_compat.assert_async(is_token.sum() == features, f"{token} token positions and {what}' features differ in number")
+            # The n-th position of the token in row-major order takes feature row n, so
+            # image (or video) k lands on span k. This is masked_scatter's placement, written
+            # as a gather and a select: masked_scatter's backward (masked_select) reads a
+            # count back from the device, which would stall every training step.
+            flat = positions.to(embeds.dtype)
+            if flat.shape[0]:
+                order = (is_token.flatten().cumsum(0) - 1).clamp(min=0).view(is_token.shape)
+                placed = flat.index_select(0, order.flatten()).view_as(embeds)  # backward: index_add, no read-back
+                embeds = torch.where(is_token[..., None], placed, embeds)
         if projected.numel() == 0:
             # Keep the projector in the graph with a zero contribution so every rank
             # produces (zero) gradients for it; ZeRO's reductions then match across ranks.
@@ -159,7 +182,9 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,  # part of the batch contract; spans carry the order
-        image_sizes: list | None = None,  # with AnyRes tiles: each image's (height, width), host-side
+        image_sizes: list | None = None,  # with AnyRes tiles or native aspect: each image's (height, width), host-side
+        pixel_values_videos: torch.Tensor | None = None,  # every video's frames, video after video
+        video_frames: torch.Tensor | None = None,  # part of the batch contract: frames of each video; spans carry the order
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         label_positions: torch.Tensor | None = None,
@@ -185,12 +210,23 @@ class VisionLanguageModel(nn.Module):
             # See the collator's batch contract: causal attention alone already keeps
             # every real token off the padding, and SDPA keeps its causal kernel.
             attention_mask = None
+        frames = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
+        frame_features = None
         if image_features is None:
             if pixel_values is None:
                 vision = self.vision
                 pixel_values = torch.zeros(0, *vision.pixel_shape, device=input_ids.device)
-            image_features = self.encode_images(pixel_values, image_sizes)
-        embeds = self.embed(input_ids, image_features, image_repeats, image_sizes)
+            if frames:
+                # One encoder call for images and frames (same input size): under ZeRO-3 a
+                # trained encoder then gathers its weights once per step on every rank.
+                both = self.encode_images(torch.cat([pixel_values, pixel_values_videos.to(pixel_values.dtype)]))
+                image_features, frame_features = both[: pixel_values.shape[0]], both[pixel_values.shape[0] :]
+            else:
+                image_features = self.encode_images(pixel_values, image_sizes)
+        elif frames:
+            frame_features = self.encode_images(pixel_values_videos)
+        video = None if frame_features is None else self.video_positions(frame_features)
+        embeds = self.embed(input_ids, image_features, image_repeats, image_sizes, video_positions=video)
         lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
         if sequence_shard is not None:
             # Sequence parallelism (mmtrain.data.sequence_shard): the whole row was embedded,

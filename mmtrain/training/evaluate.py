@@ -74,6 +74,7 @@ def evaluate_generation(accelerator, model, tokenizer, examples: list[dict], *, 
             pad_token_id=tokenizer.pad_token_id,
             options=options,
             image_sizes=[e["image_sizes"] for e in asked] if "image_sizes" in asked[0] else None,
+            videos=[e.get("pixel_values_videos") for e in asked],
             synced_gpus=zero3 and accelerator.num_processes > 1,
         )
         for i, e, ids in zip(chunk, asked, outputs):

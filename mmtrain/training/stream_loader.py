@@ -47,8 +47,9 @@ from mmtrain.training.sample_record import INDICES_KEY
 
 
 def images_in(item: dict) -> int:
-    """Images of an encoded item (with AnyRes tiles its pixel rows are tiles; its sizes count the images)."""
-    return len(item["image_sizes"]) if "image_sizes" in item else item["pixel_values"].shape[0]
+    """Images of an encoded item, each video frame counted as one (with AnyRes tiles its pixel rows are tiles; its sizes count the images)."""
+    images = len(item["image_sizes"]) if "image_sizes" in item else item["pixel_values"].shape[0]
+    return images + (item["pixel_values_videos"].shape[0] if "pixel_values_videos" in item else 0)
 
 
 def take_batch(stream: ShardStream, batch_size: int, budget: tuple[int, int | None] | None) -> list[tuple[str, dict]]:
