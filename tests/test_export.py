@@ -71,7 +71,7 @@ def test_cli_refuses_models_llava_cannot_run_in_one_line(export, tmp_path, capsy
     ("flags", "fmt", "says"),
     [
         (dict(vis_proj="mlp", anyres_max_tiles=2), "llava", "encodes images as AnyRes tiles, which LlavaForConditionalGeneration cannot lay out: use --format llava_next"),
-        (dict(vis_proj="mlp"), "llava_next", "LLaVA-NeXT always tiles: use --format llava"),
+        (dict(vis_proj="mlp"), "llava_next", "LlavaNextForConditionalGeneration always tiles images: use --format llava"),
     ],
 )
 def test_cli_names_the_format_a_tiled_or_untiled_model_needs(export, tmp_path, capsys, flags, fmt, says):

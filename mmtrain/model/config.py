@@ -21,10 +21,9 @@ from typing import Literal, Optional
 
 from mmtrain import presets
 from mmtrain.model.errors import ConfigError
+from mmtrain.model.visual_checks import check_visual_inputs
 
 PROJECTORS = ("baseline", "mlp", "vit", "perceiver")
-ANYRES_PROJECTORS = ("mlp", "baseline", "vit")  # one output feature per input patch (the perceiver makes its own)
-NATIVE_PROJECTORS = ("mlp", "baseline")  # token by token: any number of patches per image
 # What of the language model trains; "auto" is LoRA when --lang_lora_dim > 0, else frozen.
 LM_TRAINING = ("auto", "frozen", "lora", "full", "last_layers")
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -185,8 +184,7 @@ class VLMConfig:
         if self.perceiver_num_queries < 1:
             raise ConfigError(f"perceiver_num_queries must be >= 1, got {self.perceiver_num_queries}", fields=("perceiver_num_queries",))
         self._check_lm_training()
-        self._check_anyres()
-        self._check_video()
+        check_visual_inputs(self)
         lora = ("only_optimize_lora", "lang_lora_dim", "vis_lora_dim")
         if self.only_optimize_lora and self.lang_lora_dim == 0 and self.vis_lora_dim == 0:
             raise ConfigError("only_optimize_lora needs lang_lora_dim or vis_lora_dim > 0", fields=lora)
@@ -225,86 +223,6 @@ class VLMConfig:
             self.train_full_embeddings = mode == "full"
         if self.train_lm_head is None:
             self.train_lm_head = mode == "full"
-
-    def _check_anyres(self) -> None:
-        named = ("image_grid_pinpoints", "anyres_max_tiles")
-        if self.image_grid_pinpoints and self.anyres_max_tiles:
-            raise ConfigError("image_grid_pinpoints and anyres_max_tiles both choose the tile grids; set one", fields=named)
-        if self.anyres_max_tiles < 0:
-            raise ConfigError(f"anyres_max_tiles must be >= 0, got {self.anyres_max_tiles}", fields=("anyres_max_tiles",))
-        if self.image_grid_pinpoints:
-            from mmtrain.image_tokens import parse_pinpoints
-
-            try:
-                parse_pinpoints(self.image_grid_pinpoints)
-            except ValueError as e:
-                raise ConfigError(f"image_grid_pinpoints {self.image_grid_pinpoints!r}: {e}", fields=("image_grid_pinpoints",)) from None
-        if self.vision_max_patches:
-            self._check_native()
-        if not self.anyres:
-            return
-        # Tiles are laid out on their patch grid: each projected feature must stay one patch.
-        if self.vis_proj not in ANYRES_PROJECTORS:
-            why = "the perceiver makes its own number of tokens"
-            raise ConfigError(
-                f"AnyRes tiles need a projector that keeps one feature per patch ({', '.join(ANYRES_PROJECTORS)}), and with "
-                f"vis_proj {self.vis_proj!r} {why}", fields=(*named, "vis_proj"),
-            )
-        if self.vision_keep_cls:
-            raise ConfigError("AnyRes tiles lay features out on the patch grid, and a CLS token is no patch", fields=(*named, "vision_keep_cls"))
-        if self.vision_model_name_or_path_2:
-            raise ConfigError(
-                "AnyRes tiles with two fused encoders are not supported: each tile would need both image processors' crops",
-                fields=(*named, "vision_model_name_or_path_2"),
-            )
-
-    def _check_native(self) -> None:
-        named = ("vision_max_patches",)
-        if self.vision_max_patches < 0:
-            raise ConfigError(f"vision_max_patches must be >= 0, got {self.vision_max_patches}", fields=named)
-        if self.anyres:
-            raise ConfigError(
-                "vision_max_patches reads each image at its own aspect ratio, AnyRes tiles cut it into a grid: pick one",
-                fields=(*named, "anyres_max_tiles", "image_grid_pinpoints"),
-            )
-        if self.vis_proj not in NATIVE_PROJECTORS:
-            raise ConfigError(
-                f"vision_max_patches: images of different patch counts go through the projector token by token "
-                f"({', '.join(NATIVE_PROJECTORS)}), which vis_proj {self.vis_proj!r} is not", fields=(*named, "vis_proj"),
-            )
-        for other, why in (("vision_model_name_or_path_2", "two fused towers share one fixed grid"), ("vlm_name_or_path", "a LLaVA folder's tower reads one fixed size")):
-            if getattr(self, other):
-                raise ConfigError(f"vision_max_patches cannot be used with {other}: {why}", fields=(*named, other))
-
-    def _check_video(self) -> None:
-        if self.video_pool < 0:
-            raise ConfigError(f"video_pool must be >= 0 (0: no videos), got {self.video_pool}", fields=("video_pool",))
-        if not self.video_pool:
-            return
-        if self.vision_max_patches:
-            raise ConfigError(
-                "videos with vision_max_patches are not supported: frames go through the encoder at its own fixed size",
-                fields=("video_pool", "vision_max_patches"),
-            )
-        if self.vlm_name_or_path:
-            raise ConfigError(
-                "videos from a LLaVA folder are not supported yet: start from its parts (its vision tower and LM folders)",
-                fields=("video_pool", "vlm_name_or_path"),
-            )
-        if self.enable_mmca_attention:
-            raise ConfigError("MMCA attention knows image spans only, not video spans", fields=("video_pool", "enable_mmca_attention"))
-        if self.video_pool > 1:
-            # Pooling works on the patch grid: each projected feature must stay one (pooled) patch.
-            if self.vis_proj not in ANYRES_PROJECTORS:
-                raise ConfigError(
-                    f"video_pool {self.video_pool} pools the patch grid, and the {self.vis_proj!r} projector makes its own "
-                    f"number of tokens (pooling works with {', '.join(ANYRES_PROJECTORS)}; or set video_pool 1)",
-                    fields=("video_pool", "vis_proj"),
-                )
-            if self.vision_keep_cls:
-                raise ConfigError(
-                    f"video_pool {self.video_pool} pools the patch grid, and a CLS token is no patch", fields=("video_pool", "vision_keep_cls")
-                )
 
     @property
     def anyres(self) -> bool:
