@@ -684,9 +684,10 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     """What ``--objective dpo`` does not do (yet), refused naming the flag before any weights load.
 
     The reference policy is the trained weights' starting values swapped in, or LoRA
-    switched off (:mod:`mmtrain.training.reference`): that needs the trained part whole on
-    every process (no ZeRO-3); with the LM's own weights trained, the starting copy is a
-    frozen copy of them (``mmtrain.memory --objective dpo`` counts it).
+    switched off (:mod:`mmtrain.training.reference`; at ZeRO-3 each process swaps its
+    share); with the LM's own weights trained, the starting copy is a frozen copy of them
+    (``mmtrain.memory --objective dpo`` counts it). What the DeepSpeed config decides is
+    checked once the Accelerator exists (``check_reference_supported``).
     """
     if train_args.objective != "dpo":
         for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight"):

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = distributed.make_accelerator(train_args)
     speedups.check_fp8(accelerator, train_args)  # float8 needs the device and ZeRO stage, known from here on
     speedups.check_quantize(accelerator, train_args)  # so does NF4
-    check_reference_supported(accelerator, train_args)  # --objective dpo: its reference needs whole tensors
+    check_reference_supported(accelerator, train_args)  # --objective dpo: what its reference's swap cannot reach
     distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
     data_args.num_workers = distributed.loader_workers(  # -1: chosen for this device
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     # The reference policy is the model as it starts: its copies are taken before a resume loads.
     objective = PreferenceObjective(
-        unwrap_vlm(accelerator, model), ReferencePolicy(unwrap_vlm(accelerator, model)),
+        unwrap_vlm(accelerator, model), ReferencePolicy(unwrap_vlm(accelerator, model), engine=model),
         beta=train_args.dpo_beta, kind=train_args.dpo_loss, sft_weight=train_args.dpo_sft_weight,
     ) if pairs else None
     state = TrainerState()

@@ -8,6 +8,7 @@ weights load, naming the flag.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -102,10 +103,47 @@ def test_unsupported_combinations_are_refused_naming_the_flag(model_folders, fla
         parse_args(argv)
 
 
-def test_zero3_is_refused_before_weights_load(model_folders, data_path, tmp_path):
-    proc = launch(_flags(model_folders, data_path, tmp_path / "z3"), config="zero3.yaml", check=False)
-    assert proc.returncode != 0 and "--objective dpo is not supported at ZeRO-3 yet" in proc.stderr
+def test_zero3_secondary_partitions_are_refused_before_weights_load(model_folders, data_path, tmp_path):
+    """ZeRO++'s secondary partitions (hpZ) would keep the reference's gathered weights for the policy's backward."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2},
+    }))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds}\n  zero3_init_flag: true\n"
+        "num_machines: 1\nnum_processes: 1\nmachine_rank: 0\nuse_cpu: false\n"
+    )
+    proc = launch(_flags(model_folders, data_path, tmp_path / "z3"), config=str(config), check=False)
+    assert proc.returncode != 0
+    assert "--objective dpo at ZeRO-3 does not support zero_hpz_partition_size > 1" in proc.stderr and "--config_file" in proc.stderr
     assert "DPO reference" not in proc.stderr + proc.stdout  # stopped before the model was built
+
+
+@pytest.mark.slow
+def test_zero3_trains_the_same_pairs_as_zero2(model_folders, data_path, tmp_path):
+    """Two processes, the LM's own weights trained: at ZeRO-3 each process swaps its share of every trained
+    tensor (the LM's partitioned weights and the small ones ZeRO-3 keeps gathered) for the reference.
+
+    Losses, rewards and margins of every step and eval equal ZeRO-2's, where the reference
+    swaps whole tensors (fp32: only the reductions' order differs). A reference that read
+    weights still gathered from the other pass would log other rewards from step 3 on.
+    """
+    runs = {}
+    for config in ("zero2", "zero3"):
+        out = tmp_path / config
+        flags = _flags(model_folders, data_path, out, lang_lora_dim=0, lm_training="full", per_device_train_batch_size=2)
+        proc = launch(flags, config=f"{config}.yaml", num_processes=2, launcher_flags=FP32)
+        runs[config] = metrics(out)
+        if config == "zero3":
+            assert "this process's ZeRO-3 shares) swapped for their starting copies" in proc.stdout + proc.stderr
+    assert [(r["split"], r["step"]) for r in runs["zero3"]] == [(r["split"], r["step"]) for r in runs["zero2"]]
+    assert any(r["margin"] != 0.0 for r in runs["zero2"] if r["split"] == "train")  # the policy moved
+    for two, three in zip(runs["zero2"], runs["zero3"]):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"):
+            assert three[key] == pytest.approx(two[key], rel=1e-5, abs=1e-6), (three["split"], three["step"], key)
 
 
 @pytest.mark.slow
