@@ -434,6 +434,14 @@ class TrainArguments:
     dpo_sft_weight: float = field(
         default=0.0, metadata=_help("With --objective dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: off).")
     )
+    precompute_ref: bool = field(
+        default=False,
+        metadata=_help(
+            "With --objective dpo: compute the reference's log-probabilities of every training and held-out pair once, "
+            "before training (kept on the host, 8 bytes a pair, and in each checkpoint), so each step runs the policy's "
+            "forward only; the reference's starting copies (with --lm_training full, a copy of the LM) are then freed."
+        ),
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
@@ -690,7 +698,7 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     checked once the Accelerator exists (``check_reference_supported``).
     """
     if train_args.objective != "dpo":
-        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight"):
+        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight", "precompute_ref"):
             if getattr(train_args, name) != TrainArguments.__dataclass_fields__[name].default:
                 raise ConfigError(f"--{name} applies to --objective dpo only; add --objective dpo or drop --{name}")
         return

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtrain.data import Collator, build_datasets, read_sources
     from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
-    from mmtrain.training import distributed, init_from, sample_record, setup, speedups
+    from mmtrain.training import distributed, init_from, reference_table, sample_record, setup, speedups
     from mmtrain.training.checkpoint import CheckpointSettings, Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
     from mmtrain.training.engine_view import EngineView, Prepared, unwrap_vlm
     from mmtrain.training.loop import Loop, LoopInputs, RunFlags, print_final_report
@@ -80,9 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     setup.log_data_report(accelerator, data.report)
     collator = (PairCollator if pairs else Collator)(built.tokenizer.pad_token_id, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(built, model_args, data_args, pairs=pairs)  # packing or a budget's rows, image digests
-    train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples)
+    # Batches name their samples' dataset indices for --record_samples, and for --precompute_ref's table.
+    train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples or train_args.precompute_ref)
     train_loader = setup.make_train_loader(accelerator, train_set, train_collator, data_args, train_args)  # samples or a token budget
-    eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
+    eval_loader = setup.make_loader(
+        *sample_record.indexed(data.eval, collator, train_args.precompute_ref),
+        train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed,
+    )
 
     optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, setup.batches_per_epoch(train_loader, train_args.num_train_epochs))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
@@ -110,6 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_path:
         state = checkpointer.load(resume_path)
         logger.info(f"resumed from {resume_path}: epoch {state.epoch}, step {state.global_step}, {state.step_in_epoch} batches into the epoch")
+    if pairs and train_args.precompute_ref:  # the resumed checkpoint's table, or one computed now; the starting copies freed
+        objective.table = checkpointer.reference_table = reference_table.load_or_compute(
+            accelerator, model, objective, {"train": data.train, "eval": data.eval}, collator, resume_path,
+            lambda dataset, collate: setup.make_loader(
+                dataset, collate, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed
+            ),
+        )
     if train_args.enable_tensorboard:
         accelerator.init_trackers("mmtrain")
 

@@ -284,6 +284,8 @@ class Checkpointer:
             micro = 1 if token_budget else per_device_train_batch_size
             self.layout = BatchLayout(accelerator.num_processes, micro, accelerator.gradient_accumulation_steps, token_budget)
         self.is_deepspeed = accelerator.state.deepspeed_plugin is not None
+        # --precompute_ref: the DPO reference's table (mmtrain.training.reference_table), saved with every checkpoint.
+        self.reference_table = None
         if not self.is_deepspeed:
             trainable = set(trainable_names)
 
@@ -339,6 +341,8 @@ class Checkpointer:
         if acc.is_main_process:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
+            if self.reference_table is not None:  # every process holds it whole
+                self.reference_table.save(tmp)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "model": self.config.identity(),
