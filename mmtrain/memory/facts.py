@@ -54,6 +54,9 @@ class MemorySetup:
     # --objective dpo: micro_batch counts pairs (two rows each, images once), and the
     # reference keeps a starting copy of every trained tensor but fresh LoRA (switched off)
     preference_pairs: bool = False
+    # --precompute_ref: those copies live only while the reference's log-probabilities are
+    # computed, before the first step, and are freed then
+    precompute_ref: bool = False
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):

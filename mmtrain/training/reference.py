@@ -101,8 +101,11 @@ class ReferencePolicy:
 
     def free(self) -> None:
         """Drop the starting copies (the frozen copy of trained LM weights among them); :meth:`active` refuses from then on."""
+        size = sum(h.numel() * h.element_size() for h in self.initial) / 2**30
         self.initial = []
         self.freed = True
+        if size:
+            logger.info(f"DPO reference: its starting copies freed ({size:.2f} GiB), its log-probabilities precomputed")
 
     def _release(self) -> None:
         if self.engine is not None:

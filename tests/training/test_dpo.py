@@ -94,6 +94,7 @@ def test_cached_vision_features_train_the_same_pairs_as_encoding_each_epoch(mode
         (["--dpo_loss", "hinge"], "--dpo_loss"),
         (["--objective", "sft", "--dpo_beta", "0.5"], "--dpo_beta applies to --objective dpo only"),
         (["--objective", "sft", "--dpo_loss", "ipo"], "--dpo_loss applies to --objective dpo only"),
+        (["--objective", "sft", "--precompute_ref", "true"], "--precompute_ref applies to --objective dpo only"),
     ],
 )
 def test_unsupported_combinations_are_refused_naming_the_flag(model_folders, flags, message):
