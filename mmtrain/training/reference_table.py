@@ -29,7 +29,7 @@ import os
 import time
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset
 
 from mmtrain.training.sample_record import INDICES_KEY, IndexedDataset, IndexingCollator
 
@@ -104,7 +104,7 @@ def _compute_split(accelerator, model, objective, dataset, collator, make_loader
     n = len(dataset)
     per_process = -(-n // processes)
     positions = list(range(rank, per_process * processes, processes))  # past the end: a pair again, its values dropped
-    subset = IndexedDataset(Subset(dataset, [p % n for p in positions]))
+    subset = IndexedDataset(_Share(dataset, [p % n for p in positions]))
     loader = make_loader(subset, IndexingCollator(collator))
     mine = torch.full((per_process, 2), float("nan"), dtype=torch.float32)
     was_training = model.training
@@ -122,3 +122,20 @@ def _compute_split(accelerator, model, objective, dataset, collator, make_loader
         return mine[:n]
     everyone = accelerator.gather(mine.to(accelerator.device)).cpu().reshape(processes, per_process, 2)
     return everyone.transpose(0, 1).reshape(-1, 2)[:n].contiguous()
+
+
+class _Share(Dataset):
+    """The pairs of ``dataset`` at ``rows``, in that order (one process's share), and its placeholder pair."""
+
+    def __init__(self, dataset, rows: list[int]):
+        self.dataset = dataset
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int):
+        return self.dataset[self.rows[k]]
+
+    def placeholder_item(self):
+        return self.dataset.placeholder_item()

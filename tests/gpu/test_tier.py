@@ -96,6 +96,7 @@ FEATURES = {
     "dpo": {"objective": "dpo", "dpo_beta": "0.5", "eval_generate": "0", "eval_steps": "9"},
     "ipo_sft": {"dpo_loss": "ipo", "dpo_sft_weight": "0.5"},
     "projector_only": {"lang_lora_dim": "0"},  # the projector and new rows swapped for the reference
+    "precompute_ref": {"precompute_ref": "true"},  # the reference's log-probabilities computed once, read back on resume
     # flex attention's document mask: what packed rows take where FlashAttention-2 cannot run
     "flex": {"packed_attention": "flex_attention"},
 }
@@ -150,6 +151,7 @@ ONE_GPU = [
     row("zero1", "dpo", "projector_only", "fp16", export=False),
     row("zero2_offload", "dpo", "workers", resume=True, export=False),
     row("zero2", "dpo", "budget", "grad_accum", resume=True, export=False),  # whole pairs packed per micro-batch, varlen kernel
+    row("zero3", "dpo", "precompute_ref", resume=True, export=False),  # the table made by a ZeRO-3 engine, then no reference forward
 ]
 
 # Two GPUs: every config on two processes.
@@ -164,6 +166,7 @@ TWO_GPUS = [
     row("zero3_offload", "packing", "grad_ckpt", "perceiver", gpus=2),
     row("zero3", "budget", "mmca_eager", "grad_accum", "long_epoch", gpus=2, resume=True),  # the token-weighted loss across ranks
     row("zero2", "budget", "compiled", "flex", "grad_accum", gpus=2),
+    row("zero3", "dpo", "projector_only", gpus=2, resume=True, export=False),  # each GPU swaps its share of the projector and rows
 ]
 
 
