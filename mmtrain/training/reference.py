@@ -125,8 +125,9 @@ def _all_zero(params: list[torch.Tensor]) -> bool:
         if values.numel():
             largest = torch.maximum(largest, values.abs().max().float().cpu())
     if any(deepspeed_compat.is_zero3_partitioned(p) for p in params) and torch.distributed.is_initialized():
-        device = _holder(params[0]).device
-        largest = largest.to(device)
+        # NCCL reduces device tensors only (the shares may be offloaded to the host)
+        nccl = torch.distributed.get_backend() == "nccl"
+        largest = largest.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
         torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
     return float(largest) == 0.0
 
