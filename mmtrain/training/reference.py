@@ -61,9 +61,9 @@ class ReferencePolicy:
         self.adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if fresh else []
         kept = [(name, p) for name, p in trained if not (fresh and is_lora_parameter(name))]
         self.params = [p for _, p in kept]
-        self.holders = [_holder(p) for p in self.params]
-        self.initial = [h.detach().clone() for h in self.holders]
-        partitioned = any(h is not p for h, p in zip(self.holders, self.params))
+        holders = [_holder(p) for p in self.params]
+        self.initial = [h.detach().clone() for h in holders]
+        partitioned = any(h is not p for h, p in zip(holders, self.params))
         self.engine = engine if partitioned else None
         if partitioned and engine is None:
             raise ValueError("a ZeRO-3 model's reference needs the engine that runs it (to release its gathered weights)")
@@ -85,8 +85,10 @@ class ReferencePolicy:
             raise RuntimeError("the DPO reference's starting copies were freed (--precompute_ref); its log-probabilities come from the table")
         with torch.no_grad():
             self._release()  # weights gathered before hold the trained values
-            current = [h.data for h in self.holders]
-            for h, start in zip(self.holders, self.initial):
+            # looked up each time: a ZeRO-3 checkpoint load may give a parameter another share tensor
+            holders = [_holder(p) for p in self.params]
+            current = [h.data for h in holders]
+            for h, start in zip(holders, self.initial):
                 h.data = start
             for layer in self.adapters:
                 layer.enable_adapters(False)
@@ -96,7 +98,7 @@ class ReferencePolicy:
                 for layer in self.adapters:
                     layer.enable_adapters(True)
                 self._release()  # weights gathered (or prefetched) inside hold the starting values
-                for h, now in zip(self.holders, current):
+                for h, now in zip(holders, current):
                     h.data = now
 
     def free(self) -> None:
