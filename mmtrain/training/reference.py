@@ -20,7 +20,9 @@ shares. The swap then exchanges each process's share for its starting share, and
 engine's gathered weights are released before and after the reference's forward
 (:func:`mmtrain.compat.deepspeed.release_gathered`), so that its forward gathers the
 starting values and the policy's forward the trained ones again. Each process keeps only
-its share of the starting copies. Refused at ZeRO-3 (:func:`check_reference_supported`):
+its share of the starting copies. The cost: no weight stays gathered from one pass into
+the next (ZeRO-3's small persistent weights are gathered again for each forward); with
+only fresh LoRA trained there is nothing to swap and nothing is released. Refused at ZeRO-3 (:func:`check_reference_supported`):
 secondary partitions (``zero_hpz_partition_size`` > 1, ZeRO++), which the backward
 gathers from instead and which a reference forward would fill with starting values, and
 parameters offloaded to NVMe, whose shares are swapped out to disk.
