@@ -63,7 +63,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
     model, optimizer, warm_loader, loader, scheduler = accelerator.prepare(model, optimizer, warm_loader, loader, scheduler)
     setup.place_outside_engine(accelerator, model)
     vlm = unwrap_vlm(accelerator, model)
-    objective = PreferenceObjective(vlm, ReferencePolicy(vlm), beta=train_args.dpo_beta, kind=train_args.dpo_loss, sft_weight=train_args.dpo_sft_weight)
+    objective = PreferenceObjective(vlm, ReferencePolicy(vlm, engine=model), beta=train_args.dpo_beta, kind=train_args.dpo_loss, sft_weight=train_args.dpo_sft_weight)
     loop = Loop(
         Prepared(accelerator, model, optimizer, scheduler), LoopInputs(loader, None, None, built), RunFlags(model_args, data_args, train_args),
         checkpointer=None, metrics=None, state=TrainerState(), total_steps=total_steps, objective=objective,

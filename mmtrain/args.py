@@ -473,6 +473,14 @@ class TrainArguments:
     dpo_sft_weight: float = field(
         default=0.0, metadata=_help("With --objective dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: off).")
     )
+    precompute_ref: bool = field(
+        default=False,
+        metadata=_help(
+            "With --objective dpo: compute the reference's log-probabilities of every training and held-out pair once, "
+            "before training (kept on the host, 8 bytes a pair, and in each checkpoint), so each step runs the policy's "
+            "forward only; the reference's starting copies (with --lm_training full, a copy of the LM) are then freed."
+        ),
+    )
     enable_tensorboard: bool = field(default=False, metadata=_help("Write TensorBoard logs under output_dir/tensorboard."))
     logging_steps: int = field(default=10, metadata=_help("Log every N optimizer steps."))
     eval_steps: int = field(default=0, metadata=_help("Also evaluate every N optimizer steps (0: only at epoch ends)."))
@@ -726,12 +734,13 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     """What ``--objective dpo`` does not do (yet), refused naming the flag before any weights load.
 
     The reference policy is the trained weights' starting values swapped in, or LoRA
-    switched off (:mod:`mmtrain.training.reference`): that needs the trained part whole on
-    every process (no ZeRO-3); with the LM's own weights trained, the starting copy is a
-    frozen copy of them (``mmtrain.memory --objective dpo`` counts it).
+    switched off (:mod:`mmtrain.training.reference`; at ZeRO-3 each process swaps its
+    share); with the LM's own weights trained, the starting copy is a frozen copy of them
+    (``mmtrain.memory --objective dpo`` counts it). What the DeepSpeed config decides is
+    checked once the Accelerator exists (``check_reference_supported``).
     """
     if train_args.objective != "dpo":
-        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight"):
+        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight", "precompute_ref"):
             if getattr(train_args, name) != TrainArguments.__dataclass_fields__[name].default:
                 raise ConfigError(f"--{name} applies to --objective dpo only; add --objective dpo or drop --{name}")
         return

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmtrain.data.build import check_videos_read
     from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
-    from mmtrain.training import distributed, init_from, sample_record, sequence_parallel, setup, speedups
+    from mmtrain.training import distributed, init_from, reference_table, sample_record, sequence_parallel, setup, speedups
     from mmtrain.training.checkpoint import CheckpointSettings, Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
     from mmtrain.training.engine_view import EngineView, Prepared, unwrap_vlm
     from mmtrain.training.loop import Loop, LoopInputs, RunFlags, print_final_report
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     sequence_parallel.check_sequence_parallel(accelerator, model_args, train_args)  # process count, DeepSpeed, the LM's heads
     speedups.check_fp8(accelerator, train_args)  # float8 needs the device and ZeRO stage, known from here on
     speedups.check_quantize(accelerator, train_args)  # so does NF4
-    check_reference_supported(accelerator, train_args)  # --objective dpo: its reference needs whole tensors
+    check_reference_supported(accelerator, train_args)  # --objective dpo: what its reference's swap cannot reach
     distributed.check_same_flags(accelerator, model_args, data_args, train_args)  # machines launched apart must agree
     distributed.set_cpu_threads(accelerator)  # before any weights: presets draw them on these threads
     data_args.num_workers = distributed.loader_workers(  # -1: chosen for this device
@@ -86,10 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
     train_collator = speedups.make_train_collator(  # packing or a budget's rows, image digests
         built, model_args, data_args, pairs=pairs, row_multiple=train_args.sequence_parallel_size
     )
-    train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples)
+    # Batches name their samples' dataset indices for --record_samples, and for --precompute_ref's table.
+    train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples or train_args.precompute_ref)
     train_collator = sequence_parallel.sharding(train_collator, shard_rank, train_args.sequence_parallel_size)  # this process's columns
     train_loader = setup.make_train_loader(accelerator, train_set, train_collator, data_args, train_args)  # samples or a token budget
-    eval_loader = setup.make_loader(data.eval, collator, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed)
+    eval_loader = setup.make_loader(
+        *sample_record.indexed(data.eval, collator, train_args.precompute_ref),
+        train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed,
+    )
 
     optimizer, scheduler, total_steps = setup.make_optimizer_and_schedule(accelerator, model, train_args, setup.batches_per_epoch(train_loader, train_args.num_train_epochs))
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     # The reference policy is the model as it starts: its copies are taken before a resume loads.
     objective = PreferenceObjective(
-        unwrap_vlm(accelerator, model), ReferencePolicy(unwrap_vlm(accelerator, model)),
+        unwrap_vlm(accelerator, model), ReferencePolicy(unwrap_vlm(accelerator, model), engine=model),
         beta=train_args.dpo_beta, kind=train_args.dpo_loss, sft_weight=train_args.dpo_sft_weight,
     ) if pairs else None
     state = TrainerState()
@@ -118,6 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_path:
         state = checkpointer.load(resume_path)
         logger.info(f"resumed from {resume_path}: epoch {state.epoch}, step {state.global_step}, {state.step_in_epoch} batches into the epoch")
+    if pairs and train_args.precompute_ref:  # the resumed checkpoint's table, or one computed now; the starting copies freed
+        objective.table = checkpointer.reference_table = reference_table.load_or_compute(
+            accelerator, model, objective, {"train": data.train, "eval": data.eval}, collator, resume_path,
+            lambda dataset, collate: setup.make_loader(
+                dataset, collate, train_args.per_device_eval_batch_size, data_args.num_workers, shuffle=False, seed=train_args.seed
+            ),
+        )
     if train_args.enable_tensorboard:
         accelerator.init_trackers("mmtrain")
 

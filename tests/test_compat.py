@@ -549,6 +549,62 @@ def test_deepspeed_zero3_parameters_carry_ds_id_ds_numel_and_ds_shape():
         assert got["full_shape"] == [5, 6] and got["plain_shape"] == [5, 6], got
 
 
+_ZERO3_SWAP = textwrap.dedent(
+    """
+    import json
+    import torch
+    import deepspeed
+    from mmtrain.compat import deepspeed as deepspeed_compat
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    # one weight above the persistence threshold (gathered per forward), one below (kept gathered)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 2, bias=False))
+    plain = [p.detach().clone() for p in model.parameters()]
+    config = {"train_batch_size": 1, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    x = torch.ones(1, 16)
+    expected = x @ plain[0].T @ plain[1].T
+    shares = [deepspeed_compat.partition(p) for p in engine.module.parameters()]
+    kept = [s.data for s in shares]
+
+    def forward_with_zero_share(i, release):
+        shares[i].data = torch.zeros_like(kept[i])
+        if release:
+            deepspeed_compat.release_gathered(engine)
+        out = engine(x).abs().sum().item()
+        deepspeed_compat.release_gathered(engine)
+        shares[i].data = kept[i]
+        return out
+
+    with torch.no_grad():
+        engine(x)
+        engine(x)  # a second forward: the trace is complete, gathered weights may be kept
+        stale = forward_with_zero_share(1, release=False)
+        zeroed = [forward_with_zero_share(i, release=True) for i in (0, 1)]
+        restored = engine(x)
+    print("RESULT " + json.dumps({
+        "persistent": [bool(p.ds_persist) for p in engine.module.parameters()],
+        "stale_error": abs(stale - expected.abs().sum().item()), "zeroed": zeroed,
+        "restored_error": (restored - expected).abs().max().item(),
+    }))
+    """
+)
+
+
+def test_deepspeed_zero3_forward_gathers_from_the_partitions_once_released():
+    run, lines = _run_in_one_process_group(_ZERO3_SWAP)
+    with pinned("deepspeed", "ZeRO-3 ds_tensor and the stage-3 optimizer's empty_partition_cache"):
+        assert run.returncode == 0 and lines, f"the ZeRO-3 engine failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+        got = json.loads(lines[-1][len("RESULT "):])
+        assert got["persistent"] == [False, True], got
+        assert got["stale_error"] < 1e-6, got  # the small weight stays gathered: unreleased, a forward reads its old values
+        assert got["zeroed"] == [0.0, 0.0], got  # released, each forward gathers from the (zeroed) partition
+        assert got["restored_error"] < 1e-6, got  # and from the partitions given back
+
+
 def test_deepspeed_memory_estimators_take_counts():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as mmtrain.training.distributed.prepare_environment

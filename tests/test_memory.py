@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -473,3 +474,33 @@ def test_cli_takes_the_sequence_parallel_size(capsys):
     assert main(["--workload", "ref-7b", "--num_gpus", "2", "--max_tokens_per_batch", "32768", "--sequence_parallel_size", "2", "--json"]) == 0
     assert main(["--workload", "ref-7b", "--num_gpus", "2", "--sequence_parallel_size", "3"]) == 2
     assert "--sequence_parallel_size must be >= 1 and divide --num_gpus (2), got 3" in capsys.readouterr().err
+
+
+def test_precompute_ref_frees_the_reference_copies_before_the_first_step(full_lm):
+    facts = full_lm["7b"]
+    copies = 2 * facts.total(trainable=True)  # the frozen copy of the whole LM, bf16
+    live = estimate(facts, MemorySetup(zero_stage=2, num_gpus=8, preference_pairs=True))
+    table = estimate(facts, MemorySetup(zero_stage=2, num_gpus=8, preference_pairs=True, precompute_ref=True))
+    assert live.frozen_weights - table.frozen_weights == copies
+    assert table.reference_transient > copies and table.total < live.total  # made before any activation piles up
+    assert live.total - table.total > 10 * GiB
+    # At ZeRO-3 each rank keeps its share of the copies; offloaded parameters keep theirs on the host.
+    zero3 = estimate(facts, MemorySetup(zero_stage=3, num_gpus=8, preference_pairs=True))
+    sft3 = estimate(facts, MemorySetup(zero_stage=3, num_gpus=8))
+    assert zero3.frozen_weights - sft3.frozen_weights == math.ceil(facts.total(trainable=True) / 8) * 2
+    offloaded = estimate(facts, MemorySetup(zero_stage=3, num_gpus=8, offload="optimizer+params", preference_pairs=True))
+    sft_offloaded = estimate(facts, MemorySetup(zero_stage=3, num_gpus=8, offload="optimizer+params"))
+    assert offloaded.frozen_weights == sft_offloaded.frozen_weights
+    assert offloaded.cpu_weights - sft_offloaded.cpu_weights == math.ceil(facts.total(trainable=True) / 8) * 2
+
+
+def test_cli_precompute_ref_needs_dpo(capsys):
+    from mmtrain.memory import main
+
+    assert main(["--lang_lora_dim", "0", "--lm_training", "full", "--seq_len", "256", "--objective", "dpo", "--json"]) == 0
+    live = json.loads(capsys.readouterr().out)["estimates"][0]
+    assert main(["--lang_lora_dim", "0", "--lm_training", "full", "--seq_len", "256", "--objective", "dpo", "--precompute_ref", "true", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["estimates"][0]
+    assert table["setup"]["precompute_ref"] and table["frozen_weights"] < live["frozen_weights"] and table["reference_transient"] > 0
+    assert main(["--precompute_ref", "true"]) == 2
+    assert "--precompute_ref applies to --objective dpo only" in capsys.readouterr().err

@@ -68,6 +68,34 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
+def partition(param: torch.Tensor) -> torch.Tensor:
+    """This process's share of a ZeRO-3 partitioned parameter (``ds_tensor``): what every gather of it reads.
+
+    A ZeRO-3 forward gathers each weight from the processes' partitions into the
+    parameter's own (otherwise empty) tensor; the optimizer updates the partitions, which
+    are views into its flat buffers. The DPO reference points each trained parameter's
+    partition at a copy of its starting share for its forward, and back
+    (:mod:`mmtrain.training.reference`). Were it renamed, that swap would raise on the
+    missing attribute; the compat test checks that a forward gathers from it.
+    """
+    return param.ds_tensor
+
+
+def release_gathered(engine) -> None:
+    """Partition again every parameter a ZeRO-3 engine holds gathered (persistent and prefetched ones too).
+
+    ZeRO-3 keeps some weights gathered between forwards: small ones always
+    (``stage3_param_persistence_threshold``), others when they will be used again soon
+    (``stage3_max_reuse_distance``), and the prefetcher gathers ahead of use. After the
+    partitions behind them change (the DPO reference's swap), a forward must gather
+    afresh: this is the stage-3 optimizer's ``empty_partition_cache`` (the engine's
+    public one also runs ``gc.collect`` and empties the device cache, too slow per
+    micro-batch). Were it renamed, the reference would raise; were it to stop releasing,
+    the compat test sees the stale values.
+    """
+    engine.optimizer.empty_partition_cache()
+
+
 # --- optimizer state behind Accelerate's and DeepSpeed's wrappers ---------------------
 #
 # A resume on another process count writes each trainable parameter's Adam moments and

@@ -150,10 +150,16 @@ Hugging Face LLaMA/Qwen2 decoder layer is counted instead:
   and no mask; the vision tower and the projector run on all of the row's images on every
   GPU of the group, so their terms are not divided. Model states are those of N GPUs:
   ZeRO partitions over all of them.
+* DPO's reference (``--objective dpo``): a starting copy of every trained tensor but
+  fresh LoRA, w·Ψ_copied (w·Ψ_copied/N at ZeRO-3, each rank's share; on the host with
+  parameter offload), counted with the frozen weights. With ``--precompute_ref`` the
+  copies live only while the reference's log-probabilities are computed, before the
+  first step: a transient of copies + one no-grad forward's working set and logits
+  (gradients still counted, conservatively).
 
 Peak = model states + buffers + max(activations + logits, vision transient, optimizer
-step transient): the vision tower runs before the LM's activations pile up, and the
-step runs after they are freed.
+step transient, reference transient): the vision tower runs before the LM's activations
+pile up, the step runs after they are freed, and the reference's table before any step.
 
 DeepSpeed's estimators (``estimate_zero2_model_states_mem_needs_all_live`` and
 ``estimate_zero3_model_states_mem_needs_all_live``, which print

@@ -102,6 +102,11 @@ class MemoryArguments:
         default="sft",
         metadata={"help": "training's --objective: dpo counts --micro_batch in pairs (two rows, images once) and the reference's starting copies."},
     )
+    precompute_ref: bool = field(
+        default=False,
+        metadata={"help": "training's --precompute_ref (with --objective dpo): the reference's starting copies live only while "
+                  "its log-probabilities are computed, before the first step."},
+    )
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
@@ -115,6 +120,8 @@ class MemoryArguments:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: valid: {', '.join(sorted(PRECISIONS))}")
+        if self.precompute_ref and self.objective != "dpo":
+            raise ConfigError("--precompute_ref applies to --objective dpo only; add --objective dpo or drop --precompute_ref")
         for name in ("num_gpus", "micro_batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -148,6 +155,7 @@ class MemoryArguments:
             images_per_sample=self.images_per_sample,
             label_fraction=self.label_fraction,
             preference_pairs=self.objective == "dpo",
+            precompute_ref=self.precompute_ref,
         )
 
 

@@ -56,6 +56,9 @@ class MemorySetup:
     preference_pairs: bool = False
     # --sequence_parallel_size: each row's positions split over this many of the GPUs (a divisor of num_gpus)
     sequence_parallel: int = 1
+    # --precompute_ref: those copies live only while the reference's log-probabilities are
+    # computed, before the first step, and are freed then
+    precompute_ref: bool = False
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):

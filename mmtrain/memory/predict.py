@@ -40,6 +40,7 @@ class MemoryEstimate:
     logits: int
     vision_transient: int  # frozen encoder under no_grad (before the LM runs)
     step_transient: int  # fp32 gradients at the optimizer step (after activations are freed)
+    reference_transient: int = 0  # --precompute_ref: the reference's starting copies while its table is made
     cpu_weights: int = 0
     cpu_gradients: int = 0
     cpu_optimizer_states: int = 0
@@ -59,7 +60,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.static + max(self.activations + self.logits, self.vision_transient, self.step_transient)
+        return self.static + max(self.activations + self.logits, self.vision_transient, self.step_transient, self.reference_transient)
 
     @property
     def cpu_total(self) -> int:
@@ -195,11 +196,18 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
         else:
             frozen, trainable, cpu_weights = w * (psi_v + keep_f) + part_f, w * keep_t + part_t, 0
 
-    if setup.preference_pairs and stage < 3:
+    reference = 0
+    if setup.preference_pairs:
         # DPO's reference (mmtrain/training/reference.py): the starting values of every trained
-        # tensor but fresh LoRA, whole on every rank; with the whole LM trained, a frozen copy of it.
+        # tensor but fresh LoRA, whole on every rank (at ZeRO-3 each rank's share, on the host
+        # with parameter offload); with the whole LM trained, a frozen copy of it.
         lora = sum(facts.counts.get(part, {}).get("trainable", 0) for part in ("LM LoRA", "vision LoRA"))
-        frozen += w * max(psi_t - lora, 0)
+        copied = max(psi_t - lora, 0)
+        reference = w * (copied if stage < 3 else math.ceil(copied / n))
+        if stage == 3 and offload == "optimizer+params":
+            cpu_weights, reference = cpu_weights + reference, 0
+    if not setup.precompute_ref:
+        frozen, reference = frozen + reference, 0
 
     # Gradients and optimizer states of trainable parameters only.
     shard = psi_t if stage == 0 else math.ceil(psi_t / n)
@@ -259,6 +267,8 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
         logits=int(logits),
         vision_transient=int(vision_transient),
         step_transient=int(step),
+        # --precompute_ref: the copies beside one no-grad forward's working set and logits, before the first step
+        reference_transient=int(reference + working + logits) if reference else 0,
         cpu_weights=int(cpu_weights),
         cpu_gradients=int(cpu_grads),
         cpu_optimizer_states=int(cpu_opt),

@@ -295,6 +295,8 @@ class Checkpointer:
                 accelerator.num_processes, micro, accelerator.gradient_accumulation_steps, token_budget, settings.sequence_parallel_size
             )
         self.is_deepspeed = accelerator.state.deepspeed_plugin is not None
+        # --precompute_ref: the DPO reference's table (mmtrain.training.reference_table), saved with every checkpoint.
+        self.reference_table = None
         if not self.is_deepspeed:
             trainable = set(trainable_names)
 
@@ -350,6 +352,8 @@ class Checkpointer:
         if acc.is_main_process:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
+            if self.reference_table is not None:  # every process holds it whole
+                self.reference_table.save(tmp)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "model": self.config.identity(),

@@ -9,6 +9,7 @@ import torch
 
 from mmtrain.model.generation import SamplingOptions, generate
 from mmtrain.training.preference import METRICS
+from mmtrain.training.sample_record import INDICES_KEY
 
 
 @torch.no_grad()
@@ -113,7 +114,8 @@ def evaluate_preference(accelerator, model, loader, objective) -> dict[str, floa
     sums = torch.zeros(1 + len(METRICS), dtype=torch.float64, device=accelerator.device)
     pairs = 0
     for batch in loader:
-        result = objective(model, batch)
+        indices = batch.pop(INDICES_KEY, None)  # with --precompute_ref: the reference's values are looked up by them
+        result = objective(model, batch, indices, split="eval")
         values = torch.cat([result.loss.detach()[:, None], result.metrics()], dim=1)
         values = accelerator.gather_for_metrics(values.double())
         sums += values.sum(dim=0)

@@ -23,7 +23,7 @@ from mmtrain.training.checkpoint import TrainerState, quiet_save
 from mmtrain.training.engine_view import Prepared, unwrap_vlm
 from mmtrain.training.evaluate import evaluate_generation, evaluate_loss, evaluate_preference
 from mmtrain.training.preference import METRICS
-from mmtrain.training.sample_record import SampleRecord
+from mmtrain.training.sample_record import INDICES_KEY, SampleRecord
 from mmtrain.training.stream_loader import StreamLoader
 
 if TYPE_CHECKING:
@@ -210,13 +210,14 @@ class Loop:
         The loss that is backpropagated is the batch's share of the step's mean
         (:meth:`micro_batches` has counted the step's answer tokens, or pairs, first).
         """
+        pairs = batch.pop(INDICES_KEY, None)  # the dataset's indices of the batch's samples, where the loader adds them
         batch = speedups.encode_with_cache(self.vision_cache, batch)
         with self._accumulate():
             if self.objective is None:
                 out = self.model(**batch)
                 loss, weight, samples, extras = out.loss, out.num_label_tokens, samples_in(batch), None
             else:
-                result = self.objective(self.model, batch)
+                result = self.objective(self.model, batch, pairs)
                 loss, samples, extras = result.loss.mean(), pairs_in(batch), result.metric_sums()
                 weight = torch.tensor(float(samples), device=loss.device)
             self.acc.backward(weighting.weighted_loss(loss, weight, self.step_tokens, self.acc))

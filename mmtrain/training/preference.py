@@ -101,26 +101,43 @@ class PreferenceObjective:
     ``vlm`` is the model behind the prepared ``model`` (for its frozen encoder);
     ``reference`` a :class:`mmtrain.training.reference.ReferencePolicy` of it. Each image
     is encoded once per batch: the features serve the reference's and the policy's
-    forward, and within each both answers of its pair (``image_repeats``).
+    forward, and within each both answers of its pair (``image_repeats``). With a
+    :class:`mmtrain.training.reference_table.ReferenceTable` (``--precompute_ref``) a batch
+    that names its pairs (``pairs``: their dataset indices) reads the reference's values
+    from it and runs the policy's forward only.
     """
 
-    def __init__(self, vlm, reference, *, beta: float, kind: str, sft_weight: float):
+    def __init__(self, vlm, reference, *, beta: float, kind: str, sft_weight: float, table=None):
         self.vlm = vlm
         self.reference = reference
         self.beta = beta
         self.kind = kind
         self.sft_weight = sft_weight
+        self.table = table
 
-    def __call__(self, model, batch: dict) -> PreferenceLoss:
+    def __call__(self, model, batch: dict, pairs: list[int] | None = None, split: str = "train") -> PreferenceLoss:
+        batch = self._with_features(batch)
+        if self.table is not None and pairs is not None:
+            reference = self.table.lookup(split, pairs, batch["input_ids"].device)
+        else:
+            reference = self.reference_logps(model, batch)
+        out = model(**batch, per_sample_grad=True)
+        policy, tokens = -out.loss_sum_per_sample, out.label_tokens_per_sample
+        half = policy.shape[0] // 2
+        return preference_loss(
+            policy[:half], policy[half:], reference[:half], reference[half:], beta=self.beta, kind=self.kind,
+            chosen_tokens=tokens[:half], rejected_tokens=tokens[half:], sft_weight=self.sft_weight,
+        )
+
+    def reference_logps(self, model, batch: dict) -> torch.Tensor:
+        """``[2P]``: the reference's summed log-probability of every answer of the batch (chosen rows, then rejected)."""
+        batch = self._with_features(batch)
+        with self.reference.active():
+            return -model(**batch).loss_sum_per_sample
+
+    def _with_features(self, batch: dict) -> dict:
+        """The batch with its images encoded by the frozen tower (once for both passes), unless the tower trains."""
         if batch.get("image_features") is None and not self.vlm.vision_trainable:
             batch = dict(batch)
             batch["image_features"] = self.vlm.encode_images(batch.pop("pixel_values"), batch.get("image_sizes"))
-        with self.reference.active():
-            reference = -model(**batch).loss_sum_per_sample
-        out = model(**batch, per_sample_grad=True)
-        policy, tokens = -out.loss_sum_per_sample, out.label_tokens_per_sample
-        pairs = policy.shape[0] // 2
-        return preference_loss(
-            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=self.beta, kind=self.kind,
-            chosen_tokens=tokens[:pairs], rejected_tokens=tokens[pairs:], sft_weight=self.sft_weight,
-        )
+        return batch

@@ -61,7 +61,7 @@ class IndexingCollator:
 
 
 def indexed(dataset, collator, record: bool):
-    """The dataset and collator a training loader gets: as they are, or indexed for ``--record_samples``.
+    """The dataset and collator a loader gets: as they are, or indexed (``--record_samples``, ``--precompute_ref``).
 
     A stream's items carry their own stable ids (``shard:record``), which its loader adds.
     """
@@ -90,8 +90,8 @@ class SampleRecord:
         self.accelerator.wait_for_everyone()
 
     def write(self, epoch: int, step: int, batch: dict) -> None:
-        """Record ``batch``'s indices (and take them out of it: the model does not want them)."""
-        indices = batch.pop(INDICES_KEY, None)
+        """Record ``batch``'s indices (the training step takes them out of it: the model does not want them)."""
+        indices = batch.get(INDICES_KEY)
         if self.path is None or indices is None:
             return
         with open(self.path, "a") as f:

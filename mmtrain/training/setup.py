@@ -168,6 +168,7 @@ def memory_setup(accelerator, data_args, train_args):
         nf4_base=train_args.quantize_base == "nf4",
         nf4_vision=train_args.quantize_vision == "nf4",
         preference_pairs=train_args.objective == "dpo",
+        precompute_ref=train_args.precompute_ref,
     )
 
 

@@ -100,6 +100,7 @@ FEATURES = {
     "anyres": {"anyres_max_tiles": "4"},
     # SigLIP2 read at each image's own aspect ratio (NaFlex), on the same images
     "native": {"vision_model_name_or_path": "tiny-siglip2", "vision_max_patches": "48"},
+    "precompute_ref": {"precompute_ref": "true"},  # the reference's log-probabilities computed once, read back on resume
     # flex attention's document mask: what packed rows take where FlashAttention-2 cannot run
     "flex": {"packed_attention": "flex_attention"},
     # sequence parallelism: each row split over the two GPUs, DeepSpeed's Ulysses attention
@@ -162,6 +163,7 @@ ONE_GPU = [
     row("zero2", "anyres", "budget", "compiled", resume=True),
     row("zero3", "anyres", "vision_lora", "packing"),
     row("zero2", "native", "budget", "compiled"),
+    row("zero3", "dpo", "precompute_ref", resume=True, export=False),  # the table made by a ZeRO-3 engine, then no reference forward
 ]
 
 # Two GPUs: every config on two processes.
@@ -179,6 +181,7 @@ TWO_GPUS = [
     # Sequence parallelism with ZeRO-3 (its shipped config), ZeRO-1 and float8, checkpointing, accumulation, resume.
     row("sp2_zero3", "sp2", "budget", "grad_ckpt", "grad_accum", gpus=2, resume=True),
     row("zero1", "sp2", "budget", "fp8", gpus=2, resume=True, export_tolerance=6e-2),
+    row("zero3", "dpo", "projector_only", gpus=2, resume=True, export=False),  # each GPU swaps its share of the projector and rows
 ]
 
 

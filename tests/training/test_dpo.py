@@ -8,6 +8,7 @@ weights load, naming the flag.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def test_cached_vision_features_train_the_same_pairs_as_encoding_each_epoch(mode
         (["--dpo_loss", "hinge"], "--dpo_loss"),
         (["--objective", "sft", "--dpo_beta", "0.5"], "--dpo_beta applies to --objective dpo only"),
         (["--objective", "sft", "--dpo_loss", "ipo"], "--dpo_loss applies to --objective dpo only"),
+        (["--objective", "sft", "--precompute_ref", "true"], "--precompute_ref applies to --objective dpo only"),
     ],
 )
 def test_unsupported_combinations_are_refused_naming_the_flag(model_folders, flags, message):
@@ -102,10 +104,62 @@ def test_unsupported_combinations_are_refused_naming_the_flag(model_folders, fla
         parse_args(argv)
 
 
-def test_zero3_is_refused_before_weights_load(model_folders, data_path, tmp_path):
-    proc = launch(_flags(model_folders, data_path, tmp_path / "z3"), config="zero3.yaml", check=False)
-    assert proc.returncode != 0 and "--objective dpo is not supported at ZeRO-3 yet" in proc.stderr
+def test_zero3_secondary_partitions_are_refused_before_weights_load(model_folders, data_path, tmp_path):
+    """ZeRO++'s secondary partitions (hpZ) would keep the reference's gathered weights for the policy's backward."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2},
+    }))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds}\n  zero3_init_flag: true\n"
+        "num_machines: 1\nnum_processes: 1\nmachine_rank: 0\nuse_cpu: false\n"
+    )
+    proc = launch(_flags(model_folders, data_path, tmp_path / "z3"), config=str(config), check=False)
+    assert proc.returncode != 0
+    assert "--objective dpo at ZeRO-3 does not support zero_hpz_partition_size > 1" in proc.stderr and "--config_file" in proc.stderr
     assert "DPO reference" not in proc.stderr + proc.stdout  # stopped before the model was built
+
+
+@pytest.mark.slow
+def test_zero3_trains_the_same_pairs_as_zero2(model_folders, data_path, tmp_path):
+    """Two processes, the LM's own weights trained: at ZeRO-3 each process swaps its share of every trained
+    tensor (the LM's partitioned weights and the small ones ZeRO-3 keeps gathered) for the reference.
+
+    Losses, rewards and margins of every step and eval equal ZeRO-2's, where the reference
+    swaps whole tensors (fp32: only the reductions' order differs). A reference that read
+    weights still gathered from the other pass would log other rewards from step 3 on.
+    With --precompute_ref at ZeRO-3 too: the table the two processes make together gives
+    the same numbers as the reference's forward in every step.
+    """
+    runs = {}
+    for config, precompute in (("zero2", False), ("zero3", False), ("zero3", True)):
+        out = tmp_path / f"{config}_{precompute}"
+        flags = _flags(
+            model_folders, data_path, out, lang_lora_dim=0, lm_training="full", per_device_train_batch_size=2,
+            precompute_ref=str(precompute).lower(),
+        )
+        proc = launch(flags, config=f"{config}.yaml", num_processes=2, launcher_flags=FP32)
+        runs[config, precompute] = metrics(out)
+        log = proc.stdout + proc.stderr
+        if config == "zero3":
+            assert "this process's ZeRO-3 shares) swapped for their starting copies" in log
+        if precompute:  # the two processes share the pairs out and each gets every row
+            assert "DPO reference log-probabilities precomputed for 32 train, 8 eval pairs" in log
+    expected = runs["zero2", False]
+    assert any(r["margin"] != 0.0 for r in expected if r["split"] == "train")  # the policy moved
+    for run in (runs["zero3", False], runs["zero3", True]):
+        assert [(r["split"], r["step"]) for r in run] == [(r["split"], r["step"]) for r in expected]
+        for two, three in zip(expected, run):
+            for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", *_accuracy_unless_tied(two)):
+                assert three[key] == pytest.approx(two[key], rel=1e-5, abs=1e-6), (three["split"], three["step"], key)
+
+
+def _accuracy_unless_tied(record: dict) -> tuple[str, ...]:
+    """``("accuracy",)`` unless the margins are ties (the policy still its reference): fp32 rounding then decides a pair's side."""
+    return ("accuracy",) if abs(record["margin"]) > 1e-4 else ()
 
 
 @pytest.mark.slow
@@ -187,3 +241,44 @@ def test_a_dpo_run_killed_after_a_checkpoint_resumes_with_the_same_reference_and
         for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"):
             assert resumed[step][key] == expected[step][key], (step, key, resumed[step][key], expected[step][key])
     assert any(expected[step]["margin"] != 0.0 for step in range(6, 17))
+
+
+def test_precomputed_reference_trains_as_the_live_one_and_resumes_exactly(model_folders, data_path, tmp_path):
+    """--precompute_ref with the LM's own weights trained (the frozen copy freed once the table is made).
+
+    Its losses, rewards and margins are those of the reference's forward in each step (the
+    table's batches differ, so equal to fp32 rounding); SIGKILLed after step 3's checkpoint
+    and resumed, the run reads the checkpoint's table and logs the uninterrupted run's
+    values exactly into the second epoch.
+    """
+
+    def flags(out, precompute="true", **extra):
+        return _flags(
+            model_folders, data_path, out, lang_lora_dim=0, lm_training="full", synthetic_num_samples=20, max_steps=-1,
+            num_train_epochs=2, eval_steps=0, save_steps=3, precompute_ref=precompute, **extra,
+        )
+
+    live = tmp_path / "live"
+    launch(flags(live, precompute="false"), config="zero2.yaml", launcher_flags=FP32)
+    reference, out, log = kill_and_resume(flags, tmp_path, 3, config="zero2.yaml", launcher_flags=FP32)
+    assert "DPO reference log-probabilities read from" in log and "precomputed for" not in log
+    assert all((folder / "reference_logps.pt").is_file() for folder in (out / "checkpoints").glob("step-*")), "each checkpoint keeps the table"
+
+    def by_step(folder, split="train"):
+        return {r["step"]: r for r in metrics(folder) if r["split"] == split}
+
+    expected, precomputed, resumed = by_step(live), by_step(reference), by_step(out)
+    assert sorted(expected) == sorted(precomputed) == sorted(resumed) == list(range(1, 9))  # 16 pairs, 4 a step, two epochs
+    assert precomputed[1]["margin"] == 0.0 and precomputed[1]["accuracy"] == 0.5  # the table is the starting policy's
+    assert any(expected[step]["margin"] != 0.0 for step in range(4, 9))
+    keys = ("loss", "rewards_chosen", "rewards_rejected", "margin")
+    for step in range(1, 9):
+        for key in (*keys, *_accuracy_unless_tied(expected[step])):
+            assert precomputed[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6), (step, key)
+    for step in range(4, 9):
+        for key in (*keys, "accuracy"):
+            assert resumed[step][key] == precomputed[step][key], (step, key, resumed[step][key], precomputed[step][key])
+    evals = by_step(live, "eval"), by_step(reference, "eval")
+    assert sorted(evals[0]) == sorted(evals[1]) == [4, 8]
+    for step in (4, 8):
+        assert evals[1][step]["margin"] == pytest.approx(evals[0][step]["margin"], abs=1e-5)

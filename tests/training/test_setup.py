@@ -26,3 +26,9 @@ def test_memory_setup_takes_samples_of_the_longest_length_and_the_compile_decisi
     assert (setup.micro_batch, setup.seq_len, setup.gradient_checkpointing) == (4, 1024, True)
     assert not setup.compiled  # auto: compiled on CUDA only
     assert memory_setup(accelerator, data, TrainArguments(torch_compile="true")).compiled
+
+
+def test_memory_setup_takes_dpo_and_its_precomputed_reference(accelerator):
+    setup = memory_setup(accelerator, DataArguments(), TrainArguments(objective="dpo", precompute_ref=True))
+    assert setup.preference_pairs and setup.precompute_ref
+    assert not memory_setup(accelerator, DataArguments(), TrainArguments(objective="dpo")).precompute_ref
