@@ -6,6 +6,8 @@ Every count here is derived, with its sources, in the package docstring
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -328,9 +330,6 @@ def deepspeed_estimate(facts: ModelFacts, setup: MemorySetup) -> int | None:
 
 def _quiet_import():
     # DeepSpeed announces its accelerator on stdout at import, which would corrupt --json.
-    import contextlib
-    import io
-
     return contextlib.redirect_stdout(io.StringIO())
 
 
