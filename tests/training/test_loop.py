@@ -191,3 +191,21 @@ def test_a_fresh_start_replaces_the_records_of_a_start_that_left_no_checkpoint(t
     shutil.rmtree(out / "checkpoints")
     train(out, max_steps=3)
     assert [(r["split"], r["step"]) for r in metrics(out)] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+
+
+def test_the_first_step_runs_in_training_mode(train, tmp_path, monkeypatch):
+    """A language model loaded from a folder arrives in eval mode (``from_pretrained``); what depends on
+    the mode (activation checkpointing, dropout, sequence parallelism) must hold from step 1, not from
+    the first evaluation."""
+    from mmtrain.training.loop import Loop
+
+    seen = []
+    step = Loop.train_step
+
+    def recording(self, batch):
+        seen.append(all(m.training for m in self.model.modules()))
+        return step(self, batch)
+
+    monkeypatch.setattr(Loop, "train_step", recording)
+    train(tmp_path / "run", max_steps=2, eval_steps=0, eval_generate=0, export_each_epoch="false")
+    assert seen[:2] == [True, True]
