@@ -29,6 +29,7 @@ import os
 import time
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
 
 from mmtrain.training.sample_record import INDICES_KEY, IndexedDataset, IndexingCollator
@@ -112,6 +113,7 @@ def _compute_split(accelerator, model, objective, dataset, collator, make_loader
     with torch.no_grad():
         for batch in loader:
             local = batch.pop(INDICES_KEY)
+            batch = send_to_device(batch, accelerator.device)  # a plain loader's batches stay on the host
             values = objective.reference_logps(model, batch).float().cpu()
             pairs = len(local)
             for row, k in enumerate(local):
