@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from mmtrain.compat import deepspeed as deepspeed_compat
 from mmtrain.compat import torch as torch_compat
 from mmtrain.batch import IGNORE_INDEX, label_positions
 from mmtrain.image_tokens import ImageTokens
@@ -111,7 +112,15 @@ class VisionLanguageModel(nn.Module):
             return projected.reshape(-1, projected.shape[-1])
         if image_sizes is None:
             raise ValueError("a model with AnyRes tiles needs the batch's image_sizes")
-        return pack_tiles(projected, image_sizes, anyres, getattr(self.projector, NEWLINE))
+        newline = getattr(self.projector, NEWLINE)
+        if deepspeed_compat.is_zero3_partitioned(newline) and newline.numel() == 0:
+            # ZeRO-3 released it after the projector's forward (generation reads it outside any
+            # forward the engine hooks): gather it for this read.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([newline], modifier_rank=None):
+                return pack_tiles(projected, image_sizes, anyres, newline)
+        return pack_tiles(projected, image_sizes, anyres, newline)
 
     def video_positions(self, frame_features: torch.Tensor) -> torch.Tensor:
         """The projected features of every video position, frame after frame: ``[positions, lm_dim]``.

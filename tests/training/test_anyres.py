@@ -84,3 +84,16 @@ def test_a_run_under_a_token_budget_killed_and_resumed_gives_the_same_losses(mod
     assert len(expected) >= 6 and sorted(resumed) == sorted(expected)
     for step in range(4, max(expected) + 1):
         assert resumed[step] == expected[step], step
+
+
+def test_tiles_at_zero3_with_vision_lora_train_and_answer_held_out_questions(model_folders, aspect_data, data_path, tmp_path):
+    """ZeRO-3 partitions the projector's newline; evaluation-time generation reads it outside the
+    projector's forward, where ZeRO-3 has released it, so it must be gathered there."""
+    from .conftest import launch, metrics
+
+    out = tmp_path / "zero3"
+    launch(common_flags(
+        model_folders, data_path, output_dir=out, dataset_names=str(aspect_data), anyres_max_tiles=4, vis_lora_dim=4,
+        max_steps=2, eval_steps=2, eval_generate=2, export_each_epoch="false",
+    ), config="zero3.yaml")
+    assert [r["step"] for r in metrics(out) if r["split"] == "eval"] == [2]  # the evaluation, generation included, ran
