@@ -167,8 +167,9 @@ def _fit(
             continue
         entry = fit(record, data_args, tokenizer, image_tokens, counts, split, row=len(kept), image_sizes=sizes)
         if entry is not None and record.get("videos"):
-            counts[f"videos_{split}"] += len(join_video_frames(record, entry.keep_pairs))
-            counts[f"frames_{split}"] += sum(join_video_frames(record, entry.keep_pairs))
+            frames = join_video_frames(record, entry.keep_pairs)
+            counts[f"videos_{split}"] += len(frames)
+            counts[f"frames_{split}"] += sum(frames)
         if entry is not None:
             entries.append(entry)
             kept.append(record)
