@@ -27,7 +27,7 @@ bf16, ``max_length=None`` (nothing truncated), ``precompute_ref_log_probs=False`
 
 **The batch search**: each system from its first guess (``--mmtrain_batch``,
 ``--trl_batch``), one fresh process per try (a 7B model built once in each): doubled
-while it fits, up to ``--max_batch``, stopping at the first that runs out of memory;
+while it fits, up to ``--max_batch`` (mmtrain's up to ``--mmtrain_max_batch``), stopping at the first that runs out of memory;
 halved from a guess that does not fit until one does. The largest that fits is
 reported, with the batches that ran out of memory.
 
@@ -88,6 +88,9 @@ class DPOBenchArguments:
     mmtrain_batch: int = field(default=4, metadata={"help": "mmtrain's first micro-batch (pairs) of the search (4: about 105 GiB on ref-7b by mmtrain.memory)."})
     trl_batch: int = field(default=16, metadata={"help": "TRL's first per-device batch (pairs) of the search (checkpointed: far less memory per pair)."})
     max_batch: int = field(default=64, metadata={"help": "The search goes no higher."})
+    mmtrain_max_batch: Optional[int] = field(
+        default=None, metadata={"help": "mmtrain's search goes no higher (default --max_batch): to hold its memory at or under TRL's."}
+    )
     systems: list[str] = field(default_factory=lambda: ["mmtrain", "trl"], metadata={"help": "Which systems run: mmtrain, trl."})
     zero_stage: Literal["none", "0", "1", "2"] = field(
         default="2", metadata={"help": "mmtrain's DeepSpeed ZeRO stage (none: Accelerate without DeepSpeed); DPO refuses ZeRO-3."}
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     for system in ("mmtrain", "trl"):
         if system in opts.systems:
             first = opts.mmtrain_batch if system == "mmtrain" else opts.trl_batch
-            result[system] = search(raw, system, first, opts.max_batch)
+            most = opts.mmtrain_max_batch if system == "mmtrain" and opts.mmtrain_max_batch else opts.max_batch
+            result[system] = search(raw, system, first, most)
             _write(result, opts.out)  # what is measured so far survives a command cut off by its time limit
     result["device"], result["versions"] = device_name(), versions()
     compare(result)

@@ -28,7 +28,8 @@
 #   dpo            benchmarks/dpo_bench.py: ref-7b LoRA DPO on 2048-token image pairs, mmtrain's --objective dpo
 #                  beside trl.DPOTrainer on transformers' LLaVA with the same weights, LoRA and pairs, each at the
 #                  largest batch of pairs that fits (a search from DPO_MMTRAIN_BATCH, default 4, and DPO_TRL_BATCH,
-#                  default 16); one JSON, about 8 minutes on one H200
+#                  default 16; DPO_ARGS adds options); one JSON, about 8 minutes on one H200
+#   dpo-halves     mmtrain's side of dpo alone with --dpo_share_prompt false (each pair's halves as rows)
 #   dpo-gc         mmtrain's side of dpo alone with --gradient_checkpointing true (the search from DPO_MMTRAIN_GC_BATCH,
 #                  default 16): beside the dpo JSON's TRL row, at checkpointing on both sides
 #   attention      benchmarks/attention_kernels.py: packed-row attention kernels (flex and its options,
@@ -97,6 +98,9 @@ else
     MEM=()
     DPO=(--num_workers "${BENCH_WORKERS:-4}" --mmtrain_batch "${DPO_MMTRAIN_BATCH:-4}" --trl_batch "${DPO_TRL_BATCH:-16}")
 fi
+# DPO_ARGS: more options of benchmarks/dpo_bench.py (e.g. "--max_batch 32 --mmtrain_max_batch 8 --steps 3")
+read -r -a _dpo_args <<< "${DPO_ARGS:-}"
+DPO+=("${_dpo_args[@]}")
 
 missing() {  # the needed packages Python cannot import with PYTHONPATH=$1
     PYTHONPATH=$1 python3 -c "import importlib.util as u; print(' '.join(m for m in ('deepspeed', 'hjson', 'pydantic', 'einops', 'datasets', 'trl', 'bitsandbytes') if u.find_spec(m) is None))"
@@ -401,6 +405,10 @@ part_dpo() {
     run $PY benchmarks/dpo_bench.py "${DPO[@]}" --out "$OUT/dpo_bench_${TAG}.json"
 }
 
+part_dpo_halves() {  # mmtrain's side alone with each pair's two halves as rows (--dpo_share_prompt false): what sharing gains
+    run $PY benchmarks/dpo_bench.py "${DPO[@]}" --systems mmtrain --dpo_share_prompt false --out "$OUT/dpo_bench_${TAG}_mmtrain_halves.json"
+}
+
 part_dpo_gc() {
     local first=${DPO_MMTRAIN_GC_BATCH:-16}
     [ "$SMOKE" = 1 ] && first=2
@@ -438,6 +446,7 @@ for part in "$@"; do
         mmca) part_mmca ;;
         dpo) part_dpo ;;
         dpo-gc) part_dpo_gc ;;
+        dpo-halves) part_dpo_halves ;;
         attention) part_attention ;;
         fp8) part_fp8 all ;;
         fp8:*) part_fp8 "${part#fp8:}" ;;

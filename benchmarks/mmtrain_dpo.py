@@ -3,7 +3,8 @@
 One process: the Accelerator of ``distributed.make_accelerator`` with Accelerate's
 DeepSpeed plugin (configured through the environment ``accelerate launch --config_file
 accelerate_configs/zeroN.yaml`` sets), ``setup.build_for_training``, the pairs through
-``PairCollator``, ``EngineView``, optimizer and schedule, ``prepare``, then
+the trainer's pair collator (each prompt once, ``--dpo_share_prompt``, unless that flag is
+false), ``EngineView``, optimizer and schedule, ``prepare``, then
 ``PreferenceObjective`` with ``ReferencePolicy`` as ``mmtrain.train`` makes them, and
 each step is ``Loop.train_step`` itself.
 """
@@ -33,10 +34,9 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
     from accelerate.utils import set_seed
 
     from mmtrain.compat import transformers as transformers_compat
-    from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
     from mmtrain.model.counting import count_parameters
-    from mmtrain.training import distributed, setup
+    from mmtrain.training import distributed, setup, speedups
     from mmtrain.training.checkpoint import TrainerState
     from mmtrain.training.engine_view import EngineView, Prepared, unwrap_vlm
     from mmtrain.training.loop import Loop, LoopInputs, RunFlags
@@ -55,7 +55,8 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
     pairs = pairs_for(opts, built, (opts.warmup + opts.steps) * batch)
     warm_set = torch.utils.data.Subset(pairs, range(opts.warmup * batch))
     timed_set = torch.utils.data.Subset(pairs, range(opts.warmup * batch, len(pairs)))
-    collator = PairCollator(built.tokenizer.pad_token_id, data_args.padding_multiple())
+    share_prompt = speedups.shares_prompt(built, model_args, train_args)
+    collator = speedups.pair_collator(built.tokenizer.pad_token_id, data_args.padding_multiple(), share_prompt)
     loader = setup.make_loader(timed_set, collator, batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
     warm_loader = setup.make_loader(warm_set, collator, batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
     model = EngineView(built.model)
@@ -96,6 +97,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
         "gradient_checkpointing": train_args.gradient_checkpointing,
         "torch_compile": train_args.torch_compile,
         "fused_lora": train_args.fused_lora,
+        "shared_prompt": share_prompt,
         "lm_attention": transformers_compat.attn_implementation(built.model.language_model.config),
         "mmtrain_args": {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(train_args)},
     }

@@ -473,6 +473,14 @@ class TrainArguments:
     dpo_sft_weight: float = field(
         default=0.0, metadata=_help("With --objective dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: off).")
     )
+    dpo_share_prompt: bool = field(
+        default=True,
+        metadata=_help(
+            "With --objective dpo: lay each pair out as its prompt once and the two answers as branches of it, so the "
+            "images, question and earlier turns are computed once per pair instead of twice (the same numbers; off where "
+            "the LM attends within a sliding window, caps its logits, or runs MMCA, as the log says)."
+        ),
+    )
     precompute_ref: bool = field(
         default=False,
         metadata=_help(
@@ -740,7 +748,7 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
     checked once the Accelerator exists (``check_reference_supported``).
     """
     if train_args.objective != "dpo":
-        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight", "precompute_ref"):
+        for name in ("dpo_beta", "dpo_loss", "dpo_sft_weight", "dpo_share_prompt", "precompute_ref"):
             if getattr(train_args, name) != TrainArguments.__dataclass_fields__[name].default:
                 raise ConfigError(f"--{name} applies to --objective dpo only; add --objective dpo or drop --{name}")
         return
@@ -748,11 +756,6 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
         "--packing": data_args.packing,  # rows of pairs without a budget (--max_tokens_per_batch packs whole pairs)
         "--streaming": data_args.streaming,
         "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
-        "--fp8_base": train_args.fp8_base,
-        "--fp8_vision": train_args.fp8_vision,
-        "--quantize_base nf4": train_args.quantize_base == "nf4",
-        "--quantize_vision nf4": train_args.quantize_vision == "nf4",
-        "--torch_compile true": train_args.torch_compile == "true",
     }
     for flag, given in unsupported.items():
         if given:

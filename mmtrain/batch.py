@@ -59,6 +59,18 @@ Optional keys (:data:`OPTIONAL_KEYS`):
   are not rows (a token budget's pairs packed into one row): the model's per-sample loss
   sums are then per sample, in this numbering.
   :class:`mmtrain.data.preference.PairPackingCollator` sets them.
+* ``branch_ids`` [B, L] long, ``kv_index`` [Tk] long, ``kv_cu_seq_lens`` [S + 1] int32 and
+  ``max_kv_segment_len`` (a Python int): rows of preference pairs each laid out as its
+  prompt once, then its chosen and its rejected answer as two branches of it
+  (:mod:`mmtrain.model.shared_prompt`; :class:`mmtrain.data.preference.SharedPromptCollator`
+  sets them, with ``position_ids`` continuing the prompt's in each branch,
+  ``document_ids`` numbering the pairs of a row, ``label_samples``/``num_samples`` and
+  ``cu_seq_lens``). ``branch_ids``: 0 prompt, 1 chosen, 2 rejected, -1 padding;
+  ``cu_seq_lens`` are the query segments (each pair's prompt with its chosen branch, then
+  its rejected branch, then each padding tail) and ``kv_index`` the flat token indices of
+  the keys each segment attends to (the prompt again before the rejected branch), cut by
+  ``kv_cu_seq_lens``. A target inside a prompt is listed twice in ``label_positions``,
+  once for each answer.
 * ``sequence_shard`` (a Python tuple ``(rank, size)``): this process computes the LM on
   columns ``rank`` of ``size`` equal, consecutive parts of each row, the other parts on
   the other processes of its sequence-parallel group
@@ -84,6 +96,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_co
 OPTIONAL_KEYS = (
     "label_positions", "right_padded", "image_repeats", "position_ids", "document_ids", "cu_seq_lens", "max_segment_len",
     "label_samples", "num_samples", "image_sizes", "sequence_shard", "pixel_values_videos", "video_frames",
+    "branch_ids", "kv_index", "kv_cu_seq_lens", "max_kv_segment_len",
 )
 
 

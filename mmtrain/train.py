@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmtrain.data import Collator, build_datasets, read_sources
     from mmtrain.data.build import check_videos_read
-    from mmtrain.data.preference import PairCollator
     from mmtrain.model.builder import check_model_config
     from mmtrain.training import distributed, init_from, reference_table, sample_record, sequence_parallel, setup, speedups
     from mmtrain.training.checkpoint import CheckpointSettings, Checkpointer, TrainerState, remove_partial_checkpoints, resolve_resume
@@ -76,15 +75,17 @@ def main(argv: list[str] | None = None) -> dict:
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
+    share_prompt = speedups.shares_prompt(built, model_args, train_args)  # --dpo_share_prompt: a pair's prompt computed once
     data = build_datasets(
         data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources,
         rank=accelerator.process_index, world_size=accelerator.num_processes,  # --streaming: each process reads its own shards
-        pairs=pairs,
+        pairs=pairs, share_prompt=share_prompt,
     )
     setup.log_data_report(accelerator, data.report)
-    collator = (PairCollator if pairs else Collator)(built.tokenizer.pad_token_id, data_args.padding_multiple())
+    pad = built.tokenizer.pad_token_id
+    collator = speedups.pair_collator(pad, data_args.padding_multiple(), share_prompt) if pairs else Collator(pad, data_args.padding_multiple())
     train_collator = speedups.make_train_collator(  # packing or a budget's rows, image digests
-        built, model_args, data_args, pairs=pairs, row_multiple=train_args.sequence_parallel_size
+        built, model_args, data_args, pairs=pairs, row_multiple=train_args.sequence_parallel_size, share_prompt=share_prompt
     )
     # Batches name their samples' dataset indices for --record_samples, and for --precompute_ref's table.
     train_set, train_collator = sample_record.indexed(data.train, train_collator, train_args.record_samples or train_args.precompute_ref)

@@ -404,7 +404,9 @@ def test_dpo_bench_smoke_runs_mmtrain_dpo_steps(dpo_smoke):
     _positive(mm, "pairs_per_s", "tokens_per_s", "seconds", "trainable_params")
     # two timed steps of two pairs, every half 160 tokens, no padding: all counted by the loop
     assert mm["batch"] == 2 and mm["steps"] == 2 and mm["pairs"] == 4
-    assert mm["tokens"] == mm["tokens_counted_by_loop"] == 4 * 2 * 160
+    assert mm["tokens"] == 4 * 2 * 160  # both halves of 4 timed pairs, what TRL computes
+    # each pair's prompt once: its 160-token half, then the other answer's 32 tokens and the last shared token
+    assert mm["shared_prompt"] and mm["tokens_counted_by_loop"] == 4 * (160 + 32 + 1)
     assert mm["tokens_per_s"] == pytest.approx(mm["pairs_per_s"] * 2 * 160)
     assert mm["mmtrain_args"]["train"]["objective"] == "dpo" and mm["zero_stage"] == 2
     assert mm["parameter_counts"]["LM LoRA"]["trainable"] > 0 and mm["parameter_counts"]["projector"]["trainable"] > 0

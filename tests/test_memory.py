@@ -420,6 +420,17 @@ def test_dpo_pairs_are_two_rows_with_images_once_and_lora_needs_no_copy(ref7b):
     assert dpo.frozen_weights - sft.frozen_weights == copies and copies < 2 * lora  # LoRA is switched off, not copied
 
 
+def test_a_shared_prompt_holds_one_row_and_a_second_answer_per_pair(ref7b):
+    """ref-7b pairs of 2048-token halves, a quarter of the text tokens answers: one row of 2048 + 368 tokens, not two."""
+    halves = estimate(ref7b, MemorySetup(micro_batch=4, seq_len=2048, preference_pairs=True))
+    shared = estimate(ref7b, replace(halves.setup, shared_prompt=True))
+    answer = int(0.25 * (2048 - 576))
+    assert shared.logits == halves.logits  # both answers' labels either way
+    assert shared.activations < 0.65 * halves.activations
+    one_row = estimate(ref7b, MemorySetup(micro_batch=4, seq_len=2048 + answer))
+    assert shared.activations == pytest.approx(one_row.activations, rel=0.01)  # a 2,416-token row with its image
+
+
 def test_dpo_with_the_whole_lm_trained_keeps_a_frozen_copy_of_it(full_lm):
     facts = full_lm["7b"]
     sft = estimate(facts, MemorySetup(zero_stage=2, num_gpus=8))

@@ -68,18 +68,27 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
 # ``window_size``), so the ops are reached through their own schemas, which a test pins.
 
 
-def flash_attention_forward(q, k, v, offsets: torch.Tensor, longest: int, scale: float | None):
-    """Causal attention per segment, no dropout: ``(out, logsumexp, rng_state, unused)`` for the backward."""
+def flash_attention_forward(q, k, v, offsets: torch.Tensor, longest: int, scale: float | None, kv_offsets=None, kv_longest=None):
+    """Causal attention per segment, no dropout: ``(out, logsumexp, rng_state, unused)`` for the backward.
+
+    ``kv_offsets`` / ``kv_longest``: the key segments, when they are not the query segments
+    (a segment's queries are then the last of its keys: FlashAttention-2 aligns the causal
+    mask to the bottom right where a segment has more keys than queries).
+    """
+    kv_offsets, kv_longest = (offsets, longest) if kv_offsets is None else (kv_offsets, kv_longest)
     out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-        q, k, v, offsets, offsets, longest, longest, 0.0, True, False, scale=scale
+        q, k, v, offsets, kv_offsets, longest, kv_longest, 0.0, True, False, scale=scale
     )
     return out, lse, rng_state, unused
 
 
-def flash_attention_backward(grad, q, k, v, out, lse, offsets: torch.Tensor, longest: int, rng_state, unused, scale: float | None):
+def flash_attention_backward(
+    grad, q, k, v, out, lse, offsets: torch.Tensor, longest: int, rng_state, unused, scale: float | None, kv_offsets=None, kv_longest=None
+):
     """The gradients ``(dq, dk, dv)`` of :func:`flash_attention_forward`."""
+    kv_offsets, kv_longest = (offsets, longest) if kv_offsets is None else (kv_offsets, kv_longest)
     return torch.ops.aten._flash_attention_backward(
-        grad, q, k, v, out, lse, offsets, offsets, longest, longest, 0.0, True, rng_state, unused, scale=scale
+        grad, q, k, v, out, lse, offsets, kv_offsets, longest, kv_longest, 0.0, True, rng_state, unused, scale=scale
     )
 
 

@@ -29,6 +29,7 @@ Then :func:`build_datasets`, once the tokenizer exists:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -153,10 +154,11 @@ def _split(rows: np.ndarray, ratio: float, seed: int, source_index: int) -> tupl
 
 def _fit(
     records: list[dict], data_args, tokenizer, image_tokens, counts: dict, split: str, pairs: bool = False, store: ImageStore | None = None,
+    share_prompt: bool = False,
 ) -> tuple[list[dict], list[Entry]]:
     """Measure each record and apply the over-length policy; returns kept records and entries."""
     kept, entries = [], []
-    fit = fit_pair if pairs else fit_record
+    fit = functools.partial(fit_pair, share_prompt=share_prompt) if pairs else fit_record
     for record in records:
         try:
             sizes = record_image_sizes(record, image_tokens, store)
@@ -462,7 +464,7 @@ def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, im
 
 def build_datasets(
     data_args, tokenizer, image_processor, image_tokens, seed: int = 42, main_process_first=None, sources: Sources | None = None,
-    rank: int = 0, world_size: int = 1, pairs: bool = False,
+    rank: int = 0, world_size: int = 1, pairs: bool = False, share_prompt: bool = False,
 ) -> DataBundle:
     """Build train and eval datasets from ``data_args`` (see the module docstring).
 
@@ -472,7 +474,8 @@ def build_datasets(
     returned. Structural problems raise :class:`DataError` here, before training. With
     ``--streaming`` the training set is a :class:`ShardStream` of process ``rank`` of
     ``world_size``, whose records are checked as they are read. ``pairs``: the records
-    are preference pairs, and both datasets :class:`PreferenceDataset`.
+    are preference pairs, and both datasets :class:`PreferenceDataset`; ``share_prompt``: their
+    batches hold each pair's prompt once (``--dpo_share_prompt``), which a token budget counts.
     """
     try:
         check_template(tokenizer, data_args.template)
@@ -485,8 +488,8 @@ def build_datasets(
         for key in ("dropped_overlength", "dropped_bad_image", "truncated", "text_only", "images", "videos", "frames", "tokens", "longest_sample")
         for split in ("train", "eval")
     }
-    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train", pairs, sources.images)
-    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval", pairs, sources.images)
+    train_records, train_entries = _fit(sources.train, data_args, tokenizer, image_tokens, counts, "train", pairs, sources.images, share_prompt)
+    eval_records, eval_entries = _fit(sources.eval, data_args, tokenizer, image_tokens, counts, "eval", pairs, sources.images, share_prompt)
     if not train_entries and not data_args.streaming:
         raise DataError(
             f"no training samples left (dropped as longer than {data_args.longest_sample()} tokens, --max_seq_len or "

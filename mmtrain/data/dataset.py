@@ -53,7 +53,7 @@ class Entry:
     length: int
     num_images: int  # encoder inputs: its images and its videos' frames (what an image budget counts)
     prefix_length: int
-    both_halves: int = 0  # a preference pair's tokens, chosen and rejected together (what a token budget counts)
+    both_halves: int = 0  # a preference pair's tokens, both halves (its prompt once with --dpo_share_prompt): what a token budget counts
 
 
 def split_turns(turns: list[dict]) -> tuple[dict | None, list[dict]]:

@@ -107,6 +107,11 @@ class MemoryArguments:
         metadata={"help": "training's --precompute_ref (with --objective dpo): the reference's starting copies live only while "
                   "its log-probabilities are computed, before the first step."},
     )
+    dpo_share_prompt: bool = field(
+        default=True,
+        metadata={"help": "training's --dpo_share_prompt (with --objective dpo): a pair's prompt computed once, so a pair "
+                  "holds one row's tokens plus its second answer's (--label_fraction of the text tokens)."},
+    )
     images_per_sample: int = field(default=1, metadata={"help": "Images in each sample."})
     label_fraction: float = field(default=0.25, metadata={"help": "Share of the text tokens that carry a label (the answers)."})
     gpu_memory: str = field(default="80GiB", metadata={"help": "Memory of one GPU, e.g. 24GiB, 40GB, 80GiB."})
@@ -156,6 +161,7 @@ class MemoryArguments:
             label_fraction=self.label_fraction,
             preference_pairs=self.objective == "dpo",
             precompute_ref=self.precompute_ref,
+            shared_prompt=self.objective == "dpo" and self.dpo_share_prompt,
         )
 
 

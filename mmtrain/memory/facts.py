@@ -54,6 +54,9 @@ class MemorySetup:
     # --objective dpo: micro_batch counts pairs (two rows each, images once), and the
     # reference keeps a starting copy of every trained tensor but fresh LoRA (switched off)
     preference_pairs: bool = False
+    # --dpo_share_prompt: a pair is one row of its prompt once and both answers (the answers
+    # being label_fraction of a row's text tokens), not two whole rows
+    shared_prompt: bool = False
     # --sequence_parallel_size: each row's positions split over this many of the GPUs (a divisor of num_gpus)
     sequence_parallel: int = 1
     # --precompute_ref: those copies live only while the reference's log-probabilities are

@@ -18,13 +18,7 @@ from mmtrain.model.config import VLMConfig
 # Configurations from least to most communication and host traffic; :func:`recommend`
 # walks this ladder and takes the first that fits (without checkpointing if possible).
 SPEED_ORDER: tuple[tuple[int, str], ...] = (
-    (0, "none"),
-    (1, "none"),
-    (2, "none"),
-    (2, "optimizer"),
-    (3, "none"),
-    (3, "optimizer"),
-    (3, "optimizer+params"),
+    (0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "optimizer+params"),
 )
 
 
@@ -236,7 +230,8 @@ def estimate(model: VLMConfig | ModelFacts, setup: MemorySetup) -> MemoryEstimat
     # Sequence parallelism: the LM holds 1/sp of each row's positions on each GPU (attention
     # holds all positions for 1/sp of the heads: the same bytes); images and projector are the whole row's.
     sp = setup.sequence_parallel
-    tokens = math.ceil(b * s / sp)
+    shared = setup.preference_pairs and setup.shared_prompt  # each pair one row: its prompt once, then both answers
+    tokens = setup.micro_batch * (s + int(setup.label_fraction * _text_tokens(facts, setup))) if shared else math.ceil(b * s / sp)
     # a pair's images are encoded once; each image is its tiles with AnyRes
     images = setup.micro_batch * setup.images_per_sample * facts.tiles_per_image
     h, i = facts.hidden, facts.intermediate

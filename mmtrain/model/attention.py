@@ -160,15 +160,16 @@ def check_packed_attention(config) -> None:
         )
 
 
-def decoder_kwargs(language_model: nn.Module, input_ids: torch.Tensor, image_id: int, offsets=None, longest=None) -> dict:
+def decoder_kwargs(language_model: nn.Module, input_ids: torch.Tensor, image_id: int, offsets=None, longest=None, kv: dict | None = None) -> dict:
     """What one forward's decoder call takes beside the embeddings, for the kernel its LM was switched to.
 
     MMCA's image-token mask (:func:`mmtrain.model.mmca.mmca_lm_kwargs`), or a packed batch's
     segment offsets for a varlen kernel (:func:`mmtrain.model.varlen_attention.varlen_lm_kwargs`,
-    ``offsets`` and ``longest`` being the batch's ``cu_seq_lens`` and ``max_segment_len``);
+    ``offsets`` and ``longest`` being the batch's ``cu_seq_lens`` and ``max_segment_len``, ``kv``
+    a shared-prompt batch's key stream, :func:`mmtrain.model.shared_prompt.decoder_inputs`);
     nothing for SDPA, eager or flex attention.
     """
     return {
         **mmca.mmca_lm_kwargs(language_model, input_ids, image_id),
-        **varlen_attention.varlen_lm_kwargs(language_model, offsets, longest, input_ids.numel()),
+        **varlen_attention.varlen_lm_kwargs(language_model, offsets, longest, input_ids.numel(), kv),
     }

@@ -67,31 +67,40 @@ class _VarlenAttention(torch.autograd.Function):
     """Causal attention per segment through FlashAttention-2's forward and backward ops (no weights: no other state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, offsets, longest, scale):
-        out, lse, rng_state, unused = torch_compat.flash_attention_forward(q, k, v, offsets, longest, scale)
-        ctx.save_for_backward(q, k, v, out, lse, rng_state, unused, offsets)
-        ctx.longest, ctx.scale = longest, scale
+    def forward(ctx, q, k, v, offsets, longest, scale, kv_offsets=None, kv_longest=None):
+        out, lse, rng_state, unused = torch_compat.flash_attention_forward(q, k, v, offsets, longest, scale, kv_offsets, kv_longest)
+        kv = () if kv_offsets is None else (kv_offsets,)
+        ctx.save_for_backward(q, k, v, out, lse, rng_state, unused, offsets, *kv)
+        ctx.longest, ctx.scale, ctx.kv_longest = longest, scale, kv_longest
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, rng_state, unused, offsets = ctx.saved_tensors
+        q, k, v, out, lse, rng_state, unused, offsets, *kv = ctx.saved_tensors
         dq, dk, dv = torch_compat.flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, offsets, ctx.longest, rng_state, unused, ctx.scale
+            grad.contiguous(), q, k, v, out, lse, offsets, ctx.longest, rng_state, unused, ctx.scale, *kv, ctx.kv_longest if kv else None
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def varlen_attention(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
+def varlen_attention(
+    kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int, scale: float | None,
+    kv_offsets: torch.Tensor | None = None, kv_longest: int | None = None,
+) -> torch.Tensor:
     """Causal attention within each segment of a token stream: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D] (grouped heads as they are).
 
     ``offsets`` (int32, [S + 1], on the device) are the segments' cumulative starts,
-    ``longest`` the longest segment. CUDA only.
+    ``longest`` the longest segment. With ``kv_offsets`` / ``kv_longest`` the keys and values
+    are a stream of their own (``k``/``v`` [Tk, Hkv, D]) whose segment i may be longer
+    than query segment i: its queries are its last keys (a shared prompt's branch, see
+    :mod:`mmtrain.model.shared_prompt`). CUDA only.
     """
     if kernel not in VARLEN_KERNELS:
         raise ValueError(f"varlen kernel {kernel!r}: valid are {', '.join(VARLEN_KERNELS)}")
     offsets = offsets.to(device=q.device, dtype=torch.int32)
-    return _VarlenAttention.apply(q, k, v, offsets, longest, scale)
+    if kv_offsets is not None:
+        kv_offsets = kv_offsets.to(device=q.device, dtype=torch.int32)
+    return _VarlenAttention.apply(q, k, v, offsets, longest, scale, kv_offsets, kv_longest)
 
 
 # --- cuDNN's dense causal kernel (packed rows of equal samples) ----------------------------
@@ -140,6 +149,10 @@ _SHORT_NAMES = {"flash_varlen": "fa2", "reference": "reference"}
 OFFSETS_KWARG = "mmtrain_cu_seq_lens"
 LONGEST_KWARG = "mmtrain_max_segment_len"
 SEGMENT_LEN_KWARG = "mmtrain_segment_len"  # instead of the two above: every segment this long
+# Shared-prompt pairs (mmtrain.model.shared_prompt): the keys' stream, gathered from the tokens', and its segments.
+KV_INDEX_KWARG = "mmtrain_kv_index"
+KV_OFFSETS_KWARG = "mmtrain_kv_cu_seq_lens"
+KV_LONGEST_KWARG = "mmtrain_max_kv_segment_len"
 
 
 def is_varlen_attention(implementation: str | None) -> bool:
@@ -154,17 +167,22 @@ def implementation(kernel: str) -> str:
     return VARLEN_ATTENTION_PREFIX + _SHORT_NAMES[kernel]
 
 
-def segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def segments_sdpa(q, k, v, offsets: torch.Tensor, scale: float | None = None, kv_offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention within each segment, one SDPA call per segment: ``q`` [T, Hq, D], ``k``/``v`` [T, Hkv, D].
 
     Slow and exact, on any device: the ``reference`` kernel, and what the attention bench
-    compares the GPU kernels with.
+    compares the GPU kernels with. ``kv_offsets``: the keys' own segments, each query
+    segment being its key segment's last positions (as :func:`varlen_attention`).
     """
     bounds = offsets.tolist()
+    kv_bounds = bounds if kv_offsets is None else kv_offsets.tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1])
+    for start, end, kv_start, kv_end in zip(bounds[:-1], bounds[1:], kv_bounds[:-1], kv_bounds[1:]):
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)
+        ks, vs = (t[kv_start:kv_end].transpose(0, 1).unsqueeze(0) for t in (k, v))
+        # causal, aligned to the last key: query j sees keys up to (keys - queries) + j
+        mask = torch.ones(end - start, kv_end - kv_start, dtype=torch.bool, device=q.device).tril(kv_end - kv_start - (end - start))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1])
         outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
 
@@ -192,6 +210,7 @@ def equal_segments_sdpa(query, key, value, segment: int, scale: float | None = N
 def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
     offsets, longest = kwargs.pop(OFFSETS_KWARG, None), kwargs.pop(LONGEST_KWARG, None)
     segment = kwargs.pop(SEGMENT_LEN_KWARG, None)
+    kv_index, kv_offsets, kv_longest = (kwargs.pop(name, None) for name in (KV_INDEX_KWARG, KV_OFFSETS_KWARG, KV_LONGEST_KWARG))
     if offsets is None and segment is None:
         # Not a packed batch (padded evaluation, generation with a cache): SDPA, with the mask
         # _mask built for it.
@@ -207,10 +226,14 @@ def _attention(kernel: str, sdpa, module, query, key, value, attention_mask, dro
     # [B, H, L, D] -> the flattened stream [B * L, H, D]; the offsets count rows end to end.
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (key, value))
+    if kv_index is not None:
+        # Each branch's keys are its prompt's and its own, gathered into one segment
+        # (backward: index_add into the tokens' keys, so the prompt's collect both branches').
+        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
     if kernel == "reference":
-        out = segments_sdpa(q, k, v, offsets, scaling)
+        out = segments_sdpa(q, k, v, offsets, scaling, kv_offsets)
     else:
-        out = varlen_attention(kernel, q, k, v, offsets, longest, scaling)
+        out = varlen_attention(kernel, q, k, v, offsets, longest, scaling, kv_offsets, kv_longest)
     return out.reshape(batch, length, heads, dim), None
 
 
@@ -264,19 +287,22 @@ def uses_varlen(language_model: nn.Module) -> bool:
     return is_varlen_attention(transformers_compat.attn_implementation(getattr(language_model, "config", None)))
 
 
-def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None, tokens: int) -> dict:
+def varlen_lm_kwargs(language_model: nn.Module, offsets: torch.Tensor | None, longest: int | None, tokens: int, kv: dict | None = None) -> dict:
     """Keyword arguments for the decoder call when a varlen kernel is on (else nothing).
 
     A packed batch of ``tokens`` positions in all passes its segments' offsets, or only
     their length when all are equal. The segments' lengths sum to ``tokens`` and none
     exceeds ``longest``, so they are all equal exactly when there are ``tokens / longest``
-    of them: a test of shapes, with nothing read back from the GPU.
+    of them: a test of shapes, with nothing read back from the GPU. ``kv``: a shared-prompt
+    batch's key stream (:data:`KV_INDEX_KWARG` and the two after it), passed along.
     """
     if offsets is None or not uses_varlen(language_model):
         return {}
     if longest is None:
         raise ValueError("a packed batch's cu_seq_lens come with max_segment_len (mmtrain.batch)")
     longest = int(longest)
+    if kv:
+        return {OFFSETS_KWARG: offsets, LONGEST_KWARG: longest, **kv}
     if (offsets.shape[0] - 1) * longest == tokens:
         return {SEGMENT_LEN_KWARG: longest}
     return {OFFSETS_KWARG: offsets, LONGEST_KWARG: longest}

@@ -27,6 +27,7 @@ from mmtrain.batch import IGNORE_INDEX, label_positions
 from mmtrain.image_tokens import ImageTokens
 from mmtrain.model.anyres import NEWLINE, pack_tiles
 from mmtrain.model.native_aspect import valid_rows
+from mmtrain.model import shared_prompt
 from mmtrain.model.attention import decoder_kwargs
 from mmtrain.model.video import patch_grid, pool_frames
 from mmtrain.model.vision import FusedVisionEncoder, VisionEncoder
@@ -201,6 +202,10 @@ class VisionLanguageModel(nn.Module):
         max_segment_len: int | None = None,
         label_samples: torch.Tensor | None = None,
         num_samples: int | None = None,
+        branch_ids: torch.Tensor | None = None,  # shared-prompt pairs (mmtrain.model.shared_prompt), with the three below
+        kv_index: torch.Tensor | None = None,
+        kv_cu_seq_lens: torch.Tensor | None = None,
+        max_kv_segment_len: int | None = None,
         right_padded: bool = False,
         sequence_shard: tuple[int, int] | None = None,
         image_repeats: int = 1,
@@ -236,7 +241,12 @@ class VisionLanguageModel(nn.Module):
             frame_features = self.encode_images(pixel_values_videos)
         video = None if frame_features is None else self.video_positions(frame_features)
         embeds = self.embed(input_ids, image_features, image_repeats, image_sizes, video_positions=video)
-        lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len), **lm_kwargs}
+        kv = {}
+        if kv_index is not None:  # a pair's prompt once, its answers as two branches
+            attention_mask, kv = shared_prompt.decoder_inputs(
+                self.language_model, document_ids, branch_ids, kv_index, kv_cu_seq_lens, max_kv_segment_len, embeds.dtype
+            )
+        lm_kwargs = {**decoder_kwargs(self.language_model, input_ids, self.image_tokens.image_id, cu_seq_lens, max_segment_len, kv), **lm_kwargs}
         if sequence_shard is not None:
             # Sequence parallelism (mmtrain.data.sequence_shard): the whole row was embedded,
             # images included; this process computes the LM on its own columns, and the

@@ -38,9 +38,9 @@ import torch
 from mmtrain.args import ConfigError
 from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator
-from mmtrain.data.preference import PairCollator, PairPackingCollator
+from mmtrain.data.preference import PairCollator, PairPackingCollator, SharedPromptCollator
 from mmtrain.model.builder import BuiltModel
-from mmtrain.model import attention, fp8, sequence_parallel
+from mmtrain.model import attention, fp8, sequence_parallel, shared_prompt
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.nf4 import NF4FrozenLinear
@@ -51,12 +51,33 @@ from mmtrain.training.engine_view import unwrap_vlm
 logger = logging.getLogger("mmtrain")
 
 
-def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = False, row_multiple: int = 1) -> BatchCollator:
+def shares_prompt(built: BuiltModel, model_args, train_args) -> bool:
+    """Whether this run's preference pairs hold their prompt once (``--dpo_share_prompt``, :mod:`mmtrain.model.shared_prompt`)."""
+    if train_args.objective != "dpo" or not train_args.dpo_share_prompt:
+        return False
+    why_not = shared_prompt.can_share(built.model.language_model.config, model_args.enable_mmca_attention)
+    if why_not:
+        logger.info(f"DPO: each pair's prompt is computed twice (once per answer), not once: {why_not}")
+        return False
+    logger.info("DPO: each pair's prompt is computed once, its two answers as branches of it (--dpo_share_prompt)")
+    return True
+
+
+def pair_collator(pad: int, multiple: int | None, share_prompt: bool, capacity: int | None = None) -> BatchCollator:
+    """Preference pairs' collator: shared-prompt rows, or the halves as rows (packed into one under a token budget)."""
+    if share_prompt:
+        return SharedPromptCollator(pad, multiple, capacity)
+    return PairPackingCollator(pad, capacity, multiple) if capacity else PairCollator(pad, multiple)
+
+
+def make_train_collator(
+    built: BuiltModel, model_args, data_args, pairs: bool = False, row_multiple: int = 1, share_prompt: bool = False,
+) -> BatchCollator:
     """Padding (default) or packing; with the vision cache, image digests are taken in the workers.
 
-    ``pairs``: preference pairs, padded (:class:`PairCollator`) or, under a token budget,
-    packed into one row per micro-batch (:class:`PairPackingCollator`). ``row_multiple``:
-    rows are also padded to a multiple of it (a sequence-parallel group's size).
+    ``pairs``: preference pairs (:func:`pair_collator`), one micro-batch per row under a
+    token budget. ``row_multiple``: rows are also padded to a multiple of it (a
+    sequence-parallel group's size).
     """
     pad = built.tokenizer.pad_token_id
     multiple = math.lcm(data_args.padding_multiple(), row_multiple)
@@ -69,9 +90,12 @@ def make_train_collator(built: BuiltModel, model_args, data_args, pairs: bool = 
         images = f", at most {data_args.max_images_per_batch} images" if data_args.max_images_per_batch else ""
         what = "whole pairs (both answers)" if pairs else "whole samples"
         logger.info(f"token budget: each micro-batch packs {what} into one row of up to {data_args.max_tokens_per_batch} tokens{images}")
-        collator = (PairPackingCollator if pairs else PackingCollator)(pad, data_args.max_tokens_per_batch, multiple)
+        if pairs:
+            collator = pair_collator(pad, multiple, share_prompt, data_args.max_tokens_per_batch)
+        else:
+            collator = PackingCollator(pad, data_args.max_tokens_per_batch, multiple)
     elif pairs:
-        collator = PairCollator(pad, multiple)
+        collator = pair_collator(pad, multiple, share_prompt)
     elif data_args.packing:
         logger.info(f"packing: each batch's samples share rows of up to {data_args.max_seq_len} tokens")
         collator = PackingCollator(pad, data_args.max_seq_len, multiple)
@@ -137,12 +161,14 @@ def packed_attention(accelerator, data_args, train_args) -> str | None:
     """The LM kernel for this run's token-budget rows (``--packed_attention``; :func:`mmtrain.model.attention.packed_kernel`).
 
     Under sequence parallelism every row, packed or not, takes a varlen kernel, which
-    DeepSpeed's Ulysses attention wraps (:mod:`mmtrain.model.sequence_parallel`).
+    DeepSpeed's Ulysses attention wraps (:mod:`mmtrain.model.sequence_parallel`). Preference
+    pairs with their prompt once are packed rows too (:mod:`mmtrain.model.shared_prompt`).
     """
     if train_args.sequence_parallel_size > 1:
         return sequence_parallel.split_kernel(accelerator.device, distributed.compute_dtype(accelerator))
+    shared = train_args.objective == "dpo" and train_args.dpo_share_prompt
     return attention.packed_kernel(
-        train_args.packed_attention, accelerator.device, distributed.compute_dtype(accelerator), bool(data_args.max_tokens_per_batch)
+        train_args.packed_attention, accelerator.device, distributed.compute_dtype(accelerator), bool(data_args.max_tokens_per_batch) or shared
     )
 
 
@@ -182,10 +208,7 @@ def should_compile(device: torch.device, train_args) -> bool:
     if compile_layers and train_args.torch_compile == "auto":
         logger.info("torch.compile: on by default for CUDA (--torch_compile false turns it off)")
     elif torch.device(device).type == "cuda" and train_args.torch_compile == "auto":
-        why = "--objective dpo (compiled layers are not tested with its reference yet)" if train_args.objective == "dpo" else (
-            "--sequence_parallel_size (the attention's all-to-all runs inside each layer)"
-        )
-        logger.info(f"torch.compile: off under {why}")
+        logger.info("torch.compile: off under --sequence_parallel_size (the attention's all-to-all runs inside each layer)")
     return compile_layers
 
 
@@ -193,7 +216,7 @@ def compiles(device: torch.device, train_args) -> bool:
     """Whether a run on ``device`` compiles its decoder layers (:func:`should_compile`'s decision, without the log line)."""
     if train_args.torch_compile != "auto":
         return train_args.torch_compile == "true"
-    return torch.device(device).type == "cuda" and train_args.objective != "dpo" and train_args.sequence_parallel_size == 1
+    return torch.device(device).type == "cuda" and train_args.sequence_parallel_size == 1
 
 
 def zero3_leaf_layers(accelerator, built: BuiltModel) -> int:

@@ -96,6 +96,7 @@ FEATURES = {
     "dpo": {"objective": "dpo", "dpo_beta": "0.5", "eval_generate": "0", "eval_steps": "9"},
     "ipo_sft": {"dpo_loss": "ipo", "dpo_sft_weight": "0.5"},
     "projector_only": {"lang_lora_dim": "0"},  # the projector and new rows swapped for the reference
+    "halves": {"dpo_share_prompt": "false"},  # a pair's two halves as rows (the default computes its prompt once)
     # AnyRes tiles on images of five aspect ratios (the row writes them: ``row_data``)
     "anyres": {"anyres_max_tiles": "4"},
     # SigLIP2 read at each image's own aspect ratio (NaFlex), on the same images
@@ -164,6 +165,9 @@ ONE_GPU = [
     row("zero3", "anyres", "vision_lora", "packing"),
     row("zero2", "native", "budget", "compiled"),
     row("zero3", "dpo", "precompute_ref", resume=True, export=False),  # the table made by a ZeRO-3 engine, then no reference forward
+    # DPO on a float8 or NF4 base (the reference shares it), compiled; the halves layout beside the shared prompt.
+    row("zero2", "dpo", "fp8", "compiled", resume=True, export=False),
+    row("single_process", "dpo", "nf4", "halves", export=False),
 ]
 
 # Two GPUs: every config on two processes.

@@ -85,11 +85,32 @@ def test_cached_vision_features_train_the_same_pairs_as_encoding_each_epoch(mode
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_a_shared_prompt_and_compiled_layers_train_the_same_pairs_as_the_halves(model_folders, data_path, tmp_path):
+    """Each pair's prompt once (the default) logs the metrics of its two halves as rows, step by step and at eval
+    (fp32: only the order of sums differs); compiled decoder layers, which run the reference
+    (adapters off, no gradients) and the policy as separate graphs, log them too."""
+    runs, logs = {}, {}
+    for name, extra in (("halves", {"dpo_share_prompt": "false"}), ("shared", {}), ("compiled", {"torch_compile": "true"})):
+        out = tmp_path / name
+        proc = launch(_flags(model_folders, data_path, out, max_steps=3, eval_steps=3, **extra), launcher_flags=FP32)
+        runs[name], logs[name] = metrics(out), proc.stdout + proc.stderr
+    assert "each pair's prompt is computed once" in logs["shared"] and "each pair's prompt is computed once" not in logs["halves"]
+    assert "LM decoder layers compiled" in logs["compiled"]
+    expected = runs["halves"]
+    assert any(r["margin"] != 0.0 for r in expected if r["split"] == "train")
+    for name, tolerance in (("shared", 1e-5), ("compiled", 2e-3)):
+        assert [(r["split"], r["step"]) for r in runs[name]] == [(r["split"], r["step"]) for r in expected]
+        for want, got in zip(expected, runs[name]):
+            for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", *_accuracy_unless_tied(want)):
+                assert got[key] == pytest.approx(want[key], rel=tolerance, abs=1e-6), (name, got["split"], got["step"], key)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--packing", "true"], "--packing is not supported with --objective dpo yet"),
-        (["--torch_compile", "true"], "--torch_compile true is not supported with --objective dpo yet"),
+        (["--streaming", "true", "--eval_dataset_names", "synthetic_pairs", "--max_steps", "4"], "--streaming is not supported with --objective dpo yet"),
         (["--dpo_beta", "0"], "--dpo_beta must be > 0"),
         (["--dpo_loss", "hinge"], "--dpo_loss"),
         (["--objective", "sft", "--dpo_beta", "0.5"], "--dpo_beta applies to --objective dpo only"),
