@@ -100,6 +100,9 @@ class DPOBenchArguments:
     worker: Optional[Literal["mmtrain", "trl"]] = field(default=None, metadata={"help": "(internal) run one system at --batch in this process."})
     batch: Optional[int] = field(default=None, metadata={"help": "(internal) the batch of a --worker run."})
     out: Optional[str] = field(default=None, metadata={"help": "JSON file to write."})
+    compare: Optional[str] = field(
+        default=None, metadata={"help": "Only recompute the ratios and the target of this bench JSON from its measured rows (rewritten in place)."}
+    )
 
     def __post_init__(self):
         if self.smoke or os.environ.get("SMOKE") == "1":
@@ -247,8 +250,20 @@ def compare(result: dict) -> None:
         "tokens_per_s": mm["tokens_per_s"] / trl["tokens_per_s"],
         "peak_allocated": mm["peak_allocated_bytes"] / trl["peak_allocated_bytes"] if peaks else None,
     }
-    met = result["ratio"]["pairs_per_s"] >= TARGET_PAIRS_RATIO
-    result["target_met"] = (met and result["ratio"]["peak_allocated"] <= 1.0) if peaks else None
+    # The target is a speed at no more memory: mmtrain's fastest batch whose peak is at most TRL's.
+    within = [
+        t for t in mm.get("tries") or [mm]
+        if t.get("pairs_per_s") and t.get("peak_allocated_gib") is not None and t["peak_allocated_gib"] <= trl.get("peak_allocated_gib", 0)
+    ]
+    best = max(within, key=lambda t: t["pairs_per_s"], default=None)
+    result["at_trl_memory"] = None if best is None else {
+        "batch": best["batch"], "pairs_per_s": best["pairs_per_s"], "peak_allocated_gib": best["peak_allocated_gib"],
+        "pairs_per_s_over_trl": best["pairs_per_s"] / trl["pairs_per_s"], "peak_over_trl": best["peak_allocated_gib"] / trl["peak_allocated_gib"],
+    }
+    if peaks:
+        result["target_met"] = best is not None and result["at_trl_memory"]["pairs_per_s_over_trl"] >= TARGET_PAIRS_RATIO
+    else:
+        result["target_met"] = None
 
 
 def summary_line(result: dict) -> str:
@@ -266,7 +281,11 @@ def summary_line(result: dict) -> str:
     if result.get("ratio"):
         r = result["ratio"]
         mem = f", memory {r['peak_allocated']:.2f}x" if r["peak_allocated"] else ""
-        parts.append(f"mmtrain/TRL {r['pairs_per_s']:.2f}x pairs/s{mem} (target >= {TARGET_PAIRS_RATIO}x at <= 1x memory: {result['target_met']})")
+        parts.append(f"mmtrain/TRL {r['pairs_per_s']:.2f}x pairs/s{mem}")
+        at = result.get("at_trl_memory")
+        if at:
+            parts.append(f"at <= TRL's memory: mmtrain batch {at['batch']} {at['pairs_per_s_over_trl']:.2f}x pairs/s, memory {at['peak_over_trl']:.2f}x")
+        parts.append(f"target >= {TARGET_PAIRS_RATIO}x at <= 1x memory: {result['target_met']}")
     return " | ".join(parts)
 
 
@@ -279,6 +298,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     if opts.worker:
         return worker(opts, passthrough)
+    if opts.compare:
+        with open(opts.compare) as f:
+            result = json.load(f)
+        compare(result)
+        print(summary_line(result))
+        return _write(result, opts.compare)
 
     from bench import device_name
     from provenance import git_commit
