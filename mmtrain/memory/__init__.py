@@ -150,6 +150,10 @@ Hugging Face LLaMA/Qwen2 decoder layer is counted instead:
   and no mask; the vision tower and the projector run on all of the row's images on every
   GPU of the group, so their terms are not divided. Model states are those of N GPUs:
   ZeRO partitions over all of them.
+* DPO pairs (``--objective dpo``): two rows per pair, or with ``--dpo_share_prompt`` (the
+  default) one row of s + a tokens per pair, the prompt once and both answers (a: the
+  answer's tokens, ``--label_fraction`` of a row's text tokens); the labels of both answers
+  either way.
 * DPO's reference (``--objective dpo``): a starting copy of every trained tensor but
   fresh LoRA, w·Ψ_copied (w·Ψ_copied/N at ZeRO-3, each rank's share; on the host with
   parameter offload), counted with the frozen weights. With ``--precompute_ref`` the
