@@ -52,6 +52,21 @@ def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return sorted(rows, key=lambda row: row[0])
 
 
+def empty_rows(rows: int, length: int, pad_token_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """A packed batch's ``[rows, length]`` tensors before any sample is placed (``length`` rounded up to
+    ``multiple``): pad ids, no labels, no real tokens, positions 0, no sample (-1)."""
+    if multiple:
+        length = -(-length // multiple) * multiple
+    shape = (rows, length)
+    return {
+        "input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
+        "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros(shape, dtype=torch.long),
+        "position_ids": torch.zeros(shape, dtype=torch.long),
+        "document_ids": torch.full(shape, -1, dtype=torch.long),
+    }
+
+
 class PackingCollator(BatchCollator):
     """Pack a batch's samples into rows of at most ``max_seq_len`` tokens (see the module docstring)."""
 
@@ -70,15 +85,10 @@ class PackingCollator(BatchCollator):
         if not items:
             raise ValueError("cannot collate an empty batch")
         rows = first_fit_rows([len(item["input_ids"]) for item in items], self.max_seq_len)
-        length = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        shape = (len(rows), length)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        document_ids = torch.full(shape, -1, dtype=torch.long)
+        longest = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        grid = empty_rows(len(rows), longest, self.pad_token_id, self.pad_to_multiple_of)
+        input_ids, labels, attention_mask, position_ids, document_ids = grid.values()
+        length = input_ids.shape[1]
         segments = []  # lengths of the samples and padding tails, rows end to end (the batch's cu_seq_lens)
         for r, row in enumerate(rows):
             start = 0

@@ -14,7 +14,7 @@ import torch
 
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, Collator, images_of
 from mmtrain.data.dataset import ConversationDataset, Entry, decode_images, split_turns
-from mmtrain.data.packing import PackingCollator
+from mmtrain.data.packing import PackingCollator, empty_rows
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
 from mmtrain.image_tokens import IMAGE_PLACEHOLDER
 
@@ -130,15 +130,10 @@ class SharedPromptCollator(BatchCollator):
         length = max(sum(sizes[p] for p in row) for row in rows)
         if self.capacity and length > self.capacity:
             raise ValueError(f"{pairs} pairs of {length} tokens do not fit one packed row of {self.capacity} (--max_tokens_per_batch)")
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        shape = (len(rows), length)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        document_ids = torch.full(shape, -1, dtype=torch.long)
-        branch_ids = torch.full(shape, -1, dtype=torch.long)
+        grid = empty_rows(len(rows), length, self.pad_token_id, self.pad_to_multiple_of)
+        input_ids, labels, attention_mask, position_ids, document_ids = grid.values()
+        length = input_ids.shape[1]
+        branch_ids = torch.full_like(document_ids, -1)
         q_segments, kv_segments, kv_index = [], [], []
         targets, owners = [], []  # label slots (flat in the [rows, length - 1] grid of targets) and their samples
         for r, row in enumerate(rows):
