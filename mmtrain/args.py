@@ -754,12 +754,16 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
         return
     unsupported = {
         "--packing": data_args.packing,  # rows of pairs without a budget (--max_tokens_per_batch packs whole pairs)
-        "--streaming": data_args.streaming,
         "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
     }
     for flag, given in unsupported.items():
         if given:
             raise ConfigError(f"{flag} is not supported with --objective dpo yet; drop one of them")
+    if train_args.precompute_ref and data_args.streaming:
+        raise ConfigError(
+            "--precompute_ref keeps each training pair's reference values by its index in a dataset read up front; "
+            "a --streaming set has none: drop one of them"
+        )
 
 
 def check_sequence_parallel_flags(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:

@@ -447,13 +447,17 @@ def read_sources(data_args, seed: int = 42, main_process_first=None, pairs: bool
     return Sources(train=train, eval=evaluation, report=report, shards=shards, images=ImageStore(tables))
 
 
-def _shard_stream(shards, encoder: ConversationDataset, data_args, tokenizer, image_tokens, counts, seed, rank, world_size) -> ShardStream:
-    """The ``--streaming`` training set: each record measured and encoded as it arrives, as a table's would be."""
+def _shard_stream(
+    shards, encoder: ConversationDataset, data_args, tokenizer, image_tokens, counts, seed, rank, world_size, pairs: bool = False,
+    share_prompt: bool = False,
+) -> ShardStream:
+    """The ``--streaming`` training set: each record measured and encoded as it arrives, as a table's would be
+    (``pairs``: each must be a preference pair, fitted and encoded as one)."""
+    fit = functools.partial(fit_pair, share_prompt=share_prompt) if pairs else fit_record
 
     def encode(record: dict) -> dict | None:
-        entry = fit_record(
-            record, data_args, tokenizer, image_tokens, counts, "train", image_sizes=record_image_sizes(record, image_tokens, encoder.image_store)
-        )
+        check_record_kind([record], pairs)
+        entry = fit(record, data_args, tokenizer, image_tokens, counts, "train", image_sizes=record_image_sizes(record, image_tokens, encoder.image_store))
         return None if entry is None else encoder.record_item(record, entry)
 
     return ShardStream(
@@ -529,6 +533,6 @@ def build_datasets(
     }
     if data_args.streaming:
         # Counts of the stream's records grow as they are read; the report says what was known at the start.
-        train = _shard_stream(sources.shards, train, data_args, tokenizer, image_tokens, counts, seed, rank, world_size)
+        train = _shard_stream(sources.shards, train, data_args, tokenizer, image_tokens, counts, seed, rank, world_size, pairs, share_prompt)
         report["train_items_per_epoch"] = "streamed"
     return DataBundle(train=train, eval=evaluation, static_report=report, seed=seed)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import torch
 
 from mmtrain.data.collator import BATCH_KEYS, OPTIONAL_KEYS, BatchCollator, Collator, images_of
-from mmtrain.data.dataset import ConversationDataset, Entry, decode_images, split_turns
+from mmtrain.data.dataset import ConversationDataset, Entry, decode_images, join_conversation, split_turns
 from mmtrain.data.packing import PackingCollator, empty_rows
 from mmtrain.data.template import IGNORE_INDEX, encode_conversation
 from mmtrain.image_tokens import IMAGE_PLACEHOLDER
+
+
+PAIR_TOKENS = "pair_tokens"  # an item's key: the tokens its pair's batch rows hold (Entry.both_halves)
 
 
 def with_answer(turns: list[dict], answer: str) -> list[dict]:
@@ -68,12 +71,21 @@ class PreferenceDataset(ConversationDataset):
 
     def _item(self, group: tuple[int, ...]) -> dict:
         turns, images = self.conversation(group)
-        rejected = self.records[self.entries[group[0]].row]["rejected"]
+        entry = self.entries[group[0]]
+        return self._pair_item(turns, images, self.records[entry.row]["rejected"], entry.both_halves)
+
+    def record_item(self, record: dict, entry: Entry) -> dict:
+        """A streamed pair (not in the table) as an item; raises :class:`BadImageError`."""
+        turns, images = join_conversation([(record, entry)])
+        return self._pair_item(turns, images, record["rejected"], entry.both_halves)
+
+    def _pair_item(self, turns: list[dict], images: list, rejected: str, pair_tokens: int) -> dict:
         decoded = decode_images(images, self.image_store)
         item = self._tensors(self._encode(turns, decoded=decoded), decoded)
         other = self._encode(with_answer(turns, rejected), decoded=decoded)
         item["rejected_input_ids"] = torch.tensor(other.input_ids, dtype=torch.long)
         item["rejected_labels"] = torch.tensor(other.labels, dtype=torch.long)
+        item[PAIR_TOKENS] = pair_tokens  # what a streamed token budget counts (the table's plan reads item_sizes)
         return item
 
     def placeholder_item(self) -> dict:

@@ -42,6 +42,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from mmtrain.data.formats import DataError
+from mmtrain.data.preference import PAIR_TOKENS
 from mmtrain.data.streaming import ShardStream
 from mmtrain.training.sample_record import INDICES_KEY
 
@@ -63,7 +64,7 @@ def take_batch(stream: ShardStream, batch_size: int, budget: tuple[int, int | No
         if pair is None:
             break
         if budget is not None:
-            more_tokens, more_images = len(pair[1]["input_ids"]), images_in(pair[1])
+            more_tokens, more_images = pair[1].get(PAIR_TOKENS, len(pair[1]["input_ids"])), images_in(pair[1])
             if pairs and (tokens + more_tokens > budget[0] or (budget[1] is not None and images + more_images > budget[1])):
                 stream.hold_back()
                 break

@@ -110,7 +110,8 @@ def test_a_shared_prompt_and_compiled_layers_train_the_same_pairs_as_the_halves(
     ("flags", "message"),
     [
         (["--packing", "true"], "--packing is not supported with --objective dpo yet"),
-        (["--streaming", "true", "--eval_dataset_names", "synthetic_pairs", "--max_steps", "4"], "--streaming is not supported with --objective dpo yet"),
+        (["--streaming", "true", "--eval_dataset_names", "synthetic_pairs", "--max_steps", "4", "--precompute_ref", "true"],
+         "--precompute_ref keeps each training pair's reference values by its index"),
         (["--dpo_beta", "0"], "--dpo_beta must be > 0"),
         (["--dpo_loss", "hinge"], "--dpo_loss"),
         (["--objective", "sft", "--dpo_beta", "0.5"], "--dpo_beta applies to --objective dpo only"),

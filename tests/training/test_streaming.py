@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from mmtrain.args import ConfigError, parse_args
-from mmtrain.data.synthetic import generate_synthetic
+from mmtrain.data.synthetic import generate_synthetic, generate_synthetic_pairs
 
-from .conftest import REPO, common_flags, kill_and_resume, train_losses
+from .conftest import REPO, common_flags, kill_and_resume, metrics, train_losses
 
 STEPS = 8
 SAVE_EVERY = 4  # inside epoch 0 on one process, inside epoch 1 on two
@@ -21,16 +21,26 @@ SHARDS = 4
 PER_SHARD = 3  # 12 records: an epoch is 6 steps of 2 on one process, 3 on each of two
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Synthetic records in 4 JSONL shards beside their images, and an eval file."""
-    folder = Path(generate_synthetic(str(tmp_path_factory.mktemp("stream") / "synthetic"), SHARDS * PER_SHARD + 8, seed=1)).parent
+def _write_shards(train_json: str) -> Path:
+    folder = Path(train_json).parent
     records = json.loads((folder / "train.json").read_text())
     for s in range(SHARDS):
         lines = [json.dumps(r) for r in records[s * PER_SHARD : (s + 1) * PER_SHARD]]
         (folder / f"part-{s}.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in records[SHARDS * PER_SHARD :]) + "\n")
     return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Synthetic records in 4 JSONL shards beside their images, and an eval file."""
+    return _write_shards(generate_synthetic(str(tmp_path_factory.mktemp("stream") / "synthetic"), SHARDS * PER_SHARD + 8, seed=1))
+
+
+@pytest.fixture(scope="module")
+def pair_shards(tmp_path_factory) -> Path:
+    """Synthetic preference pairs in 4 JSONL shards beside their images, and an eval file."""
+    return _write_shards(generate_synthetic_pairs(str(tmp_path_factory.mktemp("stream") / "pairs"), SHARDS * PER_SHARD + 8, seed=1))
 
 
 def _flags(model_folders, shards: Path, out, train_glob: str = "part-*.jsonl", eval_file: str = "eval.jsonl", **extra) -> list[str]:
@@ -58,6 +68,20 @@ def _kill_and_resume(model_folders, shards: Path, tmp_path: Path, num_processes:
     for later in range(step + 1, steps + 1):
         assert resumed[later] == expected[later], f"step {later}: {resumed[later]} != {expected[later]}"
     return reference, out, log
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_stream_of_preference_pairs_trains_on_the_same_pairs(model_folders, pair_shards, tmp_path):
+    """DPO reads pairs from shards as SFT reads conversations: under a token budget counting each pair's
+    shared-prompt row, killed after a checkpoint and resumed, it logs the uninterrupted run's losses."""
+    reference, out, log = _kill_and_resume(
+        model_folders, pair_shards, tmp_path, 1, objective="dpo", dpo_beta=0.5, learning_rate=5e-3, max_tokens_per_batch=400,
+    )
+    assert "each pair's prompt is computed once" in log
+    assert _samples(reference) == _samples(out)
+    first = [r for r in metrics(reference) if r["split"] == "train"][0]
+    assert first["margin"] == 0.0 and first["accuracy"] == 0.5  # the starting model is the reference
+    assert any(r["split"] == "eval" and "margin" in r for r in metrics(reference))
 
 
 def _every_record(shards: Path) -> list[str]:
