@@ -175,3 +175,21 @@ def test_trl_pairs_in_parquet_with_embedded_images_are_items(tmp_path, tokenizer
     assert red[0] > red[2] and blue[2] > blue[0]
     batch = PairCollator(tokenizer.pad_token_id)(items)
     assert pairs_in(batch) == 4 and batch["pixel_values"].shape[0] == 4
+
+
+def test_a_stream_checks_each_record_is_of_its_objectives_kind(tmp_path, tokenizer, image_tokens, image_processor):
+    """A streamed record is read only when training reaches it: the wrong kind then stops the run naming shard and record."""
+    import json
+
+    pair = {"conversations": [{"from": "human", "value": "Q?"}], "chosen": "yes", "rejected": "no"}
+    talk = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "yes"}]}
+    for name, record in (("pairs", pair), ("talk", talk)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(record) + "\n")
+    for shard, other, pairs, message in (
+        ("pairs", "talk", False, "is a preference pair"), ("talk", "pairs", True, "is a conversation, not a preference pair"),
+    ):
+        args = DataArguments(dataset_names=[str(tmp_path / f"{shard}.jsonl")], eval_dataset_names=[str(tmp_path / f"{other}.jsonl")], streaming=True)
+        data = build_datasets(args, tokenizer, image_processor, image_tokens, sources=read_sources(args, pairs=pairs), pairs=pairs)
+        data.train.start()
+        with pytest.raises(DataError, match=rf"{shard}.jsonl: record 0 {message}"):
+            data.train.next_item()
