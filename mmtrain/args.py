@@ -752,13 +752,16 @@ def check_dpo_flags(model_args: ModelArguments, data_args: DataArguments, train_
             if getattr(train_args, name) != TrainArguments.__dataclass_fields__[name].default:
                 raise ConfigError(f"--{name} applies to --objective dpo only; add --objective dpo or drop --{name}")
         return
-    unsupported = {
-        "--packing": data_args.packing,  # rows of pairs without a budget (--max_tokens_per_batch packs whole pairs)
-        "--dataset_concatenate_samples": data_args.dataset_concatenate_samples > 1,
+    refused = {
+        "--packing": (data_args.packing, "pairs are packed whole, each into its micro-batch's row, by --max_tokens_per_batch"),
+        "--dataset_concatenate_samples": (
+            data_args.dataset_concatenate_samples > 1,
+            "joined pairs would put one pair's chosen answer into the next pair's prompt, which both of its answers then see",
+        ),
     }
-    for flag, given in unsupported.items():
+    for flag, (given, why) in refused.items():
         if given:
-            raise ConfigError(f"{flag} is not supported with --objective dpo yet; drop one of them")
+            raise ConfigError(f"{flag} does not apply to --objective dpo: {why}; drop it")
     if train_args.precompute_ref and data_args.streaming:
         raise ConfigError(
             "--precompute_ref keeps each training pair's reference values by its index in a dataset read up front; "

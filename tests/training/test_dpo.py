@@ -109,7 +109,8 @@ def test_a_shared_prompt_and_compiled_layers_train_the_same_pairs_as_the_halves(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--packing", "true"], "--packing is not supported with --objective dpo yet"),
+        (["--packing", "true"], "--packing does not apply to --objective dpo: pairs are packed whole"),
+        (["--dataset_concatenate_samples", "2"], "--dataset_concatenate_samples does not apply to --objective dpo"),
         (["--streaming", "true", "--eval_dataset_names", "synthetic_pairs", "--max_steps", "4", "--precompute_ref", "true"],
          "--precompute_ref keeps each training pair's reference values by its index"),
         (["--dpo_beta", "0"], "--dpo_beta must be > 0"),
