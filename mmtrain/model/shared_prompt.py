@@ -69,7 +69,8 @@ def decoder_inputs(
     """``(attention_mask, decoder kwargs)`` for a batch of shared-prompt rows and the LM's kernel.
 
     A variable-length kernel takes the keys' stream (and no mask); any other attention the
-    dense mask. Sliding windows and capped logits are kept off such batches when they are
+    dense mask (flex attention then applies it as a score modification: correct, and as slow
+    as a dense mask). Sliding windows and capped logits are kept off such batches when they are
     planned (:func:`can_share`).
     """
     if varlen_attention.uses_varlen(language_model):
@@ -79,8 +80,10 @@ def decoder_inputs(
             varlen_attention.KV_LONGEST_KWARG: int(max_kv_segment_len),
         }
         return None, kv
-    eager = transformers_compat.attn_implementation(language_model.config) == "eager"
-    return dense_mask(document_ids, branch_ids, dtype if eager else None), {}
+    # SDPA takes a boolean mask; eager attention and flex attention (where FlashAttention-2
+    # cannot run: 32-bit activations, GPUs before Ampere) add the mask to their scores.
+    boolean = transformers_compat.attn_implementation(language_model.config) == "sdpa"
+    return dense_mask(document_ids, branch_ids, None if boolean else dtype), {}
 
 
 def can_share(lm_config, mmca: bool) -> str | None:
