@@ -55,7 +55,7 @@ def run_mmtrain(opts, model_args, data_args, train_args, batch: int) -> dict:
     pairs = pairs_for(opts, built, (opts.warmup + opts.steps) * batch)
     warm_set = torch.utils.data.Subset(pairs, range(opts.warmup * batch))
     timed_set = torch.utils.data.Subset(pairs, range(opts.warmup * batch, len(pairs)))
-    share_prompt = speedups.shares_prompt(built, model_args, train_args)
+    share_prompt = speedups.shares_prompt(built, model_args, train_args, accelerator.device)
     collator = speedups.pair_collator(built.tokenizer.pad_token_id, data_args.padding_multiple(), share_prompt)
     loader = setup.make_loader(timed_set, collator, batch, data_args.num_workers, shuffle=False, seed=train_args.seed)
     warm_loader = setup.make_loader(warm_set, collator, batch, data_args.num_workers, shuffle=False, seed=train_args.seed)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup.log_components(accelerator, built)
     model = EngineView(built.model)  # what DeepSpeed wraps: the frozen vision encoder stays outside
 
-    share_prompt = speedups.shares_prompt(built, model_args, train_args)  # --dpo_share_prompt: a pair's prompt computed once
+    share_prompt = speedups.shares_prompt(built, model_args, train_args, accelerator.device)  # --dpo_share_prompt: a pair's prompt computed once
     data = build_datasets(
         data_args, built.tokenizer, built.image_processor, built.image_tokens, seed=train_args.seed, sources=sources,
         rank=accelerator.process_index, world_size=accelerator.num_processes,  # --streaming: each process reads its own shards

@@ -40,7 +40,7 @@ from mmtrain.data.collator import BatchCollator, Collator
 from mmtrain.data.packing import PackingCollator
 from mmtrain.data.preference import PairCollator, PairPackingCollator, SharedPromptCollator
 from mmtrain.model.builder import BuiltModel
-from mmtrain.model import attention, fp8, sequence_parallel, shared_prompt
+from mmtrain.model import attention, fp8, sequence_parallel, shared_prompt, varlen_attention
 from mmtrain.model.config import SpeedOptions
 from mmtrain.model.fp8 import Float8FrozenLinear
 from mmtrain.model.nf4 import NF4FrozenLinear
@@ -51,11 +51,19 @@ from mmtrain.training.engine_view import unwrap_vlm
 logger = logging.getLogger("mmtrain")
 
 
-def shares_prompt(built: BuiltModel, model_args, train_args) -> bool:
-    """Whether this run's preference pairs hold their prompt once (``--dpo_share_prompt``, :mod:`mmtrain.model.shared_prompt`)."""
+def shares_prompt(built: BuiltModel, model_args, train_args, device: torch.device | str = "cpu") -> bool:
+    """Whether this run's preference pairs hold their prompt once (``--dpo_share_prompt``, :mod:`mmtrain.model.shared_prompt`).
+
+    On a GPU only through FlashAttention-2's variable-length kernel: without it (32-bit
+    activations, a GPU before Ampere) the rows would need a dense ``[L, L]`` mask each,
+    and the halves as rows keep their causal kernel instead. On a CPU the mask is what
+    packed rows use anyway.
+    """
     if train_args.objective != "dpo" or not train_args.dpo_share_prompt:
         return False
     why_not = shared_prompt.can_share(built.model.language_model.config, model_args.enable_mmca_attention)
+    if not why_not and torch.device(device).type == "cuda" and not varlen_attention.uses_varlen(built.model.language_model):
+        why_not = "FlashAttention-2's variable-length kernel cannot run here, and a dense mask per row would take its place"
     if why_not:
         logger.info(f"DPO: each pair's prompt is computed twice (once per answer), not once: {why_not}")
         return False

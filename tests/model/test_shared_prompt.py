@@ -125,3 +125,24 @@ def test_the_dense_mask_lets_a_branch_see_its_prompt_and_itself_only():
     assert mask[8].tolist() == [False] * 8 + [True]  # padding sees itself only
     additive = shared_prompt.dense_mask(documents, branches, torch.float32)[0, 0]
     assert torch.equal(additive == 0, mask)
+
+
+def test_a_gpu_without_the_varlen_kernel_keeps_the_halves_as_rows(tmp_path, tiny_args, caplog):
+    """The decision the trainer makes once the LM is built: on a CPU the mask carries the shared rows; on a GPU
+    only FlashAttention-2's varlen kernel does (else each row would need a dense mask), and the log says why not."""
+    import logging
+
+    from mmtrain.args import TrainArguments
+    from mmtrain.training.speedups import shares_prompt
+
+    built, _ = build_pairs(tmp_path, tiny_args)
+    dpo = TrainArguments(objective="dpo")
+    model_args = tiny_args(lang_lora_dim=4)
+    with caplog.at_level(logging.INFO, logger="mmtrain"):
+        assert shares_prompt(built, model_args, dpo, "cpu")
+        assert not shares_prompt(built, model_args, dpo, "cuda")  # the LM was not switched to the varlen kernel
+    assert "FlashAttention-2's variable-length kernel cannot run here" in caplog.text
+    use_packed_attention(built.model.language_model, "reference")  # a varlen kernel, as a GPU run with FlashAttention-2 has
+    assert shares_prompt(built, model_args, dpo, "cuda")
+    assert not shares_prompt(built, model_args, TrainArguments(objective="dpo", dpo_share_prompt=False), "cpu")
+    assert not shares_prompt(built, tiny_args(lang_lora_dim=4, enable_mmca_attention=True), dpo, "cpu")
