@@ -478,7 +478,8 @@ class TrainArguments:
         metadata=_help(
             "With --objective dpo: lay each pair out as its prompt once and the two answers as branches of it, so the "
             "images, question and earlier turns are computed once per pair instead of twice (the same numbers; off where "
-            "the LM attends within a sliding window, caps its logits, or runs MMCA, as the log says)."
+            "the LM attends within a sliding window, caps its logits, or runs MMCA, and on GPUs where FlashAttention-2 "
+            "cannot run, as the log says)."
         ),
     )
     precompute_ref: bool = field(

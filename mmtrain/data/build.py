@@ -158,7 +158,7 @@ def _fit(
 ) -> tuple[list[dict], list[Entry]]:
     """Measure each record and apply the over-length policy; returns kept records and entries."""
     kept, entries = [], []
-    fit = functools.partial(fit_pair, share_prompt=share_prompt) if pairs else fit_record
+    fit = _record_fitter(pairs, share_prompt)
     for record in records:
         try:
             sizes = record_image_sizes(record, image_tokens, store)
@@ -176,6 +176,11 @@ def _fit(
             entries.append(entry)
             kept.append(record)
     return kept, entries
+
+
+def _record_fitter(pairs: bool, share_prompt: bool):
+    """What measures a record and applies the over-length policy: :func:`fit_pair` for preference pairs, else :func:`fit_record`."""
+    return functools.partial(fit_pair, share_prompt=share_prompt) if pairs else fit_record
 
 
 def record_image_sizes(record: dict, image_tokens, store: ImageStore | None = None) -> list[tuple[int, int]] | None:
@@ -453,7 +458,7 @@ def _shard_stream(
 ) -> ShardStream:
     """The ``--streaming`` training set: each record measured and encoded as it arrives, as a table's would be
     (``pairs``: each must be a preference pair, fitted and encoded as one)."""
-    fit = functools.partial(fit_pair, share_prompt=share_prompt) if pairs else fit_record
+    fit = _record_fitter(pairs, share_prompt)
 
     def encode(record: dict) -> dict | None:
         check_record_kind([record], pairs)

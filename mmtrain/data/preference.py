@@ -45,9 +45,10 @@ def fit_pair(
         )
         halves.append(encoded)
     lengths = [len(h.input_ids) for h in halves]
-    prompt = shared_prompt_length(*(torch.tensor(x) for h in halves for x in (h.input_ids, h.labels)))
     # Under a token budget both halves share one micro-batch, so together they must fit it.
-    pair_tokens = prompt + sum(n - prompt for n in lengths) if share_prompt else sum(lengths)
+    pair_tokens = sum(lengths)
+    if share_prompt:
+        pair_tokens -= shared_prompt_length(*(torch.tensor(x) for h in halves for x in (h.input_ids, h.labels)))
     cap = getattr(data_args, "max_image_tokens", None)
     over_cap = cap is not None and encoded.input_ids.count(image_tokens.image_id) > cap
     if over_cap or max(lengths) > data_args.longest_sample() or (data_args.max_tokens_per_batch and pair_tokens > data_args.max_tokens_per_batch):
